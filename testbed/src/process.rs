@@ -1,0 +1,132 @@
+//! Child processes of the testbed: started with their output in a log file,
+//! killed when dropped, and killed by the kernel when the thread that
+//! started them dies (so a test binary that exits never leaves a control
+//! plane behind, even though statics are never dropped).
+
+use std::fs::File;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// A running child process that is killed (SIGKILL) when dropped.
+pub struct Proc {
+    pub name: String,
+    pub log: PathBuf,
+    child: Child,
+}
+
+impl Proc {
+    /// Starts `bin` with `args`, stdout and stderr going to `<dir>/<name>.log`.
+    ///
+    /// The child gets `PR_SET_PDEATHSIG(SIGKILL)`: it dies with the thread
+    /// that spawned it. Spawn long-lived processes from a thread that lives as
+    /// long as they should.
+    pub fn spawn(name: &str, bin: &Path, args: &[String], dir: &Path) -> Result<Proc> {
+        let log = dir.join(format!("{name}.log"));
+        let out = File::create(&log).with_context(|| format!("create {}", log.display()))?;
+        let err = out.try_clone()?;
+        let mut cmd = Command::new(bin);
+        cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err).current_dir(dir);
+        // SAFETY: prctl and getppid are async-signal-safe; nothing else runs between fork and exec.
+        #[allow(unsafe_code)]
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The parent may already be gone between fork and prctl.
+                if libc::getppid() == 1 {
+                    libc::_exit(1);
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().with_context(|| format!("start {name} ({})", bin.display()))?;
+        Ok(Proc { name: name.to_string(), log, child })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The exit status, if the process has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// The last `lines` lines of the process's log.
+    pub fn tail(&self, lines: usize) -> String {
+        tail(&self.log, lines)
+    }
+
+    /// Polls `ready` until it returns true, failing with the tail of the log
+    /// when the process exits or `timeout` passes.
+    pub fn wait_ready(&mut self, timeout: Duration, mut ready: impl FnMut() -> bool) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.exited() {
+                bail!(
+                    "{} exited with {status} before it was ready; last lines of {}:\n{}",
+                    self.name,
+                    self.log.display(),
+                    self.tail(30)
+                );
+            }
+            if ready() {
+                return Ok(());
+            }
+            if start.elapsed() > timeout {
+                bail!(
+                    "{} was not ready after {timeout:?}; last lines of {}:\n{}",
+                    self.name,
+                    self.log.display(),
+                    self.tail(30)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; good enough for tests
+/// that start their servers right away).
+pub fn free_port() -> Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// True when a plain-HTTP GET of `path` on 127.0.0.1:`port` answers 200.
+pub fn http_ok(port: u16, path: &str) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let req = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
+    if stream.write_all(req.as_bytes()).is_err() {
+        return false;
+    }
+    let mut buf = String::new();
+    let _ = stream.read_to_string(&mut buf);
+    buf.starts_with("HTTP/1.0 200") || buf.starts_with("HTTP/1.1 200")
+}
