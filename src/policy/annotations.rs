@@ -1,0 +1,438 @@
+//! dormant's annotations (prefix `dormant.dev/`) on targets and workloads,
+//! parsed with errors that name the annotation and the bad value.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use chrono_tz::Tz;
+
+use super::duration::SleepAfter;
+use super::ignore::ResourceRule;
+use super::schedule::{self, Schedule};
+
+pub const PREFIX: &str = "dormant.dev/";
+
+// Set by users on a target (the namespace, or the vcluster's StatefulSet/Deployment).
+pub const POLICY: &str = "dormant.dev/policy";
+pub const SLEEP_AFTER: &str = "dormant.dev/sleep-after";
+pub const SLEEP_SCHEDULE: &str = "dormant.dev/sleep-schedule";
+pub const WAKE_SCHEDULE: &str = "dormant.dev/wake-schedule";
+pub const TIMEZONE: &str = "dormant.dev/timezone";
+pub const DISABLED: &str = "dormant.dev/disabled";
+pub const FORCE_SLEEP: &str = "dormant.dev/force-sleep";
+pub const PREVENT_WAKEUP_UNTIL: &str = "dormant.dev/prevent-wakeup-until";
+pub const UPSTREAM: &str = "dormant.dev/upstream";
+pub const IGNORE_USER_AGENTS: &str = "dormant.dev/ignore-user-agents";
+pub const IGNORE_USERS: &str = "dormant.dev/ignore-users";
+pub const IGNORE_GROUPS: &str = "dormant.dev/ignore-groups";
+pub const IGNORE_VERBS: &str = "dormant.dev/ignore-verbs";
+pub const IGNORE_RESOURCES: &str = "dormant.dev/ignore-resources";
+// Written by dormant on a target.
+pub const STATE: &str = "dormant.dev/state";
+pub const LAST_ACTIVITY: &str = "dormant.dev/last-activity";
+pub const LAST_ACTIVITY_BY: &str = "dormant.dev/last-activity-by";
+pub const ASLEEP_SINCE: &str = "dormant.dev/asleep-since";
+pub const FIRST_SEEN: &str = "dormant.dev/first-seen";
+// On a workload.
+pub const EXCLUDE: &str = "dormant.dev/exclude";
+pub const REPLICAS_BEFORE_SLEEP: &str = "dormant.dev/replicas-before-sleep";
+pub const SUSPEND_BEFORE_SLEEP: &str = "dormant.dev/suspend-before-sleep";
+pub const KEDA_PAUSED_BEFORE_SLEEP: &str = "dormant.dev/keda-paused-replicas-before-sleep";
+
+const TARGET_KEYS: &[&str] = &[
+    POLICY,
+    SLEEP_AFTER,
+    SLEEP_SCHEDULE,
+    WAKE_SCHEDULE,
+    TIMEZONE,
+    DISABLED,
+    FORCE_SLEEP,
+    PREVENT_WAKEUP_UNTIL,
+    UPSTREAM,
+    IGNORE_USER_AGENTS,
+    IGNORE_USERS,
+    IGNORE_GROUPS,
+    IGNORE_VERBS,
+    IGNORE_RESOURCES,
+    STATE,
+    LAST_ACTIVITY,
+    LAST_ACTIVITY_BY,
+    ASLEEP_SINCE,
+    FIRST_SEEN,
+    // Workload keys may sit on a vcluster's StatefulSet too.
+    EXCLUDE,
+    REPLICAS_BEFORE_SLEEP,
+    SUSPEND_BEFORE_SLEEP,
+    KEDA_PAUSED_BEFORE_SLEEP,
+];
+
+/// One bad annotation: which, what value, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("annotation {key}={value:?}: {reason}")]
+pub struct AnnotationError {
+    pub key: String,
+    pub value: String,
+    pub reason: String,
+}
+
+/// The state dormant records on a target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TargetState {
+    Awake,
+    Sleeping,
+    Asleep,
+    Waking,
+}
+
+impl TargetState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TargetState::Awake => "awake",
+            TargetState::Sleeping => "sleeping",
+            TargetState::Asleep => "asleep",
+            TargetState::Waking => "waking",
+        }
+    }
+}
+
+impl fmt::Display for TargetState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for TargetState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "awake" => Ok(TargetState::Awake),
+            "sleeping" => Ok(TargetState::Sleeping),
+            "asleep" => Ok(TargetState::Asleep),
+            "waking" => Ok(TargetState::Waking),
+            _ => Err("expected awake, sleeping, asleep or waking".into()),
+        }
+    }
+}
+
+/// An instant or "never", for `prevent-wakeup-until`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Until {
+    Time(DateTime<Utc>),
+    Never,
+}
+
+impl Until {
+    /// True while `t` is before the end.
+    pub fn covers(&self, t: DateTime<Utc>) -> bool {
+        match self {
+            Until::Time(end) => t < *end,
+            Until::Never => true,
+        }
+    }
+}
+
+impl fmt::Display for Until {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Until::Time(t) => f.write_str(&rfc3339(*t)),
+            Until::Never => f.write_str("never"),
+        }
+    }
+}
+
+/// RFC 3339 in UTC with second precision, as dormant writes instants.
+pub fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+/// Overrides a target may carry for its ignore rules (each replaces the
+/// policy's list of that kind).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IgnoreOverrides {
+    pub users: Option<Vec<String>>,
+    pub groups: Option<Vec<String>>,
+    pub user_agents: Option<Vec<String>>,
+    pub verbs: Option<Vec<String>>,
+    pub resources: Option<Vec<ResourceRule>>,
+}
+
+/// Everything dormant reads from a target's annotations.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TargetAnnotations {
+    pub policy: Option<String>,
+    pub sleep_after: Option<SleepAfter>,
+    pub sleep_schedule: Option<Schedule>,
+    pub wake_schedule: Option<Schedule>,
+    pub timezone: Option<Tz>,
+    pub disabled: bool,
+    /// When a forced sleep was requested (`true` reads as "at first sight":
+    /// the caller supplies that instant).
+    pub force_sleep: Option<ForceSleep>,
+    pub prevent_wakeup_until: Option<Until>,
+    pub upstream: Option<String>,
+    pub ignore: IgnoreOverrides,
+    pub state: Option<TargetState>,
+    pub last_activity: Option<DateTime<Utc>>,
+    pub last_activity_by: Option<String>,
+    pub asleep_since: Option<DateTime<Utc>>,
+    pub first_seen: Option<DateTime<Utc>>,
+}
+
+/// The `force-sleep` annotation: `true`, or the instant it was requested
+/// (what `dormant sleep` writes, so the request survives restarts exactly).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForceSleep {
+    Requested,
+    Since(DateTime<Utc>),
+}
+
+fn err(key: &str, value: &str, reason: impl Into<String>) -> AnnotationError {
+    AnnotationError { key: key.into(), value: value.into(), reason: reason.into() }
+}
+
+fn parse_bool(key: &str, v: &str) -> Result<bool, AnnotationError> {
+    match v.trim() {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        _ => Err(err(key, v, "expected true or false")),
+    }
+}
+
+fn parse_time(key: &str, v: &str) -> Result<DateTime<Utc>, AnnotationError> {
+    DateTime::parse_from_rfc3339(v.trim())
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| err(key, v, format!("expected an RFC 3339 time such as 2026-11-26T18:00:00Z ({e})")))
+}
+
+fn parse_list(key: &str, v: &str) -> Result<Vec<String>, AnnotationError> {
+    let items: Vec<String> = v.split(',').map(|s| s.trim().to_string()).collect();
+    if items.iter().any(String::is_empty) {
+        return Err(err(key, v, "expected a comma-separated list without empty items"));
+    }
+    Ok(items)
+}
+
+impl TargetAnnotations {
+    /// Reads every `dormant.dev/` annotation; returns all errors at once.
+    /// Unknown `dormant.dev/` keys are errors too (they are usually typos).
+    pub fn parse(annotations: &BTreeMap<String, String>) -> Result<Self, Vec<AnnotationError>> {
+        let mut out = TargetAnnotations::default();
+        let mut errors = Vec::new();
+        for (key, value) in annotations {
+            if !key.starts_with(PREFIX) {
+                continue;
+            }
+            if let Err(e) = out.set(key, value) {
+                errors.push(e);
+            }
+        }
+        if errors.is_empty() { Ok(out) } else { Err(errors) }
+    }
+
+    fn set(&mut self, key: &str, v: &str) -> Result<(), AnnotationError> {
+        let sched = |v: &str| v.parse::<Schedule>().map_err(|e| err(key, v, e.to_string()));
+        match key {
+            POLICY => {
+                if v.trim().is_empty() {
+                    return Err(err(key, v, "expected the name of a SleepPolicy"));
+                }
+                self.policy = Some(v.trim().to_string());
+            }
+            SLEEP_AFTER => {
+                self.sleep_after = Some(v.parse::<SleepAfter>().map_err(|e| err(key, v, e.to_string()))?);
+            }
+            SLEEP_SCHEDULE => self.sleep_schedule = Some(sched(v)?),
+            WAKE_SCHEDULE => self.wake_schedule = Some(sched(v)?),
+            TIMEZONE => {
+                self.timezone = Some(schedule::parse_timezone(v).map_err(|e| err(key, v, e.to_string()))?);
+            }
+            DISABLED => self.disabled = parse_bool(key, v)?,
+            FORCE_SLEEP => {
+                self.force_sleep = match v.trim() {
+                    "true" => Some(ForceSleep::Requested),
+                    "false" => None,
+                    _ => Some(ForceSleep::Since(parse_time(key, v).map_err(|_| {
+                        err(key, v, "expected true, false or the RFC 3339 time it was requested")
+                    })?)),
+                }
+            }
+            PREVENT_WAKEUP_UNTIL => {
+                self.prevent_wakeup_until = Some(match v.trim() {
+                    "never" => Until::Never,
+                    _ => Until::Time(parse_time(key, v)?),
+                })
+            }
+            UPSTREAM => {
+                let uri: http::Uri = v.trim().parse().map_err(|_| err(key, v, "expected an https:// URL"))?;
+                if !matches!(uri.scheme_str(), Some("https")) || uri.authority().is_none() {
+                    return Err(err(key, v, "expected an https:// URL with a host"));
+                }
+                self.upstream = Some(v.trim().trim_end_matches('/').to_string());
+            }
+            IGNORE_USER_AGENTS => self.ignore.user_agents = Some(parse_list(key, v)?),
+            IGNORE_USERS => self.ignore.users = Some(parse_list(key, v)?),
+            IGNORE_GROUPS => self.ignore.groups = Some(parse_list(key, v)?),
+            IGNORE_VERBS => self.ignore.verbs = Some(parse_list(key, v)?),
+            IGNORE_RESOURCES => {
+                let rules = parse_list(key, v)?
+                    .iter()
+                    .map(|r| ResourceRule::parse(r).map_err(|e| err(key, v, e)))
+                    .collect::<Result<Vec<_>, _>>()?;
+                self.ignore.resources = Some(rules);
+            }
+            STATE => self.state = Some(v.parse().map_err(|e: String| err(key, v, e))?),
+            LAST_ACTIVITY => self.last_activity = Some(parse_time(key, v)?),
+            LAST_ACTIVITY_BY => self.last_activity_by = Some(v.to_string()),
+            ASLEEP_SINCE => self.asleep_since = Some(parse_time(key, v)?),
+            FIRST_SEEN => self.first_seen = Some(parse_time(key, v)?),
+            EXCLUDE | REPLICAS_BEFORE_SLEEP | SUSPEND_BEFORE_SLEEP | KEDA_PAUSED_BEFORE_SLEEP => {
+                // Workload annotations; checked by `WorkloadAnnotations`.
+            }
+            _ => {
+                let hint = closest_key(key).map(|k| format!("; did you mean {k}?")).unwrap_or_default();
+                return Err(err(key, v, format!("unknown dormant annotation{hint}")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The known key nearest to a misspelt one (edit distance ≤ 3).
+fn closest_key(key: &str) -> Option<&'static str> {
+    fn distance(a: &str, b: &str) -> usize {
+        let b: Vec<char> = b.chars().collect();
+        let mut prev: Vec<usize> = (0..=b.len()).collect();
+        for (i, ca) in a.chars().enumerate() {
+            let mut cur = vec![i + 1];
+            for (j, cb) in b.iter().enumerate() {
+                cur.push((prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1));
+            }
+            prev = cur;
+        }
+        prev[b.len()]
+    }
+    TARGET_KEYS.iter().map(|k| (distance(key, k), *k)).filter(|(d, _)| *d <= 3).min().map(|(_, k)| k)
+}
+
+/// What dormant reads from a workload's annotations.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WorkloadAnnotations {
+    pub exclude: bool,
+    pub replicas_before_sleep: Option<i32>,
+    pub suspend_before_sleep: Option<bool>,
+}
+
+impl WorkloadAnnotations {
+    pub fn parse(annotations: &BTreeMap<String, String>) -> Result<Self, Vec<AnnotationError>> {
+        let mut out = WorkloadAnnotations::default();
+        let mut errors = Vec::new();
+        for (key, v) in annotations {
+            let r = match key.as_str() {
+                EXCLUDE => parse_bool(key, v).map(|b| out.exclude = b),
+                REPLICAS_BEFORE_SLEEP => match v.trim().parse::<i32>() {
+                    Ok(n) if n >= 0 => {
+                        out.replicas_before_sleep = Some(n);
+                        Ok(())
+                    }
+                    _ => Err(err(key, v, "expected a replica count (a whole number, 0 or more)")),
+                },
+                SUSPEND_BEFORE_SLEEP => parse_bool(key, v).map(|b| out.suspend_before_sleep = Some(b)),
+                _ => Ok(()),
+            };
+            if let Err(e) = r {
+                errors.push(e);
+            }
+        }
+        if errors.is_empty() { Ok(out) } else { Err(errors) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn reads_every_target_annotation() {
+        let a = TargetAnnotations::parse(&map(&[
+            (POLICY, "office-hours"),
+            (SLEEP_AFTER, "45m"),
+            (SLEEP_SCHEDULE, "0 20 * * *"),
+            (WAKE_SCHEDULE, "0 7 * * 1-5"),
+            (TIMEZONE, "Europe/Berlin"),
+            (DISABLED, "false"),
+            (FORCE_SLEEP, "2026-11-26T18:00:00Z"),
+            (PREVENT_WAKEUP_UNTIL, "never"),
+            (UPSTREAM, "https://127.0.0.1:6443/"),
+            (IGNORE_USER_AGENTS, "argocd*, flux*"),
+            (IGNORE_RESOURCES, "configmaps,leases.coordination.k8s.io"),
+            (STATE, "asleep"),
+            (LAST_ACTIVITY, "2026-11-26T17:00:00Z"),
+            ("app.kubernetes.io/name", "not ours"),
+        ]))
+        .unwrap();
+        assert_eq!(a.policy.as_deref(), Some("office-hours"));
+        assert_eq!(a.sleep_after, Some(SleepAfter::After(std::time::Duration::from_secs(2700))));
+        assert_eq!(a.timezone, Some(chrono_tz::Europe::Berlin));
+        assert!(matches!(a.force_sleep, Some(ForceSleep::Since(_))));
+        assert_eq!(a.prevent_wakeup_until, Some(Until::Never));
+        assert_eq!(a.upstream.as_deref(), Some("https://127.0.0.1:6443"));
+        assert_eq!(a.ignore.user_agents, Some(vec!["argocd*".to_string(), "flux*".to_string()]));
+        assert_eq!(a.ignore.resources.as_ref().map(Vec::len), Some(2));
+        assert_eq!(a.state, Some(TargetState::Asleep));
+    }
+
+    #[test]
+    fn every_bad_value_is_reported_with_its_annotation_and_value() {
+        let table = [
+            (SLEEP_AFTER, "-5m", "expected a whole number with a unit"),
+            (SLEEP_AFTER, "soon", "expected a whole number with a unit"),
+            (SLEEP_SCHEDULE, "0 0 19 * * 1-5", "exactly 5 are expected"),
+            (WAKE_SCHEDULE, "0 99 * * *", "invalid schedule"),
+            (TIMEZONE, "Mars/Olympus", "unknown time zone"),
+            (DISABLED, "yes", "expected true or false"),
+            (FORCE_SLEEP, "now", "expected true, false or the RFC 3339 time"),
+            (PREVENT_WAKEUP_UNTIL, "tomorrow", "RFC 3339"),
+            (UPSTREAM, "http://vc.example", "https://"),
+            (IGNORE_USERS, "alice,,bob", "without empty items"),
+            (IGNORE_RESOURCES, ".apps", "resource[/subresource][.group]"),
+            (STATE, "dozing", "expected awake, sleeping, asleep or waking"),
+            (LAST_ACTIVITY, "yesterday", "RFC 3339"),
+            (POLICY, " ", "name of a SleepPolicy"),
+            ("dormant.dev/sleep-afer", "30m", "did you mean dormant.dev/sleep-after?"),
+            ("dormant.dev/frobnicate", "1", "unknown dormant annotation"),
+        ];
+        for (key, value, needle) in table {
+            let errors = TargetAnnotations::parse(&map(&[(key, value)])).unwrap_err();
+            assert_eq!(errors.len(), 1, "{key}={value}");
+            let msg = errors[0].to_string();
+            assert!(msg.contains(key) && msg.contains(&format!("{value:?}")), "{msg}");
+            assert!(msg.contains(needle), "{key}={value}: {msg}");
+        }
+    }
+
+    #[test]
+    fn all_errors_are_reported_at_once() {
+        let errors = TargetAnnotations::parse(&map(&[(SLEEP_AFTER, "x"), (TIMEZONE, "y"), (DISABLED, "z")]))
+            .unwrap_err();
+        assert_eq!(errors.len(), 3);
+    }
+
+    #[test]
+    fn workload_annotations() {
+        let w = WorkloadAnnotations::parse(&map(&[(EXCLUDE, "true"), (REPLICAS_BEFORE_SLEEP, "3")])).unwrap();
+        assert!(w.exclude);
+        assert_eq!(w.replicas_before_sleep, Some(3));
+        for (k, v) in
+            [(REPLICAS_BEFORE_SLEEP, "-1"), (REPLICAS_BEFORE_SLEEP, "three"), (SUSPEND_BEFORE_SLEEP, "1")]
+        {
+            let e = WorkloadAnnotations::parse(&map(&[(k, v)])).unwrap_err();
+            assert!(e[0].to_string().contains(k), "{}", e[0]);
+        }
+    }
+}

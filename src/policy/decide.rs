@@ -1,0 +1,322 @@
+//! The decision: given a target's effective policy, its last counted use,
+//! its current state, manual overrides and the time, what state should it be
+//! in, why, and when must we look again. Pure: no client, no clock.
+//!
+//! The model is "the most recent edge wins". Wake edges are the target's
+//! first sighting, its last counted use (when that may wake it), a manual
+//! wake, and each schedule's wake instants. Sleep edges are the idle deadline
+//! (the latest wake edge + `sleepAfter`), each schedule's sleep instants, and
+//! a forced sleep. The target should be asleep exactly when some sleep edge
+//! lies after the latest wake edge; a wake edge wins a tie.
+
+use std::fmt;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use super::annotations::{Until, rfc3339};
+use super::duration::{self, SleepAfter};
+use super::resolve::EffectivePolicy;
+
+/// The state the cluster should be in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Desired {
+    Awake,
+    Asleep,
+    /// The target is disabled: dormant leaves it exactly as it is.
+    Leave,
+}
+
+/// What the cluster says the target is now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Current {
+    Awake,
+    Asleep { since: DateTime<Utc> },
+}
+
+/// The newest counted use of the target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LastUse {
+    pub at: DateTime<Utc>,
+    pub by: String,
+    /// An explicit wake (`dormant wake`, a hand-scaled workload): wakes the
+    /// target whatever the policy says about requests.
+    pub manual: bool,
+}
+
+/// A forced sleep (`dormant sleep`, the `force-sleep` annotation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Forced {
+    pub since: DateTime<Utc>,
+    /// While this covers an instant, neither requests nor wake schedules wake
+    /// the target (only a manual wake does).
+    pub prevent_wakeup_until: Option<Until>,
+}
+
+/// Everything the decision depends on, besides the time.
+#[derive(Debug, Clone)]
+pub struct Inputs<'a> {
+    pub policy: &'a EffectivePolicy,
+    pub current: Current,
+    pub last_use: Option<LastUse>,
+    /// When dormant first saw the target: it is never idle before that.
+    pub first_seen: DateTime<Utc>,
+    pub forced: Option<Forced>,
+}
+
+/// Why the target should be in its desired state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reason {
+    Disabled,
+    FirstSeen { at: DateTime<Utc> },
+    InUse { at: DateTime<Utc>, by: String },
+    ManualWake { at: DateTime<Utc>, by: String },
+    ScheduledWake { at: DateTime<Utc>, schedule: String },
+    Idle { last_use: DateTime<Utc>, after: Duration, at: DateTime<Utc> },
+    SleepSchedule { at: DateTime<Utc>, schedule: String },
+    Forced { at: DateTime<Utc>, until: Option<Until> },
+}
+
+impl Reason {
+    /// What caused the transition into this state, as a metric label:
+    /// `idle`, `schedule`, `request`, `manual` or `new`.
+    pub fn trigger(&self) -> &'static str {
+        match self {
+            Reason::Disabled => "disabled",
+            Reason::FirstSeen { .. } => "new",
+            Reason::InUse { .. } => "request",
+            Reason::ManualWake { .. } | Reason::Forced { .. } => "manual",
+            Reason::ScheduledWake { .. } | Reason::SleepSchedule { .. } => "schedule",
+            Reason::Idle { .. } => "idle",
+        }
+    }
+
+    /// The instant of the edge behind this reason.
+    pub fn at(&self) -> Option<DateTime<Utc>> {
+        match self {
+            Reason::Disabled => None,
+            Reason::FirstSeen { at }
+            | Reason::InUse { at, .. }
+            | Reason::ManualWake { at, .. }
+            | Reason::ScheduledWake { at, .. }
+            | Reason::Idle { at, .. }
+            | Reason::SleepSchedule { at, .. }
+            | Reason::Forced { at, .. } => Some(*at),
+        }
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Reason::Disabled => f.write_str("disabled by annotation dormant.dev/disabled"),
+            Reason::FirstSeen { at } => {
+                write!(f, "no use seen since dormant first saw it at {}", rfc3339(*at))
+            }
+            Reason::InUse { at, by } => write!(f, "in use: last activity at {} by {by}", rfc3339(*at)),
+            Reason::ManualWake { at, by } => write!(f, "woken by hand at {} by {by}", rfc3339(*at)),
+            Reason::ScheduledWake { at, schedule } => {
+                write!(f, "wake schedule \"{schedule}\" fired at {}", rfc3339(*at))
+            }
+            Reason::Idle { last_use, after, at } => write!(
+                f,
+                "idle since {} (sleep after {}), asleep since {}",
+                rfc3339(*last_use),
+                duration::format(*after),
+                rfc3339(*at)
+            ),
+            Reason::SleepSchedule { at, schedule } => {
+                write!(f, "inside sleep window: schedule \"{schedule}\" fired at {}", rfc3339(*at))
+            }
+            Reason::Forced { at, until } => {
+                write!(f, "put to sleep by hand at {}", rfc3339(*at))?;
+                match until {
+                    Some(Until::Never) => f.write_str("; requests do not wake it"),
+                    Some(Until::Time(t)) => write!(f, "; requests do not wake it until {}", rfc3339(*t)),
+                    None => Ok(()),
+                }
+            }
+        }
+    }
+}
+
+/// The outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub desired: Desired,
+    pub reason: Reason,
+    /// The earliest instant after `now` at which the desired state changes
+    /// with no new input; `None` when it never does.
+    pub next: Option<DateTime<Utc>>,
+    /// `next` is not a change but a horizon: no change was found within
+    /// [`MAX_STEPS`] schedule instants, so look again then.
+    pub recheck: bool,
+}
+
+/// How many future schedule instants the deadline search examines.
+pub const MAX_STEPS: usize = 2_000;
+
+/// Decides for `now`.
+pub fn decide(inputs: &Inputs<'_>, now: DateTime<Utc>) -> Decision {
+    if inputs.policy.disabled.value {
+        return Decision { desired: Desired::Leave, reason: Reason::Disabled, next: None, recheck: false };
+    }
+    let (desired, reason) = state_at(inputs, now);
+    let (next, recheck) = next_change(inputs, now, desired);
+    Decision { desired, reason, next, recheck }
+}
+
+/// The desired state at `t`, from the same inputs (no new activity).
+pub fn state_at(inputs: &Inputs<'_>, t: DateTime<Utc>) -> (Desired, Reason) {
+    let wake = latest_wake(inputs, t);
+    match first_sleep_after(inputs, &wake, t) {
+        Some(sleep) => (Desired::Asleep, sleep),
+        None => (Desired::Awake, wake.1),
+    }
+}
+
+fn prevented(inputs: &Inputs<'_>, x: DateTime<Utc>) -> bool {
+    inputs.forced.is_some_and(|f| f.since <= x && f.prevent_wakeup_until.is_some_and(|u| u.covers(x)))
+}
+
+/// The latest effective wake edge at or before `t` (the first sighting
+/// counts as one, so there always is one).
+fn latest_wake(inputs: &Inputs<'_>, t: DateTime<Utc>) -> (DateTime<Utc>, Reason) {
+    let p = inputs.policy;
+    let tz = p.timezone.value;
+    let mut best = (inputs.first_seen, Reason::FirstSeen { at: inputs.first_seen });
+    let mut consider = |at: DateTime<Utc>, reason: Reason| {
+        if at <= t && at >= best.0 {
+            best = (at, reason);
+        }
+    };
+    if p.wake_on_schedule.value {
+        for pair in &p.schedules.value {
+            if let Some(w) = &pair.wake
+                && let Some(at) = w.last_at_or_before(t, tz)
+                && !prevented(inputs, at)
+            {
+                consider(at, Reason::ScheduledWake { at, schedule: w.to_string() });
+            }
+        }
+    }
+    if let Some(u) = &inputs.last_use {
+        let counts = u.manual
+            || (!prevented(inputs, u.at)
+                && match inputs.current {
+                    Current::Awake => true,
+                    Current::Asleep { since } => u.at <= since || p.wake_on_request.value,
+                });
+        if counts {
+            let reason = if u.manual {
+                Reason::ManualWake { at: u.at, by: u.by.clone() }
+            } else {
+                Reason::InUse { at: u.at, by: u.by.clone() }
+            };
+            consider(u.at, reason);
+        }
+    }
+    best
+}
+
+/// The earliest sleep edge in (wake, t].
+fn first_sleep_after(
+    inputs: &Inputs<'_>,
+    wake: &(DateTime<Utc>, Reason),
+    t: DateTime<Utc>,
+) -> Option<Reason> {
+    let p = inputs.policy;
+    let tz = p.timezone.value;
+    let from = wake.0;
+    let mut best: Option<Reason> = None;
+    let mut consider = |r: Reason| {
+        if let Some(at) = r.at()
+            && at > from
+            && at <= t
+            && best.as_ref().and_then(Reason::at).is_none_or(|b| at < b)
+        {
+            best = Some(r);
+        }
+    };
+    if let SleepAfter::After(d) = p.sleep_after.value
+        && let Some(at) = add(from, d)
+    {
+        consider(Reason::Idle { last_use: from, after: d, at });
+    }
+    for pair in &p.schedules.value {
+        if let Some(s) = &pair.sleep
+            && let Some(at) = s.next_after(from, tz)
+        {
+            consider(Reason::SleepSchedule { at, schedule: s.to_string() });
+        }
+    }
+    if let Some(f) = &inputs.forced {
+        consider(Reason::Forced { at: f.since, until: f.prevent_wakeup_until });
+    }
+    best
+}
+
+fn add(t: DateTime<Utc>, d: Duration) -> Option<DateTime<Utc>> {
+    chrono::Duration::from_std(d).ok().and_then(|d| t.checked_add_signed(d))
+}
+
+/// Walks the future instants at which anything could change (schedule
+/// instants, the idle deadline of the wake edge in force, inputs dated in
+/// the future) and returns the first at which the desired state differs.
+fn next_change(inputs: &Inputs<'_>, now: DateTime<Utc>, current: Desired) -> (Option<DateTime<Utc>>, bool) {
+    let p = inputs.policy;
+    let tz = p.timezone.value;
+    let asleep = current == Desired::Asleep;
+    // Only a wake edge can end a sleep, only a sleep edge can end a wake
+    // (wake instants still matter while awake: they move the idle deadline).
+    let can_flip = if asleep {
+        p.wake_on_schedule.value && p.schedules.value.iter().any(|s| s.wake.is_some())
+    } else {
+        p.can_sleep()
+    };
+    let future_input = |t: DateTime<Utc>| {
+        [Some(inputs.first_seen), inputs.last_use.as_ref().map(|u| u.at), inputs.forced.map(|f| f.since)]
+            .into_iter()
+            .flatten()
+            .any(|x| x > t)
+    };
+    if !can_flip && !future_input(now) {
+        return (None, false);
+    }
+    let mut t = now;
+    for _ in 0..MAX_STEPS {
+        let mut next: Option<DateTime<Utc>> = None;
+        let mut candidate = |c: Option<DateTime<Utc>>| {
+            if let Some(c) = c
+                && c > t
+                && next.is_none_or(|n| c < n)
+            {
+                next = Some(c);
+            }
+        };
+        let (wake_at, _) = latest_wake(inputs, t);
+        if let SleepAfter::After(d) = p.sleep_after.value {
+            candidate(add(wake_at, d));
+        }
+        for pair in &p.schedules.value {
+            if !asleep {
+                candidate(pair.sleep.as_ref().and_then(|s| s.next_after(t, tz)));
+            }
+            if p.wake_on_schedule.value {
+                candidate(pair.wake.as_ref().and_then(|w| w.next_after(t, tz)));
+            }
+        }
+        candidate(Some(inputs.first_seen));
+        candidate(inputs.last_use.as_ref().map(|u| u.at));
+        candidate(inputs.forced.map(|f| f.since));
+        let Some(c) = next else { return (None, false) };
+        if state_at(inputs, c).0 != current {
+            return (Some(c), false);
+        }
+        t = c;
+    }
+    (Some(t), true)
+}
+
+#[cfg(test)]
+mod tests;

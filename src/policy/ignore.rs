@@ -1,0 +1,379 @@
+//! Ignore rules: activity that must not keep a target awake (controllers,
+//! GitOps pollers, health checks). Matching is a pure function of one
+//! activity record.
+
+use crate::activity::Activity;
+
+/// Matches `*` as any run of characters (including none); every other
+/// character literally.
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let t: Vec<char> = text.chars().collect();
+    // Greedy match with backtracking to the last `*` (linear for one star,
+    // O(len(p) * len(t)) worst case).
+    let (mut pi, mut ti) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        if pi < p.len() && p[pi] == '*' {
+            star = Some((pi, ti));
+            pi += 1;
+        } else if pi < p.len() && p[pi] == t[ti] {
+            pi += 1;
+            ti += 1;
+        } else if let Some((sp, st)) = star {
+            pi = sp + 1;
+            ti = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|c| *c == '*')
+}
+
+/// A resource rule, read like RBAC: `resource[/subresource][.group]`, each
+/// part a glob. Without a group it matches the core group only (as
+/// `kubectl get pods` means core pods). `pods` does not cover `pods/log`;
+/// `pods/*` covers every subresource and `pods*` both.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResourceRule {
+    pub group: String,
+    /// `resource` or `resource/subresource`.
+    pub resource: String,
+    /// Empty means any name.
+    pub names: Vec<String>,
+}
+
+impl ResourceRule {
+    /// Parses `pods`, `deployments.apps`, `leases.coordination.k8s.io`,
+    /// `serviceaccounts/token`, `*.metrics.k8s.io`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let (resource, group) = match s.split_once('.') {
+            Some((r, g)) => (r, g),
+            None => (s, ""),
+        };
+        if resource.is_empty() || resource.starts_with('/') || resource.ends_with('/') {
+            return Err(format!("resource rule {s:?} is not of the form resource[/subresource][.group]"));
+        }
+        Ok(ResourceRule { group: group.to_string(), resource: resource.to_string(), names: vec![] })
+    }
+
+    fn matches(&self, group: &str, resource: &str, name: &str) -> bool {
+        glob_match(&self.group, group)
+            && glob_match(&self.resource, resource)
+            && (self.names.is_empty() || self.names.iter().any(|n| glob_match(n, name)))
+    }
+
+    /// The rule as written in annotations.
+    pub fn pattern(&self) -> String {
+        let mut p = self.resource.clone();
+        if !self.group.is_empty() {
+            p = format!("{p}.{}", self.group);
+        }
+        if !self.names.is_empty() {
+            p = format!("{p} (names {})", self.names.join(","));
+        }
+        p
+    }
+}
+
+/// Which kind of rule ignored an activity (a metric label and part of the
+/// `explain` output).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RuleKind {
+    User,
+    Group,
+    UserAgent,
+    Verb,
+    Resource,
+    NonResourceUrl,
+}
+
+impl RuleKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuleKind::User => "user",
+            RuleKind::Group => "group",
+            RuleKind::UserAgent => "user-agent",
+            RuleKind::Verb => "verb",
+            RuleKind::Resource => "resource",
+            RuleKind::NonResourceUrl => "non-resource-url",
+        }
+    }
+}
+
+/// Why an activity was ignored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ignored {
+    pub kind: RuleKind,
+    pub pattern: String,
+    /// True for dormant's built-in rules, false for the policy's.
+    pub builtin: bool,
+}
+
+/// A set of ignore rules. Each list is independent: an activity is ignored
+/// when any rule of any list matches it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IgnoreRules {
+    pub users: Vec<String>,
+    pub groups: Vec<String>,
+    /// Matched case-insensitively.
+    pub user_agents: Vec<String>,
+    pub verbs: Vec<String>,
+    pub resources: Vec<ResourceRule>,
+    pub non_resource_urls: Vec<String>,
+    /// Open upgraded connections (exec, port-forward, watch) do not keep the
+    /// target awake.
+    pub active_connections: bool,
+}
+
+impl IgnoreRules {
+    /// The rules every target gets, so that the cluster's own machinery
+    /// never keeps a target awake: dormant itself, the control plane's
+    /// controllers and nodes, kube-system service accounts, bookkeeping
+    /// resources, and health and version probes.
+    pub fn builtin(agent_users: &[String]) -> IgnoreRules {
+        let mut users: Vec<String> = agent_users.to_vec();
+        users.extend(
+            [
+                "system:kube-controller-manager",
+                "system:kube-scheduler",
+                "system:kube-proxy",
+                "system:apiserver",
+                "system:serviceaccount:kube-system:*",
+                "system:node:*",
+            ]
+            .map(String::from),
+        );
+        IgnoreRules {
+            users,
+            groups: vec!["system:nodes".into()],
+            user_agents: vec!["dormant/*".into()],
+            verbs: vec![],
+            resources: [
+                "leases.coordination.k8s.io",
+                "events",
+                "events.events.k8s.io",
+                "tokenreviews.authentication.k8s.io",
+                "subjectaccessreviews.authorization.k8s.io",
+                "selfsubjectaccessreviews.authorization.k8s.io",
+                "selfsubjectrulesreviews.authorization.k8s.io",
+                "localsubjectaccessreviews.authorization.k8s.io",
+                "serviceaccounts/token",
+            ]
+            .iter()
+            .filter_map(|r| ResourceRule::parse(r).ok())
+            .collect(),
+            non_resource_urls: ["/healthz*", "/livez*", "/readyz*", "/version", "/version/", "/metrics"]
+                .map(String::from)
+                .to_vec(),
+            active_connections: false,
+        }
+    }
+
+    /// The first rule that ignores `a`, if any.
+    pub fn matches(&self, a: &Activity) -> Option<Ignored> {
+        let hit = |kind, pattern: &String| Some(Ignored { kind, pattern: pattern.clone(), builtin: false });
+        if let Some(p) = self.users.iter().find(|p| glob_match(p, &a.user)) {
+            return hit(RuleKind::User, p);
+        }
+        if let Some(p) = self.groups.iter().find(|p| a.groups.iter().any(|g| glob_match(p, g))) {
+            return hit(RuleKind::Group, p);
+        }
+        let ua = a.user_agent.to_ascii_lowercase();
+        if let Some(p) = self.user_agents.iter().find(|p| glob_match(&p.to_ascii_lowercase(), &ua)) {
+            return hit(RuleKind::UserAgent, p);
+        }
+        if let Some(p) = self.verbs.iter().find(|p| glob_match(p, &a.verb)) {
+            return hit(RuleKind::Verb, p);
+        }
+        match &a.resource {
+            Some(r) => {
+                let resource = if r.subresource.is_empty() {
+                    r.resource.clone()
+                } else {
+                    format!("{}/{}", r.resource, r.subresource)
+                };
+                if let Some(rule) =
+                    self.resources.iter().find(|rule| rule.matches(&r.group, &resource, &r.name))
+                {
+                    return Some(Ignored {
+                        kind: RuleKind::Resource,
+                        pattern: rule.pattern(),
+                        builtin: false,
+                    });
+                }
+            }
+            None => {
+                if let Some(p) = self.non_resource_urls.iter().find(|p| glob_match(p, &a.path)) {
+                    return hit(RuleKind::NonResourceUrl, p);
+                }
+            }
+        }
+        None
+    }
+}
+
+/// The built-in rules, then the policy's: the first that matches wins.
+pub fn ignored_by(builtin: &IgnoreRules, policy: &IgnoreRules, a: &Activity) -> Option<Ignored> {
+    builtin.matches(a).map(|i| Ignored { builtin: true, ..i }).or_else(|| policy.matches(a))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::activity::{ResourceRef, Source};
+    use chrono::Utc;
+
+    fn activity(
+        user: &str,
+        groups: &[&str],
+        ua: &str,
+        verb: &str,
+        res: Option<(&str, &str, &str, &str)>,
+    ) -> Activity {
+        Activity {
+            at: Utc::now(),
+            source: Source::Audit,
+            user: user.into(),
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+            user_agent: ua.into(),
+            verb: verb.into(),
+            resource: res.map(|(group, resource, subresource, name)| ResourceRef {
+                group: group.into(),
+                resource: resource.into(),
+                subresource: subresource.into(),
+                namespace: "team-a".into(),
+                name: name.into(),
+            }),
+            path: res.map_or("/healthz".to_string(), |_| "/api/v1/namespaces/team-a/pods".to_string()),
+        }
+    }
+
+    #[test]
+    fn globs_match_stars_anywhere() {
+        for (p, t, want) in [
+            ("*", "", true),
+            ("*", "anything", true),
+            ("argocd*", "argocd-application-controller/v2", true),
+            ("*controller*", "argocd-application-controller/v2", true),
+            ("system:serviceaccount:kube-system:*", "system:serviceaccount:kube-system:job-controller", true),
+            ("system:serviceaccount:kube-system:*", "system:serviceaccount:team-a:ci", false),
+            ("a*b*c", "aXbYc", true),
+            ("a*b*c", "aXbY", false),
+            ("exact", "exact", true),
+            ("exact", "exactly", false),
+            ("", "", true),
+            ("", "x", false),
+            ("**", "x", true),
+        ] {
+            assert_eq!(glob_match(p, t), want, "{p} vs {t}");
+        }
+    }
+
+    #[test]
+    fn resource_rules_parse_group_and_name() {
+        assert_eq!(
+            ResourceRule::parse("deployments.apps").unwrap(),
+            ResourceRule { group: "apps".into(), resource: "deployments".into(), names: vec![] }
+        );
+        assert_eq!(
+            ResourceRule::parse("leases.coordination.k8s.io").unwrap(),
+            ResourceRule { group: "coordination.k8s.io".into(), resource: "leases".into(), names: vec![] }
+        );
+        assert_eq!(
+            ResourceRule::parse("pods/log").unwrap(),
+            ResourceRule { group: "".into(), resource: "pods/log".into(), names: vec![] }
+        );
+        assert!(ResourceRule::parse(".apps").is_err());
+        assert!(ResourceRule::parse("pods/").is_err());
+    }
+
+    #[test]
+    fn each_kind_of_rule_ignores_what_it_names_and_nothing_else() {
+        let rules = IgnoreRules {
+            users: vec!["system:serviceaccount:argocd:*".into()],
+            groups: vec!["monitoring".into()],
+            user_agents: vec!["ArgoCD*".into(), "argocd-application-controller/*".into()],
+            verbs: vec!["watch".into()],
+            resources: vec![
+                ResourceRule::parse("configmaps").unwrap(),
+                ResourceRule::parse("*.metrics.k8s.io").unwrap(),
+            ],
+            non_resource_urls: vec!["/openapi/*".into()],
+            active_connections: false,
+        };
+        let pods = Some(("", "pods", "", "web-0"));
+        let table: Vec<(Activity, Option<RuleKind>)> = vec![
+            (activity("alice", &["team-a"], "kubectl/v1.37.2", "list", pods), None),
+            (activity("system:serviceaccount:argocd:app", &[], "x", "get", pods), Some(RuleKind::User)),
+            (activity("bob", &["monitoring"], "x", "get", pods), Some(RuleKind::Group)),
+            (
+                activity("bob", &[], "argocd-application-controller/v2.14.9", "get", pods),
+                Some(RuleKind::UserAgent),
+            ),
+            (activity("bob", &[], "argocd-server/v2", "get", pods), Some(RuleKind::UserAgent)),
+            (activity("bob", &[], "kubectl", "watch", pods), Some(RuleKind::Verb)),
+            (
+                activity("bob", &[], "kubectl", "get", Some(("", "configmaps", "", "x"))),
+                Some(RuleKind::Resource),
+            ),
+            (activity("bob", &[], "kubectl", "get", Some(("apps", "configmaps", "", "x"))), None),
+            (
+                activity("bob", &[], "kubectl", "list", Some(("metrics.k8s.io", "pods", "", ""))),
+                Some(RuleKind::Resource),
+            ),
+            (activity("bob", &[], "kubectl", "get", Some(("", "pods", "log", "web-0"))), None),
+            (activity("bob", &[], "kubectl", "get", None), None),
+        ];
+        for (a, want) in table {
+            assert_eq!(rules.matches(&a).map(|i| i.kind), want, "{}", a.summary());
+        }
+        let mut openapi = activity("bob", &[], "kubectl", "get", None);
+        openapi.path = "/openapi/v3".into();
+        assert_eq!(rules.matches(&openapi).map(|i| i.kind), Some(RuleKind::NonResourceUrl));
+    }
+
+    #[test]
+    fn builtin_rules_ignore_the_control_plane_and_dormant_but_not_people() {
+        let builtin = IgnoreRules::builtin(&["system:serviceaccount:dormant:dormant".to_string()]);
+        let none = IgnoreRules::default();
+        let pods = Some(("", "pods", "", ""));
+        for (a, ignored) in [
+            (activity("alice", &["team-a", "system:authenticated"], "kubectl/v1.37.2", "list", pods), false),
+            (activity("system:serviceaccount:dormant:dormant", &[], "dormant/0.1", "patch", pods), true),
+            (activity("system:kube-controller-manager", &[], "kcm", "list", pods), true),
+            (
+                activity(
+                    "system:serviceaccount:kube-system:replicaset-controller",
+                    &[],
+                    "kcm",
+                    "create",
+                    pods,
+                ),
+                true,
+            ),
+            (activity("system:node:n1", &["system:nodes"], "kubelet", "get", pods), true),
+            (
+                activity("alice", &[], "kubectl", "update", Some(("coordination.k8s.io", "leases", "", "x"))),
+                true,
+            ),
+            (activity("alice", &[], "kubectl", "create", Some(("", "events", "", ""))), true),
+            (
+                activity(
+                    "alice",
+                    &[],
+                    "kubectl",
+                    "create",
+                    Some(("", "serviceaccounts", "token", "default")),
+                ),
+                true,
+            ),
+            (activity("alice", &[], "kubectl", "get", Some(("", "serviceaccounts", "", "default"))), false),
+            (activity("alice", &[], "kubectl", "get", None), true),
+        ] {
+            assert_eq!(ignored_by(&builtin, &none, &a).is_some(), ignored, "{}", a.summary());
+        }
+    }
+}
