@@ -3,6 +3,12 @@
 //! picture; each module below is one room of it.
 
 pub mod activity;
+pub mod admin;
+pub mod agent;
 pub mod cli;
+pub mod controller;
+pub mod metrics;
 pub mod policy;
+pub mod scaler;
+pub mod target;
 pub mod tls;

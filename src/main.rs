@@ -1,13 +1,21 @@
 //! The `dormant` binary: parses the command line and runs one command.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
-use dormant::cli::{Cli, Command, PolicyCommand};
+use dormant::cli::{Cli, Command, Output, PolicyCommand, targets};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli) {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -16,15 +24,40 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+fn wait(v: Option<String>) -> anyhow::Result<Option<Duration>> {
+    v.map(|d| dormant::policy::duration::parse(&d).map_err(|e| anyhow::anyhow!("--wait: {e}"))).transpose()
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let mut out = std::io::stdout();
     match cli.command {
+        Command::Agent(args) => {
+            dormant::agent::init_logging(args.log_format);
+            dormant::agent::run(*args).await?;
+        }
+        Command::Status { output } => {
+            let client = dormant::agent::client().await?;
+            print!("{}", targets::status(&client, output == Output::Json).await?);
+        }
+        Command::Explain { target } => {
+            let client = dormant::agent::client().await?;
+            print!("{}", targets::explain(&client, &target).await?);
+        }
+        Command::Sleep { target, prevent_wakeup, wait: w } => {
+            let w = wait(w)?;
+            let client = dormant::agent::client().await?;
+            targets::sleep(&client, &target, prevent_wakeup.as_deref(), w, &mut out).await?;
+        }
+        Command::Wake { target, wait: w } => {
+            let w = wait(w)?;
+            let client = dormant::agent::client().await?;
+            targets::wake(&client, &target, w, &mut out).await?;
+        }
         Command::Policy(PolicyCommand::Lint { files }) => {
-            let ok = dormant::cli::lint::run(&files, &mut std::io::stdout(), &mut std::io::stderr())?;
-            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            let ok = dormant::cli::lint::run(&files, &mut out, &mut std::io::stderr())?;
+            return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE });
         }
-        Command::Crd => {
-            print!("{}", dormant::cli::crd_yaml()?);
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Crd => print!("{}", dormant::cli::crd_yaml()?),
     }
+    Ok(ExitCode::SUCCESS)
 }

@@ -1,6 +1,8 @@
 //! Activity: one observed use of a target (who, what, when, from which
 //! source), and the ledger that keeps the newest counted activity per target.
 
+pub mod ledger;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 

@@ -1,10 +1,14 @@
 //! The command line: `agent`, `status`, `explain`, `sleep`, `wake`,
-//! `kubeconfig`, `policy lint` and `crd`. Every flag has a `DORMANT_*`
-//! environment fallback.
+//! `policy lint` and `crd`. Every flag has a `DORMANT_*` environment
+//! fallback.
 
 pub mod lint;
+pub mod targets;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::agent::AgentArgs;
+use crate::target::TargetRef;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -17,8 +21,44 @@ pub struct Cli {
     pub command: Command,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the agent (controller, activity receivers, admin port).
+    Agent(Box<AgentArgs>),
+    /// Every target with its state, idle time, next transition and policy.
+    Status {
+        #[arg(short, long, value_enum, default_value = "table", env = "DORMANT_OUTPUT")]
+        output: Output,
+    },
+    /// Why a target is in its state: its effective policy and where each
+    /// value came from, its last activity, its next transition.
+    Explain {
+        /// namespace/<name>, vcluster/<namespace>/<name>, <namespace>/<vcluster> or <namespace>
+        target: TargetRef,
+    },
+    /// Put a target to sleep now, whatever its activity.
+    Sleep {
+        target: TargetRef,
+        /// Requests do not wake it for this long (`2h`), or `never` (until `dormant wake`).
+        #[arg(long, env = "DORMANT_PREVENT_WAKEUP")]
+        prevent_wakeup: Option<String>,
+        /// Wait until it is asleep, at most this long (`2m`).
+        #[arg(long, num_args = 0..=1, default_missing_value = "5m")]
+        wait: Option<String>,
+    },
+    /// Wake a target now.
+    Wake {
+        target: TargetRef,
+        /// Wait until it is awake and ready, at most this long (`2m`).
+        #[arg(long, num_args = 0..=1, default_missing_value = "5m")]
+        wait: Option<String>,
+    },
     /// Work with SleepPolicy files.
     #[command(subcommand)]
     Policy(PolicyCommand),

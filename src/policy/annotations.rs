@@ -35,6 +35,7 @@ pub const LAST_ACTIVITY: &str = "dormant.dev/last-activity";
 pub const LAST_ACTIVITY_BY: &str = "dormant.dev/last-activity-by";
 pub const ASLEEP_SINCE: &str = "dormant.dev/asleep-since";
 pub const FIRST_SEEN: &str = "dormant.dev/first-seen";
+pub const ASLEEP_REQUESTS: &str = "dormant.dev/asleep-requests";
 // On a workload.
 pub const EXCLUDE: &str = "dormant.dev/exclude";
 pub const REPLICAS_BEFORE_SLEEP: &str = "dormant.dev/replicas-before-sleep";
@@ -61,6 +62,7 @@ const TARGET_KEYS: &[&str] = &[
     LAST_ACTIVITY_BY,
     ASLEEP_SINCE,
     FIRST_SEEN,
+    ASLEEP_REQUESTS,
     // Workload keys may sit on a vcluster's StatefulSet too.
     EXCLUDE,
     REPLICAS_BEFORE_SLEEP,
@@ -142,9 +144,9 @@ impl fmt::Display for Until {
     }
 }
 
-/// RFC 3339 in UTC with second precision, as dormant writes instants.
+/// RFC 3339 in UTC with millisecond precision, as dormant writes instants.
 pub fn rfc3339(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 /// Overrides a target may carry for its ignore rules (each replaces the
@@ -178,6 +180,8 @@ pub struct TargetAnnotations {
     pub last_activity_by: Option<String>,
     pub asleep_since: Option<DateTime<Utc>>,
     pub first_seen: Option<DateTime<Utc>>,
+    /// CPU cores and memory bytes requested by what the sleep scaled down.
+    pub asleep_requests: Option<(f64, f64)>,
 }
 
 /// The `force-sleep` annotation: `true`, or the instant it was requested
@@ -287,6 +291,11 @@ impl TargetAnnotations {
             LAST_ACTIVITY_BY => self.last_activity_by = Some(v.to_string()),
             ASLEEP_SINCE => self.asleep_since = Some(parse_time(key, v)?),
             FIRST_SEEN => self.first_seen = Some(parse_time(key, v)?),
+            ASLEEP_REQUESTS => {
+                self.asleep_requests = Some(
+                    parse_requests(v).ok_or_else(|| err(key, v, "expected cpu=<cores>,memory=<bytes>"))?,
+                )
+            }
             EXCLUDE | REPLICAS_BEFORE_SLEEP | SUSPEND_BEFORE_SLEEP | KEDA_PAUSED_BEFORE_SLEEP => {
                 // Workload annotations; checked by `WorkloadAnnotations`.
             }
@@ -297,6 +306,23 @@ impl TargetAnnotations {
         }
         Ok(())
     }
+}
+
+/// `cpu=1.5,memory=1073741824` as (cores, bytes).
+pub fn parse_requests(v: &str) -> Option<(f64, f64)> {
+    let (mut cpu, mut mem) = (None, None);
+    for part in v.split(',') {
+        match part.trim().split_once('=')? {
+            ("cpu", n) => cpu = n.parse::<f64>().ok().filter(|n| n.is_finite() && *n >= 0.0),
+            ("memory", n) => mem = n.parse::<f64>().ok().filter(|n| n.is_finite() && *n >= 0.0),
+            _ => return None,
+        }
+    }
+    Some((cpu?, mem?))
+}
+
+pub fn format_requests(cpu_cores: f64, memory_bytes: f64) -> String {
+    format!("cpu={cpu_cores},memory={memory_bytes}")
 }
 
 /// The known key nearest to a misspelt one (edit distance ≤ 3).

@@ -13,7 +13,7 @@
 
 pub mod pki;
 pub mod process;
-mod spawner;
+pub mod spawner;
 pub mod vcluster;
 
 use std::path::{Path, PathBuf};
@@ -326,6 +326,8 @@ impl Cluster {
             &format!("--service-account-private-key-file={}", d.join("sa.key").display()),
             &format!("--root-ca-file={}", self.ca_file.display()),
             "--use-service-account-credentials=true",
+            // HPA reacts within seconds instead of 15 s (tests watch it pause and resume).
+            "--horizontal-pod-autoscaler-sync-period=2s",
             "--v=1",
         ]);
         cm_args.extend(limits.iter().cloned());

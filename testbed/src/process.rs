@@ -25,11 +25,27 @@ impl Proc {
     /// that spawned it. Spawn long-lived processes from a thread that lives as
     /// long as they should.
     pub fn spawn(name: &str, bin: &Path, args: &[String], dir: &Path) -> Result<Proc> {
+        Self::spawn_with_env(name, bin, args, &[], dir)
+    }
+
+    /// [`Proc::spawn`] with extra environment variables.
+    pub fn spawn_with_env(
+        name: &str,
+        bin: &Path,
+        args: &[String],
+        env: &[(String, String)],
+        dir: &Path,
+    ) -> Result<Proc> {
         let log = dir.join(format!("{name}.log"));
         let out = File::create(&log).with_context(|| format!("create {}", log.display()))?;
         let err = out.try_clone()?;
         let mut cmd = Command::new(bin);
-        cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err).current_dir(dir);
+        cmd.args(args)
+            .envs(env.iter().cloned())
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .current_dir(dir);
         // SAFETY: prctl and getppid are async-signal-safe; nothing else runs between fork and exec.
         #[allow(unsafe_code)]
         unsafe {
@@ -90,6 +106,7 @@ impl Proc {
         }
     }
 
+    /// Sends SIGKILL and reaps the process.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

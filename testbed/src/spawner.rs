@@ -15,6 +15,7 @@ struct Request {
     name: String,
     bin: PathBuf,
     args: Vec<String>,
+    env: Vec<(String, String)>,
     dir: PathBuf,
     reply: Sender<Result<Proc>>,
 }
@@ -27,7 +28,9 @@ fn sender() -> Result<Sender<Request>> {
             .name("testbed-spawner".into())
             .spawn(move || {
                 for req in rx {
-                    let _ = req.reply.send(Proc::spawn(&req.name, &req.bin, &req.args, &req.dir));
+                    let _ = req
+                        .reply
+                        .send(Proc::spawn_with_env(&req.name, &req.bin, &req.args, &req.env, &req.dir));
                 }
                 // The sender lives in a static and is never dropped, so this
                 // thread (and the children's death signal) lasts as long as the process.
@@ -44,9 +47,27 @@ fn sender() -> Result<Sender<Request>> {
 
 /// Starts a process from the spawner thread; see [`Proc::spawn`].
 pub fn spawn(name: &str, bin: &Path, args: &[String], dir: &Path) -> Result<Proc> {
+    spawn_with_env(name, bin, args, &[], dir)
+}
+
+/// [`spawn`] with extra environment variables.
+pub fn spawn_with_env(
+    name: &str,
+    bin: &Path,
+    args: &[String],
+    env: &[(String, String)],
+    dir: &Path,
+) -> Result<Proc> {
     let (reply, rx) = channel();
     sender()?
-        .send(Request { name: name.into(), bin: bin.into(), args: args.to_vec(), dir: dir.into(), reply })
+        .send(Request {
+            name: name.into(),
+            bin: bin.into(),
+            args: args.to_vec(),
+            env: env.to_vec(),
+            dir: dir.into(),
+            reply,
+        })
         .map_err(|_| anyhow!("testbed spawner thread is gone"))?;
     rx.recv().map_err(|_| anyhow!("testbed spawner thread is gone"))?
 }

@@ -178,7 +178,7 @@ fn a_forced_sleep_with_prevent_wakeup_ignores_requests_and_schedules_until_then(
     let d = decide(&i, forced_at);
     assert_eq!(d.desired, Desired::Asleep);
     assert!(matches!(d.reason, Reason::Forced { .. }));
-    assert!(d.reason.to_string().contains("requests do not wake it until 2026-11-27T12:00:00Z"));
+    assert!(d.reason.to_string().contains("requests do not wake it until 2026-11-27T12:00:00.000Z"));
     // 08:00 on both days is inside the prevention; the wake at 08:00 on the
     // 28th is the first that counts.
     assert_eq!(d.next, Some(utc(2026, 11, 28, 8, 0)));

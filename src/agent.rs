@@ -1,0 +1,405 @@
+//! `dormant agent`: its configuration (every flag with a `DORMANT_*`
+//! environment fallback, all validated at once) and the wiring of the
+//! parts: stores, ledger, scaler, leader election, controller, admin port.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, ValueEnum};
+use kube::Client;
+use tokio::sync::mpsc;
+
+use crate::activity::Activity;
+use crate::activity::ledger::{Flush, Ledger};
+use crate::admin::Admin;
+use crate::controller::{self, Config, Context};
+use crate::metrics::Metrics;
+use crate::policy::annotations::{LAST_ACTIVITY, LAST_ACTIVITY_BY, TargetAnnotations, rfc3339};
+use crate::policy::duration::{self, SleepAfter};
+use crate::policy::{Defaults, Pricing, schedule};
+use crate::scaler::{Scaler, Throttle};
+use crate::target::stores::{self, Change, Stores};
+use crate::target::{Scope, TargetRef};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Plain,
+    Json,
+}
+
+/// `dormant agent` flags.
+#[derive(Debug, Clone, Args)]
+pub struct AgentArgs {
+    /// Namespace the agent runs in (its Lease lives here; never a target).
+    #[arg(long, env = "DORMANT_NAMESPACE", default_value = "dormant")]
+    pub namespace: String,
+    /// This replica's name in the Lease and in Events (default: $POD_NAME, then the host name).
+    #[arg(long, env = "DORMANT_IDENTITY")]
+    pub identity: Option<String>,
+    /// Address of the admin port (/livez, /readyz, /metrics, /status).
+    #[arg(long, env = "DORMANT_ADMIN_ADDR", default_value = "0.0.0.0:9090")]
+    pub admin_addr: SocketAddr,
+    /// Name of the Lease used for leader election.
+    #[arg(long, env = "DORMANT_LEASE_NAME", default_value = "dormant-controller")]
+    pub lease_name: String,
+    /// How long a leader's Lease lasts without renewal (a standby takes over after it).
+    #[arg(long, env = "DORMANT_LEASE_DURATION", default_value = "15s")]
+    pub lease_duration: String,
+    /// Requests per second dormant makes to the API server (watches aside).
+    #[arg(long, env = "DORMANT_QPS", default_value_t = 50)]
+    pub qps: u32,
+    /// Requests allowed in a burst above the QPS.
+    #[arg(long, env = "DORMANT_BURST", default_value_t = 100)]
+    pub burst: u32,
+    /// Targets reconciled at once.
+    #[arg(long, env = "DORMANT_CONCURRENCY", default_value_t = 16)]
+    pub concurrency: usize,
+    /// How often each target's last activity is written to it, at most.
+    #[arg(long, env = "DORMANT_FLUSH_INTERVAL", default_value = "5s")]
+    pub flush_interval: String,
+    /// Activities queued between the receivers and the ledger.
+    #[arg(long, env = "DORMANT_ACTIVITY_QUEUE", default_value_t = 10_000)]
+    pub activity_queue: usize,
+    /// Idle time before sleep for targets no policy or annotation covers.
+    #[arg(long, env = "DORMANT_DEFAULT_SLEEP_AFTER", default_value = "never")]
+    pub default_sleep_after: String,
+    /// Time zone for schedules that name none.
+    #[arg(long, env = "DORMANT_DEFAULT_TIMEZONE", default_value = "UTC")]
+    pub default_timezone: String,
+    /// How long a held request waits for its target to wake, unless the policy says otherwise.
+    #[arg(long, env = "DORMANT_DEFAULT_WAKE_TIMEOUT", default_value = "2m")]
+    pub default_wake_timeout: String,
+    /// Default price of one CPU core for an hour (savings figures).
+    #[arg(long, env = "DORMANT_CPU_CORE_HOUR", default_value_t = 0.0316)]
+    pub cpu_core_hour: f64,
+    /// Default price of one GiB of memory for an hour.
+    #[arg(long, env = "DORMANT_MEMORY_GIB_HOUR", default_value_t = 0.0042)]
+    pub memory_gib_hour: f64,
+    /// Currency of the default prices.
+    #[arg(long, env = "DORMANT_CURRENCY", default_value = "USD")]
+    pub currency: String,
+    /// Namespaces that are never targets (the agent's own is added).
+    #[arg(
+        long,
+        env = "DORMANT_EXCLUDE_NAMESPACES",
+        value_delimiter = ',',
+        default_value = "kube-system,kube-public,kube-node-lease"
+    )]
+    pub exclude_namespaces: Vec<String>,
+    /// Only namespaces whose labels match this selector (kubectl `-l` syntax) hold targets.
+    #[arg(long, env = "DORMANT_NAMESPACE_SELECTOR")]
+    pub namespace_selector: Option<String>,
+    /// Decide and report, never scale.
+    #[arg(long, env = "DORMANT_DRY_RUN")]
+    pub dry_run: bool,
+    /// Log format.
+    #[arg(long, env = "DORMANT_LOG_FORMAT", value_enum, default_value = "plain")]
+    pub log_format: LogFormat,
+}
+
+/// Validated agent settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub namespace: String,
+    pub identity: String,
+    pub admin_addr: SocketAddr,
+    pub lease_name: String,
+    pub lease_duration: Duration,
+    pub qps: NonZeroU32,
+    pub burst: NonZeroU32,
+    pub concurrency: usize,
+    pub flush_interval: Duration,
+    pub activity_queue: usize,
+    pub defaults: Defaults,
+    pub scope: Scope,
+    pub dry_run: bool,
+}
+
+impl AgentArgs {
+    /// Checks every flag; reports every bad value at once.
+    pub fn validate(&self) -> Result<Settings, Vec<String>> {
+        let mut errors = Vec::new();
+        let mut dur = |flag: &str, v: &str, min: Duration| match duration::parse(v) {
+            Ok(d) if d >= min => d,
+            Ok(_) => {
+                errors.push(format!("--{flag} {v}: must be at least {}", duration::format(min)));
+                min
+            }
+            Err(e) => {
+                errors.push(format!("--{flag}: {e}"));
+                min
+            }
+        };
+        let lease_duration = dur("lease-duration", &self.lease_duration, Duration::from_secs(2));
+        let flush_interval = dur("flush-interval", &self.flush_interval, Duration::from_millis(0));
+        let wake_timeout = dur("default-wake-timeout", &self.default_wake_timeout, Duration::from_secs(1));
+        let sleep_after = self.default_sleep_after.parse::<SleepAfter>().unwrap_or_else(|e| {
+            errors.push(format!("--default-sleep-after: {e}"));
+            SleepAfter::Never
+        });
+        let timezone = schedule::parse_timezone(&self.default_timezone).unwrap_or_else(|e| {
+            errors.push(format!("--default-timezone: {e}"));
+            chrono_tz::UTC
+        });
+        let qps = NonZeroU32::new(self.qps).unwrap_or_else(|| {
+            errors.push("--qps: must be at least 1".into());
+            NonZeroU32::MIN
+        });
+        let burst = NonZeroU32::new(self.burst.max(self.qps)).unwrap_or(NonZeroU32::MIN);
+        if self.concurrency == 0 {
+            errors.push("--concurrency: must be at least 1".into());
+        }
+        if self.activity_queue == 0 {
+            errors.push("--activity-queue: must be at least 1".into());
+        }
+        for (flag, v) in [("cpu-core-hour", self.cpu_core_hour), ("memory-gib-hour", self.memory_gib_hour)] {
+            if !v.is_finite() || v < 0.0 {
+                errors.push(format!("--{flag} {v}: must be a price of 0 or more"));
+            }
+        }
+        if self.currency.len() != 3 || !self.currency.chars().all(|c| c.is_ascii_uppercase()) {
+            errors.push(format!(
+                "--currency {:?}: expected an ISO 4217 code such as USD or EUR",
+                self.currency
+            ));
+        }
+        let selector = match self.namespace_selector.as_deref().map(crate::target::scope::parse_selector) {
+            Some(Ok(s)) => Some(s),
+            Some(Err(e)) => {
+                errors.push(format!("--namespace-selector: {e}"));
+                None
+            }
+            None => None,
+        };
+        if self.namespace.is_empty() {
+            errors.push("--namespace: must not be empty".into());
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let identity = self
+            .identity
+            .clone()
+            .or_else(|| std::env::var("POD_NAME").ok())
+            .or_else(|| {
+                std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_string())
+            })
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| format!("dormant-{}", std::process::id()));
+        let mut excluded_namespaces: HashSet<String> =
+            self.exclude_namespaces.iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+        excluded_namespaces.insert(self.namespace.clone());
+        Ok(Settings {
+            namespace: self.namespace.clone(),
+            identity,
+            admin_addr: self.admin_addr,
+            lease_name: self.lease_name.clone(),
+            lease_duration,
+            qps,
+            burst,
+            concurrency: self.concurrency,
+            flush_interval,
+            activity_queue: self.activity_queue,
+            defaults: Defaults {
+                sleep_after,
+                timezone,
+                wake_timeout,
+                pricing: Pricing {
+                    cpu_core_hour: self.cpu_core_hour,
+                    memory_gib_hour: self.memory_gib_hour,
+                    currency: self.currency.clone(),
+                },
+            },
+            scope: Scope { excluded: excluded_namespaces, selector },
+            dry_run: self.dry_run,
+        })
+    }
+}
+
+/// The user agent of every request dormant makes.
+pub fn user_agent() -> String {
+    format!("dormant/{}", env!("CARGO_PKG_VERSION"))
+}
+
+/// A client from the environment (in-cluster, or `$KUBECONFIG`), sending
+/// dormant's user agent.
+pub async fn client() -> anyhow::Result<Client> {
+    crate::tls::install_default_provider();
+    let mut config = kube::Config::infer().await.context("no Kubernetes configuration found")?;
+    if let Ok(v) = user_agent().parse() {
+        config.headers.push((http::header::USER_AGENT, v));
+    }
+    Client::try_from(config).context("failed to build a Kubernetes client")
+}
+
+/// Writes the ledger's newest activity to the target's annotations (only
+/// when newer than what is there: another replica may have written later).
+struct AnnotationFlusher {
+    stores: Stores,
+    scaler: Scaler,
+}
+
+impl Flush for AnnotationFlusher {
+    async fn flush(&self, target: TargetRef, activity: Activity) -> Result<(), String> {
+        let Some(t) = self.stores.target(&target) else { return Ok(()) };
+        let current = TargetAnnotations::parse(t.object.annotations()).ok().and_then(|a| a.last_activity);
+        if current.is_some_and(|c| c >= activity.at) {
+            return Ok(());
+        }
+        let mut changes = std::collections::BTreeMap::new();
+        changes.insert(LAST_ACTIVITY, Some(rfc3339(activity.at)));
+        changes.insert(LAST_ACTIVITY_BY, Some(activity.summary()));
+        self.scaler
+            .annotate_target(&t.object, &changes)
+            .await
+            .map_err(|e| format!("{e}: {:?}", std::error::Error::source(&e)))
+    }
+}
+
+/// Runs the agent until SIGTERM or Ctrl-C.
+pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
+    let settings = args
+        .validate()
+        .map_err(|errors| anyhow::anyhow!("invalid configuration:\n  {}", errors.join("\n  ")))?;
+    let client = client().await?;
+    check_crd(&client).await?;
+    let metrics = Arc::new(Metrics::new());
+    let ready = Arc::new(AtomicBool::new(false));
+
+    let (stores, writers) = stores::stores();
+    let (change_tx, change_rx) = mpsc::unbounded_channel::<Change>();
+    let reflectors = writers.spawn(client.clone(), change_tx.clone());
+
+    let throttle = Throttle::new(settings.qps, settings.burst);
+    let scaler = Scaler::new(client.clone(), throttle);
+    let (ledger, ledger_worker) = Ledger::new(settings.activity_queue);
+    let notify_tx = change_tx.clone();
+    let flusher = AnnotationFlusher { stores: stores.clone(), scaler: scaler.clone() };
+    let ledger_task = tokio::spawn(ledger_worker.run(
+        move |t| {
+            let _ = notify_tx.send(Change::Target(t));
+        },
+        flusher,
+        settings.flush_interval,
+    ));
+
+    let lease_secs = settings.lease_duration.as_secs().max(2);
+    let manager = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), &settings.lease_name)
+        .with_namespace(&settings.namespace)
+        .with_identity(&settings.identity)
+        .with_duration(lease_secs)
+        .with_grace((lease_secs / 3).max(1))
+        .build()
+        .await
+        .with_context(|| format!("failed to set up leader election in namespace {}", settings.namespace))?;
+    let (leader, lease_task) = manager.watch().await;
+
+    let listener = crate::admin::bind(settings.admin_addr)
+        .await
+        .with_context(|| format!("failed to listen on {}", settings.admin_addr))?;
+    tracing::info!(addr = %listener.local_addr()?, "admin port listening");
+
+    let config = Config {
+        defaults: settings.defaults.clone(),
+        scope: settings.scope.clone(),
+        dry_run: settings.dry_run,
+        concurrency: settings.concurrency,
+        identity: settings.identity.clone(),
+    };
+    let ctx = Context::new(stores.clone(), scaler, ledger, metrics.clone(), config, leader);
+    let status_ctx = Arc::downgrade(&ctx);
+    let admin = Arc::new(Admin {
+        metrics,
+        ready: ready.clone(),
+        status: Box::new(move || match status_ctx.upgrade() {
+            Some(ctx) => status_json(&ctx),
+            None => serde_json::Value::Null,
+        }),
+    });
+    let admin_task = tokio::spawn(admin.serve(listener));
+
+    stores.wait_ready().await.context("the caches never synced")?;
+    ready.store(true, Ordering::Release);
+    tracing::info!(identity = %settings.identity, "caches synced; agent ready");
+
+    let controller = tokio::spawn(controller::run(ctx, change_rx));
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    controller.abort();
+    let _ = controller.await;
+    admin_task.abort();
+    for r in reflectors {
+        r.abort();
+    }
+    ledger_task.abort();
+    drop(change_tx);
+    // The controller held the last Lease receiver; dropping it releases the Lease.
+    let _ = tokio::time::timeout(Duration::from_secs(5), lease_task).await;
+    Ok(())
+}
+
+/// Fails clearly when the SleepPolicy CRD is missing (a watch would retry forever).
+async fn check_crd(client: &Client) -> anyhow::Result<()> {
+    let api: kube::Api<crate::policy::SleepPolicy> = kube::Api::all(client.clone());
+    match api.list(&kube::api::ListParams::default().limit(1)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Err(anyhow::anyhow!(
+            "the SleepPolicy CRD (sleeppolicies.dormant.dev) is not installed; install the Helm chart, or: \
+             dormant crd | kubectl apply -f -"
+        )),
+        Err(e) => Err(anyhow::Error::new(e).context("cannot reach the Kubernetes API")),
+    }
+}
+
+fn status_json(ctx: &Context) -> serde_json::Value {
+    let mut rows: Vec<serde_json::Value> = ctx
+        .summaries()
+        .into_iter()
+        .map(|(t, s)| {
+            serde_json::json!({
+                "target": t.to_string(),
+                "kind": t.kind.as_str(),
+                "state": s.state.as_str(),
+                "desired": s.desired.map(|d| format!("{d:?}").to_lowercase()),
+                "policy": s.policy,
+                "next": s.next.map(rfc3339),
+                "invalid": s.invalid.map(|(_, m)| m),
+            })
+        })
+        .collect();
+    rows.sort_by(|a, b| a["target"].as_str().cmp(&b["target"].as_str()));
+    serde_json::json!({ "leader": ctx.is_leader(), "targets": rows })
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
+
+/// Starts `tracing` in the chosen format (`RUST_LOG` filters; default info).
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube_lease_manager=warn"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Plain => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}

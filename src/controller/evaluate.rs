@@ -1,0 +1,214 @@
+//! Evaluation: everything known about one target, read from the stores,
+//! and the decision for it. Shared by the controller (which then acts) and
+//! the CLI (which explains).
+
+use std::fmt;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use k8s_openapi::api::core::v1::Pod;
+use kube::core::SelectorExt;
+
+use crate::activity::{Activity, Source};
+use crate::policy::annotations::{
+    AnnotationError, EXCLUDE, ForceSleep, TargetAnnotations, TargetState, WorkloadAnnotations,
+};
+use crate::policy::decide::{self, Current, Decision, Forced, Inputs, LastUse};
+use crate::policy::{Candidate, Defaults, EffectivePolicy, ResolveError, TargetKind, resolve};
+use crate::scaler::hand_scaled;
+use crate::target::workload::{Requests, pod_spec_requests};
+use crate::target::{Scope, Stores, Target, TargetObject, TargetRef, WorkloadView};
+
+/// Why a target cannot be evaluated; it is left exactly as it is.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Invalid {
+    Annotations(Vec<AnnotationError>),
+    Workload { id: String, errors: Vec<AnnotationError> },
+    Policy(ResolveError),
+}
+
+impl Invalid {
+    pub fn category(&self) -> &'static str {
+        match self {
+            Invalid::Annotations(_) => "invalid-annotation",
+            Invalid::Workload { .. } => "invalid-workload-annotation",
+            Invalid::Policy(e) => e.category(),
+        }
+    }
+
+    /// The policy at fault, if the problem is an invalid SleepPolicy.
+    pub fn policy(&self) -> Option<&str> {
+        match self {
+            Invalid::Policy(ResolveError::PolicyInvalid { name, .. }) => Some(name),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Invalid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let join = |e: &[AnnotationError]| e.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
+        match self {
+            Invalid::Annotations(e) => write!(f, "{}", join(e)),
+            Invalid::Workload { id, errors } => write!(f, "{id}: {}", join(errors)),
+            Invalid::Policy(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// One target, fully read, with its decision.
+#[derive(Debug, Clone)]
+pub struct Evaluation {
+    pub target: Target,
+    pub annotations: TargetAnnotations,
+    pub policy: EffectivePolicy,
+    pub workloads: Vec<WorkloadView>,
+    /// For a vcluster: the host pods it synced.
+    pub synced_pods: Vec<Arc<Pod>>,
+    /// What dormant last recorded (awake when nothing is recorded yet).
+    pub state: TargetState,
+    pub first_seen: DateTime<Utc>,
+    /// `first-seen` is not written yet.
+    pub first_seen_missing: bool,
+    pub forced: Option<Forced>,
+    /// `force-sleep: "true"` still needs its instant written.
+    pub force_unstamped: bool,
+    pub last_use: Option<LastUse>,
+    /// Workloads someone scaled up by hand while the target slept.
+    pub hand_scaled: Vec<String>,
+    pub decision: Decision,
+}
+
+impl Evaluation {
+    /// True when a workload is never scaled: annotated `exclude`, or
+    /// matched by the policy's exclude selector.
+    pub fn excluded(&self, w: &WorkloadView) -> bool {
+        w.annotations.get(EXCLUDE).map(String::as_str) == Some("true")
+            || self.policy.exclude.as_ref().is_some_and(|s| !s.selects_all() && s.matches(&w.labels))
+    }
+
+    /// What everything this target runs now requests (what a sleep saves).
+    pub fn running_requests(&self) -> Requests {
+        let mut r = Requests::default();
+        for w in &self.workloads {
+            if self.excluded(w) {
+                continue;
+            }
+            if let Some(n) = w.replicas {
+                r = r + w.per_replica * f64::from(n.max(0));
+            } else if !w.finished && w.suspend == Some(false) {
+                r = r + w.per_replica * f64::from(w.current_pods.max(0));
+            }
+        }
+        for p in &self.synced_pods {
+            if let Some(spec) = &p.spec {
+                r = r + pod_spec_requests(spec);
+            }
+        }
+        r
+    }
+
+    /// The vcluster's control plane is at zero with no pod left.
+    pub fn control_plane_down(&self) -> bool {
+        self.target.r.kind == TargetKind::VCluster
+            && self.workloads.first().is_some_and(|cp| cp.replicas == Some(0) && cp.current_pods == 0)
+    }
+}
+
+fn manual_source(by: &str) -> bool {
+    by.ends_with("(cli)") || by.ends_with("(scale)")
+}
+
+/// Reads one target from the stores and decides. `Ok(None)` when it is not
+/// a target (anymore).
+pub fn evaluate(
+    stores: &Stores,
+    candidates: &[Arc<Candidate>],
+    defaults: &Defaults,
+    scope: &Scope,
+    ledger: Option<&Activity>,
+    r: &TargetRef,
+    now: DateTime<Utc>,
+) -> Result<Option<Evaluation>, Invalid> {
+    let Some(target) = stores.target(r) else { return Ok(None) };
+    if !scope.allows(&r.namespace, &target.namespace_labels) {
+        return Ok(None);
+    }
+    if target.object.is_deleting() {
+        return Ok(None);
+    }
+    if let TargetObject::Namespace(ns) = &target.object
+        && !stores.is_namespace_target(ns, candidates)
+    {
+        return Ok(None);
+    }
+    let annotations = TargetAnnotations::parse(target.object.annotations()).map_err(Invalid::Annotations)?;
+    let workloads = stores.workloads(&target);
+    for w in &workloads {
+        if let Err(errors) = WorkloadAnnotations::parse(&w.annotations) {
+            return Err(Invalid::Workload { id: w.id(), errors });
+        }
+    }
+    let policy = resolve(r.kind, &target.namespace_labels, &annotations, candidates, defaults)
+        .map_err(Invalid::Policy)?;
+    let synced_pods =
+        if r.kind == TargetKind::VCluster { stores.synced_pods(&r.namespace, &r.name) } else { Vec::new() };
+
+    let state = annotations.state.unwrap_or(TargetState::Awake);
+    let (first_seen, first_seen_missing) = match annotations.first_seen {
+        Some(t) => (t, false),
+        None => (now, true),
+    };
+    let asleep_since = annotations.asleep_since.unwrap_or(now);
+    let (forced, force_unstamped) = match annotations.force_sleep {
+        None => (None, false),
+        Some(ForceSleep::Since(t)) => {
+            (Some(Forced { since: t, prevent_wakeup_until: annotations.prevent_wakeup_until }), false)
+        }
+        Some(ForceSleep::Requested) => {
+            let since =
+                if matches!(state, TargetState::Asleep | TargetState::Sleeping) { asleep_since } else { now };
+            (Some(Forced { since, prevent_wakeup_until: annotations.prevent_wakeup_until }), true)
+        }
+    };
+    let from_annotation = annotations.last_activity.map(|at| {
+        let by = annotations.last_activity_by.clone().unwrap_or_default();
+        LastUse { at, manual: manual_source(&by), by }
+    });
+    let from_ledger = ledger.map(|a| LastUse {
+        at: a.at,
+        by: a.summary(),
+        manual: matches!(a.source, Source::Cli | Source::Scale),
+    });
+    let mut last_use = match (from_annotation, from_ledger) {
+        (Some(a), Some(l)) => Some(if l.at > a.at { l } else { a }),
+        (a, l) => a.or(l),
+    };
+    let asleep = matches!(state, TargetState::Asleep | TargetState::Sleeping);
+    let hand_scaled: Vec<String> = if asleep {
+        workloads.iter().filter(|w| hand_scaled(w)).map(WorkloadView::id).collect()
+    } else {
+        vec![]
+    };
+    if let Some(first) = hand_scaled.first() {
+        last_use = Some(LastUse { at: now, by: format!("{first} scaled by hand (scale)"), manual: true });
+    }
+    let current = if asleep { Current::Asleep { since: asleep_since } } else { Current::Awake };
+    let inputs = Inputs { policy: &policy, current, last_use: last_use.clone(), first_seen, forced };
+    let decision = decide::decide(&inputs, now);
+    Ok(Some(Evaluation {
+        target,
+        annotations,
+        policy,
+        workloads,
+        synced_pods,
+        state,
+        first_seen,
+        first_seen_missing,
+        forced,
+        force_unstamped,
+        last_use,
+        hand_scaled,
+        decision,
+    }))
+}

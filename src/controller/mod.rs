@@ -1,0 +1,298 @@
+//! The controller: for each target, derive the desired state from its
+//! effective policy, its activity and the cluster, and move the cluster
+//! there through the scaler. Level-triggered: a target is looked at when
+//! something about it changes (watches, activity) and when its next
+//! deadline comes (a timer queue, never a polling loop). Only the elected
+//! leader acts.
+
+pub mod evaluate;
+mod reconcile;
+mod status;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::scheduler::{ScheduleRequest, scheduler};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+
+pub use evaluate::{Evaluation, Invalid, evaluate};
+
+use crate::activity::ledger::Ledger;
+use crate::metrics::Metrics;
+use crate::policy::annotations::TargetState;
+use crate::policy::decide::Desired;
+use crate::policy::{Candidate, Defaults};
+use crate::scaler::Scaler;
+use crate::target::stores::Change;
+use crate::target::{Scope, Stores, TargetKind, TargetRef};
+
+/// How the controller behaves.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub defaults: Defaults,
+    /// Where dormant may act.
+    pub scope: Scope,
+    /// Decide and report only; never scale.
+    pub dry_run: bool,
+    /// Targets reconciled at once.
+    pub concurrency: usize,
+    /// This replica's name (Events' reporting instance).
+    pub identity: String,
+}
+
+/// What the controller last concluded about a target (for metrics, policy
+/// status and the admin API).
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub kind: TargetKind,
+    pub policy: Option<String>,
+    pub state: TargetState,
+    pub desired: Option<Desired>,
+    pub next: Option<DateTime<Utc>>,
+    pub invalid: Option<(Option<String>, String)>,
+}
+
+/// Everything a reconcile needs.
+pub struct Context {
+    pub stores: Stores,
+    pub scaler: Scaler,
+    pub ledger: Ledger,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    pub config: Config,
+    /// When this controller started (savings before that were counted by
+    /// another process).
+    pub started: DateTime<Utc>,
+    leader: watch::Receiver<bool>,
+    candidates: Mutex<CandidateCache>,
+    summaries: Mutex<HashMap<TargetRef, Summary>>,
+    /// The last invalid message reported per target (an Event is published
+    /// only when it changes).
+    reported_invalid: Mutex<HashMap<TargetRef, String>>,
+    /// When each waking target started waking, and why (for the histogram).
+    waking: Mutex<HashMap<TargetRef, (tokio::time::Instant, &'static str)>>,
+}
+
+/// Parsed policies, keyed by (name, resourceVersion) of each.
+type CandidateCache = (Vec<(String, Option<String>)>, Vec<Arc<Candidate>>);
+
+/// What a finished reconcile reports: the target and its next deadline.
+type Done = (TargetRef, Result<Option<DateTime<Utc>>, Error>);
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Context {
+    pub fn new(
+        stores: Stores,
+        scaler: Scaler,
+        ledger: Ledger,
+        metrics: Arc<Metrics>,
+        config: Config,
+        leader: watch::Receiver<bool>,
+    ) -> Arc<Context> {
+        let reporter = Reporter { controller: "dormant".into(), instance: Some(config.identity.clone()) };
+        let recorder = Recorder::new(scaler.client().clone(), reporter);
+        Arc::new(Context {
+            stores,
+            scaler,
+            ledger,
+            recorder,
+            metrics,
+            config,
+            started: Utc::now(),
+            leader,
+            candidates: Mutex::new((Vec::new(), Vec::new())),
+            summaries: Mutex::new(HashMap::new()),
+            reported_invalid: Mutex::new(HashMap::new()),
+            waking: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn is_leader(&self) -> bool {
+        *self.leader.borrow()
+    }
+
+    /// Resolver candidates, re-read only when a policy changed.
+    pub fn candidates(&self) -> Vec<Arc<Candidate>> {
+        use kube::ResourceExt;
+        let mut key: Vec<(String, Option<String>)> =
+            self.stores.policies.state().iter().map(|p| (p.name_any(), p.resource_version())).collect();
+        key.sort();
+        let mut cache = lock(&self.candidates);
+        if cache.0 != key || (cache.1.is_empty() && !key.is_empty()) {
+            *cache = (key, self.stores.candidates());
+        }
+        cache.1.clone()
+    }
+
+    /// Every target the stores know.
+    pub fn all_targets(&self) -> Vec<TargetRef> {
+        self.stores.targets(&self.candidates(), &self.config.scope)
+    }
+
+    fn expand(&self, change: Change) -> Vec<TargetRef> {
+        match change {
+            Change::Target(t) => vec![t],
+            Change::All => self.all_targets(),
+            Change::Namespace(ns) => {
+                let mut out = vec![TargetRef::namespace(&ns)];
+                use kube::ResourceExt;
+                for s in
+                    self.stores.statefulsets.state_filter(|s| s.namespace().as_deref() == Some(ns.as_str()))
+                {
+                    if crate::target::is_vcluster_control_plane(s.labels()) {
+                        out.push(TargetRef::vcluster(&ns, &s.name_any()));
+                    }
+                }
+                for d in
+                    self.stores.deployments.state_filter(|d| d.namespace().as_deref() == Some(ns.as_str()))
+                {
+                    if crate::target::is_vcluster_control_plane(d.labels()) {
+                        out.push(TargetRef::vcluster(&ns, &d.name_any()));
+                    }
+                }
+                out
+            }
+        }
+    }
+
+    /// A snapshot of what the controller concluded per target.
+    pub fn summaries(&self) -> HashMap<TargetRef, Summary> {
+        lock(&self.summaries).clone()
+    }
+}
+
+/// Reconcile errors, each with a stable category.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Scale(#[from] crate::scaler::Error),
+}
+
+impl Error {
+    pub fn category(&self) -> &'static str {
+        match self {
+            Error::Scale(e) => e.category(),
+        }
+    }
+}
+
+fn at_instant(t: DateTime<Utc>) -> tokio::time::Instant {
+    let now = Utc::now();
+    let delta = (t - now).to_std().unwrap_or(Duration::ZERO);
+    // A millisecond late rather than early: the decision at the deadline
+    // must see it as passed.
+    tokio::time::Instant::now() + delta + Duration::from_millis(1)
+}
+
+/// Runs the controller until `changes` ends. Targets are reconciled when
+/// they change, when their deadline comes, and all of them whenever this
+/// replica becomes the leader.
+pub async fn run(ctx: Arc<Context>, mut changes: mpsc::UnboundedReceiver<Change>) {
+    let (req_tx, mut req_rx) = mpsc::unbounded_channel::<ScheduleRequest<TargetRef>>();
+    let requests = futures::stream::poll_fn(move |cx| req_rx.poll_recv(cx));
+    let mut queue = scheduler(requests);
+    let schedule = |t: TargetRef, at: tokio::time::Instant| {
+        let _ = req_tx.send(ScheduleRequest { message: t, run_at: at });
+    };
+    let mut leader = ctx.leader.clone();
+    let mut in_flight: HashSet<TargetRef> = HashSet::new();
+    let mut dirty: HashSet<TargetRef> = HashSet::new();
+    let mut waiting: VecDeque<TargetRef> = VecDeque::new();
+    let mut failures: HashMap<TargetRef, u32> = HashMap::new();
+    let mut tasks: JoinSet<Done> = JoinSet::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    if ctx.is_leader() {
+        for t in ctx.all_targets() {
+            schedule(t, tokio::time::Instant::now());
+        }
+    }
+    let spawn = |tasks: &mut JoinSet<_>, in_flight: &mut HashSet<TargetRef>, t: TargetRef| {
+        in_flight.insert(t.clone());
+        let ctx = ctx.clone();
+        tasks.spawn(async move {
+            let r = reconcile::reconcile(&ctx, &t).await;
+            (t, r)
+        });
+    };
+    loop {
+        tokio::select! {
+            change = changes.recv() => match change {
+                Some(change) => {
+                    for t in ctx.expand(change) {
+                        schedule(t, tokio::time::Instant::now());
+                    }
+                }
+                None => break,
+            },
+            changed = leader.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let is_leader = *leader.borrow_and_update();
+                ctx.metrics.leader.set(i64::from(is_leader));
+                if is_leader {
+                    tracing::info!(identity = %ctx.config.identity, "became the leader; reconciling every target");
+                    for t in ctx.all_targets() {
+                        schedule(t, tokio::time::Instant::now());
+                    }
+                } else {
+                    tracing::info!(identity = %ctx.config.identity, "not the leader; standing by");
+                }
+            }
+            Some(t) = queue.next() => {
+                if in_flight.contains(&t) {
+                    dirty.insert(t);
+                } else if in_flight.len() >= ctx.config.concurrency.max(1) {
+                    if !waiting.contains(&t) {
+                        waiting.push_back(t);
+                    }
+                } else {
+                    spawn(&mut tasks, &mut in_flight, t);
+                }
+            }
+            Some(done) = tasks.join_next() => {
+                let Ok((t, result)) = done else { continue };
+                in_flight.remove(&t);
+                match result {
+                    Ok(next) => {
+                        failures.remove(&t);
+                        if let Some(at) = next {
+                            schedule(t.clone(), at_instant(at));
+                        }
+                    }
+                    Err(e) => {
+                        let n = failures.entry(t.clone()).or_default();
+                        *n += 1;
+                        let backoff = Duration::from_millis(500 * 2u64.pow((*n).min(7)));
+                        tracing::warn!(target = %t, error = %e, category = e.category(), retry_in = ?backoff, "reconcile failed");
+                        ctx.metrics.reconcile_errors.get_or_create(&crate::metrics::CategoryLabels { category: e.category().into() }).inc();
+                        schedule(t.clone(), tokio::time::Instant::now() + backoff);
+                    }
+                }
+                if dirty.remove(&t) {
+                    schedule(t, tokio::time::Instant::now());
+                }
+                while in_flight.len() < ctx.config.concurrency.max(1) {
+                    let Some(next) = waiting.pop_front() else { break };
+                    if in_flight.contains(&next) {
+                        dirty.insert(next);
+                    } else {
+                        spawn(&mut tasks, &mut in_flight, next);
+                    }
+                }
+            }
+            _ = tick.tick() => {
+                status::tick(&ctx).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,357 @@
+//! One reconcile of one target: evaluate, then move the cluster one step
+//! towards the desired state. Every step is idempotent and safe to
+//! interrupt; the next reconcile (triggered by the watch of our own
+//! patches) continues where this one stopped.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use kube::runtime::events::{Event, EventType};
+
+use super::{Context, Error, Evaluation, Invalid, Summary, evaluate, lock};
+use crate::metrics::{CategoryLabels, SavingsLabels, TransitionLabels, TriggerLabels};
+use crate::policy::TargetKind;
+use crate::policy::annotations::{self as ann, TargetState, format_requests, rfc3339};
+use crate::policy::decide::Desired;
+use crate::scaler::{sleep_patch, wake_patch};
+use crate::target::TargetRef;
+
+type Annotations = BTreeMap<&'static str, Option<String>>;
+
+pub(super) async fn reconcile(ctx: &Context, r: &TargetRef) -> Result<Option<DateTime<Utc>>, Error> {
+    if !ctx.is_leader() {
+        return Ok(None);
+    }
+    let started = std::time::Instant::now();
+    let now = Utc::now();
+    let newest = ctx.ledger.newest(r);
+    let candidates = ctx.candidates();
+    let ev = match evaluate(
+        &ctx.stores,
+        &candidates,
+        &ctx.config.defaults,
+        &ctx.config.scope,
+        newest.as_ref(),
+        r,
+        now,
+    ) {
+        Ok(Some(ev)) => ev,
+        Ok(None) => {
+            forget(ctx, r);
+            return Ok(None);
+        }
+        Err(invalid) => {
+            report_invalid(ctx, r, &invalid).await;
+            return Ok(None);
+        }
+    };
+    if lock(&ctx.reported_invalid).remove(r).is_some() {
+        tracing::info!(target = %r, "target is valid again");
+    }
+    let mut annotations = Annotations::new();
+    if ev.first_seen_missing {
+        annotations.insert(ann::FIRST_SEEN, Some(rfc3339(now)));
+    }
+    if ev.force_unstamped
+        && let Some(f) = ev.forced
+    {
+        annotations.insert(ann::FORCE_SLEEP, Some(rfc3339(f.since)));
+    }
+    if !ev.hand_scaled.is_empty()
+        && let Some(u) = &ev.last_use
+    {
+        tracing::info!(target = %r, workloads = ?ev.hand_scaled, "scaled by hand while asleep: waking");
+        annotations.insert(ann::LAST_ACTIVITY, Some(rfc3339(u.at)));
+        annotations.insert(ann::LAST_ACTIVITY_BY, Some(u.by.clone()));
+    }
+    let dry_run = ctx.config.dry_run || ev.policy.dry_run.value;
+    let result = match ev.decision.desired {
+        Desired::Leave => Ok(()),
+        _ if dry_run => {
+            tracing::info!(target = %r, desired = ?ev.decision.desired, reason = %ev.decision.reason, "dry run: not acting");
+            Ok(())
+        }
+        Desired::Asleep => sleep(ctx, &ev, &mut annotations, now).await,
+        Desired::Awake => wake(ctx, &ev, &mut annotations, now).await,
+    };
+    let written = ctx.scaler.annotate_target(&ev.target.object, &annotations).await;
+    summarize(ctx, &ev, &annotations);
+    ctx.metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
+    result?;
+    written?;
+    Ok(ev.decision.next)
+}
+
+fn forget(ctx: &Context, r: &TargetRef) {
+    if lock(&ctx.summaries).remove(r).is_some() {
+        ctx.metrics.forget_target(r);
+        ctx.ledger.forget(r);
+    }
+}
+
+/// Publishes an Event about the target. Events with the same reason and
+/// action are aggregated into a series (keeping the first note), so the
+/// action carries the trigger: each kind of wake keeps its own note.
+async fn publish(ctx: &Context, ev: &Evaluation, type_: EventType, reason: &str, note: String) {
+    let trigger = ev.decision.reason.trigger();
+    let action = format!("{reason}{}{}", trigger[..1].to_ascii_uppercase(), &trigger[1..]);
+    let event =
+        Event { type_, reason: reason.into(), note: Some(truncate(note, 1000)), action, secondary: None };
+    if let Err(e) = ctx.recorder.publish(&event, &ev.target.object.object_ref()).await {
+        tracing::warn!(target = %ev.target.r, error = %e, "failed to publish event {reason}");
+    }
+}
+
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
+}
+
+async fn report_invalid(ctx: &Context, r: &TargetRef, invalid: &Invalid) {
+    let message = invalid.to_string();
+    {
+        let mut summaries = lock(&ctx.summaries);
+        let s = summaries.entry(r.clone()).or_insert_with(|| Summary {
+            kind: r.kind,
+            policy: None,
+            state: TargetState::Awake,
+            desired: None,
+            next: None,
+            invalid: None,
+        });
+        s.invalid = Some((invalid.policy().map(String::from), message.clone()));
+        s.desired = None;
+    }
+    let previous = lock(&ctx.reported_invalid).insert(r.clone(), message.clone());
+    if previous.as_deref() == Some(message.as_str()) {
+        return;
+    }
+    tracing::warn!(target = %r, category = invalid.category(), %message, "invalid policy or annotation; target left untouched");
+    ctx.metrics.reconcile_errors.get_or_create(&CategoryLabels { category: invalid.category().into() }).inc();
+    if let Some(target) = ctx.stores.target(r) {
+        let event = Event {
+            type_: EventType::Warning,
+            reason: "PolicyInvalid".into(),
+            note: Some(truncate(format!("{message}; dormant leaves this target as it is"), 1000)),
+            action: "Evaluate".into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&event, &target.object.object_ref()).await {
+            tracing::warn!(target = %r, error = %e, "failed to publish event PolicyInvalid");
+        }
+    }
+}
+
+/// One step towards asleep: mark `sleeping` (with what runs, for the
+/// savings), scale every workload down, then (vcluster) delete the synced
+/// pods once the control plane is down, then mark `asleep`.
+async fn sleep(
+    ctx: &Context,
+    ev: &Evaluation,
+    annotations: &mut Annotations,
+    now: DateTime<Utc>,
+) -> Result<(), Error> {
+    let r = &ev.target.r;
+    if matches!(ev.state, TargetState::Awake | TargetState::Waking) {
+        let requests = ev.running_requests();
+        annotations.insert(ann::STATE, Some(TargetState::Sleeping.as_str().into()));
+        annotations.insert(ann::ASLEEP_SINCE, Some(rfc3339(now)));
+        annotations
+            .insert(ann::ASLEEP_REQUESTS, Some(format_requests(requests.cpu_cores, requests.memory_bytes)));
+        // Written before any workload changes: a crash from here on leaves a
+        // target that says it is going to sleep.
+        ctx.scaler.annotate_target(&ev.target.object, annotations).await?;
+        annotations.clear();
+        lock(&ctx.waking).remove(r);
+        tracing::info!(target = %r, reason = %ev.decision.reason, "putting to sleep");
+    }
+    let mut pending = false;
+    for w in &ev.workloads {
+        let excluded = ev.excluded(w);
+        if !matches!(sleep_patch(w, excluded), Ok(None)) {
+            pending = true;
+        }
+        if let Err(e) = ctx.scaler.sleep_workload(w, excluded).await {
+            publish(ctx, ev, EventType::Warning, "SleepFailed", format!("{e}: {}", source_chain(&e))).await;
+            return Err(e.into());
+        }
+    }
+    if r.kind == TargetKind::VCluster {
+        if !ev.control_plane_down() {
+            pending = true;
+        } else if !ev.synced_pods.is_empty() {
+            if let Err(e) = ctx.scaler.delete_synced_pods(&r.namespace, &r.name).await {
+                publish(ctx, ev, EventType::Warning, "SleepFailed", format!("{e}: {}", source_chain(&e)))
+                    .await;
+                return Err(e.into());
+            }
+            pending = true;
+        }
+    }
+    if !pending && ev.state != TargetState::Asleep {
+        annotations.insert(ann::STATE, Some(TargetState::Asleep.as_str().into()));
+        if ev.annotations.asleep_since.is_none() {
+            annotations.insert(ann::ASLEEP_SINCE, Some(rfc3339(now)));
+        }
+        let trigger = ev.decision.reason.trigger();
+        ctx.metrics
+            .transitions
+            .get_or_create(&TransitionLabels {
+                kind: r.kind.as_str().into(),
+                direction: "sleep".into(),
+                trigger: trigger.into(),
+            })
+            .inc();
+        tracing::info!(target = %r, reason = %ev.decision.reason, "asleep");
+        publish(ctx, ev, EventType::Normal, "Slept", format!("Asleep: {}", ev.decision.reason)).await;
+    }
+    Ok(())
+}
+
+/// One step towards awake: mark `waking` (clearing a forced sleep), restore
+/// every workload, and mark `awake` once everything is back and ready.
+async fn wake(
+    ctx: &Context,
+    ev: &Evaluation,
+    annotations: &mut Annotations,
+    now: DateTime<Utc>,
+) -> Result<(), Error> {
+    let r = &ev.target.r;
+    let records = ev.workloads.iter().any(|w| !matches!(wake_patch(w), Ok(None)));
+    let forced_leftover =
+        ev.annotations.force_sleep.is_some() || ev.annotations.prevent_wakeup_until.is_some();
+    if ev.state == TargetState::Awake && !records {
+        if ev.annotations.state.is_none() {
+            annotations.insert(ann::STATE, Some(TargetState::Awake.as_str().into()));
+        }
+        if forced_leftover {
+            annotations.insert(ann::FORCE_SLEEP, None);
+            annotations.insert(ann::PREVENT_WAKEUP_UNTIL, None);
+        }
+        return Ok(());
+    }
+    if ev.state != TargetState::Waking {
+        annotations.insert(ann::STATE, Some(TargetState::Waking.as_str().into()));
+        annotations.insert(ann::FORCE_SLEEP, None);
+        annotations.insert(ann::PREVENT_WAKEUP_UNTIL, None);
+        ctx.scaler.annotate_target(&ev.target.object, annotations).await?;
+        annotations.clear();
+        lock(&ctx.waking).insert(r.clone(), (tokio::time::Instant::now(), ev.decision.reason.trigger()));
+        tracing::info!(target = %r, reason = %ev.decision.reason, "waking");
+    }
+    for w in &ev.workloads {
+        if let Err(e) = ctx.scaler.wake_workload(w).await {
+            publish(ctx, ev, EventType::Warning, "WakeFailed", format!("{e}: {}", source_chain(&e))).await;
+            return Err(e.into());
+        }
+    }
+    let ready = !records && ev.workloads.iter().all(|w| ev.excluded(w) || w.ready());
+    if ready {
+        annotations.insert(ann::STATE, Some(TargetState::Awake.as_str().into()));
+        annotations.insert(ann::ASLEEP_SINCE, None);
+        annotations.insert(ann::ASLEEP_REQUESTS, None);
+        let (trigger, took) = match lock(&ctx.waking).remove(r) {
+            Some((since, trigger)) => (trigger, Some(since.elapsed())),
+            None => (ev.decision.reason.trigger(), None),
+        };
+        if let Some(took) = took {
+            ctx.metrics
+                .wake_duration
+                .get_or_create(&TriggerLabels { trigger: trigger.into() })
+                .observe(took.as_secs_f64());
+        }
+        ctx.metrics
+            .transitions
+            .get_or_create(&TransitionLabels {
+                kind: r.kind.as_str().into(),
+                direction: "wake".into(),
+                trigger: trigger.into(),
+            })
+            .inc();
+        // Count what the sleep saved up to now, then stop the meter.
+        ctx.metrics.cost.accrue(&ctx.metrics.savings, now);
+        ctx.metrics.cost.stop(r);
+        tracing::info!(target = %r, reason = %ev.decision.reason, "awake");
+        publish(ctx, ev, EventType::Normal, "Woke", format!("Awake: {}", ev.decision.reason)).await;
+    }
+    Ok(())
+}
+
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut out = Vec::new();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push(s.to_string());
+        cur = s.source();
+    }
+    out.join(": ")
+}
+
+/// Records what this reconcile concluded, and the per-target metrics.
+fn summarize(ctx: &Context, ev: &Evaluation, written: &Annotations) {
+    let r = &ev.target.r;
+    let state = written
+        .get(ann::STATE)
+        .and_then(|v| v.as_deref())
+        .and_then(|s| s.parse::<TargetState>().ok())
+        .unwrap_or(ev.state);
+    let policy = ev.policy.policy.clone();
+    lock(&ctx.summaries).insert(
+        r.clone(),
+        Summary {
+            kind: r.kind,
+            policy: policy.clone(),
+            state,
+            desired: Some(ev.decision.desired),
+            next: ev.decision.next,
+            invalid: None,
+        },
+    );
+    let m = &ctx.metrics;
+    let labels = m.target_labels(r, policy.as_deref().unwrap_or(""));
+    let asleep = matches!(state, TargetState::Asleep | TargetState::Sleeping);
+    m.target_asleep.get_or_create(&labels).set(i64::from(asleep));
+    let (cpu, mem) = if asleep { ev.annotations.asleep_requests.unwrap_or_default() } else { (0.0, 0.0) };
+    let (cpu, mem) = if asleep && ev.annotations.asleep_requests.is_none() {
+        let r = ev.running_requests();
+        (r.cpu_cores, r.memory_bytes)
+    } else {
+        (cpu, mem)
+    };
+    m.target_cpu_cores.get_or_create(&labels).set(cpu);
+    m.target_memory_bytes.get_or_create(&labels).set(mem);
+    let since = ev.annotations.asleep_since;
+    let asleep_for = match (asleep, since) {
+        (true, Some(s)) => (Utc::now() - s).num_milliseconds().max(0) as f64 / 1000.0,
+        _ => 0.0,
+    };
+    m.target_asleep_seconds.get_or_create(&labels).set(asleep_for);
+    if asleep && !ctx.config.dry_run && !ev.policy.dry_run.value {
+        let pricing = &ev.policy.pricing.value;
+        let per_hour = crate::metrics::cost::hourly_cost(
+            crate::target::workload::Requests { cpu_cores: cpu, memory_bytes: mem },
+            pricing,
+        );
+        let savings = SavingsLabels {
+            target: labels.target.clone(),
+            kind: labels.kind.clone(),
+            namespace: labels.namespace.clone(),
+            policy: labels.policy.clone(),
+            currency: pricing.currency.clone(),
+        };
+        // Accrue from when the sleep began, or from now if this replica only
+        // learned of it now (a previous replica counted the time before).
+        let from =
+            if m.cost.is_running(r) { Utc::now() } else { since.unwrap_or_else(Utc::now).max(ctx.started) };
+        m.cost.run(r, per_hour, savings, from);
+    } else if !asleep && m.cost.is_running(r) {
+        m.cost.accrue(&m.savings, Utc::now());
+        m.cost.stop(r);
+    }
+}

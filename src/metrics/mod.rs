@@ -1,0 +1,310 @@
+//! Metrics: one registry for the agent, typed label sets, and the cost
+//! model that turns what sleeping scaled down into money saved.
+//!
+//! Names follow `dormant_<component>_<thing>_<unit>`; labels are low
+//! cardinality (target, namespace, policy, trigger — never URLs).
+
+pub mod cost;
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::target::TargetRef;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    pub kind: String,
+    pub state: String,
+}
+
+/// Identifies one target in per-target series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TargetLabels {
+    pub target: String,
+    pub kind: String,
+    pub namespace: String,
+    pub policy: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SavingsLabels {
+    pub target: String,
+    pub kind: String,
+    pub namespace: String,
+    pub policy: String,
+    pub currency: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransitionLabels {
+    pub kind: String,
+    /// `sleep` or `wake`.
+    pub direction: String,
+    /// `idle`, `schedule`, `request`, `manual`, `new`.
+    pub trigger: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TriggerLabels {
+    pub trigger: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CategoryLabels {
+    pub category: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ActivityLabels {
+    /// `audit`, `proxy`, `cli`, `scale`.
+    pub source: String,
+    /// `counted` or `ignored`.
+    pub outcome: String,
+    /// For ignored activity, the kind of rule (`user`, `user-agent`, …, with
+    /// a `builtin-` prefix for dormant's own rules); empty otherwise.
+    pub rule: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub target: String,
+    pub namespace: String,
+    /// `user (user agent)` of the activity.
+    pub source: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProxyLabels {
+    /// `forwarded`, `held`, `timeout`, `overloaded`, `prevented`,
+    /// `unauthenticated`, `upstream-error`, `not-found`.
+    pub outcome: String,
+    pub code: String,
+}
+
+/// Every metric the agent exports.
+pub struct Metrics {
+    pub registry: Registry,
+    pub targets: Family<StateLabels, Gauge>,
+    pub target_asleep: Family<TargetLabels, Gauge>,
+    pub target_asleep_seconds: Family<TargetLabels, Gauge<f64, AtomicU64>>,
+    pub target_cpu_cores: Family<TargetLabels, Gauge<f64, AtomicU64>>,
+    pub target_memory_bytes: Family<TargetLabels, Gauge<f64, AtomicU64>>,
+    pub savings: Family<SavingsLabels, Counter<f64, AtomicU64>>,
+    pub transitions: Family<TransitionLabels, Counter>,
+    pub wake_duration: Family<TriggerLabels, Histogram>,
+    pub reconcile_errors: Family<CategoryLabels, Counter>,
+    pub reconcile_duration: Histogram,
+    pub activity: Family<ActivityLabels, Counter>,
+    pub activity_sources: Family<SourceLabels, Counter>,
+    pub activity_dropped: Counter,
+    pub audit_batches: Family<OutcomeLabels, Counter>,
+    pub audit_events: Counter,
+    pub audit_batch_duration: Histogram,
+    pub proxy_requests: Family<ProxyLabels, Counter>,
+    pub proxy_duration: Family<OutcomeLabels, Histogram>,
+    pub proxy_waiting: Gauge,
+    pub leader: Gauge,
+    /// Per-target series currently exported, to remove them when a target
+    /// goes or changes policy.
+    exported: Mutex<HashMap<TargetRef, TargetLabels>>,
+    pub cost: cost::Meter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn wake_buckets() -> impl Iterator<Item = f64> {
+    // 50 ms .. ~7 min
+    exponential_buckets(0.05, 2.0, 14)
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("dormant");
+        let targets = Family::<StateLabels, Gauge>::default();
+        registry.register("targets", "Targets by kind and state", targets.clone());
+        let target_asleep = Family::<TargetLabels, Gauge>::default();
+        registry.register("target_asleep", "1 while the target is asleep, else 0", target_asleep.clone());
+        let target_asleep_seconds = Family::<TargetLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register_with_unit(
+            "target_asleep",
+            "How long the target has been asleep (0 while awake)",
+            Unit::Seconds,
+            target_asleep_seconds.clone(),
+        );
+        let target_cpu_cores = Family::<TargetLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "target_requested_cpu_cores",
+            "CPU requested by what sleeping scaled down (0 while awake)",
+            target_cpu_cores.clone(),
+        );
+        let target_memory_bytes = Family::<TargetLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register_with_unit(
+            "target_requested_memory",
+            "Memory requested by what sleeping scaled down (0 while awake)",
+            Unit::Bytes,
+            target_memory_bytes.clone(),
+        );
+        let savings = Family::<SavingsLabels, Counter<f64, AtomicU64>>::default();
+        registry.register(
+            "savings",
+            "Estimated money saved by sleeping, from the policy's pricing, in the currency label",
+            savings.clone(),
+        );
+        let transitions = Family::<TransitionLabels, Counter>::default();
+        registry.register("transitions", "Completed sleeps and wakes by trigger", transitions.clone());
+        let wake_duration =
+            Family::<TriggerLabels, Histogram>::new_with_constructor(|| Histogram::new(wake_buckets()));
+        registry.register_with_unit(
+            "wake_duration",
+            "From the decision to wake until the target is ready",
+            Unit::Seconds,
+            wake_duration.clone(),
+        );
+        let reconcile_errors = Family::<CategoryLabels, Counter>::default();
+        registry.register(
+            "reconcile_errors",
+            "Failed reconciles by error category",
+            reconcile_errors.clone(),
+        );
+        let reconcile_duration = Histogram::new(exponential_buckets(0.001, 2.0, 14));
+        registry.register_with_unit(
+            "reconcile_duration",
+            "Time to reconcile one target",
+            Unit::Seconds,
+            reconcile_duration.clone(),
+        );
+        let activity = Family::<ActivityLabels, Counter>::default();
+        registry.register("activity", "Observed activity by source and outcome", activity.clone());
+        let activity_sources = Family::<SourceLabels, Counter>::default();
+        registry.register(
+            "activity_sources",
+            "Counted activity per target by who caused it (who keeps it awake)",
+            activity_sources.clone(),
+        );
+        let activity_dropped = Counter::default();
+        registry.register(
+            "activity_dropped",
+            "Activity dropped because the ledger's queue was full",
+            activity_dropped.clone(),
+        );
+        let audit_batches = Family::<OutcomeLabels, Counter>::default();
+        registry.register("audit_batches", "Audit webhook requests by outcome", audit_batches.clone());
+        let audit_events = Counter::default();
+        registry.register("audit_events", "Audit events decoded", audit_events.clone());
+        let audit_batch_duration = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
+        registry.register_with_unit(
+            "audit_batch_duration",
+            "Time to decode and attribute one audit batch",
+            Unit::Seconds,
+            audit_batch_duration.clone(),
+        );
+        let proxy_requests = Family::<ProxyLabels, Counter>::default();
+        registry.register(
+            "proxy_requests",
+            "Proxy requests by outcome and status code",
+            proxy_requests.clone(),
+        );
+        let proxy_duration = Family::<OutcomeLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0005, 2.0, 20))
+        });
+        registry.register_with_unit(
+            "proxy_request_duration",
+            "Proxy request latency until response headers, including any wait for a wake",
+            Unit::Seconds,
+            proxy_duration.clone(),
+        );
+        let proxy_waiting = Gauge::default();
+        registry.register(
+            "proxy_waiting_requests",
+            "Requests held while their target wakes",
+            proxy_waiting.clone(),
+        );
+        let leader = Gauge::default();
+        registry.register("leader", "1 while this replica runs the controller", leader.clone());
+        Metrics {
+            registry,
+            targets,
+            target_asleep,
+            target_asleep_seconds,
+            target_cpu_cores,
+            target_memory_bytes,
+            savings,
+            transitions,
+            wake_duration,
+            reconcile_errors,
+            reconcile_duration,
+            activity,
+            activity_sources,
+            activity_dropped,
+            audit_batches,
+            audit_events,
+            audit_batch_duration,
+            proxy_requests,
+            proxy_duration,
+            proxy_waiting,
+            leader,
+            exported: Mutex::new(HashMap::new()),
+            cost: cost::Meter::default(),
+        }
+    }
+
+    /// OpenMetrics text.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+
+    /// Labels for a target's per-target series; replaces (removes) series
+    /// exported under other labels for the same target.
+    pub fn target_labels(&self, t: &TargetRef, policy: &str) -> TargetLabels {
+        let labels = TargetLabels {
+            target: t.to_string(),
+            kind: t.kind.as_str().into(),
+            namespace: t.namespace.clone(),
+            policy: policy.to_string(),
+        };
+        let mut exported = self.exported.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(old) = exported.insert(t.clone(), labels.clone())
+            && old != labels
+        {
+            self.remove_series(&old);
+        }
+        labels
+    }
+
+    /// Drops a target's per-target series (it no longer exists).
+    pub fn forget_target(&self, t: &TargetRef) {
+        let old = self.exported.lock().unwrap_or_else(|e| e.into_inner()).remove(t);
+        if let Some(old) = old {
+            self.remove_series(&old);
+        }
+        self.cost.stop(t);
+    }
+
+    fn remove_series(&self, l: &TargetLabels) {
+        self.target_asleep.remove(l);
+        self.target_asleep_seconds.remove(l);
+        self.target_cpu_cores.remove(l);
+        self.target_memory_bytes.remove(l);
+    }
+}

@@ -1,0 +1,227 @@
+//! The scaler: sleep and wake one target's workloads. Each workload changes
+//! in one patch that also records (or clears) what it was, so the cluster
+//! is restorable at any instant; conflicts are retried from a fresh read.
+
+pub mod plan;
+
+use std::collections::BTreeMap;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::Client;
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
+use serde_json::{Value, json};
+
+use crate::target::{MANAGED_BY_LABEL, TargetObject, WorkloadView};
+pub use plan::{hand_scaled, sleep_patch, wake_patch};
+
+/// The field manager dormant patches as.
+pub const FIELD_MANAGER: &str = "dormant";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("failed to patch {id}")]
+    PatchWorkload {
+        id: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("failed to read {id}")]
+    ReadWorkload {
+        id: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("gave up on {id} after {attempts} conflicting updates")]
+    Conflicts { id: String, attempts: u32 },
+    #[error("{id} has an unreadable annotation: {message}")]
+    BadAnnotation { id: String, message: String },
+    #[error("failed to delete the synced pods of vcluster {namespace}/{name}")]
+    DeleteSyncedPods {
+        namespace: String,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("failed to annotate target {target}")]
+    PatchTarget {
+        target: String,
+        #[source]
+        source: kube::Error,
+    },
+}
+
+impl Error {
+    /// Short, stable category for metrics and Event reasons.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Error::PatchWorkload { .. } => "patch-workload",
+            Error::ReadWorkload { .. } => "read-workload",
+            Error::Conflicts { .. } => "conflict",
+            Error::BadAnnotation { .. } => "bad-annotation",
+            Error::DeleteSyncedPods { .. } => "delete-synced-pods",
+            Error::PatchTarget { .. } => "patch-target",
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A client-side rate limit on dormant's own API requests (watches aside).
+#[derive(Clone)]
+pub struct Throttle(Arc<DefaultDirectRateLimiter>);
+
+impl Throttle {
+    pub fn new(qps: NonZeroU32, burst: NonZeroU32) -> Self {
+        Throttle(Arc::new(RateLimiter::direct(Quota::per_second(qps).allow_burst(burst))))
+    }
+
+    pub async fn wait(&self) {
+        self.0.until_ready().await;
+    }
+}
+
+/// What a call changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Changed,
+    Unchanged,
+}
+
+/// Acts on the cluster for the controller and the CLI.
+#[derive(Clone)]
+pub struct Scaler {
+    client: Client,
+    throttle: Throttle,
+}
+
+const MAX_CONFLICTS: u32 = 5;
+
+impl Scaler {
+    pub fn new(client: Client, throttle: Throttle) -> Self {
+        Scaler { client, throttle }
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    fn api(&self, w: &WorkloadView) -> Api<DynamicObject> {
+        Api::namespaced_with(self.client.clone(), &w.namespace, &w.kind.api_resource())
+    }
+
+    /// Scales `w` to zero (or suspends it), recording what it was, unless it
+    /// already sleeps or is `excluded`.
+    pub async fn sleep_workload(&self, w: &WorkloadView, excluded: bool) -> Result<Outcome> {
+        self.patch_until_settled(w, |w| sleep_patch(w, excluded)).await
+    }
+
+    /// Restores `w` to what was recorded, unless someone changed it by hand
+    /// meanwhile (then their value stays and only the record goes).
+    pub async fn wake_workload(&self, w: &WorkloadView) -> Result<Outcome> {
+        self.patch_until_settled(w, wake_patch).await
+    }
+
+    async fn patch_until_settled(
+        &self,
+        w: &WorkloadView,
+        make: impl Fn(&WorkloadView) -> Result<Option<Value>, String>,
+    ) -> Result<Outcome> {
+        let api = self.api(w);
+        let id = w.id();
+        let mut current = w.clone();
+        for _ in 0..MAX_CONFLICTS {
+            let patch = match make(&current) {
+                Ok(Some(p)) => p,
+                Ok(None) => return Ok(Outcome::Unchanged),
+                Err(message) => return Err(Error::BadAnnotation { id, message }),
+            };
+            self.throttle.wait().await;
+            match api.patch(&current.name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+                Ok(_) => return Ok(Outcome::Changed),
+                Err(kube::Error::Api(e)) if e.code == 409 => {
+                    tracing::debug!(workload = %id, "conflict; retrying from a fresh read");
+                    self.throttle.wait().await;
+                    let fresh = match api.get_opt(&current.name).await {
+                        Ok(Some(o)) => o,
+                        Ok(None) => return Ok(Outcome::Unchanged),
+                        Err(source) => return Err(Error::ReadWorkload { id, source }),
+                    };
+                    let json = serde_json::to_value(&fresh).unwrap_or(Value::Null);
+                    match WorkloadView::from_json(current.kind, &json) {
+                        Some(v) => current = v,
+                        None => return Ok(Outcome::Unchanged),
+                    }
+                }
+                Err(kube::Error::Api(e)) if e.code == 404 => return Ok(Outcome::Unchanged),
+                Err(source) => return Err(Error::PatchWorkload { id, source }),
+            }
+        }
+        Err(Error::Conflicts { id, attempts: MAX_CONFLICTS })
+    }
+
+    /// Deletes the host pods vcluster `name` synced (its syncer recreates
+    /// them when it wakes).
+    pub async fn delete_synced_pods(&self, namespace: &str, name: &str) -> Result<()> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+        self.throttle.wait().await;
+        let lp = ListParams::default().labels(&format!("{MANAGED_BY_LABEL}={name}"));
+        pods.delete_collection(&DeleteParams::default(), &lp).await.map(|_| ()).map_err(|source| {
+            Error::DeleteSyncedPods { namespace: namespace.into(), name: name.into(), source }
+        })
+    }
+
+    /// Sets (Some) or removes (None) annotations on a target's object.
+    pub async fn annotate_target(
+        &self,
+        object: &TargetObject,
+        changes: &BTreeMap<&'static str, Option<String>>,
+    ) -> Result<()> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let patch = json!({ "metadata": { "annotations": changes } });
+        let p = Patch::Merge(&patch);
+        let pp = PatchParams::default();
+        self.throttle.wait().await;
+        let (target, r) = match object {
+            TargetObject::Namespace(n) => {
+                let name = n.metadata.name.clone().unwrap_or_default();
+                (
+                    name.clone(),
+                    Api::<Namespace>::all(self.client.clone()).patch(&name, &pp, &p).await.map(|_| ()),
+                )
+            }
+            TargetObject::StatefulSet(s) => {
+                let (ns, name) = (
+                    s.metadata.namespace.clone().unwrap_or_default(),
+                    s.metadata.name.clone().unwrap_or_default(),
+                );
+                (
+                    format!("{ns}/{name}"),
+                    Api::<StatefulSet>::namespaced(self.client.clone(), &ns)
+                        .patch(&name, &pp, &p)
+                        .await
+                        .map(|_| ()),
+                )
+            }
+            TargetObject::Deployment(d) => {
+                let (ns, name) = (
+                    d.metadata.namespace.clone().unwrap_or_default(),
+                    d.metadata.name.clone().unwrap_or_default(),
+                );
+                (
+                    format!("{ns}/{name}"),
+                    Api::<Deployment>::namespaced(self.client.clone(), &ns)
+                        .patch(&name, &pp, &p)
+                        .await
+                        .map(|_| ()),
+                )
+            }
+        };
+        r.map_err(|source| Error::PatchTarget { target, source })
+    }
+}

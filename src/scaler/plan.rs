@@ -1,0 +1,221 @@
+//! The patches, as pure functions of a workload's current view. Each one
+//! changes the workload and its record together, and carries the
+//! resourceVersion it was computed from, so a concurrent change makes the
+//! API server refuse it (409) instead of overwriting.
+
+use serde_json::{Value, json};
+
+use crate::policy::annotations::{REPLICAS_BEFORE_SLEEP, SUSPEND_BEFORE_SLEEP};
+use crate::target::WorkloadView;
+
+fn meta(w: &WorkloadView, key: &str, value: Value) -> Value {
+    let mut m = json!({ "annotations": { key: value } });
+    if let Some(rv) = &w.resource_version {
+        m["resourceVersion"] = json!(rv);
+    }
+    m
+}
+
+/// The patch that puts `w` to sleep, or `None` when there is nothing to do
+/// (already asleep, excluded, a finished Job).
+pub fn sleep_patch(w: &WorkloadView, excluded: bool) -> Result<Option<Value>, String> {
+    if excluded {
+        return Ok(None);
+    }
+    if w.kind.scales() {
+        if w.annotations.contains_key(REPLICAS_BEFORE_SLEEP) {
+            return Ok(None);
+        }
+        let replicas = w.replicas.unwrap_or(1);
+        Ok(Some(json!({
+            "metadata": meta(w, REPLICAS_BEFORE_SLEEP, json!(replicas.to_string())),
+            "spec": { "replicas": 0 },
+        })))
+    } else {
+        if w.annotations.contains_key(SUSPEND_BEFORE_SLEEP) || w.finished {
+            return Ok(None);
+        }
+        let suspend = w.suspend.unwrap_or(false);
+        Ok(Some(json!({
+            "metadata": meta(w, SUSPEND_BEFORE_SLEEP, json!(suspend.to_string())),
+            "spec": { "suspend": true },
+        })))
+    }
+}
+
+/// The patch that wakes `w`, or `None` when it carries no record. When
+/// someone changed it by hand while asleep, their value stays and only the
+/// record is removed. An unreadable record is an error: the workload is
+/// left untouched.
+pub fn wake_patch(w: &WorkloadView) -> Result<Option<Value>, String> {
+    if w.kind.scales() {
+        let Some(raw) = w.annotations.get(REPLICAS_BEFORE_SLEEP) else { return Ok(None) };
+        let before: i32 = raw
+            .trim()
+            .parse()
+            .ok()
+            .filter(|n| *n >= 0)
+            .ok_or_else(|| format!("{REPLICAS_BEFORE_SLEEP}={raw:?} is not a replica count"))?;
+        if w.replicas.unwrap_or(1) != 0 {
+            return Ok(Some(json!({ "metadata": meta(w, REPLICAS_BEFORE_SLEEP, Value::Null) })));
+        }
+        Ok(Some(json!({
+            "metadata": meta(w, REPLICAS_BEFORE_SLEEP, Value::Null),
+            "spec": { "replicas": before },
+        })))
+    } else {
+        let Some(raw) = w.annotations.get(SUSPEND_BEFORE_SLEEP) else { return Ok(None) };
+        let before = match raw.trim() {
+            "true" => true,
+            "false" => false,
+            _ => return Err(format!("{SUSPEND_BEFORE_SLEEP}={raw:?} is not true or false")),
+        };
+        if w.suspend == Some(false) {
+            return Ok(Some(json!({ "metadata": meta(w, SUSPEND_BEFORE_SLEEP, Value::Null) })));
+        }
+        Ok(Some(json!({
+            "metadata": meta(w, SUSPEND_BEFORE_SLEEP, Value::Null),
+            "spec": { "suspend": before },
+        })))
+    }
+}
+
+/// True when `w` was put to sleep by dormant but someone has since scaled it
+/// up (or resumed it) by hand: that counts as waking the target.
+pub fn hand_scaled(w: &WorkloadView) -> bool {
+    if w.kind.scales() {
+        w.annotations.contains_key(REPLICAS_BEFORE_SLEEP) && w.replicas.unwrap_or(1) > 0
+    } else {
+        w.annotations.contains_key(SUSPEND_BEFORE_SLEEP) && w.suspend == Some(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::target::WorkloadKind;
+    use crate::target::workload::Requests;
+    use std::collections::BTreeMap;
+
+    fn view(
+        kind: WorkloadKind,
+        replicas: Option<i32>,
+        suspend: Option<bool>,
+        ann: &[(&str, &str)],
+    ) -> WorkloadView {
+        WorkloadView {
+            kind,
+            namespace: "ns".into(),
+            name: "w".into(),
+            resource_version: Some("42".into()),
+            labels: BTreeMap::new(),
+            annotations: ann.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            replicas,
+            suspend,
+            current_pods: 0,
+            ready_pods: 0,
+            finished: false,
+            controlled: false,
+            per_replica: Requests::default(),
+        }
+    }
+
+    #[test]
+    fn sleeping_records_the_replicas_in_the_same_patch() {
+        let p = sleep_patch(&view(WorkloadKind::Deployment, Some(3), None, &[]), false).unwrap().unwrap();
+        assert_eq!(
+            p,
+            json!({"metadata": {"resourceVersion": "42", "annotations": {REPLICAS_BEFORE_SLEEP: "3"}}, "spec": {"replicas": 0}})
+        );
+        let p = sleep_patch(&view(WorkloadKind::CronJob, None, Some(false), &[]), false).unwrap().unwrap();
+        assert_eq!(p["spec"]["suspend"], json!(true));
+        assert_eq!(p["metadata"]["annotations"][SUSPEND_BEFORE_SLEEP], json!("false"));
+    }
+
+    #[test]
+    fn sleeping_twice_or_excluded_changes_nothing() {
+        let asleep = view(WorkloadKind::StatefulSet, Some(0), None, &[(REPLICAS_BEFORE_SLEEP, "2")]);
+        assert_eq!(sleep_patch(&asleep, false), Ok(None));
+        assert_eq!(sleep_patch(&view(WorkloadKind::Deployment, Some(3), None, &[]), true), Ok(None));
+        let mut done = view(WorkloadKind::Job, None, Some(false), &[]);
+        done.finished = true;
+        assert_eq!(sleep_patch(&done, false), Ok(None));
+    }
+
+    #[test]
+    fn waking_restores_exactly_and_removes_the_record() {
+        let p = wake_patch(&view(WorkloadKind::Deployment, Some(0), None, &[(REPLICAS_BEFORE_SLEEP, "3")]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            p,
+            json!({"metadata": {"resourceVersion": "42", "annotations": {REPLICAS_BEFORE_SLEEP: null}}, "spec": {"replicas": 3}})
+        );
+        let p = wake_patch(&view(WorkloadKind::CronJob, None, Some(true), &[(SUSPEND_BEFORE_SLEEP, "true")]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(p["spec"]["suspend"], json!(true), "a CronJob suspended before sleep stays suspended");
+        assert_eq!(wake_patch(&view(WorkloadKind::Deployment, Some(2), None, &[])), Ok(None));
+    }
+
+    #[test]
+    fn a_hand_scaled_workload_keeps_its_value() {
+        let w = view(WorkloadKind::Deployment, Some(5), None, &[(REPLICAS_BEFORE_SLEEP, "3")]);
+        assert!(hand_scaled(&w));
+        let p = wake_patch(&w).unwrap().unwrap();
+        assert_eq!(p.get("spec"), None);
+        assert_eq!(p["metadata"]["annotations"][REPLICAS_BEFORE_SLEEP], Value::Null);
+        assert!(!hand_scaled(&view(
+            WorkloadKind::Deployment,
+            Some(0),
+            None,
+            &[(REPLICAS_BEFORE_SLEEP, "3")]
+        )));
+    }
+
+    #[test]
+    fn an_unreadable_record_is_an_error_and_no_patch() {
+        for (kind, ann) in
+            [(WorkloadKind::Deployment, REPLICAS_BEFORE_SLEEP), (WorkloadKind::CronJob, SUSPEND_BEFORE_SLEEP)]
+        {
+            let e = wake_patch(&view(kind, Some(0), Some(true), &[(ann, "three")])).unwrap_err();
+            assert!(e.contains(ann), "{e}");
+        }
+    }
+
+    /// Any interleaving of sleep and wake patches, applied to a model of the
+    /// object, ends at the original value: nothing is lost.
+    #[test]
+    fn any_sequence_of_sleeps_and_wakes_ends_where_it_started() {
+        use proptest::prelude::*;
+        proptest!(|(original in 0i32..10, ops in proptest::collection::vec(any::<bool>(), 0..20))| {
+            let mut w = view(WorkloadKind::Deployment, Some(original), None, &[]);
+            for sleep in ops {
+                let patch = if sleep { sleep_patch(&w, false).unwrap() } else { wake_patch(&w).unwrap() };
+                if let Some(p) = patch {
+                    apply(&mut w, &p);
+                }
+                // At every instant the true value is recoverable.
+                let recorded = w.annotations.get(REPLICAS_BEFORE_SLEEP).map(|v| v.parse::<i32>().unwrap());
+                prop_assert_eq!(recorded.unwrap_or(w.replicas.unwrap()), original);
+            }
+            if let Some(p) = wake_patch(&w).unwrap() {
+                apply(&mut w, &p);
+            }
+            prop_assert_eq!(w.replicas, Some(original));
+            prop_assert!(!w.annotations.contains_key(REPLICAS_BEFORE_SLEEP));
+        });
+    }
+
+    fn apply(w: &mut WorkloadView, p: &Value) {
+        if let Some(r) = p["spec"]["replicas"].as_i64() {
+            w.replicas = Some(r as i32);
+        }
+        for (k, v) in p["metadata"]["annotations"].as_object().unwrap() {
+            match v.as_str() {
+                Some(s) => w.annotations.insert(k.clone(), s.to_string()),
+                None => w.annotations.remove(k),
+            };
+        }
+    }
+}

@@ -1,0 +1,195 @@
+//! Targets: the units that sleep and wake together — a vcluster (its
+//! control-plane StatefulSet or Deployment labelled `app=vcluster`, plus the
+//! pods it synced) or a namespace (its other workloads) — discovered from
+//! reflector stores, with the workloads each one owns.
+
+pub mod scope;
+pub mod stores;
+pub mod workload;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::{Namespace, ObjectReference};
+use kube::{Resource, ResourceExt};
+
+pub use crate::policy::TargetKind;
+pub use scope::Scope;
+pub use stores::Stores;
+pub use workload::{WorkloadKind, WorkloadView};
+
+/// Label of a vcluster's control plane (as the vcluster chart sets it).
+pub const VCLUSTER_APP_LABEL: (&str, &str) = ("app", "vcluster");
+/// Label on the host pods a vcluster synced.
+pub const MANAGED_BY_LABEL: &str = "vcluster.loft.sh/managed-by";
+
+/// Names one target.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TargetRef {
+    pub kind: TargetKind,
+    /// The namespace (for a namespace target, its own name).
+    pub namespace: String,
+    /// The vcluster's name; for a namespace target, the namespace again.
+    pub name: String,
+}
+
+impl TargetRef {
+    pub fn namespace(ns: &str) -> Self {
+        TargetRef { kind: TargetKind::Namespace, namespace: ns.into(), name: ns.into() }
+    }
+
+    pub fn vcluster(ns: &str, name: &str) -> Self {
+        TargetRef { kind: TargetKind::VCluster, namespace: ns.into(), name: name.into() }
+    }
+}
+
+impl fmt::Display for TargetRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.kind {
+            TargetKind::Namespace => write!(f, "namespace/{}", self.namespace),
+            TargetKind::VCluster => write!(f, "vcluster/{}/{}", self.namespace, self.name),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "invalid target {0:?}: expected namespace/<name>, vcluster/<namespace>/<name>, <namespace>/<vcluster> or <namespace>"
+)]
+pub struct ParseTargetError(pub String);
+
+impl FromStr for TargetRef {
+    type Err = ParseTargetError;
+
+    /// `namespace/team-a` (or `ns/team-a`, or just `team-a`),
+    /// `vcluster/team-a/dev` (or `vc/team-a/dev`, or `team-a/dev`).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || ParseTargetError(s.to_string());
+        let parts: Vec<&str> = s.trim().split('/').collect();
+        let valid =
+            |p: &str| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+        let r = match parts.as_slice() {
+            ["namespace" | "ns", ns] => TargetRef::namespace(ns),
+            ["vcluster" | "vc", ns, name] => TargetRef::vcluster(ns, name),
+            ["vcluster" | "vc", _] => return Err(bad()),
+            [ns, name] => TargetRef::vcluster(ns, name),
+            [ns] => TargetRef::namespace(ns),
+            _ => return Err(bad()),
+        };
+        if valid(&r.namespace) && valid(&r.name) { Ok(r) } else { Err(bad()) }
+    }
+}
+
+/// The object that carries a target's annotations.
+#[derive(Debug, Clone)]
+pub enum TargetObject {
+    Namespace(Arc<Namespace>),
+    StatefulSet(Arc<StatefulSet>),
+    Deployment(Arc<Deployment>),
+}
+
+impl TargetObject {
+    pub fn annotations(&self) -> &BTreeMap<String, String> {
+        match self {
+            TargetObject::Namespace(o) => o.annotations(),
+            TargetObject::StatefulSet(o) => o.annotations(),
+            TargetObject::Deployment(o) => o.annotations(),
+        }
+    }
+
+    pub fn labels(&self) -> &BTreeMap<String, String> {
+        match self {
+            TargetObject::Namespace(o) => o.labels(),
+            TargetObject::StatefulSet(o) => o.labels(),
+            TargetObject::Deployment(o) => o.labels(),
+        }
+    }
+
+    /// The reference Events are published against.
+    pub fn object_ref(&self) -> ObjectReference {
+        match self {
+            TargetObject::Namespace(o) => {
+                let mut r = o.object_ref(&());
+                // Events are namespaced; a namespace's own events live in it.
+                r.namespace = o.meta().name.clone();
+                r
+            }
+            TargetObject::StatefulSet(o) => o.object_ref(&()),
+            TargetObject::Deployment(o) => o.object_ref(&()),
+        }
+    }
+
+    pub fn created(&self) -> Option<DateTime<Utc>> {
+        let meta = match self {
+            TargetObject::Namespace(o) => o.meta(),
+            TargetObject::StatefulSet(o) => o.meta(),
+            TargetObject::Deployment(o) => o.meta(),
+        };
+        meta.creation_timestamp.as_ref().and_then(|t| to_chrono(&t.0))
+    }
+
+    pub fn is_deleting(&self) -> bool {
+        let meta = match self {
+            TargetObject::Namespace(o) => o.meta(),
+            TargetObject::StatefulSet(o) => o.meta(),
+            TargetObject::Deployment(o) => o.meta(),
+        };
+        meta.deletion_timestamp.is_some()
+    }
+
+    /// The workload kind of a vcluster's control plane.
+    pub fn control_plane_kind(&self) -> Option<WorkloadKind> {
+        match self {
+            TargetObject::Namespace(_) => None,
+            TargetObject::StatefulSet(_) => Some(WorkloadKind::StatefulSet),
+            TargetObject::Deployment(_) => Some(WorkloadKind::Deployment),
+        }
+    }
+}
+
+/// A target as the stores see it now.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub r: TargetRef,
+    pub object: TargetObject,
+    /// Labels of the namespace the target lives in (what policies select on).
+    pub namespace_labels: BTreeMap<String, String>,
+}
+
+/// k8s-openapi's timestamps (jiff) as chrono's.
+pub fn to_chrono(t: &k8s_openapi::jiff::Timestamp) -> Option<DateTime<Utc>> {
+    DateTime::from_timestamp(t.as_second(), t.subsec_nanosecond().max(0) as u32)
+}
+
+pub fn is_vcluster_control_plane(labels: &BTreeMap<String, String>) -> bool {
+    labels.get(VCLUSTER_APP_LABEL.0).map(String::as_str) == Some(VCLUSTER_APP_LABEL.1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn target_names_read_back() {
+        for (text, want) in [
+            ("namespace/team-a", TargetRef::namespace("team-a")),
+            ("ns/team-a", TargetRef::namespace("team-a")),
+            ("team-a", TargetRef::namespace("team-a")),
+            ("vcluster/team-a/dev", TargetRef::vcluster("team-a", "dev")),
+            ("vc/team-a/dev", TargetRef::vcluster("team-a", "dev")),
+            ("team-a/dev", TargetRef::vcluster("team-a", "dev")),
+        ] {
+            let r: TargetRef = text.parse().unwrap();
+            assert_eq!(r, want);
+            assert_eq!(r.to_string().parse::<TargetRef>().unwrap(), want);
+        }
+        for bad in ["", "a/b/c/d", "namespace/", "vcluster/x", "x y", "pods/a/b"] {
+            let e = bad.parse::<TargetRef>().unwrap_err().to_string();
+            assert!(e.contains("expected namespace/<name>"), "{bad}: {e}");
+        }
+    }
+}

@@ -1,0 +1,98 @@
+//! Which namespaces dormant may act in: never the excluded ones (the
+//! control plane's, dormant's own), and, when a namespace selector is set,
+//! only namespaces whose labels match it (to run one agent per shard of a
+//! cluster, or to try dormant on a few namespaces first).
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+use kube::core::{Expression, Selector, SelectorExt};
+
+#[derive(Debug, Clone, Default)]
+pub struct Scope {
+    pub excluded: HashSet<String>,
+    pub selector: Option<Selector>,
+}
+
+impl Scope {
+    pub fn allows(&self, namespace: &str, labels: &BTreeMap<String, String>) -> bool {
+        !self.excluded.contains(namespace) && self.selector.as_ref().is_none_or(|s| s.matches(labels))
+    }
+}
+
+/// Parses a label selector as kubectl reads `-l`: `a=b`, `a==b`, `a!=b`,
+/// `a`, `!a`, `a in (x,y)`, `a notin (x,y)`, joined by commas.
+pub fn parse_selector(s: &str) -> Result<Selector, String> {
+    let mut parts = Vec::new();
+    let mut depth = 0;
+    let mut cur = String::new();
+    for c in s.chars() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            ',' if depth == 0 => {
+                parts.push(std::mem::take(&mut cur));
+                continue;
+            }
+            _ => {}
+        }
+        cur.push(c);
+    }
+    parts.push(cur);
+    let mut exprs = Vec::new();
+    for p in parts.iter().map(|p| p.trim()).filter(|p| !p.is_empty()) {
+        let bad = || format!("invalid selector requirement {p:?}");
+        let set = |v: &str| -> Result<BTreeSet<String>, String> {
+            let inner = v.trim().strip_prefix('(').and_then(|v| v.strip_suffix(')')).ok_or_else(bad)?;
+            Ok(inner.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect())
+        };
+        let key_ok = |k: &str| !k.is_empty() && !k.contains(char::is_whitespace);
+        let e = if let Some((k, v)) = p.split_once(" notin ") {
+            Expression::NotIn(k.trim().into(), set(v)?)
+        } else if let Some((k, v)) = p.split_once(" in ") {
+            Expression::In(k.trim().into(), set(v)?)
+        } else if let Some((k, v)) = p.split_once("!=") {
+            Expression::NotEqual(k.trim().into(), v.trim().into())
+        } else if let Some((k, v)) = p.split_once("==").or_else(|| p.split_once('=')) {
+            Expression::Equal(k.trim().into(), v.trim().into())
+        } else if let Some(k) = p.strip_prefix('!') {
+            Expression::DoesNotExist(k.trim().into())
+        } else {
+            Expression::Exists(p.into())
+        };
+        let key = match &e {
+            Expression::In(k, _)
+            | Expression::NotIn(k, _)
+            | Expression::Equal(k, _)
+            | Expression::NotEqual(k, _)
+            | Expression::Exists(k)
+            | Expression::DoesNotExist(k) => k,
+        };
+        if !key_ok(key) {
+            return Err(bad());
+        }
+        exprs.push(e);
+    }
+    Ok(Selector::from_iter(exprs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn selectors_read_like_kubectl() {
+        let s = parse_selector("env in (dev, staging),team,!frozen,tier!=critical").unwrap();
+        assert!(s.matches(&labels(&[("env", "dev"), ("team", "a")])));
+        assert!(!s.matches(&labels(&[("env", "prod"), ("team", "a")])));
+        assert!(!s.matches(&labels(&[("env", "dev")])));
+        assert!(!s.matches(&labels(&[("env", "dev"), ("team", "a"), ("frozen", "")])));
+        assert!(!s.matches(&labels(&[("env", "dev"), ("team", "a"), ("tier", "critical")])));
+        assert!(parse_selector("a=b").unwrap().matches(&labels(&[("a", "b")])));
+        assert!(parse_selector("a in x").is_err());
+        assert!(parse_selector("bad key=1").is_err());
+    }
+}

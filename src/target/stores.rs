@@ -1,0 +1,365 @@
+//! Reflector stores of everything targets are made of, and the changes
+//! that make a target worth looking at again. The agent reads these on
+//! every hot path; the CLI fills the same stores from one list call each.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet, StatefulSet};
+use k8s_openapi::api::batch::v1::{CronJob, Job};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::api::{Api, ListParams};
+use kube::runtime::reflector::{self, Store, store::Writer};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc;
+
+use super::workload::AsWorkload;
+use super::{
+    MANAGED_BY_LABEL, Scope, Target, TargetKind, TargetObject, TargetRef, WorkloadView,
+    is_vcluster_control_plane,
+};
+use crate::policy::annotations::PREFIX;
+use crate::policy::{Candidate, SleepPolicy};
+
+/// Something changed that may change what these targets should be.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Change {
+    Target(TargetRef),
+    /// A namespace changed: its namespace target and every vcluster in it.
+    Namespace(String),
+    /// A policy changed: every target.
+    All,
+}
+
+/// Read handles of the reflector stores.
+#[derive(Clone)]
+pub struct Stores {
+    pub namespaces: Store<Namespace>,
+    pub statefulsets: Store<StatefulSet>,
+    pub deployments: Store<Deployment>,
+    pub replicasets: Store<ReplicaSet>,
+    pub cronjobs: Store<CronJob>,
+    pub jobs: Store<Job>,
+    /// Only pods labelled `vcluster.loft.sh/managed-by`.
+    pub synced_pods: Store<Pod>,
+    pub policies: Store<SleepPolicy>,
+}
+
+/// The writers behind [`Stores`].
+pub struct Writers {
+    namespaces: Writer<Namespace>,
+    statefulsets: Writer<StatefulSet>,
+    deployments: Writer<Deployment>,
+    replicasets: Writer<ReplicaSet>,
+    cronjobs: Writer<CronJob>,
+    jobs: Writer<Job>,
+    synced_pods: Writer<Pod>,
+    policies: Writer<SleepPolicy>,
+}
+
+/// Creates empty stores and their writers.
+pub fn stores() -> (Stores, Writers) {
+    let (namespaces, w_ns) = reflector::store();
+    let (statefulsets, w_sts) = reflector::store();
+    let (deployments, w_dep) = reflector::store();
+    let (replicasets, w_rs) = reflector::store();
+    let (cronjobs, w_cj) = reflector::store();
+    let (jobs, w_job) = reflector::store();
+    let (synced_pods, w_pods) = reflector::store();
+    let (policies, w_pol) = reflector::store();
+    (
+        Stores { namespaces, statefulsets, deployments, replicasets, cronjobs, jobs, synced_pods, policies },
+        Writers {
+            namespaces: w_ns,
+            statefulsets: w_sts,
+            deployments: w_dep,
+            replicasets: w_rs,
+            cronjobs: w_cj,
+            jobs: w_job,
+            synced_pods: w_pods,
+            policies: w_pol,
+        },
+    )
+}
+
+fn synced_pods_params() -> watcher::Config {
+    watcher::Config::default().labels(MANAGED_BY_LABEL)
+}
+
+/// Runs one reflector, sending a [`Change`] for each object it sees change.
+async fn reflect<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    writer: Writer<K>,
+    tx: mpsc::UnboundedSender<Change>,
+    map: fn(&K) -> Change,
+) where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    let stream = watcher(api, config)
+        .default_backoff()
+        .modify(|o: &mut K| o.managed_fields_mut().clear())
+        .reflect(writer)
+        .touched_objects();
+    futures::pin_mut!(stream);
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(obj) => {
+                if tx.send(map(&obj)).is_err() {
+                    return;
+                }
+            }
+            Err(e) => tracing::warn!(kind = %K::kind(&()), error = %e, "watch error; retrying"),
+        }
+    }
+}
+
+fn ns_of<K: ResourceExt>(o: &K) -> String {
+    o.namespace().unwrap_or_default()
+}
+
+fn workload_change<K: ResourceExt>(o: &K) -> Change {
+    if is_vcluster_control_plane(o.labels()) {
+        Change::Target(TargetRef::vcluster(&ns_of(o), &o.name_any()))
+    } else {
+        Change::Target(TargetRef::namespace(&ns_of(o)))
+    }
+}
+
+impl Writers {
+    /// Starts a reflector per kind; each sends its changes to `tx`. The
+    /// tasks end when `tx`'s receiver is dropped.
+    pub fn spawn(
+        self,
+        client: Client,
+        tx: mpsc::UnboundedSender<Change>,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        let wc = watcher::Config::default;
+        vec![
+            tokio::spawn(reflect(
+                Api::all(client.clone()),
+                wc(),
+                self.namespaces,
+                tx.clone(),
+                |o: &Namespace| Change::Namespace(o.name_any()),
+            )),
+            tokio::spawn(reflect(
+                Api::all(client.clone()),
+                wc(),
+                self.statefulsets,
+                tx.clone(),
+                workload_change,
+            )),
+            tokio::spawn(reflect(
+                Api::all(client.clone()),
+                wc(),
+                self.deployments,
+                tx.clone(),
+                workload_change,
+            )),
+            tokio::spawn(reflect(
+                Api::all(client.clone()),
+                wc(),
+                self.replicasets,
+                tx.clone(),
+                workload_change,
+            )),
+            tokio::spawn(reflect(Api::all(client.clone()), wc(), self.cronjobs, tx.clone(), workload_change)),
+            tokio::spawn(reflect(Api::all(client.clone()), wc(), self.jobs, tx.clone(), workload_change)),
+            tokio::spawn(reflect(
+                Api::all(client.clone()),
+                synced_pods_params(),
+                self.synced_pods,
+                tx.clone(),
+                |p: &Pod| match p.labels().get(MANAGED_BY_LABEL) {
+                    Some(vc) => Change::Target(TargetRef::vcluster(&ns_of(p), vc)),
+                    None => Change::Namespace(ns_of(p)),
+                },
+            )),
+            tokio::spawn(reflect(Api::all(client), wc(), self.policies, tx, |_: &SleepPolicy| Change::All)),
+        ]
+    }
+
+    /// Fills the stores from one list call per kind (for the CLI).
+    pub async fn fill(mut self, client: Client) -> Result<(), kube::Error> {
+        async fn fill_one<K>(api: Api<K>, lp: &ListParams, w: &mut Writer<K>) -> Result<(), kube::Error>
+        where
+            K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+        {
+            let list = api.list(lp).await?;
+            w.apply_watcher_event(&watcher::Event::Init);
+            for o in list.items {
+                w.apply_watcher_event(&watcher::Event::InitApply(o));
+            }
+            w.apply_watcher_event(&watcher::Event::InitDone);
+            Ok(())
+        }
+        let all = ListParams::default();
+        let c = &client;
+        fill_one(Api::all(c.clone()), &all, &mut self.namespaces).await?;
+        fill_one(Api::all(c.clone()), &all, &mut self.statefulsets).await?;
+        fill_one(Api::all(c.clone()), &all, &mut self.deployments).await?;
+        fill_one(Api::all(c.clone()), &all, &mut self.replicasets).await?;
+        fill_one(Api::all(c.clone()), &all, &mut self.cronjobs).await?;
+        fill_one(Api::all(c.clone()), &all, &mut self.jobs).await?;
+        fill_one(Api::all(c.clone()), &ListParams::default().labels(MANAGED_BY_LABEL), &mut self.synced_pods)
+            .await?;
+        match fill_one(Api::all(c.clone()), &all, &mut self.policies).await {
+            // Without the CRD there are simply no policies.
+            Err(kube::Error::Api(e)) if e.code == 404 => {
+                self.policies.apply_watcher_event(&watcher::Event::Init);
+                self.policies.apply_watcher_event(&watcher::Event::InitDone);
+                Ok(())
+            }
+            other => other,
+        }
+    }
+}
+
+/// A change stream from an mpsc receiver.
+pub fn changes(rx: mpsc::UnboundedReceiver<Change>) -> impl Stream<Item = Change> {
+    tokio_stream_from(rx)
+}
+
+fn tokio_stream_from(mut rx: mpsc::UnboundedReceiver<Change>) -> impl Stream<Item = Change> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+impl Stores {
+    /// Waits until every store has seen its initial list.
+    pub async fn wait_ready(&self) -> Result<(), reflector::store::WriterDropped> {
+        self.namespaces.wait_until_ready().await?;
+        self.statefulsets.wait_until_ready().await?;
+        self.deployments.wait_until_ready().await?;
+        self.replicasets.wait_until_ready().await?;
+        self.cronjobs.wait_until_ready().await?;
+        self.jobs.wait_until_ready().await?;
+        self.synced_pods.wait_until_ready().await?;
+        self.policies.wait_until_ready().await?;
+        Ok(())
+    }
+
+    pub fn namespace_labels(&self, ns: &str) -> BTreeMap<String, String> {
+        self.namespaces.get(&reflector::ObjectRef::new(ns)).map(|n| n.labels().clone()).unwrap_or_default()
+    }
+
+    /// The target's object and namespace, if it exists.
+    pub fn target(&self, r: &TargetRef) -> Option<Target> {
+        let namespace_labels = self.namespace_labels(&r.namespace);
+        let object = match r.kind {
+            TargetKind::Namespace => {
+                TargetObject::Namespace(self.namespaces.get(&reflector::ObjectRef::new(&r.namespace))?)
+            }
+            TargetKind::VCluster => {
+                if let Some(s) = self
+                    .statefulsets
+                    .get(&reflector::ObjectRef::new(&r.name).within(&r.namespace))
+                    .filter(|s| is_vcluster_control_plane(s.labels()))
+                {
+                    TargetObject::StatefulSet(s)
+                } else {
+                    TargetObject::Deployment(
+                        self.deployments
+                            .get(&reflector::ObjectRef::new(&r.name).within(&r.namespace))
+                            .filter(|d| is_vcluster_control_plane(d.labels()))?,
+                    )
+                }
+            }
+        };
+        Some(Target { r: r.clone(), object, namespace_labels })
+    }
+
+    /// Every target: each vcluster, and each namespace that is annotated,
+    /// selected by a policy for namespaces, or holds something dormant put to
+    /// sleep. Only namespaces the scope allows.
+    pub fn targets(&self, candidates: &[Arc<Candidate>], scope: &Scope) -> Vec<TargetRef> {
+        let mut out: Vec<TargetRef> = Vec::new();
+        let allowed = |ns: &str| scope.allows(ns, &self.namespace_labels(ns));
+        for s in self.statefulsets.state() {
+            if is_vcluster_control_plane(s.labels()) && allowed(&ns_of(s.as_ref())) {
+                out.push(TargetRef::vcluster(&ns_of(s.as_ref()), &s.name_any()));
+            }
+        }
+        for d in self.deployments.state() {
+            if is_vcluster_control_plane(d.labels()) && allowed(&ns_of(d.as_ref())) {
+                out.push(TargetRef::vcluster(&ns_of(d.as_ref()), &d.name_any()));
+            }
+        }
+        for ns in self.namespaces.state() {
+            let name = ns.name_any();
+            if scope.allows(&name, ns.labels()) && self.is_namespace_target(&ns, candidates) {
+                out.push(TargetRef::namespace(&name));
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// Whether a namespace is a target (see [`Stores::targets`]).
+    pub fn is_namespace_target(&self, ns: &Namespace, candidates: &[Arc<Candidate>]) -> bool {
+        let name = ns.name_any();
+        ns.annotations().keys().any(|k| k.starts_with(PREFIX))
+            || candidates.iter().any(|c| c.matches(TargetKind::Namespace, ns.labels()))
+            || self.namespace_workloads(&name).iter().any(|w| {
+                w.annotations.contains_key(crate::policy::annotations::REPLICAS_BEFORE_SLEEP)
+                    || w.annotations.contains_key(crate::policy::annotations::SUSPEND_BEFORE_SLEEP)
+            })
+    }
+
+    /// The workloads a target scales: a vcluster's control plane, or the
+    /// other workloads of a namespace (not vcluster control planes, not
+    /// objects a controller owns, finished Jobs included for completeness).
+    pub fn workloads(&self, t: &Target) -> Vec<WorkloadView> {
+        match &t.object {
+            TargetObject::Namespace(_) => self.namespace_workloads(&t.r.namespace),
+            TargetObject::StatefulSet(s) => vec![s.view()],
+            TargetObject::Deployment(d) => vec![d.view()],
+        }
+    }
+
+    fn namespace_workloads(&self, ns: &str) -> Vec<WorkloadView> {
+        fn collect<K: AsWorkload + Clone + Resource<DynamicType = ()>>(
+            store: &Store<K>,
+            ns: &str,
+            out: &mut Vec<WorkloadView>,
+        ) {
+            for o in store.state_filter(|o| o.namespace().as_deref() == Some(ns)) {
+                if is_vcluster_control_plane(o.labels()) {
+                    continue;
+                }
+                let v = o.view();
+                if !v.controlled {
+                    out.push(v);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        collect(&self.deployments, ns, &mut out);
+        collect(&self.statefulsets, ns, &mut out);
+        collect(&self.replicasets, ns, &mut out);
+        collect(&self.cronjobs, ns, &mut out);
+        collect(&self.jobs, ns, &mut out);
+        out.sort_by(|a, b| (a.kind, &a.name).cmp(&(b.kind, &b.name)));
+        out
+    }
+
+    /// Host pods synced by vcluster `name` in `ns`.
+    pub fn synced_pods(&self, ns: &str, name: &str) -> Vec<Arc<Pod>> {
+        self.synced_pods.state_filter(|p| {
+            p.namespace().as_deref() == Some(ns)
+                && p.labels().get(MANAGED_BY_LABEL).map(String::as_str) == Some(name)
+        })
+    }
+
+    /// Resolver candidates for every SleepPolicy.
+    pub fn candidates(&self) -> Vec<Arc<Candidate>> {
+        let mut c: Vec<_> = self.policies.state().iter().map(|p| crate::policy::candidate(p)).collect();
+        c.sort_by(|a, b| a.name.cmp(&b.name));
+        c
+    }
+}

@@ -1,0 +1,162 @@
+//! Shared helpers for tests that run the real `dormant` binary against the
+//! testbed. Each test scopes its agent to its own namespaces with
+//! `--namespace-selector dormant-test=<id>`, so agents of tests running at
+//! the same time never touch each other's targets.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::PathBuf;
+use std::process::Output;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use testbed::process::{Proc, free_port, http_ok};
+use testbed::{Cluster, User};
+
+pub fn dormant_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_dormant"))
+}
+
+/// A unique id for this test's scope.
+pub fn test_id(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!("{prefix}-{}-{}", std::process::id() % 100_000, N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// The identity dormant runs as in tests (cluster-admin by group).
+pub fn agent_user(c: &Cluster) -> User {
+    static USER: std::sync::OnceLock<User> = std::sync::OnceLock::new();
+    USER.get_or_init(|| c.user("dormant-agent", &["system:masters"]).unwrap()).clone()
+}
+
+/// A running `dormant agent`.
+pub struct Agent {
+    pub proc: Proc,
+    pub admin_port: u16,
+    pub identity: String,
+}
+
+impl Agent {
+    /// Starts an agent scoped to namespaces labelled `dormant-test=<scope>`,
+    /// with its Lease in namespace `lease_ns` (created if missing).
+    pub fn start(c: &Cluster, scope: &str, lease_ns: &str, identity: &str, extra: &[&str]) -> Agent {
+        install_crd(c);
+        let _ = c.kubectl_out(&c.admin, &["create", "namespace", lease_ns]);
+        let admin_port = free_port().unwrap();
+        let user = agent_user(c);
+        let mut args: Vec<String> = vec![
+            "agent".into(),
+            format!("--namespace={lease_ns}"),
+            format!("--identity={identity}"),
+            format!("--admin-addr=127.0.0.1:{admin_port}"),
+            format!("--namespace-selector=dormant-test={scope}"),
+            "--lease-duration=3s".into(),
+            "--flush-interval=1s".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let env = vec![
+            ("KUBECONFIG".to_string(), user.kubeconfig.display().to_string()),
+            ("RUST_LOG".to_string(), "info,dormant=debug,kube_lease_manager=warn".to_string()),
+        ];
+        let proc = testbed::spawner::spawn_with_env(
+            &format!("dormant-{identity}"),
+            &dormant_bin(),
+            &args,
+            &env,
+            &c.dir,
+        )
+        .unwrap();
+        let mut agent = Agent { proc, admin_port, identity: identity.into() };
+        let port = agent.admin_port;
+        agent.proc.wait_ready(Duration::from_secs(60), || http_ok(port, "/readyz")).unwrap();
+        agent
+    }
+
+    pub fn kill(&mut self) {
+        self.proc.kill();
+    }
+
+    pub fn log(&self) -> String {
+        self.proc.tail(60)
+    }
+
+    pub fn get(&self, path: &str) -> String {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.admin_port)).unwrap();
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
+    }
+}
+
+/// Applies the SleepPolicy CRD (idempotent) and waits until it is served.
+pub fn install_crd(c: &Cluster) {
+    let crd =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("charts/dormant/crds/sleeppolicies.dormant.dev.yaml");
+    kubectl(c, &["apply", "--server-side", "--force-conflicts", "-f", crd.to_str().unwrap()]);
+    kubectl(c, &["wait", "--for=condition=Established", "--timeout=30s", "crd/sleeppolicies.dormant.dev"]);
+}
+
+/// Runs `dormant <args>` as the cluster admin.
+pub fn dormant(c: &Cluster, args: &[&str]) -> Output {
+    std::process::Command::new(dormant_bin())
+        .args(args)
+        .env("KUBECONFIG", &c.admin.kubeconfig)
+        .output()
+        .unwrap()
+}
+
+pub fn kubectl(c: &Cluster, args: &[&str]) -> String {
+    c.kubectl_out(&c.admin, args).unwrap_or_else(|e| panic!("kubectl {args:?}: {e}"))
+}
+
+pub fn jsonpath(c: &Cluster, kind: &str, name: &str, ns: Option<&str>, path: &str) -> String {
+    let mut args = vec!["get", kind, name, "-o"];
+    let jp = format!("jsonpath={path}");
+    args.push(&jp);
+    if let Some(ns) = ns {
+        args.push("-n");
+        args.push(ns);
+    }
+    kubectl(c, &args)
+}
+
+pub fn annotation(c: &Cluster, kind: &str, name: &str, ns: Option<&str>, key: &str) -> String {
+    let escaped = key.replace('.', "\\.").replace('/', "\\/");
+    jsonpath(c, kind, name, ns, &format!("{{.metadata.annotations.{escaped}}}"))
+}
+
+pub fn state(c: &Cluster, kind: &str, name: &str, ns: Option<&str>) -> String {
+    annotation(c, kind, name, ns, "dormant.dev/state")
+}
+
+pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+pub fn pods(c: &Cluster, ns: &str, selector: &str) -> usize {
+    kubectl(c, &["get", "pods", "-n", ns, "-l", selector, "-o", "name"]).lines().count()
+}
+
+pub fn ready_pods(c: &Cluster, ns: &str, selector: &str) -> usize {
+    kubectl(
+        c,
+        &[
+            "get",
+            "pods",
+            "-n",
+            ns,
+            "-l",
+            selector,
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.deletionTimestamp}/{.status.conditions[?(@.type==\"Ready\")].status} {end}",
+        ],
+    )
+    .split_whitespace()
+    .filter(|s| *s == "/True")
+    .count()
+}
