@@ -248,3 +248,377 @@ fn a_hand_scaled_workload_wakes_its_target_and_keeps_its_value() {
     let by = annotation(c, "namespace", &ns, None, "dormant.dev/last-activity-by");
     assert!(by.contains("Deployment") && by.ends_with("(scale)"), "{by}");
 }
+
+/// The workloads of the crash test, with their original values.
+fn crash_workloads(ns: &str) -> (String, Vec<(&'static str, String, String)>) {
+    let mut yaml = String::new();
+    let mut originals = Vec::new();
+    for i in 1..=6 {
+        yaml.push_str(&format!(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: d{i}, namespace: {ns}}}\nspec:\n  replicas: {i}\n  selector: {{matchLabels: {{app: d{i}}}}}\n  template:\n    metadata: {{labels: {{app: d{i}}}}}\n    spec: {{containers: [{{name: c, image: nginx:1.27}}]}}\n---\n"
+        ));
+        originals.push(("deployment", format!("d{i}"), i.to_string()));
+    }
+    yaml.push_str(&format!(
+        "apiVersion: apps/v1\nkind: StatefulSet\nmetadata: {{name: s1, namespace: {ns}}}\nspec:\n  replicas: 2\n  serviceName: s1\n  selector: {{matchLabels: {{app: s1}}}}\n  template:\n    metadata: {{labels: {{app: s1}}}}\n    spec: {{containers: [{{name: c, image: postgres:17}}]}}\n---\n"
+    ));
+    originals.push(("statefulset", "s1".into(), "2".into()));
+    for (name, suspend) in [("c-active", false), ("c-paused", true)] {
+        yaml.push_str(&format!(
+            "apiVersion: batch/v1\nkind: CronJob\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  schedule: \"0 3 * * *\"\n  suspend: {suspend}\n  jobTemplate:\n    spec:\n      template:\n        spec:\n          restartPolicy: Never\n          containers: [{{name: c, image: busybox:1.37}}]\n---\n"
+        ));
+        originals.push(("cronjob", name.into(), suspend.to_string()));
+    }
+    (yaml, originals)
+}
+
+/// What each workload says now: (current value, recorded value or "").
+fn observed(c: &Cluster, ns: &str, kind: &str, name: &str) -> (String, String) {
+    let (field, key) = if kind == "cronjob" {
+        ("{.spec.suspend}", "dormant.dev/suspend-before-sleep")
+    } else {
+        ("{.spec.replicas}", "dormant.dev/replicas-before-sleep")
+    };
+    let out = jsonpath(
+        c,
+        kind,
+        name,
+        Some(ns),
+        &format!("{field}|{{.metadata.annotations.{}}}", key.replace('.', "\\.").replace('/', "\\/")),
+    );
+    let (v, r) = out.split_once('|').unwrap();
+    (v.to_string(), r.to_string())
+}
+
+#[test]
+fn sigkill_at_random_moments_of_sleep_and_wake_never_loses_a_replica_count() {
+    let rounds: usize =
+        std::env::var("DORMANT_SIGKILL_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(50);
+    let c = Cluster::shared();
+    let id = test_id("crash");
+    let ns = c.namespace("crash", &[("dormant-test", &id)]).unwrap();
+    let (yaml, originals) = crash_workloads(&ns);
+    c.kubectl_apply(&c.admin, &yaml).unwrap();
+    kubectl(c, &["annotate", "namespace", &ns, "dormant.dev/sleep-after=1h"]);
+    let lease_ns = format!("{id}-system");
+    let seed: u64 =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
+    let mut rng = seed;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let target = format!("namespace/{ns}");
+    let mut kills_mid_change = 0;
+    for round in 0..rounds {
+        // A slow client spreads the patches out so kills land between them.
+        let mut agent = Agent::start(c, &id, &lease_ns, "crash-1", &["--qps=5", "--burst=1"]);
+        let verb = if round % 2 == 0 { "sleep" } else { "wake" };
+        let out = dormant(c, &[verb, &target]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        std::thread::sleep(Duration::from_millis(next() % 2500));
+        agent.kill();
+        let mut records = 0;
+        for (kind, name, original) in &originals {
+            let (value, record) = observed(c, &ns, kind, name);
+            if record.is_empty() {
+                assert_eq!(&value, original, "round {round} (seed {seed}): {kind}/{name} lost its value");
+            } else {
+                records += 1;
+                assert_eq!(
+                    &record, original,
+                    "round {round} (seed {seed}): {kind}/{name} recorded the wrong value"
+                );
+                let asleep = if *kind == "cronjob" { "true" } else { "0" };
+                assert_eq!(
+                    value, asleep,
+                    "round {round} (seed {seed}): {kind}/{name} has a record but is not asleep"
+                );
+            }
+        }
+        if records > 0 && records < originals.len() {
+            kills_mid_change += 1;
+        }
+    }
+    // After the last restart, a wake brings everything back exactly.
+    let agent = Agent::start(c, &id, &lease_ns, "crash-1", &[]);
+    let out = dormant(c, &["wake", &target, "--wait=120s"]);
+    assert!(
+        out.status.success(),
+        "{}\n{}\nagent log:\n{}\npods:\n{}\nnodes:\n{}\nkwok:\n{}\nscheduler:\n{}\ncontroller-manager:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&dormant(c, &["explain", &target]).stdout),
+        agent.log(),
+        c.kubectl_out(&c.admin, &["get", "pods", "-n", &ns, "-o", "wide"]).unwrap_or_default(),
+        c.kubectl_out(&c.admin, &["get", "nodes", "-o", "wide"]).unwrap_or_default(),
+        c.log_tail("kwok", 20),
+        c.log_tail("kube-scheduler", 20),
+        c.log_tail("kube-controller-manager", 20),
+    );
+    for (kind, name, original) in &originals {
+        assert_eq!(observed(c, &ns, kind, name), (original.clone(), String::new()), "{kind}/{name}");
+    }
+    eprintln!(
+        "{rounds} kills (seed {seed}); {kills_mid_change} landed while some but not all workloads had changed"
+    );
+}
+
+#[test]
+fn only_the_leader_acts_and_a_standby_takes_over_within_the_lease() {
+    let c = Cluster::shared();
+    let id = test_id("lease");
+    let lease_ns = format!("{id}-system");
+    let ns1 = c.namespace("lease", &[("dormant-test", &id)]).unwrap();
+    let ns2 = c.namespace("lease", &[("dormant-test", &id)]).unwrap();
+    for ns in [&ns1, &ns2] {
+        c.kubectl_apply(
+            &c.admin,
+            &format!("apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: app, namespace: {ns}, annotations: {{}}}}\nspec:\n  replicas: 2\n  selector: {{matchLabels: {{app: a}}}}\n  template:\n    metadata: {{labels: {{app: a}}}}\n    spec: {{containers: [{{name: c, image: nginx:1.27}}]}}\n"),
+        )
+        .unwrap();
+        kubectl(c, &["annotate", "namespace", ns, "dormant.dev/sleep-after=1h"]);
+    }
+    let holder = || jsonpath(c, "lease", "dormant-controller", Some(&lease_ns), "{.spec.holderIdentity}");
+    let mut a = Agent::start(c, &id, &lease_ns, "replica-a", &[]);
+    wait_until("replica-a to hold the lease", Duration::from_secs(30), || holder() == "replica-a");
+    let b = Agent::start(c, &id, &lease_ns, "replica-b", &[]);
+    wait_until("replica-b to know it stands by", Duration::from_secs(30), || {
+        b.get("/metrics").contains("dormant_leader 0")
+    });
+    assert!(a.get("/metrics").contains("dormant_leader 1"));
+
+    let reporters = |ns: &str| {
+        kubectl(
+            c,
+            &[
+                "get",
+                "events.events.k8s.io",
+                "-n",
+                ns,
+                "--field-selector=reason=Slept",
+                "-o",
+                "jsonpath={range .items[*]}{.reportingInstance} {end}",
+            ],
+        )
+    };
+    let out = dormant(c, &["sleep", &format!("namespace/{ns1}"), "--wait=60s"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_until("the Slept event", Duration::from_secs(10), || !reporters(&ns1).trim().is_empty());
+    assert_eq!(reporters(&ns1).trim(), "replica-a", "only the leader acts");
+    assert!(b.get("/status").contains("\"leader\":false"));
+
+    a.kill();
+    let killed = std::time::Instant::now();
+    wait_until("replica-b to take the lease", Duration::from_secs(30), || holder() == "replica-b");
+    let took = killed.elapsed();
+    // The lease lasts 3 s; kube-lease-manager re-checks within its grace period.
+    assert!(took <= Duration::from_secs(3 + 3), "took over after {took:?}");
+    let out = dormant(c, &["sleep", &format!("namespace/{ns2}"), "--wait=60s"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_until("the Slept event", Duration::from_secs(10), || !reporters(&ns2).trim().is_empty());
+    assert_eq!(reporters(&ns2).trim(), "replica-b");
+    eprintln!("standby took over {took:?} after the leader was killed");
+}
+
+#[test]
+fn an_invalid_policy_or_annotation_leaves_the_target_untouched_and_says_why() {
+    let c = Cluster::shared();
+    let id = test_id("invalid");
+    install_crd(c);
+    let bad_annotation = c.namespace("bad-ann", &[("dormant-test", &id)]).unwrap();
+    let bad_policy = c.namespace("bad-pol", &[("dormant-test", &id), ("invalid-policy", &id)]).unwrap();
+    for ns in [&bad_annotation, &bad_policy] {
+        c.kubectl_apply(
+            &c.admin,
+            &format!("apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: app, namespace: {ns}}}\nspec:\n  replicas: 2\n  selector: {{matchLabels: {{app: a}}}}\n  template:\n    metadata: {{labels: {{app: a}}}}\n    spec: {{containers: [{{name: c, image: nginx:1.27}}]}}\n"),
+        )
+        .unwrap();
+    }
+    // Even a forced sleep does not move a target whose configuration is wrong.
+    kubectl(
+        c,
+        &[
+            "annotate",
+            "namespace",
+            &bad_annotation,
+            "dormant.dev/sleep-after=soon",
+            "dormant.dev/force-sleep=true",
+        ],
+    );
+    let policy = format!("{id}-broken");
+    c.kubectl_apply(
+        &c.admin,
+        &format!("apiVersion: dormant.dev/v1alpha1\nkind: SleepPolicy\nmetadata: {{name: {policy}}}\nspec:\n  priority: 100\n  selector: {{namespaceSelector: {{matchLabels: {{invalid-policy: {id}}}}}}}\n  sleepAfter: 1s\n  schedules: [{{sleep: \"0 25 * * *\"}}]\n"),
+    )
+    .unwrap();
+    let agent = Agent::start(c, &id, &format!("{id}-system"), "inv-1", &[]);
+
+    let warnings = |ns: &str| {
+        kubectl(
+            c,
+            &[
+                "get",
+                "events.events.k8s.io",
+                "-n",
+                ns,
+                "--field-selector=reason=PolicyInvalid",
+                "-o",
+                "jsonpath={range .items[*]}{.note}{\"\\n\"}{end}",
+            ],
+        )
+    };
+    wait_until("a PolicyInvalid event for the bad annotation", Duration::from_secs(30), || {
+        !warnings(&bad_annotation).is_empty()
+    });
+    let note = warnings(&bad_annotation);
+    assert!(note.contains("dormant.dev/sleep-after") && note.contains("\"soon\""), "{note}");
+    wait_until("a PolicyInvalid event for the bad policy", Duration::from_secs(30), || {
+        !warnings(&bad_policy).is_empty()
+    });
+    let note = warnings(&bad_policy);
+    assert!(
+        note.contains(&format!("SleepPolicy {policy} is invalid"))
+            && note.contains("spec.schedules[0].sleep"),
+        "{note}"
+    );
+
+    std::thread::sleep(Duration::from_secs(3));
+    for ns in [&bad_annotation, &bad_policy] {
+        assert_eq!(jsonpath(c, "deployment", "app", Some(ns), "{.spec.replicas}"), "2", "{ns} was touched");
+        assert_eq!(annotation(c, "deployment", "app", Some(ns), "dormant.dev/replicas-before-sleep"), "");
+        assert_eq!(state(c, "namespace", ns, None), "", "{ns} got a state");
+    }
+    let explain = String::from_utf8_lossy(&dormant(c, &["explain", &bad_annotation]).stdout).into_owned();
+    assert!(
+        explain.contains("State:    invalid") && explain.contains("dormant.dev/sleep-after=\"soon\""),
+        "{explain}"
+    );
+    assert!(explain.contains("leaves this target exactly as it is"), "{explain}");
+
+    // The policy's status says what is wrong and whom it failed.
+    wait_until("the policy's Valid condition", Duration::from_secs(30), || {
+        jsonpath(c, "sleeppolicy", &policy, None, "{.status.conditions[?(@.type==\"Valid\")].status}")
+            == "False"
+    });
+    let message =
+        jsonpath(c, "sleeppolicy", &policy, None, "{.status.conditions[?(@.type==\"Valid\")].message}");
+    assert!(message.contains("spec.schedules[0].sleep"), "{message}");
+    wait_until("the failed target in the policy status", Duration::from_secs(30), || {
+        jsonpath(c, "sleeppolicy", &policy, None, "{.status.failedTargets[*].target}").contains(&bad_policy)
+    });
+
+    // Fixed, the forced sleep goes ahead.
+    kubectl(c, &["annotate", "--overwrite", "namespace", &bad_annotation, "dormant.dev/sleep-after=1h"]);
+    wait_state(c, "namespace", &bad_annotation, None, "asleep", Duration::from_secs(60), &agent);
+    assert_eq!(jsonpath(c, "deployment", "app", Some(&bad_annotation), "{.spec.replicas}"), "0");
+}
+
+#[test]
+fn an_hpa_pauses_while_its_workload_sleeps_and_resumes_on_wake() {
+    let c = Cluster::shared();
+    let id = test_id("hpa");
+    let ns = c.namespace("hpa", &[("dormant-test", &id)]).unwrap();
+    c.kubectl_apply(
+        &c.admin,
+        &format!(
+            r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: api, namespace: {ns}}}
+spec:
+  replicas: 2
+  selector: {{matchLabels: {{app: api}}}}
+  template:
+    metadata: {{labels: {{app: api}}}}
+    spec: {{containers: [{{name: api, image: nginx:1.27, resources: {{requests: {{cpu: 100m}}}}}}]}}
+---
+apiVersion: autoscaling/v2
+kind: HorizontalPodAutoscaler
+metadata: {{name: api, namespace: {ns}}}
+spec:
+  scaleTargetRef: {{apiVersion: apps/v1, kind: Deployment, name: api}}
+  minReplicas: 2
+  maxReplicas: 4
+  metrics: [{{type: Resource, resource: {{name: cpu, target: {{type: Utilization, averageUtilization: 50}}}}}}]
+"#
+        ),
+    )
+    .unwrap();
+    let scaling =
+        || jsonpath(c, "hpa", "api", Some(&ns), "{.status.conditions[?(@.type==\"ScalingActive\")].reason}");
+    wait_until("the HPA controller to look at the HPA", Duration::from_secs(60), || !scaling().is_empty());
+    assert_ne!(scaling(), "ScalingDisabled");
+    let _agent = Agent::start(c, &id, &format!("{id}-system"), "hpa-1", &[]);
+    kubectl(c, &["annotate", "namespace", &ns, "dormant.dev/sleep-after=1h"]);
+
+    let out = dormant(c, &["sleep", &ns, "--wait=60s"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(jsonpath(c, "deployment", "api", Some(&ns), "{.spec.replicas}"), "0");
+    wait_until("the HPA to pause (ScalingDisabled)", Duration::from_secs(60), || {
+        scaling() == "ScalingDisabled"
+    });
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(
+        jsonpath(c, "deployment", "api", Some(&ns), "{.spec.replicas}"),
+        "0",
+        "the paused HPA does not scale it back"
+    );
+
+    let out = dormant(c, &["wake", &ns, "--wait=60s"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(jsonpath(c, "deployment", "api", Some(&ns), "{.spec.replicas}"), "2");
+    wait_until("the HPA to resume", Duration::from_secs(60), || scaling() != "ScalingDisabled");
+}
+
+#[test]
+fn status_and_explain_say_what_each_target_does_and_why() {
+    let c = Cluster::shared();
+    let id = test_id("explain");
+    install_crd(c);
+    let ns = c.namespace("explain", &[("dormant-test", &id)]).unwrap();
+    let policy = format!("{id}-office");
+    c.kubectl_apply(
+        &c.admin,
+        &format!("apiVersion: dormant.dev/v1alpha1\nkind: SleepPolicy\nmetadata: {{name: {policy}}}\nspec:\n  selector: {{namespaceSelector: {{matchLabels: {{dormant-test: {id}}}}}}}\n  sleepAfter: 45m\n  timezone: Europe/Berlin\n  schedules: [{{sleep: \"0 19 * * 1-5\", wake: \"0 8 * * 1-5\"}}]\n"),
+    )
+    .unwrap();
+    kubectl(c, &["annotate", "namespace", &ns, "dormant.dev/sleep-after=30m"]);
+
+    let out = dormant(c, &["status"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    let header: Vec<&str> =
+        table.lines().next().unwrap().split("   ").map(str::trim).filter(|s| !s.is_empty()).collect();
+    assert_eq!(header, ["TARGET", "KIND", "STATE", "IDLE FOR", "NEXT", "POLICY"]);
+    let row = table
+        .lines()
+        .find(|l| l.starts_with(&format!("namespace/{ns} ")))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(row.contains(" awake ") && row.contains(&policy), "{row}");
+
+    let out = dormant(c, &["status", "-o", "json"]);
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let mine = rows.iter().find(|r| r["target"] == format!("namespace/{ns}")).unwrap();
+    assert_eq!(mine["policy"], policy.as_str());
+    assert_eq!(mine["desired"], "awake");
+
+    let out = dormant(c, &["explain", &format!("namespace/{ns}")]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    for needle in [
+        format!("Policy:   SleepPolicy {policy}"),
+        "sleepAfter       30m".to_string(),
+        "(from annotation dormant.dev/sleep-after)".to_string(),
+        format!("Europe/Berlin                            (from SleepPolicy {policy})"),
+        "sleep \"0 19 * * 1-5\" / wake \"0 8 * * 1-5\"".to_string(),
+    ] {
+        assert!(text.contains(&needle), "missing {needle:?} in:\n{text}");
+    }
+
+    let out = dormant(c, &["explain", "namespace/does-not-exist"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("namespace/does-not-exist does not exist"));
+    let out = dormant(c, &["explain", "a/b/c/d"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expected namespace/<name>"));
+}

@@ -11,7 +11,8 @@ use kube::core::SelectorExt;
 
 use crate::activity::{Activity, Source};
 use crate::policy::annotations::{
-    AnnotationError, EXCLUDE, ForceSleep, TargetAnnotations, TargetState, WorkloadAnnotations,
+    AnnotationError, EXCLUDE, ForceSleep, REPLICAS_BEFORE_SLEEP, TargetAnnotations, TargetState,
+    WorkloadAnnotations,
 };
 use crate::policy::decide::{self, Current, Decision, Forced, Inputs, LastUse};
 use crate::policy::{Candidate, Defaults, EffectivePolicy, ResolveError, TargetKind, resolve};
@@ -87,14 +88,16 @@ impl Evaluation {
             || self.policy.exclude.as_ref().is_some_and(|s| !s.selects_all() && s.matches(&w.labels))
     }
 
-    /// What everything this target runs now requests (what a sleep saves).
+    /// What this target requests when awake (what a sleep saves): each
+    /// workload at its recorded value if it has one, else its current one.
     pub fn running_requests(&self) -> Requests {
         let mut r = Requests::default();
         for w in &self.workloads {
             if self.excluded(w) {
                 continue;
             }
-            if let Some(n) = w.replicas {
+            let recorded = w.annotations.get(REPLICAS_BEFORE_SLEEP).and_then(|v| v.parse::<i32>().ok());
+            if let Some(n) = recorded.or(w.replicas) {
                 r = r + w.per_replica * f64::from(n.max(0));
             } else if !w.finished && w.suspend == Some(false) {
                 r = r + w.per_replica * f64::from(w.current_pods.max(0));

@@ -7,7 +7,8 @@
 //! wake, and each schedule's wake instants. Sleep edges are the idle deadline
 //! (the latest wake edge + `sleepAfter`), each schedule's sleep instants, and
 //! a forced sleep. The target should be asleep exactly when some sleep edge
-//! lies after the latest wake edge; a wake edge wins a tie.
+//! lies after the latest wake edge; a wake edge wins a tie, except the first
+//! sighting, which is no use of the target.
 
 use std::fmt;
 use std::time::Duration;
@@ -219,7 +220,8 @@ fn latest_wake(inputs: &Inputs<'_>, t: DateTime<Utc>) -> (DateTime<Utc>, Reason)
     best
 }
 
-/// The earliest sleep edge in (wake, t].
+/// The earliest sleep edge in (wake, t] — or in [wake, t] when the wake
+/// edge is only the first sighting, which is no use and so loses a tie.
 fn first_sleep_after(
     inputs: &Inputs<'_>,
     wake: &(DateTime<Utc>, Reason),
@@ -228,10 +230,11 @@ fn first_sleep_after(
     let p = inputs.policy;
     let tz = p.timezone.value;
     let from = wake.0;
+    let baseline = matches!(wake.1, Reason::FirstSeen { .. });
     let mut best: Option<Reason> = None;
     let mut consider = |r: Reason| {
         if let Some(at) = r.at()
-            && at > from
+            && (at > from || (baseline && at == from))
             && at <= t
             && best.as_ref().and_then(Reason::at).is_none_or(|b| at < b)
         {
@@ -244,10 +247,11 @@ fn first_sleep_after(
         consider(Reason::Idle { last_use: from, after: d, at });
     }
     for pair in &p.schedules.value {
-        if let Some(s) = &pair.sleep
-            && let Some(at) = s.next_after(from, tz)
-        {
-            consider(Reason::SleepSchedule { at, schedule: s.to_string() });
+        if let Some(s) = &pair.sleep {
+            let at = if baseline { s.last_at_or_before(from, tz).filter(|a| *a == from) } else { None };
+            if let Some(at) = at.or_else(|| s.next_after(from, tz)) {
+                consider(Reason::SleepSchedule { at, schedule: s.to_string() });
+            }
         }
     }
     if let Some(f) = &inputs.forced {

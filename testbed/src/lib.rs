@@ -356,6 +356,9 @@ impl Cluster {
             "--manage-all-nodes=false",
             "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
             "--node-ip=127.0.0.1",
+            // Without a lease the node only reports every minute and the
+            // node-lifecycle controller marks it (and its pods) not ready in between.
+            "--node-lease-duration-seconds=40",
             "--cidr=10.244.0.0/16",
             &format!("--server-address=127.0.0.1:{}", free_port()?),
         ]);

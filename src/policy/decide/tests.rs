@@ -204,6 +204,17 @@ fn a_forced_sleep_without_prevention_wakes_on_the_next_request() {
 }
 
 #[test]
+fn a_sleep_forced_at_first_sight_wins_over_the_first_sighting() {
+    let p = policy(None, &[], "UTC");
+    let now = utc(2026, 11, 26, 8, 0);
+    let mut i = inputs(&p, now);
+    i.forced = Some(Forced { since: now, prevent_wakeup_until: None });
+    let d = decide(&i, now);
+    assert_eq!(d.desired, Desired::Asleep);
+    assert!(matches!(d.reason, Reason::Forced { .. }));
+}
+
+#[test]
 fn disabled_targets_are_left_alone() {
     let mut p = policy(Some(60), &[], "UTC");
     p.disabled.value = true;
