@@ -1,4 +1,9 @@
-.PHONY: test demo testbed lint
+.PHONY: test demo testbed lint crd
+
+# dormant's main job on a local testbed: two vclusters and a namespace fall
+# asleep and wake (by CLI, by schedule, by use) in a live status table.
+demo: testbed
+	cargo run --example demo
 
 # Everything, on a fresh machine: installs the testbed, runs every test.
 test:
@@ -11,3 +16,7 @@ testbed:
 lint:
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets --locked -- -D warnings
+
+# Regenerates the CRD from the Rust types (a test fails when it drifts).
+crd:
+	cargo run -q -- crd > charts/dormant/crds/sleeppolicies.dormant.dev.yaml

@@ -11,9 +11,24 @@ hack/testbed.sh install
 testbed_dir="$(hack/testbed.sh dir)"
 
 start=$SECONDS
-cargo test --workspace --all-targets --locked
+cargo test --workspace --lib --bins --tests --examples --locked
 cargo test --workspace --doc --locked
 echo "[test] all tests passed in $((SECONDS - start)) s"
+
+# Fuzz what strangers send (the audit decoder) for a bounded time.
+if ! cargo +nightly --version >/dev/null 2>&1; then
+  echo "[test] installing the nightly toolchain (cargo fuzz needs it)"
+  rustup toolchain install nightly --profile minimal
+fi
+if ! command -v cargo-fuzz >/dev/null 2>&1; then
+  echo "[test] installing cargo-fuzz (about 1 minute)"
+  cargo install cargo-fuzz --locked
+fi
+fuzz_secs="${DORMANT_FUZZ_SECONDS:-60}"
+echo "[test] fuzzing the audit decoder for ${fuzz_secs} s"
+mkdir -p fuzz/corpus/audit_decode
+cargo +nightly fuzz run audit_decode fuzz/corpus/audit_decode fuzz/seeds/audit_decode -- \
+  -max_total_time="$fuzz_secs" -rss_limit_mb=2048 -print_final_stats=1 2>&1 | tail -n 5
 
 # Test binaries never run the destructors of statics; their clusters must
 # die with them (PR_SET_PDEATHSIG). Anything still running is a leak.

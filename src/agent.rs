@@ -16,13 +16,16 @@ use tokio::sync::mpsc;
 
 use crate::activity::Activity;
 use crate::activity::ledger::{Flush, Ledger};
+use crate::activity::observe::{Observer, RulesCache};
 use crate::admin::Admin;
 use crate::controller::{self, Config, Context};
 use crate::metrics::Metrics;
 use crate::policy::annotations::{LAST_ACTIVITY, LAST_ACTIVITY_BY, TargetAnnotations, rfc3339};
 use crate::policy::duration::{self, SleepAfter};
+use crate::policy::ignore::IgnoreRules;
 use crate::policy::{Defaults, Pricing, schedule};
 use crate::scaler::{Scaler, Throttle};
+use crate::target::index::TargetIndex;
 use crate::target::stores::{self, Change, Stores};
 use crate::target::{Scope, TargetRef};
 
@@ -97,6 +100,24 @@ pub struct AgentArgs {
     /// Decide and report, never scale.
     #[arg(long, env = "DORMANT_DRY_RUN")]
     pub dry_run: bool,
+    /// Address of the audit webhook (HTTPS); off when unset.
+    #[arg(long, env = "DORMANT_AUDIT_ADDR")]
+    pub audit_addr: Option<SocketAddr>,
+    /// PEM certificate the audit webhook serves (reloaded when it changes).
+    #[arg(long, env = "DORMANT_AUDIT_CERT")]
+    pub audit_cert: Option<std::path::PathBuf>,
+    /// PEM private key of that certificate.
+    #[arg(long, env = "DORMANT_AUDIT_KEY")]
+    pub audit_key: Option<std::path::PathBuf>,
+    /// File with the bearer tokens API servers present (one per line; a mounted Secret).
+    #[arg(long, env = "DORMANT_AUDIT_TOKEN_FILE")]
+    pub audit_token_file: Option<std::path::PathBuf>,
+    /// CA whose client certificates authenticate API servers.
+    #[arg(long, env = "DORMANT_AUDIT_CLIENT_CA")]
+    pub audit_client_ca: Option<std::path::PathBuf>,
+    /// Largest audit batch accepted, in bytes (also after decompression).
+    #[arg(long, env = "DORMANT_AUDIT_MAX_BODY", default_value_t = 16 * 1024 * 1024)]
+    pub audit_max_body: usize,
     /// Log format.
     #[arg(long, env = "DORMANT_LOG_FORMAT", value_enum, default_value = "plain")]
     pub log_format: LogFormat,
@@ -118,6 +139,18 @@ pub struct Settings {
     pub defaults: Defaults,
     pub scope: Scope,
     pub dry_run: bool,
+    pub audit: Option<AuditSettings>,
+}
+
+/// The audit webhook's validated settings.
+#[derive(Debug, Clone)]
+pub struct AuditSettings {
+    pub addr: SocketAddr,
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    pub token_file: Option<std::path::PathBuf>,
+    pub client_ca: Option<Vec<rustls_pki_types::CertificateDer<'static>>>,
+    pub max_body: usize,
 }
 
 impl AgentArgs {
@@ -176,6 +209,7 @@ impl AgentArgs {
             }
             None => None,
         };
+        let audit = self.validate_audit(&mut errors);
         if self.namespace.is_empty() {
             errors.push("--namespace: must not be empty".into());
         }
@@ -217,6 +251,65 @@ impl AgentArgs {
             },
             scope: Scope { excluded: excluded_namespaces, selector },
             dry_run: self.dry_run,
+            audit,
+        })
+    }
+}
+
+impl AgentArgs {
+    fn validate_audit(&self, errors: &mut Vec<String>) -> Option<AuditSettings> {
+        let Some(addr) = self.audit_addr else {
+            for (flag, set) in [
+                ("audit-cert", self.audit_cert.is_some()),
+                ("audit-key", self.audit_key.is_some()),
+                ("audit-token-file", self.audit_token_file.is_some()),
+                ("audit-client-ca", self.audit_client_ca.is_some()),
+            ] {
+                if set {
+                    errors.push(format!("--{flag} needs --audit-addr"));
+                }
+            }
+            return None;
+        };
+        let (Some(cert), Some(key)) = (&self.audit_cert, &self.audit_key) else {
+            errors.push("--audit-addr needs --audit-cert and --audit-key".into());
+            return None;
+        };
+        if let Err(e) = crate::tls::ReloadingCert::new(cert, key, Duration::from_secs(5)) {
+            errors.push(format!("--audit-cert/--audit-key: {e}"));
+        }
+        if self.audit_token_file.is_none() && self.audit_client_ca.is_none() {
+            errors.push("--audit-addr needs --audit-token-file or --audit-client-ca (the webhook always authenticates)".into());
+        }
+        if let Some(f) = &self.audit_token_file {
+            match std::fs::read_to_string(f) {
+                Ok(t) if t.trim().is_empty() => {
+                    errors.push(format!("--audit-token-file {}: is empty", f.display()))
+                }
+                Ok(_) => {}
+                Err(e) => errors.push(format!("--audit-token-file {}: {e}", f.display())),
+            }
+        }
+        let client_ca = match &self.audit_client_ca {
+            Some(f) => match crate::tls::read_certs(f) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    errors.push(format!("--audit-client-ca: {e}"));
+                    None
+                }
+            },
+            None => None,
+        };
+        if self.audit_max_body < 1024 {
+            errors.push("--audit-max-body: must be at least 1024 bytes".into());
+        }
+        Some(AuditSettings {
+            addr,
+            cert: cert.clone(),
+            key: key.clone(),
+            token_file: self.audit_token_file.clone(),
+            client_ca,
+            max_body: self.audit_max_body,
         })
     }
 }
@@ -230,7 +323,13 @@ pub fn user_agent() -> String {
 /// dormant's user agent.
 pub async fn client() -> anyhow::Result<Client> {
     crate::tls::install_default_provider();
-    let mut config = kube::Config::infer().await.context("no Kubernetes configuration found")?;
+    let config = kube::Config::infer().await.context("no Kubernetes configuration found")?;
+    client_from(config)
+}
+
+/// A client from `config`, sending dormant's user agent.
+pub fn client_from(mut config: kube::Config) -> anyhow::Result<Client> {
+    crate::tls::install_default_provider();
     if let Ok(v) = user_agent().parse() {
         config.headers.push((http::header::USER_AGENT, v));
     }
@@ -267,6 +366,15 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .validate()
         .map_err(|errors| anyhow::anyhow!("invalid configuration:\n  {}", errors.join("\n  ")))?;
     let client = client().await?;
+    run_with(settings, client, shutdown_signal()).await
+}
+
+/// Runs the agent with `client` until `shutdown` completes.
+pub async fn run_with(
+    settings: Settings,
+    client: Client,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     check_crd(&client).await?;
     let metrics = Arc::new(Metrics::new());
     let ready = Arc::new(AtomicBool::new(false));
@@ -278,6 +386,41 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let throttle = Throttle::new(settings.qps, settings.burst);
     let scaler = Scaler::new(client.clone(), throttle);
     let (ledger, ledger_worker) = Ledger::new(settings.activity_queue);
+    // dormant's own requests never count as activity.
+    let own_user = crate::cli::targets::whoami(&client).await;
+    tracing::info!(user = %own_user, "dormant's own identity (ignored as activity)");
+    let observer = Arc::new(Observer {
+        ledger: ledger.clone(),
+        builtin: IgnoreRules::builtin(&[own_user]),
+        rules: RulesCache::new(
+            stores.clone(),
+            settings.defaults.clone(),
+            settings.scope.clone(),
+            Duration::from_secs(5),
+        ),
+        metrics: metrics.clone(),
+    });
+    let index = Arc::new(TargetIndex::new(stores.clone(), settings.scope.clone(), Duration::from_secs(2)));
+    let mut servers = Vec::new();
+    if let Some(audit) = &settings.audit {
+        let tls = crate::tls::server_config_with_resolver(
+            Arc::new(crate::tls::ReloadingCert::new(&audit.cert, &audit.key, Duration::from_secs(5))?),
+            audit.client_ca.as_deref(),
+        )?;
+        let receiver = Arc::new(crate::audit::Receiver {
+            observer: observer.clone(),
+            index: index.clone(),
+            metrics: metrics.clone(),
+            tokens: audit.token_file.clone().map(crate::audit::Tokens::from_file).transpose()?,
+            client_certs: audit.client_ca.is_some(),
+            max_body: audit.max_body,
+        });
+        let listener = tokio::net::TcpListener::bind(audit.addr)
+            .await
+            .with_context(|| format!("failed to listen on {} for the audit webhook", audit.addr))?;
+        tracing::info!(addr = %listener.local_addr()?, "audit webhook listening");
+        servers.push(tokio::spawn(receiver.serve(listener, tokio_rustls::TlsAcceptor::from(Arc::new(tls)))));
+    }
     let notify_tx = change_tx.clone();
     let flusher = AnnotationFlusher { stores: stores.clone(), scaler: scaler.clone() };
     let ledger_task = tokio::spawn(ledger_worker.run(
@@ -328,11 +471,14 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     tracing::info!(identity = %settings.identity, "caches synced; agent ready");
 
     let controller = tokio::spawn(controller::run(ctx, change_rx));
-    shutdown_signal().await;
+    shutdown.await;
     tracing::info!("shutting down");
     controller.abort();
     let _ = controller.await;
     admin_task.abort();
+    for s in servers {
+        s.abort();
+    }
     for r in reflectors {
         r.abort();
     }

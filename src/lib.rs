@@ -5,6 +5,7 @@
 pub mod activity;
 pub mod admin;
 pub mod agent;
+pub mod audit;
 pub mod cli;
 pub mod controller;
 pub mod metrics;

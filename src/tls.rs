@@ -108,3 +108,106 @@ pub fn server_config(
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
 }
+
+/// Serves the certificate and key from two files and reloads them when
+/// either changes (checked at most every few seconds, on handshakes), so a
+/// rotated Secret (cert-manager) needs no restart. A broken new pair is
+/// logged and the old one kept.
+#[derive(Debug)]
+pub struct ReloadingCert {
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+    check_every: std::time::Duration,
+    state: std::sync::RwLock<ReloadState>,
+}
+
+#[derive(Debug)]
+struct ReloadState {
+    checked: std::time::Instant,
+    stamp: Option<(std::time::SystemTime, std::time::SystemTime)>,
+    current: Arc<rustls::sign::CertifiedKey>,
+}
+
+fn modified(p: &Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(p).and_then(|m| m.modified()).ok()
+}
+
+fn load_pair(cert: &Path, key: &Path) -> Result<Arc<rustls::sign::CertifiedKey>> {
+    let certs = read_certs(cert)?;
+    let key = read_key(key)?;
+    rustls::sign::CertifiedKey::from_der(certs, key, &provider()).map(Arc::new).map_err(Error::Config)
+}
+
+impl ReloadingCert {
+    /// Loads the pair now (failing if it cannot).
+    pub fn new(cert: &Path, key: &Path, check_every: std::time::Duration) -> Result<Self> {
+        let current = load_pair(cert, key)?;
+        Ok(ReloadingCert {
+            cert: cert.into(),
+            key: key.into(),
+            check_every,
+            state: std::sync::RwLock::new(ReloadState {
+                checked: std::time::Instant::now(),
+                stamp: modified(cert).zip(modified(key)),
+                current,
+            }),
+        })
+    }
+
+    fn current(&self) -> Arc<rustls::sign::CertifiedKey> {
+        {
+            let s = self.state.read().unwrap_or_else(|e| e.into_inner());
+            if s.checked.elapsed() < self.check_every {
+                return s.current.clone();
+            }
+        }
+        let mut s = self.state.write().unwrap_or_else(|e| e.into_inner());
+        s.checked = std::time::Instant::now();
+        let stamp = modified(&self.cert).zip(modified(&self.key));
+        if stamp != s.stamp {
+            match load_pair(&self.cert, &self.key) {
+                Ok(pair) => {
+                    tracing::info!(cert = %self.cert.display(), "reloaded the serving certificate");
+                    s.current = pair;
+                    s.stamp = stamp;
+                }
+                Err(e) => {
+                    tracing::warn!(cert = %self.cert.display(), error = %e, "new certificate unusable; keeping the old one")
+                }
+            }
+        }
+        s.current.clone()
+    }
+}
+
+impl rustls::server::ResolvesServerCert for ReloadingCert {
+    fn resolve(&self, _: rustls::server::ClientHello<'_>) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.current())
+    }
+}
+
+/// A server configuration whose certificate comes from `resolver`; with
+/// `client_cas`, offered client certificates must chain to one of them
+/// (clients without one may still connect and use a bearer token).
+pub fn server_config_with_resolver(
+    resolver: Arc<dyn rustls::server::ResolvesServerCert>,
+    client_cas: Option<&[CertificateDer<'static>]>,
+) -> Result<rustls::ServerConfig> {
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(Error::Config)?;
+    let builder = match client_cas {
+        Some(cas) => {
+            let verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(root_store(cas)?), provider())
+                    .allow_unauthenticated()
+                    .build()
+                    .map_err(Error::Verifier)?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_cert_resolver(resolver);
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}

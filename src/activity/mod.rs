@@ -2,6 +2,7 @@
 //! source), and the ledger that keeps the newest counted activity per target.
 
 pub mod ledger;
+pub mod observe;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};

@@ -402,7 +402,7 @@ async fn wait_for_state(
     object: &TargetObject,
     want: TargetState,
     timeout: Duration,
-    out: &mut dyn std::io::Write,
+    out: &mut (dyn std::io::Write + Send),
 ) -> anyhow::Result<()> {
     let api = target_api(client, r, object);
     let name = if r.kind == TargetKind::Namespace { r.namespace.clone() } else { r.name.clone() };
@@ -440,7 +440,7 @@ pub async fn sleep(
     r: &TargetRef,
     prevent_wakeup: Option<&str>,
     wait: Option<Duration>,
-    out: &mut dyn std::io::Write,
+    out: &mut (dyn std::io::Write + Send),
 ) -> anyhow::Result<()> {
     let now = Utc::now();
     let until = match prevent_wakeup {
@@ -472,7 +472,7 @@ pub async fn wake(
     client: &Client,
     r: &TargetRef,
     wait: Option<Duration>,
-    out: &mut dyn std::io::Write,
+    out: &mut (dyn std::io::Write + Send),
 ) -> anyhow::Result<()> {
     let user = whoami(client).await;
     let mut changes = BTreeMap::new();

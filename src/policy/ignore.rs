@@ -143,6 +143,9 @@ impl IgnoreRules {
                 "system:apiserver",
                 "system:serviceaccount:kube-system:*",
                 "system:node:*",
+                "system:anonymous",
+                // A vcluster's syncer talks to the host API all the time.
+                "system:serviceaccount:*:vc-*",
             ]
             .map(String::from),
         );

@@ -3,6 +3,7 @@
 //! pods it synced) or a namespace (its other workloads) — discovered from
 //! reflector stores, with the workloads each one owns.
 
+pub mod index;
 pub mod scope;
 pub mod stores;
 pub mod workload;

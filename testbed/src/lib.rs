@@ -351,8 +351,12 @@ impl Cluster {
         )?;
         let sched = spawner::spawn("kube-scheduler", &self.bins.path("kube-scheduler"), &sched_args, d)?;
         let kwok_conf = self.kwok_stages(opts.pod_ready_delay)?;
+        // kwok plays the kubelets: it gets a node's identity (group
+        // system:nodes), with cluster-admin rights to manage every fake node.
+        let kwok_user = self.ca.client("system:node:kwok", &["system:nodes", "system:masters"])?;
+        let kwok_kc = write_kubeconfig(d, "kwok", &self.server, &self.ca_file, &kwok_user)?;
         let mut kwok_args = args(&[
-            &format!("--kubeconfig={}", self.admin.kubeconfig.display()),
+            &format!("--kubeconfig={}", kwok_kc.display()),
             "--manage-all-nodes=false",
             "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
             "--node-ip=127.0.0.1",

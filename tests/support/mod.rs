@@ -106,6 +106,12 @@ pub fn dormant(c: &Cluster, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// kubectl as dormant's own identity: reads that no agent counts as activity
+/// (tests that watch activity must not make any themselves).
+pub fn kubectl_quiet(c: &Cluster, args: &[&str]) -> String {
+    c.kubectl_out(&agent_user(c), args).unwrap_or_else(|e| panic!("kubectl {args:?}: {e}"))
+}
+
 pub fn kubectl(c: &Cluster, args: &[&str]) -> String {
     c.kubectl_out(&c.admin, args).unwrap_or_else(|e| panic!("kubectl {args:?}: {e}"))
 }

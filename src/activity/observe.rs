@@ -1,0 +1,131 @@
+//! The one way activity enters dormant: an observed use of a target is
+//! checked against the built-in ignore rules and the target's effective
+//! policy, counted in the metrics, and — unless ignored — queued for the
+//! ledger. The audit webhook and the proxy both report through here.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use super::Activity;
+use super::ledger::Ledger;
+use crate::metrics::{ActivityLabels, Metrics, SourceLabels};
+use crate::policy::annotations::TargetAnnotations;
+use crate::policy::ignore::{IgnoreRules, Ignored, ignored_by};
+use crate::policy::{Defaults, resolve};
+use crate::target::{Scope, Stores, TargetRef};
+
+/// Per-target ignore rules from the effective policy, resolved from the
+/// stores and cached for a few seconds (so receivers never resolve a policy
+/// per event, and a policy change applies within the TTL).
+pub struct RulesCache {
+    stores: Stores,
+    defaults: Defaults,
+    scope: Scope,
+    ttl: Duration,
+    cache: RwLock<HashMap<TargetRef, (Instant, Arc<IgnoreRules>)>>,
+}
+
+impl RulesCache {
+    pub fn new(stores: Stores, defaults: Defaults, scope: Scope, ttl: Duration) -> Self {
+        RulesCache { stores, defaults, scope, ttl, cache: RwLock::new(HashMap::new()) }
+    }
+
+    /// The policy's ignore rules for `t` (none when it has no valid policy).
+    pub fn get(&self, t: &TargetRef) -> Arc<IgnoreRules> {
+        if let Some((at, rules)) = self.cache.read().unwrap_or_else(|e| e.into_inner()).get(t)
+            && at.elapsed() < self.ttl
+        {
+            return rules.clone();
+        }
+        let rules = Arc::new(self.resolve(t).unwrap_or_default());
+        self.cache
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(t.clone(), (Instant::now(), rules.clone()));
+        rules
+    }
+
+    fn resolve(&self, t: &TargetRef) -> Option<IgnoreRules> {
+        let target = self.stores.target(t)?;
+        if !self.scope.allows(&t.namespace, &target.namespace_labels) {
+            return None;
+        }
+        let annotations = TargetAnnotations::parse(target.object.annotations()).ok()?;
+        let candidates = self.stores.candidates();
+        resolve(t.kind, &target.namespace_labels, &annotations, &candidates, &self.defaults)
+            .ok()
+            .map(|p| p.ignore.value)
+    }
+}
+
+/// What happened to an observed activity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Counted,
+    Ignored(Ignored),
+    /// Counted, but the ledger's queue was full.
+    Dropped,
+}
+
+/// Filters, counts and records activity.
+pub struct Observer {
+    pub ledger: Ledger,
+    pub builtin: IgnoreRules,
+    pub rules: RulesCache,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Observer {
+    /// Decides whether `a` counts for `t`, and records it if so.
+    pub fn observe(&self, t: &TargetRef, a: Activity) -> Outcome {
+        let policy = self.rules.get(t);
+        let source = a.source.as_str();
+        if let Some(ignored) = ignored_by(&self.builtin, &policy, &a) {
+            let rule = if ignored.builtin {
+                format!("builtin-{}", ignored.kind.as_str())
+            } else {
+                ignored.kind.as_str().to_string()
+            };
+            self.metrics
+                .activity
+                .get_or_create(&ActivityLabels { source: source.into(), outcome: "ignored".into(), rule })
+                .inc();
+            return Outcome::Ignored(ignored);
+        }
+        self.metrics
+            .activity
+            .get_or_create(&ActivityLabels {
+                source: source.into(),
+                outcome: "counted".into(),
+                rule: String::new(),
+            })
+            .inc();
+        self.metrics
+            .activity_sources
+            .get_or_create(&SourceLabels {
+                target: t.to_string(),
+                namespace: t.namespace.clone(),
+                source: format!("{} ({})", a.user, short_agent(&a.user_agent)),
+            })
+            .inc();
+        if self.ledger.record(t.clone(), a) {
+            Outcome::Counted
+        } else {
+            self.metrics.activity_dropped.inc();
+            Outcome::Dropped
+        }
+    }
+
+    /// True when `a` would be ignored for `t` (without recording anything).
+    pub fn ignores(&self, t: &TargetRef, a: &Activity) -> Option<Ignored> {
+        ignored_by(&self.builtin, &self.rules.get(t), a)
+    }
+}
+
+/// `kubectl/v1.37.2 (linux/amd64) kubernetes/abc` → `kubectl`: the product
+/// only, so versions do not multiply metric series.
+pub fn short_agent(ua: &str) -> &str {
+    let product = ua.split([' ', '/']).next().unwrap_or_default();
+    if product.is_empty() { "unknown" } else { product }
+}

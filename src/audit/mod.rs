@@ -1,0 +1,388 @@
+//! The audit webhook: an HTTPS endpoint on its own listener that takes
+//! `audit.k8s.io/v1` `EventList` POSTs — `/audit/host` from the host
+//! cluster's API server, `/audit/vcluster/<namespace>/<name>` from a
+//! vcluster's — authenticates the sender (bearer token or client
+//! certificate), decodes the batch, attributes each request to a target and
+//! reports it as activity. It answers as soon as the batch is decoded:
+//! kube-apiserver drops audit events when its receiver is slow, and a slow
+//! Kubernetes API must never make this endpoint slow.
+
+pub mod decode;
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use chrono::Utc;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use crate::activity::observe::Observer;
+use crate::activity::{Activity, ResourceRef, Source};
+use crate::metrics::{Metrics, OutcomeLabels};
+use crate::target::TargetRef;
+use crate::target::index::TargetIndex;
+
+/// Where a batch came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    Host,
+    VCluster(TargetRef),
+}
+
+/// Parses the request path into an origin.
+pub fn route(path: &str) -> Option<Origin> {
+    let rest = path.strip_prefix("/audit/")?;
+    if rest == "host" {
+        return Some(Origin::Host);
+    }
+    let parts: Vec<&str> = rest.strip_prefix("vcluster/")?.split('/').collect();
+    let valid = |p: &str| {
+        !p.is_empty()
+            && p.len() <= 253
+            && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+    };
+    match parts.as_slice() {
+        [ns, name] if valid(ns) && valid(name) => Some(Origin::VCluster(TargetRef::vcluster(ns, name))),
+        _ => None,
+    }
+}
+
+/// Bearer tokens accepted from API servers, read from a file (one per line;
+/// a mounted Secret) and re-read when the file changes.
+pub struct Tokens {
+    path: PathBuf,
+    state: RwLock<(Instant, Option<SystemTime>, Vec<String>)>,
+}
+
+impl Tokens {
+    pub fn from_file(path: PathBuf) -> std::io::Result<Tokens> {
+        let (stamp, tokens) = Self::read(&path)?;
+        Ok(Tokens { path, state: RwLock::new((Instant::now(), stamp, tokens)) })
+    }
+
+    fn read(path: &std::path::Path) -> std::io::Result<(Option<SystemTime>, Vec<String>)> {
+        let text = std::fs::read_to_string(path)?;
+        let stamp = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+        Ok((stamp, text.lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect()))
+    }
+
+    fn accepts(&self, presented: &str) -> bool {
+        {
+            let s = self.state.read().unwrap_or_else(|e| e.into_inner());
+            if s.0.elapsed() < Duration::from_secs(5) {
+                return s.2.iter().any(|t| constant_time_eq(t.as_bytes(), presented.as_bytes()));
+            }
+        }
+        let mut s = self.state.write().unwrap_or_else(|e| e.into_inner());
+        s.0 = Instant::now();
+        let stamp = std::fs::metadata(&self.path).and_then(|m| m.modified()).ok();
+        if stamp != s.1
+            && let Ok((stamp, tokens)) = Self::read(&self.path)
+        {
+            s.1 = stamp;
+            s.2 = tokens;
+        }
+        s.2.iter().any(|t| constant_time_eq(t.as_bytes(), presented.as_bytes()))
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// An audit event as an activity record. The event's own time is used,
+/// but never later than when it arrived (an API server clock ahead of ours
+/// must not date activity in the future).
+pub fn to_activity(e: &decode::Event<'_>, received: chrono::DateTime<Utc>) -> Activity {
+    let user = e.effective_user();
+    let at = e
+        .stage_timestamp
+        .as_deref()
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.with_timezone(&Utc).min(received))
+        .unwrap_or(received);
+    let path = e.request_uri.split('?').next().unwrap_or_default().to_string();
+    Activity {
+        at,
+        source: Source::Audit,
+        user: user.username.to_string(),
+        groups: user.groups.iter().map(|g| g.to_string()).collect(),
+        user_agent: e.user_agent.as_deref().unwrap_or_default().to_string(),
+        verb: e.verb.to_string(),
+        resource: e.object_ref.as_ref().and_then(|o| {
+            o.resource.as_ref().map(|r| ResourceRef {
+                group: o.api_group.as_deref().unwrap_or_default().to_string(),
+                resource: r.to_string(),
+                subresource: o.subresource.as_deref().unwrap_or_default().to_string(),
+                namespace: o.namespace.as_deref().unwrap_or_default().to_string(),
+                name: o.name.as_deref().unwrap_or_default().to_string(),
+            })
+        }),
+        path,
+    }
+}
+
+/// Serves the webhook.
+pub struct Receiver {
+    pub observer: Arc<Observer>,
+    pub index: Arc<TargetIndex>,
+    pub metrics: Arc<Metrics>,
+    pub tokens: Option<Tokens>,
+    /// Client certificates are verified by the TLS layer when a client CA
+    /// is configured; a verified one authenticates the sender.
+    pub client_certs: bool,
+    /// Largest body accepted (after decompression too).
+    pub max_body: usize,
+}
+
+type Body = Full<Bytes>;
+
+/// An answer as a Kubernetes-style `Status`, which API server logs print well.
+fn status(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
+    let body = json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {},
+        "status": if code.is_success() { "Success" } else { "Failure" },
+        "message": message, "reason": reason, "code": code.as_u16(),
+    });
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = code;
+    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    r
+}
+
+impl Receiver {
+    fn count(&self, outcome: &str) {
+        self.metrics.audit_batches.get_or_create(&OutcomeLabels { outcome: outcome.into() }).inc();
+    }
+
+    fn reject(&self, outcome: &str, code: StatusCode, reason: &str, message: &str) -> Response<Body> {
+        self.count(outcome);
+        status(code, reason, message)
+    }
+
+    /// Handles one request. `client_cert` is true when the connection
+    /// presented a certificate the TLS layer verified.
+    pub async fn handle(&self, req: Request<Incoming>, client_cert: bool) -> Response<Body> {
+        let started = Instant::now();
+        let Some(origin) = route(req.uri().path()) else {
+            return self.reject(
+                "not-found",
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                "expected /audit/host or /audit/vcluster/<namespace>/<name>",
+            );
+        };
+        let bearer = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        let token_ok = match (&self.tokens, bearer) {
+            (Some(tokens), Some(t)) => tokens.accepts(t),
+            _ => false,
+        };
+        let cert_ok = self.client_certs && client_cert;
+        if !(token_ok || cert_ok) {
+            return self.reject(
+                "unauthorized",
+                StatusCode::UNAUTHORIZED,
+                "Unauthorized",
+                "a valid bearer token or client certificate is required",
+            );
+        }
+        if req.method() != Method::POST {
+            return self.reject(
+                "bad-method",
+                StatusCode::METHOD_NOT_ALLOWED,
+                "MethodNotAllowed",
+                "audit batches are POSTed",
+            );
+        }
+        let content_type =
+            req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default();
+        if !content_type.starts_with("application/json") {
+            return self.reject(
+                "unsupported-media-type",
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "UnsupportedMediaType",
+                &format!("expected Content-Type application/json, got {content_type:?}"),
+            );
+        }
+        let gzip = match req.headers().get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok()) {
+            None | Some("identity") => false,
+            Some("gzip") => true,
+            Some(other) => {
+                return self.reject(
+                    "unsupported-media-type",
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "UnsupportedMediaType",
+                    &format!("unsupported Content-Encoding {other:?} (gzip or none)"),
+                );
+            }
+        };
+        let too_large = || format!("the batch is larger than {} bytes", self.max_body);
+        if req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok())
+            .is_some_and(|n| n > self.max_body)
+        {
+            return self.reject(
+                "too-large",
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "RequestEntityTooLarge",
+                &too_large(),
+            );
+        }
+        let body = match Limited::new(req.into_body(), self.max_body).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+                return self.reject(
+                    "too-large",
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "RequestEntityTooLarge",
+                    &too_large(),
+                );
+            }
+            Err(_) => {
+                return self.reject(
+                    "read-error",
+                    StatusCode::BAD_REQUEST,
+                    "BadRequest",
+                    "failed to read the body",
+                );
+            }
+        };
+        let body = if gzip {
+            let mut out = Vec::new();
+            let mut dec = flate2::read::GzDecoder::new(&body[..]).take(self.max_body as u64 + 1);
+            if dec.read_to_end(&mut out).is_err() {
+                return self.reject(
+                    "malformed",
+                    StatusCode::BAD_REQUEST,
+                    "BadRequest",
+                    "the gzip body is corrupt",
+                );
+            }
+            if out.len() > self.max_body {
+                return self.reject(
+                    "too-large",
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "RequestEntityTooLarge",
+                    &too_large(),
+                );
+            }
+            Bytes::from(out)
+        } else {
+            body
+        };
+        match self.ingest(&origin, &body) {
+            Ok(events) => {
+                self.count("accepted");
+                self.metrics.audit_events.inc_by(events as u64);
+                self.metrics.audit_batch_duration.observe(started.elapsed().as_secs_f64());
+                status(StatusCode::OK, "", "")
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "rejected an audit batch");
+                self.reject(e.category(), StatusCode::BAD_REQUEST, "BadRequest", &e.to_string())
+            }
+        }
+    }
+
+    /// Decodes a batch and reports each counted request for its targets.
+    /// Returns the number of events in the batch.
+    pub fn ingest(&self, origin: &Origin, body: &[u8]) -> Result<usize, decode::DecodeError> {
+        let events = decode::decode(body)?;
+        let received = Utc::now();
+        let known_vcluster = match origin {
+            Origin::VCluster(t) => Some(self.index.contains(t)),
+            Origin::Host => None,
+        };
+        for e in events.iter().filter(|e| e.counts()) {
+            match origin {
+                Origin::VCluster(t) => {
+                    if known_vcluster == Some(true) {
+                        self.observer.observe(t, to_activity(e, received));
+                    }
+                }
+                Origin::Host => {
+                    let Some(ns) = e.namespace() else { continue };
+                    for t in self.index.in_namespace(ns) {
+                        self.observer.observe(&t, to_activity(e, received));
+                    }
+                }
+            }
+        }
+        Ok(events.len())
+    }
+
+    /// Serves HTTPS on `listener` with `tls` until the task is dropped.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, tls: TlsAcceptor) {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { continue };
+            let receiver = self.clone();
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await
+                else {
+                    return;
+                };
+                let client_cert = stream.get_ref().1.peer_certificates().is_some_and(|c| !c.is_empty());
+                let svc = service_fn(move |req| {
+                    let receiver = receiver.clone();
+                    async move { Ok::<_, std::convert::Infallible>(receiver.handle(req, client_cert).await) }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes() {
+        assert_eq!(route("/audit/host"), Some(Origin::Host));
+        assert_eq!(
+            route("/audit/vcluster/team-a/dev"),
+            Some(Origin::VCluster(TargetRef::vcluster("team-a", "dev")))
+        );
+        for bad in [
+            "/audit",
+            "/audit/",
+            "/audit/hosts",
+            "/audit/vcluster/a",
+            "/audit/vcluster/a/b/c",
+            "/audit/vcluster//b",
+            "/audit/vcluster/a%2f/b",
+            "/",
+        ] {
+            assert_eq!(route(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+    }
+}

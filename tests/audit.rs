@@ -1,0 +1,579 @@
+//! Activity from the real kube-apiserver's audit webhook, pointed at the
+//! `dormant` agent: what counts, what is ignored, and what bad input gets.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use support::*;
+use testbed::pki::{Ca, CertPair};
+use testbed::process::free_port;
+use testbed::vcluster::{VCluster, VClusterOptions};
+use testbed::{AuditWebhook, Cluster, ClusterOptions, ROBOT_USER_AGENT};
+
+const SCOPE: &str = "audit";
+const TOKEN: &str = "audit-s3cret-token";
+
+/// One audit-enabled cluster and one agent receiving its webhook, shared by
+/// the tests of this file (they isolate by namespace).
+struct Env {
+    cluster: Cluster,
+    agent: Agent,
+    port: u16,
+    ca: Ca,
+    dir: tempfile::TempDir,
+}
+
+fn env() -> &'static Env {
+    static ENV: OnceLock<Env> = OnceLock::new();
+    ENV.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::new("dormant-audit-test-ca").unwrap();
+        let serving = ca.server(&[]).unwrap();
+        let write = |name: &str, text: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            p
+        };
+        let cert = write("audit.crt", &serving.cert_pem);
+        let key = write("audit.key", &serving.key_pem);
+        let ca_file = write("ca.crt", &ca.cert_pem);
+        let tokens = write("tokens", &format!("{TOKEN}\n"));
+        let port = free_port().unwrap();
+        let cluster = Cluster::start(ClusterOptions {
+            audit: Some(AuditWebhook {
+                url: format!("https://127.0.0.1:{port}/audit/host"),
+                ca_pem: ca.cert_pem.clone(),
+                token: TOKEN.into(),
+                batch_max_wait: Duration::from_secs(1),
+            }),
+            ..Default::default()
+        })
+        .unwrap();
+        let flags = [
+            format!("--audit-addr=127.0.0.1:{port}"),
+            format!("--audit-cert={}", cert.display()),
+            format!("--audit-key={}", key.display()),
+            format!("--audit-token-file={}", tokens.display()),
+            format!("--audit-client-ca={}", ca_file.display()),
+            "--audit-max-body=2097152".to_string(),
+        ];
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let agent = Agent::start(&cluster, SCOPE, "dormant-audit", "audit-agent", &flags);
+        Env { cluster, agent, port, ca, dir }
+    })
+}
+
+/// Reads an annotation as dormant itself (never counted as activity).
+fn quiet_annotation(c: &Cluster, kind: &str, name: &str, ns: Option<&str>, key: &str) -> String {
+    let escaped = key.replace('.', "\\.").replace('/', "\\/");
+    let jp = format!("jsonpath={{.metadata.annotations.{escaped}}}");
+    let mut args = vec!["get", kind, name, "-o", &jp];
+    if let Some(ns) = ns {
+        args.extend(["-n", ns]);
+    }
+    kubectl_quiet(c, &args)
+}
+
+fn last_activity_by(c: &Cluster, ns: &str) -> String {
+    quiet_annotation(c, "namespace", ns, None, "dormant.dev/last-activity-by")
+}
+
+fn quiet_state(c: &Cluster, ns: &str) -> String {
+    quiet_annotation(c, "namespace", ns, None, "dormant.dev/state")
+}
+
+fn metric(agent: &Agent, line_start: &str) -> f64 {
+    agent
+        .get("/metrics")
+        .lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn alices_request_updates_her_namespace_within_the_batch_wait_and_no_other() {
+    let e = env();
+    let c = &e.cluster;
+    let mine = c.namespace("team-a", &[("dormant-test", SCOPE)]).unwrap();
+    let other = c.namespace("team-b", &[("dormant-test", SCOPE)]).unwrap();
+    for ns in [&mine, &other] {
+        kubectl(c, &["annotate", "namespace", ns, "dormant.dev/sleep-after=1h"]);
+    }
+    // Let the agent see both as targets and the admin's own requests settle.
+    std::thread::sleep(Duration::from_secs(4));
+
+    let sent = Instant::now();
+    let _ = c.kubectl_out(&c.alice, &["get", "pods", "-n", &mine]);
+    while !last_activity_by(c, &mine).starts_with("alice list pods (audit)") {
+        assert!(
+            sent.elapsed() < Duration::from_secs(20),
+            "alice's request was not recorded; agent metrics:\n{}\nagent log:\n{}",
+            e.agent
+                .get("/metrics")
+                .lines()
+                .filter(|l| l.contains("audit") || l.contains("activity"))
+                .collect::<Vec<_>>()
+                .join("\n"),
+            e.agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!(
+        "alice's request reached the annotation after {:?} (batch wait 1 s, flush 1 s)",
+        sent.elapsed()
+    );
+    let mine_at = quiet_annotation(c, "namespace", &mine, None, "dormant.dev/last-activity");
+
+    let _ = c.kubectl_out(&c.alice, &["get", "configmaps", "-n", &other]);
+    wait_until("alice's request on the other namespace", Duration::from_secs(20), || {
+        last_activity_by(c, &other).starts_with("alice list configmaps (audit)")
+    });
+    assert_eq!(
+        quiet_annotation(c, "namespace", &mine, None, "dormant.dev/last-activity"),
+        mine_at,
+        "untouched by requests elsewhere"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_ignored_activity_lets_a_target_sleep_on_time_while_counted_activity_keeps_one_awake() {
+    let e = env();
+    let c = &e.cluster;
+    let polled = c.namespace("gitops", &[("dormant-test", SCOPE)]).unwrap();
+    let used = c.namespace("busy", &[("dormant-test", SCOPE)]).unwrap();
+    for ns in [&polled, &used] {
+        c.kubectl_apply(
+            &c.admin,
+            &format!("apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: app, namespace: {ns}}}\nspec:\n  replicas: 2\n  selector: {{matchLabels: {{app: a}}}}\n  template:\n    metadata: {{labels: {{app: a}}}}\n    spec: {{containers: [{{name: c, image: nginx:1.27}}]}}\n"),
+        )
+        .unwrap();
+        c.kubectl_apply(
+            &c.admin,
+            &format!("apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {{name: view, namespace: {ns}}}\nroleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: view}}\nsubjects: [{{apiGroup: rbac.authorization.k8s.io, kind: Group, name: team-a}}]\n"),
+        )
+        .unwrap();
+        kubectl(
+            c,
+            &[
+                "annotate",
+                "namespace",
+                ns,
+                "dormant.dev/sleep-after=8s",
+                "dormant.dev/ignore-user-agents=argocd-application-controller/*",
+            ],
+        );
+    }
+    // The robot (an Argo CD look-alike) polls both; alice works in one.
+    let mut config = kube::Config::from_custom_kubeconfig(
+        kube::config::Kubeconfig::read_from(&c.robot.kubeconfig).unwrap(),
+        &Default::default(),
+    )
+    .await
+    .unwrap();
+    config.headers.push((http::header::USER_AGENT, ROBOT_USER_AGENT.parse().unwrap()));
+    let robot = kube::Client::try_from(config).unwrap();
+    let ignored_before =
+        metric(&e.agent, "dormant_activity_total{source=\"audit\",outcome=\"ignored\",rule=\"user-agent\"}");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Stops the pollers however the test ends (a blocking poller would
+    // otherwise keep the runtime, and the test, alive after a failure).
+    struct StopOnDrop(Arc<std::sync::atomic::AtomicBool>);
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    let _stop_guard = StopOnDrop(stop.clone());
+    let poller = {
+        let (robot, stop, polled, used) = (robot.clone(), stop.clone(), polled.clone(), used.clone());
+        tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for ns in [&polled, &used] {
+                    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
+                        kube::Api::namespaced(robot.clone(), ns);
+                    let _ = pods.list(&Default::default()).await;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    };
+    let worker = {
+        let (c_alice, stop, used) = (c.alice.kubeconfig.clone(), stop.clone(), used.clone());
+        let kubectl_bin = c.bins.path("kubectl");
+        tokio::task::spawn_blocking(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = std::process::Command::new(&kubectl_bin)
+                    .arg(format!("--kubeconfig={}", c_alice.display()))
+                    .args(["get", "pods", "-n", &used])
+                    .output();
+                std::thread::sleep(Duration::from_secs(2));
+            }
+        })
+    };
+
+    let polled_ns = polled.clone();
+    tokio::task::spawn_blocking(move || {
+        let c = &env().cluster;
+        wait_until("the polled namespace to fall asleep", Duration::from_secs(60), || {
+            quiet_state(c, &polled_ns) == "asleep"
+        });
+    })
+    .await
+    .unwrap();
+    // On time: it went to sleep when its last counted use was 8 s old
+    // (give or take the batch wait and one reconcile).
+    // Its idle clock started at its last counted use, or when dormant first
+    // saw it if nothing it saw counted.
+    let mut last = quiet_annotation(c, "namespace", &polled, None, "dormant.dev/last-activity");
+    if last.is_empty() {
+        last = quiet_annotation(c, "namespace", &polled, None, "dormant.dev/first-seen");
+    }
+    let since = quiet_annotation(c, "namespace", &polled, None, "dormant.dev/asleep-since");
+    let last = chrono::DateTime::parse_from_rfc3339(&last).unwrap();
+    let since = chrono::DateTime::parse_from_rfc3339(&since).unwrap();
+    let late = (since - last).num_milliseconds() as f64 / 1000.0 - 8.0;
+    eprintln!("asleep {late:.2}s after its idle deadline");
+    assert!((-0.01..3.0).contains(&late), "asleep {late:.2}s after the deadline");
+    let by = last_activity_by(c, &polled);
+    assert!(!by.starts_with("ci-robot") && !by.starts_with("dormant") && !by.contains("system:"), "{by}");
+
+    // While it sleeps, the robot keeps polling and the controller-manager
+    // and dormant itself work in it: none of that wakes it.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(quiet_state(c, &polled), "asleep", "woken by {}", last_activity_by(c, &polled));
+    assert_eq!(quiet_state(c, &used), "awake");
+    assert!(last_activity_by(c, &used).starts_with("alice list pods (audit)"));
+    let ignored_after =
+        metric(&e.agent, "dormant_activity_total{source=\"audit\",outcome=\"ignored\",rule=\"user-agent\"}");
+    assert!(ignored_after > ignored_before + 10.0, "{ignored_before} -> {ignored_after}");
+    assert!(
+        metric(
+            &e.agent,
+            "dormant_activity_total{source=\"audit\",outcome=\"ignored\",rule=\"builtin-user\"}"
+        ) > 0.0
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    poller.await.unwrap();
+    worker.await.unwrap();
+}
+
+/// Posts to the agent's webhook over HTTPS (trusting the test CA).
+async fn post(
+    port: u16,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+    client_cert: Option<&CertPair>,
+    method: &str,
+) -> Result<(u16, String), String> {
+    let e = env();
+    let roots =
+        dormant::tls::root_store(&dormant::tls::certs_from_pem(e.ca.cert_pem.as_bytes(), "ca").unwrap())
+            .unwrap();
+    let builder = rustls::ClientConfig::builder_with_provider(dormant::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let config = match client_cert {
+        Some(p) => builder
+            .with_client_auth_cert(
+                dormant::tls::certs_from_pem(p.cert_pem.as_bytes(), "cert").unwrap(),
+                dormant::tls::key_from_pem(p.key_pem.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| e.to_string())?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap(), tcp)
+        .await
+        .map_err(|e| format!("tls: {e}"))?;
+    // Raw HTTP/1.1: the server may answer (413) before it has read the
+    // whole body and close; the answer is what matters, not the write.
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\ncontent-length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    let writer = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        let _ = wr.write_all(head.as_bytes()).await;
+        let _ = wr.write_all(&body).await;
+        let _ = wr.flush().await;
+        wr
+    });
+    let mut raw = Vec::new();
+    {
+        use tokio::io::AsyncReadExt;
+        let _ = tokio::time::timeout(Duration::from_secs(20), rd.read_to_end(&mut raw)).await;
+    }
+    writer.abort();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse::<u16>().ok())
+        .ok_or_else(|| format!("no HTTP response: {text:?}"))?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((status, body))
+}
+
+fn batch(ns: &str, user: &str) -> String {
+    format!(
+        r#"{{"kind":"EventList","apiVersion":"audit.k8s.io/v1","metadata":{{}},"items":[{{"level":"Metadata","auditID":"x1","stage":"ResponseComplete","requestURI":"/api/v1/namespaces/{ns}/pods","verb":"list","user":{{"username":"{user}","groups":["system:authenticated"]}},"userAgent":"curl/8","objectRef":{{"resource":"pods","namespace":"{ns}","apiVersion":"v1"}},"responseStatus":{{"code":200}},"stageTimestamp":"{}"}}]}}"#,
+        chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+    )
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    enc.write_all(data).unwrap();
+    enc.finish().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_batches_get_the_right_status_record_nothing_and_the_server_keeps_serving() {
+    let e = env();
+    let c = &e.cluster;
+    let ns = c.namespace("bad-input", &[("dormant-test", SCOPE)]).unwrap();
+    kubectl(c, &["annotate", "namespace", &ns, "dormant.dev/sleep-after=1h"]);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let bearer = format!("Bearer {TOKEN}");
+    let json = ("content-type", "application/json");
+    let good = batch(&ns, "mallory").into_bytes();
+    let mut missing = batch(&ns, "mallory").replace("\"verb\":\"list\",", "").into_bytes();
+    let other_ca = Ca::new("someone-else").unwrap().client("api-server", &[]).unwrap();
+    let big = format!(
+        "{{\"kind\":\"EventList\",\"apiVersion\":\"audit.k8s.io/v1\",\"items\":[],\"pad\":\"{}\"}}",
+        "x".repeat(2_200_000)
+    )
+    .into_bytes();
+    let bomb = gzip(&vec![b' '; 30_000_000]);
+    // (case, headers, body, client certificate, method, status, message)
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, Vec<u8>, Option<&'a CertPair>, &'a str, u16, &'a str);
+    let cases: Vec<Case> = vec![
+        ("no token", vec![json], good.clone(), None, "POST", 401, "Unauthorized"),
+        (
+            "wrong token",
+            vec![json, ("authorization", "Bearer nope")],
+            good.clone(),
+            None,
+            "POST",
+            401,
+            "Unauthorized",
+        ),
+        (
+            "not json",
+            vec![json, ("authorization", &bearer)],
+            b"hello".to_vec(),
+            None,
+            "POST",
+            400,
+            "not a valid audit EventList",
+        ),
+        (
+            "wrong apiVersion",
+            vec![json, ("authorization", &bearer)],
+            batch(&ns, "mallory").replace("audit.k8s.io/v1", "audit.k8s.io/v1beta1").into_bytes(),
+            None,
+            "POST",
+            400,
+            "expected apiVersion audit.k8s.io/v1",
+        ),
+        (
+            "missing verb",
+            vec![json, ("authorization", &bearer)],
+            std::mem::take(&mut missing),
+            None,
+            "POST",
+            400,
+            "missing field `verb`",
+        ),
+        (
+            "oversize",
+            vec![json, ("authorization", &bearer)],
+            big,
+            None,
+            "POST",
+            413,
+            "larger than 2097152 bytes",
+        ),
+        (
+            "gzip bomb",
+            vec![json, ("authorization", &bearer), ("content-encoding", "gzip")],
+            bomb,
+            None,
+            "POST",
+            413,
+            "larger than",
+        ),
+        (
+            "corrupt gzip",
+            vec![json, ("authorization", &bearer), ("content-encoding", "gzip")],
+            b"\x1f\x8bnot".to_vec(),
+            None,
+            "POST",
+            400,
+            "gzip",
+        ),
+        (
+            "text/plain",
+            vec![("content-type", "text/plain"), ("authorization", &bearer)],
+            good.clone(),
+            None,
+            "POST",
+            415,
+            "application/json",
+        ),
+        ("GET", vec![json, ("authorization", &bearer)], vec![], None, "GET", 405, "POSTed"),
+        (
+            "unknown path",
+            vec![json, ("authorization", &bearer)],
+            good.clone(),
+            None,
+            "POST",
+            404,
+            "/audit/host",
+        ),
+    ];
+    for (name, headers, body, cert, method, want, needle) in cases {
+        let path = if name == "unknown path" { "/audit/somewhere" } else { "/audit/host" };
+        let (status, text) = post(e.port, path, &headers, body, cert, method).await.unwrap();
+        assert_eq!(status, want, "{name}: {text}");
+        assert!(text.contains(needle), "{name}: {text}");
+    }
+    // A certificate from another CA does not even get a TLS session.
+    let r = post(e.port, "/audit/host", &[json], good.clone(), Some(&other_ca), "POST").await;
+    assert!(r.as_ref().map(|(s, _)| *s == 401).unwrap_or(true), "{r:?}");
+
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!last_activity_by(c, &ns).contains("mallory"), "a rejected batch was recorded");
+    let agent = &e.agent;
+    for outcome in ["unauthorized", "malformed", "wrong-version", "too-large", "unsupported-media-type"] {
+        assert!(
+            metric(agent, &format!("dormant_audit_batches_total{{outcome=\"{outcome}\"}}")) >= 1.0,
+            "{outcome} not counted"
+        );
+    }
+
+    // The server keeps serving: a good batch (gzip, with a client
+    // certificate instead of a token) is recorded.
+    let client = e.ca.client("kube-apiserver", &[]).unwrap();
+    let (status, text) = post(
+        e.port,
+        "/audit/host",
+        &[json, ("content-encoding", "gzip")],
+        gzip(&good),
+        Some(&client),
+        "POST",
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{text}");
+    let ns2 = ns.clone();
+    tokio::task::spawn_blocking(move || {
+        wait_until("the good batch to be recorded", Duration::from_secs(15), || {
+            last_activity_by(&env().cluster, &ns2).starts_with("mallory list pods (audit)")
+        })
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_certificate_is_served_without_a_restart() {
+    let e = env();
+    let fingerprint = |port: u16| async move {
+        let roots = dormant::tls::root_store(
+            &dormant::tls::certs_from_pem(env().ca.cert_pem.as_bytes(), "ca").unwrap(),
+        )
+        .unwrap();
+        let config = rustls::ClientConfig::builder_with_provider(dormant::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap(), tcp)
+            .await
+            .unwrap();
+        tls.get_ref().1.peer_certificates().unwrap()[0].as_ref().to_vec()
+    };
+    let before = fingerprint(e.port).await;
+    let fresh = e.ca.server(&[]).unwrap();
+    // Write the key first: the pair is only reloaded when both parse and match.
+    std::fs::write(e.dir.path().join("audit.key.new"), &fresh.key_pem).unwrap();
+    std::fs::write(e.dir.path().join("audit.crt.new"), &fresh.cert_pem).unwrap();
+    std::fs::rename(e.dir.path().join("audit.key.new"), e.dir.path().join("audit.key")).unwrap();
+    std::fs::rename(e.dir.path().join("audit.crt.new"), e.dir.path().join("audit.crt")).unwrap();
+    let start = Instant::now();
+    loop {
+        let now = fingerprint(e.port).await;
+        if now != before {
+            assert_eq!(
+                now,
+                dormant::tls::certs_from_pem(fresh.cert_pem.as_bytes(), "cert").unwrap()[0].as_ref()
+            );
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "still serving the old certificate");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[test]
+fn a_vclusters_api_server_reports_to_its_own_endpoint() {
+    let e = env();
+    let c = &e.cluster;
+    let ns = c.namespace("vc-audit", &[("dormant-test", SCOPE)]).unwrap();
+    let vc = VCluster::create(
+        c,
+        &ns,
+        "dev",
+        VClusterOptions {
+            audit: Some(AuditWebhook {
+                url: format!("https://127.0.0.1:{}/audit/vcluster/{ns}/dev", e.port),
+                ca_pem: e.ca.cert_pem.clone(),
+                token: TOKEN.into(),
+                batch_max_wait: Duration::from_secs(1),
+            }),
+            annotations: vec![("dormant.dev/sleep-after".into(), "1h".into())],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    vc.wait_serving(c, Duration::from_secs(60)).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    // alice's certificate is valid for the vcluster's API server too; she
+    // has no rights there, which does not make her request any less a use.
+    std::fs::write(c.dir.join("alice-vc.crt"), &c.alice.cert.cert_pem).unwrap();
+    std::fs::write(c.dir.join("alice-vc.key"), &c.alice.cert.key_pem).unwrap();
+    let out = std::process::Command::new(c.bins.path("kubectl"))
+        .args(["--server", &vc.server, "--certificate-authority"])
+        .arg(&c.ca_file)
+        .arg(format!("--client-certificate={}", c.dir.join("alice-vc.crt").display()))
+        .arg(format!("--client-key={}", c.dir.join("alice-vc.key").display()))
+        .args(["get", "secrets", "-n", "kube-system"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Forbidden"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_until("alice's vcluster request on the vcluster target", Duration::from_secs(20), || {
+        quiet_annotation(c, "statefulset", "dev", Some(&ns), "dormant.dev/last-activity-by")
+            .starts_with("alice list secrets (audit)")
+    });
+}
