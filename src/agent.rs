@@ -118,6 +118,21 @@ pub struct AgentArgs {
     /// Largest audit batch accepted, in bytes (also after decompression).
     #[arg(long, env = "DORMANT_AUDIT_MAX_BODY", default_value_t = 16 * 1024 * 1024)]
     pub audit_max_body: usize,
+    /// Address of the wake-on-request proxy for vclusters (HTTPS); off when unset.
+    #[arg(long, env = "DORMANT_PROXY_ADDR")]
+    pub proxy_addr: Option<SocketAddr>,
+    /// PEM certificate the proxy serves (reloaded when it changes).
+    #[arg(long, env = "DORMANT_PROXY_CERT")]
+    pub proxy_cert: Option<std::path::PathBuf>,
+    /// PEM private key of that certificate.
+    #[arg(long, env = "DORMANT_PROXY_KEY")]
+    pub proxy_key: Option<std::path::PathBuf>,
+    /// Also route by host name `<name>.<namespace>.<base-domain>`.
+    #[arg(long, env = "DORMANT_PROXY_BASE_DOMAIN")]
+    pub proxy_base_domain: Option<String>,
+    /// Requests that may wait for one waking vcluster; more get 503.
+    #[arg(long, env = "DORMANT_PROXY_MAX_WAITING", default_value_t = 1000)]
+    pub proxy_max_waiting: usize,
     /// Log format.
     #[arg(long, env = "DORMANT_LOG_FORMAT", value_enum, default_value = "plain")]
     pub log_format: LogFormat,
@@ -140,6 +155,17 @@ pub struct Settings {
     pub scope: Scope,
     pub dry_run: bool,
     pub audit: Option<AuditSettings>,
+    pub proxy: Option<ProxySettings>,
+}
+
+/// The proxy's validated settings.
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    pub addr: SocketAddr,
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    pub base_domain: Option<String>,
+    pub max_waiting: usize,
 }
 
 /// The audit webhook's validated settings.
@@ -210,6 +236,7 @@ impl AgentArgs {
             None => None,
         };
         let audit = self.validate_audit(&mut errors);
+        let proxy = self.validate_proxy(&mut errors);
         if self.namespace.is_empty() {
             errors.push("--namespace: must not be empty".into());
         }
@@ -252,11 +279,49 @@ impl AgentArgs {
             scope: Scope { excluded: excluded_namespaces, selector },
             dry_run: self.dry_run,
             audit,
+            proxy,
         })
     }
 }
 
 impl AgentArgs {
+    fn validate_proxy(&self, errors: &mut Vec<String>) -> Option<ProxySettings> {
+        let Some(addr) = self.proxy_addr else {
+            for (flag, set) in [
+                ("proxy-cert", self.proxy_cert.is_some()),
+                ("proxy-key", self.proxy_key.is_some()),
+                ("proxy-base-domain", self.proxy_base_domain.is_some()),
+            ] {
+                if set {
+                    errors.push(format!("--{flag} needs --proxy-addr"));
+                }
+            }
+            return None;
+        };
+        let (Some(cert), Some(key)) = (&self.proxy_cert, &self.proxy_key) else {
+            errors.push("--proxy-addr needs --proxy-cert and --proxy-key".into());
+            return None;
+        };
+        if let Err(e) = crate::tls::ReloadingCert::new(cert, key, Duration::from_secs(5)) {
+            errors.push(format!("--proxy-cert/--proxy-key: {e}"));
+        }
+        if self.proxy_max_waiting == 0 {
+            errors.push("--proxy-max-waiting: must be at least 1".into());
+        }
+        let base_domain =
+            self.proxy_base_domain.as_ref().map(|d| d.trim().trim_matches('.').to_ascii_lowercase());
+        if base_domain.as_ref().is_some_and(|d| d.is_empty() || d.contains(char::is_whitespace)) {
+            errors.push("--proxy-base-domain: expected a DNS name such as vc.example.com".into());
+        }
+        Some(ProxySettings {
+            addr,
+            cert: cert.clone(),
+            key: key.clone(),
+            base_domain,
+            max_waiting: self.proxy_max_waiting,
+        })
+    }
+
     fn validate_audit(&self, errors: &mut Vec<String>) -> Option<AuditSettings> {
         let Some(addr) = self.audit_addr else {
             for (flag, set) in [
@@ -381,7 +446,22 @@ pub async fn run_with(
 
     let (stores, writers) = stores::stores();
     let (change_tx, change_rx) = mpsc::unbounded_channel::<Change>();
-    let reflectors = writers.spawn(client.clone(), change_tx.clone());
+    // Store changes go to the controller and, broadcast, to the proxy's
+    // wake gate (which waits for a control plane to become Ready).
+    let (watch_tx, mut watch_rx) = mpsc::unbounded_channel::<Change>();
+    let (broadcast_tx, _) = tokio::sync::broadcast::channel::<Change>(1024);
+    let reflectors = writers.spawn(client.clone(), watch_tx);
+    let fan_out = {
+        let (to_controller, to_proxy) = (change_tx.clone(), broadcast_tx.clone());
+        tokio::spawn(async move {
+            while let Some(c) = watch_rx.recv().await {
+                let _ = to_proxy.send(c.clone());
+                if to_controller.send(c).is_err() {
+                    break;
+                }
+            }
+        })
+    };
 
     let throttle = Throttle::new(settings.qps, settings.burst);
     let scaler = Scaler::new(client.clone(), throttle);
@@ -420,6 +500,31 @@ pub async fn run_with(
             .with_context(|| format!("failed to listen on {} for the audit webhook", audit.addr))?;
         tracing::info!(addr = %listener.local_addr()?, "audit webhook listening");
         servers.push(tokio::spawn(receiver.serve(listener, tokio_rustls::TlsAcceptor::from(Arc::new(tls)))));
+    }
+    if let Some(p) = &settings.proxy {
+        let tls = crate::proxy::tls_config(Arc::new(crate::tls::ReloadingCert::new(
+            &p.cert,
+            &p.key,
+            Duration::from_secs(5),
+        )?))?;
+        let proxy = Arc::new(crate::proxy::Proxy::new(
+            stores.clone(),
+            crate::proxy::upstream::Upstreams::new(client.clone(), stores.clone(), Duration::from_secs(60)),
+            crate::proxy::gate::Gate::new(p.max_waiting, metrics.proxy_waiting.clone()),
+            observer.clone(),
+            metrics.clone(),
+            scaler.clone(),
+            settings.defaults.clone(),
+            settings.scope.clone(),
+            broadcast_tx.clone(),
+            p.base_domain.clone(),
+        ));
+        let listener = tokio::net::TcpListener::bind(p.addr)
+            .await
+            .with_context(|| format!("failed to listen on {} for the proxy", p.addr))?;
+        tracing::info!(addr = %listener.local_addr()?, "vcluster proxy listening");
+        servers.push(tokio::spawn(proxy.clone().track()));
+        servers.push(tokio::spawn(proxy.serve_tls(listener, tokio_rustls::TlsAcceptor::from(Arc::new(tls)))));
     }
     let notify_tx = change_tx.clone();
     let flusher = AnnotationFlusher { stores: stores.clone(), scaler: scaler.clone() };
@@ -483,6 +588,7 @@ pub async fn run_with(
         r.abort();
     }
     ledger_task.abort();
+    fan_out.abort();
     drop(change_tx);
     // The controller held the last Lease receiver; dropping it releases the Lease.
     let _ = tokio::time::timeout(Duration::from_secs(5), lease_task).await;

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod controller;
 pub mod metrics;
 pub mod policy;
+pub mod proxy;
 pub mod scaler;
 pub mod target;
 pub mod tls;

@@ -53,6 +53,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let client = dormant::agent::client().await?;
             targets::wake(&client, &target, w, &mut out).await?;
         }
+        Command::Kubeconfig { target, server, proxy_ca, output } => {
+            let ca = std::fs::read_to_string(&proxy_ca)
+                .map_err(|e| anyhow::anyhow!("--proxy-ca {}: {e}", proxy_ca.display()))?;
+            let client = dormant::agent::client().await?;
+            let text = dormant::cli::kubeconfig::kubeconfig(&client, &target, &server, &ca).await?;
+            match output {
+                Some(path) => {
+                    std::fs::write(&path, text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+                    eprintln!("wrote {}", path.display());
+                }
+                None => print!("{text}"),
+            }
+        }
         Command::Policy(PolicyCommand::Lint { files }) => {
             let ok = dormant::cli::lint::run(&files, &mut out, &mut std::io::stderr())?;
             return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE });

@@ -2,6 +2,7 @@
 //! `policy lint` and `crd`. Every flag has a `DORMANT_*` environment
 //! fallback.
 
+pub mod kubeconfig;
 pub mod lint;
 pub mod targets;
 
@@ -58,6 +59,21 @@ pub enum Command {
         /// Wait until it is awake and ready, at most this long (`2m`).
         #[arg(long, num_args = 0..=1, default_missing_value = "5m")]
         wait: Option<String>,
+    },
+    /// Write a kubeconfig that reaches a vcluster through dormant's proxy
+    /// (waking it on the first request) with the vcluster's own credentials.
+    Kubeconfig {
+        /// <namespace>/<name> (or vcluster/<namespace>/<name>)
+        target: TargetRef,
+        /// The proxy's URL, e.g. https://dormant-proxy.example.com
+        #[arg(long, env = "DORMANT_PROXY_URL")]
+        server: String,
+        /// The CA that signed the proxy's certificate (PEM file).
+        #[arg(long, env = "DORMANT_PROXY_CA")]
+        proxy_ca: std::path::PathBuf,
+        /// Write here instead of standard output.
+        #[arg(short, long)]
+        output: Option<std::path::PathBuf>,
     },
     /// Work with SleepPolicy files.
     #[command(subcommand)]

@@ -1,0 +1,986 @@
+//! The wake-on-request proxy for vcluster API servers.
+//!
+//! A request passes through these steps, in this order:
+//! 1. **route** — which vcluster (path prefix or host name); first, because
+//!    everything after depends on the target;
+//! 2. **authenticate** — a client certificate is verified against that
+//!    vcluster's CA (so only now, once the target is known); a bearer token
+//!    is passed through for the upstream to judge; without either the
+//!    request may still be forwarded to an awake target but never wakes one;
+//! 3. **record activity** — before waiting, so that even a request that
+//!    times out counts as use;
+//! 4. **wake gate** — a target that is not ready is woken once, and the
+//!    request waits in a bounded queue (see [`gate`]);
+//! 5. **forward** — bodies streamed both ways, upgrades (exec, attach,
+//!    port-forward, WebSocket watches) bridged; in client-certificate mode
+//!    with the vcluster's admin credential and `Impersonate-*` headers set
+//!    by the proxy alone.
+//!
+//! Every refusal becomes an HTTP answer in one place ([`ProxyError`]), as a
+//! Kubernetes `Status` that kubectl prints. Only "overloaded" carries
+//! `Retry-After`: client-go retries 5xx answers that have it (up to ten
+//! times), which is right for a full queue and wrong for a timeout or a
+//! target that will not wake, whose message the user should see at once.
+
+pub mod gate;
+pub mod route;
+pub mod upstream;
+
+use std::collections::{BTreeMap, HashMap};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context as TaskContext, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use chrono::Utc;
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body, Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls_pki_types::CertificateDer;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::broadcast;
+use tokio_rustls::TlsAcceptor;
+
+use crate::activity::observe::{Observer, Outcome};
+use crate::activity::{Activity, Source};
+use crate::metrics::{Metrics, OutcomeLabels, ProxyLabels};
+use crate::policy::annotations::{self as ann, ForceSleep, TargetAnnotations, Until, rfc3339};
+use crate::policy::{Defaults, resolve};
+use crate::scaler::Scaler;
+use crate::target::stores::Change;
+use crate::target::{Scope, Stores, TargetObject, TargetRef};
+use gate::{Gate, GateError};
+use upstream::{ProxyBody, Upstreams};
+
+/// The header that opts a request out of counting as activity.
+pub const IGNORE_HEADER: &str = "x-dormant-ignore";
+
+/// Why the proxy answers instead of the upstream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ProxyError {
+    NotRouted,
+    NoSuchVCluster(TargetRef),
+    BadClientCert(TargetRef, String),
+    CredentialsRequired(TargetRef),
+    AsleepIgnored(TargetRef),
+    Prevented(TargetRef, Until),
+    WakeOnRequestOff(TargetRef),
+    Overloaded(TargetRef, usize),
+    WakeTimeout(TargetRef, Duration),
+    WakeFailed(TargetRef, String),
+    Upstream(TargetRef, String),
+}
+
+impl ProxyError {
+    /// Metric label.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            ProxyError::NotRouted | ProxyError::NoSuchVCluster(_) => "not-found",
+            ProxyError::BadClientCert(..) | ProxyError::CredentialsRequired(_) => "unauthenticated",
+            ProxyError::AsleepIgnored(_) | ProxyError::Prevented(..) | ProxyError::WakeOnRequestOff(_) => {
+                "prevented"
+            }
+            ProxyError::Overloaded(..) => "overloaded",
+            ProxyError::WakeTimeout(..) => "timeout",
+            ProxyError::WakeFailed(..) | ProxyError::Upstream(..) => "upstream-error",
+        }
+    }
+
+    /// The one place errors become HTTP answers: a Kubernetes `Status`.
+    pub fn response(&self) -> Response<ProxyBody> {
+        let (code, reason, message, retry_after): (StatusCode, &str, String, Option<u64>) = match self {
+            ProxyError::NotRouted => (
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                "dormant proxies vclusters at /vcluster/<namespace>/<name>/".into(),
+                None,
+            ),
+            ProxyError::NoSuchVCluster(t) => (
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                format!("vcluster {}/{} not found", t.namespace, t.name),
+                None,
+            ),
+            ProxyError::BadClientCert(t, why) => (
+                StatusCode::UNAUTHORIZED,
+                "Unauthorized",
+                format!("client certificate not valid for vcluster {}/{}: {why}", t.namespace, t.name),
+                None,
+            ),
+            ProxyError::CredentialsRequired(t) => (
+                StatusCode::UNAUTHORIZED,
+                "Unauthorized",
+                format!(
+                    "vcluster {}/{} is asleep; only an authenticated request wakes it",
+                    t.namespace, t.name
+                ),
+                None,
+            ),
+            ProxyError::AsleepIgnored(t) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailable",
+                format!(
+                    "vcluster {}/{} is asleep and this request does not count as use ({IGNORE_HEADER} or an ignore rule)",
+                    t.namespace, t.name
+                ),
+                None,
+            ),
+            ProxyError::Prevented(t, until) => match until {
+                Until::Never => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "ServiceUnavailable",
+                    format!(
+                        "vcluster {}/{} was put to sleep and requests do not wake it; wake it with: dormant wake vcluster/{}/{}",
+                        t.namespace, t.name, t.namespace, t.name
+                    ),
+                    None,
+                ),
+                Until::Time(at) => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "ServiceUnavailable",
+                    format!(
+                        "vcluster {}/{} is asleep and requests do not wake it until {}",
+                        t.namespace,
+                        t.name,
+                        rfc3339(*at)
+                    ),
+                    None,
+                ),
+            },
+            ProxyError::WakeOnRequestOff(t) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailable",
+                format!(
+                    "vcluster {}/{} is asleep and its policy does not wake it on request (wake.onRequest: false)",
+                    t.namespace, t.name
+                ),
+                None,
+            ),
+            ProxyError::Overloaded(t, n) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailable",
+                format!(
+                    "vcluster {}/{} is waking and {n} requests are already waiting; retry shortly",
+                    t.namespace, t.name
+                ),
+                Some(5),
+            ),
+            ProxyError::WakeTimeout(t, d) => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "Timeout",
+                format!(
+                    "vcluster {}/{} did not wake within {}",
+                    t.namespace,
+                    t.name,
+                    crate::policy::duration::format(*d)
+                ),
+                None,
+            ),
+            ProxyError::WakeFailed(t, e) => (
+                StatusCode::BAD_GATEWAY,
+                "ServiceUnavailable",
+                format!("waking vcluster {}/{} failed: {e}", t.namespace, t.name),
+                None,
+            ),
+            ProxyError::Upstream(t, e) => (
+                StatusCode::BAD_GATEWAY,
+                "ServiceUnavailable",
+                format!("vcluster {}/{} is unreachable: {e}", t.namespace, t.name),
+                None,
+            ),
+        };
+        let body = json!({
+            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": message, "reason": reason, "code": code.as_u16(),
+        });
+        let mut r = Response::new(full(Bytes::from(body.to_string())));
+        *r.status_mut() = code;
+        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let Some(s) = retry_after
+            && let Ok(v) = HeaderValue::from_str(&s.to_string())
+        {
+            r.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        r
+    }
+}
+
+fn full(b: Bytes) -> ProxyBody {
+    Full::new(b).map_err(|never| match never {}).boxed()
+}
+
+/// Who the caller is, as far as the proxy can tell.
+#[derive(Debug, Clone, PartialEq)]
+enum Caller {
+    /// Verified client certificate: forwarded with impersonation.
+    Certificate {
+        user: String,
+        groups: Vec<String>,
+    },
+    /// A bearer token, passed through untouched.
+    Bearer,
+    Anonymous,
+}
+
+/// What governs waking a target now.
+struct WakeRules {
+    on_request: bool,
+    timeout: Duration,
+    prevented: Option<Until>,
+}
+
+pub struct Proxy {
+    pub stores: Stores,
+    pub upstreams: Upstreams,
+    pub gate: Gate,
+    pub observer: Arc<Observer>,
+    pub metrics: Arc<Metrics>,
+    pub scaler: Scaler,
+    pub defaults: Defaults,
+    pub scope: Scope,
+    pub changes: broadcast::Sender<Change>,
+    pub base_domain: Option<String>,
+    /// Targets whose upstream answered since they were last seen asleep
+    /// (false: the control plane may be Ready before its API server serves).
+    confirmed: Mutex<HashMap<TargetRef, bool>>,
+}
+
+impl Proxy {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        stores: Stores,
+        upstreams: Upstreams,
+        gate: Gate,
+        observer: Arc<Observer>,
+        metrics: Arc<Metrics>,
+        scaler: Scaler,
+        defaults: Defaults,
+        scope: Scope,
+        changes: broadcast::Sender<Change>,
+        base_domain: Option<String>,
+    ) -> Self {
+        Proxy {
+            stores,
+            upstreams,
+            gate,
+            observer,
+            metrics,
+            scaler,
+            defaults,
+            scope,
+            changes,
+            base_domain,
+            confirmed: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The control plane runs and is Ready, as the watch sees it.
+    fn control_plane_ready(&self, t: &TargetRef) -> bool {
+        let Some(target) = self.stores.target(t) else { return false };
+        let state = TargetAnnotations::parse(target.object.annotations()).ok().and_then(|a| a.state);
+        if matches!(state, Some(ann::TargetState::Asleep | ann::TargetState::Sleeping)) {
+            return false;
+        }
+        match &target.object {
+            TargetObject::StatefulSet(s) => {
+                s.spec.replicas.unwrap_or(1) > 0
+                    && s.status.as_ref().and_then(|s| s.ready_replicas).unwrap_or(0) > 0
+            }
+            TargetObject::Deployment(d) => {
+                d.spec.replicas.unwrap_or(1) > 0
+                    && d.status.as_ref().and_then(|s| s.ready_replicas).unwrap_or(0) > 0
+            }
+            TargetObject::Namespace(_) => false,
+        }
+    }
+
+    fn ready(&self, t: &TargetRef) -> bool {
+        let up = self.control_plane_ready(t);
+        let mut confirmed = self.confirmed.lock().unwrap_or_else(|e| e.into_inner());
+        if !up {
+            confirmed.insert(t.clone(), false);
+            return false;
+        }
+        *confirmed.get(t).unwrap_or(&true)
+    }
+
+    /// Follows the watch: a control plane seen down (asleep, or restarting)
+    /// is no longer confirmed until its API server answers again.
+    pub async fn track(self: Arc<Self>) {
+        let mut changes = self.changes.subscribe();
+        loop {
+            match changes.recv().await {
+                Ok(Change::Target(t)) if t.kind == crate::target::TargetKind::VCluster => {
+                    if !self.control_plane_ready(&t) {
+                        self.set_confirmed(&t, false);
+                    }
+                }
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    let known: Vec<TargetRef> =
+                        self.confirmed.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
+                    for t in known {
+                        if !self.control_plane_ready(&t) {
+                            self.set_confirmed(&t, false);
+                        }
+                    }
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    }
+
+    fn set_confirmed(&self, t: &TargetRef, v: bool) {
+        self.confirmed.lock().unwrap_or_else(|e| e.into_inner()).insert(t.clone(), v);
+    }
+
+    fn wake_rules(&self, t: &TargetRef) -> WakeRules {
+        let fallback = WakeRules { on_request: true, timeout: self.defaults.wake_timeout, prevented: None };
+        let Some(target) = self.stores.target(t) else { return fallback };
+        let Ok(a) = TargetAnnotations::parse(target.object.annotations()) else { return fallback };
+        let now = Utc::now();
+        let prevented = match (a.force_sleep, a.prevent_wakeup_until) {
+            (Some(ForceSleep::Since(_) | ForceSleep::Requested), Some(u)) if u.covers(now) => Some(u),
+            _ => None,
+        };
+        match resolve(t.kind, &target.namespace_labels, &a, &self.stores.candidates(), &self.defaults) {
+            Ok(p) => {
+                WakeRules { on_request: p.wake_on_request.value, timeout: p.wake_timeout.value, prevented }
+            }
+            Err(_) => WakeRules { prevented, ..fallback },
+        }
+    }
+
+    /// Wakes `t`: a wake request on the target (an idempotent patch the
+    /// leader acts on), then the control plane Ready (from the watch), then
+    /// the API server answering `/readyz`.
+    fn wake(
+        self: &Arc<Self>,
+        t: TargetRef,
+        activity: Activity,
+        limit: Duration,
+    ) -> impl Future<Output = Result<(), String>> + Send + 'static {
+        let proxy = self.clone();
+        async move {
+            let started = Instant::now();
+            let mut changes = proxy.changes.subscribe();
+            proxy.set_confirmed(&t, false);
+            let Some(target) = proxy.stores.target(&t) else { return Err("the vcluster is gone".into()) };
+            let mut patch = BTreeMap::new();
+            patch.insert(ann::LAST_ACTIVITY, Some(rfc3339(activity.at)));
+            patch.insert(ann::LAST_ACTIVITY_BY, Some(activity.summary()));
+            proxy.scaler.annotate_target(&target.object, &patch).await.map_err(|e| format!("{e}"))?;
+            tracing::info!(target = %t, by = %activity.summary(), "wake requested by a held request");
+            while !proxy.control_plane_ready(&t) {
+                let left = limit.saturating_sub(started.elapsed());
+                if left.is_zero() {
+                    return Err(format!(
+                        "the control plane was not Ready within {}",
+                        crate::policy::duration::format(limit)
+                    ));
+                }
+                // Woken by the watch; the timeout is only a backstop for a
+                // missed or lagged broadcast.
+                let _ = tokio::time::timeout(left.min(Duration::from_secs(1)), changes.recv()).await;
+            }
+            let up = proxy.upstreams.get(&t).await.map_err(|e| e.to_string())?;
+            loop {
+                let req = Request::get(format!("{}/readyz", up.base))
+                    .body(full(Bytes::new()))
+                    .map_err(|e| e.to_string())?;
+                if let Ok(Ok(resp)) =
+                    tokio::time::timeout(Duration::from_secs(1), up.plain.request(req)).await
+                {
+                    // 401/403: anonymous /readyz refused, but the server answers.
+                    if resp.status().is_success() || matches!(resp.status().as_u16(), 401 | 403) {
+                        break;
+                    }
+                }
+                if started.elapsed() > limit {
+                    return Err(format!(
+                        "the API server did not answer within {}",
+                        crate::policy::duration::format(limit)
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            proxy.set_confirmed(&t, true);
+            tracing::info!(target = %t, took = ?started.elapsed(), "vcluster awake; releasing held requests");
+            Ok(())
+        }
+    }
+
+    /// Handles one request.
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: Option<CertificateDer<'static>>,
+    ) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let result = self.clone().serve(req, peer).await;
+        let (outcome, resp) = match result {
+            Ok((outcome, resp)) => (outcome, resp),
+            Err(e) => {
+                if !matches!(e, ProxyError::NotRouted) {
+                    tracing::debug!(error = ?e, "proxy refused a request");
+                }
+                (e.outcome(), e.response())
+            }
+        };
+        self.metrics
+            .proxy_requests
+            .get_or_create(&ProxyLabels { outcome: outcome.into(), code: resp.status().as_u16().to_string() })
+            .inc();
+        self.metrics
+            .proxy_duration
+            .get_or_create(&OutcomeLabels { outcome: outcome.into() })
+            .observe(started.elapsed().as_secs_f64());
+        resp
+    }
+
+    async fn serve(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: Option<CertificateDer<'static>>,
+    ) -> Result<(&'static str, Response<ProxyBody>), ProxyError> {
+        let (mut parts, body) = req.into_parts();
+        let req = &parts;
+        // 1. Route.
+        let pq = req.uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
+        let host = req
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| req.uri.host())
+            .unwrap_or_default()
+            .to_string();
+        let routed = self
+            .base_domain
+            .as_deref()
+            .and_then(|base| route::by_host(&host, base, &pq))
+            .or_else(|| route::by_path(&pq))
+            .ok_or(ProxyError::NotRouted)?;
+        let t = routed.target.clone();
+        if self.stores.target(&t).is_none()
+            || !self.scope.allows(&t.namespace, &self.stores.namespace_labels(&t.namespace))
+        {
+            return Err(ProxyError::NoSuchVCluster(t));
+        }
+
+        // 2. Authenticate.
+        let caller = match peer {
+            Some(cert) => {
+                let up = self
+                    .upstreams
+                    .get(&t)
+                    .await
+                    .map_err(|e| ProxyError::Upstream(t.clone(), e.to_string()))?;
+                up.client_verifier
+                    .verify_client_cert(&cert, &[], rustls_pki_types::UnixTime::now())
+                    .map_err(|e| ProxyError::BadClientCert(t.clone(), e.to_string()))?;
+                let (user, groups) = subject(&cert)
+                    .ok_or_else(|| ProxyError::BadClientCert(t.clone(), "no common name".into()))?;
+                Caller::Certificate { user, groups }
+            }
+            None if req
+                .headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.starts_with("Bearer ")) =>
+            {
+                Caller::Bearer
+            }
+            None => Caller::Anonymous,
+        };
+
+        // 3. Record activity.
+        let info = route::request_info(req.method.as_str(), &routed.path_and_query);
+        let (user, groups) = match &caller {
+            Caller::Certificate { user, groups } => (user.clone(), groups.clone()),
+            // Who holds a token is the upstream's to know; the vcluster's
+            // audit webhook attributes it exactly.
+            Caller::Bearer => ("(bearer token)".to_string(), vec![]),
+            Caller::Anonymous => ("system:anonymous".to_string(), vec![]),
+        };
+        let activity = Activity {
+            at: Utc::now(),
+            source: Source::Proxy,
+            user,
+            groups,
+            user_agent: req
+                .headers
+                .get(header::USER_AGENT)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string(),
+            verb: info.verb.clone(),
+            resource: info.resource.clone(),
+            path: info.path.clone(),
+        };
+        let opted_out = req
+            .headers
+            .get(IGNORE_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+        let counted = if opted_out || caller == Caller::Anonymous {
+            false
+        } else {
+            !matches!(self.observer.observe(&t, activity.clone()), Outcome::Ignored(_))
+        };
+
+        // 4. Wake gate.
+        let mut outcome = "forwarded";
+        let bodiless = matches!(parts.method, http::Method::GET | http::Method::HEAD | http::Method::OPTIONS)
+            && parts.headers.get(header::CONTENT_LENGTH).is_none_or(|v| v == "0")
+            && !parts.headers.contains_key(header::TRANSFER_ENCODING);
+        let mut attempts = 0;
+        let mut body = Some(body);
+        loop {
+            attempts += 1;
+            if !self.ready(&t) {
+                if caller == Caller::Anonymous {
+                    return Err(ProxyError::CredentialsRequired(t));
+                }
+                if !counted {
+                    return Err(ProxyError::AsleepIgnored(t));
+                }
+                let rules = self.wake_rules(&t);
+                if let Some(until) = rules.prevented {
+                    return Err(ProxyError::Prevented(t, until));
+                }
+                if !rules.on_request {
+                    return Err(ProxyError::WakeOnRequestOff(t));
+                }
+                // The wake outlives the waiters' timeout: those who give up get
+                // 504, later requests join the same wake while it goes on.
+                let wake =
+                    self.wake(t.clone(), activity.clone(), rules.timeout * 3 + Duration::from_secs(60));
+                self.gate.wait(&t, rules.timeout, || wake).await.map_err(|e| match e {
+                    GateError::Overloaded { waiting } => ProxyError::Overloaded(t.clone(), waiting),
+                    GateError::Timeout(d) => ProxyError::WakeTimeout(t.clone(), d),
+                    GateError::WakeFailed(e) => ProxyError::WakeFailed(t.clone(), e),
+                })?;
+                outcome = "held";
+            }
+
+            // 5. Forward. A request without a body that could not connect
+            // reached nothing upstream: it is safe to go through the gate again
+            // once (the control plane went down under us).
+            let keep_awake = info.long_running && counted && !self.observer.rules.get(&t).active_connections;
+            let this_body = match body.take() {
+                Some(b) => ForwardBody::Incoming(b),
+                None => ForwardBody::Empty,
+            };
+            match self
+                .forward(
+                    &mut parts,
+                    this_body,
+                    &t,
+                    &routed.path_and_query,
+                    &caller,
+                    keep_awake.then_some(activity.clone()),
+                )
+                .await
+            {
+                Err(Forward::NotConnected(e)) if bodiless && attempts < 2 => {
+                    tracing::debug!(target = %t, error = %e, "upstream refused the connection; waiting for it and retrying");
+                    continue;
+                }
+                Err(Forward::NotConnected(e)) => return Err(ProxyError::Upstream(t.clone(), e)),
+                Err(Forward::Refused(e)) => return Err(e),
+                Ok(resp) => return Ok((outcome, resp)),
+            }
+        }
+    }
+
+    async fn forward(
+        self: &Arc<Self>,
+        req: &mut http::request::Parts,
+        body: ForwardBody,
+        t: &TargetRef,
+        path_and_query: &str,
+        caller: &Caller,
+        keep_awake: Option<Activity>,
+    ) -> Result<Response<ProxyBody>, Forward> {
+        let up = self.upstreams.get(t).await.map_err(|e| ProxyError::Upstream(t.clone(), e.to_string()))?;
+        let upgrade = is_upgrade(&req.headers);
+        let client_upgrade =
+            if upgrade { req.extensions.remove::<hyper::upgrade::OnUpgrade>() } else { None };
+        let mut headers = forwardable(&req.headers, upgrade);
+        let client = match caller {
+            Caller::Certificate { user, groups } => {
+                // Never widen access: the caller's own Authorization and
+                // Impersonate-* headers go; the proxy's impersonation of
+                // exactly the verified identity comes in.
+                headers.remove(header::AUTHORIZATION);
+                let names: Vec<HeaderName> =
+                    headers.keys().filter(|k| k.as_str().starts_with("impersonate-")).cloned().collect();
+                for k in names {
+                    headers.remove(k);
+                }
+                let Some(admin) = &up.admin else {
+                    return Err(ProxyError::Upstream(
+                        t.clone(),
+                        "its Secret has no admin credential for client-certificate callers".into(),
+                    )
+                    .into());
+                };
+                let value = |s: &str| {
+                    HeaderValue::from_str(s)
+                        .map_err(|_| ProxyError::BadClientCert(t.clone(), "unusable subject".into()))
+                };
+                headers.insert("impersonate-user", value(user)?);
+                for g in groups {
+                    headers.append("impersonate-group", value(g)?);
+                }
+                admin
+            }
+            Caller::Bearer | Caller::Anonymous => &up.plain,
+        };
+        let uri: http::Uri = format!("{}{}", up.base, path_and_query)
+            .parse()
+            .map_err(|_| ProxyError::Upstream(t.clone(), "invalid upstream URL".into()))?;
+        let body = match body {
+            ForwardBody::Incoming(b) => b.boxed(),
+            ForwardBody::Empty => full(Bytes::new()),
+        };
+        let mut out = Request::builder()
+            .method(req.method.clone())
+            .uri(uri)
+            .body(body)
+            .map_err(|e| ProxyError::Upstream(t.clone(), e.to_string()))?;
+        *out.headers_mut() = headers;
+        let mut resp = match client.request(out).await {
+            Ok(r) => r,
+            Err(e) if e.is_connect() => {
+                // Nothing reached the upstream: the target went down under
+                // us; requests go through the gate again.
+                self.set_confirmed(t, false);
+                self.upstreams.invalidate(t);
+                return Err(Forward::NotConnected(error_chain(&e)));
+            }
+            Err(e) => return Err(Forward::Refused(ProxyError::Upstream(t.clone(), error_chain(&e)))),
+        };
+        let guard = keep_awake.map(|a| KeepAwake::start(self.observer.clone(), t.clone(), a));
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+            && let Some(client_upgrade) = client_upgrade
+        {
+            let upstream_upgrade = hyper::upgrade::on(&mut resp);
+            tokio::spawn(async move {
+                let _guard = guard;
+                if let (Ok(a), Ok(b)) = (client_upgrade.await, upstream_upgrade.await) {
+                    let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(a), &mut TokioIo::new(b)).await;
+                }
+            });
+            let (parts, _) = resp.into_parts();
+            return Ok(Response::from_parts(parts, full(Bytes::new())));
+        }
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers, false);
+        Ok(Response::from_parts(parts, Guarded { inner: body.boxed(), _guard: guard }.boxed()))
+    }
+
+    /// Serves HTTPS on `listener` until the task is dropped.
+    pub async fn serve_tls(self: Arc<Self>, listener: TcpListener, tls: TlsAcceptor) {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { continue };
+            let _ = tcp.set_nodelay(true);
+            let proxy = self.clone();
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await
+                else {
+                    return;
+                };
+                let peer = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .map(|c| c.clone().into_owned());
+                let svc = service_fn(move |req| {
+                    let proxy = proxy.clone();
+                    let peer = peer.clone();
+                    async move { Ok::<_, std::convert::Infallible>(proxy.handle(req, peer).await) }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    }
+}
+
+/// The body to forward: the caller's, or none on a retry.
+enum ForwardBody {
+    Incoming(Incoming),
+    Empty,
+}
+
+/// Why forwarding failed.
+enum Forward {
+    /// The connection was refused: nothing was sent.
+    NotConnected(String),
+    Refused(ProxyError),
+}
+
+impl From<ProxyError> for Forward {
+    fn from(e: ProxyError) -> Self {
+        Forward::Refused(e)
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// The user (CN) and groups (O) of a client certificate, as kube-apiserver reads them.
+fn subject(cert: &CertificateDer<'_>) -> Option<(String, Vec<String>)> {
+    let (_, x509) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let subject = x509.subject();
+    let user = subject.iter_common_name().next()?.as_str().ok()?.to_string();
+    let groups = subject.iter_organization().filter_map(|o| o.as_str().ok().map(String::from)).collect();
+    Some((user, groups))
+}
+
+fn is_upgrade(h: &HeaderMap) -> bool {
+    h.get(header::CONNECTION)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|p| p.trim().eq_ignore_ascii_case("upgrade")))
+        && h.contains_key(header::UPGRADE)
+}
+
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()).collect::<Vec<_>>())
+        .filter(|n| !(keep_upgrade && n == "upgrade"))
+        .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    for n in HOP_BY_HOP {
+        if keep_upgrade && (*n == "connection" || *n == "upgrade") {
+            continue;
+        }
+        h.remove(*n);
+    }
+}
+
+/// The request headers to send upstream (hop-by-hop and Host removed; the
+/// client sets Host from the upstream URL; upgrades keep their headers).
+fn forwardable(h: &HeaderMap, upgrade: bool) -> HeaderMap {
+    let mut out = h.clone();
+    strip_hop_by_hop(&mut out, upgrade);
+    if upgrade {
+        out.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    }
+    out.remove(header::HOST);
+    out.remove(IGNORE_HEADER);
+    out
+}
+
+/// Keeps recording activity while a long-running request stays open (a
+/// watch, exec or port-forward is use), until dropped.
+struct KeepAwake(tokio::task::JoinHandle<()>);
+
+impl KeepAwake {
+    fn start(observer: Arc<Observer>, t: TargetRef, mut a: Activity) -> Self {
+        KeepAwake(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                a.at = Utc::now();
+                observer.observe(&t, a.clone());
+            }
+        }))
+    }
+}
+
+impl Drop for KeepAwake {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A response body that holds a guard until it is done.
+struct Guarded {
+    inner: ProxyBody,
+    _guard: Option<KeepAwake>,
+}
+
+impl Body for Guarded {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Accepts any client certificate at the TLS layer (checking only that the
+/// client holds its key); the chain is verified per request against the
+/// CA of the vcluster the request is for, which the handshake cannot know.
+#[derive(Debug)]
+pub struct DeferredClientCert {
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl Default for DeferredClientCert {
+    fn default() -> Self {
+        DeferredClientCert { provider: crate::tls::provider() }
+    }
+}
+
+impl rustls::server::danger::ClientCertVerifier for DeferredClientCert {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        Ok(rustls::server::danger::ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// The proxy's TLS configuration: its certificate (reloaded on change),
+/// h2 and http/1.1, client certificates requested but optional.
+pub fn tls_config(cert: Arc<crate::tls::ReloadingCert>) -> Result<rustls::ServerConfig, crate::tls::Error> {
+    let mut config = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(crate::tls::Error::Config)?
+        .with_client_cert_verifier(Arc::new(DeferredClientCert::default()))
+        .with_cert_resolver(cert);
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_never_pass_and_upgrades_keep_theirs() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(header::HOST, HeaderValue::from_static("proxy"));
+        h.insert(IGNORE_HEADER, HeaderValue::from_static("true"));
+        h.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+        let out = forwardable(&h, false);
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert!(out.contains_key(header::ACCEPT));
+
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("SPDY/3.1"));
+        assert!(is_upgrade(&h));
+        let out = forwardable(&h, true);
+        assert_eq!(out.get(header::UPGRADE).unwrap(), "SPDY/3.1");
+        assert_eq!(out.get(header::CONNECTION).unwrap(), "Upgrade");
+    }
+
+    #[test]
+    fn errors_are_kubernetes_statuses_with_the_documented_codes() {
+        let t = TargetRef::vcluster("team-a", "dev");
+        for (e, code, reason, retry) in [
+            (ProxyError::WakeTimeout(t.clone(), Duration::from_secs(120)), 504, "Timeout", false),
+            (ProxyError::Overloaded(t.clone(), 1000), 503, "ServiceUnavailable", true),
+            (ProxyError::Prevented(t.clone(), Until::Never), 503, "ServiceUnavailable", false),
+            (ProxyError::Upstream(t.clone(), "connection refused".into()), 502, "ServiceUnavailable", false),
+            (ProxyError::BadClientCert(t.clone(), "unknown issuer".into()), 401, "Unauthorized", false),
+        ] {
+            let r = e.response();
+            assert_eq!(r.status().as_u16(), code);
+            assert_eq!(r.headers().contains_key(header::RETRY_AFTER), retry, "{e:?}");
+            let body = futures::executor::block_on(r.into_body().collect()).unwrap().to_bytes();
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(
+                (v["kind"].as_str(), v["reason"].as_str(), v["code"].as_u64()),
+                (Some("Status"), Some(reason), Some(code as u64))
+            );
+            assert!(v["message"].as_str().unwrap().contains("team-a/dev"));
+        }
+    }
+}

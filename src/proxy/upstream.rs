@@ -1,0 +1,207 @@
+//! Where and how the proxy reaches a vcluster's API server: the URL (the
+//! `dormant.dev/upstream` annotation, else the vcluster's Service), the CA
+//! that upstream TLS is verified against and the admin credential for
+//! impersonation — both from the vcluster's `vc-<name>` Secret — and two
+//! HTTP clients: one that presents no certificate (callers' bearer tokens
+//! pass through untouched, and a presented admin certificate would
+//! authenticate first and widen access) and one that presents the admin
+//! certificate (for callers authenticated by client certificate, always
+//! with impersonation).
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use k8s_openapi::api::core::v1::Secret;
+use kube::Api;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::policy::annotations::{TargetAnnotations, UPSTREAM};
+use crate::target::{Stores, TargetRef};
+
+/// The body type the proxy forwards.
+pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+pub type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, ProxyBody>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("vcluster {0} does not exist")]
+    NotFound(TargetRef),
+    #[error("failed to read the Secret vc-{name} of vcluster {namespace}/{name}")]
+    ReadSecret {
+        namespace: String,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("the Secret vc-{name} of vcluster {namespace}/{name} is unusable: {reason}")]
+    BadSecret { namespace: String, name: String, reason: String },
+    #[error("invalid upstream {url:?} for vcluster {target}: {reason}")]
+    BadUpstream { target: TargetRef, url: String, reason: String },
+    #[error("failed to build the TLS configuration for vcluster {0}")]
+    Tls(TargetRef, #[source] crate::tls::Error),
+}
+
+/// How to reach one vcluster.
+pub struct Upstream {
+    /// `https://host:port` plus an optional path prefix (no trailing slash).
+    pub base: String,
+    /// Verifies client certificates presented to the proxy for this vcluster.
+    pub client_verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    /// No client certificate: for bearer tokens and anonymous requests.
+    pub plain: HttpClient,
+    /// Presents the vcluster's admin certificate: only with impersonation.
+    pub admin: Option<HttpClient>,
+    fetched: Instant,
+}
+
+/// Resolves and caches upstreams (re-read after a TTL, or on demand after
+/// a TLS failure).
+pub struct Upstreams {
+    client: kube::Client,
+    stores: Stores,
+    ttl: Duration,
+    cache: RwLock<HashMap<TargetRef, Arc<Upstream>>>,
+}
+
+fn b64(s: &str) -> Option<Vec<u8>> {
+    base64::engine::general_purpose::STANDARD.decode(s.trim()).ok()
+}
+
+struct Material {
+    ca: Vec<u8>,
+    cert: Option<Vec<u8>>,
+    key: Option<Vec<u8>>,
+}
+
+/// Reads the CA and admin credential from a `vc-<name>` Secret: its
+/// `certificate-authority`/`client-certificate`/`client-key` keys, or else
+/// the kubeconfig under `config`.
+fn material(secret: &Secret) -> Result<Material, String> {
+    let data = secret.data.clone().unwrap_or_default();
+    let get = |k: &str| data.get(k).map(|v| v.0.clone()).filter(|v| !v.is_empty());
+    if let Some(ca) = get("certificate-authority") {
+        return Ok(Material { ca, cert: get("client-certificate"), key: get("client-key") });
+    }
+    let config = get("config").ok_or("it has neither certificate-authority nor config")?;
+    let text = String::from_utf8(config).map_err(|_| "its config is not UTF-8")?;
+    let kc = kube::config::Kubeconfig::from_yaml(&text)
+        .map_err(|e| format!("its config is not a kubeconfig: {e}"))?;
+    let ca = kc
+        .clusters
+        .first()
+        .and_then(|c| c.cluster.as_ref())
+        .and_then(|c| c.certificate_authority_data.as_deref())
+        .and_then(b64)
+        .ok_or("its kubeconfig has no certificate-authority-data")?;
+    let user = kc.auth_infos.first().and_then(|a| a.auth_info.as_ref());
+    let cert = user.and_then(|u| u.client_certificate_data.as_deref()).and_then(b64);
+    let key = user
+        .and_then(|u| u.client_key_data.as_ref())
+        .and_then(|k| b64(secrecy::ExposeSecret::expose_secret(k)));
+    Ok(Material { ca, cert, key })
+}
+
+fn http_client(tls: rustls::ClientConfig) -> HttpClient {
+    let connector =
+        hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_only().enable_http1().build();
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(64)
+        .build(connector)
+}
+
+impl Upstreams {
+    pub fn new(client: kube::Client, stores: Stores, ttl: Duration) -> Self {
+        Upstreams { client, stores, ttl, cache: RwLock::new(HashMap::new()) }
+    }
+
+    /// Forgets a cached upstream (after a TLS or connection failure).
+    pub fn invalidate(&self, t: &TargetRef) {
+        self.cache.write().unwrap_or_else(|e| e.into_inner()).remove(t);
+    }
+
+    pub async fn get(&self, t: &TargetRef) -> Result<Arc<Upstream>, Error> {
+        if let Some(u) = self.cache.read().unwrap_or_else(|e| e.into_inner()).get(t)
+            && u.fetched.elapsed() < self.ttl
+        {
+            return Ok(u.clone());
+        }
+        let u = Arc::new(self.build(t).await?);
+        self.cache.write().unwrap_or_else(|e| e.into_inner()).insert(t.clone(), u.clone());
+        Ok(u)
+    }
+
+    async fn build(&self, t: &TargetRef) -> Result<Upstream, Error> {
+        let target = self.stores.target(t).ok_or_else(|| Error::NotFound(t.clone()))?;
+        let annotated = TargetAnnotations::parse(target.object.annotations()).ok().and_then(|a| a.upstream);
+        let base = annotated.unwrap_or_else(|| format!("https://{}.{}.svc:443", t.name, t.namespace));
+        let uri: http::Uri = base.parse().map_err(|_| Error::BadUpstream {
+            target: t.clone(),
+            url: base.clone(),
+            reason: format!("not a URL (set by {UPSTREAM} or the Service)"),
+        })?;
+        if uri.scheme_str() != Some("https") || uri.authority().is_none() {
+            return Err(Error::BadUpstream {
+                target: t.clone(),
+                url: base,
+                reason: "expected https://host[:port]".into(),
+            });
+        }
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &t.namespace);
+        let secret = secrets.get(&format!("vc-{}", t.name)).await.map_err(|source| Error::ReadSecret {
+            namespace: t.namespace.clone(),
+            name: t.name.clone(),
+            source,
+        })?;
+        let bad = |reason: String| Error::BadSecret {
+            namespace: t.namespace.clone(),
+            name: t.name.clone(),
+            reason,
+        };
+        let m = material(&secret).map_err(|r| bad(r.to_string()))?;
+        let ca = crate::tls::certs_from_pem(&m.ca, "vcluster CA").map_err(|e| bad(e.to_string()))?;
+        let roots = Arc::new(crate::tls::root_store(&ca).map_err(|e| Error::Tls(t.clone(), e))?);
+        let builder = || {
+            rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+                .with_safe_default_protocol_versions()
+                .map(|b| b.with_root_certificates(roots.clone()))
+                .map_err(|e| Error::Tls(t.clone(), crate::tls::Error::Config(e)))
+        };
+        // HTTP/1.1 upstream (no ALPN): what upgrades need, and all a Kubernetes API server needs.
+        let plain_tls = builder()?.with_no_client_auth();
+        let admin = match (m.cert, m.key) {
+            (Some(cert), Some(key)) => {
+                let certs: Vec<CertificateDer<'static>> =
+                    crate::tls::certs_from_pem(&cert, "vcluster admin certificate")
+                        .map_err(|e| bad(e.to_string()))?;
+                let key: PrivateKeyDer<'static> =
+                    crate::tls::key_from_pem(&key).map_err(|e| bad(e.to_string()))?;
+                let tls = builder()?
+                    .with_client_auth_cert(certs, key)
+                    .map_err(|e| Error::Tls(t.clone(), crate::tls::Error::Config(e)))?;
+                Some(http_client(tls))
+            }
+            _ => None,
+        };
+        let client_verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            roots.clone(),
+            crate::tls::provider(),
+        )
+        .build()
+        .map_err(|e| Error::Tls(t.clone(), crate::tls::Error::Verifier(e)))?;
+        Ok(Upstream {
+            base: base.trim_end_matches('/').to_string(),
+            client_verifier,
+            plain: http_client(plain_tls),
+            admin,
+            fetched: Instant::now(),
+        })
+    }
+}

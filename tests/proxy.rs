@@ -1,0 +1,445 @@
+//! The wake-on-request proxy with real kubectl and real API servers: a
+//! sleeping vcluster answers, wakes once however many wait, streams and
+//! upgrades work, access never widens, and refusals read well.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::Output;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use support::*;
+use testbed::pki::Ca;
+use testbed::process::free_port;
+use testbed::vcluster::{VCluster, VClusterOptions};
+use testbed::{Cluster, kubeconfig_yaml};
+
+/// A vcluster in its own scope, with an agent whose proxy serves it.
+struct Setup {
+    id: String,
+    ns: String,
+    vc: VCluster,
+    agent: Agent,
+    proxy: String,
+    /// The vcluster's credentials through the proxy (`dormant kubeconfig`).
+    kubeconfig: PathBuf,
+}
+
+fn setup(prefix: &str, extra: &[&str], policy: Option<&str>) -> Setup {
+    let c = Cluster::shared();
+    let id = test_id(prefix);
+    let ns = c.namespace(prefix, &[("dormant-test", &id)]).unwrap();
+    if let Some(spec) = policy {
+        install_crd(c);
+        c.kubectl_apply(
+            &c.admin,
+            &format!("apiVersion: dormant.dev/v1alpha1\nkind: SleepPolicy\nmetadata: {{name: {id}}}\nspec:\n  selector: {{namespaceSelector: {{matchLabels: {{dormant-test: {id}}}}}}}\n{spec}"),
+        )
+        .unwrap();
+    }
+    let vc = VCluster::create(
+        c,
+        &ns,
+        "dev",
+        VClusterOptions {
+            annotations: vec![("dormant.dev/sleep-after".into(), "1h".into())],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    vc.wait_serving(c, Duration::from_secs(60)).unwrap();
+    let port = free_port().unwrap();
+    let mut flags = vec![
+        format!("--proxy-addr=127.0.0.1:{port}"),
+        format!("--proxy-cert={}", c.dir.join("apiserver.crt").display()),
+        format!("--proxy-key={}", c.dir.join("apiserver.key").display()),
+    ];
+    flags.extend(extra.iter().map(|s| s.to_string()));
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let agent = Agent::start(c, &id, &format!("{id}-system"), &format!("{id}-agent"), &flags);
+    let proxy = format!("https://127.0.0.1:{port}");
+    let kubeconfig = c.dir.join(format!("{ns}-proxy.kubeconfig"));
+    let out = dormant(
+        c,
+        &[
+            "kubeconfig",
+            &format!("{ns}/dev"),
+            "--server",
+            &proxy,
+            "--proxy-ca",
+            c.ca_file.to_str().unwrap(),
+            "-o",
+            kubeconfig.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    Setup { id, ns, vc, agent, proxy, kubeconfig }
+}
+
+fn kubectl_with(c: &Cluster, kubeconfig: &std::path::Path, args: &[&str]) -> Output {
+    std::process::Command::new(c.bins.path("kubectl"))
+        .arg(format!("--kubeconfig={}", kubeconfig.display()))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn text(o: &Output) -> (String, String) {
+    (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+fn generation(c: &Cluster, ns: &str) -> i64 {
+    jsonpath(c, "statefulset", "dev", Some(ns), "{.metadata.generation}").parse().unwrap()
+}
+
+fn put_to_sleep(c: &Cluster, s: &Setup) {
+    let out = dormant(c, &["sleep", &format!("vcluster/{}/dev", s.ns), "--wait=60s"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_until("the vcluster API server to stop", Duration::from_secs(30), || !s.vc.is_serving());
+    // Asleep by hand without prevention: the next request wakes it.
+}
+
+/// A kubeconfig for `user` (a testbed certificate) against the proxy.
+fn user_kubeconfig(c: &Cluster, s: &Setup, name: &str, cert: &testbed::pki::CertPair) -> PathBuf {
+    let path = c.dir.join(format!("{}-{name}-proxy.kubeconfig", s.ns));
+    std::fs::write(
+        &path,
+        kubeconfig_yaml(&format!("{}/vcluster/{}/dev", s.proxy, s.ns), &c.ca.cert_pem, name, cert),
+    )
+    .unwrap();
+    path
+}
+
+#[test]
+fn a_sleeping_vcluster_answers_kubectl_through_the_proxy_after_exactly_one_wake() {
+    let c = Cluster::shared();
+    let s = setup("proxy-wake", &[], None);
+    let direct = kubectl_with(c, &s.vc.kubeconfig, &["create", "namespace", "inside"]);
+    assert!(direct.status.success(), "{}", text(&direct).1);
+    let expected = text(&kubectl_with(c, &s.vc.kubeconfig, &["get", "namespaces", "-o", "name"])).0;
+    // Awake, the proxy forwards and answers what the upstream answers.
+    let via = kubectl_with(c, &s.kubeconfig, &["get", "namespaces", "-o", "name"]);
+    assert_eq!(text(&via).0, expected, "{}", text(&via).1);
+
+    put_to_sleep(c, &s);
+    let (starts, generation_before) = (s.vc.starts(), generation(c, &s.ns));
+    let t = Instant::now();
+    let via = kubectl_with(c, &s.kubeconfig, &["get", "namespaces", "-o", "name"]);
+    let took = t.elapsed();
+    assert!(via.status.success(), "{}\n{}", text(&via).1, s.agent.log());
+    assert_eq!(text(&via).0, expected);
+    assert_eq!(s.vc.starts(), starts + 1, "the API server started once");
+    assert_eq!(generation(c, &s.ns), generation_before + 1, "the control plane was scaled up exactly once");
+    eprintln!("kubectl against the sleeping vcluster answered in {took:?}");
+    let by = annotation(c, "statefulset", "dev", Some(&s.ns), "dormant.dev/last-activity-by");
+    assert!(by.starts_with("kube:admin list namespaces (proxy)"), "{by}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_hundred_concurrent_requests_during_one_wake_all_succeed_with_one_scale_up() {
+    let s = tokio::task::spawn_blocking(|| setup("proxy-many", &[], None)).await.unwrap();
+    let c = Cluster::shared();
+    put_to_sleep(c, &s);
+    let (starts, generation_before) = (s.vc.starts(), generation(c, &s.ns));
+    let client = testbed::client_from_kubeconfig(&s.kubeconfig).await.unwrap();
+    let kubeconfig = Arc::new(s.kubeconfig.clone());
+    let kubectl_bin = Arc::new(c.bins.path("kubectl"));
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        if i % 10 == 0 {
+            // Every tenth is a real kubectl.
+            let (k, bin) = (kubeconfig.clone(), kubectl_bin.clone());
+            tasks.push(tokio::task::spawn_blocking(move || {
+                let o = std::process::Command::new(&*bin)
+                    .arg(format!("--kubeconfig={}", k.display()))
+                    .args(["get", "namespace", "default", "-o", "name"])
+                    .output()
+                    .unwrap();
+                if o.status.success() { Ok(()) } else { Err(String::from_utf8_lossy(&o.stderr).into_owned()) }
+            }));
+        } else {
+            let client = client.clone();
+            tasks.push(tokio::spawn(async move {
+                let api: kube::Api<k8s_openapi::api::core::v1::Namespace> = kube::Api::all(client);
+                api.get("default").await.map(|_| ()).map_err(|e| e.to_string())
+            }));
+        }
+    }
+    let mut failures = Vec::new();
+    for t in tasks {
+        if let Err(e) = t.await.unwrap() {
+            failures.push(e);
+        }
+    }
+    assert!(failures.is_empty(), "{} failed, e.g. {:?}", failures.len(), failures.first());
+    assert_eq!(s.vc.starts(), starts + 1);
+    assert_eq!(generation(c, &s.ns), generation_before + 1, "one scale-up");
+    let metrics = s.agent.get("/metrics");
+    assert!(metrics.contains("dormant_proxy_requests_total{outcome=\"held\",code=\"200\"}"), "{metrics}");
+}
+
+#[test]
+fn watches_stream_and_websocket_upgrades_pass_through() {
+    let c = Cluster::shared();
+    let s = setup("proxy-stream", &[], None);
+    // kubectl get -w streams through the proxy.
+    let mut watch = std::process::Command::new(c.bins.path("kubectl"))
+        .arg(format!("--kubeconfig={}", s.kubeconfig.display()))
+        .args(["get", "namespaces", "-w", "-o", "name"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(kubectl_with(c, &s.vc.kubeconfig, &["create", "namespace", "streamed"]).status.success());
+    let stdout = watch.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut seen = Vec::new();
+    while !seen.iter().any(|l: &String| l == "namespace/streamed") {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "the watch did not stream the new namespace: {seen:?}");
+        if let Ok(l) = rx.recv_timeout(left) {
+            seen.push(l);
+        }
+    }
+    let _ = watch.kill();
+    let _ = watch.wait();
+
+    // A WebSocket upgrade, one of the API server's own (watch over WebSocket).
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let cert = c.ca.client("kube:admin", &["system:masters"]).unwrap();
+    let frames = rt.block_on(websocket_watch(&s, &cert));
+    assert!(frames.contains("101 Switching Protocols"), "{frames}");
+    assert!(frames.contains("ADDED") && frames.contains("streamed"), "{frames}");
+}
+
+/// A GET through the proxy over raw HTTP/1.1 with a client certificate:
+/// (status, the whole answer).
+async fn raw_get(proxy: &str, path: &str, cert: &testbed::pki::CertPair) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let c = Cluster::shared();
+    let roots =
+        dormant::tls::root_store(&dormant::tls::certs_from_pem(c.ca.cert_pem.as_bytes(), "ca").unwrap())
+            .unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(dormant::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(
+            dormant::tls::certs_from_pem(cert.cert_pem.as_bytes(), "cert").unwrap(),
+            dormant::tls::key_from_pem(cert.key_pem.as_bytes()).unwrap(),
+        )
+        .unwrap();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let port: u16 = proxy.rsplit(':').next().unwrap().parse().unwrap();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap(), tcp)
+        .await
+        .unwrap();
+    tls.write_all(format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(60), tls.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let code = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (code, text)
+}
+
+/// Opens a WebSocket watch of namespaces through the proxy and returns the
+/// raw bytes seen in the first seconds (handshake and frames).
+async fn websocket_watch(s: &Setup, cert: &testbed::pki::CertPair) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let c = Cluster::shared();
+    let roots =
+        dormant::tls::root_store(&dormant::tls::certs_from_pem(c.ca.cert_pem.as_bytes(), "ca").unwrap())
+            .unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(dormant::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(
+            dormant::tls::certs_from_pem(cert.cert_pem.as_bytes(), "cert").unwrap(),
+            dormant::tls::key_from_pem(cert.key_pem.as_bytes()).unwrap(),
+        )
+        .unwrap();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let port: u16 = s.proxy.rsplit(':').next().unwrap().parse().unwrap();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap(), tcp)
+        .await
+        .unwrap();
+    let req = format!(
+        "GET /vcluster/{}/dev/api/v1/namespaces?watch=true HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nOrigin: https://127.0.0.1\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        s.ns
+    );
+    tls.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 1 << 16];
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, tls.read(&mut buf)).await {
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+        if String::from_utf8_lossy(&out).contains("streamed") {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn access_never_widens_through_the_proxy() {
+    let c = Cluster::shared();
+    let s = setup("proxy-sec", &[], None);
+
+    // alice authenticates with her certificate: the proxy impersonates her.
+    let alice = user_kubeconfig(c, &s, "alice", &c.alice.cert);
+    let whoami = kubectl_with(
+        c,
+        &alice,
+        &["auth", "whoami", "-o", "jsonpath={.status.userInfo.username} {.status.userInfo.groups}"],
+    );
+    let (out, err) = text(&whoami);
+    assert!(out.starts_with("alice ") && out.contains("team-a"), "{out} {err}");
+    let denied = kubectl_with(c, &alice, &["get", "secrets", "-n", "kube-system"]);
+    assert!(
+        text(&denied).1.contains("Forbidden") && text(&denied).1.contains("\"alice\""),
+        "{:?}",
+        text(&denied)
+    );
+    // Her own Impersonate-User header never reaches the upstream.
+    let sneaky = kubectl_with(
+        c,
+        &alice,
+        &["get", "secrets", "-n", "kube-system", "--as=kube:admin", "--as-group=system:masters"],
+    );
+    assert!(!sneaky.status.success(), "impersonation through the proxy widened access: {:?}", text(&sneaky));
+    assert!(text(&sneaky).1.contains("\"alice\""), "{:?}", text(&sneaky));
+
+    // A certificate from another CA is refused.
+    let stranger = Ca::new("not-the-vcluster-ca").unwrap().client("kube:admin", &["system:masters"]).unwrap();
+    let other = user_kubeconfig(c, &s, "stranger", &stranger);
+    let refused = kubectl_with(c, &other, &["get", "namespaces"]);
+    assert!(!refused.status.success());
+    assert!(text(&refused).1.contains("client certificate not valid for vcluster"), "{:?}", text(&refused));
+
+    // A bearer token is passed through: the upstream authorizes its owner.
+    let sa = kubectl_with(c, &s.vc.kubeconfig, &["create", "serviceaccount", "viewer", "-n", "default"]);
+    assert!(sa.status.success(), "{:?}", text(&sa));
+    let token = text(&kubectl_with(c, &s.vc.kubeconfig, &["create", "token", "viewer", "-n", "default"]))
+        .0
+        .trim()
+        .to_string();
+    assert!(!token.is_empty());
+    let bearer = c.dir.join(format!("{}-viewer.kubeconfig", s.ns));
+    std::fs::write(
+        &bearer,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: p\n  cluster:\n    server: {}/vcluster/{}/dev\n    certificate-authority: {}\nusers:\n- name: viewer\n  user:\n    token: {token}\ncontexts:\n- name: p\n  context: {{cluster: p, user: viewer}}\ncurrent-context: p\n",
+            s.proxy,
+            s.ns,
+            c.ca_file.display()
+        ),
+    )
+    .unwrap();
+    let who = kubectl_with(c, &bearer, &["auth", "whoami", "-o", "jsonpath={.status.userInfo.username}"]);
+    assert_eq!(text(&who).0, "system:serviceaccount:default:viewer", "{:?}", text(&who));
+    let denied = kubectl_with(c, &bearer, &["get", "secrets", "-n", "kube-system"]);
+    assert!(text(&denied).1.contains("Forbidden"), "{:?}", text(&denied));
+    let _ = &s.agent;
+}
+
+#[test]
+fn refusals_have_the_documented_status_and_read_well_in_kubectl() {
+    let c = Cluster::shared();
+    // A control plane that cannot start (no node fits its pod) never wakes:
+    // after the policy's 2 s every request gets 504, and kubectl says so.
+    let s = setup("proxy-refuse", &["--proxy-max-waiting=2"], Some("  wake: {timeout: 2s}\n"));
+    put_to_sleep(c, &s);
+    let unschedulable =
+        r#"{"spec":{"template":{"spec":{"nodeSelector":{"dormant.dev/test":"no-such-node"}}}}}"#;
+    kubectl(c, &["patch", "statefulset", "dev", "-n", &s.ns, "-p", unschedulable]);
+    let cert = c.ca.client("kube:admin", &["system:masters"]).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (code, raw) =
+        rt.block_on(raw_get(&s.proxy, &format!("/vcluster/{}/dev/api/v1/namespaces", s.ns), &cert));
+    assert_eq!(code, 504, "{raw}");
+    assert!(
+        raw.contains("\"reason\":\"Timeout\"") && !raw.to_ascii_lowercase().contains("retry-after"),
+        "{raw}"
+    );
+    // kubectl's discovery requests time out first; it prints the standard
+    // 504 message (its discovery decoder cannot read a Status)...
+    let out = kubectl_with(c, &s.kubeconfig, &["get", "namespaces"]);
+    let (_, err) = text(&out);
+    assert!(!out.status.success());
+    assert!(err.lines().last().unwrap_or_default().starts_with("Error from server (Timeout)"), "{err}");
+    // ...and a request that skips discovery prints dormant's own.
+    let out = kubectl_with(c, &s.kubeconfig, &["get", "--raw", "/api/v1/namespaces"]);
+    let (_, err) = text(&out);
+    assert!(err.contains("Error from server (Timeout)") && err.contains("did not wake within 2s"), "{err}");
+
+    // Full queue: two may wait, the others are refused at once with
+    // 503 and Retry-After (which kubectl honours by retrying).
+    kubectl(c, &["delete", "sleeppolicy", &s.id]);
+    let fixed = r#"[{"op":"remove","path":"/spec/template/spec/nodeSelector"}]"#;
+    kubectl(c, &["patch", "statefulset", "dev", "-n", &s.ns, "--type=json", "-p", fixed]);
+    // A StatefulSet does not replace a pod that never became Ready.
+    kubectl(c, &["delete", "pod", "dev-0", "-n", &s.ns, "--wait=false"]);
+    wait_until("the vcluster to wake", Duration::from_secs(60), || s.vc.is_serving());
+    put_to_sleep(c, &s);
+    let answers: Vec<(u16, String)> = rt.block_on(async {
+        let mut tasks = Vec::new();
+        for _ in 0..6 {
+            let (cert, proxy, ns) = (cert.clone(), s.proxy.clone(), s.ns.clone());
+            tasks.push(tokio::spawn(async move {
+                raw_get(&proxy, &format!("/vcluster/{ns}/dev/api/v1/namespaces"), &cert).await
+            }));
+        }
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap());
+        }
+        out
+    });
+    let refused: Vec<&(u16, String)> = answers.iter().filter(|(code, _)| *code == 503).collect();
+    assert!(!refused.is_empty() && answers.iter().any(|(code, _)| *code == 200), "{answers:?}");
+    for (_, raw) in refused {
+        assert!(raw.to_ascii_lowercase().contains("retry-after: 5"), "{raw}");
+        assert!(
+            raw.contains("\"reason\":\"ServiceUnavailable\"") && raw.contains("requests are already waiting"),
+            "{raw}"
+        );
+    }
+    let metrics = s.agent.get("/metrics");
+    assert!(
+        metrics.contains("dormant_proxy_requests_total{outcome=\"overloaded\",code=\"503\"}"),
+        "{metrics}"
+    );
+
+    // Prevented: asleep on purpose, and requests say until when.
+    let out = dormant(c, &["sleep", &format!("vcluster/{}/dev", s.ns), "--prevent-wakeup=2h", "--wait=60s"]);
+    assert!(out.status.success(), "{}", text(&out).1);
+    let out = kubectl_with(c, &s.kubeconfig, &["get", "--raw", "/api/v1/namespaces"]);
+    let (_, err) = text(&out);
+    assert!(
+        err.contains("Error from server (ServiceUnavailable)")
+            && err.contains("requests do not wake it until"),
+        "{err}"
+    );
+    let out = kubectl_with(c, &s.kubeconfig, &["get", "namespaces"]);
+    assert!(text(&out).1.contains("Error from server (ServiceUnavailable)"), "{}", text(&out).1);
+    assert_eq!(state(c, "statefulset", "dev", Some(&s.ns)), "asleep", "prevented requests do not wake it");
+}
