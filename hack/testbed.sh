@@ -6,6 +6,7 @@
 #   hack/testbed.sh install      build whatever is missing (idempotent)
 #   hack/testbed.sh dir          print the folder the binaries live in
 #   hack/testbed.sh check        exit 1 and list what is missing
+#   hack/testbed.sh promtool     print the path of promtool (installed by install)
 #
 # The folder is $DORMANT_TESTBED_DIR, or ~/.cache/dormant/testbed/<versions>.
 set -euo pipefail
@@ -17,6 +18,9 @@ source "$here/versions.env"
 stamp="k8s-${KUBERNETES_VERSION}_etcd-${ETCD_VERSION}_kwok-${KWOK_VERSION}_helm-${HELM_VERSION}"
 dir="${DORMANT_TESTBED_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/dormant/testbed/$stamp}"
 bins=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok helm)
+# Tools beside the cluster, versioned on their own (tests parse dashboard
+# PromQL with the real parser).
+tools_dir="${DORMANT_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/dormant/tools/prometheus-${PROMETHEUS_VERSION}}"
 
 log() { printf '[testbed] %s\n' "$*" >&2; }
 
@@ -107,8 +111,22 @@ go_install() { # name module version note
   rm -rf "$gobin"
 }
 
+install_tools() {
+  if [[ -x "$tools_dir/promtool" ]]; then return 0; fi
+  need_go
+  mkdir -p "$tools_dir"
+  local gobin
+  gobin="$(mktemp -d)"
+  log "building promtool v${PROMETHEUS_VERSION} (~3.5 min, once)"
+  GOBIN="$gobin" CGO_ENABLED=0 go install -trimpath -ldflags "-s -w" \
+    "github.com/prometheus/prometheus/cmd/promtool@v${PROMETHEUS_VERSION}"
+  mv "$gobin/promtool" "$tools_dir/promtool"
+  rm -rf "$gobin"
+}
+
 install() {
   local todo start
+  install_tools
   todo="$(missing)"
   if [[ -z "$todo" ]]; then log "all testbed binaries present in $dir"; return 0; fi
   need_go
@@ -135,10 +153,14 @@ install() {
 case "${1:-install}" in
   install) install ;;
   dir) echo "$dir" ;;
+  promtool)
+    [[ -x "$tools_dir/promtool" ]] || { log "promtool missing in $tools_dir (run: hack/testbed.sh install)"; exit 1; }
+    echo "$tools_dir/promtool"
+    ;;
   check)
     todo="$(missing)"
     if [[ -n "$todo" ]]; then log "missing in $dir: $todo (run: hack/testbed.sh install)"; exit 1; fi
     [[ -d "$dir/kwok-stages" ]] || { log "missing kwok stage files (run: hack/testbed.sh install)"; exit 1; }
     ;;
-  *) echo "usage: $0 install|dir|check" >&2; exit 2 ;;
+  *) echo "usage: $0 install|dir|check|promtool" >&2; exit 2 ;;
 esac

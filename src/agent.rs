@@ -195,7 +195,7 @@ impl AgentArgs {
             }
         };
         let lease_duration = dur("lease-duration", &self.lease_duration, Duration::from_secs(2));
-        let flush_interval = dur("flush-interval", &self.flush_interval, Duration::from_millis(0));
+        let flush_interval = dur("flush-interval", &self.flush_interval, Duration::from_secs(1));
         let wake_timeout = dur("default-wake-timeout", &self.default_wake_timeout, Duration::from_secs(1));
         let sleep_after = self.default_sleep_after.parse::<SleepAfter>().unwrap_or_else(|e| {
             errors.push(format!("--default-sleep-after: {e}"));

@@ -166,7 +166,8 @@ impl LedgerWorker {
         flusher: F,
         flush_every: Duration,
     ) {
-        let mut tick = tokio::time::interval(flush_every);
+        // The first flush comes one interval after start, not at once.
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + flush_every, flush_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {

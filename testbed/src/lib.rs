@@ -74,6 +74,22 @@ impl Bins {
         Ok(Bins { dir })
     }
 
+    /// promtool (built by `hack/testbed.sh install` beside the testbed).
+    pub fn promtool() -> Result<PathBuf> {
+        let script = Self::repo_root().join("hack/testbed.sh");
+        let out = Command::new(&script)
+            .arg("promtool")
+            .output()
+            .with_context(|| format!("run {}", script.display()))?;
+        if !out.status.success() {
+            bail!(
+                "promtool is not installed: {}\ninstall it with:\n\n    hack/testbed.sh install\n",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+    }
+
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }

@@ -1,0 +1,51 @@
+{{- define "dormant.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "dormant.labels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "dormant.selectorLabels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "dormant.serviceAccountName" -}}
+{{- default (include "dormant.fullname" .) .Values.serviceAccount.name -}}
+{{- end -}}
+
+{{/* Whether TLS comes from cert-manager. */}}
+{{- define "dormant.certManager" -}}
+{{- $mode := toString .Values.tls.certManager -}}
+{{- if eq $mode "true" -}}true
+{{- else if and (eq $mode "auto") (.Capabilities.APIVersions.Has "cert-manager.io/v1") -}}true
+{{- end -}}
+{{- end -}}
+
+{{- define "dormant.tlsSecret" -}}
+{{- default (printf "%s-tls" (include "dormant.fullname" .)) .Values.tls.existingSecret -}}
+{{- end -}}
+
+{{- define "dormant.auditTokenSecret" -}}
+{{- default (printf "%s-audit-token" (include "dormant.fullname" .)) .Values.audit.existingTokenSecret -}}
+{{- end -}}
+
+{{/* The DNS names the proxy and webhook certificate covers. */}}
+{{- define "dormant.dnsNames" -}}
+{{- $fn := include "dormant.fullname" . -}}
+{{- $ns := .Release.Namespace -}}
+{{- $names := list (printf "%s-proxy" $fn) (printf "%s-proxy.%s" $fn $ns) (printf "%s-proxy.%s.svc" $fn $ns) (printf "%s-audit" $fn) (printf "%s-audit.%s" $fn $ns) (printf "%s-audit.%s.svc" $fn $ns) -}}
+{{- if .Values.proxy.baseDomain -}}
+{{- $names = append $names (printf "*.%s" .Values.proxy.baseDomain) -}}
+{{- end -}}
+{{- concat $names .Values.tls.extraDnsNames | toJson -}}
+{{- end -}}
