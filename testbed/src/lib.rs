@@ -183,8 +183,24 @@ impl Cluster {
         }
     }
 
-    /// Starts a cluster of its own (blocking, about 6 s).
+    /// Starts a cluster of its own (blocking, about 6 s). A start that fails
+    /// (a free port taken by someone else between probing and binding, say)
+    /// is retried twice with new ports and a new folder.
     pub fn start(opts: ClusterOptions) -> Result<Cluster> {
+        let mut last = None;
+        for attempt in 1..=3 {
+            match Self::start_once(opts.clone()) {
+                Ok(c) => return Ok(c),
+                Err(e) => {
+                    eprintln!("testbed: start attempt {attempt} failed: {e:#}");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow!("the testbed did not start")))
+    }
+
+    fn start_once(opts: ClusterOptions) -> Result<Cluster> {
         let started = Instant::now();
         let bins = Bins::locate()?;
         let tmp = tempfile::Builder::new().prefix("dormant-testbed-").tempdir()?;
