@@ -7,6 +7,7 @@
 #   hack/testbed.sh dir          print the folder the binaries live in
 #   hack/testbed.sh check        exit 1 and list what is missing
 #   hack/testbed.sh promtool     print the path of promtool (installed by install)
+#   hack/testbed.sh keda-crd     print the path of KEDA's ScaledObject CRD (installed by install)
 #
 # The folder is $DORMANT_TESTBED_DIR, or ~/.cache/dormant/testbed/<versions>.
 set -euo pipefail
@@ -21,6 +22,7 @@ bins=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok he
 # Tools beside the cluster, versioned on their own (tests parse dashboard
 # PromQL with the real parser).
 tools_dir="${DORMANT_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/dormant/tools/prometheus-${PROMETHEUS_VERSION}}"
+keda_crd="${XDG_CACHE_HOME:-$HOME/.cache}/dormant/tools/keda-${KEDA_VERSION}/keda.sh_scaledobjects.yaml"
 
 log() { printf '[testbed] %s\n' "$*" >&2; }
 
@@ -124,9 +126,28 @@ install_tools() {
   rm -rf "$gobin"
 }
 
+# KEDA's ScaledObject CRD exactly as KEDA ships it (from its Go module; seconds).
+install_keda_crd() {
+  if [[ -s "$keda_crd" ]]; then return 0; fi
+  need_go
+  local src
+  log "fetching KEDA v${KEDA_VERSION}'s ScaledObject CRD from the Go module proxy"
+  src="$(cd "$(mktemp -d)" && GOFLAGS=-mod=mod go mod download -json "github.com/kedacore/keda/v2@v${KEDA_VERSION}" \
+    | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')"
+  if [[ ! -f "$src/config/crd/bases/keda.sh_scaledobjects.yaml" ]]; then
+    log "error: github.com/kedacore/keda/v2@v${KEDA_VERSION} has no config/crd/bases/keda.sh_scaledobjects.yaml"
+    exit 1
+  fi
+  mkdir -p "$(dirname "$keda_crd")"
+  cp "$src/config/crd/bases/keda.sh_scaledobjects.yaml" "$keda_crd.tmp"
+  chmod u+w "$keda_crd.tmp"
+  mv "$keda_crd.tmp" "$keda_crd"
+}
+
 install() {
   local todo start
   install_tools
+  install_keda_crd
   todo="$(missing)"
   if [[ -z "$todo" ]]; then log "all testbed binaries present in $dir"; return 0; fi
   need_go
@@ -157,10 +178,14 @@ case "${1:-install}" in
     [[ -x "$tools_dir/promtool" ]] || { log "promtool missing in $tools_dir (run: hack/testbed.sh install)"; exit 1; }
     echo "$tools_dir/promtool"
     ;;
+  keda-crd)
+    [[ -s "$keda_crd" ]] || { log "KEDA's CRD missing at $keda_crd (run: hack/testbed.sh install)"; exit 1; }
+    echo "$keda_crd"
+    ;;
   check)
     todo="$(missing)"
     if [[ -n "$todo" ]]; then log "missing in $dir: $todo (run: hack/testbed.sh install)"; exit 1; fi
     [[ -d "$dir/kwok-stages" ]] || { log "missing kwok stage files (run: hack/testbed.sh install)"; exit 1; }
     ;;
-  *) echo "usage: $0 install|dir|check|promtool" >&2; exit 2 ;;
+  *) echo "usage: $0 install|dir|check|promtool|keda-crd" >&2; exit 2 ;;
 esac

@@ -150,6 +150,10 @@ fn helm_install_creates_everything_and_the_chart_rbac_is_exactly_enough() {
     let ca = jsonpath(c, "secret", "dormant-tls", Some(&release_ns), "{.data.ca\\.crt}");
     assert!(!ca.is_empty(), "the generated TLS Secret has a CA for API servers to trust");
 
+    // KEDA's CRD, so pausing a ScaledObject is part of the cycle (and `auth can-i` knows the resource).
+    let keda_crd = testbed::Bins::keda_crd().unwrap();
+    kubectl(c, &["apply", "--server-side", "-f", &keda_crd.display().to_string()]);
+    kubectl(c, &["wait", "--for=condition=Established", "crd/scaledobjects.keda.sh", "--timeout=60s"]);
     // What the ServiceAccount may not do.
     let sa = format!("system:serviceaccount:{release_ns}:dormant");
     // `kubectl auth can-i` answers on stdout and exits 1 for "no".
@@ -169,6 +173,7 @@ fn helm_install_creates_everything_and_the_chart_rbac_is_exactly_enough() {
         assert_eq!(can(verb, what, "default"), "no", "{verb} {what} must be forbidden");
     }
     for (verb, what) in [
+        ("patch", "scaledobjects.keda.sh"),
         ("patch", "deployments.apps"),
         ("patch", "statefulsets.apps"),
         ("deletecollection", "pods"),
@@ -201,7 +206,14 @@ fn helm_install_creates_everything_and_the_chart_rbac_is_exactly_enough() {
     c.kubectl_apply(
         &c.admin,
         &format!(
-            r#"apiVersion: apps/v1
+            r#"apiVersion: keda.sh/v1alpha1
+kind: ScaledObject
+metadata: {{name: web, namespace: {ns}}}
+spec:
+  scaleTargetRef: {{name: web}}
+  triggers: [{{type: cron, metadata: {{timezone: UTC, start: "0 8 * * *", end: "0 18 * * *", desiredReplicas: "2"}}}}]
+---
+apiVersion: apps/v1
 kind: Deployment
 metadata: {{name: web, namespace: {ns}}}
 spec:
@@ -272,6 +284,7 @@ spec:
         );
     }
     assert_eq!(jsonpath(c, "deployment", "web", Some(&ns), "{.spec.replicas}"), "0");
+    assert_eq!(annotation(c, "scaledobject", "web", Some(&ns), "autoscaling.keda.sh/paused-replicas"), "0");
     assert_eq!(jsonpath(c, "cronjob", "job", Some(&ns), "{.spec.suspend}"), "true");
     assert_eq!(jsonpath(c, "statefulset", "vc", Some(&ns), "{.spec.replicas}"), "0");
     wait_until("the synced pod to be deleted", Duration::from_secs(30), || {
@@ -287,6 +300,7 @@ spec:
         );
     }
     assert_eq!(jsonpath(c, "deployment", "web", Some(&ns), "{.spec.replicas}"), "2");
+    assert_eq!(annotation(c, "scaledobject", "web", Some(&ns), "autoscaling.keda.sh/paused-replicas"), "");
     assert_eq!(jsonpath(c, "statefulset", "vc", Some(&ns), "{.spec.replicas}"), "1");
     wait_until("the policy status", Duration::from_secs(30), || {
         jsonpath(c, "sleeppolicy", &id, None, "{.status.conditions[?(@.type==\"Valid\")].status}") == "True"

@@ -571,6 +571,80 @@ spec:
     wait_until("the HPA to resume", Duration::from_secs(60), || scaling() != "ScalingDisabled");
 }
 
+/// KEDA would scale a sleeping workload straight back up on its next
+/// activation; dormant pauses each ScaledObject at zero through KEDA's own
+/// annotation (on real ScaledObjects, from KEDA's CRD) and gives back
+/// exactly the pause it had. The KEDA operator itself is not part of the
+/// testbed: what it reads is the annotation asserted here.
+#[test]
+fn keda_scaled_objects_are_paused_while_asleep_and_given_back_exactly() {
+    let c = Cluster::shared();
+    let crd = testbed::Bins::keda_crd().unwrap();
+    kubectl(c, &["apply", "--server-side", "-f", &crd.display().to_string()]);
+    kubectl(c, &["wait", "--for=condition=Established", "crd/scaledobjects.keda.sh", "--timeout=60s"]);
+    let id = test_id("keda");
+    let ns = c.namespace("keda", &[("dormant-test", &id)]).unwrap();
+    let mut yaml = String::new();
+    for (name, replicas, so_annotations, exclude) in [
+        ("worker", 2, "{}", false),
+        ("batch", 1, "{autoscaling.keda.sh/paused-replicas: \"1\"}", false),
+        ("payments", 1, "{}", true),
+    ] {
+        let workload_annotations = if exclude { "{dormant.dev/exclude: \"true\"}" } else { "{}" };
+        yaml.push_str(&format!(
+            r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: {name}, namespace: {ns}, annotations: {workload_annotations}}}
+spec:
+  replicas: {replicas}
+  selector: {{matchLabels: {{app: {name}}}}}
+  template:
+    metadata: {{labels: {{app: {name}}}}}
+    spec: {{containers: [{{name: c, image: nginx:1.27}}]}}
+---
+apiVersion: keda.sh/v1alpha1
+kind: ScaledObject
+metadata: {{name: {name}, namespace: {ns}, annotations: {so_annotations}}}
+spec:
+  scaleTargetRef: {{name: {name}}}
+  minReplicaCount: 0
+  triggers:
+  - type: cron
+    metadata: {{timezone: Europe/Berlin, start: "0 8 * * 1-5", end: "0 19 * * 1-5", desiredReplicas: "{replicas}"}}
+---
+"#
+        ));
+    }
+    c.kubectl_apply(&c.admin, &yaml).unwrap();
+    let _agent = Agent::start(c, &id, &format!("{id}-system"), "keda-1", &[]);
+    kubectl(c, &["annotate", "namespace", &ns, "dormant.dev/sleep-after=1h"]);
+    let paused =
+        |so: &str| annotation(c, "scaledobject", so, Some(&ns), "autoscaling.keda.sh/paused-replicas");
+    let record = |so: &str| {
+        annotation(c, "scaledobject", so, Some(&ns), "dormant.dev/keda-paused-replicas-before-sleep")
+    };
+
+    let out = dormant(c, &["sleep", &ns, "--wait=60s"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!((paused("worker"), record("worker")), ("0".into(), "none".into()));
+    assert_eq!((paused("batch"), record("batch")), ("0".into(), "1".into()));
+    let untouched = jsonpath(c, "scaledobject", "payments", Some(&ns), "{.metadata.annotations}");
+    assert!(
+        !untouched.contains("paused-replicas") && !untouched.contains("dormant.dev"),
+        "the excluded workload's ScaledObject is untouched: {untouched}"
+    );
+    assert_eq!(replicas(c, "deployment", "worker", &ns), "0");
+    assert_eq!(replicas(c, "deployment", "payments", &ns), "1");
+
+    let out = dormant(c, &["wake", &ns, "--wait=60s"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(replicas(c, "deployment", "worker", &ns), "2");
+    assert_eq!(replicas(c, "deployment", "batch", &ns), "1");
+    let all = jsonpath(c, "scaledobject", "worker", Some(&ns), "{.metadata.annotations}");
+    assert!(!all.contains("paused-replicas"), "KEDA controls worker again: {all}");
+    assert_eq!((paused("batch"), record("batch")), ("1".into(), String::new()), "batch stays paused at 1");
+}
+
 #[test]
 fn status_and_explain_say_what_each_target_does_and_why() {
     let c = Cluster::shared();

@@ -13,7 +13,7 @@ use crate::metrics::{CategoryLabels, SavingsLabels, TransitionLabels, TriggerLab
 use crate::policy::TargetKind;
 use crate::policy::annotations::{self as ann, TargetState, format_requests, rfc3339};
 use crate::policy::decide::Desired;
-use crate::scaler::{sleep_patch, wake_patch};
+use crate::scaler::{self, sleep_patch, wake_patch};
 use crate::target::TargetRef;
 
 type Annotations = BTreeMap<&'static str, Option<String>>;
@@ -167,9 +167,20 @@ async fn sleep(
         // Written before any workload changes: a crash from here on leaves a
         // target that says it is going to sleep.
         ctx.scaler.annotate_target(&ev.target.object, annotations).await?;
+        if let Some(edge) = ev.decision.reason.at() {
+            let lag = (Utc::now() - edge).num_milliseconds() as f64 / 1000.0;
+            // Only for edges that just passed (not a sleep resumed after a restart).
+            if (0.0..300.0).contains(&lag) {
+                ctx.metrics.sleep_lag.observe(lag);
+            }
+        }
         annotations.clear();
         lock(&ctx.waking).remove(r);
         tracing::info!(target = %r, reason = %ev.decision.reason, "putting to sleep");
+    }
+    // KEDA first: it would scale a workload straight back up from zero.
+    if r.kind == TargetKind::Namespace && ev.state != TargetState::Asleep {
+        step(ctx, ev, "SleepFailed", pause_keda(ctx, ev)).await?;
     }
     let mut pending = false;
     for w in &ev.workloads {
@@ -177,20 +188,13 @@ async fn sleep(
         if !matches!(sleep_patch(w, excluded), Ok(None)) {
             pending = true;
         }
-        if let Err(e) = ctx.scaler.sleep_workload(w, excluded).await {
-            publish(ctx, ev, EventType::Warning, "SleepFailed", format!("{e}: {}", source_chain(&e))).await;
-            return Err(e.into());
-        }
+        step(ctx, ev, "SleepFailed", ctx.scaler.sleep_workload(w, excluded)).await?;
     }
     if r.kind == TargetKind::VCluster {
         if !ev.control_plane_down() {
             pending = true;
         } else if !ev.synced_pods.is_empty() {
-            if let Err(e) = ctx.scaler.delete_synced_pods(&r.namespace, &r.name).await {
-                publish(ctx, ev, EventType::Warning, "SleepFailed", format!("{e}: {}", source_chain(&e)))
-                    .await;
-                return Err(e.into());
-            }
+            step(ctx, ev, "SleepFailed", ctx.scaler.delete_synced_pods(&r.namespace, &r.name)).await?;
             pending = true;
         }
     }
@@ -246,10 +250,11 @@ async fn wake(
         tracing::info!(target = %r, reason = %ev.decision.reason, "waking");
     }
     for w in &ev.workloads {
-        if let Err(e) = ctx.scaler.wake_workload(w).await {
-            publish(ctx, ev, EventType::Warning, "WakeFailed", format!("{e}: {}", source_chain(&e))).await;
-            return Err(e.into());
-        }
+        step(ctx, ev, "WakeFailed", ctx.scaler.wake_workload(w)).await?;
+    }
+    // KEDA last: its pause is lifted once the workloads are back.
+    if r.kind == TargetKind::Namespace {
+        step(ctx, ev, "WakeFailed", resume_keda(ctx, ev)).await?;
     }
     let ready = !records && ev.workloads.iter().all(|w| ev.excluded(w) || w.ready());
     if ready {
@@ -279,6 +284,44 @@ async fn wake(
         ctx.metrics.cost.stop(r);
         tracing::info!(target = %r, reason = %ev.decision.reason, "awake");
         publish(ctx, ev, EventType::Normal, "Woke", format!("Awake: {}", ev.decision.reason)).await;
+    }
+    Ok(())
+}
+
+/// One scaler step; when it fails, a Warning Event (`SleepFailed`,
+/// `WakeFailed`) says why.
+async fn step<T>(
+    ctx: &Context,
+    ev: &Evaluation,
+    reason: &str,
+    action: impl std::future::Future<Output = Result<T, scaler::Error>>,
+) -> Result<T, Error> {
+    match action.await {
+        Ok(v) => Ok(v),
+        Err(e) => {
+            publish(ctx, ev, EventType::Warning, reason, format!("{e}: {}", source_chain(&e))).await;
+            Err(e.into())
+        }
+    }
+}
+
+/// Pauses the namespace's KEDA ScaledObjects that scale a workload this
+/// sleep scales (not those of excluded workloads).
+async fn pause_keda(ctx: &Context, ev: &Evaluation) -> Result<(), scaler::Error> {
+    for so in ctx.scaler.scaled_objects(&ev.target.r.namespace).await? {
+        if ev.workloads.iter().any(|w| so.scales(w) && !ev.excluded(w)) {
+            ctx.scaler.pause_scaled_object(&so).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Lifts every pause dormant put on the namespace's ScaledObjects.
+async fn resume_keda(ctx: &Context, ev: &Evaluation) -> Result<(), scaler::Error> {
+    for so in ctx.scaler.scaled_objects(&ev.target.r.namespace).await? {
+        if so.asleep() {
+            ctx.scaler.resume_scaled_object(&so).await?;
+        }
     }
     Ok(())
 }

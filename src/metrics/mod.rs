@@ -107,6 +107,9 @@ pub struct Metrics {
     pub wake_duration: Family<TriggerLabels, Histogram>,
     pub reconcile_errors: Family<CategoryLabels, Counter>,
     pub reconcile_duration: Histogram,
+    /// From the instant a target should have fallen asleep (its idle
+    /// deadline or sleep instant) to dormant starting to scale it down.
+    pub sleep_lag: Histogram,
     pub activity: Family<ActivityLabels, Counter>,
     pub activity_sources: Family<SourceLabels, Counter>,
     pub activity_dropped: Counter,
@@ -190,6 +193,13 @@ impl Metrics {
             Unit::Seconds,
             reconcile_duration.clone(),
         );
+        let sleep_lag = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        registry.register_with_unit(
+            "sleep_lag",
+            "From a target's idle deadline or sleep instant to dormant scaling it down",
+            Unit::Seconds,
+            sleep_lag.clone(),
+        );
         let activity = Family::<ActivityLabels, Counter>::default();
         registry.register("activity", "Observed activity by source and outcome", activity.clone());
         let activity_sources = Family::<SourceLabels, Counter>::default();
@@ -250,6 +260,7 @@ impl Metrics {
             wake_duration,
             reconcile_errors,
             reconcile_duration,
+            sleep_lag,
             activity,
             activity_sources,
             activity_dropped,

@@ -2,6 +2,7 @@
 //! in one patch that also records (or clears) what it was, so the cluster
 //! is restorable at any instant; conflicts are retried from a fresh read.
 
+pub mod keda;
 pub mod plan;
 
 use std::collections::BTreeMap;
@@ -13,9 +14,11 @@ use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::Client;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
+use kube::discovery::ApiResource;
 use serde_json::{Value, json};
 
 use crate::target::{MANAGED_BY_LABEL, TargetObject, WorkloadView};
+pub use keda::ScaledObjectView;
 pub use plan::{hand_scaled, sleep_patch, wake_patch};
 
 /// The field manager dormant patches as.
@@ -100,6 +103,52 @@ pub struct Scaler {
 
 const MAX_CONFLICTS: u32 = 5;
 
+/// An object dormant patches together with its record, re-read on conflict.
+trait Recorded: Clone {
+    fn id(&self) -> String;
+    fn namespace(&self) -> &str;
+    fn name(&self) -> &str;
+    fn api_resource(&self) -> ApiResource;
+    /// The same object from a fresh read.
+    fn reread(&self, v: &Value) -> Option<Self>;
+}
+
+impl Recorded for WorkloadView {
+    fn id(&self) -> String {
+        WorkloadView::id(self)
+    }
+    fn namespace(&self) -> &str {
+        &self.namespace
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn api_resource(&self) -> ApiResource {
+        self.kind.api_resource()
+    }
+    fn reread(&self, v: &Value) -> Option<Self> {
+        WorkloadView::from_json(self.kind, v)
+    }
+}
+
+impl Recorded for ScaledObjectView {
+    fn id(&self) -> String {
+        ScaledObjectView::id(self)
+    }
+    fn namespace(&self) -> &str {
+        &self.namespace
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn api_resource(&self) -> ApiResource {
+        keda::api_resource()
+    }
+    fn reread(&self, v: &Value) -> Option<Self> {
+        ScaledObjectView::from_json(v)
+    }
+}
+
 impl Scaler {
     pub fn new(client: Client, throttle: Throttle) -> Self {
         Scaler { client, throttle }
@@ -107,10 +156,6 @@ impl Scaler {
 
     pub fn client(&self) -> &Client {
         &self.client
-    }
-
-    fn api(&self, w: &WorkloadView) -> Api<DynamicObject> {
-        Api::namespaced_with(self.client.clone(), &w.namespace, &w.kind.api_resource())
     }
 
     /// Scales `w` to zero (or suspends it), recording what it was, unless it
@@ -125,14 +170,43 @@ impl Scaler {
         self.patch_until_settled(w, wake_patch).await
     }
 
-    async fn patch_until_settled(
+    /// The KEDA ScaledObjects in `namespace` (none when KEDA is not installed).
+    pub async fn scaled_objects(&self, namespace: &str) -> Result<Vec<ScaledObjectView>> {
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(self.client.clone(), namespace, &keda::api_resource());
+        self.throttle.wait().await;
+        match api.list(&ListParams::default()).await {
+            Ok(list) => Ok(list
+                .items
+                .iter()
+                .filter_map(|o| ScaledObjectView::from_json(&serde_json::to_value(o).ok()?))
+                .collect()),
+            Err(kube::Error::Api(e)) if e.code == 404 => Ok(Vec::new()),
+            Err(source) => {
+                Err(Error::ReadWorkload { id: format!("ScaledObjects in namespace {namespace}"), source })
+            }
+        }
+    }
+
+    /// Pauses a ScaledObject at zero replicas, recording its previous pause.
+    pub async fn pause_scaled_object(&self, so: &ScaledObjectView) -> Result<Outcome> {
+        self.patch_until_settled(so, keda::pause_patch).await
+    }
+
+    /// Gives a ScaledObject back the pause it had before sleeping.
+    pub async fn resume_scaled_object(&self, so: &ScaledObjectView) -> Result<Outcome> {
+        self.patch_until_settled(so, keda::resume_patch).await
+    }
+
+    async fn patch_until_settled<O: Recorded>(
         &self,
-        w: &WorkloadView,
-        make: impl Fn(&WorkloadView) -> Result<Option<Value>, String>,
+        o: &O,
+        make: impl Fn(&O) -> Result<Option<Value>, String>,
     ) -> Result<Outcome> {
-        let api = self.api(w);
-        let id = w.id();
-        let mut current = w.clone();
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(self.client.clone(), o.namespace(), &o.api_resource());
+        let id = o.id();
+        let mut current = o.clone();
         for _ in 0..MAX_CONFLICTS {
             let patch = match make(&current) {
                 Ok(Some(p)) => p,
@@ -140,18 +214,18 @@ impl Scaler {
                 Err(message) => return Err(Error::BadAnnotation { id, message }),
             };
             self.throttle.wait().await;
-            match api.patch(&current.name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+            match api.patch(current.name(), &PatchParams::default(), &Patch::Merge(&patch)).await {
                 Ok(_) => return Ok(Outcome::Changed),
                 Err(kube::Error::Api(e)) if e.code == 409 => {
-                    tracing::debug!(workload = %id, "conflict; retrying from a fresh read");
+                    tracing::debug!(object = %id, "conflict; retrying from a fresh read");
                     self.throttle.wait().await;
-                    let fresh = match api.get_opt(&current.name).await {
+                    let fresh = match api.get_opt(current.name()).await {
                         Ok(Some(o)) => o,
                         Ok(None) => return Ok(Outcome::Unchanged),
                         Err(source) => return Err(Error::ReadWorkload { id, source }),
                     };
                     let json = serde_json::to_value(&fresh).unwrap_or(Value::Null);
-                    match WorkloadView::from_json(current.kind, &json) {
+                    match current.reread(&json) {
                         Some(v) => current = v,
                         None => return Ok(Outcome::Unchanged),
                     }

@@ -76,14 +76,22 @@ impl Bins {
 
     /// promtool (built by `hack/testbed.sh install` beside the testbed).
     pub fn promtool() -> Result<PathBuf> {
+        Self::tool("promtool")
+    }
+
+    /// KEDA's ScaledObject CRD (fetched by `hack/testbed.sh install`).
+    pub fn keda_crd() -> Result<PathBuf> {
+        Self::tool("keda-crd")
+    }
+
+    /// A file `hack/testbed.sh install` puts beside the testbed.
+    fn tool(name: &str) -> Result<PathBuf> {
         let script = Self::repo_root().join("hack/testbed.sh");
-        let out = Command::new(&script)
-            .arg("promtool")
-            .output()
-            .with_context(|| format!("run {}", script.display()))?;
+        let out =
+            Command::new(&script).arg(name).output().with_context(|| format!("run {}", script.display()))?;
         if !out.status.success() {
             bail!(
-                "promtool is not installed: {}\ninstall it with:\n\n    hack/testbed.sh install\n",
+                "{name} is not installed: {}\ninstall it with:\n\n    hack/testbed.sh install\n",
                 String::from_utf8_lossy(&out.stderr).trim()
             );
         }

@@ -1,0 +1,177 @@
+//! KEDA ScaledObjects. KEDA scales its target up again from zero on the next
+//! activation of a trigger, so a sleeping namespace pauses each ScaledObject
+//! at zero replicas through KEDA's own `autoscaling.keda.sh/paused-replicas`
+//! annotation, and records what that annotation was — in the same patch, as
+//! for workloads — so waking gives KEDA back exactly the control it had.
+
+use std::collections::BTreeMap;
+
+use kube::discovery::ApiResource;
+use serde_json::{Value, json};
+
+use crate::policy::annotations::KEDA_PAUSED_BEFORE_SLEEP;
+use crate::target::WorkloadView;
+
+/// KEDA's annotation: while set, KEDA holds the target at this many replicas.
+pub const PAUSED_REPLICAS: &str = "autoscaling.keda.sh/paused-replicas";
+
+/// Recorded when the ScaledObject had no `paused-replicas` annotation.
+const NOT_PAUSED: &str = "none";
+
+pub fn api_resource() -> ApiResource {
+    ApiResource {
+        group: "keda.sh".into(),
+        version: "v1alpha1".into(),
+        api_version: "keda.sh/v1alpha1".into(),
+        kind: "ScaledObject".into(),
+        plural: "scaledobjects".into(),
+    }
+}
+
+/// One ScaledObject as dormant sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScaledObjectView {
+    pub namespace: String,
+    pub name: String,
+    pub resource_version: Option<String>,
+    pub annotations: BTreeMap<String, String>,
+    /// `spec.scaleTargetRef`: kind (KEDA's default is Deployment) and name.
+    pub target_kind: String,
+    pub target_name: String,
+}
+
+impl ScaledObjectView {
+    pub fn from_json(v: &Value) -> Option<Self> {
+        let meta = v.get("metadata")?;
+        let target = v.get("spec")?.get("scaleTargetRef")?;
+        let s = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).map(String::from);
+        Some(ScaledObjectView {
+            namespace: s(meta, "namespace")?,
+            name: s(meta, "name")?,
+            resource_version: s(meta, "resourceVersion"),
+            annotations: meta
+                .get("annotations")
+                .and_then(Value::as_object)
+                .map(|a| a.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect())
+                .unwrap_or_default(),
+            target_kind: s(target, "kind").unwrap_or_else(|| "Deployment".into()),
+            target_name: s(target, "name")?,
+        })
+    }
+
+    /// Whether this ScaledObject scales `w`.
+    pub fn scales(&self, w: &WorkloadView) -> bool {
+        w.namespace == self.namespace && w.name == self.target_name && w.kind.as_str() == self.target_kind
+    }
+
+    pub fn id(&self) -> String {
+        format!("ScaledObject/{}/{}", self.namespace, self.name)
+    }
+
+    pub fn asleep(&self) -> bool {
+        self.annotations.contains_key(KEDA_PAUSED_BEFORE_SLEEP)
+    }
+}
+
+fn patch(so: &ScaledObjectView, annotations: Value) -> Value {
+    let mut meta = json!({ "annotations": annotations });
+    if let Some(rv) = &so.resource_version {
+        meta["resourceVersion"] = json!(rv);
+    }
+    json!({ "metadata": meta })
+}
+
+/// Pauses `so` at zero replicas, recording its previous pause, unless it
+/// already carries dormant's record.
+pub fn pause_patch(so: &ScaledObjectView) -> Result<Option<Value>, String> {
+    if so.asleep() {
+        return Ok(None);
+    }
+    let before = so.annotations.get(PAUSED_REPLICAS).map_or(NOT_PAUSED, String::as_str);
+    Ok(Some(patch(so, json!({ KEDA_PAUSED_BEFORE_SLEEP: before, PAUSED_REPLICAS: "0" }))))
+}
+
+/// Gives `so` back the pause it had before sleeping (usually none). If
+/// someone changed the pause while it slept, their value stays and only the
+/// record goes. An unreadable record is an error and changes nothing.
+pub fn resume_patch(so: &ScaledObjectView) -> Result<Option<Value>, String> {
+    let Some(raw) = so.annotations.get(KEDA_PAUSED_BEFORE_SLEEP) else { return Ok(None) };
+    let before = match raw.trim() {
+        NOT_PAUSED => Value::Null,
+        n if n.parse::<u32>().is_ok() => json!(n),
+        _ => {
+            return Err(format!(
+                "{KEDA_PAUSED_BEFORE_SLEEP}={raw:?} is neither a replica count nor \"none\""
+            ));
+        }
+    };
+    if so.annotations.get(PAUSED_REPLICAS).map(String::as_str) != Some("0") {
+        return Ok(Some(patch(so, json!({ KEDA_PAUSED_BEFORE_SLEEP: null }))));
+    }
+    Ok(Some(patch(so, json!({ KEDA_PAUSED_BEFORE_SLEEP: null, PAUSED_REPLICAS: before }))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn so(ann: &[(&str, &str)]) -> ScaledObjectView {
+        ScaledObjectView::from_json(&json!({
+            "metadata": {
+                "namespace": "ns", "name": "worker", "resourceVersion": "7",
+                "annotations": ann.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
+            },
+            "spec": { "scaleTargetRef": { "name": "worker" } },
+        }))
+        .unwrap()
+    }
+
+    fn apply(so: &mut ScaledObjectView, p: &Value) {
+        for (k, v) in p["metadata"]["annotations"].as_object().unwrap() {
+            match v.as_str() {
+                Some(s) => so.annotations.insert(k.clone(), s.to_string()),
+                None => so.annotations.remove(k),
+            };
+        }
+    }
+
+    #[test]
+    fn the_target_kind_defaults_to_deployment() {
+        let s = so(&[]);
+        assert_eq!((s.target_kind.as_str(), s.target_name.as_str()), ("Deployment", "worker"));
+        assert_eq!(ScaledObjectView::from_json(&json!({"metadata": {"name": "x"}})), None);
+    }
+
+    #[test]
+    fn pausing_and_resuming_gives_keda_back_exactly_what_it_had() {
+        for before in [None, Some("0"), Some("2")] {
+            let ann: Vec<_> = before.map(|b| (PAUSED_REPLICAS, b)).into_iter().collect();
+            let mut s = so(&ann);
+            let p = pause_patch(&s).unwrap().unwrap();
+            assert_eq!(p["metadata"]["resourceVersion"], json!("7"));
+            apply(&mut s, &p);
+            assert_eq!(s.annotations[PAUSED_REPLICAS], "0");
+            assert_eq!(pause_patch(&s), Ok(None), "pausing twice changes nothing");
+            let p = resume_patch(&s).unwrap().unwrap();
+            apply(&mut s, &p);
+            assert_eq!(s.annotations.get(PAUSED_REPLICAS).map(String::as_str), before, "{before:?}");
+            assert!(!s.asleep());
+            assert_eq!(resume_patch(&s), Ok(None));
+        }
+    }
+
+    #[test]
+    fn a_pause_changed_while_asleep_stays() {
+        let mut s = so(&[(KEDA_PAUSED_BEFORE_SLEEP, "none"), (PAUSED_REPLICAS, "3")]);
+        let p = resume_patch(&s).unwrap().unwrap();
+        apply(&mut s, &p);
+        assert_eq!(s.annotations.get(PAUSED_REPLICAS).map(String::as_str), Some("3"));
+        assert!(!s.asleep());
+    }
+
+    #[test]
+    fn an_unreadable_record_is_an_error() {
+        let e = resume_patch(&so(&[(KEDA_PAUSED_BEFORE_SLEEP, "lots"), (PAUSED_REPLICAS, "0")])).unwrap_err();
+        assert!(e.contains(KEDA_PAUSED_BEFORE_SLEEP) && e.contains("lots"), "{e}");
+    }
+}
