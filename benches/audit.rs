@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dormant::activity::Activity;
-use dormant::activity::ledger::{Flush, Ledger};
+use dormant::activity::ledger::{Flush, Ledger, SourceCounts};
 use dormant::activity::observe::{Observer, RulesCache};
 use dormant::audit::{Origin, Receiver};
 use dormant::metrics::Metrics;
@@ -47,7 +47,7 @@ fn rss_kib(pid: u32) -> u64 {
 
 struct NoFlush;
 impl Flush for NoFlush {
-    async fn flush(&self, _: TargetRef, _: Activity) -> Result<(), String> {
+    async fn flush(&self, _: TargetRef, _: Activity, _: SourceCounts) -> Result<(), String> {
         Ok(())
     }
 }
@@ -228,6 +228,8 @@ async fn main() -> anyhow::Result<()> {
         .with_root_certificates(roots)
         .with_no_client_auth();
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", audit_port)).await?;
+    // As kube-apiserver's client does (Go sets TCP_NODELAY on every connection).
+    tcp.set_nodelay(true)?;
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(rustls_pki_types::ServerName::try_from("127.0.0.1")?, tcp)
         .await?;
@@ -242,6 +244,7 @@ async fn main() -> anyhow::Result<()> {
             .header("content-type", "application/json")
             .header("authorization", "Bearer bench-token")
             .body(Full::new(body.clone()))?;
+        send.ready().await?;
         let t = Instant::now();
         let resp = send.send_request(req).await?;
         let status = resp.status();

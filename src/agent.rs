@@ -15,12 +15,15 @@ use kube::Client;
 use tokio::sync::mpsc;
 
 use crate::activity::Activity;
-use crate::activity::ledger::{Flush, Ledger};
+use crate::activity::ledger::{Flush, Ledger, SourceCounts};
 use crate::activity::observe::{Observer, RulesCache};
 use crate::admin::Admin;
 use crate::controller::{self, Config, Context};
 use crate::metrics::Metrics;
-use crate::policy::annotations::{LAST_ACTIVITY, LAST_ACTIVITY_BY, TargetAnnotations, rfc3339};
+use crate::policy::annotations::{
+    ACTIVITY_SOURCES, LAST_ACTIVITY, LAST_ACTIVITY_BY, TargetAnnotations, format_sources, rfc3339,
+    top_sources,
+};
 use crate::policy::duration::{self, SleepAfter};
 use crate::policy::ignore::IgnoreRules;
 use crate::policy::{Defaults, Pricing, schedule};
@@ -402,22 +405,35 @@ pub fn client_from(mut config: kube::Config) -> anyhow::Result<Client> {
 }
 
 /// Writes the ledger's newest activity to the target's annotations (only
-/// when newer than what is there: another replica may have written later).
+/// when newer than what is there: another replica may have written later),
+/// and adds the counts since the last flush to `activity-sources`.
 struct AnnotationFlusher {
     stores: Stores,
     scaler: Scaler,
 }
 
 impl Flush for AnnotationFlusher {
-    async fn flush(&self, target: TargetRef, activity: Activity) -> Result<(), String> {
+    async fn flush(
+        &self,
+        target: TargetRef,
+        activity: Activity,
+        sources: SourceCounts,
+    ) -> Result<(), String> {
         let Some(t) = self.stores.target(&target) else { return Ok(()) };
-        let current = TargetAnnotations::parse(t.object.annotations()).ok().and_then(|a| a.last_activity);
-        if current.is_some_and(|c| c >= activity.at) {
-            return Ok(());
-        }
+        let current = TargetAnnotations::parse(t.object.annotations()).ok();
         let mut changes = std::collections::BTreeMap::new();
-        changes.insert(LAST_ACTIVITY, Some(rfc3339(activity.at)));
-        changes.insert(LAST_ACTIVITY_BY, Some(activity.summary()));
+        if current.as_ref().and_then(|a| a.last_activity).is_none_or(|c| c < activity.at) {
+            changes.insert(LAST_ACTIVITY, Some(rfc3339(activity.at)));
+            changes.insert(LAST_ACTIVITY_BY, Some(activity.summary()));
+        }
+        if !sources.is_empty() {
+            let mut counts: std::collections::HashMap<String, u64> =
+                current.map(|a| a.activity_sources).unwrap_or_default().into_iter().collect();
+            for (who, n) in sources {
+                *counts.entry(who).or_default() += n;
+            }
+            changes.insert(ACTIVITY_SOURCES, Some(format_sources(&top_sources(counts))));
+        }
         self.scaler
             .annotate_target(&t.object, &changes)
             .await

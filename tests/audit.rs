@@ -128,6 +128,18 @@ fn alices_request_updates_her_namespace_within_the_batch_wait_and_no_other() {
         sent.elapsed()
     );
     let mine_at = quiet_annotation(c, "namespace", &mine, None, "dormant.dev/last-activity");
+    // Who keeps it awake: counted per source, written with the last activity,
+    // and shown by explain.
+    let sources: std::collections::BTreeMap<String, u64> =
+        serde_json::from_str(&quiet_annotation(c, "namespace", &mine, None, "dormant.dev/activity-sources"))
+            .unwrap();
+    assert!(sources.get("alice (kubectl)").is_some_and(|n| *n >= 1), "{sources:?}");
+    let out = dormant(c, &["explain", &format!("namespace/{mine}")]);
+    let explained = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        explained.lines().any(|l| l.starts_with("Used by:") && l.contains("alice (kubectl): ")),
+        "{explained}"
+    );
 
     let _ = c.kubectl_out(&c.alice, &["get", "configmaps", "-n", &other]);
     wait_until("alice's request on the other namespace", Duration::from_secs(20), || {

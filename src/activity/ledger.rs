@@ -1,8 +1,9 @@
 //! The activity ledger: the newest counted activity per target, in memory,
 //! fed through a bounded queue (so a slow Kubernetes API never slows the
 //! senders), flushed to the target's `last-activity` annotations at most
-//! every flush interval per target, and the top sources of activity per
-//! target ("who keeps it awake").
+//! every flush interval per target, together with how often each source
+//! used it since the last flush (added to the target's `activity-sources`:
+//! "who keeps it awake").
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,16 +15,19 @@ use tokio::sync::mpsc;
 use super::Activity;
 use crate::target::TargetRef;
 
-/// How many distinct sources are counted per target.
+/// How many distinct sources are counted per target between two flushes.
 const MAX_SOURCES: usize = 32;
+
+/// Counted activities by source (`user (agent)`).
+pub type SourceCounts = HashMap<String, u64>;
 
 #[derive(Debug, Clone)]
 struct Entry {
     newest: Activity,
     /// The newest activity has not been written to the target yet.
     dirty: bool,
-    /// Counted activities by source (`user (user agent)`).
-    sources: HashMap<String, u64>,
+    /// Counted activities by source since the last flush.
+    unflushed: SourceCounts,
     last_notified: Option<tokio::time::Instant>,
 }
 
@@ -51,6 +55,7 @@ pub trait Flush: Send + Sync + 'static {
         &self,
         target: TargetRef,
         activity: Activity,
+        sources: SourceCounts,
     ) -> impl std::future::Future<Output = Result<(), String>> + Send;
 }
 
@@ -88,18 +93,6 @@ impl Ledger {
         self.entries().get(target).map(|e| e.newest.clone())
     }
 
-    /// The `n` sources with the most counted activity for `target`.
-    pub fn top_sources(&self, target: &TargetRef, n: usize) -> Vec<(String, u64)> {
-        let mut v: Vec<(String, u64)> = self
-            .entries()
-            .get(target)
-            .map(|e| e.sources.iter().map(|(k, v)| (k.clone(), *v)).collect())
-            .unwrap_or_default();
-        v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-        v.truncate(n);
-        v
-    }
-
     /// Forgets a target that no longer exists.
     pub fn forget(&self, target: &TargetRef) {
         self.entries().remove(target);
@@ -115,20 +108,20 @@ impl Inner {
     /// at the target (at most once a second per target).
     fn apply(&self, target: TargetRef, activity: Activity) -> bool {
         let mut entries = lock(&self.entries);
-        let source = format!("{} ({})", activity.user, activity.user_agent);
+        let source = activity.who();
         let now = tokio::time::Instant::now();
         let e = entries.entry(target).or_insert_with(|| Entry {
             newest: activity.clone(),
             dirty: true,
-            sources: HashMap::new(),
+            unflushed: HashMap::new(),
             last_notified: None,
         });
         if activity.at >= e.newest.at {
             e.newest = activity;
             e.dirty = true;
         }
-        if e.sources.len() < MAX_SOURCES || e.sources.contains_key(&source) {
-            *e.sources.entry(source).or_default() += 1;
+        if e.unflushed.len() < MAX_SOURCES || e.unflushed.contains_key(&source) {
+            *e.unflushed.entry(source).or_default() += 1;
         }
         let notify = e.last_notified.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1));
         if notify {
@@ -137,21 +130,25 @@ impl Inner {
         notify
     }
 
-    fn take_dirty(&self) -> Vec<(TargetRef, Activity)> {
+    fn take_dirty(&self) -> Vec<(TargetRef, Activity, SourceCounts)> {
         let mut entries = lock(&self.entries);
         entries
             .iter_mut()
             .filter(|(_, e)| e.dirty)
             .map(|(t, e)| {
                 e.dirty = false;
-                (t.clone(), e.newest.clone())
+                (t.clone(), e.newest.clone(), std::mem::take(&mut e.unflushed))
             })
             .collect()
     }
 
-    fn mark_dirty(&self, target: &TargetRef) {
+    /// A flush failed: its counts go back, to be written next time.
+    fn mark_dirty(&self, target: &TargetRef, sources: SourceCounts) {
         if let Some(e) = lock(&self.entries).get_mut(target) {
             e.dirty = true;
+            for (k, n) in sources {
+                *e.unflushed.entry(k).or_default() += n;
+            }
         }
     }
 }
@@ -180,17 +177,17 @@ impl LedgerWorker {
                     None => break,
                 },
                 _ = tick.tick() => {
-                    for (target, activity) in self.inner.take_dirty() {
-                        if let Err(e) = flusher.flush(target.clone(), activity).await {
+                    for (target, activity, sources) in self.inner.take_dirty() {
+                        if let Err(e) = flusher.flush(target.clone(), activity, sources.clone()).await {
                             tracing::warn!(%target, error = %e, "failed to write last activity; will retry");
-                            self.inner.mark_dirty(&target);
+                            self.inner.mark_dirty(&target, sources);
                         }
                     }
                 }
             }
         }
-        for (target, activity) in self.inner.take_dirty() {
-            let _ = flusher.flush(target, activity).await;
+        for (target, activity, sources) in self.inner.take_dirty() {
+            let _ = flusher.flush(target, activity, sources).await;
         }
     }
 }
@@ -200,6 +197,7 @@ mod tests {
     use super::*;
     use crate::activity::Source;
     use chrono::{TimeZone, Utc};
+    use std::collections::BTreeMap;
 
     fn activity(secs: i64, user: &str) -> Activity {
         Activity {
@@ -214,11 +212,16 @@ mod tests {
         }
     }
 
-    struct Recorder(Arc<Mutex<Vec<(TargetRef, Activity)>>>);
+    struct Recorder(Arc<Mutex<Vec<(TargetRef, Activity, SourceCounts)>>>);
 
     impl Flush for Recorder {
-        async fn flush(&self, target: TargetRef, activity: Activity) -> Result<(), String> {
-            lock(&self.0).push((target, activity));
+        async fn flush(
+            &self,
+            target: TargetRef,
+            activity: Activity,
+            sources: SourceCounts,
+        ) -> Result<(), String> {
+            lock(&self.0).push((target, activity, sources));
             Ok(())
         }
     }
@@ -234,15 +237,26 @@ mod tests {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert_eq!(ledger.newest(&t).unwrap().user, "bob");
-        assert_eq!(
-            ledger.top_sources(&t, 2),
-            vec![("bob (kubectl/v1.37.2)".to_string(), 2), ("alice (kubectl/v1.37.2)".to_string(), 1)]
-        );
         tokio::time::sleep(Duration::from_secs(6)).await;
         tokio::time::sleep(Duration::from_secs(6)).await;
         let f = lock(&flushed).clone();
         assert_eq!(f.len(), 1, "coalesced into one write: {f:?}");
         assert_eq!(f[0].1.user, "bob");
+        let counts: BTreeMap<_, _> = f[0].2.clone().into_iter().collect();
+        assert_eq!(
+            counts,
+            BTreeMap::from([
+                ("alice (kubectl)".to_string(), 1),
+                ("bob (kubectl)".to_string(), 2),
+                ("carol (kubectl)".to_string(), 1)
+            ]),
+            "each source counted once per use, then the counts start again"
+        );
+        assert!(ledger.record(t.clone(), activity(40, "alice")));
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let f = lock(&flushed).clone();
+        assert_eq!(f.len(), 2);
+        assert_eq!(f[1].2, HashMap::from([("alice (kubectl)".to_string(), 1)]));
         drop(ledger);
         task.await.unwrap();
     }

@@ -59,6 +59,11 @@ pub struct Activity {
 }
 
 impl Activity {
+    /// `user (agent)`: who used the target, as metrics and `activity-sources` name it.
+    pub fn who(&self) -> String {
+        format!("{} ({})", self.user, observe::short_agent(&self.user_agent))
+    }
+
     /// `user verb resource (source)`, as written to `dormant.dev/last-activity-by`.
     pub fn summary(&self) -> String {
         let what = match &self.resource {

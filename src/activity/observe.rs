@@ -106,7 +106,7 @@ impl Observer {
             .get_or_create(&SourceLabels {
                 target: t.to_string(),
                 namespace: t.namespace.clone(),
-                source: format!("{} ({})", a.user, short_agent(&a.user_agent)),
+                source: a.who(),
             })
             .inc();
         if self.ledger.record(t.clone(), a) {

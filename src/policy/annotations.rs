@@ -36,6 +36,7 @@ pub const LAST_ACTIVITY_BY: &str = "dormant.dev/last-activity-by";
 pub const ASLEEP_SINCE: &str = "dormant.dev/asleep-since";
 pub const FIRST_SEEN: &str = "dormant.dev/first-seen";
 pub const ASLEEP_REQUESTS: &str = "dormant.dev/asleep-requests";
+pub const ACTIVITY_SOURCES: &str = "dormant.dev/activity-sources";
 // On a workload.
 pub const EXCLUDE: &str = "dormant.dev/exclude";
 pub const REPLICAS_BEFORE_SLEEP: &str = "dormant.dev/replicas-before-sleep";
@@ -63,6 +64,7 @@ const TARGET_KEYS: &[&str] = &[
     ASLEEP_SINCE,
     FIRST_SEEN,
     ASLEEP_REQUESTS,
+    ACTIVITY_SOURCES,
     // Workload keys may sit on a vcluster's StatefulSet too.
     EXCLUDE,
     REPLICAS_BEFORE_SLEEP,
@@ -178,6 +180,8 @@ pub struct TargetAnnotations {
     pub state: Option<TargetState>,
     pub last_activity: Option<DateTime<Utc>>,
     pub last_activity_by: Option<String>,
+    /// Who used the target most (`user (agent)` and a count), most first.
+    pub activity_sources: Vec<(String, u64)>,
     pub asleep_since: Option<DateTime<Utc>>,
     pub first_seen: Option<DateTime<Utc>>,
     /// CPU cores and memory bytes requested by what the sleep scaled down.
@@ -289,6 +293,9 @@ impl TargetAnnotations {
             STATE => self.state = Some(v.parse().map_err(|e: String| err(key, v, e))?),
             LAST_ACTIVITY => self.last_activity = Some(parse_time(key, v)?),
             LAST_ACTIVITY_BY => self.last_activity_by = Some(v.to_string()),
+            // A statistic dormant writes: unreadable means none yet, never a
+            // reason to leave the target alone.
+            ACTIVITY_SOURCES => self.activity_sources = parse_sources(v),
             ASLEEP_SINCE => self.asleep_since = Some(parse_time(key, v)?),
             FIRST_SEEN => self.first_seen = Some(parse_time(key, v)?),
             ASLEEP_REQUESTS => {
@@ -306,6 +313,31 @@ impl TargetAnnotations {
         }
         Ok(())
     }
+}
+
+/// How many sources `activity-sources` keeps.
+pub const KEPT_SOURCES: usize = 5;
+
+/// `{"alice (kubectl)": 42, …}` as (source, count), most first; empty when
+/// unreadable.
+pub fn parse_sources(v: &str) -> Vec<(String, u64)> {
+    let map: BTreeMap<String, u64> = serde_json::from_str(v).unwrap_or_default();
+    top_sources(map)
+}
+
+/// The [`KEPT_SOURCES`] largest counts, most first (ties by name).
+pub fn top_sources(counts: impl IntoIterator<Item = (String, u64)>) -> Vec<(String, u64)> {
+    let mut v: Vec<_> = counts.into_iter().collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    v.truncate(KEPT_SOURCES);
+    v
+}
+
+/// The `activity-sources` value for (source, count) pairs.
+pub fn format_sources(sources: &[(String, u64)]) -> String {
+    let map: serde_json::Map<String, serde_json::Value> =
+        sources.iter().map(|(k, n)| (k.clone(), serde_json::Value::from(*n))).collect();
+    serde_json::Value::Object(map).to_string()
 }
 
 /// `cpu=1.5,memory=1073741824` as (cores, bytes).
@@ -381,6 +413,17 @@ mod tests {
 
     fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn activity_sources_round_trip_keep_the_top_and_never_fail() {
+        let counts = (1..=8).map(|n| (format!("user{n} (kubectl)"), n)).collect::<Vec<_>>();
+        let top = top_sources(counts);
+        assert_eq!(top.len(), KEPT_SOURCES);
+        assert_eq!(top[0], ("user8 (kubectl)".to_string(), 8));
+        assert_eq!(parse_sources(&format_sources(&top)), top);
+        let a = TargetAnnotations::parse(&map(&[(ACTIVITY_SOURCES, "{not json")])).unwrap();
+        assert!(a.activity_sources.is_empty(), "unreadable is none, not an error");
     }
 
     #[test]
