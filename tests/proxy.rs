@@ -221,6 +221,57 @@ fn watches_stream_and_websocket_upgrades_pass_through() {
     assert!(frames.contains("ADDED") && frames.contains("streamed"), "{frames}");
 }
 
+/// An open watch through the proxy is use: it keeps its vcluster awake past
+/// the idle timeout, and once closed the vcluster sleeps; a policy that
+/// ignores active connections lets it sleep with the watch open.
+#[test]
+fn an_open_watch_keeps_its_vcluster_awake_unless_the_policy_ignores_active_connections() {
+    let c = Cluster::shared();
+    let s = setup("proxy-conn", &[], Some("  ignore: {activeConnections: false}\n"));
+    let watch = || {
+        std::process::Command::new(c.bins.path("kubectl"))
+            .arg(format!("--kubeconfig={}", s.kubeconfig.display()))
+            .args(["get", "namespaces", "-w", "-o", "name"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let now_state = || state(c, "statefulset", "dev", Some(&s.ns));
+    kubectl(c, &["annotate", "--overwrite", "statefulset", "dev", "-n", &s.ns, "dormant.dev/sleep-after=6s"]);
+
+    let mut open = watch();
+    std::thread::sleep(Duration::from_secs(20));
+    assert_eq!(
+        now_state(),
+        "awake",
+        "20 s with a watch open, idle timeout 6 s; agent log:\n{}",
+        s.agent.log()
+    );
+    open.kill().unwrap();
+    open.wait().unwrap();
+    wait_until("asleep once the watch is closed", Duration::from_secs(40), || now_state() == "asleep");
+
+    kubectl(
+        c,
+        &[
+            "patch",
+            "sleeppolicy",
+            &s.id,
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"ignore":{"activeConnections":true}}}"#,
+        ],
+    );
+    let out = dormant(c, &["wake", &format!("vcluster/{}/dev", s.ns), "--wait=60s"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    s.vc.wait_serving(c, Duration::from_secs(60)).unwrap();
+    let mut open = watch();
+    wait_until("asleep with the watch open", Duration::from_secs(40), || now_state() == "asleep");
+    let _ = open.kill();
+    let _ = open.wait();
+    kubectl(c, &["delete", "sleeppolicy", &s.id]);
+}
+
 /// A GET through the proxy over raw HTTP/1.1 with a client certificate:
 /// (status, the whole answer).
 async fn raw_get(proxy: &str, path: &str, cert: &testbed::pki::CertPair) -> (u16, String) {

@@ -806,6 +806,10 @@ fn forwardable(h: &HeaderMap, upgrade: bool) -> HeaderMap {
     out
 }
 
+/// How often an open long-running request counts as use again: well inside
+/// any idle timeout a user would set, and one in-memory ledger entry each.
+const KEEP_AWAKE_EVERY: Duration = Duration::from_secs(5);
+
 /// Keeps recording activity while a long-running request stays open (a
 /// watch, exec or port-forward is use), until dropped.
 struct KeepAwake(tokio::task::JoinHandle<()>);
@@ -814,7 +818,7 @@ impl KeepAwake {
     fn start(observer: Arc<Observer>, t: TargetRef, mut a: Activity) -> Self {
         KeepAwake(tokio::spawn(async move {
             loop {
-                tokio::time::sleep(Duration::from_secs(30)).await;
+                tokio::time::sleep(KEEP_AWAKE_EVERY).await;
                 a.at = Utc::now();
                 observer.observe(&t, a.clone());
             }
