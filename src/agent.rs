@@ -437,6 +437,7 @@ impl Flush for AnnotationFlusher {
         self.scaler
             .annotate_target(&t.object, &changes)
             .await
+            .map(|_| ())
             .map_err(|e| format!("{e}: {:?}", std::error::Error::source(&e)))
     }
 }

@@ -334,6 +334,9 @@ impl Receiver {
     pub async fn serve(self: Arc<Self>, listener: TcpListener, tls: TlsAcceptor) {
         loop {
             let Ok((tcp, _)) = listener.accept().await else { continue };
+            // Responses are small writes after a large body: without this,
+            // Nagle's algorithm meets the client's delayed ACK (40 ms).
+            let _ = tcp.set_nodelay(true);
             let receiver = self.clone();
             let tls = tls.clone();
             tokio::spawn(async move {

@@ -158,6 +158,7 @@ async fn sleep(
     now: DateTime<Utc>,
 ) -> Result<(), Error> {
     let r = &ev.target.r;
+    let mut written_rv = None;
     if matches!(ev.state, TargetState::Awake | TargetState::Waking) {
         let requests = ev.running_requests();
         annotations.insert(ann::STATE, Some(TargetState::Sleeping.as_str().into()));
@@ -166,7 +167,7 @@ async fn sleep(
             .insert(ann::ASLEEP_REQUESTS, Some(format_requests(requests.cpu_cores, requests.memory_bytes)));
         // Written before any workload changes: a crash from here on leaves a
         // target that says it is going to sleep.
-        ctx.scaler.annotate_target(&ev.target.object, annotations).await?;
+        written_rv = ctx.scaler.annotate_target(&ev.target.object, annotations).await?;
         if let Some(edge) = ev.decision.reason.at() {
             let lag = (Utc::now() - edge).num_milliseconds() as f64 / 1000.0;
             // Only for edges that just passed (not a sleep resumed after a restart).
@@ -184,6 +185,7 @@ async fn sleep(
     }
     let mut pending = false;
     for w in &ev.workloads {
+        let w = &after_target_write(ev, w, &written_rv);
         let excluded = ev.excluded(w);
         if !matches!(sleep_patch(w, excluded), Ok(None)) {
             pending = true;
@@ -240,17 +242,19 @@ async fn wake(
         }
         return Ok(());
     }
+    let mut written_rv = None;
     if ev.state != TargetState::Waking {
         annotations.insert(ann::STATE, Some(TargetState::Waking.as_str().into()));
         annotations.insert(ann::FORCE_SLEEP, None);
         annotations.insert(ann::PREVENT_WAKEUP_UNTIL, None);
-        ctx.scaler.annotate_target(&ev.target.object, annotations).await?;
+        written_rv = ctx.scaler.annotate_target(&ev.target.object, annotations).await?;
         annotations.clear();
         lock(&ctx.waking).insert(r.clone(), (tokio::time::Instant::now(), ev.decision.reason.trigger()));
         tracing::info!(target = %r, reason = %ev.decision.reason, "waking");
     }
     for w in &ev.workloads {
-        step(ctx, ev, "WakeFailed", ctx.scaler.wake_workload(w)).await?;
+        step(ctx, ev, "WakeFailed", ctx.scaler.wake_workload(&after_target_write(ev, w, &written_rv)))
+            .await?;
     }
     // KEDA last: its pause is lifted once the workloads are back.
     if r.kind == TargetKind::Namespace {
@@ -286,6 +290,26 @@ async fn wake(
         publish(ctx, ev, EventType::Normal, "Woke", format!("Awake: {}", ev.decision.reason)).await;
     }
     Ok(())
+}
+
+/// `w` as it is after this reconcile wrote the target's annotations: a
+/// vcluster's control plane is the target object itself, so its patch must
+/// carry the version that write produced (else it conflicts, and costs a
+/// re-read and a second patch).
+fn after_target_write(
+    ev: &Evaluation,
+    w: &crate::target::WorkloadView,
+    written_rv: &Option<String>,
+) -> crate::target::WorkloadView {
+    let mut w = w.clone();
+    if let Some(rv) = written_rv
+        && ev.target.r.kind == TargetKind::VCluster
+        && w.name == ev.target.r.name
+        && w.namespace == ev.target.r.namespace
+    {
+        w.resource_version = Some(rv.clone());
+    }
+    w
 }
 
 /// One scaler step; when it fails, a Warning Event (`SleepFailed`,

@@ -387,6 +387,9 @@ impl Proxy {
                 // missed or lagged broadcast.
                 let _ = tokio::time::timeout(left.min(Duration::from_secs(1)), changes.recv()).await;
             }
+            // A fresh upstream client: pooled connections went to the API
+            // server that stopped when the vcluster slept.
+            proxy.upstreams.invalidate(&t);
             let up = proxy.upstreams.get(&t).await.map_err(|e| e.to_string())?;
             loop {
                 let req = Request::get(format!("{}/readyz", up.base))

@@ -109,8 +109,17 @@ fn material(secret: &Secret) -> Result<Material, String> {
 }
 
 fn http_client(tls: rustls::ClientConfig) -> HttpClient {
-    let connector =
-        hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_only().enable_http1().build();
+    // TCP_NODELAY: a forwarded request is written as more than one segment
+    // (headers, then the body's end); with Nagle's algorithm the second
+    // waits for the upstream's delayed ACK (up to 40 ms).
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.set_nodelay(true);
+    http.enforce_http(false);
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .enable_http1()
+        .wrap_connector(http);
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_max_idle_per_host(64)

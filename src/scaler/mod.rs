@@ -248,14 +248,18 @@ impl Scaler {
         })
     }
 
-    /// Sets (Some) or removes (None) annotations on a target's object.
+    /// Sets (Some) or removes (None) annotations on a target's object, and
+    /// returns the object's new resourceVersion (None when nothing changed).
+    /// A vcluster's control plane is both its target object and its
+    /// workload: the scale patch that follows carries this version, so it
+    /// does not conflict with this write.
     pub async fn annotate_target(
         &self,
         object: &TargetObject,
         changes: &BTreeMap<&'static str, Option<String>>,
-    ) -> Result<()> {
+    ) -> Result<Option<String>> {
         if changes.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let patch = json!({ "metadata": { "annotations": changes } });
         let p = Patch::Merge(&patch);
@@ -266,7 +270,10 @@ impl Scaler {
                 let name = n.metadata.name.clone().unwrap_or_default();
                 (
                     name.clone(),
-                    Api::<Namespace>::all(self.client.clone()).patch(&name, &pp, &p).await.map(|_| ()),
+                    Api::<Namespace>::all(self.client.clone())
+                        .patch(&name, &pp, &p)
+                        .await
+                        .map(|o| o.metadata.resource_version),
                 )
             }
             TargetObject::StatefulSet(s) => {
@@ -279,7 +286,7 @@ impl Scaler {
                     Api::<StatefulSet>::namespaced(self.client.clone(), &ns)
                         .patch(&name, &pp, &p)
                         .await
-                        .map(|_| ()),
+                        .map(|o| o.metadata.resource_version),
                 )
             }
             TargetObject::Deployment(d) => {
@@ -292,7 +299,7 @@ impl Scaler {
                     Api::<Deployment>::namespaced(self.client.clone(), &ns)
                         .patch(&name, &pp, &p)
                         .await
-                        .map(|_| ()),
+                        .map(|o| o.metadata.resource_version),
                 )
             }
         };
