@@ -14,6 +14,7 @@
 //!   requests held for a vcluster that cannot wake.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use anyhow::Context;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -80,12 +81,31 @@ fn wrk(url: &str, headers: &[&str], seconds: u32) -> Wrk {
         .and_then(|v| v.parse().ok())
         .unwrap_or(f64::NAN);
     let non2xx = text.lines().any(|l| l.contains("Non-2xx"));
-    assert!(
-        !non2xx && rps.is_finite(),
-        "wrk against {url} failed:\n{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    if non2xx || !rps.is_finite() {
+        // One request by hand, to show what the failing answer was.
+        let mut curl = Command::new("curl");
+        curl.args(["-sSk", "-i", "--max-time", "10"]);
+        for h in headers {
+            curl.args(["-H", h]);
+        }
+        let one = curl.arg(url).output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+        panic!(
+            "wrk against {url} failed:\n{text}{}\none request: {one:?}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     Wrk { rps, p50_ms: parse_ms(&find("50%")), p99_ms: parse_ms(&find("99%")) }
+}
+
+/// Ready replicas of StatefulSet `bench/<name>`.
+fn jsonpath_ready(c: &Cluster, name: &str) -> i64 {
+    c.kubectl_out(
+        &c.admin,
+        &["get", "statefulset", name, "-n", "bench", "-o", "jsonpath={.status.readyReplicas}"],
+    )
+    .ok()
+    .and_then(|s| s.trim().parse().ok())
+    .unwrap_or(0)
 }
 
 fn percentile(v: &mut [f64], p: f64) -> f64 {
@@ -110,18 +130,19 @@ async fn main() -> anyhow::Result<()> {
     let up_port = free_port()?;
     let (nginx_port, haproxy_port, proxy_port, admin_port) =
         (free_port()?, free_port()?, free_port()?, free_port()?);
-    std::fs::write(dir.path().join("version.json"), r#"{"major":"1","minor":"37","gitVersion":"v1.37.2"}"#)?;
     let nginx_conf = format!(
-        "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {d};\n  proxy_temp_path {d};\n  upstream api {{ server 127.0.0.1:{up_port}; keepalive 64; }}\n  server {{ listen 127.0.0.1:{up_port} ssl; ssl_certificate {crt}; ssl_certificate_key {key}; location / {{ default_type application/json; alias {d}/version.json; }} }}\n  server {{ listen 127.0.0.1:{nginx_port} ssl; ssl_certificate {crt}; ssl_certificate_key {key};\n    location / {{ proxy_pass https://api; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_ssl_session_reuse on; }} }}\n}}\n",
+        "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {d};\n  proxy_temp_path {d};\n  upstream api {{ server 127.0.0.1:{up_port}; keepalive 64; }}\n  server {{ listen 127.0.0.1:{up_port} ssl; ssl_certificate {crt}; ssl_certificate_key {key}; location / {{ default_type application/json; return 200 '{{\"major\":\"1\",\"minor\":\"37\",\"gitVersion\":\"v1.37.2\"}}'; }} }}\n  server {{ listen 127.0.0.1:{nginx_port} ssl; ssl_certificate {crt}; ssl_certificate_key {key};\n    location / {{ proxy_pass https://api; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_ssl_session_reuse on; }} }}\n}}\n",
         d = dir.path().display(),
         crt = crt.display(),
         key = key.display()
     );
     std::fs::write(dir.path().join("nginx.conf"), nginx_conf)?;
-    let mut nginx = Command::new(which("nginx"))
-        .args(["-c", &dir.path().join("nginx.conf").display().to_string(), "-e", "stderr"])
-        .stderr(Stdio::null())
-        .spawn()?;
+    let _nginx = Stopped(
+        Command::new(which("nginx"))
+            .args(["-c", &dir.path().join("nginx.conf").display().to_string(), "-e", "stderr"])
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
     std::fs::write(
         dir.path().join("haproxy.pem"),
         format!("{}{}", std::fs::read_to_string(&crt)?, std::fs::read_to_string(&key)?),
@@ -131,10 +152,12 @@ async fn main() -> anyhow::Result<()> {
         pem = dir.path().join("haproxy.pem").display()
     );
     std::fs::write(dir.path().join("haproxy.cfg"), haproxy_conf)?;
-    let mut haproxy = Command::new(which("haproxy"))
-        .args(["-f", &dir.path().join("haproxy.cfg").display().to_string()])
-        .stderr(Stdio::null())
-        .spawn()?;
+    let _haproxy = Stopped(
+        Command::new(which("haproxy"))
+            .args(["-f", &dir.path().join("haproxy.cfg").display().to_string()])
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
 
     // A vcluster target whose upstream is that nginx (the vc Secret carries the testbed CA).
     c.kubectl_apply(
@@ -157,20 +180,37 @@ async fn main() -> anyhow::Result<()> {
     let env = vec![
         ("KUBECONFIG".into(), user.kubeconfig.display().to_string()),
         ("RUST_LOG".into(), "warn".into()),
+        // One thread, as nginx (worker_processes 1) and haproxy (nbthread 1)
+        // get: the comparison is per core.
+        ("TOKIO_WORKER_THREADS".into(), "1".into()),
     ];
     let bin = std::path::PathBuf::from(env!("CARGO_BIN_EXE_dormant"));
     let mut agent = testbed::spawner::spawn_with_env("dormant-proxy-bench", &bin, &args, &env, &c.dir)?;
     agent.wait_ready(Duration::from_secs(60), || http_ok(admin_port, "/readyz"))?;
     tokio::time::sleep(Duration::from_secs(3)).await;
 
-    // 1. Throughput and latency, side by side.
+    // The target must be up (its kwok pod Ready) before it is measured.
+    let t = Instant::now();
+    while jsonpath_ready(&c, "fast") < 1 {
+        anyhow::ensure!(t.elapsed() < Duration::from_secs(120), "statefulset bench/fast never became Ready");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // 1. Throughput and latency, side by side. A path that counts as use,
+    // so dormant records activity for every request.
     let auth = "Authorization: Bearer bench";
     let secs = 15;
-    let direct = wrk(&format!("https://127.0.0.1:{up_port}/version"), &[auth], secs);
-    let via_nginx = wrk(&format!("https://127.0.0.1:{nginx_port}/version"), &[auth], secs);
-    let via_haproxy = wrk(&format!("https://127.0.0.1:{haproxy_port}/version"), &[auth], secs);
+    let path = "/api/v1/namespaces/default/configmaps";
+    let direct = wrk(&format!("https://127.0.0.1:{up_port}{path}"), &[auth], secs);
+    let via_nginx = wrk(&format!("https://127.0.0.1:{nginx_port}{path}"), &[auth], secs);
+    let via_haproxy = wrk(&format!("https://127.0.0.1:{haproxy_port}{path}"), &[auth], secs);
     let via_dormant =
-        wrk(&format!("https://127.0.0.1:{proxy_port}/vcluster/bench/fast/version"), &[auth], secs);
+        wrk(&format!("https://127.0.0.1:{proxy_port}/vcluster/bench/fast{path}"), &[auth], secs);
+    let via_dormant_quiet = wrk(
+        &format!("https://127.0.0.1:{proxy_port}/vcluster/bench/fast{path}"),
+        &[auth, "X-Dormant-Ignore: true"],
+        secs,
+    );
     let agent_rss_load = rss_kib(agent.pid());
 
     // 2. Wake overhead on a real (stand-in) vcluster.
@@ -184,7 +224,6 @@ async fn main() -> anyhow::Result<()> {
         },
     )?;
     vc.wait_serving(&c, Duration::from_secs(60))?;
-    let direct_client = testbed::client_from_kubeconfig(&vc.kubeconfig).await?;
     let proxy_kc = dir.path().join("proxy.kubeconfig");
     let out = Command::new(&bin)
         .args([
@@ -212,7 +251,11 @@ async fn main() -> anyhow::Result<()> {
         while vc.is_serving() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        // A prober notes when the API server first answers again.
+        // A prober notes when the API server first answers again (the
+        // control plane is Ready no later than that, as the proxy sees it).
+        // Fresh direct clients each cycle: the last cycle's pooled
+        // connections died with the API server they went to.
+        let direct_client = testbed::client_from_kubeconfig(&vc.kubeconfig).await?;
         let prober_client = direct_client.clone();
         let prober = tokio::spawn(async move {
             loop {
@@ -224,15 +267,23 @@ async fn main() -> anyhow::Result<()> {
             }
         });
         let api: kube::Api<k8s_openapi::api::core::v1::Namespace> = kube::Api::all(via.clone());
-        api.get("default").await?;
+        api.get("default").await.context("a request held through the wake")?;
         let answered = Instant::now();
         let up_at = prober.await?;
         let t = Instant::now();
-        kube::Api::<k8s_openapi::api::core::v1::Namespace>::all(direct_client.clone()).get("default").await?;
+        kube::Api::<k8s_openapi::api::core::v1::Namespace>::all(direct_client.clone())
+            .get("default")
+            .await
+            .context("the same request, direct")?;
         let direct_latency = t.elapsed();
-        overheads.push(
-            answered.saturating_duration_since(up_at).saturating_sub(direct_latency).as_secs_f64() * 1000.0,
-        );
+        // Signed: below zero when the held request was answered before the
+        // prober's next poll saw the API server answer.
+        let after_up = if answered >= up_at {
+            answered.duration_since(up_at).as_secs_f64()
+        } else {
+            -up_at.duration_since(answered).as_secs_f64()
+        };
+        overheads.push((after_up - direct_latency.as_secs_f64()) * 1000.0);
     }
 
     // 3. Memory per waiting request: a vcluster that cannot wake.
@@ -293,10 +344,56 @@ async fn main() -> anyhow::Result<()> {
         h.abort();
     }
     agent.kill();
-    let _ = nginx.kill();
-    let _ = haproxy.kill();
-    let _ = nginx.wait();
-    let _ = haproxy.wait();
+
+    // The same over HTTP/2, as one client process sends concurrent requests
+    // (client-go multiplexes them on one connection): 25 connections of 200
+    // streams, each stream a held request. A fresh agent, so memory freed
+    // above is not reused.
+    let mut agent = testbed::spawner::spawn_with_env("dormant-proxy-bench-h2", &bin, &args, &env, &c.dir)?;
+    agent.wait_ready(Duration::from_secs(60), || http_ok(admin_port, "/readyz"))?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before_h2 = rss_kib(agent.pid());
+    let mut holders = Vec::new();
+    for _ in 0..25 {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", proxy_port)).await?;
+        let mut config = rustls::ClientConfig::builder_with_provider(dormant::tls::provider())
+            .with_safe_default_protocol_versions()?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerify))
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(rustls_pki_types::ServerName::try_from("127.0.0.1")?, tcp)
+            .await?;
+        let (send, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tls),
+        )
+        .await?;
+        holders.push(tokio::spawn(async move {
+            let _ = conn.await;
+        }));
+        for _ in 0..200 {
+            let mut send = send.clone();
+            holders.push(tokio::spawn(async move {
+                let req = http::Request::get("https://127.0.0.1/vcluster/bench/stuck/api")
+                    .header(http::header::AUTHORIZATION, "Bearer t")
+                    .body(http_body_util::Empty::<bytes::Bytes>::new())
+                    .unwrap();
+                let _ = send.send_request(req).await;
+            }));
+        }
+    }
+    let start = Instant::now();
+    while metric() < waiting as f64 * 0.99 && start.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let held_h2 = metric();
+    let after_h2 = rss_kib(agent.pid());
+    for h in holders {
+        h.abort();
+    }
+    agent.kill();
 
     println!(
         "\n## proxy: side by side on loopback (wrk -t2 -c32 -d{secs}s, HTTPS keep-alive, 2 cores shared by all)\n"
@@ -308,6 +405,7 @@ async fn main() -> anyhow::Result<()> {
         ("nginx", &via_nginx),
         ("haproxy", &via_haproxy),
         ("dormant (activity on)", &via_dormant),
+        ("dormant (activity off: X-Dormant-Ignore)", &via_dormant_quiet),
     ] {
         println!(
             "| {name} | {:.0} | {:.2} ms | {:.2} ms | {:+.2} ms | {:+.2} ms |",
@@ -321,20 +419,37 @@ async fn main() -> anyhow::Result<()> {
     println!("\n| measure | value |\n| --- | --- |");
     let mut o = overheads.clone();
     println!(
-        "| wake overhead (API server answering → held request answered, minus its direct latency), p50 / p99 / max over {cycles} wakes | {:.1} / {:.1} / {:.1} ms |",
+        "| wake overhead (API server first answering → held request answered, minus its direct latency), p50 / p99 / max over {cycles} wakes | {:.1} / {:.1} / {:.1} ms |",
         percentile(&mut o, 0.5),
         percentile(&mut o, 0.99),
         o.last().copied().unwrap_or_default()
     );
     println!("| agent RSS under the throughput run | {:.1} MiB |", agent_rss_load as f64 / 1024.0);
     println!(
-        "| memory per waiting request ({held:.0} held) | {:.1} KiB (RSS {:.1} → {:.1} MiB) |",
+        "| memory per waiting request, each on its own HTTP/1.1 TLS connection ({held:.0} held) | {:.1} KiB (RSS {:.1} → {:.1} MiB) |",
         (after.saturating_sub(before)) as f64 / held.max(1.0),
         before as f64 / 1024.0,
         after as f64 / 1024.0
     );
+    println!(
+        "| memory per waiting request, HTTP/2 streams on 25 connections ({held_h2:.0} held) | {:.1} KiB (RSS {:.1} → {:.1} MiB) |",
+        (after_h2.saturating_sub(before_h2)) as f64 / held_h2.max(1.0),
+        before_h2 as f64 / 1024.0,
+        after_h2 as f64 / 1024.0
+    );
     drop(vc);
     Ok(())
+}
+
+/// A comparison proxy, stopped (SIGTERM, so nginx's master takes its
+/// worker with it) however the benchmark ends.
+struct Stopped(std::process::Child);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg(self.0.id().to_string()).status();
+        let _ = self.0.wait();
+    }
 }
 
 #[derive(Debug)]
