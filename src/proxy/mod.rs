@@ -281,7 +281,9 @@ impl Proxy {
     /// The control plane runs and is Ready, as the watch sees it.
     fn control_plane_ready(&self, t: &TargetRef) -> bool {
         let Some(target) = self.stores.target(t) else { return false };
-        let state = TargetAnnotations::parse(target.object.annotations()).ok().and_then(|a| a.state);
+        // Only the state, not every annotation: this runs for each request.
+        let state =
+            target.object.annotations().get(ann::STATE).and_then(|s| s.parse::<ann::TargetState>().ok());
         if matches!(state, Some(ann::TargetState::Asleep | ann::TargetState::Sleeping)) {
             return false;
         }
