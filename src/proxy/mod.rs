@@ -572,9 +572,10 @@ impl Proxy {
                 outcome = "held";
             }
 
-            // 5. Forward. A request without a body that could not connect
-            // reached nothing upstream: it is safe to go through the gate again
-            // once (the control plane went down under us).
+            // 5. Forward. A bodiless GET/HEAD/OPTIONS that got no answer
+            // (refused, or the connection closed first) is idempotent: it
+            // goes through the gate again once (the control plane went down
+            // or restarted under us).
             let keep_awake = info.long_running && counted && !self.observer.rules.get(&t).active_connections;
             let this_body = match body.take() {
                 Some(b) => ForwardBody::Incoming(b),
@@ -592,7 +593,7 @@ impl Proxy {
                 .await
             {
                 Err(Forward::NotConnected(e)) if bodiless && attempts < 2 => {
-                    tracing::debug!(target = %t, error = %e, "upstream refused the connection; waiting for it and retrying");
+                    tracing::debug!(target = %t, error = %e, "no answer from the upstream; waiting for it and retrying");
                     continue;
                 }
                 Err(Forward::NotConnected(e)) => return Err(ProxyError::Upstream(t.clone(), e)),
@@ -661,14 +662,15 @@ impl Proxy {
         *out.headers_mut() = headers;
         let mut resp = match client.request(out).await {
             Ok(r) => r,
-            Err(e) if e.is_connect() => {
-                // Nothing reached the upstream: the target went down under
-                // us; requests go through the gate again.
+            Err(e) => {
+                // No answer: the connection failed (refused, or closed
+                // before a response — an API server restarting under us).
+                // The target goes through the gate again, and a bodiless
+                // GET/HEAD/OPTIONS is safe to send once more.
                 self.set_confirmed(t, false);
                 self.upstreams.invalidate(t);
                 return Err(Forward::NotConnected(error_chain(&e)));
             }
-            Err(e) => return Err(Forward::Refused(ProxyError::Upstream(t.clone(), error_chain(&e)))),
         };
         let guard = keep_awake.map(|a| KeepAwake::start(self.observer.clone(), t.clone(), a));
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS
@@ -728,7 +730,7 @@ enum ForwardBody {
 
 /// Why forwarding failed.
 enum Forward {
-    /// The connection was refused: nothing was sent.
+    /// No answer came back (refused, or the connection closed first).
     NotConnected(String),
     Refused(ProxyError),
 }
