@@ -397,8 +397,9 @@ impl Proxy {
                 let req = Request::get(format!("{}/readyz", up.base))
                     .body(full(Bytes::new()))
                     .map_err(|e| e.to_string())?;
+                // Short attempts: one sent while the server starts may hang.
                 if let Ok(Ok(resp)) =
-                    tokio::time::timeout(Duration::from_secs(1), up.plain.request(req)).await
+                    tokio::time::timeout(Duration::from_millis(250), up.plain.request(req)).await
                 {
                     // 401/403: anonymous /readyz refused, but the server answers.
                     if resp.status().is_success() || matches!(resp.status().as_u16(), 401 | 403) {
@@ -411,7 +412,9 @@ impl Proxy {
                         crate::policy::duration::format(limit)
                     ));
                 }
-                tokio::time::sleep(Duration::from_millis(10)).await;
+                // Held requests wait on this: poll often (one target, only
+                // while it wakes).
+                tokio::time::sleep(Duration::from_millis(2)).await;
             }
             proxy.set_confirmed(&t, true);
             tracing::info!(target = %t, took = ?started.elapsed(), "vcluster awake; releasing held requests");
