@@ -389,20 +389,30 @@ impl Proxy {
                 // missed or lagged broadcast.
                 let _ = tokio::time::timeout(left.min(Duration::from_secs(1)), changes.recv()).await;
             }
+            let ready_after = started.elapsed();
             // A fresh upstream client: pooled connections went to the API
             // server that stopped when the vcluster slept.
             proxy.upstreams.invalidate(&t);
             let up = proxy.upstreams.get(&t).await.map_err(|e| e.to_string())?;
+            // Ready means /readyz 200, asked with the vcluster's admin
+            // credential: a starting kube-apiserver serves requests before
+            // its RBAC roles are loaded, and would refuse users it is about
+            // to allow. Without an admin credential only anonymous asking is
+            // possible, and 401/403 must do (the server answers).
+            let (checker, strict) = match &up.admin {
+                Some(admin) => (admin, true),
+                None => (&up.plain, false),
+            };
             loop {
                 let req = Request::get(format!("{}/readyz", up.base))
                     .body(full(Bytes::new()))
                     .map_err(|e| e.to_string())?;
                 // Short attempts: one sent while the server starts may hang.
                 if let Ok(Ok(resp)) =
-                    tokio::time::timeout(Duration::from_millis(250), up.plain.request(req)).await
+                    tokio::time::timeout(Duration::from_millis(250), checker.request(req)).await
                 {
-                    // 401/403: anonymous /readyz refused, but the server answers.
-                    if resp.status().is_success() || matches!(resp.status().as_u16(), 401 | 403) {
+                    let answers = !strict && matches!(resp.status().as_u16(), 401 | 403);
+                    if resp.status().is_success() || answers {
                         break;
                     }
                 }
@@ -417,7 +427,12 @@ impl Proxy {
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
             proxy.set_confirmed(&t, true);
-            tracing::info!(target = %t, took = ?started.elapsed(), "vcluster awake; releasing held requests");
+            tracing::info!(
+                target = %t,
+                took = ?started.elapsed(),
+                control_plane_ready_after = ?ready_after,
+                "vcluster awake; releasing held requests"
+            );
             Ok(())
         }
     }
@@ -564,10 +579,12 @@ impl Proxy {
                     return Err(ProxyError::WakeOnRequestOff(t));
                 }
                 // The wake outlives the waiters' timeout: those who give up get
-                // 504, later requests join the same wake while it goes on.
-                let wake =
-                    self.wake(t.clone(), activity.clone(), rules.timeout * 3 + Duration::from_secs(60));
-                self.gate.wait(&t, rules.timeout, || wake).await.map_err(|e| match e {
+                // 504, later requests join the same wake while it goes on. It
+                // is made only by the request that starts it (and runs in its
+                // own task): a waiter holds nothing of it.
+                let limit = rules.timeout * 3 + Duration::from_secs(60);
+                let wake = || self.wake(t.clone(), activity.clone(), limit);
+                self.gate.wait(&t, rules.timeout, wake).await.map_err(|e| match e {
                     GateError::Overloaded { waiting } => ProxyError::Overloaded(t.clone(), waiting),
                     GateError::Timeout(d) => ProxyError::WakeTimeout(t.clone(), d),
                     GateError::WakeFailed(e) => ProxyError::WakeFailed(t.clone(), e),
@@ -584,16 +601,17 @@ impl Proxy {
                 Some(b) => ForwardBody::Incoming(b),
                 None => ForwardBody::Empty,
             };
-            match self
-                .forward(
-                    &mut parts,
-                    this_body,
-                    &t,
-                    &routed.path_and_query,
-                    &caller,
-                    keep_awake.then_some(activity.clone()),
-                )
-                .await
+            // Boxed: a request held at the gate above would otherwise carry
+            // room for the whole forwarding state while it waits.
+            match Box::pin(self.forward(
+                &mut parts,
+                this_body,
+                &t,
+                &routed.path_and_query,
+                &caller,
+                keep_awake.then_some(activity.clone()),
+            ))
+            .await
             {
                 Err(Forward::NotConnected(e)) if bodiless && attempts < 2 => {
                     tracing::debug!(target = %t, error = %e, "no answer from the upstream; waiting for it and retrying");
