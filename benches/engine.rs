@@ -22,7 +22,7 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::json;
-use testbed::process::{free_port, http_ok};
+use testbed::process::{free_port, http_ok, rss_kib};
 use testbed::{Cluster, ClusterOptions};
 
 fn env_or(name: &str, default: usize) -> usize {
@@ -39,14 +39,6 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     }
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i]
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(|l| l.to_string()))
-        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        .unwrap_or(0)
 }
 
 /// (namespace, name) → when the StatefulSet was last seen at each replica count.
@@ -250,14 +242,7 @@ async fn main() -> anyhow::Result<()> {
     wait_all(0, idle_phase + Duration::from_secs(120)).await?;
     // The agent's own share, read now: the forced sleeps below would add
     // their (long, queued) lags to the same histogram.
-    let lag = {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", admin))?;
-        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
-        let mut t = String::new();
-        s.read_to_string(&mut t)?;
-        t
-    };
+    let lag = testbed::process::http_body(admin, "/metrics");
     let lag_quantile = |q: f64| {
         // From the cumulative buckets of dormant_sleep_lag_seconds.
         let buckets: Vec<(f64, f64)> = lag

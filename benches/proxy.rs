@@ -19,7 +19,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use testbed::process::{free_port, http_ok};
+use testbed::process::{free_port, http_ok, rss_kib};
 use testbed::vcluster::{VCluster, VClusterOptions};
 use testbed::{Cluster, ClusterOptions};
 
@@ -31,14 +31,6 @@ fn which(bin: &str) -> String {
         }
     }
     panic!("{bin} is not installed; run hack/bench-proxy.sh (it installs nginx-light, haproxy and wrk)");
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(str::to_string))
-        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        .unwrap_or(0)
 }
 
 struct Wrk {
@@ -334,20 +326,7 @@ async fn main() -> anyhow::Result<()> {
         let port = proxy_port;
         holders.push(tokio::spawn(async move {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let Ok(tcp) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else { return };
-            let mut config = rustls::ClientConfig::builder_with_provider(dormant::tls::provider())
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(NoVerify))
-                .with_no_client_auth();
-            config.alpn_protocols = vec![b"http/1.1".to_vec()];
-            let Ok(mut tls) = tokio_rustls::TlsConnector::from(Arc::new(config))
-                .connect(rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap(), tcp)
-                .await
-            else {
-                return;
-            };
+            let Ok(mut tls) = connect_unverified(port, b"http/1.1").await else { return };
             let _ = tls
                 .write_all(
                     b"GET /vcluster/bench/stuck/api HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\r\n\r\n",
@@ -360,12 +339,8 @@ async fn main() -> anyhow::Result<()> {
     // Wait until they are all held.
     let start = Instant::now();
     let metric = || {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", admin_port)).unwrap();
-        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-        let mut t = String::new();
-        s.read_to_string(&mut t).unwrap();
-        t.lines()
+        testbed::process::http_body(admin_port, "/metrics")
+            .lines()
             .find(|l| l.starts_with("dormant_proxy_waiting_requests "))
             .and_then(|l| l.split(' ').nth(1)?.parse::<f64>().ok())
             .unwrap_or(0.0)
@@ -396,16 +371,7 @@ async fn main() -> anyhow::Result<()> {
     let before_h2 = rss_kib(agent.pid());
     let mut holders = Vec::new();
     for _ in 0..25 {
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", proxy_port)).await?;
-        let mut config = rustls::ClientConfig::builder_with_provider(dormant::tls::provider())
-            .with_safe_default_protocol_versions()?
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoVerify))
-            .with_no_client_auth();
-        config.alpn_protocols = vec![b"h2".to_vec()];
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-            .connect(rustls_pki_types::ServerName::try_from("127.0.0.1")?, tcp)
-            .await?;
+        let tls = connect_unverified(proxy_port, b"h2").await?;
         let (send, conn) = hyper::client::conn::http2::handshake(
             hyper_util::rt::TokioExecutor::new(),
             hyper_util::rt::TokioIo::new(tls),
@@ -487,6 +453,24 @@ async fn main() -> anyhow::Result<()> {
     );
     drop(vc);
     Ok(())
+}
+
+/// A TLS connection to the proxy on 127.0.0.1:`port` offering `alpn`, not
+/// verifying its certificate (memory is measured here, not trust).
+async fn connect_unverified(
+    port: u16,
+    alpn: &[u8],
+) -> anyhow::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let mut config = rustls::ClientConfig::builder_with_provider(dormant::tls::provider())
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(NoVerify))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(rustls_pki_types::ServerName::try_from("127.0.0.1")?, tcp)
+        .await?)
 }
 
 /// A comparison proxy, stopped (SIGTERM, so nginx's master takes its

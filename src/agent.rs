@@ -165,8 +165,8 @@ pub struct Settings {
 #[derive(Debug, Clone)]
 pub struct ProxySettings {
     pub addr: SocketAddr,
-    pub cert: std::path::PathBuf,
-    pub key: std::path::PathBuf,
+    /// The serving certificate, loaded once when the flags are checked.
+    pub cert: Arc<crate::tls::ReloadingCert>,
     pub base_domain: Option<String>,
     pub max_waiting: usize,
 }
@@ -175,8 +175,8 @@ pub struct ProxySettings {
 #[derive(Debug, Clone)]
 pub struct AuditSettings {
     pub addr: SocketAddr,
-    pub cert: std::path::PathBuf,
-    pub key: std::path::PathBuf,
+    /// The serving certificate, loaded once when the flags are checked.
+    pub cert: Arc<crate::tls::ReloadingCert>,
     pub token_file: Option<std::path::PathBuf>,
     pub client_ca: Option<Vec<rustls_pki_types::CertificateDer<'static>>>,
     pub max_body: usize,
@@ -305,9 +305,7 @@ impl AgentArgs {
             errors.push("--proxy-addr needs --proxy-cert and --proxy-key".into());
             return None;
         };
-        if let Err(e) = crate::tls::ReloadingCert::new(cert, key, Duration::from_secs(5)) {
-            errors.push(format!("--proxy-cert/--proxy-key: {e}"));
-        }
+        let serving = serving_cert(cert, key, "--proxy-cert/--proxy-key", errors);
         if self.proxy_max_waiting == 0 {
             errors.push("--proxy-max-waiting: must be at least 1".into());
         }
@@ -316,13 +314,7 @@ impl AgentArgs {
         if base_domain.as_ref().is_some_and(|d| d.is_empty() || d.contains(char::is_whitespace)) {
             errors.push("--proxy-base-domain: expected a DNS name such as vc.example.com".into());
         }
-        Some(ProxySettings {
-            addr,
-            cert: cert.clone(),
-            key: key.clone(),
-            base_domain,
-            max_waiting: self.proxy_max_waiting,
-        })
+        Some(ProxySettings { addr, cert: serving?, base_domain, max_waiting: self.proxy_max_waiting })
     }
 
     fn validate_audit(&self, errors: &mut Vec<String>) -> Option<AuditSettings> {
@@ -343,9 +335,7 @@ impl AgentArgs {
             errors.push("--audit-addr needs --audit-cert and --audit-key".into());
             return None;
         };
-        if let Err(e) = crate::tls::ReloadingCert::new(cert, key, Duration::from_secs(5)) {
-            errors.push(format!("--audit-cert/--audit-key: {e}"));
-        }
+        let serving = serving_cert(cert, key, "--audit-cert/--audit-key", errors);
         if self.audit_token_file.is_none() && self.audit_client_ca.is_none() {
             errors.push("--audit-addr needs --audit-token-file or --audit-client-ca (the webhook always authenticates)".into());
         }
@@ -373,13 +363,26 @@ impl AgentArgs {
         }
         Some(AuditSettings {
             addr,
-            cert: cert.clone(),
-            key: key.clone(),
+            cert: serving?,
             token_file: self.audit_token_file.clone(),
             client_ca,
             max_body: self.audit_max_body,
         })
     }
+}
+
+/// The serving certificate from `cert`/`key` (reloaded when they change),
+/// or an error naming `flags`.
+fn serving_cert(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    flags: &str,
+    errors: &mut Vec<String>,
+) -> Option<Arc<crate::tls::ReloadingCert>> {
+    crate::tls::ReloadingCert::new(cert, key, Duration::from_secs(5))
+        .map(Arc::new)
+        .map_err(|e| errors.push(format!("{flags}: {e}")))
+        .ok()
 }
 
 /// The user agent of every request dormant makes.
@@ -500,10 +503,7 @@ pub async fn run_with(
     let index = Arc::new(TargetIndex::new(stores.clone(), settings.scope.clone(), Duration::from_secs(2)));
     let mut servers = Vec::new();
     if let Some(audit) = &settings.audit {
-        let tls = crate::tls::server_config_with_resolver(
-            Arc::new(crate::tls::ReloadingCert::new(&audit.cert, &audit.key, Duration::from_secs(5))?),
-            audit.client_ca.as_deref(),
-        )?;
+        let tls = crate::tls::server_config_with_resolver(audit.cert.clone(), audit.client_ca.as_deref())?;
         let receiver = Arc::new(crate::audit::Receiver {
             observer: observer.clone(),
             index: index.clone(),
@@ -519,11 +519,7 @@ pub async fn run_with(
         servers.push(tokio::spawn(receiver.serve(listener, tokio_rustls::TlsAcceptor::from(Arc::new(tls)))));
     }
     if let Some(p) = &settings.proxy {
-        let tls = crate::proxy::tls_config(Arc::new(crate::tls::ReloadingCert::new(
-            &p.cert,
-            &p.key,
-            Duration::from_secs(5),
-        )?))?;
+        let tls = crate::proxy::tls_config(p.cert.clone())?;
         let proxy = Arc::new(crate::proxy::Proxy::new(
             stores.clone(),
             crate::proxy::upstream::Upstreams::new(client.clone(), stores.clone(), Duration::from_secs(60)),

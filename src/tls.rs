@@ -1,8 +1,17 @@
-//! TLS plumbing shared by the audit endpoint and the proxy: PEM loading and
-//! rustls configurations (ring provider only).
+//! TLS plumbing shared by the audit endpoint and the proxy: PEM loading,
+//! rustls configurations (ring provider only) and the HTTPS accept loop.
 
+use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 
 use rustls::RootCertStore;
 use rustls::server::WebPkiClientVerifier;
@@ -90,10 +99,25 @@ pub fn server_config(
     key: PrivateKeyDer<'static>,
     client_cas: Option<&[CertificateDer<'static>]>,
 ) -> Result<rustls::ServerConfig> {
-    let builder = rustls::ServerConfig::builder_with_provider(provider())
+    let config = verifying(client_cas)?.with_single_cert(certs, key).map_err(Error::Config)?;
+    Ok(offering_http(config))
+}
+
+/// A server configuration builder with the ring provider and safe protocol
+/// versions, ready for a client-certificate verifier.
+pub fn server_builder() -> Result<rustls::ConfigBuilder<rustls::ServerConfig, rustls::WantsVerifier>> {
+    rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(Error::Config)?;
-    let builder = match client_cas {
+        .map_err(Error::Config)
+}
+
+/// Verifies offered client certificates against `client_cas` (clients
+/// without one may still connect and use a bearer token); none without.
+fn verifying(
+    client_cas: Option<&[CertificateDer<'static>]>,
+) -> Result<rustls::ConfigBuilder<rustls::ServerConfig, rustls::server::WantsServerCert>> {
+    let builder = server_builder()?;
+    Ok(match client_cas {
         Some(cas) => {
             let verifier =
                 WebPkiClientVerifier::builder_with_provider(Arc::new(root_store(cas)?), provider())
@@ -103,10 +127,13 @@ pub fn server_config(
             builder.with_client_cert_verifier(verifier)
         }
         None => builder.with_no_client_auth(),
-    };
-    let mut config = builder.with_single_cert(certs, key).map_err(Error::Config)?;
+    })
+}
+
+/// Offers h2 and http/1.1.
+pub fn offering_http(mut config: rustls::ServerConfig) -> rustls::ServerConfig {
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(config)
+    config
 }
 
 /// Serves the certificate and key from two files and reloads them when
@@ -193,21 +220,43 @@ pub fn server_config_with_resolver(
     resolver: Arc<dyn rustls::server::ResolvesServerCert>,
     client_cas: Option<&[CertificateDer<'static>]>,
 ) -> Result<rustls::ServerConfig> {
-    let builder = rustls::ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(Error::Config)?;
-    let builder = match client_cas {
-        Some(cas) => {
-            let verifier =
-                WebPkiClientVerifier::builder_with_provider(Arc::new(root_store(cas)?), provider())
-                    .allow_unauthenticated()
-                    .build()
-                    .map_err(Error::Verifier)?;
-            builder.with_client_cert_verifier(verifier)
-        }
-        None => builder.with_no_client_auth(),
-    };
-    let mut config = builder.with_cert_resolver(resolver);
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(config)
+    Ok(offering_http(verifying(client_cas)?.with_cert_resolver(resolver)))
+}
+
+/// Serves HTTPS on `listener` until the task is dropped. Each connection
+/// gets `TCP_NODELAY` (responses are small writes after the request: with
+/// Nagle's algorithm they would wait for the client's delayed ACK, up to
+/// 40 ms), ten seconds for its handshake, and `handle(request, the client
+/// certificate it presented)`; upgrades pass.
+pub async fn serve_https<H, F, B>(listener: TcpListener, tls: TlsAcceptor, handle: H)
+where
+    H: Fn(Request<Incoming>, Option<CertificateDer<'static>>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else { continue };
+        let _ = tcp.set_nodelay(true);
+        let (tls, handle) = (tls.clone(), handle.clone());
+        tokio::spawn(async move {
+            let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await else {
+                return;
+            };
+            let peer = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| c.clone().into_owned());
+            let svc = service_fn(move |req| {
+                let answer = handle(req, peer.clone());
+                async move { Ok::<_, std::convert::Infallible>(answer.await) }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
 }

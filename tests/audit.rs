@@ -283,28 +283,7 @@ async fn post(
     client_cert: Option<&CertPair>,
     method: &str,
 ) -> Result<(u16, String), String> {
-    let e = env();
-    let roots =
-        dormant::tls::root_store(&dormant::tls::certs_from_pem(e.ca.cert_pem.as_bytes(), "ca").unwrap())
-            .unwrap();
-    let builder = rustls::ClientConfig::builder_with_provider(dormant::tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots);
-    let config = match client_cert {
-        Some(p) => builder
-            .with_client_auth_cert(
-                dormant::tls::certs_from_pem(p.cert_pem.as_bytes(), "cert").unwrap(),
-                dormant::tls::key_from_pem(p.key_pem.as_bytes()).unwrap(),
-            )
-            .unwrap(),
-        None => builder.with_no_client_auth(),
-    };
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| e.to_string())?;
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap(), tcp)
-        .await
-        .map_err(|e| format!("tls: {e}"))?;
+    let tls = tls_connect(port, &env().ca.cert_pem, client_cert).await?;
     // Raw HTTP/1.1: the server may answer (413) before it has read the
     // whole body and close; the answer is what matters, not the write.
     let mut head = format!(
@@ -506,20 +485,7 @@ async fn bad_batches_get_the_right_status_record_nothing_and_the_server_keeps_se
 async fn a_rotated_certificate_is_served_without_a_restart() {
     let e = env();
     let fingerprint = |port: u16| async move {
-        let roots = dormant::tls::root_store(
-            &dormant::tls::certs_from_pem(env().ca.cert_pem.as_bytes(), "ca").unwrap(),
-        )
-        .unwrap();
-        let config = rustls::ClientConfig::builder_with_provider(dormant::tls::provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-            .connect(rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap(), tcp)
-            .await
-            .unwrap();
+        let tls = tls_connect(port, &env().ca.cert_pem, None).await.unwrap();
         tls.get_ref().1.peer_certificates().unwrap()[0].as_ref().to_vec()
     };
     let before = fingerprint(e.port).await;

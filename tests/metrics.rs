@@ -131,20 +131,7 @@ fn referenced(q: &str) -> (Vec<String>, BTreeSet<String>) {
 
 async fn post(port: u16, token: &str, body: String) -> u16 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let c = Cluster::shared();
-    let roots =
-        dormant::tls::root_store(&dormant::tls::certs_from_pem(c.ca.cert_pem.as_bytes(), "ca").unwrap())
-            .unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(dormant::tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
-        .connect(rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap(), tcp)
-        .await
-        .unwrap();
+    let mut tls = tls_connect(port, &Cluster::shared().ca.cert_pem, None).await.unwrap();
     let req = format!(
         "POST /audit/host HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nAuthorization: Bearer {token}\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()

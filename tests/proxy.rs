@@ -276,26 +276,8 @@ fn an_open_watch_keeps_its_vcluster_awake_unless_the_policy_ignores_active_conne
 /// (status, the whole answer).
 async fn raw_get(proxy: &str, path: &str, cert: &testbed::pki::CertPair) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let c = Cluster::shared();
-    let roots =
-        dormant::tls::root_store(&dormant::tls::certs_from_pem(c.ca.cert_pem.as_bytes(), "ca").unwrap())
-            .unwrap();
-    let mut config = rustls::ClientConfig::builder_with_provider(dormant::tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(
-            dormant::tls::certs_from_pem(cert.cert_pem.as_bytes(), "cert").unwrap(),
-            dormant::tls::key_from_pem(cert.key_pem.as_bytes()).unwrap(),
-        )
-        .unwrap();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let port: u16 = proxy.rsplit(':').next().unwrap().parse().unwrap();
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap(), tcp)
-        .await
-        .unwrap();
+    let mut tls = tls_connect(port, &Cluster::shared().ca.cert_pem, Some(cert)).await.unwrap();
     tls.write_all(format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes())
         .await
         .unwrap();
@@ -310,26 +292,8 @@ async fn raw_get(proxy: &str, path: &str, cert: &testbed::pki::CertPair) -> (u16
 /// raw bytes seen in the first seconds (handshake and frames).
 async fn websocket_watch(s: &Setup, cert: &testbed::pki::CertPair) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let c = Cluster::shared();
-    let roots =
-        dormant::tls::root_store(&dormant::tls::certs_from_pem(c.ca.cert_pem.as_bytes(), "ca").unwrap())
-            .unwrap();
-    let mut config = rustls::ClientConfig::builder_with_provider(dormant::tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(
-            dormant::tls::certs_from_pem(cert.cert_pem.as_bytes(), "cert").unwrap(),
-            dormant::tls::key_from_pem(cert.key_pem.as_bytes()).unwrap(),
-        )
-        .unwrap();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let port: u16 = s.proxy.rsplit(':').next().unwrap().parse().unwrap();
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap(), tcp)
-        .await
-        .unwrap();
+    let mut tls = tls_connect(port, &Cluster::shared().ca.cert_pem, Some(cert)).await.unwrap();
     let req = format!(
         "GET /vcluster/{}/dev/api/v1/namespaces?watch=true HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nOrigin: https://127.0.0.1\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
         s.ns

@@ -18,8 +18,6 @@ use chrono::Utc;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
@@ -332,28 +330,11 @@ impl Receiver {
 
     /// Serves HTTPS on `listener` with `tls` until the task is dropped.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, tls: TlsAcceptor) {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else { continue };
-            // Responses are small writes after a large body: without this,
-            // Nagle's algorithm meets the client's delayed ACK (40 ms).
-            let _ = tcp.set_nodelay(true);
+        crate::tls::serve_https(listener, tls, move |req, peer| {
             let receiver = self.clone();
-            let tls = tls.clone();
-            tokio::spawn(async move {
-                let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await
-                else {
-                    return;
-                };
-                let client_cert = stream.get_ref().1.peer_certificates().is_some_and(|c| !c.is_empty());
-                let svc = service_fn(move |req| {
-                    let receiver = receiver.clone();
-                    async move { Ok::<_, std::convert::Infallible>(receiver.handle(req, client_cert).await) }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
+            async move { receiver.handle(req, peer.is_some()).await }
+        })
+        .await
     }
 }
 

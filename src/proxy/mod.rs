@@ -37,8 +37,7 @@ use chrono::Utc;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming};
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use rustls_pki_types::CertificateDer;
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -613,11 +612,11 @@ impl Proxy {
             ))
             .await
             {
-                Err(Forward::NotConnected(e)) if bodiless && attempts < 2 => {
+                Err(Forward::NoAnswer(e)) if bodiless && attempts < 2 => {
                     tracing::debug!(target = %t, error = %e, "no answer from the upstream; waiting for it and retrying");
                     continue;
                 }
-                Err(Forward::NotConnected(e)) => return Err(ProxyError::Upstream(t.clone(), e)),
+                Err(Forward::NoAnswer(e)) => return Err(ProxyError::Upstream(t.clone(), e)),
                 Err(Forward::Refused(e)) => return Err(e),
                 Ok(resp) => return Ok((outcome, resp)),
             }
@@ -690,7 +689,7 @@ impl Proxy {
                 // GET/HEAD/OPTIONS is safe to send once more.
                 self.set_confirmed(t, false);
                 self.upstreams.invalidate(t);
-                return Err(Forward::NotConnected(error_chain(&e)));
+                return Err(Forward::NoAnswer(error_chain(&e)));
             }
         };
         let guard = keep_awake.map(|a| KeepAwake::start(self.observer.clone(), t.clone(), a));
@@ -714,32 +713,11 @@ impl Proxy {
 
     /// Serves HTTPS on `listener` until the task is dropped.
     pub async fn serve_tls(self: Arc<Self>, listener: TcpListener, tls: TlsAcceptor) {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else { continue };
-            let _ = tcp.set_nodelay(true);
+        crate::tls::serve_https(listener, tls, move |req, peer| {
             let proxy = self.clone();
-            let tls = tls.clone();
-            tokio::spawn(async move {
-                let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await
-                else {
-                    return;
-                };
-                let peer = stream
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|c| c.first())
-                    .map(|c| c.clone().into_owned());
-                let svc = service_fn(move |req| {
-                    let proxy = proxy.clone();
-                    let peer = peer.clone();
-                    async move { Ok::<_, std::convert::Infallible>(proxy.handle(req, peer).await) }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
+            async move { proxy.handle(req, peer).await }
+        })
+        .await
     }
 }
 
@@ -752,7 +730,7 @@ enum ForwardBody {
 /// Why forwarding failed.
 enum Forward {
     /// No answer came back (refused, or the connection closed first).
-    NotConnected(String),
+    NoAnswer(String),
     Refused(ProxyError),
 }
 
@@ -958,13 +936,11 @@ impl rustls::server::danger::ClientCertVerifier for DeferredClientCert {
 /// The proxy's TLS configuration: its certificate (reloaded on change),
 /// h2 and http/1.1, client certificates requested but optional.
 pub fn tls_config(cert: Arc<crate::tls::ReloadingCert>) -> Result<rustls::ServerConfig, crate::tls::Error> {
-    let mut config = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
-        .with_safe_default_protocol_versions()
-        .map_err(crate::tls::Error::Config)?
-        .with_client_cert_verifier(Arc::new(DeferredClientCert::default()))
-        .with_cert_resolver(cert);
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(config)
+    Ok(crate::tls::offering_http(
+        crate::tls::server_builder()?
+            .with_client_cert_verifier(Arc::new(DeferredClientCert::default()))
+            .with_cert_resolver(cert),
+    ))
 }
 
 #[cfg(test)]

@@ -132,18 +132,36 @@ pub fn free_port() -> Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
-/// True when a plain-HTTP GET of `path` on 127.0.0.1:`port` answers 200.
-pub fn http_ok(port: u16, path: &str) -> bool {
+/// A plain-HTTP GET of `path` on 127.0.0.1:`port`: the whole answer
+/// (status line, headers, body), or None when nothing answered.
+pub fn http_get(port: u16, path: &str) -> Option<String> {
     use std::io::{Read, Write};
-    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-    let req = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
-    if stream.write_all(req.as_bytes()).is_err() {
-        return false;
-    }
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes()).ok()?;
     let mut buf = String::new();
     let _ = stream.read_to_string(&mut buf);
-    buf.starts_with("HTTP/1.0 200") || buf.starts_with("HTTP/1.1 200")
+    Some(buf)
+}
+
+/// The body of [`http_get`]'s answer (empty when nothing answered).
+pub fn http_body(port: u16, path: &str) -> String {
+    http_get(port, path)
+        .and_then(|a| a.split_once("\r\n\r\n").map(|(_, b)| b.to_string()))
+        .unwrap_or_default()
+}
+
+/// True when a plain-HTTP GET of `path` on 127.0.0.1:`port` answers 200.
+pub fn http_ok(port: u16, path: &str) -> bool {
+    http_get(port, path).is_some_and(|a| a.starts_with("HTTP/1.0 200") || a.starts_with("HTTP/1.1 200"))
+}
+
+/// Resident memory of process `pid`, in KiB (0 when it is gone).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("VmRSS:")?.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
 }

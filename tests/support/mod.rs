@@ -80,12 +80,7 @@ impl Agent {
     }
 
     pub fn get(&self, path: &str) -> String {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.admin_port)).unwrap();
-        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
+        testbed::process::http_body(self.admin_port, path)
     }
 }
 
@@ -165,4 +160,35 @@ pub fn ready_pods(c: &Cluster, ns: &str, selector: &str) -> usize {
     .split_whitespace()
     .filter(|s| *s == "/True")
     .count()
+}
+
+/// A TLS connection to 127.0.0.1:`port` as a client that trusts `ca_pem`
+/// and presents `client` if given, offering HTTP/1.1 (the tests write raw
+/// HTTP/1.1 on it).
+pub async fn tls_connect(
+    port: u16,
+    ca_pem: &str,
+    client: Option<&testbed::pki::CertPair>,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
+    let roots =
+        dormant::tls::root_store(&dormant::tls::certs_from_pem(ca_pem.as_bytes(), "ca").unwrap()).unwrap();
+    let builder = rustls::ClientConfig::builder_with_provider(dormant::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let mut config = match client {
+        Some(p) => builder
+            .with_client_auth_cert(
+                dormant::tls::certs_from_pem(p.cert_pem.as_bytes(), "cert").unwrap(),
+                dormant::tls::key_from_pem(p.key_pem.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| e.to_string())?;
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap(), tcp)
+        .await
+        .map_err(|e| format!("tls: {e}"))
 }
