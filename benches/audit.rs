@@ -26,7 +26,6 @@ use dormant::target::index::TargetIndex;
 use dormant::target::{Scope, TargetRef};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
-use hyper::service::service_fn;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, DeleteParams, PostParams};
 use testbed::pki::Ca;
@@ -54,36 +53,19 @@ async fn capture_server(ca: &Ca) -> (u16, Arc<Mutex<Vec<Vec<u8>>>>) {
         None,
     )
     .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let bodies: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
     let store = bodies.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else { return };
-            let (acceptor, store) = (acceptor.clone(), store.clone());
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else { return };
-                let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let store = store.clone();
-                    async move {
-                        let body = req
-                            .into_body()
-                            .collect()
-                            .await
-                            .map(|b| b.to_bytes().to_vec())
-                            .unwrap_or_default();
-                        store.lock().unwrap().push(body);
-                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::new())))
-                    }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
-                    .await;
-            });
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    tokio::spawn(dormant::tls::serve_https(listener, acceptor, move |req: hyper::Request<_>, _| {
+        let store = store.clone();
+        async move {
+            let body = req.into_body().collect().await.map(|b| b.to_bytes().to_vec()).unwrap_or_default();
+            store.lock().unwrap().push(body);
+            hyper::Response::new(Full::new(Bytes::new()))
         }
-    });
+    }));
     (port, bodies)
 }
 
