@@ -31,10 +31,13 @@ struct Entry {
     last_notified: Option<tokio::time::Instant>,
 }
 
+/// A queued activity, with its source (`user (agent)`) already formatted.
+type Queued = (TargetRef, Activity, String);
+
 /// Shared, cheap to clone.
 #[derive(Clone)]
 pub struct Ledger {
-    tx: mpsc::Sender<(TargetRef, Activity)>,
+    tx: mpsc::Sender<Queued>,
     inner: Arc<Inner>,
 }
 
@@ -45,7 +48,7 @@ struct Inner {
 
 /// Consumes the queue; run it with [`LedgerWorker::run`].
 pub struct LedgerWorker {
-    rx: mpsc::Receiver<(TargetRef, Activity)>,
+    rx: mpsc::Receiver<Queued>,
     inner: Arc<Inner>,
 }
 
@@ -74,7 +77,13 @@ impl Ledger {
     /// Queues a counted activity. Never waits: when the queue is full the
     /// activity is dropped and counted, and false is returned.
     pub fn record(&self, target: TargetRef, activity: Activity) -> bool {
-        match self.tx.try_send((target, activity)) {
+        let source = activity.who();
+        self.record_from(target, activity, source)
+    }
+
+    /// [`Ledger::record`] with the activity's source (`who()`) at hand.
+    pub fn record_from(&self, target: TargetRef, activity: Activity, source: String) -> bool {
+        match self.tx.try_send((target, activity, source)) {
             Ok(()) => true,
             Err(_) => {
                 self.inner.dropped.fetch_add(1, Ordering::Relaxed);
@@ -106,16 +115,20 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Inner {
     /// Applies one activity; returns true when the controller should look
     /// at the target (at most once a second per target).
-    fn apply(&self, target: TargetRef, activity: Activity) -> bool {
+    fn apply(&self, target: &TargetRef, activity: Activity, source: String) -> bool {
         let mut entries = lock(&self.entries);
-        let source = activity.who();
         let now = tokio::time::Instant::now();
-        let e = entries.entry(target).or_insert_with(|| Entry {
-            newest: activity.clone(),
-            dirty: true,
-            unflushed: HashMap::new(),
-            last_notified: None,
-        });
+        // Looked up by reference: the target is copied only the first time.
+        if !entries.contains_key(target) {
+            let e = Entry {
+                newest: activity.clone(),
+                dirty: true,
+                unflushed: HashMap::new(),
+                last_notified: None,
+            };
+            entries.insert(target.clone(), e);
+        }
+        let Some(e) = entries.get_mut(target) else { return false };
         if activity.at >= e.newest.at {
             e.newest = activity;
             e.dirty = true;
@@ -169,8 +182,8 @@ impl LedgerWorker {
         loop {
             tokio::select! {
                 item = self.rx.recv() => match item {
-                    Some((target, activity)) => {
-                        if self.inner.apply(target.clone(), activity) {
+                    Some((target, activity, source)) => {
+                        if self.inner.apply(&target, activity, source) {
                             notify(target);
                         }
                     }

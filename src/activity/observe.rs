@@ -82,34 +82,21 @@ impl Observer {
         let policy = self.rules.get(t);
         let source = a.source.as_str();
         if let Some(ignored) = ignored_by(&self.builtin, &policy, &a) {
-            let rule = if ignored.builtin {
-                format!("builtin-{}", ignored.kind.as_str())
-            } else {
-                ignored.kind.as_str().to_string()
-            };
-            self.metrics
-                .activity
-                .get_or_create(&ActivityLabels { source: source.into(), outcome: "ignored".into(), rule })
-                .inc();
+            let rule = ignored.kind.label(ignored.builtin);
+            self.metrics.activity.get_or_create(&ActivityLabels { source, outcome: "ignored", rule }).inc();
             return Outcome::Ignored(ignored);
         }
-        self.metrics
-            .activity
-            .get_or_create(&ActivityLabels {
-                source: source.into(),
-                outcome: "counted".into(),
-                rule: String::new(),
-            })
-            .inc();
+        self.metrics.activity.get_or_create(&ActivityLabels { source, outcome: "counted", rule: "" }).inc();
+        let who = a.who();
         self.metrics
             .activity_sources
             .get_or_create(&SourceLabels {
                 target: t.to_string(),
                 namespace: t.namespace.clone(),
-                source: a.who(),
+                source: who.clone(),
             })
             .inc();
-        if self.ledger.record(t.clone(), a) {
+        if self.ledger.record_from(t.clone(), a, who) {
             Outcome::Counted
         } else {
             self.metrics.activity_dropped.inc();

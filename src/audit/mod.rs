@@ -160,11 +160,11 @@ fn status(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
 }
 
 impl Receiver {
-    fn count(&self, outcome: &str) {
-        self.metrics.audit_batches.get_or_create(&OutcomeLabels { outcome: outcome.into() }).inc();
+    fn count(&self, outcome: &'static str) {
+        self.metrics.audit_batches.get_or_create(&OutcomeLabels { outcome }).inc();
     }
 
-    fn reject(&self, outcome: &str, code: StatusCode, reason: &str, message: &str) -> Response<Body> {
+    fn reject(&self, outcome: &'static str, code: StatusCode, reason: &str, message: &str) -> Response<Body> {
         self.count(outcome);
         status(code, reason, message)
     }

@@ -65,12 +65,12 @@ pub struct CategoryLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ActivityLabels {
     /// `audit`, `proxy`, `cli`, `scale`.
-    pub source: String,
+    pub source: &'static str,
     /// `counted` or `ignored`.
-    pub outcome: String,
+    pub outcome: &'static str,
     /// For ignored activity, the kind of rule (`user`, `user-agent`, …, with
     /// a `builtin-` prefix for dormant's own rules); empty otherwise.
-    pub rule: String,
+    pub rule: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -83,15 +83,15 @@ pub struct SourceLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
-    pub outcome: String,
+    pub outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProxyLabels {
     /// `forwarded`, `held`, `timeout`, `overloaded`, `prevented`,
     /// `unauthenticated`, `upstream-error`, `not-found`.
-    pub outcome: String,
-    pub code: String,
+    pub outcome: &'static str,
+    pub code: u16,
 }
 
 /// Every metric the agent exports.

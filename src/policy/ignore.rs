@@ -7,17 +7,28 @@ use crate::activity::Activity;
 /// Matches `*` as any run of characters (including none); every other
 /// character literally.
 pub fn glob_match(pattern: &str, text: &str) -> bool {
-    let p: Vec<char> = pattern.chars().collect();
-    let t: Vec<char> = text.chars().collect();
-    // Greedy match with backtracking to the last `*` (linear for one star,
-    // O(len(p) * len(t)) worst case).
+    glob_match_by(pattern, text, |p, t| p == t)
+}
+
+/// [`glob_match`], ASCII letters compared without case.
+pub fn glob_match_ignore_case(pattern: &str, text: &str) -> bool {
+    glob_match_by(pattern, text, |p, t| p.eq_ignore_ascii_case(&t))
+}
+
+/// Byte-wise, without allocating (this runs for every rule on every
+/// request and audit event). Byte-wise is the same as character-wise: `*`
+/// is ASCII, and a UTF-8 literal never matches starting inside another
+/// character. Greedy with backtracking to the last `*`: linear for one
+/// star, O(len(p) * len(t)) at worst.
+fn glob_match_by(pattern: &str, text: &str, eq: impl Fn(u8, u8) -> bool) -> bool {
+    let (p, t) = (pattern.as_bytes(), text.as_bytes());
     let (mut pi, mut ti) = (0, 0);
     let mut star: Option<(usize, usize)> = None;
     while ti < t.len() {
-        if pi < p.len() && p[pi] == '*' {
+        if pi < p.len() && p[pi] == b'*' {
             star = Some((pi, ti));
             pi += 1;
-        } else if pi < p.len() && p[pi] == t[ti] {
+        } else if pi < p.len() && eq(p[pi], t[ti]) {
             pi += 1;
             ti += 1;
         } else if let Some((sp, st)) = star {
@@ -28,7 +39,7 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
             return false;
         }
     }
-    p[pi..].iter().all(|c| *c == '*')
+    p[pi..].iter().all(|c| *c == b'*')
 }
 
 /// A resource rule, read like RBAC: `resource[/subresource][.group]`, each
@@ -99,6 +110,19 @@ impl RuleKind {
             RuleKind::Verb => "verb",
             RuleKind::Resource => "resource",
             RuleKind::NonResourceUrl => "non-resource-url",
+        }
+    }
+
+    /// The metric label: the kind, prefixed `builtin-` for dormant's own rules.
+    pub fn label(self, builtin: bool) -> &'static str {
+        match (builtin, self) {
+            (false, k) => k.as_str(),
+            (true, RuleKind::User) => "builtin-user",
+            (true, RuleKind::Group) => "builtin-group",
+            (true, RuleKind::UserAgent) => "builtin-user-agent",
+            (true, RuleKind::Verb) => "builtin-verb",
+            (true, RuleKind::Resource) => "builtin-resource",
+            (true, RuleKind::NonResourceUrl) => "builtin-non-resource-url",
         }
     }
 }
@@ -184,8 +208,7 @@ impl IgnoreRules {
         if let Some(p) = self.groups.iter().find(|p| a.groups.iter().any(|g| glob_match(p, g))) {
             return hit(RuleKind::Group, p);
         }
-        let ua = a.user_agent.to_ascii_lowercase();
-        if let Some(p) = self.user_agents.iter().find(|p| glob_match(&p.to_ascii_lowercase(), &ua)) {
+        if let Some(p) = self.user_agents.iter().find(|p| glob_match_ignore_case(p, &a.user_agent)) {
             return hit(RuleKind::UserAgent, p);
         }
         if let Some(p) = self.verbs.iter().find(|p| glob_match(p, &a.verb)) {
@@ -193,10 +216,10 @@ impl IgnoreRules {
         }
         match &a.resource {
             Some(r) => {
-                let resource = if r.subresource.is_empty() {
-                    r.resource.clone()
+                let resource: std::borrow::Cow<'_, str> = if r.subresource.is_empty() {
+                    r.resource.as_str().into()
                 } else {
-                    format!("{}/{}", r.resource, r.subresource)
+                    format!("{}/{}", r.resource, r.subresource).into()
                 };
                 if let Some(rule) =
                     self.resources.iter().find(|rule| rule.matches(&r.group, &resource, &r.name))
@@ -270,8 +293,32 @@ mod tests {
             ("", "", true),
             ("", "x", false),
             ("**", "x", true),
+            ("kübectl*", "kübectl/v1", true),
+            ("*ö", "aö", true),
+            ("*ö", "aó", false),
+            ("ö*", "öü", true),
         ] {
             assert_eq!(glob_match(p, t), want, "{p} vs {t}");
+        }
+        assert!(glob_match_ignore_case("ArgoCD*", "argocd-application-controller/v2"));
+        assert!(!glob_match("ArgoCD*", "argocd-application-controller/v2"));
+    }
+
+    /// The obvious recursive matcher over characters: the reference the
+    /// byte-wise one must agree with.
+    fn reference(p: &[char], t: &[char]) -> bool {
+        match p.split_first() {
+            None => t.is_empty(),
+            Some(('*', rest)) => (0..=t.len()).any(|i| reference(rest, &t[i..])),
+            Some((c, rest)) => t.first() == Some(c) && reference(rest, &t[1..]),
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn globs_agree_with_the_character_wise_reference(p in "[ab*ö]{0,8}", t in "[abö]{0,10}") {
+            let (pc, tc): (Vec<char>, Vec<char>) = (p.chars().collect(), t.chars().collect());
+            proptest::prop_assert_eq!(glob_match(&p, &t), reference(&pc, &tc), "{} vs {}", p, t);
         }
     }
 
