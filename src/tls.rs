@@ -254,9 +254,14 @@ where
                 let answer = handle(req, peer.clone());
                 async move { Ok::<_, std::convert::Infallible>(answer.await) }
             });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                .await;
+            // The protocol TLS negotiated (ALPN), so hyper need not sniff
+            // the first bytes for an HTTP/2 preface; no ALPN is HTTP/1.1.
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let builder = match stream.get_ref().1.alpn_protocol() {
+                Some(b"h2") => builder.http2_only(),
+                _ => builder.http1_only(),
+            };
+            let _ = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).await;
         });
     }
 }

@@ -279,14 +279,14 @@ impl Proxy {
 
     /// The control plane runs and is Ready, as the watch sees it.
     fn control_plane_ready(&self, t: &TargetRef) -> bool {
-        let Some(target) = self.stores.target(t) else { return false };
-        // Only the state, not every annotation: this runs for each request.
-        let state =
-            target.object.annotations().get(ann::STATE).and_then(|s| s.parse::<ann::TargetState>().ok());
+        // The object only, and of its annotations only the state: this runs
+        // for each request.
+        let Some(object) = self.stores.object(t) else { return false };
+        let state = object.annotations().get(ann::STATE).and_then(|s| s.parse::<ann::TargetState>().ok());
         if matches!(state, Some(ann::TargetState::Asleep | ann::TargetState::Sleeping)) {
             return false;
         }
-        match &target.object {
+        match &object {
             TargetObject::StatefulSet(s) => {
                 s.spec.replicas.unwrap_or(1) > 0
                     && s.status.as_ref().and_then(|s| s.ready_replicas).unwrap_or(0) > 0
@@ -455,11 +455,11 @@ impl Proxy {
         };
         self.metrics
             .proxy_requests
-            .get_or_create(&ProxyLabels { outcome: outcome.into(), code: resp.status().as_u16().to_string() })
+            .get_or_create(&ProxyLabels { outcome, code: resp.status().as_u16() })
             .inc();
         self.metrics
             .proxy_duration
-            .get_or_create(&OutcomeLabels { outcome: outcome.into() })
+            .get_or_create(&OutcomeLabels { outcome })
             .observe(started.elapsed().as_secs_f64());
         resp
     }
@@ -472,24 +472,19 @@ impl Proxy {
         let (mut parts, body) = req.into_parts();
         let req = &parts;
         // 1. Route.
-        let pq = req.uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
-        let host = req
-            .headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .or_else(|| req.uri.host())
-            .unwrap_or_default()
-            .to_string();
+        let pq = req.uri.path_and_query().map_or("/", |p| p.as_str());
         let routed = self
             .base_domain
             .as_deref()
-            .and_then(|base| route::by_host(&host, base, &pq))
-            .or_else(|| route::by_path(&pq))
+            .and_then(|base| {
+                let host =
+                    req.headers.get(header::HOST).and_then(|h| h.to_str().ok()).or_else(|| req.uri.host());
+                route::by_host(host.unwrap_or_default(), base, pq)
+            })
+            .or_else(|| route::by_path(pq))
             .ok_or(ProxyError::NotRouted)?;
         let t = routed.target.clone();
-        if self.stores.target(&t).is_none()
-            || !self.scope.allows(&t.namespace, &self.stores.namespace_labels(&t.namespace))
-        {
+        if self.stores.object(&t).is_none() || !self.stores.in_scope(&self.scope, &t.namespace) {
             return Err(ProxyError::NoSuchVCluster(t));
         }
 
@@ -767,35 +762,39 @@ fn is_upgrade(h: &HeaderMap) -> bool {
         && h.contains_key(header::UPGRADE)
 }
 
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+/// Headers that belong to one connection, never forwarded (RFC 9110 7.6.1).
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
 fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
-    let named: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()).collect::<Vec<_>>())
-        .filter(|n| !(keep_upgrade && n == "upgrade"))
-        .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
-        .collect();
-    for n in named {
-        h.remove(n);
+    // Headers the Connection header names are hop-by-hop too.
+    if h.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .filter(|n| !(keep_upgrade && n == header::UPGRADE))
+            .collect();
+        for n in named {
+            h.remove(n);
+        }
     }
     for n in HOP_BY_HOP {
-        if keep_upgrade && (*n == "connection" || *n == "upgrade") {
+        if keep_upgrade && (n == header::CONNECTION || n == header::UPGRADE) {
             continue;
         }
-        h.remove(*n);
+        h.remove(n);
     }
 }
 

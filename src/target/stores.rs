@@ -249,8 +249,14 @@ impl Stores {
 
     /// The target's object and namespace, if it exists.
     pub fn target(&self, r: &TargetRef) -> Option<Target> {
-        let namespace_labels = self.namespace_labels(&r.namespace);
-        let object = match r.kind {
+        let object = self.object(r)?;
+        Some(Target { r: r.clone(), object, namespace_labels: self.namespace_labels(&r.namespace) })
+    }
+
+    /// The target's object alone (no copy of its namespace's labels: the
+    /// proxy asks for it on every request).
+    pub fn object(&self, r: &TargetRef) -> Option<TargetObject> {
+        Some(match r.kind {
             TargetKind::Namespace => {
                 TargetObject::Namespace(self.namespaces.get(&reflector::ObjectRef::new(&r.namespace))?)
             }
@@ -269,8 +275,15 @@ impl Stores {
                     )
                 }
             }
-        };
-        Some(Target { r: r.clone(), object, namespace_labels })
+        })
+    }
+
+    /// Whether `scope` covers namespace `ns` (its labels read in place).
+    pub fn in_scope(&self, scope: &Scope, ns: &str) -> bool {
+        match self.namespaces.get(&reflector::ObjectRef::new(ns)) {
+            Some(n) => scope.allows(ns, n.labels()),
+            None => scope.allows(ns, &BTreeMap::new()),
+        }
     }
 
     /// Every target: each vcluster, and each namespace that is annotated,
