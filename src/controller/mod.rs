@@ -174,15 +174,27 @@ impl Context {
 pub enum Error {
     #[error(transparent)]
     Scale(#[from] crate::scaler::Error),
+    #[error("reconcile did not finish within {0:?} (an API request hung?); retrying from a fresh read")]
+    Timeout(Duration),
 }
 
 impl Error {
     pub fn category(&self) -> &'static str {
         match self {
             Error::Scale(e) => e.category(),
+            Error::Timeout(_) => "timeout",
         }
     }
 }
+
+/// A reconcile that takes longer than this is abandoned and retried. Every
+/// step is safe to stop anywhere (the state is written on the target before
+/// workloads change, as for a SIGKILL), so a hung API request costs one
+/// target this long, not the agent its progress.
+const RECONCILE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The periodic status work (gauges, SleepPolicy status) gets this long.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn at_instant(t: DateTime<Utc>) -> tokio::time::Instant {
     let now = Utc::now();
@@ -208,6 +220,7 @@ pub async fn run(ctx: Arc<Context>, mut changes: mpsc::UnboundedReceiver<Change>
     let mut waiting: VecDeque<TargetRef> = VecDeque::new();
     let mut failures: HashMap<TargetRef, u32> = HashMap::new();
     let mut tasks: JoinSet<Done> = JoinSet::new();
+    let mut status_task: Option<tokio::task::JoinHandle<()>> = None;
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     if ctx.is_leader() {
@@ -219,7 +232,9 @@ pub async fn run(ctx: Arc<Context>, mut changes: mpsc::UnboundedReceiver<Change>
         in_flight.insert(t.clone());
         let ctx = ctx.clone();
         tasks.spawn(async move {
-            let r = reconcile::reconcile(&ctx, &t).await;
+            let r = tokio::time::timeout(RECONCILE_TIMEOUT, reconcile::reconcile(&ctx, &t))
+                .await
+                .unwrap_or(Err(Error::Timeout(RECONCILE_TIMEOUT)));
             (t, r)
         });
     };
@@ -291,7 +306,16 @@ pub async fn run(ctx: Arc<Context>, mut changes: mpsc::UnboundedReceiver<Change>
                 }
             }
             _ = tick.tick() => {
-                status::tick(&ctx).await;
+                // In its own task: API requests for SleepPolicy status must
+                // never hold up reconciles. One at a time.
+                if status_task.as_ref().is_none_or(|t| t.is_finished()) {
+                    let ctx = ctx.clone();
+                    status_task = Some(tokio::spawn(async move {
+                        if tokio::time::timeout(STATUS_TIMEOUT, status::tick(&ctx)).await.is_err() {
+                            tracing::warn!(timeout = ?STATUS_TIMEOUT, "status update did not finish; will retry");
+                        }
+                    }));
+                }
             }
         }
     }
