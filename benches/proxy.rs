@@ -12,6 +12,9 @@
 //!   request's direct latency, over repeated sleep/wake cycles;
 //! - memory per waiting request: the agent's RSS with thousands of
 //!   requests held for a vcluster that cannot wake.
+//!
+//! `DORMANT_BENCH_THROUGHPUT_ONLY=1` stops after the throughput table (for
+//! profiling the proxy's hot path).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use anyhow::Context;
@@ -204,6 +207,11 @@ async fn main() -> anyhow::Result<()> {
         secs,
     );
     let agent_rss_load = rss_kib(agent.pid());
+    if std::env::var_os("DORMANT_BENCH_THROUGHPUT_ONLY").is_some() {
+        print_throughput(secs, &[&direct, &via_nginx, &via_haproxy, &via_dormant, &via_dormant_quiet]);
+        println!("| agent RSS under the throughput run | {:.1} MiB |", agent_rss_load as f64 / 1024.0);
+        return Ok(());
+    }
 
     // 2. Wake overhead on a real (stand-in) vcluster.
     let vc = VCluster::create(
@@ -402,27 +410,7 @@ async fn main() -> anyhow::Result<()> {
     }
     agent.kill();
 
-    println!(
-        "\n## proxy: side by side on loopback (wrk -t2 -c32 -d{secs}s, HTTPS keep-alive, 2 cores shared by all)\n"
-    );
-    println!("| path | requests/s | p50 | p99 | added p50 | added p99 |");
-    println!("| --- | --- | --- | --- | --- | --- |");
-    for (name, w) in [
-        ("direct to upstream", &direct),
-        ("nginx", &via_nginx),
-        ("haproxy", &via_haproxy),
-        ("dormant (activity on)", &via_dormant),
-        ("dormant (activity off: X-Dormant-Ignore)", &via_dormant_quiet),
-    ] {
-        println!(
-            "| {name} | {:.0} | {:.2} ms | {:.2} ms | {:+.2} ms | {:+.2} ms |",
-            w.rps,
-            w.p50_ms,
-            w.p99_ms,
-            w.p50_ms - direct.p50_ms,
-            w.p99_ms - direct.p99_ms
-        );
-    }
+    print_throughput(secs, &[&direct, &via_nginx, &via_haproxy, &via_dormant, &via_dormant_quiet]);
     println!("\n| measure | value |\n| --- | --- |");
     let mut o = overheads.clone();
     println!(
@@ -453,6 +441,33 @@ async fn main() -> anyhow::Result<()> {
     );
     drop(vc);
     Ok(())
+}
+
+/// The side-by-side table: direct, nginx, haproxy, dormant on and off.
+fn print_throughput(secs: u32, runs: &[&Wrk; 5]) {
+    println!(
+        "\n## proxy: side by side on loopback (wrk -t2 -c32 -d{secs}s, HTTPS keep-alive, 2 cores shared by all)\n"
+    );
+    println!("| path | requests/s | p50 | p99 | added p50 | added p99 |");
+    println!("| --- | --- | --- | --- | --- | --- |");
+    let direct = runs[0];
+    let names = [
+        "direct to upstream",
+        "nginx",
+        "haproxy",
+        "dormant (activity on)",
+        "dormant (activity off: X-Dormant-Ignore)",
+    ];
+    for (name, w) in names.iter().zip(runs) {
+        println!(
+            "| {name} | {:.0} | {:.2} ms | {:.2} ms | {:+.2} ms | {:+.2} ms |",
+            w.rps,
+            w.p50_ms,
+            w.p99_ms,
+            w.p50_ms - direct.p50_ms,
+            w.p99_ms - direct.p99_ms
+        );
+    }
 }
 
 /// A TLS connection to the proxy on 127.0.0.1:`port` offering `alpn`, not
