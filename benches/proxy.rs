@@ -294,10 +294,18 @@ async fn main() -> anyhow::Result<()> {
             }
         });
         let api: kube::Api<k8s_openapi::api::core::v1::Namespace> = kube::Api::all(via.clone());
+        let sent = Instant::now();
         api.get("default").await.context("a request held through the wake")?;
         let answered = Instant::now();
         let serving_at = prober.await?;
         let ready_at = ready_watch.await?;
+        let ms = |t: Instant| t.saturating_duration_since(sent).as_secs_f64() * 1000.0;
+        eprintln!(
+            "wake: Ready seen +{:.1} ms, /readyz 200 +{:.1} ms, answered +{:.1} ms after the request was sent",
+            ms(ready_at),
+            ms(serving_at),
+            ms(answered)
+        );
         ready_to_serving.push(if serving_at >= ready_at {
             serving_at.duration_since(ready_at).as_secs_f64() * 1000.0
         } else {

@@ -61,6 +61,9 @@ pub struct VCluster {
 struct Shared {
     stop: AtomicBool,
     starts: AtomicU32,
+    /// The API server process runs (from its start, before it is ready,
+    /// until it is killed).
+    running: AtomicBool,
     apiserver: Mutex<Option<Proc>>,
     error: Mutex<Option<String>>,
 }
@@ -145,6 +148,7 @@ metadata:
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
             starts: AtomicU32::new(0),
+            running: AtomicBool::new(false),
             apiserver: Mutex::new(None),
             error: Mutex::new(None),
         });
@@ -185,9 +189,11 @@ metadata:
         self.shared.starts.load(Ordering::SeqCst)
     }
 
-    /// True while its API server process runs.
+    /// True while its API server process runs, also while it starts (so a
+    /// caller waiting for it to stop does not mistake a starting server
+    /// for a stopped one).
     pub fn is_serving(&self) -> bool {
-        lock(&self.shared.apiserver).is_some()
+        self.shared.running.load(Ordering::SeqCst)
     }
 
     /// The supervisor's failure, if it failed.
@@ -281,8 +287,11 @@ impl Supervisor {
                     &self.api_args,
                     &self.log_dir,
                 )?;
+                self.shared.running.store(true, Ordering::SeqCst);
                 self.shared.starts.fetch_add(1, Ordering::SeqCst);
-                let vc = wait_client(&self.vc_kubeconfig, &mut proc).await?;
+                let vc = wait_client(&self.vc_kubeconfig, &mut proc).await.inspect_err(|_| {
+                    self.shared.running.store(false, Ordering::SeqCst);
+                })?;
                 *lock(&self.shared.apiserver) = Some(proc);
                 if !seeded {
                     seeded = true;
@@ -301,6 +310,7 @@ impl Supervisor {
                 if let Some(mut p) = lock(&self.shared.apiserver).take() {
                     p.kill();
                 }
+                self.shared.running.store(false, Ordering::SeqCst);
             }
         }
     }
