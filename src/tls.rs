@@ -250,9 +250,11 @@ where
                 .peer_certificates()
                 .and_then(|c| c.first())
                 .map(|c| c.clone().into_owned());
+            // `map`, not `async move { Ok(answer.await) }`: an async block
+            // that awaits a future it captured stores it twice, and a held
+            // request's future is what each waiting request costs.
             let svc = service_fn(move |req| {
-                let answer = handle(req, peer.clone());
-                async move { Ok::<_, std::convert::Infallible>(answer.await) }
+                futures::FutureExt::map(handle(req, peer.clone()), Ok::<_, std::convert::Infallible>)
             });
             // The protocol TLS negotiated (ALPN), so hyper need not sniff
             // the first bytes for an HTTP/2 preface; no ALPN is HTTP/1.1.

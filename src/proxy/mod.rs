@@ -708,11 +708,7 @@ impl Proxy {
 
     /// Serves HTTPS on `listener` until the task is dropped.
     pub async fn serve_tls(self: Arc<Self>, listener: TcpListener, tls: TlsAcceptor) {
-        crate::tls::serve_https(listener, tls, move |req, peer| {
-            let proxy = self.clone();
-            async move { proxy.handle(req, peer).await }
-        })
-        .await
+        crate::tls::serve_https(listener, tls, move |req, peer| self.clone().handle(req, peer)).await
     }
 }
 
