@@ -142,7 +142,9 @@ impl Upstreams {
         {
             return Ok(u.clone());
         }
-        let u = Arc::new(self.build(t).await?);
+        // Boxed: the slow path (a Secret read) would otherwise size every
+        // request's future, held ones included, for itself.
+        let u = Arc::new(Box::pin(self.build(t)).await?);
         self.cache.write().unwrap_or_else(|e| e.into_inner()).insert(t.clone(), u.clone());
         Ok(u)
     }
