@@ -38,16 +38,24 @@ pub fn run(
         for e in &report.errors {
             writeln!(err, "{e}")?;
         }
+        for w in &report.warnings {
+            writeln!(err, "warning: {w}")?;
+        }
         total.policies += report.policies;
         total.annotated_objects += report.annotated_objects;
         total.errors.extend(report.errors);
+        total.warnings.extend(report.warnings);
     }
     writeln!(
         out,
         "{} SleepPolicy document(s), {} annotated object(s): {}",
         total.policies,
         total.annotated_objects,
-        if total.errors.is_empty() { "ok".to_string() } else { format!("{} error(s)", total.errors.len()) }
+        match (total.errors.len(), total.warnings.len()) {
+            (0, 0) => "ok".to_string(),
+            (0, w) => format!("ok, {w} warning(s)"),
+            (e, _) => format!("{e} error(s)"),
+        }
     )?;
     Ok(total.errors.is_empty())
 }

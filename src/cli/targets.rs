@@ -296,7 +296,14 @@ pub async fn explain(client: &Client, r: &TargetRef) -> anyhow::Result<String> {
             origin(&p.pricing.origin),
         ),
     ];
-    for (k, v, o) in rows {
+    let delete_after = p.delete_after.map(|d| {
+        (
+            "deleteAfter",
+            format!("{} ({})", duration::format(d), crate::policy::lint::DELETE_AFTER_NOT_ACTED_ON),
+            String::new(),
+        )
+    });
+    for (k, v, o) in rows.into_iter().chain(delete_after) {
         let _ = writeln!(out, "  {k:<16} {v:<40} {o}");
     }
     let ig = &p.ignore.value;

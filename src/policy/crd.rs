@@ -72,7 +72,9 @@ pub struct SleepPolicySpec {
     /// Decide and report, but never scale anything.
     #[serde(default)]
     pub dry_run: bool,
-    /// Opt-in: delete a target that has been asleep this long. Off by default.
+    /// Reserved: a target asleep this long would be deleted. Accepted and
+    /// validated, but not acted on yet: dormant never deletes a target
+    /// (`policy lint` warns, `explain` says so).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = DURATION_PATTERN))]
     pub delete_after: Option<String>,

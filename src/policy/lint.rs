@@ -39,7 +39,13 @@ pub struct LintReport {
     pub policies: usize,
     pub annotated_objects: usize,
     pub errors: Vec<LintError>,
+    /// Valid, but probably not what the author expects.
+    pub warnings: Vec<LintError>,
 }
+
+/// What `deleteAfter` does today, said wherever it is shown.
+pub const DELETE_AFTER_NOT_ACTED_ON: &str =
+    "accepted but not acted on yet: dormant never deletes a target (it only scales to zero)";
 
 /// Lints every YAML document in `text` (named `file` in messages).
 pub fn lint(file: &str, text: &str) -> LintReport {
@@ -110,6 +116,15 @@ pub fn lint(file: &str, text: &str) -> LintReport {
                         for e in errors {
                             push(object.clone(), &e.field, e.message);
                         }
+                    }
+                    if policy.spec.delete_after.is_some() {
+                        report.warnings.push(LintError {
+                            file: file.into(),
+                            document,
+                            object: object.clone(),
+                            field: "spec.deleteAfter".into(),
+                            message: DELETE_AFTER_NOT_ACTED_ON.into(),
+                        });
                     }
                 }
                 Err(e) => {
@@ -259,6 +274,18 @@ metadata:
             assert!(lines.iter().any(|l| l.starts_with(e)), "missing {e:?} in {lines:#?}");
         }
         assert_eq!(lines.len(), expect.len(), "{lines:#?}");
+    }
+
+    #[test]
+    fn delete_after_is_valid_but_warned_about_as_not_acted_on() {
+        let policy = "apiVersion: dormant.dev/v1alpha1\nkind: SleepPolicy\nmetadata: {name: x}\nspec: {sleepAfter: 30m, deleteAfter: 7d}\n";
+        let r = lint("d.yaml", policy);
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        assert_eq!(r.warnings.len(), 1);
+        assert_eq!(r.warnings[0].field, "spec.deleteAfter");
+        assert!(r.warnings[0].message.contains("never deletes"), "{}", r.warnings[0]);
+        let r = lint("e.yaml", &policy.replace("7d", "soon"));
+        assert_eq!(r.errors.len(), 1, "a bad duration is still an error");
     }
 
     #[test]
