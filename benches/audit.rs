@@ -131,17 +131,12 @@ async fn main() -> anyhow::Result<()> {
     tokio::spawn(worker.run(|_| {}, NoFlush, Duration::from_secs(3600)));
     let scope = Scope::default();
     let receiver = Receiver {
-        observer: Arc::new(Observer {
+        observer: Arc::new(Observer::new(
             ledger,
-            builtin: IgnoreRules::builtin(&["dormant".to_string()]),
-            rules: RulesCache::new(
-                stores.clone(),
-                Defaults::default(),
-                scope.clone(),
-                Duration::from_secs(5),
-            ),
-            metrics: metrics.clone(),
-        }),
+            IgnoreRules::builtin(&["dormant".to_string()]),
+            RulesCache::new(stores.clone(), Defaults::default(), scope.clone(), Duration::from_secs(5)),
+            metrics.clone(),
+        )),
         index: Arc::new(TargetIndex::new(stores.clone(), scope, Duration::from_secs(2))),
         metrics: metrics.clone(),
         tokens: None,

@@ -489,17 +489,17 @@ pub async fn run_with(
     // dormant's own requests never count as activity.
     let own_user = crate::cli::targets::whoami(&client).await;
     tracing::info!(user = %own_user, "dormant's own identity (ignored as activity)");
-    let observer = Arc::new(Observer {
-        ledger: ledger.clone(),
-        builtin: IgnoreRules::builtin(&[own_user]),
-        rules: RulesCache::new(
+    let observer = Arc::new(Observer::new(
+        ledger.clone(),
+        IgnoreRules::builtin(&[own_user]),
+        RulesCache::new(
             stores.clone(),
             settings.defaults.clone(),
             settings.scope.clone(),
             Duration::from_secs(5),
         ),
-        metrics: metrics.clone(),
-    });
+        metrics.clone(),
+    ));
     let index = Arc::new(TargetIndex::new(stores.clone(), settings.scope.clone(), Duration::from_secs(2)));
     let mut servers = Vec::new();
     if let Some(audit) = &settings.audit {

@@ -15,8 +15,9 @@ use tokio::sync::mpsc;
 use super::Activity;
 use crate::target::TargetRef;
 
-/// How many distinct sources are counted per target between two flushes.
-const MAX_SOURCES: usize = 32;
+/// How many distinct sources are counted per target (between two flushes
+/// here; in the metric, for good).
+pub const MAX_SOURCES: usize = 32;
 
 /// Counted activities by source (`user (agent)`).
 pub type SourceCounts = HashMap<String, u64>;

@@ -8,7 +8,9 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use super::Activity;
-use super::ledger::Ledger;
+use super::ledger::{Ledger, MAX_SOURCES};
+use prometheus_client::metrics::counter::Counter;
+
 use crate::metrics::{ActivityLabels, Metrics, SourceLabels};
 use crate::policy::annotations::TargetAnnotations;
 use crate::policy::ignore::{IgnoreRules, Ignored, ignored_by};
@@ -74,9 +76,50 @@ pub struct Observer {
     pub builtin: IgnoreRules,
     pub rules: RulesCache,
     pub metrics: Arc<Metrics>,
+    sources: SourceCounters,
+}
+
+/// The "who keeps it awake" counters, by target and source: at most
+/// [`MAX_SOURCES`] sources per target get their own series (the rest count
+/// as [`OTHER_SOURCES`]), so a busy target cannot grow the metric without
+/// bound; and a request finds its counter without allocating.
+#[derive(Default)]
+struct SourceCounters(RwLock<HashMap<TargetRef, HashMap<String, Counter>>>);
+
+/// The metric's source label for sources past [`MAX_SOURCES`] of a target.
+pub const OTHER_SOURCES: &str = "(other sources)";
+
+impl SourceCounters {
+    fn counter(&self, metrics: &Metrics, t: &TargetRef, who: &str) -> Counter {
+        if let Some(c) = self.0.read().unwrap_or_else(|e| e.into_inner()).get(t).and_then(|m| m.get(who)) {
+            return c.clone();
+        }
+        let mut all = self.0.write().unwrap_or_else(|e| e.into_inner());
+        let known = all.entry(t.clone()).or_default();
+        if let Some(c) = known.get(who) {
+            return c.clone();
+        }
+        let label = if known.len() < MAX_SOURCES { who } else { OTHER_SOURCES };
+        let c = metrics
+            .activity_sources
+            .get_or_create(&SourceLabels {
+                target: t.to_string(),
+                namespace: t.namespace.clone(),
+                source: label.to_string(),
+            })
+            .clone();
+        if known.len() < MAX_SOURCES {
+            known.insert(who.to_string(), c.clone());
+        }
+        c
+    }
 }
 
 impl Observer {
+    pub fn new(ledger: Ledger, builtin: IgnoreRules, rules: RulesCache, metrics: Arc<Metrics>) -> Self {
+        Observer { ledger, builtin, rules, metrics, sources: SourceCounters::default() }
+    }
+
     /// Decides whether `a` counts for `t`, and records it if so.
     pub fn observe(&self, t: &TargetRef, a: Activity) -> Outcome {
         let policy = self.rules.get(t);
@@ -88,14 +131,7 @@ impl Observer {
         }
         self.metrics.activity.get_or_create(&ActivityLabels { source, outcome: "counted", rule: "" }).inc();
         let who = a.who();
-        self.metrics
-            .activity_sources
-            .get_or_create(&SourceLabels {
-                target: t.to_string(),
-                namespace: t.namespace.clone(),
-                source: who.clone(),
-            })
-            .inc();
+        self.sources.counter(&self.metrics, t, &who).inc();
         if self.ledger.record_from(t.clone(), a, who) {
             Outcome::Counted
         } else {
@@ -115,4 +151,53 @@ impl Observer {
 pub fn short_agent(ua: &str) -> &str {
     let product = ua.split([' ', '/']).next().unwrap_or_default();
     if product.is_empty() { "unknown" } else { product }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::activity::Source;
+    use chrono::Utc;
+
+    fn activity(user: &str) -> Activity {
+        Activity {
+            at: Utc::now(),
+            source: Source::Proxy,
+            user: user.into(),
+            groups: vec![],
+            user_agent: "kubectl/v1.37.2".into(),
+            verb: "list".into(),
+            resource: None,
+            path: "/api".into(),
+        }
+    }
+
+    #[test]
+    fn each_target_gets_at_most_max_sources_series_and_the_rest_count_as_other() {
+        let (stores, _writers) = crate::target::stores::stores();
+        let metrics = Arc::new(Metrics::new());
+        let (ledger, _worker) = Ledger::new(10_000);
+        let rules = RulesCache::new(stores, Defaults::default(), Scope::default(), Duration::from_secs(5));
+        let o = Observer::new(ledger, IgnoreRules::default(), rules, metrics.clone());
+        let t = TargetRef::vcluster("team-a", "dev");
+        for i in 0..MAX_SOURCES + 8 {
+            assert_eq!(o.observe(&t, activity(&format!("user-{i}"))), Outcome::Counted);
+        }
+        // Sources seen first keep their own series and go on counting.
+        assert_eq!(o.observe(&t, activity("user-0")), Outcome::Counted);
+        let text = metrics.encode();
+        let series: Vec<&str> =
+            text.lines().filter(|l| l.starts_with("dormant_activity_sources_total{")).collect();
+        assert_eq!(series.len(), MAX_SOURCES + 1, "{series:#?}");
+        let value = |source: &str| {
+            series
+                .iter()
+                .find(|l| l.contains(&format!("source=\"{source}\"")))
+                .and_then(|l| l.rsplit(' ').next())
+                .map(str::to_string)
+        };
+        assert_eq!(value("user-0 (kubectl)").as_deref(), Some("2"));
+        assert_eq!(value(OTHER_SOURCES).as_deref(), Some("8"));
+        assert_eq!(value(&format!("user-{} (kubectl)", MAX_SOURCES)), None);
+    }
 }
