@@ -58,7 +58,7 @@ async fn main() -> anyhow::Result<()> {
     .await??;
     eprintln!("cluster up in {:.1}s", started.elapsed().as_secs_f64());
     c.kubectl_apply(&c.admin, &dormant::cli::crd_yaml()?)?;
-    c.kubectl_out(&c.admin, &["wait", "--for=condition=Established", "crd/sleeppolicies.dormant.dev"]).ok();
+    c.wait_established("sleeppolicies.dormant.dev")?;
     c.kubectl_out(&c.admin, &["create", "namespace", "dormant"]).ok();
 
     let mut targets = Vec::new();

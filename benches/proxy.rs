@@ -113,7 +113,7 @@ async fn main() -> anyhow::Result<()> {
     dormant::tls::install_default_provider();
     let c = Arc::new(tokio::task::spawn_blocking(|| Cluster::start(ClusterOptions::default())).await??);
     c.kubectl_apply(&c.admin, &dormant::cli::crd_yaml()?)?;
-    c.kubectl_out(&c.admin, &["wait", "--for=condition=Established", "crd/sleeppolicies.dormant.dev"]).ok();
+    c.wait_established("sleeppolicies.dormant.dev")?;
     for ns in ["dormant", "bench"] {
         c.kubectl_out(&c.admin, &["create", "namespace", ns]).ok();
     }

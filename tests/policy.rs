@@ -86,11 +86,7 @@ fn lint_names_file_document_and_field_and_fails() {
 fn apply_crd(c: &Cluster) {
     let crd = repo().join("charts/dormant/crds/sleeppolicies.dormant.dev.yaml");
     c.kubectl_out(&c.admin, &["apply", "--server-side", "-f", crd.to_str().unwrap()]).unwrap();
-    c.kubectl_out(
-        &c.admin,
-        &["wait", "--for=condition=Established", "--timeout=30s", "crd/sleeppolicies.dormant.dev"],
-    )
-    .unwrap();
+    c.wait_established("sleeppolicies.dormant.dev").unwrap();
 }
 
 #[test]

@@ -538,6 +538,16 @@ impl Cluster {
     }
 
     /// Polls `cond` every 100 ms until it holds or `timeout` passes.
+    /// Waits until CustomResourceDefinition `name` is Established (unlike
+    /// `kubectl wait --for=condition=Established`, which fails instead of
+    /// waiting when it looks before the CRD has any conditions).
+    pub fn wait_established(&self, name: &str) -> Result<()> {
+        let path = r#"jsonpath={.status.conditions[?(@.type=="Established")].status}"#;
+        self.wait_for(Duration::from_secs(60), &format!("CRD {name} to be Established"), || {
+            self.kubectl_out(&self.admin, &["get", "crd", name, "-o", path]).is_ok_and(|s| s.trim() == "True")
+        })
+    }
+
     pub fn wait_for(&self, timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Result<()> {
         let start = Instant::now();
         while !cond() {

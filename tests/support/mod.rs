@@ -89,7 +89,7 @@ pub fn install_crd(c: &Cluster) {
     let crd =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("charts/dormant/crds/sleeppolicies.dormant.dev.yaml");
     kubectl(c, &["apply", "--server-side", "--force-conflicts", "-f", crd.to_str().unwrap()]);
-    kubectl(c, &["wait", "--for=condition=Established", "--timeout=30s", "crd/sleeppolicies.dormant.dev"]);
+    c.wait_established("sleeppolicies.dormant.dev").unwrap();
 }
 
 /// Runs `dormant <args>` as the cluster admin.
