@@ -7,7 +7,7 @@
 #   hack/testbed.sh dir          print the folder the binaries live in
 #   hack/testbed.sh check        exit 1 and list what is missing
 #   hack/testbed.sh promtool     print the path of promtool (installed by install)
-#   hack/testbed.sh keda-crd     print the path of KEDA's ScaledObject CRD (installed by install)
+#   hack/testbed.sh keda-crd     print the folder of KEDA's ScaledObject and ScaledJob CRDs (installed by install)
 #
 # The folder is $DORMANT_TESTBED_DIR, or ~/.cache/dormant/testbed/<versions>.
 set -euo pipefail
@@ -22,7 +22,8 @@ bins=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok he
 # Tools beside the cluster, versioned on their own (tests parse dashboard
 # PromQL with the real parser).
 tools_dir="${DORMANT_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/dormant/tools/prometheus-${PROMETHEUS_VERSION}}"
-keda_crd="${XDG_CACHE_HOME:-$HOME/.cache}/dormant/tools/keda-${KEDA_VERSION}/keda.sh_scaledobjects.yaml"
+keda_crds="${XDG_CACHE_HOME:-$HOME/.cache}/dormant/tools/keda-${KEDA_VERSION}/crds"
+keda_kinds=(scaledobjects scaledjobs)
 
 log() { printf '[testbed] %s\n' "$*" >&2; }
 
@@ -126,22 +127,30 @@ install_tools() {
   rm -rf "$gobin"
 }
 
-# KEDA's ScaledObject CRD exactly as KEDA ships it (from its Go module; seconds).
+# KEDA's ScaledObject and ScaledJob CRDs exactly as KEDA ships them (from its
+# Go module; seconds).
+keda_crds_present() {
+  local k
+  for k in "${keda_kinds[@]}"; do [[ -s "$keda_crds/keda.sh_$k.yaml" ]] || return 1; done
+}
+
 install_keda_crd() {
-  if [[ -s "$keda_crd" ]]; then return 0; fi
+  if keda_crds_present; then return 0; fi
   need_go
-  local src
-  log "fetching KEDA v${KEDA_VERSION}'s ScaledObject CRD from the Go module proxy"
+  local src k
+  log "fetching KEDA v${KEDA_VERSION}'s ScaledObject and ScaledJob CRDs from the Go module proxy"
   src="$(cd "$(mktemp -d)" && GOFLAGS=-mod=mod go mod download -json "github.com/kedacore/keda/v2@v${KEDA_VERSION}" \
     | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')"
-  if [[ ! -f "$src/config/crd/bases/keda.sh_scaledobjects.yaml" ]]; then
-    log "error: github.com/kedacore/keda/v2@v${KEDA_VERSION} has no config/crd/bases/keda.sh_scaledobjects.yaml"
-    exit 1
-  fi
-  mkdir -p "$(dirname "$keda_crd")"
-  cp "$src/config/crd/bases/keda.sh_scaledobjects.yaml" "$keda_crd.tmp"
-  chmod u+w "$keda_crd.tmp"
-  mv "$keda_crd.tmp" "$keda_crd"
+  mkdir -p "$keda_crds"
+  for k in "${keda_kinds[@]}"; do
+    if [[ ! -f "$src/config/crd/bases/keda.sh_$k.yaml" ]]; then
+      log "error: github.com/kedacore/keda/v2@v${KEDA_VERSION} has no config/crd/bases/keda.sh_$k.yaml"
+      exit 1
+    fi
+    cp "$src/config/crd/bases/keda.sh_$k.yaml" "$keda_crds/keda.sh_$k.yaml.tmp"
+    chmod u+w "$keda_crds/keda.sh_$k.yaml.tmp"
+    mv "$keda_crds/keda.sh_$k.yaml.tmp" "$keda_crds/keda.sh_$k.yaml"
+  done
 }
 
 install() {
@@ -179,8 +188,8 @@ case "${1:-install}" in
     echo "$tools_dir/promtool"
     ;;
   keda-crd)
-    [[ -s "$keda_crd" ]] || { log "KEDA's CRD missing at $keda_crd (run: hack/testbed.sh install)"; exit 1; }
-    echo "$keda_crd"
+    keda_crds_present || { log "KEDA's CRDs missing in $keda_crds (run: hack/testbed.sh install)"; exit 1; }
+    echo "$keda_crds"
     ;;
   check)
     todo="$(missing)"

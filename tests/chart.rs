@@ -126,7 +126,7 @@ fn helm_install_creates_everything_and_the_chart_rbac_is_exactly_enough() {
         ],
     );
     assert!(ok, "{out}");
-    kubectl(c, &["wait", "--for=condition=Established", "--timeout=30s", "crd/sleeppolicies.dormant.dev"]);
+    c.wait_established("sleeppolicies.dormant.dev").unwrap();
     for (kind, name) in [
         ("deployment", "dormant"),
         ("serviceaccount", "dormant"),
@@ -153,7 +153,8 @@ fn helm_install_creates_everything_and_the_chart_rbac_is_exactly_enough() {
     // KEDA's CRD, so pausing a ScaledObject is part of the cycle (and `auth can-i` knows the resource).
     let keda_crd = testbed::Bins::keda_crd().unwrap();
     kubectl(c, &["apply", "--server-side", "-f", &keda_crd.display().to_string()]);
-    kubectl(c, &["wait", "--for=condition=Established", "crd/scaledobjects.keda.sh", "--timeout=60s"]);
+    c.wait_established("scaledobjects.keda.sh").unwrap();
+    c.wait_established("scaledjobs.keda.sh").unwrap();
     // What the ServiceAccount may not do.
     let sa = format!("system:serviceaccount:{release_ns}:dormant");
     // `kubectl auth can-i` answers on stdout and exits 1 for "no".
@@ -174,6 +175,7 @@ fn helm_install_creates_everything_and_the_chart_rbac_is_exactly_enough() {
     }
     for (verb, what) in [
         ("patch", "scaledobjects.keda.sh"),
+        ("patch", "scaledjobs.keda.sh"),
         ("patch", "deployments.apps"),
         ("patch", "statefulsets.apps"),
         ("deletecollection", "pods"),

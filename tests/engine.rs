@@ -572,16 +572,18 @@ spec:
 }
 
 /// KEDA would scale a sleeping workload straight back up on its next
-/// activation; dormant pauses each ScaledObject at zero through KEDA's own
-/// annotation (on real ScaledObjects, from KEDA's CRD) and gives back
-/// exactly the pause it had. The KEDA operator itself is not part of the
+/// activation, and a ScaledJob would start new Jobs; dormant pauses each
+/// ScaledObject at zero and each ScaledJob through KEDA's own annotations
+/// (on real objects, from KEDA's CRDs) and gives back exactly the pause
+/// each had. The KEDA operator itself is not part of the
 /// testbed: what it reads is the annotation asserted here.
 #[test]
-fn keda_scaled_objects_are_paused_while_asleep_and_given_back_exactly() {
+fn keda_scaled_objects_and_jobs_are_paused_while_asleep_and_given_back_exactly() {
     let c = Cluster::shared();
     let crd = testbed::Bins::keda_crd().unwrap();
     kubectl(c, &["apply", "--server-side", "-f", &crd.display().to_string()]);
-    kubectl(c, &["wait", "--for=condition=Established", "crd/scaledobjects.keda.sh", "--timeout=60s"]);
+    c.wait_established("scaledobjects.keda.sh").unwrap();
+    c.wait_established("scaledjobs.keda.sh").unwrap();
     let id = test_id("keda");
     let ns = c.namespace("keda", &[("dormant-test", &id)]).unwrap();
     let mut yaml = String::new();
@@ -615,6 +617,21 @@ spec:
 "#
         ));
     }
+    // ScaledJobs would start new Jobs in the sleeping namespace.
+    for (name, annotations) in [("reports", "{}"), ("exports", "{dormant.dev/exclude: \"true\"}")] {
+        yaml.push_str(&format!(
+            r#"apiVersion: keda.sh/v1alpha1
+kind: ScaledJob
+metadata: {{name: {name}, namespace: {ns}, annotations: {annotations}}}
+spec:
+  jobTargetRef: {{template: {{spec: {{containers: [{{name: c, image: busybox:1.37}}], restartPolicy: Never}}}}}}
+  triggers:
+  - type: cron
+    metadata: {{timezone: Europe/Berlin, start: "0 2 * * *", end: "0 3 * * *", desiredReplicas: "1"}}
+---
+"#
+        ));
+    }
     c.kubectl_apply(&c.admin, &yaml).unwrap();
     let _agent = Agent::start(c, &id, &format!("{id}-system"), "keda-1", &[]);
     kubectl(c, &["annotate", "namespace", &ns, "dormant.dev/sleep-after=1h"]);
@@ -635,6 +652,11 @@ spec:
     );
     assert_eq!(replicas(c, "deployment", "worker", &ns), "0");
     assert_eq!(replicas(c, "deployment", "payments", &ns), "1");
+    let job_pause = |sj: &str| annotation(c, "scaledjob", sj, Some(&ns), "autoscaling.keda.sh/paused");
+    let job_record =
+        |sj: &str| annotation(c, "scaledjob", sj, Some(&ns), "dormant.dev/keda-paused-before-sleep");
+    assert_eq!((job_pause("reports"), job_record("reports")), ("true".into(), "none".into()));
+    assert_eq!((job_pause("exports"), job_record("exports")), (String::new(), String::new()), "excluded");
 
     let out = dormant(c, &["wake", &ns, "--wait=60s"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -643,6 +665,11 @@ spec:
     let all = jsonpath(c, "scaledobject", "worker", Some(&ns), "{.metadata.annotations}");
     assert!(!all.contains("paused-replicas"), "KEDA controls worker again: {all}");
     assert_eq!((paused("batch"), record("batch")), ("1".into(), String::new()), "batch stays paused at 1");
+    assert_eq!(
+        (job_pause("reports"), job_record("reports")),
+        (String::new(), String::new()),
+        "reports runs again"
+    );
 }
 
 #[test]

@@ -2,6 +2,7 @@
 //! and the decision for it. Shared by the controller (which then acts) and
 //! the CLI (which explains).
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -84,8 +85,17 @@ impl Evaluation {
     /// True when a workload is never scaled: annotated `exclude`, or
     /// matched by the policy's exclude selector.
     pub fn excluded(&self, w: &WorkloadView) -> bool {
-        w.annotations.get(EXCLUDE).map(String::as_str) == Some("true")
-            || self.policy.exclude.as_ref().is_some_and(|s| !s.selects_all() && s.matches(&w.labels))
+        self.excluded_by(&w.annotations, &w.labels)
+    }
+
+    /// Excluded by its own annotation or the policy's label selector.
+    pub fn excluded_by(
+        &self,
+        annotations: &BTreeMap<String, String>,
+        labels: &BTreeMap<String, String>,
+    ) -> bool {
+        annotations.get(EXCLUDE).map(String::as_str) == Some("true")
+            || self.policy.exclude.as_ref().is_some_and(|s| !s.selects_all() && s.matches(labels))
     }
 
     /// What this target requests when awake (what a sleep saves): each

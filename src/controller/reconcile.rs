@@ -330,21 +330,37 @@ async fn step<T>(
 }
 
 /// Pauses the namespace's KEDA ScaledObjects that scale a workload this
-/// sleep scales (not those of excluded workloads).
+/// sleep scales (not those of excluded workloads), and, for a namespace
+/// target, its ScaledJobs (unless excluded like a workload).
 async fn pause_keda(ctx: &Context, ev: &Evaluation) -> Result<(), scaler::Error> {
     for so in ctx.scaler.scaled_objects(&ev.target.r.namespace).await? {
         if ev.workloads.iter().any(|w| so.scales(w) && !ev.excluded(w)) {
             ctx.scaler.pause_scaled_object(&so).await?;
         }
     }
+    if ev.target.r.kind == TargetKind::Namespace {
+        for sj in ctx.scaler.scaled_jobs(&ev.target.r.namespace).await? {
+            if !ev.excluded_by(&sj.annotations, &sj.labels) {
+                ctx.scaler.pause_scaled_job(&sj).await?;
+            }
+        }
+    }
     Ok(())
 }
 
-/// Lifts every pause dormant put on the namespace's ScaledObjects.
+/// Lifts every pause dormant put on the namespace's ScaledObjects and
+/// ScaledJobs.
 async fn resume_keda(ctx: &Context, ev: &Evaluation) -> Result<(), scaler::Error> {
     for so in ctx.scaler.scaled_objects(&ev.target.r.namespace).await? {
         if so.asleep() {
             ctx.scaler.resume_scaled_object(&so).await?;
+        }
+    }
+    if ev.target.r.kind == TargetKind::Namespace {
+        for sj in ctx.scaler.scaled_jobs(&ev.target.r.namespace).await? {
+            if sj.asleep() {
+                ctx.scaler.resume_scaled_job(&sj).await?;
+            }
         }
     }
     Ok(())

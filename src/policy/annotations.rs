@@ -42,6 +42,7 @@ pub const EXCLUDE: &str = "dormant.dev/exclude";
 pub const REPLICAS_BEFORE_SLEEP: &str = "dormant.dev/replicas-before-sleep";
 pub const SUSPEND_BEFORE_SLEEP: &str = "dormant.dev/suspend-before-sleep";
 pub const KEDA_PAUSED_BEFORE_SLEEP: &str = "dormant.dev/keda-paused-replicas-before-sleep";
+pub const KEDA_JOB_PAUSED_BEFORE_SLEEP: &str = "dormant.dev/keda-paused-before-sleep";
 
 const TARGET_KEYS: &[&str] = &[
     POLICY,
@@ -70,6 +71,7 @@ const TARGET_KEYS: &[&str] = &[
     REPLICAS_BEFORE_SLEEP,
     SUSPEND_BEFORE_SLEEP,
     KEDA_PAUSED_BEFORE_SLEEP,
+    KEDA_JOB_PAUSED_BEFORE_SLEEP,
 ];
 
 /// One bad annotation: which, what value, and why.

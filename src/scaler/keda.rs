@@ -1,31 +1,51 @@
-//! KEDA ScaledObjects. KEDA scales its target up again from zero on the next
-//! activation of a trigger, so a sleeping namespace pauses each ScaledObject
-//! at zero replicas through KEDA's own `autoscaling.keda.sh/paused-replicas`
-//! annotation, and records what that annotation was — in the same patch, as
-//! for workloads — so waking gives KEDA back exactly the control it had.
+//! KEDA ScaledObjects and ScaledJobs. KEDA scales its target up again from
+//! zero on the next activation of a trigger, so a sleeping namespace pauses
+//! each ScaledObject at zero replicas through KEDA's own
+//! `autoscaling.keda.sh/paused-replicas` annotation, and records what that
+//! annotation was — in the same patch, as for workloads — so waking gives
+//! KEDA back exactly the control it had. A ScaledJob would start new Jobs in
+//! the sleeping namespace; it is paused with `autoscaling.keda.sh/paused`
+//! the same way.
 
 use std::collections::BTreeMap;
 
 use kube::discovery::ApiResource;
 use serde_json::{Value, json};
 
-use crate::policy::annotations::KEDA_PAUSED_BEFORE_SLEEP;
+use crate::policy::annotations::{KEDA_JOB_PAUSED_BEFORE_SLEEP, KEDA_PAUSED_BEFORE_SLEEP};
 use crate::target::WorkloadView;
 
 /// KEDA's annotation: while set, KEDA holds the target at this many replicas.
 pub const PAUSED_REPLICAS: &str = "autoscaling.keda.sh/paused-replicas";
 
-/// Recorded when the ScaledObject had no `paused-replicas` annotation.
+/// KEDA's annotation: while "true", a ScaledJob starts no Jobs.
+pub const PAUSED: &str = "autoscaling.keda.sh/paused";
+
+/// Recorded when the object had no pause annotation.
 const NOT_PAUSED: &str = "none";
 
-pub fn api_resource() -> ApiResource {
+fn keda_resource(kind: &str, plural: &str) -> ApiResource {
     ApiResource {
         group: "keda.sh".into(),
         version: "v1alpha1".into(),
         api_version: "keda.sh/v1alpha1".into(),
-        kind: "ScaledObject".into(),
-        plural: "scaledobjects".into(),
+        kind: kind.into(),
+        plural: plural.into(),
     }
+}
+
+pub fn api_resource() -> ApiResource {
+    keda_resource("ScaledObject", "scaledobjects")
+}
+
+pub fn scaled_job_resource() -> ApiResource {
+    keda_resource("ScaledJob", "scaledjobs")
+}
+
+fn string_map(v: Option<&Value>) -> BTreeMap<String, String> {
+    v.and_then(Value::as_object)
+        .map(|a| a.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect())
+        .unwrap_or_default()
 }
 
 /// One ScaledObject as dormant sees it.
@@ -49,11 +69,7 @@ impl ScaledObjectView {
             namespace: s(meta, "namespace")?,
             name: s(meta, "name")?,
             resource_version: s(meta, "resourceVersion"),
-            annotations: meta
-                .get("annotations")
-                .and_then(Value::as_object)
-                .map(|a| a.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect())
-                .unwrap_or_default(),
+            annotations: string_map(meta.get("annotations")),
             target_kind: s(target, "kind").unwrap_or_else(|| "Deployment".into()),
             target_name: s(target, "name")?,
         })
@@ -73,12 +89,66 @@ impl ScaledObjectView {
     }
 }
 
-fn patch(so: &ScaledObjectView, annotations: Value) -> Value {
+/// One ScaledJob as dormant sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScaledJobView {
+    pub namespace: String,
+    pub name: String,
+    pub resource_version: Option<String>,
+    pub annotations: BTreeMap<String, String>,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl ScaledJobView {
+    pub fn from_json(v: &Value) -> Option<Self> {
+        let meta = v.get("metadata")?;
+        let s = |k: &str| meta.get(k).and_then(Value::as_str).map(String::from);
+        Some(ScaledJobView {
+            namespace: s("namespace")?,
+            name: s("name")?,
+            resource_version: s("resourceVersion"),
+            annotations: string_map(meta.get("annotations")),
+            labels: string_map(meta.get("labels")),
+        })
+    }
+
+    pub fn id(&self) -> String {
+        format!("ScaledJob/{}/{}", self.namespace, self.name)
+    }
+
+    pub fn asleep(&self) -> bool {
+        self.annotations.contains_key(KEDA_JOB_PAUSED_BEFORE_SLEEP)
+    }
+}
+
+fn patch(resource_version: &Option<String>, annotations: Value) -> Value {
     let mut meta = json!({ "annotations": annotations });
-    if let Some(rv) = &so.resource_version {
+    if let Some(rv) = resource_version {
         meta["resourceVersion"] = json!(rv);
     }
     json!({ "metadata": meta })
+}
+
+/// Pauses `sj` (no new Jobs), recording its previous pause, unless it
+/// already carries dormant's record.
+pub fn pause_job_patch(sj: &ScaledJobView) -> Result<Option<Value>, String> {
+    if sj.asleep() {
+        return Ok(None);
+    }
+    let before = sj.annotations.get(PAUSED).map_or(NOT_PAUSED, String::as_str);
+    Ok(Some(patch(&sj.resource_version, json!({ KEDA_JOB_PAUSED_BEFORE_SLEEP: before, PAUSED: "true" }))))
+}
+
+/// Gives `sj` back the pause it had before sleeping; a pause someone
+/// changed while it slept stays. Any recorded value is given back as it was
+/// (KEDA reads only "true"), so nothing here can be unreadable.
+pub fn resume_job_patch(sj: &ScaledJobView) -> Result<Option<Value>, String> {
+    let Some(raw) = sj.annotations.get(KEDA_JOB_PAUSED_BEFORE_SLEEP) else { return Ok(None) };
+    if sj.annotations.get(PAUSED).map(String::as_str) != Some("true") {
+        return Ok(Some(patch(&sj.resource_version, json!({ KEDA_JOB_PAUSED_BEFORE_SLEEP: null }))));
+    }
+    let before = if raw == NOT_PAUSED { Value::Null } else { json!(raw) };
+    Ok(Some(patch(&sj.resource_version, json!({ KEDA_JOB_PAUSED_BEFORE_SLEEP: null, PAUSED: before }))))
 }
 
 /// Pauses `so` at zero replicas, recording its previous pause, unless it
@@ -88,7 +158,7 @@ pub fn pause_patch(so: &ScaledObjectView) -> Result<Option<Value>, String> {
         return Ok(None);
     }
     let before = so.annotations.get(PAUSED_REPLICAS).map_or(NOT_PAUSED, String::as_str);
-    Ok(Some(patch(so, json!({ KEDA_PAUSED_BEFORE_SLEEP: before, PAUSED_REPLICAS: "0" }))))
+    Ok(Some(patch(&so.resource_version, json!({ KEDA_PAUSED_BEFORE_SLEEP: before, PAUSED_REPLICAS: "0" }))))
 }
 
 /// Gives `so` back the pause it had before sleeping (usually none). If
@@ -106,9 +176,9 @@ pub fn resume_patch(so: &ScaledObjectView) -> Result<Option<Value>, String> {
         }
     };
     if so.annotations.get(PAUSED_REPLICAS).map(String::as_str) != Some("0") {
-        return Ok(Some(patch(so, json!({ KEDA_PAUSED_BEFORE_SLEEP: null }))));
+        return Ok(Some(patch(&so.resource_version, json!({ KEDA_PAUSED_BEFORE_SLEEP: null }))));
     }
-    Ok(Some(patch(so, json!({ KEDA_PAUSED_BEFORE_SLEEP: null, PAUSED_REPLICAS: before }))))
+    Ok(Some(patch(&so.resource_version, json!({ KEDA_PAUSED_BEFORE_SLEEP: null, PAUSED_REPLICAS: before }))))
 }
 
 #[cfg(test)]
@@ -167,6 +237,35 @@ mod tests {
         apply(&mut s, &p);
         assert_eq!(s.annotations.get(PAUSED_REPLICAS).map(String::as_str), Some("3"));
         assert!(!s.asleep());
+    }
+
+    #[test]
+    fn scaled_jobs_are_paused_and_given_back_their_pause() {
+        for before in [None, Some("true"), Some("false")] {
+            let ann: serde_json::Map<_, _> =
+                before.map(|b| (PAUSED.to_string(), json!(b))).into_iter().collect();
+            let mut sj = ScaledJobView::from_json(&json!({
+                "metadata": { "namespace": "ns", "name": "jobs", "resourceVersion": "3", "annotations": ann },
+            }))
+            .unwrap();
+            let p = pause_job_patch(&sj).unwrap().unwrap();
+            assert_eq!(p["metadata"]["resourceVersion"], json!("3"));
+            for (k, v) in p["metadata"]["annotations"].as_object().unwrap() {
+                sj.annotations.insert(k.clone(), v.as_str().unwrap().to_string());
+            }
+            assert_eq!(sj.annotations[PAUSED], "true");
+            assert!(sj.asleep());
+            assert_eq!(pause_job_patch(&sj), Ok(None), "pausing twice changes nothing");
+            let p = resume_job_patch(&sj).unwrap().unwrap();
+            for (k, v) in p["metadata"]["annotations"].as_object().unwrap() {
+                match v.as_str() {
+                    Some(s) => sj.annotations.insert(k.clone(), s.to_string()),
+                    None => sj.annotations.remove(k),
+                };
+            }
+            assert_eq!(sj.annotations.get(PAUSED).map(String::as_str), before, "{before:?}");
+            assert!(!sj.asleep());
+        }
     }
 
     #[test]

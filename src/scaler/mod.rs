@@ -18,7 +18,7 @@ use kube::discovery::ApiResource;
 use serde_json::{Value, json};
 
 use crate::target::{MANAGED_BY_LABEL, TargetObject, WorkloadView};
-pub use keda::ScaledObjectView;
+pub use keda::{ScaledJobView, ScaledObjectView};
 pub use plan::{hand_scaled, sleep_patch, wake_patch};
 
 /// The field manager dormant patches as.
@@ -149,6 +149,24 @@ impl Recorded for ScaledObjectView {
     }
 }
 
+impl Recorded for ScaledJobView {
+    fn id(&self) -> String {
+        ScaledJobView::id(self)
+    }
+    fn namespace(&self) -> &str {
+        &self.namespace
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn api_resource(&self) -> ApiResource {
+        keda::scaled_job_resource()
+    }
+    fn reread(&self, v: &Value) -> Option<Self> {
+        ScaledJobView::from_json(v)
+    }
+}
+
 impl Scaler {
     pub fn new(client: Client, throttle: Throttle) -> Self {
         Scaler { client, throttle }
@@ -172,20 +190,39 @@ impl Scaler {
 
     /// The KEDA ScaledObjects in `namespace` (none when KEDA is not installed).
     pub async fn scaled_objects(&self, namespace: &str) -> Result<Vec<ScaledObjectView>> {
-        let api: Api<DynamicObject> =
-            Api::namespaced_with(self.client.clone(), namespace, &keda::api_resource());
+        self.list_keda(namespace, &keda::api_resource(), ScaledObjectView::from_json).await
+    }
+
+    /// The KEDA ScaledJobs in `namespace` (none when KEDA is not installed).
+    pub async fn scaled_jobs(&self, namespace: &str) -> Result<Vec<ScaledJobView>> {
+        self.list_keda(namespace, &keda::scaled_job_resource(), ScaledJobView::from_json).await
+    }
+
+    async fn list_keda<T>(
+        &self,
+        namespace: &str,
+        resource: &ApiResource,
+        view: impl Fn(&Value) -> Option<T>,
+    ) -> Result<Vec<T>> {
+        let api: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), namespace, resource);
         self.throttle.wait().await;
         match api.list(&ListParams::default()).await {
-            Ok(list) => Ok(list
-                .items
-                .iter()
-                .filter_map(|o| ScaledObjectView::from_json(&serde_json::to_value(o).ok()?))
-                .collect()),
+            Ok(list) => Ok(list.items.iter().filter_map(|o| view(&serde_json::to_value(o).ok()?)).collect()),
             Err(kube::Error::Api(e)) if e.code == 404 => Ok(Vec::new()),
             Err(source) => {
-                Err(Error::ReadWorkload { id: format!("ScaledObjects in namespace {namespace}"), source })
+                Err(Error::ReadWorkload { id: format!("{} in namespace {namespace}", resource.kind), source })
             }
         }
+    }
+
+    /// Pauses a ScaledJob (no new Jobs), recording its previous pause.
+    pub async fn pause_scaled_job(&self, sj: &ScaledJobView) -> Result<Outcome> {
+        self.patch_until_settled(sj, keda::pause_job_patch).await
+    }
+
+    /// Gives a ScaledJob back the pause it had before sleeping.
+    pub async fn resume_scaled_job(&self, sj: &ScaledJobView) -> Result<Outcome> {
+        self.patch_until_settled(sj, keda::resume_job_patch).await
     }
 
     /// Pauses a ScaledObject at zero replicas, recording its previous pause.
