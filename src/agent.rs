@@ -410,9 +410,9 @@ pub fn client_from(mut config: kube::Config) -> anyhow::Result<Client> {
 /// Writes the ledger's newest activity to the target's annotations (only
 /// when newer than what is there: another replica may have written later),
 /// and adds the counts since the last flush to `activity-sources`.
-struct AnnotationFlusher {
-    stores: Stores,
-    scaler: Scaler,
+pub struct AnnotationFlusher {
+    pub stores: Stores,
+    pub scaler: Scaler,
 }
 
 impl Flush for AnnotationFlusher {
@@ -423,26 +423,48 @@ impl Flush for AnnotationFlusher {
         sources: SourceCounts,
     ) -> Result<(), String> {
         let Some(t) = self.stores.target(&target) else { return Ok(()) };
-        let current = TargetAnnotations::parse(t.object.annotations()).ok();
-        let mut changes = std::collections::BTreeMap::new();
-        if current.as_ref().and_then(|a| a.last_activity).is_none_or(|c| c < activity.at) {
-            changes.insert(LAST_ACTIVITY, Some(rfc3339(activity.at)));
-            changes.insert(LAST_ACTIVITY_BY, Some(activity.summary()));
-        }
-        if !sources.is_empty() {
-            let mut counts: std::collections::HashMap<String, u64> =
-                current.map(|a| a.activity_sources).unwrap_or_default().into_iter().collect();
-            for (who, n) in sources {
-                *counts.entry(who).or_default() += n;
+        let mut object = t.object;
+        // Written at the version read: the counts add to what it held, and
+        // another replica (or the controller) may have written since. On a
+        // conflict, again from a fresh read.
+        for attempt in 1.. {
+            let changes = activity_changes(object.annotations(), &activity, &sources);
+            match self.scaler.annotate_target_unchanged(&object, &changes).await {
+                Ok(_) => return Ok(()),
+                Err(crate::scaler::Error::PatchTarget { source: kube::Error::Api(e), .. })
+                    if e.code == 409 && attempt < 3 =>
+                {
+                    object = self.scaler.reread_target(&object).await.map_err(|e| e.to_string())?;
+                }
+                Err(e) => return Err(format!("{e}: {:?}", std::error::Error::source(&e))),
             }
-            changes.insert(ACTIVITY_SOURCES, Some(format_sources(&top_sources(counts))));
         }
-        self.scaler
-            .annotate_target(&t.object, &changes)
-            .await
-            .map(|_| ())
-            .map_err(|e| format!("{e}: {:?}", std::error::Error::source(&e)))
+        Ok(())
     }
+}
+
+/// The annotations that record `activity` and add `sources` to the counts
+/// in `current`.
+fn activity_changes(
+    current: &std::collections::BTreeMap<String, String>,
+    activity: &Activity,
+    sources: &SourceCounts,
+) -> std::collections::BTreeMap<&'static str, Option<String>> {
+    let current = TargetAnnotations::parse(current).ok();
+    let mut changes = std::collections::BTreeMap::new();
+    if current.as_ref().and_then(|a| a.last_activity).is_none_or(|c| c < activity.at) {
+        changes.insert(LAST_ACTIVITY, Some(rfc3339(activity.at)));
+        changes.insert(LAST_ACTIVITY_BY, Some(activity.summary()));
+    }
+    if !sources.is_empty() {
+        let mut counts: std::collections::HashMap<String, u64> =
+            current.map(|a| a.activity_sources).unwrap_or_default().into_iter().collect();
+        for (who, n) in sources {
+            *counts.entry(who.clone()).or_default() += n;
+        }
+        changes.insert(ACTIVITY_SOURCES, Some(format_sources(&top_sources(counts))));
+    }
+    changes
 }
 
 /// Runs the agent until SIGTERM or Ctrl-C.

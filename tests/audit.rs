@@ -555,3 +555,42 @@ fn a_vclusters_api_server_reports_to_its_own_endpoint() {
             .starts_with("alice list secrets (audit)")
     });
 }
+
+/// Two replicas each count activity for the same target and flush their
+/// counts into its `activity-sources` annotation from the same view of it:
+/// the second write must not replace the first one's counts (it conflicts,
+/// reads again and adds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_flushing_counts_for_one_target_lose_none() {
+    use dormant::activity::ledger::Flush;
+    let e = env();
+    let c = &e.cluster;
+    let ns = c.namespace("two-replicas", &[("dormant-test", SCOPE)]).unwrap();
+    let client = c.client().await.unwrap();
+    let (stores, writers) = dormant::target::stores::stores();
+    writers.fill(client.clone()).await.unwrap();
+    let throttle = dormant::scaler::Throttle::new(50.try_into().unwrap(), 50.try_into().unwrap());
+    let flusher = |_| dormant::agent::AnnotationFlusher {
+        stores: stores.clone(),
+        scaler: dormant::scaler::Scaler::new(client.clone(), throttle.clone()),
+    };
+    let (a, b) = (flusher(1), flusher(2));
+    let target = dormant::target::TargetRef::namespace(&ns);
+    let activity = |user: &str| dormant::activity::Activity {
+        at: chrono::Utc::now(),
+        source: dormant::activity::Source::Audit,
+        user: user.into(),
+        groups: vec![],
+        user_agent: "kubectl/v1.37.2".into(),
+        verb: "list".into(),
+        resource: None,
+        path: "/api/v1/namespaces".into(),
+    };
+    let counts = |n: u64| [("alice (kubectl)".to_string(), n)].into_iter().collect();
+    // Both from the store's view before either write (no watch runs here,
+    // so the store never sees the first write).
+    a.flush(target.clone(), activity("alice"), counts(3)).await.unwrap();
+    b.flush(target.clone(), activity("alice"), counts(4)).await.unwrap();
+    let sources = annotation(c, "namespace", &ns, None, "dormant.dev/activity-sources");
+    assert!(sources.contains(r#""alice (kubectl)":7"#), "3 + 4 counted: {sources}");
+}

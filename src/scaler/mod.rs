@@ -295,10 +295,54 @@ impl Scaler {
         object: &TargetObject,
         changes: &BTreeMap<&'static str, Option<String>>,
     ) -> Result<Option<String>> {
+        self.annotate(object, changes, None).await
+    }
+
+    /// [`Scaler::annotate_target`] only if `object` is still at the version
+    /// it was read at (else a conflict error): for values computed from the
+    /// ones read, such as counts two replicas both add to.
+    pub async fn annotate_target_unchanged(
+        &self,
+        object: &TargetObject,
+        changes: &BTreeMap<&'static str, Option<String>>,
+    ) -> Result<Option<String>> {
+        self.annotate(object, changes, object.resource_version()).await
+    }
+
+    /// `object` as the API server has it now.
+    pub async fn reread_target(&self, object: &TargetObject) -> Result<TargetObject> {
+        let (ns, name) = (object.namespace().unwrap_or_default(), object.name());
+        self.throttle.wait().await;
+        let r = match object {
+            TargetObject::Namespace(_) => Api::<Namespace>::all(self.client.clone())
+                .get(&name)
+                .await
+                .map(|o| TargetObject::Namespace(Arc::new(o))),
+            TargetObject::StatefulSet(_) => Api::<StatefulSet>::namespaced(self.client.clone(), &ns)
+                .get(&name)
+                .await
+                .map(|o| TargetObject::StatefulSet(Arc::new(o))),
+            TargetObject::Deployment(_) => Api::<Deployment>::namespaced(self.client.clone(), &ns)
+                .get(&name)
+                .await
+                .map(|o| TargetObject::Deployment(Arc::new(o))),
+        };
+        r.map_err(|source| Error::ReadWorkload { id: format!("{ns}/{name}"), source })
+    }
+
+    async fn annotate(
+        &self,
+        object: &TargetObject,
+        changes: &BTreeMap<&'static str, Option<String>>,
+        read_at: Option<String>,
+    ) -> Result<Option<String>> {
         if changes.is_empty() {
             return Ok(None);
         }
-        let patch = json!({ "metadata": { "annotations": changes } });
+        let mut patch = json!({ "metadata": { "annotations": changes } });
+        if let Some(rv) = read_at {
+            patch["metadata"]["resourceVersion"] = json!(rv);
+        }
         let p = Patch::Merge(&patch);
         let pp = PatchParams::default();
         self.throttle.wait().await;
