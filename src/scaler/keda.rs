@@ -129,36 +129,57 @@ fn patch(resource_version: &Option<String>, annotations: Value) -> Value {
     json!({ "metadata": meta })
 }
 
+/// Sets KEDA's pause annotation `key` to `value`, recording in `record`
+/// what it was, unless the object already carries the record.
+fn pause(
+    rv: &Option<String>,
+    annotations: &BTreeMap<String, String>,
+    (record, key, value): (&str, &str, &str),
+) -> Option<Value> {
+    if annotations.contains_key(record) {
+        return None;
+    }
+    let before = annotations.get(key).map_or(NOT_PAUSED, String::as_str);
+    Some(patch(rv, json!({ record: before, key: value })))
+}
+
+/// Removes `record` and gives `key` back `before`, unless someone changed
+/// the pause while it slept (then their value stays).
+fn resume(
+    rv: &Option<String>,
+    annotations: &BTreeMap<String, String>,
+    (record, key, value): (&str, &str, &str),
+    before: Value,
+) -> Value {
+    if annotations.get(key).map(String::as_str) != Some(value) {
+        return patch(rv, json!({ record: null }));
+    }
+    patch(rv, json!({ record: null, key: before }))
+}
+
+/// How a ScaledObject is paused: at zero replicas.
+const OBJECT_PAUSE: (&str, &str, &str) = (KEDA_PAUSED_BEFORE_SLEEP, PAUSED_REPLICAS, "0");
+/// How a ScaledJob is paused: no new Jobs.
+const JOB_PAUSE: (&str, &str, &str) = (KEDA_JOB_PAUSED_BEFORE_SLEEP, PAUSED, "true");
+
 /// Pauses `sj` (no new Jobs), recording its previous pause, unless it
 /// already carries dormant's record.
 pub fn pause_job_patch(sj: &ScaledJobView) -> Result<Option<Value>, String> {
-    if sj.asleep() {
-        return Ok(None);
-    }
-    let before = sj.annotations.get(PAUSED).map_or(NOT_PAUSED, String::as_str);
-    Ok(Some(patch(&sj.resource_version, json!({ KEDA_JOB_PAUSED_BEFORE_SLEEP: before, PAUSED: "true" }))))
+    Ok(pause(&sj.resource_version, &sj.annotations, JOB_PAUSE))
 }
 
-/// Gives `sj` back the pause it had before sleeping; a pause someone
-/// changed while it slept stays. Any recorded value is given back as it was
-/// (KEDA reads only "true"), so nothing here can be unreadable.
+/// Gives `sj` back the pause it had before sleeping. Any recorded value is
+/// given back as it was (KEDA reads only "true"), so none is unreadable.
 pub fn resume_job_patch(sj: &ScaledJobView) -> Result<Option<Value>, String> {
     let Some(raw) = sj.annotations.get(KEDA_JOB_PAUSED_BEFORE_SLEEP) else { return Ok(None) };
-    if sj.annotations.get(PAUSED).map(String::as_str) != Some("true") {
-        return Ok(Some(patch(&sj.resource_version, json!({ KEDA_JOB_PAUSED_BEFORE_SLEEP: null }))));
-    }
     let before = if raw == NOT_PAUSED { Value::Null } else { json!(raw) };
-    Ok(Some(patch(&sj.resource_version, json!({ KEDA_JOB_PAUSED_BEFORE_SLEEP: null, PAUSED: before }))))
+    Ok(Some(resume(&sj.resource_version, &sj.annotations, JOB_PAUSE, before)))
 }
 
 /// Pauses `so` at zero replicas, recording its previous pause, unless it
 /// already carries dormant's record.
 pub fn pause_patch(so: &ScaledObjectView) -> Result<Option<Value>, String> {
-    if so.asleep() {
-        return Ok(None);
-    }
-    let before = so.annotations.get(PAUSED_REPLICAS).map_or(NOT_PAUSED, String::as_str);
-    Ok(Some(patch(&so.resource_version, json!({ KEDA_PAUSED_BEFORE_SLEEP: before, PAUSED_REPLICAS: "0" }))))
+    Ok(pause(&so.resource_version, &so.annotations, OBJECT_PAUSE))
 }
 
 /// Gives `so` back the pause it had before sleeping (usually none). If
@@ -175,10 +196,7 @@ pub fn resume_patch(so: &ScaledObjectView) -> Result<Option<Value>, String> {
             ));
         }
     };
-    if so.annotations.get(PAUSED_REPLICAS).map(String::as_str) != Some("0") {
-        return Ok(Some(patch(&so.resource_version, json!({ KEDA_PAUSED_BEFORE_SLEEP: null }))));
-    }
-    Ok(Some(patch(&so.resource_version, json!({ KEDA_PAUSED_BEFORE_SLEEP: null, PAUSED_REPLICAS: before }))))
+    Ok(Some(resume(&so.resource_version, &so.annotations, OBJECT_PAUSE, before)))
 }
 
 #[cfg(test)]
