@@ -373,7 +373,14 @@ fn access_never_widens_through_the_proxy() {
     assert_eq!(text(&who).0, "system:serviceaccount:default:viewer", "{:?}", text(&who));
     let denied = kubectl_with(c, &bearer, &["get", "secrets", "-n", "kube-system"]);
     assert!(text(&denied).1.contains("Forbidden"), "{:?}", text(&denied));
-    let _ = &s.agent;
+    // Its activity is the ServiceAccount's (what ignore rules on users see).
+    let metrics = testbed::process::http_body(s.agent.admin_port, "/metrics");
+    let source = r#"source="system:serviceaccount:default:viewer (kubectl)""#;
+    assert!(
+        metrics.lines().any(|l| l.starts_with("dormant_activity_sources_total{") && l.contains(source)),
+        "no activity attributed to the token's ServiceAccount:\n{}",
+        metrics.lines().filter(|l| l.starts_with("dormant_activity_sources")).collect::<Vec<_>>().join("\n")
+    );
 }
 
 #[test]

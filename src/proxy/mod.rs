@@ -220,8 +220,12 @@ enum Caller {
         user: String,
         groups: Vec<String>,
     },
-    /// A bearer token, passed through untouched.
-    Bearer,
+    /// A bearer token, passed through untouched; for a ServiceAccount
+    /// token, the account it names (not verified: used only to attribute
+    /// activity, never to authorize).
+    Bearer {
+        service_account: Option<(String, Vec<String>)>,
+    },
     Anonymous,
 }
 
@@ -503,24 +507,27 @@ impl Proxy {
                     .ok_or_else(|| ProxyError::BadClientCert(t.clone(), "no common name".into()))?;
                 Caller::Certificate { user, groups }
             }
-            None if req
+            None => match req
                 .headers
                 .get(header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok())
-                .is_some_and(|v| v.starts_with("Bearer ")) =>
+                .and_then(|v| v.strip_prefix("Bearer "))
             {
-                Caller::Bearer
-            }
-            None => Caller::Anonymous,
+                Some(token) => Caller::Bearer { service_account: service_account(token) },
+                None => Caller::Anonymous,
+            },
         };
 
         // 3. Record activity.
         let info = route::request_info(req.method.as_str(), &routed.path_and_query);
         let (user, groups) = match &caller {
             Caller::Certificate { user, groups } => (user.clone(), groups.clone()),
-            // Who holds a token is the upstream's to know; the vcluster's
-            // audit webhook attributes it exactly.
-            Caller::Bearer => ("(bearer token)".to_string(), vec![]),
+            // Whether a token is valid is the upstream's to know; a
+            // ServiceAccount token names its account, which is all the
+            // activity record and ignore rules need. Other tokens are
+            // attributed exactly by the vcluster's audit webhook.
+            Caller::Bearer { service_account: Some((user, groups)) } => (user.clone(), groups.clone()),
+            Caller::Bearer { service_account: None } => ("(bearer token)".to_string(), vec![]),
             Caller::Anonymous => ("system:anonymous".to_string(), vec![]),
         };
         let activity = Activity {
@@ -660,7 +667,7 @@ impl Proxy {
                 }
                 admin
             }
-            Caller::Bearer | Caller::Anonymous => &up.plain,
+            Caller::Bearer { .. } | Caller::Anonymous => &up.plain,
         };
         let uri: http::Uri = format!("{}{}", up.base, path_and_query)
             .parse()
@@ -740,6 +747,32 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+/// The user and groups Kubernetes gives the ServiceAccount a token was
+/// issued to (`sub` of a JWT: `system:serviceaccount:<namespace>:<name>`),
+/// read without verifying the signature. A forged token gains nothing: the
+/// upstream rejects it, and the proxy only attributes activity with this.
+fn service_account(token: &str) -> Option<(String, Vec<String>)> {
+    use base64::Engine;
+    let mut parts = token.split('.');
+    let (_, payload, _) = (parts.next()?, parts.next()?, parts.next()?);
+    let claims: serde_json::Value =
+        serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).ok()?)
+            .ok()?;
+    let sub = claims.get("sub")?.as_str()?;
+    let (namespace, name) = sub.strip_prefix("system:serviceaccount:")?.split_once(':')?;
+    let valid = |s: &str| !s.is_empty() && !s.contains(':');
+    (valid(namespace) && valid(name)).then(|| {
+        (
+            sub.to_string(),
+            vec![
+                "system:serviceaccounts".to_string(),
+                format!("system:serviceaccounts:{namespace}"),
+                "system:authenticated".to_string(),
+            ],
+        )
+    })
 }
 
 /// The user (CN) and groups (O) of a client certificate, as kube-apiserver reads them.
@@ -962,6 +995,33 @@ mod tests {
         let out = forwardable(&h, true);
         assert_eq!(out.get(header::UPGRADE).unwrap(), "SPDY/3.1");
         assert_eq!(out.get(header::CONNECTION).unwrap(), "Upgrade");
+    }
+
+    #[test]
+    fn a_service_account_token_names_its_account_and_other_tokens_nothing() {
+        use base64::Engine;
+        let jwt = |claims: &str| {
+            let b = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+            format!("{}.{}.{}", b(r#"{"alg":"RS256"}"#), b(claims), b("signature"))
+        };
+        let (user, groups) =
+            service_account(&jwt(r#"{"sub":"system:serviceaccount:argocd:argocd-application-controller"}"#))
+                .unwrap();
+        assert_eq!(user, "system:serviceaccount:argocd:argocd-application-controller");
+        assert_eq!(
+            groups,
+            ["system:serviceaccounts", "system:serviceaccounts:argocd", "system:authenticated"]
+        );
+        for token in [
+            jwt(r#"{"sub":"alice@example.com"}"#),
+            jwt(r#"{"sub":"system:serviceaccount:argocd"}"#),
+            jwt(r#"{"sub":"system:serviceaccount:a:b:c"}"#),
+            jwt("not json"),
+            "abcdef0123456789".to_string(),
+            "a.%%%.c".to_string(),
+        ] {
+            assert_eq!(service_account(&token), None, "{token}");
+        }
     }
 
     #[test]
