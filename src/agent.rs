@@ -423,23 +423,13 @@ impl Flush for AnnotationFlusher {
         sources: SourceCounts,
     ) -> Result<(), String> {
         let Some(t) = self.stores.target(&target) else { return Ok(()) };
-        let mut object = t.object;
-        // Written at the version read: the counts add to what it held, and
-        // another replica (or the controller) may have written since. On a
-        // conflict, again from a fresh read.
-        for attempt in 1.. {
-            let changes = activity_changes(object.annotations(), &activity, &sources);
-            match self.scaler.annotate_target_unchanged(&object, &changes).await {
-                Ok(_) => return Ok(()),
-                Err(crate::scaler::Error::PatchTarget { source: kube::Error::Api(e), .. })
-                    if e.code == 409 && attempt < 3 =>
-                {
-                    object = self.scaler.reread_target(&object).await.map_err(|e| e.to_string())?;
-                }
-                Err(e) => return Err(format!("{e}: {:?}", std::error::Error::source(&e))),
-            }
-        }
-        Ok(())
+        // From what the object holds, at that version: another replica (or
+        // the controller) may write between the read and this patch.
+        self.scaler
+            .update_target_annotations(&t.object, |current| activity_changes(current, &activity, &sources))
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("{e}: {:?}", std::error::Error::source(&e)))
     }
 }
 

@@ -757,10 +757,15 @@ fn service_account(token: &str) -> Option<(String, Vec<String>)> {
     use base64::Engine;
     let mut parts = token.split('.');
     let (_, payload, _) = (parts.next()?, parts.next()?, parts.next()?);
-    let claims: serde_json::Value =
-        serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).ok()?)
-            .ok()?;
-    let sub = claims.get("sub")?.as_str()?;
+    // Only `sub`, borrowed: this runs for every request with a token.
+    #[derive(serde::Deserialize)]
+    struct Claims<'a> {
+        #[serde(borrow)]
+        sub: std::borrow::Cow<'a, str>,
+    }
+    let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).ok()?;
+    let claims: Claims<'_> = serde_json::from_slice(&payload).ok()?;
+    let sub = claims.sub.as_ref();
     let (namespace, name) = sub.strip_prefix("system:serviceaccount:")?.split_once(':')?;
     let valid = |s: &str| !s.is_empty() && !s.contains(':');
     (valid(namespace) && valid(name)).then(|| {

@@ -121,13 +121,7 @@ impl ScaledJobView {
     }
 }
 
-fn patch(resource_version: &Option<String>, annotations: Value) -> Value {
-    let mut meta = json!({ "annotations": annotations });
-    if let Some(rv) = resource_version {
-        meta["resourceVersion"] = json!(rv);
-    }
-    json!({ "metadata": meta })
-}
+use super::annotations_patch as patch;
 
 /// Sets KEDA's pause annotation `key` to `value`, recording in `record`
 /// what it was, unless the object already carries the record.

@@ -94,6 +94,21 @@ pub enum Outcome {
     Unchanged,
 }
 
+/// Patch metadata setting `annotations`, at `resource_version` if known (a
+/// conflict then says someone wrote since the read it was computed from).
+fn metadata(resource_version: &Option<String>, annotations: Value) -> Value {
+    let mut meta = json!({ "annotations": annotations });
+    if let Some(rv) = resource_version {
+        meta["resourceVersion"] = json!(rv);
+    }
+    meta
+}
+
+/// A merge patch of [`metadata`] alone.
+fn annotations_patch(resource_version: &Option<String>, annotations: Value) -> Value {
+    json!({ "metadata": metadata(resource_version, annotations) })
+}
+
 /// Acts on the cluster for the controller and the CLI.
 #[derive(Clone)]
 pub struct Scaler {
@@ -164,6 +179,51 @@ impl Recorded for ScaledJobView {
     }
     fn reread(&self, v: &Value) -> Option<Self> {
         ScaledJobView::from_json(v)
+    }
+}
+
+/// A target's own object (a Namespace is cluster-scoped: namespace "").
+impl Recorded for TargetObject {
+    fn id(&self) -> String {
+        match Recorded::namespace(self) {
+            "" => format!("{}/{}", self.api_resource().kind, Recorded::name(self)),
+            ns => format!("{}/{ns}/{}", self.api_resource().kind, Recorded::name(self)),
+        }
+    }
+    fn namespace(&self) -> &str {
+        let meta = match self {
+            TargetObject::Namespace(_) => return "",
+            TargetObject::StatefulSet(o) => &o.metadata,
+            TargetObject::Deployment(o) => &o.metadata,
+        };
+        meta.namespace.as_deref().unwrap_or_default()
+    }
+    fn name(&self) -> &str {
+        let meta = match self {
+            TargetObject::Namespace(o) => &o.metadata,
+            TargetObject::StatefulSet(o) => &o.metadata,
+            TargetObject::Deployment(o) => &o.metadata,
+        };
+        meta.name.as_deref().unwrap_or_default()
+    }
+    fn api_resource(&self) -> ApiResource {
+        match self {
+            TargetObject::Namespace(_) => ApiResource::erase::<Namespace>(&()),
+            TargetObject::StatefulSet(_) => ApiResource::erase::<StatefulSet>(&()),
+            TargetObject::Deployment(_) => ApiResource::erase::<Deployment>(&()),
+        }
+    }
+    fn reread(&self, v: &Value) -> Option<Self> {
+        let v = v.clone();
+        Some(match self {
+            TargetObject::Namespace(_) => TargetObject::Namespace(Arc::new(serde_json::from_value(v).ok()?)),
+            TargetObject::StatefulSet(_) => {
+                TargetObject::StatefulSet(Arc::new(serde_json::from_value(v).ok()?))
+            }
+            TargetObject::Deployment(_) => {
+                TargetObject::Deployment(Arc::new(serde_json::from_value(v).ok()?))
+            }
+        })
     }
 }
 
@@ -240,8 +300,10 @@ impl Scaler {
         o: &O,
         make: impl Fn(&O) -> Result<Option<Value>, String>,
     ) -> Result<Outcome> {
-        let api: Api<DynamicObject> =
-            Api::namespaced_with(self.client.clone(), o.namespace(), &o.api_resource());
+        let api: Api<DynamicObject> = match o.namespace() {
+            "" => Api::all_with(self.client.clone(), &o.api_resource()),
+            ns => Api::namespaced_with(self.client.clone(), ns, &o.api_resource()),
+        };
         let id = o.id();
         let mut current = o.clone();
         for _ in 0..MAX_CONFLICTS {
@@ -274,6 +336,24 @@ impl Scaler {
         Err(Error::Conflicts { id, attempts: MAX_CONFLICTS })
     }
 
+    /// Sets annotations computed from the target object's current ones, at
+    /// the version they were read at: on a conflict (someone wrote since),
+    /// computed again from a fresh read.
+    pub async fn update_target_annotations(
+        &self,
+        object: &TargetObject,
+        changes: impl Fn(&BTreeMap<String, String>) -> BTreeMap<&'static str, Option<String>>,
+    ) -> Result<Outcome> {
+        self.patch_until_settled(object, |o| {
+            let changes = changes(o.annotations());
+            if changes.is_empty() {
+                return Ok(None);
+            }
+            Ok(Some(annotations_patch(&o.resource_version(), json!(changes))))
+        })
+        .await
+    }
+
     /// Deletes the host pods vcluster `name` synced (its syncer recreates
     /// them when it wakes).
     pub async fn delete_synced_pods(&self, namespace: &str, name: &str) -> Result<()> {
@@ -295,54 +375,10 @@ impl Scaler {
         object: &TargetObject,
         changes: &BTreeMap<&'static str, Option<String>>,
     ) -> Result<Option<String>> {
-        self.annotate(object, changes, None).await
-    }
-
-    /// [`Scaler::annotate_target`] only if `object` is still at the version
-    /// it was read at (else a conflict error): for values computed from the
-    /// ones read, such as counts two replicas both add to.
-    pub async fn annotate_target_unchanged(
-        &self,
-        object: &TargetObject,
-        changes: &BTreeMap<&'static str, Option<String>>,
-    ) -> Result<Option<String>> {
-        self.annotate(object, changes, object.resource_version()).await
-    }
-
-    /// `object` as the API server has it now.
-    pub async fn reread_target(&self, object: &TargetObject) -> Result<TargetObject> {
-        let (ns, name) = (object.namespace().unwrap_or_default(), object.name());
-        self.throttle.wait().await;
-        let r = match object {
-            TargetObject::Namespace(_) => Api::<Namespace>::all(self.client.clone())
-                .get(&name)
-                .await
-                .map(|o| TargetObject::Namespace(Arc::new(o))),
-            TargetObject::StatefulSet(_) => Api::<StatefulSet>::namespaced(self.client.clone(), &ns)
-                .get(&name)
-                .await
-                .map(|o| TargetObject::StatefulSet(Arc::new(o))),
-            TargetObject::Deployment(_) => Api::<Deployment>::namespaced(self.client.clone(), &ns)
-                .get(&name)
-                .await
-                .map(|o| TargetObject::Deployment(Arc::new(o))),
-        };
-        r.map_err(|source| Error::ReadWorkload { id: format!("{ns}/{name}"), source })
-    }
-
-    async fn annotate(
-        &self,
-        object: &TargetObject,
-        changes: &BTreeMap<&'static str, Option<String>>,
-        read_at: Option<String>,
-    ) -> Result<Option<String>> {
         if changes.is_empty() {
             return Ok(None);
         }
-        let mut patch = json!({ "metadata": { "annotations": changes } });
-        if let Some(rv) = read_at {
-            patch["metadata"]["resourceVersion"] = json!(rv);
-        }
+        let patch = json!({ "metadata": { "annotations": changes } });
         let p = Patch::Merge(&patch);
         let pp = PatchParams::default();
         self.throttle.wait().await;

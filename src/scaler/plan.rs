@@ -9,11 +9,7 @@ use crate::policy::annotations::{REPLICAS_BEFORE_SLEEP, SUSPEND_BEFORE_SLEEP};
 use crate::target::WorkloadView;
 
 fn meta(w: &WorkloadView, key: &str, value: Value) -> Value {
-    let mut m = json!({ "annotations": { key: value } });
-    if let Some(rv) = &w.resource_version {
-        m["resourceVersion"] = json!(rv);
-    }
-    m
+    super::metadata(&w.resource_version, json!({ key: value }))
 }
 
 /// The patch that puts `w` to sleep, or `None` when there is nothing to do

@@ -102,22 +102,6 @@ impl TargetObject {
         }
     }
 
-    pub fn name(&self) -> String {
-        match self {
-            TargetObject::Namespace(o) => o.name_any(),
-            TargetObject::StatefulSet(o) => o.name_any(),
-            TargetObject::Deployment(o) => o.name_any(),
-        }
-    }
-
-    pub fn namespace(&self) -> Option<String> {
-        match self {
-            TargetObject::Namespace(_) => None,
-            TargetObject::StatefulSet(o) => o.namespace(),
-            TargetObject::Deployment(o) => o.namespace(),
-        }
-    }
-
     pub fn resource_version(&self) -> Option<String> {
         match self {
             TargetObject::Namespace(o) => o.resource_version(),
