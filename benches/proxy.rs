@@ -14,7 +14,8 @@
 //!   requests held for a vcluster that cannot wake.
 //!
 //! `DORMANT_BENCH_THROUGHPUT_ONLY=1` stops after the throughput table (for
-//! profiling the proxy's hot path).
+//! profiling the proxy's hot path); `DORMANT_BENCH_MEMORY_ONLY=1` measures
+//! only the memory per waiting request.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use anyhow::Context;
@@ -184,6 +185,13 @@ async fn main() -> anyhow::Result<()> {
     agent.wait_ready(Duration::from_secs(60), || http_ok(admin_port, "/readyz"))?;
     tokio::time::sleep(Duration::from_secs(3)).await;
 
+    if std::env::var_os("DORMANT_BENCH_MEMORY_ONLY").is_some() {
+        agent.kill();
+        println!("| measure | value |\n| --- | --- |");
+        held_memory(&c, &bin, &args, &env, proxy_port, admin_port).await?.print();
+        return Ok(());
+    }
+
     // The target must be up (its kwok pod Ready) before it is measured.
     let t = Instant::now();
     while jsonpath_ready(&c, "fast") < 1 {
@@ -329,11 +337,62 @@ async fn main() -> anyhow::Result<()> {
         overheads.push((after_up - direct_latency.as_secs_f64()) * 1000.0);
     }
 
-    // 3. Memory per waiting request: a vcluster that cannot wake.
+    // The proxy's own account of each wake, for the record.
+    for line in std::fs::read_to_string(&agent.log).unwrap_or_default().lines() {
+        if line.contains("releasing held requests") {
+            eprintln!("{line}");
+        }
+    }
+    agent.kill();
+    let held = held_memory(&c, &bin, &args, &env, proxy_port, admin_port).await?;
+
+    print_throughput(secs, &[&direct, &via_nginx, &via_haproxy, &via_dormant, &via_dormant_quiet]);
+    println!("\n| measure | value |\n| --- | --- |");
+    let mut o = overheads.clone();
+    println!(
+        "| wake overhead (control plane Ready and its API server's /readyz 200 → the held request answered through the proxy, minus its direct latency), p50 / p99 / max over {cycles} wakes | {:.1} / {:.1} / {:.1} ms |",
+        percentile(&mut o, 0.5),
+        percentile(&mut o, 0.99),
+        o.last().copied().unwrap_or_default()
+    );
+    let mut r = ready_to_serving.clone();
+    println!(
+        "| for reference: control plane Ready → its API server's /readyz 200, p50 / min / max | {:.1} / {:.1} / {:.1} ms |",
+        percentile(&mut r, 0.5),
+        r.first().copied().unwrap_or_default(),
+        r.last().copied().unwrap_or_default()
+    );
+    println!("| agent RSS under the throughput run | {:.1} MiB |", agent_rss_load as f64 / 1024.0);
+    held.print();
+    drop(vc);
+    Ok(())
+}
+
+/// Agent RSS with many requests held for a vcluster that cannot wake (its
+/// pod fits no node): each on its own HTTP/1.1 TLS connection, then as
+/// HTTP/2 streams. Each on a fresh agent, so memory freed earlier is not
+/// reused.
+async fn held_memory(
+    c: &Cluster,
+    bin: &std::path::Path,
+    args: &[String],
+    env: &[(String, String)],
+    proxy_port: u16,
+    admin_port: u16,
+) -> anyhow::Result<HeldMemory> {
     c.kubectl_apply(
         &c.admin,
         "apiVersion: v1\nkind: Secret\nmetadata: {name: vc-stuck, namespace: bench}\nstringData: {certificate-authority: x}\n---\napiVersion: apps/v1\nkind: StatefulSet\nmetadata:\n  name: stuck\n  namespace: bench\n  labels: {app: vcluster, release: stuck}\n  annotations: {dormant.dev/sleep-after: 1h}\nspec:\n  replicas: 0\n  serviceName: stuck\n  selector: {matchLabels: {app: vcluster, release: stuck}}\n  template:\n    metadata: {labels: {app: vcluster, release: stuck}}\n    spec: {nodeSelector: {no: node}, containers: [{name: c, image: x}]}\n",
     )?;
+    let metric = || {
+        testbed::process::http_body(admin_port, "/metrics")
+            .lines()
+            .find(|l| l.starts_with("dormant_proxy_waiting_requests "))
+            .and_then(|l| l.split(' ').nth(1)?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let mut agent = testbed::spawner::spawn_with_env("dormant-proxy-bench-h1", bin, args, env, &c.dir)?;
+    agent.wait_ready(Duration::from_secs(60), || http_ok(admin_port, "/readyz"))?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let before = rss_kib(agent.pid());
     let waiting = 5000;
@@ -354,21 +413,8 @@ async fn main() -> anyhow::Result<()> {
     }
     // Wait until they are all held.
     let start = Instant::now();
-    let metric = || {
-        testbed::process::http_body(admin_port, "/metrics")
-            .lines()
-            .find(|l| l.starts_with("dormant_proxy_waiting_requests "))
-            .and_then(|l| l.split(' ').nth(1)?.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
     while metric() < waiting as f64 * 0.99 && start.elapsed() < Duration::from_secs(60) {
         tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    // The proxy's own account of each wake, for the record.
-    for line in std::fs::read_to_string(&agent.log).unwrap_or_default().lines() {
-        if line.contains("releasing held requests") {
-            eprintln!("{line}");
-        }
     }
     let held = metric();
     let after = rss_kib(agent.pid());
@@ -379,9 +425,8 @@ async fn main() -> anyhow::Result<()> {
 
     // The same over HTTP/2, as one client process sends concurrent requests
     // (client-go multiplexes them on one connection): 25 connections of 200
-    // streams, each stream a held request. A fresh agent, so memory freed
-    // above is not reused.
-    let mut agent = testbed::spawner::spawn_with_env("dormant-proxy-bench-h2", &bin, &args, &env, &c.dir)?;
+    // streams, each stream a held request.
+    let mut agent = testbed::spawner::spawn_with_env("dormant-proxy-bench-h2", bin, args, env, &c.dir)?;
     agent.wait_ready(Duration::from_secs(60), || http_ok(admin_port, "/readyz"))?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let before_h2 = rss_kib(agent.pid());
@@ -417,38 +462,30 @@ async fn main() -> anyhow::Result<()> {
         h.abort();
     }
     agent.kill();
+    Ok(HeldMemory { h1: (held, before, after), h2: (held_h2, before_h2, after_h2) })
+}
 
-    print_throughput(secs, &[&direct, &via_nginx, &via_haproxy, &via_dormant, &via_dormant_quiet]);
-    println!("\n| measure | value |\n| --- | --- |");
-    let mut o = overheads.clone();
-    println!(
-        "| wake overhead (control plane Ready and its API server's /readyz 200 → the held request answered through the proxy, minus its direct latency), p50 / p99 / max over {cycles} wakes | {:.1} / {:.1} / {:.1} ms |",
-        percentile(&mut o, 0.5),
-        percentile(&mut o, 0.99),
-        o.last().copied().unwrap_or_default()
-    );
-    let mut r = ready_to_serving.clone();
-    println!(
-        "| for reference: control plane Ready → its API server's /readyz 200, p50 / min / max | {:.1} / {:.1} / {:.1} ms |",
-        percentile(&mut r, 0.5),
-        r.first().copied().unwrap_or_default(),
-        r.last().copied().unwrap_or_default()
-    );
-    println!("| agent RSS under the throughput run | {:.1} MiB |", agent_rss_load as f64 / 1024.0);
-    println!(
-        "| memory per waiting request, each on its own HTTP/1.1 TLS connection ({held:.0} held) | {:.1} KiB (RSS {:.1} → {:.1} MiB) |",
-        (after.saturating_sub(before)) as f64 / held.max(1.0),
-        before as f64 / 1024.0,
-        after as f64 / 1024.0
-    );
-    println!(
-        "| memory per waiting request, HTTP/2 streams on 25 connections ({held_h2:.0} held) | {:.1} KiB (RSS {:.1} → {:.1} MiB) |",
-        (after_h2.saturating_sub(before_h2)) as f64 / held_h2.max(1.0),
-        before_h2 as f64 / 1024.0,
-        after_h2 as f64 / 1024.0
-    );
-    drop(vc);
-    Ok(())
+/// Requests held, and RSS (KiB) before and after, per protocol.
+struct HeldMemory {
+    h1: (f64, u64, u64),
+    h2: (f64, u64, u64),
+}
+
+impl HeldMemory {
+    fn print(&self) {
+        let rows = [
+            ("each on its own HTTP/1.1 TLS connection", self.h1),
+            ("HTTP/2 streams on 25 connections", self.h2),
+        ];
+        for (how, (held, before, after)) in rows {
+            println!(
+                "| memory per waiting request, {how} ({held:.0} held) | {:.1} KiB (RSS {:.1} → {:.1} MiB) |",
+                after.saturating_sub(before) as f64 / held.max(1.0),
+                before as f64 / 1024.0,
+                after as f64 / 1024.0
+            );
+        }
+    }
 }
 
 /// The side-by-side table: direct, nginx, haproxy, dormant on and off.
