@@ -434,21 +434,32 @@ impl Flush for AnnotationFlusher {
 }
 
 /// The annotations that record `activity` and add `sources` to the counts
-/// in `current`.
+/// in `current`. The counts recorded there halve at every midnight (UTC)
+/// since the last recorded activity, so who uses a target now outweighs
+/// who used it weeks ago, and sources that stopped drop out.
 fn activity_changes(
     current: &std::collections::BTreeMap<String, String>,
     activity: &Activity,
     sources: &SourceCounts,
 ) -> std::collections::BTreeMap<&'static str, Option<String>> {
     let current = TargetAnnotations::parse(current).ok();
+    let last = current.as_ref().and_then(|a| a.last_activity);
     let mut changes = std::collections::BTreeMap::new();
-    if current.as_ref().and_then(|a| a.last_activity).is_none_or(|c| c < activity.at) {
+    if last.is_none_or(|c| c < activity.at) {
         changes.insert(LAST_ACTIVITY, Some(rfc3339(activity.at)));
         changes.insert(LAST_ACTIVITY_BY, Some(activity.summary()));
     }
     if !sources.is_empty() {
-        let mut counts: std::collections::HashMap<String, u64> =
-            current.map(|a| a.activity_sources).unwrap_or_default().into_iter().collect();
+        // Midnights crossed: the same halvings however often it is flushed.
+        let halvings =
+            last.map_or(0, |c| (activity.at.date_naive() - c.date_naive()).num_days().clamp(0, 63));
+        let mut counts: std::collections::HashMap<String, u64> = current
+            .map(|a| a.activity_sources)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(who, n)| (who, n >> halvings))
+            .filter(|(_, n)| *n > 0)
+            .collect();
         for (who, n) in sources {
             *counts.entry(who.clone()).or_default() += n;
         }
@@ -679,4 +690,84 @@ pub fn init_logging(format: LogFormat) {
         LogFormat::Plain => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::activity::Source;
+
+    fn alice_at(at: &str) -> Activity {
+        Activity {
+            at: at.parse().unwrap(),
+            source: Source::Proxy,
+            user: "alice".into(),
+            groups: vec![],
+            user_agent: "kubectl".into(),
+            verb: "get".into(),
+            resource: None,
+            path: "/api".into(),
+        }
+    }
+
+    fn annotations(last: &str, sources: &str) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            (LAST_ACTIVITY.to_string(), last.to_string()),
+            (ACTIVITY_SOURCES.to_string(), sources.to_string()),
+        ])
+    }
+
+    fn sources_after(current: &BTreeMap<String, String>, at: &str, n: u64) -> serde_json::Value {
+        let counts = SourceCounts::from([("alice (kubectl)".to_string(), n)]);
+        let changes = activity_changes(current, &alice_at(at), &counts);
+        serde_json::from_str(changes[ACTIVITY_SOURCES].as_deref().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn recorded_counts_halve_at_each_midnight_and_stopped_sources_drop_out() {
+        let current = annotations("2026-11-24T23:59:00Z", r#"{"bob (ci)": 8, "carol (k9s)": 1}"#);
+        assert_eq!(
+            sources_after(&current, "2026-11-25T00:01:00Z", 3),
+            serde_json::json!({"alice (kubectl)": 3, "bob (ci)": 4})
+        );
+        assert_eq!(
+            sources_after(&current, "2026-11-27T12:00:00Z", 3),
+            serde_json::json!({"alice (kubectl)": 3, "bob (ci)": 1})
+        );
+        assert_eq!(
+            sources_after(&current, "2026-12-30T12:00:00Z", 3),
+            serde_json::json!({"alice (kubectl)": 3})
+        );
+    }
+
+    #[test]
+    fn flushes_within_one_day_add_up_exactly() {
+        let mut current = annotations("2026-11-25T00:00:00Z", r#"{"bob (ci)": 5}"#);
+        for minute in 1..=30 {
+            let at = format!("2026-11-25T10:{minute:02}:00Z");
+            let counts = SourceCounts::from([("alice (kubectl)".to_string(), 1)]);
+            for (k, v) in activity_changes(&current, &alice_at(&at), &counts) {
+                current.insert(k.to_string(), v.unwrap());
+            }
+        }
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&current[ACTIVITY_SOURCES]).unwrap(),
+            serde_json::json!({"alice (kubectl)": 30, "bob (ci)": 5})
+        );
+        assert_eq!(current[LAST_ACTIVITY], rfc3339("2026-11-25T10:30:00Z".parse().unwrap()));
+    }
+
+    #[test]
+    fn an_older_flush_from_another_replica_neither_decays_nor_moves_last_activity_back() {
+        let current = annotations("2026-11-26T08:00:00Z", r#"{"bob (ci)": 8}"#);
+        let counts = SourceCounts::from([("alice (kubectl)".to_string(), 2)]);
+        let changes = activity_changes(&current, &alice_at("2026-11-24T08:00:00Z"), &counts);
+        assert!(!changes.contains_key(LAST_ACTIVITY));
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(changes[ACTIVITY_SOURCES].as_deref().unwrap()).unwrap(),
+            serde_json::json!({"alice (kubectl)": 2, "bob (ci)": 8})
+        );
+    }
 }

@@ -238,7 +238,7 @@ pub async fn explain(client: &Client, r: &TargetRef) -> anyhow::Result<String> {
     }
     if !a.activity_sources.is_empty() {
         let who: Vec<String> = a.activity_sources.iter().map(|(who, n)| format!("{who}: {n}")).collect();
-        let _ = writeln!(out, "Used by:  {}", who.join(", "));
+        let _ = writeln!(out, "Used by:  {} (requests, halved every day)", who.join(", "));
     }
     if let Some(f) = &ev.forced {
         let until = match f.prevent_wakeup_until {
