@@ -230,7 +230,7 @@ pub fn server_config_with_resolver(
 /// certificate it presented)`; upgrades pass.
 pub async fn serve_https<H, F, B>(listener: TcpListener, tls: TlsAcceptor, handle: H)
 where
-    H: Fn(Request<Incoming>, Option<CertificateDer<'static>>) -> F + Clone + Send + Sync + 'static,
+    H: Fn(Request<Incoming>, Option<Arc<CertificateDer<'static>>>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<B>> + Send + 'static,
     B: hyper::body::Body + Send + 'static,
     B::Data: Send,
@@ -249,7 +249,7 @@ where
                 .1
                 .peer_certificates()
                 .and_then(|c| c.first())
-                .map(|c| c.clone().into_owned());
+                .map(|c| Arc::new(c.clone().into_owned()));
             // `map`, not `async move { Ok(answer.await) }`: an async block
             // that awaits a future it captured stores it twice, and a held
             // request's future is what each waiting request costs.

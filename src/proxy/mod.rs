@@ -444,7 +444,7 @@ impl Proxy {
     pub async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
-        peer: Option<CertificateDer<'static>>,
+        peer: Option<Arc<CertificateDer<'static>>>,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
         let result = self.clone().serve(req, peer).await;
@@ -471,7 +471,7 @@ impl Proxy {
     async fn serve(
         self: Arc<Self>,
         req: Request<Incoming>,
-        peer: Option<CertificateDer<'static>>,
+        peer: Option<Arc<CertificateDer<'static>>>,
     ) -> Result<(&'static str, Response<ProxyBody>), ProxyError> {
         let (mut parts, body) = req.into_parts();
         let req = &parts;
