@@ -24,7 +24,7 @@ pub type SourceCounts = HashMap<String, u64>;
 
 #[derive(Debug, Clone)]
 struct Entry {
-    newest: Activity,
+    newest: Arc<Activity>,
     /// The newest activity has not been written to the target yet.
     dirty: bool,
     /// Counted activities by source since the last flush.
@@ -33,7 +33,8 @@ struct Entry {
 }
 
 /// A queued activity, with its source (`user (agent)`) already formatted.
-type Queued = (TargetRef, Activity, String);
+/// Shared with the sender, which may still need it (the proxy, to wake).
+type Queued = (TargetRef, Arc<Activity>, String);
 
 /// Shared, cheap to clone.
 #[derive(Clone)]
@@ -77,14 +78,15 @@ impl Ledger {
 
     /// Queues a counted activity. Never waits: when the queue is full the
     /// activity is dropped and counted, and false is returned.
-    pub fn record(&self, target: TargetRef, activity: Activity) -> bool {
+    pub fn record(&self, target: TargetRef, activity: impl Into<Arc<Activity>>) -> bool {
+        let activity = activity.into();
         let source = activity.who();
         self.record_from(target, activity, source)
     }
 
     /// [`Ledger::record`] with the activity's source (`who()`) at hand.
-    pub fn record_from(&self, target: TargetRef, activity: Activity, source: String) -> bool {
-        match self.tx.try_send((target, activity, source)) {
+    pub fn record_from(&self, target: TargetRef, activity: impl Into<Arc<Activity>>, source: String) -> bool {
+        match self.tx.try_send((target, activity.into(), source)) {
             Ok(()) => true,
             Err(_) => {
                 self.inner.dropped.fetch_add(1, Ordering::Relaxed);
@@ -100,7 +102,7 @@ impl Ledger {
 
     /// The newest counted activity of `target` this replica knows of.
     pub fn newest(&self, target: &TargetRef) -> Option<Activity> {
-        self.entries().get(target).map(|e| e.newest.clone())
+        self.entries().get(target).map(|e| Activity::clone(&e.newest))
     }
 
     /// Forgets a target that no longer exists.
@@ -116,7 +118,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Inner {
     /// Applies one activity; returns true when the controller should look
     /// at the target (at most once a second per target).
-    fn apply(&self, target: &TargetRef, activity: Activity, source: String) -> bool {
+    fn apply(&self, target: &TargetRef, activity: Arc<Activity>, source: String) -> bool {
         let mut entries = lock(&self.entries);
         let now = tokio::time::Instant::now();
         // Looked up by reference: the target is copied only the first time.
@@ -151,7 +153,7 @@ impl Inner {
             .filter(|(_, e)| e.dirty)
             .map(|(t, e)| {
                 e.dirty = false;
-                (t.clone(), e.newest.clone(), std::mem::take(&mut e.unflushed))
+                (t.clone(), Activity::clone(&e.newest), std::mem::take(&mut e.unflushed))
             })
             .collect()
     }

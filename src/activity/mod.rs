@@ -58,6 +58,12 @@ pub struct Activity {
     pub path: String,
 }
 
+impl AsRef<Activity> for Activity {
+    fn as_ref(&self) -> &Activity {
+        self
+    }
+}
+
 impl Activity {
     /// `user (agent)`: who used the target, as metrics and `activity-sources` name it.
     pub fn who(&self) -> String {

@@ -121,16 +121,22 @@ impl Observer {
     }
 
     /// Decides whether `a` counts for `t`, and records it if so.
-    pub fn observe(&self, t: &TargetRef, a: Activity) -> Outcome {
+    /// The proxy passes an `Arc` it keeps (a held request wakes the target
+    /// with it); the audit receiver passes the activity itself, which is
+    /// boxed only if it counts.
+    pub fn observe<A>(&self, t: &TargetRef, a: A) -> Outcome
+    where
+        A: AsRef<Activity> + Into<Arc<Activity>>,
+    {
         let policy = self.rules.get(t);
-        let source = a.source.as_str();
-        if let Some(ignored) = ignored_by(&self.builtin, &policy, &a) {
+        let source = a.as_ref().source.as_str();
+        if let Some(ignored) = ignored_by(&self.builtin, &policy, a.as_ref()) {
             let rule = ignored.kind.label(ignored.builtin);
             self.metrics.activity.get_or_create(&ActivityLabels { source, outcome: "ignored", rule }).inc();
             return Outcome::Ignored(ignored);
         }
         self.metrics.activity.get_or_create(&ActivityLabels { source, outcome: "counted", rule: "" }).inc();
-        let who = a.who();
+        let who = a.as_ref().who();
         self.sources.counter(&self.metrics, t, &who).inc();
         if self.ledger.record_from(t.clone(), a, who) {
             Outcome::Counted

@@ -283,14 +283,17 @@ impl Proxy {
 
     /// The control plane runs and is Ready, as the watch sees it.
     fn control_plane_ready(&self, t: &TargetRef) -> bool {
-        // The object only, and of its annotations only the state: this runs
-        // for each request.
-        let Some(object) = self.stores.object(t) else { return false };
+        self.stores.object(t).is_some_and(|o| Self::object_ready(&o))
+    }
+
+    /// [`Proxy::control_plane_ready`] for the object at hand. Of its
+    /// annotations only the state is read: this runs for each request.
+    fn object_ready(object: &TargetObject) -> bool {
         let state = object.annotations().get(ann::STATE).and_then(|s| s.parse::<ann::TargetState>().ok());
         if matches!(state, Some(ann::TargetState::Asleep | ann::TargetState::Sleeping)) {
             return false;
         }
-        match &object {
+        match object {
             TargetObject::StatefulSet(s) => {
                 s.spec.replicas.unwrap_or(1) > 0
                     && s.status.as_ref().and_then(|s| s.ready_replicas).unwrap_or(0) > 0
@@ -303,8 +306,10 @@ impl Proxy {
         }
     }
 
-    fn ready(&self, t: &TargetRef) -> bool {
-        let up = self.control_plane_ready(t);
+    /// Ready to forward to: the control plane Ready (`object` is the
+    /// target's, as the store has it) and its API server confirmed.
+    fn ready(&self, t: &TargetRef, object: Option<&TargetObject>) -> bool {
+        let up = object.is_some_and(Self::object_ready);
         let mut confirmed = self.confirmed.lock().unwrap_or_else(|e| e.into_inner());
         if !up {
             confirmed.insert(t.clone(), false);
@@ -366,7 +371,7 @@ impl Proxy {
     fn wake(
         self: &Arc<Self>,
         t: TargetRef,
-        activity: Activity,
+        activity: Arc<Activity>,
         limit: Duration,
     ) -> impl Future<Output = Result<(), String>> + Send + 'static {
         let proxy = self.clone();
@@ -488,7 +493,8 @@ impl Proxy {
             .or_else(|| route::by_path(pq))
             .ok_or(ProxyError::NotRouted)?;
         let t = routed.target.clone();
-        if self.stores.object(&t).is_none() || !self.stores.in_scope(&self.scope, &t.namespace) {
+        let object = self.stores.object(&t);
+        if object.is_none() || !self.stores.in_scope(&self.scope, &t.namespace) {
             return Err(ProxyError::NoSuchVCluster(t));
         }
 
@@ -519,7 +525,8 @@ impl Proxy {
         };
 
         // 3. Record activity.
-        let info = route::request_info(req.method.as_str(), &routed.path_and_query);
+        let route::RequestInfo { verb, resource, path, long_running } =
+            route::request_info(req.method.as_str(), &routed.path_and_query);
         let (user, groups) = match &caller {
             Caller::Certificate { user, groups } => (user.clone(), groups.clone()),
             // Whether a token is valid is the upstream's to know; a
@@ -530,7 +537,8 @@ impl Proxy {
             Caller::Bearer { service_account: None } => ("(bearer token)".to_string(), vec![]),
             Caller::Anonymous => ("system:anonymous".to_string(), vec![]),
         };
-        let activity = Activity {
+        // Shared: the ledger keeps it, and a held request wakes with it.
+        let activity = Arc::new(Activity {
             at: Utc::now(),
             source: Source::Proxy,
             user,
@@ -541,10 +549,10 @@ impl Proxy {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or_default()
                 .to_string(),
-            verb: info.verb.clone(),
-            resource: info.resource.clone(),
-            path: info.path.clone(),
-        };
+            verb,
+            resource,
+            path,
+        });
         let opted_out = req
             .headers
             .get(IGNORE_HEADER)
@@ -563,9 +571,12 @@ impl Proxy {
             && !parts.headers.contains_key(header::TRANSFER_ENCODING);
         let mut attempts = 0;
         let mut body = Some(body);
+        let mut object = object;
         loop {
             attempts += 1;
-            if !self.ready(&t) {
+            // The object looked up above serves the first pass; a retry
+            // looks again.
+            if !self.ready(&t, object.take().or_else(|| self.stores.object(&t)).as_ref()) {
                 if caller == Caller::Anonymous {
                     return Err(ProxyError::CredentialsRequired(t));
                 }
@@ -597,7 +608,7 @@ impl Proxy {
             // (refused, or the connection closed first) is idempotent: it
             // goes through the gate again once (the control plane went down
             // or restarted under us).
-            let keep_awake = info.long_running && counted && !self.observer.rules.get(&t).active_connections;
+            let keep_awake = long_running && counted && !self.observer.rules.get(&t).active_connections;
             let this_body = match body.take() {
                 Some(b) => ForwardBody::Incoming(b),
                 None => ForwardBody::Empty,
@@ -632,7 +643,7 @@ impl Proxy {
         t: &TargetRef,
         path_and_query: &str,
         caller: &Caller,
-        keep_awake: Option<Activity>,
+        keep_awake: Option<Arc<Activity>>,
     ) -> Result<Response<ProxyBody>, Forward> {
         let up = self.upstreams.get(t).await.map_err(|e| ProxyError::Upstream(t.clone(), e.to_string()))?;
         let upgrade = is_upgrade(&req.headers);
@@ -669,8 +680,9 @@ impl Proxy {
             }
             Caller::Bearer { .. } | Caller::Anonymous => &up.plain,
         };
-        let uri: http::Uri = format!("{}{}", up.base, path_and_query)
-            .parse()
+        let uri = up
+            .origin
+            .uri(path_and_query)
             .map_err(|_| ProxyError::Upstream(t.clone(), "invalid upstream URL".into()))?;
         let body = match body {
             ForwardBody::Incoming(b) => b.boxed(),
@@ -811,17 +823,14 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 
 fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     // Headers the Connection header names are hop-by-hop too.
+    // Removed by name as written: looking a header up by `&str` does not
+    // allocate (a `HeaderName` for `keep-alive` would).
     if h.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = h
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-            .filter(|n| !(keep_upgrade && n == header::UPGRADE))
-            .collect();
-        for n in named {
-            h.remove(n);
+        let values: Vec<HeaderValue> = h.get_all(header::CONNECTION).iter().cloned().collect();
+        for name in values.iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).map(str::trim) {
+            if !(keep_upgrade && name.eq_ignore_ascii_case("upgrade")) {
+                h.remove(name);
+            }
         }
     }
     for n in HOP_BY_HOP {
@@ -854,7 +863,8 @@ const KEEP_AWAKE_EVERY: Duration = Duration::from_secs(5);
 struct KeepAwake(tokio::task::JoinHandle<()>);
 
 impl KeepAwake {
-    fn start(observer: Arc<Observer>, t: TargetRef, mut a: Activity) -> Self {
+    fn start(observer: Arc<Observer>, t: TargetRef, a: Arc<Activity>) -> Self {
+        let mut a = Activity::clone(&a);
         KeepAwake(tokio::spawn(async move {
             loop {
                 tokio::time::sleep(KEEP_AWAKE_EVERY).await;
@@ -984,7 +994,9 @@ mod tests {
     fn hop_by_hop_headers_never_pass_and_upgrades_keep_theirs() {
         let mut h = HeaderMap::new();
         h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        h.append(header::CONNECTION, HeaderValue::from_static(" X-Other "));
         h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("x-other", HeaderValue::from_static("1"));
         h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
         h.insert(header::HOST, HeaderValue::from_static("proxy"));
         h.insert(IGNORE_HEADER, HeaderValue::from_static("true"));

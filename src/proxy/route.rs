@@ -62,8 +62,15 @@ pub struct RequestInfo {
 pub fn request_info(method: &str, path_and_query: &str) -> RequestInfo {
     let (path, query) = path_and_query.split_once('?').unwrap_or((path_and_query, ""));
     let watch = query.split('&').any(|kv| kv == "watch=true" || kv == "watch=1");
-    let parts: Vec<&str> = path.trim_matches('/').split('/').filter(|s| !s.is_empty()).collect();
-    let (group, rest): (&str, &[&str]) = match parts.as_slice() {
+    // The longest path read here is /apis/G/V/namespaces/N/R/NAME/SUB; more
+    // segments change nothing. On the stack: this runs for each request.
+    let mut segments = [""; 8];
+    let mut n = 0;
+    for s in path.split('/').filter(|s| !s.is_empty()).take(segments.len()) {
+        segments[n] = s;
+        n += 1;
+    }
+    let (group, rest): (&str, &[&str]) = match &segments[..n] {
         ["api", _version, rest @ ..] if !rest.is_empty() => ("", rest),
         ["apis", group, _version, rest @ ..] if !rest.is_empty() => (group, rest),
         _ => {
@@ -184,6 +191,20 @@ mod tests {
                 "patch",
                 Some(("apps", "deployments", "scale", "x", "web")),
                 false,
+            ),
+            (
+                "GET",
+                "/apis/apps/v1/namespaces/x/deployments/web/status/more/segments",
+                "get",
+                Some(("apps", "deployments", "status", "x", "web")),
+                false,
+            ),
+            (
+                "GET",
+                "/api/v1/namespaces/x/services/web/proxy/deep/path/to/page",
+                "get",
+                Some(("", "services", "proxy", "x", "web")),
+                true,
             ),
             ("GET", "/version", "get", None, false),
             ("GET", "/apis", "get", None, false),

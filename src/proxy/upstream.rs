@@ -52,6 +52,8 @@ pub enum Error {
 pub struct Upstream {
     /// `https://host:port` plus an optional path prefix (no trailing slash).
     pub base: String,
+    /// `base`, parsed once: each request's URL is made from it.
+    pub origin: Origin,
     /// Verifies client certificates presented to the proxy for this vcluster.
     pub client_verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
     /// No client certificate: for bearer tokens and anonymous requests.
@@ -68,6 +70,42 @@ pub struct Upstreams {
     stores: Stores,
     ttl: Duration,
     cache: RwLock<HashMap<TargetRef, Arc<Upstream>>>,
+}
+
+/// Where an upstream is: scheme, authority and path prefix.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    scheme: http::uri::Scheme,
+    authority: http::uri::Authority,
+    /// Empty, or `/prefix` (no trailing slash).
+    prefix: String,
+}
+
+impl Origin {
+    /// `uri`'s origin, if it is `https://host[:port][/prefix]`.
+    pub fn https(uri: &http::Uri) -> Option<Origin> {
+        match (uri.scheme(), uri.authority()) {
+            (Some(s), Some(a)) if s == &http::uri::Scheme::HTTPS => Some(Origin {
+                scheme: s.clone(),
+                authority: a.clone(),
+                prefix: uri.path().trim_end_matches('/').to_string(),
+            }),
+            _ => None,
+        }
+    }
+
+    /// The URL for `path_and_query` (which starts with `/`): one
+    /// allocation, as it is made for each request.
+    pub fn uri(&self, path_and_query: &str) -> Result<http::Uri, http::Error> {
+        let mut pq = String::with_capacity(self.prefix.len() + path_and_query.len());
+        pq.push_str(&self.prefix);
+        pq.push_str(path_and_query);
+        http::Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(http::uri::PathAndQuery::from_maybe_shared(bytes::Bytes::from(pq))?)
+            .build()
+    }
 }
 
 fn b64(s: &str) -> Option<Vec<u8>> {
@@ -158,13 +196,13 @@ impl Upstreams {
             url: base.clone(),
             reason: format!("not a URL (set by {UPSTREAM} or the Service)"),
         })?;
-        if uri.scheme_str() != Some("https") || uri.authority().is_none() {
+        let Some(origin) = Origin::https(&uri) else {
             return Err(Error::BadUpstream {
                 target: t.clone(),
                 url: base,
                 reason: "expected https://host[:port]".into(),
             });
-        }
+        };
         let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &t.namespace);
         let secret = secrets.get(&format!("vc-{}", t.name)).await.map_err(|source| Error::ReadSecret {
             namespace: t.namespace.clone(),
@@ -209,10 +247,36 @@ impl Upstreams {
         .map_err(|e| Error::Tls(t.clone(), crate::tls::Error::Verifier(e)))?;
         Ok(Upstream {
             base: base.trim_end_matches('/').to_string(),
+            origin,
             client_verifier,
             plain: http_client(plain_tls),
             admin,
             fetched: Instant::now(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_urls_join_the_upstream_prefix_and_keep_the_query() {
+        let at = |base: &str, pq: &str| {
+            Origin::https(&base.parse().unwrap()).unwrap().uri(pq).unwrap().to_string()
+        };
+        assert_eq!(
+            at("https://10.0.0.1:6443", "/api/v1/pods?watch=1"),
+            "https://10.0.0.1:6443/api/v1/pods?watch=1"
+        );
+        assert_eq!(at("https://h/", "/version"), "https://h/version");
+        assert_eq!(at("https://h/vc/team-a/", "/apis?x=%2F"), "https://h/vc/team-a/apis?x=%2F");
+    }
+
+    #[test]
+    fn only_https_with_a_host_is_an_upstream() {
+        for base in ["http://h:80", "/just/a/path", "h:443"] {
+            assert!(Origin::https(&base.parse().unwrap()).is_none(), "{base}");
+        }
     }
 }
