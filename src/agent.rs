@@ -65,6 +65,10 @@ pub struct AgentArgs {
     /// Targets reconciled at once.
     #[arg(long, env = "DORMANT_CONCURRENCY", default_value_t = 16)]
     pub concurrency: usize,
+    /// A reconcile that takes longer (an API server that stopped answering)
+    /// is abandoned and retried with backoff.
+    #[arg(long, env = "DORMANT_RECONCILE_TIMEOUT", default_value = "2m")]
+    pub reconcile_timeout: String,
     /// How often each target's last activity is written to it, at most.
     #[arg(long, env = "DORMANT_FLUSH_INTERVAL", default_value = "5s")]
     pub flush_interval: String,
@@ -152,6 +156,7 @@ pub struct Settings {
     pub qps: NonZeroU32,
     pub burst: NonZeroU32,
     pub concurrency: usize,
+    pub reconcile_timeout: Duration,
     pub flush_interval: Duration,
     pub activity_queue: usize,
     pub defaults: Defaults,
@@ -199,6 +204,7 @@ impl AgentArgs {
         };
         let lease_duration = dur("lease-duration", &self.lease_duration, Duration::from_secs(2));
         let flush_interval = dur("flush-interval", &self.flush_interval, Duration::from_secs(1));
+        let reconcile_timeout = dur("reconcile-timeout", &self.reconcile_timeout, Duration::from_secs(1));
         let wake_timeout = dur("default-wake-timeout", &self.default_wake_timeout, Duration::from_secs(1));
         let sleep_after = self.default_sleep_after.parse::<SleepAfter>().unwrap_or_else(|e| {
             errors.push(format!("--default-sleep-after: {e}"));
@@ -267,6 +273,7 @@ impl AgentArgs {
             qps,
             burst,
             concurrency: self.concurrency,
+            reconcile_timeout,
             flush_interval,
             activity_queue: self.activity_queue,
             defaults: Defaults {
@@ -593,6 +600,7 @@ pub async fn run_with(
         scope: settings.scope.clone(),
         dry_run: settings.dry_run,
         concurrency: settings.concurrency,
+        reconcile_timeout: settings.reconcile_timeout,
         identity: settings.identity.clone(),
     };
     let ctx = Context::new(stores.clone(), scaler, ledger, metrics.clone(), config, leader);

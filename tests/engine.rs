@@ -723,3 +723,68 @@ fn status_and_explain_say_what_each_target_does_and_why() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("expected namespace/<name>"));
 }
+
+/// An API server that stops answering just as a target's idle time runs
+/// out: the reconcile that would put it to sleep hangs, is abandoned after
+/// `--reconcile-timeout` (counted as a timeout), and is retried; once the
+/// server answers again the target falls asleep and wakes with every
+/// replica count kept, whatever of the abandoned attempt the server applied
+/// late.
+#[test]
+fn a_reconcile_stuck_on_a_silent_api_server_times_out_and_completes_later() {
+    // A cluster of its own: its API server is frozen (SIGSTOP) for a while.
+    let c = Cluster::start(testbed::ClusterOptions::default()).unwrap();
+    let id = test_id("frozen");
+    let ns = c.namespace("frozen", &[("dormant-test", &id)]).unwrap();
+    c.kubectl_apply(&c.admin, &workloads_yaml(&ns)).unwrap();
+    wait_until("3 web and 2 db pods ready", Duration::from_secs(60), || {
+        ready_pods(&c, &ns, "app=web") == 3 && ready_pods(&c, &ns, "app=db") == 2
+    });
+    kubectl(&c, &["annotate", "namespace", &ns, "dormant.dev/sleep-after=12s"]);
+    // A long Lease, so this replica stays the leader while the server is frozen.
+    let agent = Agent::start(
+        &c,
+        &id,
+        &format!("{id}-system"),
+        "frozen-1",
+        &["--reconcile-timeout=2s", "--lease-duration=2m"],
+    );
+    wait_state(&c, "namespace", &ns, None, "awake", Duration::from_secs(30), &agent);
+    let first_seen: chrono::DateTime<chrono::Utc> =
+        annotation(&c, "namespace", &ns, None, "dormant.dev/first-seen").parse().unwrap();
+    let deadline = first_seen + chrono::Duration::seconds(12);
+
+    // Freeze the API server a moment before the deadline.
+    let left = (deadline - chrono::Utc::now()).to_std().unwrap_or_default();
+    std::thread::sleep(left.saturating_sub(Duration::from_millis(1500)));
+    let api = c.pid_of("kube-apiserver").unwrap().to_string();
+    let signal =
+        |s: &str| assert!(std::process::Command::new("kill").args([s, &api]).status().unwrap().success());
+    signal("-STOP");
+    let timeouts = || {
+        agent
+            .get("/metrics")
+            .lines()
+            .find(|l| l.starts_with("dormant_reconcile_errors_total{") && l.contains("category=\"timeout\""))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let start = std::time::Instant::now();
+    while timeouts() < 1.0 && start.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let counted = timeouts();
+    signal("-CONT");
+    assert!(
+        counted >= 1.0,
+        "no reconcile timed out while the API server was frozen; agent log:\n{}",
+        agent.log()
+    );
+    assert!(agent.log().contains("reconcile failed"), "{}", agent.log());
+
+    wait_state(&c, "namespace", &ns, None, "asleep", Duration::from_secs(60), &agent);
+    assert_namespace_asleep(&c, &ns);
+    let out = dormant(&c, &["wake", &ns, "--wait=60s"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_namespace_awake_as_before(&c, &ns);
+}

@@ -41,6 +41,11 @@ pub struct Config {
     pub dry_run: bool,
     /// Targets reconciled at once.
     pub concurrency: usize,
+    /// A reconcile still running after this is abandoned and retried. Every
+    /// step is safe to stop anywhere (the state is written on the target
+    /// before workloads change, as for a SIGKILL), so a hung API request
+    /// costs one target this long, not the agent its progress.
+    pub reconcile_timeout: Duration,
     /// This replica's name (Events' reporting instance).
     pub identity: String,
 }
@@ -187,12 +192,6 @@ impl Error {
     }
 }
 
-/// A reconcile that takes longer than this is abandoned and retried. Every
-/// step is safe to stop anywhere (the state is written on the target before
-/// workloads change, as for a SIGKILL), so a hung API request costs one
-/// target this long, not the agent its progress.
-const RECONCILE_TIMEOUT: Duration = Duration::from_secs(120);
-
 /// The periodic status work (gauges, SleepPolicy status) gets this long.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -232,9 +231,10 @@ pub async fn run(ctx: Arc<Context>, mut changes: mpsc::UnboundedReceiver<Change>
         in_flight.insert(t.clone());
         let ctx = ctx.clone();
         tasks.spawn(async move {
-            let r = tokio::time::timeout(RECONCILE_TIMEOUT, reconcile::reconcile(&ctx, &t))
+            let limit = ctx.config.reconcile_timeout;
+            let r = tokio::time::timeout(limit, reconcile::reconcile(&ctx, &t))
                 .await
-                .unwrap_or(Err(Error::Timeout(RECONCILE_TIMEOUT)));
+                .unwrap_or(Err(Error::Timeout(limit)));
             (t, r)
         });
     };

@@ -571,6 +571,11 @@ impl Cluster {
         lock(&self.procs).iter().map(Proc::pid).collect()
     }
 
+    /// The process id of the process named `name` (`kube-apiserver`, …).
+    pub fn pid_of(&self, name: &str) -> Option<u32> {
+        lock(&self.procs).iter().find(|p| p.name == name).map(Proc::pid)
+    }
+
     /// Logs of a process by name (`kube-apiserver`, `kwok`, …), last lines.
     pub fn log_tail(&self, name: &str, lines: usize) -> String {
         process::tail(&self.dir.join(format!("{name}.log")), lines)

@@ -37,7 +37,8 @@ pub struct Agent {
 
 impl Agent {
     /// Starts an agent scoped to namespaces labelled `dormant-test=<scope>`,
-    /// with its Lease in namespace `lease_ns` (created if missing).
+    /// with its Lease in namespace `lease_ns` (created if missing). A flag
+    /// in `extra` replaces the test default of the same name.
     pub fn start(c: &Cluster, scope: &str, lease_ns: &str, identity: &str, extra: &[&str]) -> Agent {
         install_crd(c);
         let _ = c.kubectl_out(&c.admin, &["create", "namespace", lease_ns]);
@@ -52,6 +53,8 @@ impl Agent {
             "--lease-duration=3s".into(),
             "--flush-interval=1s".into(),
         ];
+        let flag = |a: &str| a.split('=').next().unwrap_or_default().to_string();
+        args.retain(|a| !extra.iter().any(|e| flag(e) == flag(a)));
         args.extend(extra.iter().map(|s| s.to_string()));
         let env = vec![
             ("KUBECONFIG".to_string(), user.kubeconfig.display().to_string()),
