@@ -22,10 +22,17 @@ pub fn test_id(prefix: &str) -> String {
     format!("{prefix}-{}-{}", std::process::id() % 100_000, N.fetch_add(1, Ordering::Relaxed))
 }
 
-/// The identity dormant runs as in tests (cluster-admin by group).
+/// The identity dormant runs as in tests (cluster-admin by group), one per
+/// cluster (a test may start a cluster of its own beside the shared one).
 pub fn agent_user(c: &Cluster) -> User {
-    static USER: std::sync::OnceLock<User> = std::sync::OnceLock::new();
-    USER.get_or_init(|| c.user("dormant-agent", &["system:masters"]).unwrap()).clone()
+    static USERS: std::sync::Mutex<Vec<(String, User)>> = std::sync::Mutex::new(Vec::new());
+    let mut users = USERS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, u)) = users.iter().find(|(server, _)| *server == c.server) {
+        return u.clone();
+    }
+    let u = c.user("dormant-agent", &["system:masters"]).unwrap();
+    users.push((c.server.clone(), u.clone()));
+    u
 }
 
 /// A running `dormant agent`.
@@ -41,7 +48,7 @@ impl Agent {
     /// in `extra` replaces the test default of the same name.
     pub fn start(c: &Cluster, scope: &str, lease_ns: &str, identity: &str, extra: &[&str]) -> Agent {
         install_crd(c);
-        let _ = c.kubectl_out(&c.admin, &["create", "namespace", lease_ns]);
+        ensure_namespace(c, lease_ns);
         let admin_port = free_port().unwrap();
         let user = agent_user(c);
         let mut args: Vec<String> = vec![
@@ -84,6 +91,23 @@ impl Agent {
 
     pub fn get(&self, path: &str) -> String {
         testbed::process::http_body(self.admin_port, path)
+    }
+}
+
+/// Creates namespace `ns` unless it exists. A cluster that has just
+/// started may refuse for a moment (its admission and RBAC still
+/// loading): retried, and a lasting refusal fails the test with it.
+pub fn ensure_namespace(c: &Cluster, ns: &str) {
+    let start = Instant::now();
+    loop {
+        match c.kubectl_out(&c.admin, &["create", "namespace", ns]) {
+            Ok(_) => return,
+            Err(e) if e.contains("AlreadyExists") || e.contains("already exists") => return,
+            Err(e) if start.elapsed() > Duration::from_secs(30) => {
+                panic!("cannot create namespace {ns}: {e}")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(500)),
+        }
     }
 }
 
