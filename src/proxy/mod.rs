@@ -650,6 +650,7 @@ impl Proxy {
         let client_upgrade =
             if upgrade { req.extensions.remove::<hyper::upgrade::OnUpgrade>() } else { None };
         let mut headers = forwardable(&req.headers, upgrade);
+        headers.insert(header::HOST, up.origin.host.clone());
         let client = match caller {
             Caller::Certificate { user, groups } => {
                 // Never widen access: the caller's own Authorization and
@@ -841,8 +842,8 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-/// The request headers to send upstream (hop-by-hop and Host removed; the
-/// client sets Host from the upstream URL; upgrades keep their headers).
+/// The request headers to send upstream (hop-by-hop and Host removed:
+/// `forward` sets the upstream's own; upgrades keep their headers).
 fn forwardable(h: &HeaderMap, upgrade: bool) -> HeaderMap {
     let mut out = h.clone();
     strip_hop_by_hop(&mut out, upgrade);

@@ -79,17 +79,27 @@ pub struct Origin {
     authority: http::uri::Authority,
     /// Empty, or `/prefix` (no trailing slash).
     prefix: String,
+    /// The `Host` header requests to it carry (`host[:port]`, the port only
+    /// when not 443), made once rather than by the client per request.
+    pub host: http::HeaderValue,
 }
 
 impl Origin {
     /// `uri`'s origin, if it is `https://host[:port][/prefix]`.
     pub fn https(uri: &http::Uri) -> Option<Origin> {
         match (uri.scheme(), uri.authority()) {
-            (Some(s), Some(a)) if s == &http::uri::Scheme::HTTPS => Some(Origin {
-                scheme: s.clone(),
-                authority: a.clone(),
-                prefix: uri.path().trim_end_matches('/').to_string(),
-            }),
+            (Some(s), Some(a)) if s == &http::uri::Scheme::HTTPS => {
+                let host = match a.port_u16() {
+                    Some(p) if p != 443 => format!("{}:{p}", a.host()),
+                    _ => a.host().to_string(),
+                };
+                Some(Origin {
+                    scheme: s.clone(),
+                    authority: a.clone(),
+                    prefix: uri.path().trim_end_matches('/').to_string(),
+                    host: http::HeaderValue::from_str(&host).ok()?,
+                })
+            }
             _ => None,
         }
     }
@@ -271,6 +281,10 @@ mod tests {
         );
         assert_eq!(at("https://h/", "/version"), "https://h/version");
         assert_eq!(at("https://h/vc/team-a/", "/apis?x=%2F"), "https://h/vc/team-a/apis?x=%2F");
+        let host = |base: &str| Origin::https(&base.parse().unwrap()).unwrap().host;
+        assert_eq!(host("https://10.0.0.1:6443/x"), "10.0.0.1:6443");
+        assert_eq!(host("https://vc.team-a.svc:443"), "vc.team-a.svc");
+        assert_eq!(host("https://[::1]:8443"), "[::1]:8443");
     }
 
     #[test]
