@@ -425,13 +425,30 @@ async fn held_memory(
 
     // The same over HTTP/2, as one client process sends concurrent requests
     // (client-go multiplexes them on one connection): 25 connections of 200
-    // streams, each stream a held request.
+    // streams, each stream a held request; then as many processes would,
+    // each with a connection of its own.
+    let h2 = held_h2(c, bin, args, env, (proxy_port, admin_port), (25, 200), &metric).await?;
+    let h2_own = held_h2(c, bin, args, env, (proxy_port, admin_port), (5000, 1), &metric).await?;
+    Ok(HeldMemory { h1: (held, before, after), h2, h2_own })
+}
+
+/// Requests held as HTTP/2 streams, `streams` on each of `connections`, on
+/// a fresh agent: (held, RSS before, RSS after in KiB).
+async fn held_h2(
+    c: &Cluster,
+    bin: &std::path::Path,
+    args: &[String],
+    env: &[(String, String)],
+    (proxy_port, admin_port): (u16, u16),
+    (connections, streams): (usize, usize),
+    metric: &impl Fn() -> f64,
+) -> anyhow::Result<(f64, u64, u64)> {
     let mut agent = testbed::spawner::spawn_with_env("dormant-proxy-bench-h2", bin, args, env, &c.dir)?;
     agent.wait_ready(Duration::from_secs(60), || http_ok(admin_port, "/readyz"))?;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let before_h2 = rss_kib(agent.pid());
+    let before = rss_kib(agent.pid());
     let mut holders = Vec::new();
-    for _ in 0..25 {
+    for _ in 0..connections {
         let tls = connect_unverified(proxy_port, b"h2").await?;
         let (send, conn) = hyper::client::conn::http2::handshake(
             hyper_util::rt::TokioExecutor::new(),
@@ -441,7 +458,7 @@ async fn held_memory(
         holders.push(tokio::spawn(async move {
             let _ = conn.await;
         }));
-        for _ in 0..200 {
+        for _ in 0..streams {
             let mut send = send.clone();
             holders.push(tokio::spawn(async move {
                 let req = http::Request::get("https://127.0.0.1/vcluster/bench/stuck/api")
@@ -452,23 +469,25 @@ async fn held_memory(
             }));
         }
     }
+    let waiting = (connections * streams) as f64;
     let start = Instant::now();
-    while metric() < waiting as f64 * 0.99 && start.elapsed() < Duration::from_secs(60) {
+    while metric() < waiting * 0.99 && start.elapsed() < Duration::from_secs(60) {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let held_h2 = metric();
-    let after_h2 = rss_kib(agent.pid());
+    let held = metric();
+    let after = rss_kib(agent.pid());
     for h in holders {
         h.abort();
     }
     agent.kill();
-    Ok(HeldMemory { h1: (held, before, after), h2: (held_h2, before_h2, after_h2) })
+    Ok((held, before, after))
 }
 
 /// Requests held, and RSS (KiB) before and after, per protocol.
 struct HeldMemory {
     h1: (f64, u64, u64),
     h2: (f64, u64, u64),
+    h2_own: (f64, u64, u64),
 }
 
 impl HeldMemory {
@@ -476,6 +495,7 @@ impl HeldMemory {
         let rows = [
             ("each on its own HTTP/1.1 TLS connection", self.h1),
             ("HTTP/2 streams on 25 connections", self.h2),
+            ("each on its own HTTP/2 TLS connection", self.h2_own),
         ];
         for (how, (held, before, after)) in rows {
             println!(
