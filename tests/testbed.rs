@@ -328,3 +328,21 @@ fn a_missing_testbed_binary_fails_with_the_install_command() {
     assert!(err.contains("hack/testbed.sh install"), "{err}");
     assert!(err.contains("kube-apiserver"), "the message names what is missing: {err}");
 }
+
+#[test]
+fn folders_of_ended_test_runs_are_swept_and_live_ones_kept() {
+    let folder = |owner: u32| {
+        let dir = tempfile::Builder::new().prefix("dormant-testbed-").tempdir().unwrap().keep();
+        std::fs::write(dir.join("owner.pid"), owner.to_string()).unwrap();
+        dir
+    };
+    let mut ended = std::process::Command::new("true").spawn().unwrap();
+    let ended_pid = ended.id();
+    ended.wait().unwrap();
+    let stale = folder(ended_pid);
+    let live = folder(std::process::id());
+    testbed::sweep_stale_folders();
+    assert!(!stale.exists(), "{} outlived its test process", stale.display());
+    assert!(live.exists(), "{} belongs to a running process", live.display());
+    std::fs::remove_dir_all(live).unwrap();
+}

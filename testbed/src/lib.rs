@@ -211,8 +211,10 @@ impl Cluster {
     fn start_once(opts: ClusterOptions) -> Result<Cluster> {
         let started = Instant::now();
         let bins = Bins::locate()?;
-        let tmp = tempfile::Builder::new().prefix("dormant-testbed-").tempdir()?;
+        sweep_stale_folders();
+        let tmp = tempfile::Builder::new().prefix(FOLDER_PREFIX).tempdir()?;
         let dir = tmp.path().to_path_buf();
+        std::fs::write(dir.join(OWNER_FILE), std::process::id().to_string())?;
         let ca = Ca::new("dormant-testbed-ca")?;
         let ca_file = dir.join("ca.crt");
         std::fs::write(&ca_file, &ca.cert_pem)?;
@@ -630,6 +632,39 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 fn args(a: &[&str]) -> Vec<String> {
     a.iter().map(|s| s.to_string()).collect()
+}
+
+const FOLDER_PREFIX: &str = "dormant-testbed-";
+/// In each cluster's folder: the id of the test process that owns it.
+const OWNER_FILE: &str = "owner.pid";
+
+/// Removes the folders of clusters whose test process has ended. A shared
+/// cluster lives in a `static`, which Rust never drops, so its folder (etcd's
+/// data, logs: ~100 MB) would otherwise outlive every test run.
+pub fn sweep_stale_folders() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
+    for e in entries.flatten() {
+        let path = e.path();
+        if !e.file_name().to_string_lossy().starts_with(FOLDER_PREFIX) || !path.is_dir() {
+            continue;
+        }
+        let owner =
+            std::fs::read_to_string(path.join(OWNER_FILE)).ok().and_then(|p| p.trim().parse::<u32>().ok());
+        // Folders without an owner file are from before it existed, or are
+        // being set up this instant: only ones older than a minute go.
+        let ended = match owner {
+            Some(pid) => !Path::new(&format!("/proc/{pid}")).exists(),
+            None => e
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > Duration::from_secs(60)),
+        };
+        if ended {
+            let _ = std::fs::remove_dir_all(&path);
+        }
+    }
 }
 
 fn write_pair(dir: &Path, name: &str, pair: &CertPair) -> Result<()> {
