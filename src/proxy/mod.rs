@@ -412,7 +412,7 @@ impl Proxy {
                 None => (&up.plain, false),
             };
             loop {
-                let req = Request::get(format!("{}/readyz", up.base))
+                let req = Request::get(up.origin.uri("/readyz").map_err(|e| e.to_string())?)
                     .body(full(Bytes::new()))
                     .map_err(|e| e.to_string())?;
                 // Short attempts: one sent while the server starts may hang.

@@ -50,9 +50,8 @@ pub enum Error {
 
 /// How to reach one vcluster.
 pub struct Upstream {
-    /// `https://host:port` plus an optional path prefix (no trailing slash).
-    pub base: String,
-    /// `base`, parsed once: each request's URL is made from it.
+    /// `https://host:port` plus an optional path prefix, parsed once: each
+    /// request's URL is made from it.
     pub origin: Origin,
     /// Verifies client certificates presented to the proxy for this vcluster.
     pub client_verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
@@ -256,7 +255,6 @@ impl Upstreams {
         .build()
         .map_err(|e| Error::Tls(t.clone(), crate::tls::Error::Verifier(e)))?;
         Ok(Upstream {
-            base: base.trim_end_matches('/').to_string(),
             origin,
             client_verifier,
             plain: http_client(plain_tls),

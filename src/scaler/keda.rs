@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use kube::discovery::ApiResource;
 use serde_json::{Value, json};
 
+use super::annotations_patch as patch;
 use crate::policy::annotations::{KEDA_JOB_PAUSED_BEFORE_SLEEP, KEDA_PAUSED_BEFORE_SLEEP};
 use crate::target::WorkloadView;
 
@@ -120,8 +121,6 @@ impl ScaledJobView {
         self.annotations.contains_key(KEDA_JOB_PAUSED_BEFORE_SLEEP)
     }
 }
-
-use super::annotations_patch as patch;
 
 /// Sets KEDA's pause annotation `key` to `value`, recording in `record`
 /// what it was, unless the object already carries the record.

@@ -191,20 +191,13 @@ impl Recorded for TargetObject {
         }
     }
     fn namespace(&self) -> &str {
-        let meta = match self {
-            TargetObject::Namespace(_) => return "",
-            TargetObject::StatefulSet(o) => &o.metadata,
-            TargetObject::Deployment(o) => &o.metadata,
-        };
-        meta.namespace.as_deref().unwrap_or_default()
+        match self {
+            TargetObject::Namespace(_) => "",
+            _ => self.meta().namespace.as_deref().unwrap_or_default(),
+        }
     }
     fn name(&self) -> &str {
-        let meta = match self {
-            TargetObject::Namespace(o) => &o.metadata,
-            TargetObject::StatefulSet(o) => &o.metadata,
-            TargetObject::Deployment(o) => &o.metadata,
-        };
-        meta.name.as_deref().unwrap_or_default()
+        self.meta().name.as_deref().unwrap_or_default()
     }
     fn api_resource(&self) -> ApiResource {
         match self {

@@ -16,7 +16,8 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{Namespace, ObjectReference};
-use kube::{Resource, ResourceExt};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::Resource;
 
 pub use crate::policy::TargetKind;
 pub use scope::Scope;
@@ -93,29 +94,29 @@ pub enum TargetObject {
     Deployment(Arc<Deployment>),
 }
 
+/// What `annotations` and `labels` give for an object that has none.
+static NONE: BTreeMap<String, String> = BTreeMap::new();
+
 impl TargetObject {
-    pub fn annotations(&self) -> &BTreeMap<String, String> {
+    /// The object's metadata, whichever kind it is.
+    pub fn meta(&self) -> &ObjectMeta {
         match self {
-            TargetObject::Namespace(o) => o.annotations(),
-            TargetObject::StatefulSet(o) => o.annotations(),
-            TargetObject::Deployment(o) => o.annotations(),
+            TargetObject::Namespace(o) => o.meta(),
+            TargetObject::StatefulSet(o) => o.meta(),
+            TargetObject::Deployment(o) => o.meta(),
         }
+    }
+
+    pub fn annotations(&self) -> &BTreeMap<String, String> {
+        self.meta().annotations.as_ref().unwrap_or(&NONE)
     }
 
     pub fn resource_version(&self) -> Option<String> {
-        match self {
-            TargetObject::Namespace(o) => o.resource_version(),
-            TargetObject::StatefulSet(o) => o.resource_version(),
-            TargetObject::Deployment(o) => o.resource_version(),
-        }
+        self.meta().resource_version.clone()
     }
 
     pub fn labels(&self) -> &BTreeMap<String, String> {
-        match self {
-            TargetObject::Namespace(o) => o.labels(),
-            TargetObject::StatefulSet(o) => o.labels(),
-            TargetObject::Deployment(o) => o.labels(),
-        }
+        self.meta().labels.as_ref().unwrap_or(&NONE)
     }
 
     /// The reference Events are published against.
@@ -133,21 +134,11 @@ impl TargetObject {
     }
 
     pub fn created(&self) -> Option<DateTime<Utc>> {
-        let meta = match self {
-            TargetObject::Namespace(o) => o.meta(),
-            TargetObject::StatefulSet(o) => o.meta(),
-            TargetObject::Deployment(o) => o.meta(),
-        };
-        meta.creation_timestamp.as_ref().and_then(|t| to_chrono(&t.0))
+        self.meta().creation_timestamp.as_ref().and_then(|t| to_chrono(&t.0))
     }
 
     pub fn is_deleting(&self) -> bool {
-        let meta = match self {
-            TargetObject::Namespace(o) => o.meta(),
-            TargetObject::StatefulSet(o) => o.meta(),
-            TargetObject::Deployment(o) => o.meta(),
-        };
-        meta.deletion_timestamp.is_some()
+        self.meta().deletion_timestamp.is_some()
     }
 
     /// The workload kind of a vcluster's control plane.
