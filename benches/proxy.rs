@@ -10,8 +10,9 @@
 //! - wake overhead: from the moment the vcluster's API server first
 //!   answers to the moment the held request is answered, minus that
 //!   request's direct latency, over repeated sleep/wake cycles;
-//! - memory per waiting request: the agent's RSS with thousands of
-//!   requests held for a vcluster that cannot wake.
+//! - memory per waiting request, side by side: RSS with thousands of
+//!   requests held by dormant for a vcluster that cannot wake, and by nginx
+//!   and haproxy for an upstream that never answers.
 //!
 //! `DORMANT_BENCH_THROUGHPUT_ONLY=1` stops after the throughput table (for
 //! profiling the proxy's hot path); `DORMANT_BENCH_MEMORY_ONLY=1` measures
@@ -132,13 +133,7 @@ async fn main() -> anyhow::Result<()> {
         crt = crt.display(),
         key = key.display()
     );
-    std::fs::write(dir.path().join("nginx.conf"), nginx_conf)?;
-    let _nginx = Stopped(
-        Command::new(which("nginx"))
-            .args(["-c", &dir.path().join("nginx.conf").display().to_string(), "-e", "stderr"])
-            .stderr(Stdio::null())
-            .spawn()?,
-    );
+    let _nginx = nginx(dir.path(), "nginx", &nginx_conf)?;
     std::fs::write(
         dir.path().join("haproxy.pem"),
         format!("{}{}", std::fs::read_to_string(&crt)?, std::fs::read_to_string(&key)?),
@@ -147,13 +142,7 @@ async fn main() -> anyhow::Result<()> {
         "global\n  maxconn 4096\n  nbthread 1\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  http-reuse always\nfrontend f\n  bind 127.0.0.1:{haproxy_port} ssl crt {pem}\n  default_backend b\nbackend b\n  server api 127.0.0.1:{up_port} ssl verify none\n",
         pem = dir.path().join("haproxy.pem").display()
     );
-    std::fs::write(dir.path().join("haproxy.cfg"), haproxy_conf)?;
-    let _haproxy = Stopped(
-        Command::new(which("haproxy"))
-            .args(["-f", &dir.path().join("haproxy.cfg").display().to_string()])
-            .stderr(Stdio::null())
-            .spawn()?,
-    );
+    let _haproxy = haproxy(dir.path(), "haproxy", &haproxy_conf)?;
 
     // A vcluster target whose upstream is that nginx (the vc Secret carries the testbed CA).
     c.kubectl_apply(
@@ -185,10 +174,20 @@ async fn main() -> anyhow::Result<()> {
     agent.wait_ready(Duration::from_secs(60), || http_ok(admin_port, "/readyz"))?;
     tokio::time::sleep(Duration::from_secs(3)).await;
 
+    let memory = MemoryRun {
+        c: &c,
+        bin: &bin,
+        args: &args,
+        env: &env,
+        proxy_port,
+        admin_port,
+        dir: dir.path(),
+        crt: &crt,
+        key: &key,
+    };
     if std::env::var_os("DORMANT_BENCH_MEMORY_ONLY").is_some() {
         agent.kill();
-        println!("| measure | value |\n| --- | --- |");
-        held_memory(&c, &bin, &args, &env, proxy_port, admin_port).await?.print();
+        print_held(&held_memory(&memory).await?);
         return Ok(());
     }
 
@@ -344,7 +343,7 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     agent.kill();
-    let held = held_memory(&c, &bin, &args, &env, proxy_port, admin_port).await?;
+    let held = held_memory(&memory).await?;
 
     print_throughput(secs, &[&direct, &via_nginx, &via_haproxy, &via_dormant, &via_dormant_quiet]);
     println!("\n| measure | value |\n| --- | --- |");
@@ -363,93 +362,165 @@ async fn main() -> anyhow::Result<()> {
         r.last().copied().unwrap_or_default()
     );
     println!("| agent RSS under the throughput run | {:.1} MiB |", agent_rss_load as f64 / 1024.0);
-    held.print();
+    print_held(&held);
     drop(vc);
     Ok(())
 }
 
-/// Agent RSS with many requests held for a vcluster that cannot wake (its
-/// pod fits no node): each on its own HTTP/1.1 TLS connection, then as
-/// HTTP/2 streams. Each on a fresh agent, so memory freed earlier is not
-/// reused.
-async fn held_memory(
-    c: &Cluster,
-    bin: &std::path::Path,
-    args: &[String],
-    env: &[(String, String)],
+/// What the memory measurement needs from the run: the agent's command
+/// line, and the certificate the comparison proxies serve.
+struct MemoryRun<'a> {
+    c: &'a Cluster,
+    bin: &'a std::path::Path,
+    args: &'a [String],
+    env: &'a [(String, String)],
     proxy_port: u16,
     admin_port: u16,
-) -> anyhow::Result<HeldMemory> {
-    c.kubectl_apply(
-        &c.admin,
+    dir: &'a std::path::Path,
+    crt: &'a std::path::Path,
+    key: &'a std::path::Path,
+}
+
+/// How held requests reach a proxy: `connections` TLS connections offering
+/// `alpn`, each carrying `streams` requests (one for HTTP/1.1).
+#[derive(Clone, Copy)]
+struct Load {
+    how: &'static str,
+    alpn: &'static [u8],
+    connections: usize,
+    streams: usize,
+}
+
+const LOADS: [Load; 3] = [
+    Load { how: "each on its own HTTP/1.1 TLS connection", alpn: b"http/1.1", connections: 5000, streams: 1 },
+    Load { how: "each on its own HTTP/2 TLS connection", alpn: b"h2", connections: 5000, streams: 1 },
+    // As one client process sends concurrent requests: client-go
+    // multiplexes them on one connection. 100 streams per connection, the
+    // most haproxy allows by default (nginx 128).
+    Load { how: "HTTP/2, 100 streams on each of 50 connections", alpn: b"h2", connections: 50, streams: 100 },
+];
+
+/// Requests held, and RSS (KiB) before and after.
+#[derive(Clone, Copy, Default)]
+struct Held {
+    held: f64,
+    before: u64,
+    after: u64,
+}
+
+impl Held {
+    fn cell(&self) -> String {
+        format!(
+            "{:.1} KiB ({:.0} held, RSS {:.1} → {:.1} MiB)",
+            self.after.saturating_sub(self.before) as f64 / self.held.max(1.0),
+            self.held,
+            self.before as f64 / 1024.0,
+            self.after as f64 / 1024.0
+        )
+    }
+}
+
+/// Memory per waiting request, side by side, for each way of holding:
+/// dormant holding requests for a vcluster that cannot wake (its pod fits
+/// no node); nginx and haproxy holding requests that their upstream, an
+/// API server still starting, has taken but not answered. Every
+/// measurement on a freshly started process, so memory freed by an earlier
+/// one is not reused.
+async fn held_memory(run: &MemoryRun<'_>) -> anyhow::Result<Vec<(Load, [Held; 3])>> {
+    run.c.kubectl_apply(
+        &run.c.admin,
         "apiVersion: v1\nkind: Secret\nmetadata: {name: vc-stuck, namespace: bench}\nstringData: {certificate-authority: x}\n---\napiVersion: apps/v1\nkind: StatefulSet\nmetadata:\n  name: stuck\n  namespace: bench\n  labels: {app: vcluster, release: stuck}\n  annotations: {dormant.dev/sleep-after: 1h}\nspec:\n  replicas: 0\n  serviceName: stuck\n  selector: {matchLabels: {app: vcluster, release: stuck}}\n  template:\n    metadata: {labels: {app: vcluster, release: stuck}}\n    spec: {nodeSelector: {no: node}, containers: [{name: c, image: x}]}\n",
     )?;
-    let metric = || {
-        testbed::process::http_body(admin_port, "/metrics")
+    let waiting = || {
+        testbed::process::http_body(run.admin_port, "/metrics")
             .lines()
             .find(|l| l.starts_with("dormant_proxy_waiting_requests "))
             .and_then(|l| l.split(' ').nth(1)?.parse::<f64>().ok())
             .unwrap_or(0.0)
     };
-    let mut agent = testbed::spawner::spawn_with_env("dormant-proxy-bench-h1", bin, args, env, &c.dir)?;
-    agent.wait_ready(Duration::from_secs(60), || http_ok(admin_port, "/readyz"))?;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let before = rss_kib(agent.pid());
-    let waiting = 5000;
-    let mut holders = Vec::new();
-    for _ in 0..waiting {
-        let port = proxy_port;
-        holders.push(tokio::spawn(async move {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let Ok(mut tls) = connect_unverified(port, b"http/1.1").await else { return };
-            let _ = tls
-                .write_all(
-                    b"GET /vcluster/bench/stuck/api HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\r\n\r\n",
-                )
-                .await;
-            let mut buf = [0u8; 64];
-            let _ = tls.read(&mut buf).await;
-        }));
+    let mut rows = Vec::new();
+    for load in LOADS {
+        let mut agent = testbed::spawner::spawn_with_env(
+            "dormant-proxy-bench-held",
+            run.bin,
+            run.args,
+            run.env,
+            &run.c.dir,
+        )?;
+        agent.wait_ready(Duration::from_secs(60), || http_ok(run.admin_port, "/readyz"))?;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let pid = agent.pid();
+        let dormant =
+            measure(|| rss_kib(pid), &waiting, run.proxy_port, "/vcluster/bench/stuck/api", load).await?;
+        agent.kill();
+
+        let mut others = [Held::default(); 2];
+        for (i, other) in others.iter_mut().enumerate() {
+            let upstream = SilentUpstream::start(run.crt, run.key).await?;
+            let port = free_port()?;
+            let proxy = if i == 0 {
+                nginx(run.dir, "nginx-held", &nginx_held_conf(run, port, upstream.port))?
+            } else {
+                haproxy(run.dir, "haproxy-held", &haproxy_held_conf(run, port, upstream.port))?
+            };
+            wait_listening(port).await?;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let pid = proxy.0.id();
+            let taken = || upstream.taken.load(std::sync::atomic::Ordering::Relaxed) as f64;
+            *other = measure(|| tree_rss_kib(pid), &taken, port, "/api", load).await?;
+        }
+        rows.push((load, [dormant, others[0], others[1]]));
     }
-    // Wait until they are all held.
+    Ok(rows)
+}
+
+fn print_held(rows: &[(Load, [Held; 3])]) {
+    println!("\n| memory per waiting request | dormant | nginx | haproxy |\n| --- | --- | --- | --- |");
+    for (load, [d, n, h]) in rows {
+        println!("| {} | {} | {} | {} |", load.how, d.cell(), n.cell(), h.cell());
+    }
+}
+
+/// RSS before, sends `load` to 127.0.0.1:`port`, waits until `held` counts
+/// (nearly) all of it, RSS after; then lets the requests go.
+async fn measure(
+    rss: impl Fn() -> u64,
+    held: &impl Fn() -> f64,
+    port: u16,
+    path: &str,
+    load: Load,
+) -> anyhow::Result<Held> {
+    let before = rss();
+    let holders = hold(port, path, load).await?;
+    let want = (load.connections * load.streams) as f64;
     let start = Instant::now();
-    while metric() < waiting as f64 * 0.99 && start.elapsed() < Duration::from_secs(60) {
+    while held() < want * 0.99 && start.elapsed() < Duration::from_secs(60) {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let held = metric();
-    let after = rss_kib(agent.pid());
+    let held = held();
+    let after = rss();
     for h in holders {
         h.abort();
     }
-    agent.kill();
-
-    // The same over HTTP/2, as one client process sends concurrent requests
-    // (client-go multiplexes them on one connection): 25 connections of 200
-    // streams, each stream a held request; then as many processes would,
-    // each with a connection of its own.
-    let h2 = held_h2(c, bin, args, env, (proxy_port, admin_port), (25, 200), &metric).await?;
-    let h2_own = held_h2(c, bin, args, env, (proxy_port, admin_port), (5000, 1), &metric).await?;
-    Ok(HeldMemory { h1: (held, before, after), h2, h2_own })
+    Ok(Held { held, before, after })
 }
 
-/// Requests held as HTTP/2 streams, `streams` on each of `connections`, on
-/// a fresh agent: (held, RSS before, RSS after in KiB).
-async fn held_h2(
-    c: &Cluster,
-    bin: &std::path::Path,
-    args: &[String],
-    env: &[(String, String)],
-    (proxy_port, admin_port): (u16, u16),
-    (connections, streams): (usize, usize),
-    metric: &impl Fn() -> f64,
-) -> anyhow::Result<(f64, u64, u64)> {
-    let mut agent = testbed::spawner::spawn_with_env("dormant-proxy-bench-h2", bin, args, env, &c.dir)?;
-    agent.wait_ready(Duration::from_secs(60), || http_ok(admin_port, "/readyz"))?;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let before = rss_kib(agent.pid());
+/// Sends `load`: requests for `path` that wait for an answer.
+async fn hold(port: u16, path: &str, load: Load) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut holders = Vec::new();
-    for _ in 0..connections {
-        let tls = connect_unverified(proxy_port, b"h2").await?;
+    for _ in 0..load.connections {
+        if load.alpn == b"http/1.1" {
+            let head = format!("GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\r\n\r\n");
+            holders.push(tokio::spawn(async move {
+                let Ok(mut tls) = connect_unverified(port, b"http/1.1").await else { return };
+                let _ = tls.write_all(head.as_bytes()).await;
+                let mut buf = [0u8; 64];
+                let _ = tls.read(&mut buf).await;
+            }));
+            continue;
+        }
+        let tls = connect_unverified(port, load.alpn).await?;
         let (send, conn) = hyper::client::conn::http2::handshake(
             hyper_util::rt::TokioExecutor::new(),
             hyper_util::rt::TokioIo::new(tls),
@@ -458,10 +529,11 @@ async fn held_h2(
         holders.push(tokio::spawn(async move {
             let _ = conn.await;
         }));
-        for _ in 0..streams {
+        for _ in 0..load.streams {
             let mut send = send.clone();
+            let uri = format!("https://127.0.0.1{path}");
             holders.push(tokio::spawn(async move {
-                let req = http::Request::get("https://127.0.0.1/vcluster/bench/stuck/api")
+                let req = http::Request::get(uri)
                     .header(http::header::AUTHORIZATION, "Bearer t")
                     .body(http_body_util::Empty::<bytes::Bytes>::new())
                     .unwrap();
@@ -469,43 +541,113 @@ async fn held_h2(
             }));
         }
     }
-    let waiting = (connections * streams) as f64;
+    Ok(holders)
+}
+
+/// An upstream that takes requests and never answers, as an API server
+/// that is still starting would: what nginx and haproxy hold a waiting
+/// request against. Counts the requests it has taken; stops on drop.
+struct SilentUpstream {
+    port: u16,
+    taken: Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SilentUpstream {
+    async fn start(crt: &std::path::Path, key: &std::path::Path) -> anyhow::Result<Self> {
+        use tokio::io::AsyncReadExt;
+        let mut config =
+            dormant::tls::server_config(dormant::tls::read_certs(crt)?, dormant::tls::read_key(key)?, None)?;
+        config.alpn_protocols.clear();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let taken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = taken.clone();
+        let task = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (acceptor, counter) = (acceptor.clone(), counter.clone());
+                connections.spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+                    let (mut head, mut buf, mut counted) = (Vec::new(), [0u8; 4096], false);
+                    while let Ok(n @ 1..) = tls.read(&mut buf).await {
+                        if !counted {
+                            head.extend_from_slice(&buf[..n]);
+                            counted = head.windows(4).any(|w| w == b"\r\n\r\n");
+                            if counted {
+                                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                head = Vec::new();
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        Ok(Self { port, taken, task })
+    }
+}
+
+impl Drop for SilentUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn nginx_held_conf(run: &MemoryRun<'_>, port: u16, upstream: u16) -> String {
+    format!(
+        "worker_processes 1;\nworker_rlimit_nofile 20000;\ndaemon off;\npid {d}/nginx-held.pid;\nerror_log {d}/nginx-held-error.log;\nevents {{ worker_connections 16000; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {d};\n  proxy_temp_path {d};\n  upstream silent {{ server 127.0.0.1:{upstream}; }}\n  server {{ listen 127.0.0.1:{port} ssl http2; ssl_certificate {crt}; ssl_certificate_key {key};\n    location / {{ proxy_pass https://silent; proxy_http_version 1.1; proxy_read_timeout 600s; }} }}\n}}\n",
+        d = run.dir.display(),
+        crt = run.crt.display(),
+        key = run.key.display()
+    )
+}
+
+fn haproxy_held_conf(run: &MemoryRun<'_>, port: u16, upstream: u16) -> String {
+    format!(
+        "global\n  maxconn 6000\n  nbthread 1\ndefaults\n  mode http\n  maxconn 6000\n  timeout connect 5s\n  timeout client 600s\n  timeout server 600s\nfrontend f\n  bind 127.0.0.1:{port} ssl crt {pem} alpn h2,http/1.1\n  default_backend b\nbackend b\n  server silent 127.0.0.1:{upstream} ssl verify none\n",
+        pem = run.dir.join("haproxy.pem").display()
+    )
+}
+
+/// Starts nginx with `conf` (written to `name`.conf in `dir`).
+fn nginx(dir: &std::path::Path, name: &str, conf: &str) -> anyhow::Result<Stopped> {
+    let path = dir.join(format!("{name}.conf"));
+    std::fs::write(&path, conf)?;
+    Ok(Stopped(
+        Command::new(which("nginx"))
+            .args(["-c", &path.display().to_string(), "-e", "stderr"])
+            .stderr(Stdio::null())
+            .spawn()?,
+    ))
+}
+
+/// Starts haproxy with `conf` (written to `name`.cfg in `dir`).
+fn haproxy(dir: &std::path::Path, name: &str, conf: &str) -> anyhow::Result<Stopped> {
+    let path = dir.join(format!("{name}.cfg"));
+    std::fs::write(&path, conf)?;
+    Ok(Stopped(
+        Command::new(which("haproxy"))
+            .args(["-f", &path.display().to_string()])
+            .stderr(Stdio::null())
+            .spawn()?,
+    ))
+}
+
+/// Waits (up to 10 s) until something listens on 127.0.0.1:`port`.
+async fn wait_listening(port: u16) -> anyhow::Result<()> {
     let start = Instant::now();
-    while metric() < waiting * 0.99 && start.elapsed() < Duration::from_secs(60) {
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(10), "nothing listens on port {port}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let held = metric();
-    let after = rss_kib(agent.pid());
-    for h in holders {
-        h.abort();
-    }
-    agent.kill();
-    Ok((held, before, after))
+    Ok(())
 }
 
-/// Requests held, and RSS (KiB) before and after, per protocol.
-struct HeldMemory {
-    h1: (f64, u64, u64),
-    h2: (f64, u64, u64),
-    h2_own: (f64, u64, u64),
-}
-
-impl HeldMemory {
-    fn print(&self) {
-        let rows = [
-            ("each on its own HTTP/1.1 TLS connection", self.h1),
-            ("HTTP/2 streams on 25 connections", self.h2),
-            ("each on its own HTTP/2 TLS connection", self.h2_own),
-        ];
-        for (how, (held, before, after)) in rows {
-            println!(
-                "| memory per waiting request, {how} ({held:.0} held) | {:.1} KiB (RSS {:.1} → {:.1} MiB) |",
-                after.saturating_sub(before) as f64 / held.max(1.0),
-                before as f64 / 1024.0,
-                after as f64 / 1024.0
-            );
-        }
-    }
+/// RSS (KiB) of `pid` and its children (nginx's master and its worker).
+fn tree_rss_kib(pid: u32) -> u64 {
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    rss_kib(pid) + children.split_whitespace().filter_map(|c| c.parse().ok()).map(rss_kib).sum::<u64>()
 }
 
 /// The side-by-side table: direct, nginx, haproxy, dormant on and off.
