@@ -4,14 +4,20 @@
 //! scheduler, kwok), creates two vclusters (each with its own real API
 //! server) and a namespace with workloads, runs the agent with short idle
 //! times, and shows a refreshing status table while targets fall asleep and
-//! wake — by `dormant wake`, by a wake schedule and by use. Ctrl-C stops
+//! wake — by `dormant wake`, by a wake schedule, and by use: kubectl run
+//! against a sleeping vcluster through dormant's proxy. Ctrl-C stops
 //! everything.
+//!
+//! `--exit-when-done` tells the story as plain lines instead, prints the
+//! status table once at the end and exits: 0 when every step happened, 1
+//! (with the reason) when one failed or the story took longer than six
+//! minutes. `tests/demo.rs` runs it that way, through [`run`].
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::collections::VecDeque;
 use std::io::Write;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{Timelike, Utc};
 use clap::Parser;
@@ -23,10 +29,15 @@ use testbed::vcluster::{VCluster, VClusterOptions};
 use testbed::{Cluster, ClusterOptions};
 
 const IDLE: &str = "25s";
+/// How long the whole story may take with `--exit-when-done`.
+const STORY_TIMEOUT: Duration = Duration::from_secs(360);
 
 struct Screen {
     step: Mutex<String>,
-    log: Mutex<VecDeque<String>>,
+    /// What happened, one line each.
+    log: Mutex<Vec<String>>,
+    /// Plain lines as things happen, instead of a refreshing table.
+    scripted: bool,
 }
 
 impl Screen {
@@ -35,11 +46,11 @@ impl Screen {
         self.note(s);
     }
     fn note(&self, s: &str) {
-        let mut log = self.log.lock().unwrap();
-        log.push_back(format!("{}  {s}", Utc::now().format("%H:%M:%S")));
-        while log.len() > 12 {
-            log.pop_front();
+        let line = format!("{}  {s}", Utc::now().format("%H:%M:%S"));
+        if self.scripted {
+            println!("{line}");
         }
+        self.log.lock().unwrap().push(line);
     }
 }
 
@@ -61,6 +72,20 @@ async fn wait_state(client: &kube::Client, t: &TargetRef, want: TargetState) {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    run(std::env::args().skip(1).any(|a| a == "--exit-when-done")).await.map(drop)
+}
+
+/// How the story went, with `--exit-when-done`.
+pub struct Told {
+    /// What happened, one line each, as printed.
+    pub lines: Vec<String>,
+    /// `dormant status` for the demo's targets when the story ended.
+    pub table: String,
+}
+
+/// Runs the demo: until Ctrl-C, or with `scripted` until the story ends
+/// (an error if a step failed or it took longer than [`STORY_TIMEOUT`]).
+pub async fn run(scripted: bool) -> anyhow::Result<Told> {
     eprintln!("Starting a local testbed (etcd, kube-apiserver, controller-manager, scheduler, kwok)…");
     let cluster = tokio::task::spawn_blocking(|| Cluster::start(ClusterOptions::default())).await??;
     let c = Arc::new(cluster);
@@ -125,13 +150,19 @@ spec:
         Arc::new(VCluster::create(&c, "team-b", "ci", VClusterOptions { pods: 2, ..Default::default() })?);
 
     let client = testbed::client_from_kubeconfig(&c.admin.kubeconfig).await?;
+    // The proxy serves the testbed API server's certificate (its CA is the
+    // testbed's), on a loopback port.
+    let proxy = format!("https://127.0.0.1:{}", testbed::process::free_port()?);
     let agent_args = match Cli::parse_from([
-        "dormant",
-        "agent",
-        "--namespace=dormant",
-        "--identity=demo-agent",
-        "--admin-addr=127.0.0.1:0",
-        "--flush-interval=1s",
+        "dormant".to_string(),
+        "agent".into(),
+        "--namespace=dormant".into(),
+        "--identity=demo-agent".into(),
+        "--admin-addr=127.0.0.1:0".into(),
+        "--flush-interval=1s".into(),
+        format!("--proxy-addr={}", proxy.trim_start_matches("https://")),
+        format!("--proxy-cert={}", c.dir.join("apiserver.crt").display()),
+        format!("--proxy-key={}", c.dir.join("apiserver.key").display()),
     ])
     .command
     {
@@ -149,15 +180,22 @@ spec:
         .await;
     });
 
-    let screen = Arc::new(Screen { step: Mutex::new(String::new()), log: Mutex::new(VecDeque::new()) });
+    let screen = Arc::new(Screen { step: Mutex::new(String::new()), log: Mutex::new(Vec::new()), scripted });
     let targets = [
         TargetRef::vcluster("team-a", "dev"),
         TargetRef::vcluster("team-b", "ci"),
         TargetRef::namespace("shop"),
     ];
+    // What `dormant kubeconfig team-b/ci` writes: the vcluster's own
+    // credentials, through the proxy.
+    let proxy_kubeconfig = c.dir.join("team-b-ci-via-dormant.kubeconfig");
+    std::fs::write(
+        &proxy_kubeconfig,
+        dormant::cli::kubeconfig::kubeconfig(&client, &targets[1], &proxy, &c.ca.cert_pem).await?,
+    )?;
 
     // The table, refreshed every second.
-    let painter = {
+    let painter = (!scripted).then(|| {
         let screen = screen.clone();
         let client = client.clone();
         let c = c.clone();
@@ -189,7 +227,8 @@ spec:
                         if vc_b.is_serving() { "up" } else { "down" },
                     ));
                     out.push_str(&format!("\nSTATE is what dormant last did; NEXT is when it changes without new use; idle time before sleep: {IDLE}.\n\nWhat happened:\n"));
-                    for l in screen.log.lock().unwrap().iter() {
+                    let log = screen.log.lock().unwrap();
+                    for l in &log[log.len().saturating_sub(12)..] {
                         out.push_str(&format!("  {l}\n"));
                     }
                     print!("{out}");
@@ -198,78 +237,130 @@ spec:
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         })
-    };
+    });
 
     // The story.
     let story = {
-        let screen = screen.clone();
-        let client = client.clone();
-        let c = c.clone();
+        let (screen, client, c, targets) = (screen.clone(), client.clone(), c.clone(), targets.clone());
         tokio::spawn(async move {
-            screen.step(&format!(
-                "everything is awake; nobody uses it, so each target sleeps after {IDLE} idle"
-            ));
-            for t in &targets {
-                wait_state(&client, t, TargetState::Asleep).await;
-                screen.note(&format!("{t} fell asleep (idle): replicas 0, pods gone"));
+            let told = story(&screen, &client, &c, &targets, proxy_kubeconfig).await;
+            if let Err(e) = &told {
+                screen.step(&format!("the demo stopped: {e:#}"));
             }
-            screen.step("all asleep. A developer runs `dormant wake vcluster/team-a/dev`");
-            let mut sink = Vec::new();
-            let _ = dormant::cli::targets::wake(&client, &targets[0], None, &mut sink).await;
-            wait_state(&client, &targets[0], TargetState::Awake).await;
-            screen.note("vcluster/team-a/dev is awake again: control plane 1, its API server serves, synced pods back");
-            let at = Utc::now() + chrono::Duration::seconds(70);
-            let cron = format!("{} {} * * *", at.minute(), at.hour());
-            c.kubectl_out(
-                &c.admin,
-                &[
-                    "annotate",
-                    "--overwrite",
-                    "namespace",
-                    "shop",
-                    &format!("dormant.dev/wake-schedule={cron}"),
-                ],
-            )
-            .ok();
-            screen.step(&format!(
-                "namespace shop gets a wake schedule \"{cron}\" (UTC): it wakes at {:02}:{:02}",
-                at.hour(),
-                at.minute()
-            ));
-            wait_state(&client, &targets[2], TargetState::Awake).await;
-            screen.note("namespace/shop woke on schedule: web 3, db 1, the CronJob resumed");
-            screen.step("someone uses vcluster team-b/ci (its last-activity is updated, as the audit webhook and proxy do)");
-            let now = Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-            c.kubectl_out(
-                &c.admin,
-                &[
-                    "annotate",
-                    "--overwrite",
-                    "statefulset",
-                    "ci",
-                    "-n",
-                    "team-b",
-                    &format!("dormant.dev/last-activity={now}"),
-                    "dormant.dev/last-activity-by=ci-robot create pods (audit)",
-                ],
-            )
-            .ok();
-            wait_state(&client, &targets[1], TargetState::Awake).await;
-            screen.note("vcluster/team-b/ci woke because it was used");
-            screen.step(&format!("left alone, everything goes back to sleep after {IDLE}; Ctrl-C to stop"));
+            told
         })
     };
 
-    let _ = tokio::signal::ctrl_c().await;
-    story.abort();
-    painter.abort();
+    let mut table = String::new();
+    let outcome = if scripted {
+        let outcome = match tokio::time::timeout(STORY_TIMEOUT, story).await {
+            Ok(Ok(told)) => told,
+            Ok(Err(e)) => Err(anyhow::anyhow!("the story panicked: {e}")),
+            Err(_) => Err(anyhow::anyhow!(
+                "the story did not finish within {STORY_TIMEOUT:?}; it was at: {}",
+                screen.step.lock().unwrap()
+            )),
+        };
+        table = status_table(&client, &targets).await;
+        print!("\n{table}");
+        outcome
+    } else {
+        let _ = tokio::signal::ctrl_c().await;
+        story.abort();
+        Ok(())
+    };
+    if let Some(painter) = painter {
+        painter.abort();
+    }
     let _ = stop_tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(5), agent).await;
     println!("\nStopping the testbed…");
-    drop(story);
-    drop(painter);
     drop(vc_a);
     drop(vc_b);
     drop(c);
+    outcome?;
+    let lines = screen.log.lock().unwrap().clone();
+    Ok(Told { lines, table })
+}
+
+/// `dormant status`, for the demo's targets only.
+async fn status_table(client: &kube::Client, targets: &[TargetRef; 3]) -> String {
+    match View::load(client).await {
+        Ok(view) => {
+            let mut mine = rows(&view, Utc::now());
+            mine.retain(|r| targets.iter().any(|t| r.target == t.to_string()));
+            table(&mine)
+        }
+        Err(e) => format!("(no status: {e})\n"),
+    }
+}
+
+/// Everything asleep by idleness; then woken by `dormant wake`, by a wake
+/// schedule, and by kubectl through the proxy.
+async fn story(
+    screen: &Screen,
+    client: &kube::Client,
+    c: &Cluster,
+    targets: &[TargetRef; 3],
+    proxy_kubeconfig: PathBuf,
+) -> anyhow::Result<()> {
+    screen.step(&format!("everything is awake; nobody uses it, so each target sleeps after {IDLE} idle"));
+    for t in targets {
+        wait_state(client, t, TargetState::Asleep).await;
+        screen.note(&format!("{t} fell asleep (idle): replicas 0, pods gone"));
+    }
+
+    screen.step("all asleep. A developer runs `dormant wake vcluster/team-a/dev`");
+    dormant::cli::targets::wake(client, &targets[0], None, &mut Vec::new()).await?;
+    wait_state(client, &targets[0], TargetState::Awake).await;
+    screen
+        .note("vcluster/team-a/dev is awake again: control plane 1, its API server serves, synced pods back");
+
+    let at = Utc::now() + chrono::Duration::seconds(70);
+    let cron = format!("{} {} * * *", at.minute(), at.hour());
+    c.kubectl_out(
+        &c.admin,
+        &["annotate", "--overwrite", "namespace", "shop", &format!("dormant.dev/wake-schedule={cron}")],
+    )
+    .map_err(|e| anyhow::anyhow!("kubectl annotate: {e}"))?;
+    screen.step(&format!(
+        "namespace shop gets a wake schedule \"{cron}\" (UTC): it wakes at {:02}:{:02}",
+        at.hour(),
+        at.minute()
+    ));
+    wait_state(client, &targets[2], TargetState::Awake).await;
+    screen.note("namespace/shop woke on schedule: web 3, db 1, the CronJob resumed");
+
+    screen.step(
+        "vcluster team-b/ci is asleep; a developer runs `kubectl get namespaces` on it through dormant's proxy \
+         (kubeconfig from `dormant kubeconfig team-b/ci`)",
+    );
+    let start = Instant::now();
+    let mut kubectl = std::process::Command::new(c.bins.path("kubectl"));
+    kubectl.arg(format!("--kubeconfig={}", proxy_kubeconfig.display())).args([
+        "get",
+        "namespaces",
+        "-o",
+        "name",
+    ]);
+    let out = tokio::task::spawn_blocking(move || kubectl.output()).await??;
+    anyhow::ensure!(
+        out.status.success(),
+        "kubectl through the proxy failed: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let names: Vec<String> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| l.replace("namespace/", "")).collect();
+    screen.note(&format!(
+        "kubectl answered after {:.1} s ({}): the proxy held the request, woke vcluster/team-b/ci and forwarded it once its API server was ready",
+        start.elapsed().as_secs_f64(),
+        names.join(", ")
+    ));
+    wait_state(client, &targets[1], TargetState::Awake).await;
+    screen.note("vcluster/team-b/ci woke because it was used");
+    screen.step(&format!(
+        "left alone, everything goes back to sleep after {IDLE}{}",
+        if screen.scripted { "" } else { "; Ctrl-C to stop" }
+    ));
     Ok(())
 }
