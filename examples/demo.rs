@@ -5,8 +5,9 @@
 //! server) and a namespace with workloads, runs the agent with short idle
 //! times, and shows a refreshing status table while targets fall asleep and
 //! wake — by `dormant wake`, by a wake schedule, and by use: kubectl run
-//! against a sleeping vcluster through dormant's proxy. Ctrl-C stops
-//! everything.
+//! against a sleeping vcluster through dormant's proxy, and kubectl run on
+//! the host cluster, which its API server's audit webhook reports to
+//! dormant. Ctrl-C stops everything.
 //!
 //! `--exit-when-done` tells the story as plain lines instead, prints the
 //! status table once at the end and exits: 0 when every step happened, 1
@@ -87,7 +88,32 @@ pub struct Told {
 /// (an error if a step failed or it took longer than [`STORY_TIMEOUT`]).
 pub async fn run(scripted: bool) -> anyhow::Result<Told> {
     eprintln!("Starting a local testbed (etcd, kube-apiserver, controller-manager, scheduler, kwok)…");
-    let cluster = tokio::task::spawn_blocking(|| Cluster::start(ClusterOptions::default())).await??;
+    // The host API server reports every request to the agent's audit
+    // webhook (a bearer token, and a serving certificate from a CA of the
+    // demo's own).
+    let audit_dir = tempfile::tempdir()?;
+    let audit_ca = testbed::pki::Ca::new("dormant-demo-audit-ca")?;
+    let serving = audit_ca.server(&[])?;
+    let audit_token = "dormant-demo-audit-token";
+    let (audit_cert, audit_key, audit_tokens) = (
+        audit_dir.path().join("audit.crt"),
+        audit_dir.path().join("audit.key"),
+        audit_dir.path().join("tokens"),
+    );
+    std::fs::write(&audit_cert, &serving.cert_pem)?;
+    std::fs::write(&audit_key, &serving.key_pem)?;
+    std::fs::write(&audit_tokens, format!("{audit_token}\n"))?;
+    let audit_port = testbed::process::free_port()?;
+    let options = ClusterOptions {
+        audit: Some(testbed::AuditWebhook {
+            url: format!("https://127.0.0.1:{audit_port}/audit/host"),
+            ca_pem: audit_ca.cert_pem.clone(),
+            token: audit_token.into(),
+            batch_max_wait: Duration::from_secs(1),
+        }),
+        ..Default::default()
+    };
+    let cluster = tokio::task::spawn_blocking(|| Cluster::start(options)).await??;
     let c = Arc::new(cluster);
     eprintln!("Cluster up in {:.1}s. Creating targets…", c.started_in.as_secs_f64());
 
@@ -100,7 +126,7 @@ pub async fn run(scripted: bool) -> anyhow::Result<Told> {
             "apiVersion: dormant.dev/v1alpha1\nkind: SleepPolicy\nmetadata: {{name: demo}}\nspec:\n  selector: {{namespaceSelector: {{matchLabels: {{demo: \"true\"}}}}}}\n  sleepAfter: {IDLE}\n  pricing: {{cpuCoreHour: 0.05, memoryGiBHour: 0.006, currency: USD}}\n"
         ),
     );
-    for ns in ["team-a", "team-b", "shop"] {
+    for ns in ["team-a", "team-b", "team-c", "shop"] {
         apply(
             &c,
             &format!(
@@ -148,6 +174,14 @@ spec:
         Arc::new(VCluster::create(&c, "team-a", "dev", VClusterOptions { pods: 3, ..Default::default() })?);
     let vc_b =
         Arc::new(VCluster::create(&c, "team-b", "ci", VClusterOptions { pods: 2, ..Default::default() })?);
+    let vc_c =
+        Arc::new(VCluster::create(&c, "team-c", "qa", VClusterOptions { pods: 1, ..Default::default() })?);
+    // alice (group team-a) may look at team-c too.
+    c.kubectl_out(
+        &c.admin,
+        &["create", "rolebinding", "alice-view", "--clusterrole=view", "--user=alice", "-n", "team-c"],
+    )
+    .map_err(|e| anyhow::anyhow!("kubectl create rolebinding: {e}"))?;
 
     let client = testbed::client_from_kubeconfig(&c.admin.kubeconfig).await?;
     // The proxy serves the testbed API server's certificate (its CA is the
@@ -163,6 +197,10 @@ spec:
         format!("--proxy-addr={}", proxy.trim_start_matches("https://")),
         format!("--proxy-cert={}", c.dir.join("apiserver.crt").display()),
         format!("--proxy-key={}", c.dir.join("apiserver.key").display()),
+        format!("--audit-addr=127.0.0.1:{audit_port}"),
+        format!("--audit-cert={}", audit_cert.display()),
+        format!("--audit-key={}", audit_key.display()),
+        format!("--audit-token-file={}", audit_tokens.display()),
     ])
     .command
     {
@@ -185,6 +223,7 @@ spec:
         TargetRef::vcluster("team-a", "dev"),
         TargetRef::vcluster("team-b", "ci"),
         TargetRef::namespace("shop"),
+        TargetRef::vcluster("team-c", "qa"),
     ];
     // What `dormant kubeconfig team-b/ci` writes: the vcluster's own
     // credentials, through the proxy.
@@ -199,7 +238,7 @@ spec:
         let screen = screen.clone();
         let client = client.clone();
         let c = c.clone();
-        let (vc_a, vc_b) = (vc_a.clone(), vc_b.clone());
+        let (vc_a, vc_b, vc_c) = (vc_a.clone(), vc_b.clone(), vc_c.clone());
         tokio::spawn(async move {
             loop {
                 if let Ok(view) = View::load(&client).await {
@@ -207,13 +246,14 @@ spec:
                     mine.retain(|r| {
                         r.target.contains("team-a")
                             || r.target.contains("team-b")
+                            || r.target.contains("team-c")
                             || r.target.contains("shop")
                     });
                     let pods = c
                         .kubectl_out(&c.admin, &["get", "pods", "-A", "--no-headers"])
                         .map(|s| {
                             s.lines()
-                                .filter(|l| ["team-a ", "team-b ", "shop "].iter().any(|n| l.starts_with(n)))
+                                .filter(|l| ["team-a ", "team-b ", "team-c ", "shop "].iter().any(|n| l.starts_with(n)))
                                 .count()
                         })
                         .unwrap_or(0);
@@ -222,9 +262,10 @@ spec:
                     out.push_str(&format!("Now: {}\n\n", screen.step.lock().unwrap()));
                     out.push_str(&table(&mine));
                     out.push_str(&format!(
-                        "\nPods running on the fake node: {pods}    vcluster API servers: team-a/dev {}  team-b/ci {}\n",
+                        "\nPods running on the fake node: {pods}    vcluster API servers: team-a/dev {}  team-b/ci {}  team-c/qa {}\n",
                         if vc_a.is_serving() { "up" } else { "down" },
                         if vc_b.is_serving() { "up" } else { "down" },
+                        if vc_c.is_serving() { "up" } else { "down" },
                     ));
                     out.push_str(&format!("\nSTATE is what dormant last did; NEXT is when it changes without new use; idle time before sleep: {IDLE}.\n\nWhat happened:\n"));
                     let log = screen.log.lock().unwrap();
@@ -277,6 +318,7 @@ spec:
     println!("\nStopping the testbed…");
     drop(vc_a);
     drop(vc_b);
+    drop(vc_c);
     drop(c);
     outcome?;
     let lines = screen.log.lock().unwrap().clone();
@@ -284,7 +326,7 @@ spec:
 }
 
 /// `dormant status`, for the demo's targets only.
-async fn status_table(client: &kube::Client, targets: &[TargetRef; 3]) -> String {
+async fn status_table(client: &kube::Client, targets: &[TargetRef; 4]) -> String {
     match View::load(client).await {
         Ok(view) => {
             let mut mine = rows(&view, Utc::now());
@@ -295,13 +337,13 @@ async fn status_table(client: &kube::Client, targets: &[TargetRef; 3]) -> String
     }
 }
 
-/// Everything asleep by idleness; then woken by `dormant wake`, by a wake
-/// schedule, and by kubectl through the proxy.
+/// Everything asleep by idleness; then woken by `dormant wake`, by kubectl
+/// through the proxy, by kubectl on the host (audit), and by a wake schedule.
 async fn story(
     screen: &Screen,
     client: &kube::Client,
     c: &Cluster,
-    targets: &[TargetRef; 3],
+    targets: &[TargetRef; 4],
     proxy_kubeconfig: PathBuf,
 ) -> anyhow::Result<()> {
     screen.step(&format!("everything is awake; nobody uses it, so each target sleeps after {IDLE} idle"));
@@ -316,20 +358,18 @@ async fn story(
     screen
         .note("vcluster/team-a/dev is awake again: control plane 1, its API server serves, synced pods back");
 
-    let at = Utc::now() + chrono::Duration::seconds(70);
+    let at = Utc::now() + chrono::Duration::seconds(80);
     let cron = format!("{} {} * * *", at.minute(), at.hour());
     c.kubectl_out(
         &c.admin,
         &["annotate", "--overwrite", "namespace", "shop", &format!("dormant.dev/wake-schedule={cron}")],
     )
     .map_err(|e| anyhow::anyhow!("kubectl annotate: {e}"))?;
-    screen.step(&format!(
-        "namespace shop gets a wake schedule \"{cron}\" (UTC): it wakes at {:02}:{:02}",
+    screen.note(&format!(
+        "namespace shop gets a wake schedule \"{cron}\" (UTC): it will wake at {:02}:{:02}",
         at.hour(),
         at.minute()
     ));
-    wait_state(client, &targets[2], TargetState::Awake).await;
-    screen.note("namespace/shop woke on schedule: web 3, db 1, the CronJob resumed");
 
     screen.step(
         "vcluster team-b/ci is asleep; a developer runs `kubectl get namespaces` on it through dormant's proxy \
@@ -358,6 +398,48 @@ async fn story(
     ));
     wait_state(client, &targets[1], TargetState::Awake).await;
     screen.note("vcluster/team-b/ci woke because it was used");
+
+    screen.step(
+        "vcluster team-c/qa is asleep; alice runs `kubectl get pods -n team-c` on the host cluster, \
+         whose API server reports it to dormant's audit webhook",
+    );
+    let start = Instant::now();
+    c.kubectl_out(&c.alice, &["get", "pods", "-n", "team-c"])
+        .map_err(|e| anyhow::anyhow!("kubectl as alice: {e}"))?;
+    wait_state(client, &targets[3], TargetState::Awake).await;
+    let woke_after = start.elapsed();
+    // The ledger writes who it was onto the target within its flush interval.
+    let mut by = String::new();
+    while by.is_empty() && start.elapsed() < Duration::from_secs(15) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        by = c
+            .kubectl_out(
+                &c.admin,
+                &[
+                    "get",
+                    "statefulset",
+                    "qa",
+                    "-n",
+                    "team-c",
+                    "-o",
+                    "jsonpath={.metadata.annotations.dormant\\.dev/last-activity-by}",
+                ],
+            )
+            .unwrap_or_default();
+    }
+    screen.note(&format!(
+        "vcluster/team-c/qa woke {:.1} s later, on the audit event (last activity by: {by})",
+        woke_after.as_secs_f64()
+    ));
+
+    screen.step(&format!(
+        "waiting for namespace shop's wake schedule ({:02}:{:02} UTC)",
+        at.hour(),
+        at.minute()
+    ));
+    wait_state(client, &targets[2], TargetState::Awake).await;
+    screen.note("namespace/shop woke on schedule: web 3, db 1, the CronJob resumed");
+
     screen.step(&format!(
         "left alone, everything goes back to sleep after {IDLE}{}",
         if screen.scripted { "" } else { "; Ctrl-C to stop" }
