@@ -127,8 +127,20 @@ async fn main() -> anyhow::Result<()> {
     let up_port = free_port()?;
     let (nginx_port, haproxy_port, proxy_port, admin_port) =
         (free_port()?, free_port()?, free_port()?, free_port()?);
+    // Each in a process of its own, one worker each, so the proxy in front
+    // gets a core's worth as haproxy and dormant do. Neither closes a
+    // keep-alive connection after 1,000 requests (nginx's default): an API
+    // server (Go's net/http) never does, and a reconnect per 1,000 requests
+    // would measure TLS handshakes, not proxying.
+    let upstream_conf = format!(
+        "worker_processes 1;\ndaemon off;\npid {d}/upstream.pid;\nerror_log {d}/upstream-error.log;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  keepalive_requests 1000000;\n  server {{ listen 127.0.0.1:{up_port} ssl; ssl_certificate {crt}; ssl_certificate_key {key}; location / {{ default_type application/json; return 200 '{{\"major\":\"1\",\"minor\":\"37\",\"gitVersion\":\"v1.37.2\"}}'; }} }}\n}}\n",
+        d = dir.path().display(),
+        crt = crt.display(),
+        key = key.display()
+    );
+    let _upstream = nginx(dir.path(), "upstream", &upstream_conf)?;
     let nginx_conf = format!(
-        "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {d};\n  proxy_temp_path {d};\n  upstream api {{ server 127.0.0.1:{up_port}; keepalive 64; }}\n  server {{ listen 127.0.0.1:{up_port} ssl; ssl_certificate {crt}; ssl_certificate_key {key}; location / {{ default_type application/json; return 200 '{{\"major\":\"1\",\"minor\":\"37\",\"gitVersion\":\"v1.37.2\"}}'; }} }}\n  server {{ listen 127.0.0.1:{nginx_port} ssl; ssl_certificate {crt}; ssl_certificate_key {key};\n    location / {{ proxy_pass https://api; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_ssl_session_reuse on; }} }}\n}}\n",
+        "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  keepalive_requests 1000000;\n  client_body_temp_path {d};\n  proxy_temp_path {d};\n  upstream api {{ server 127.0.0.1:{up_port}; keepalive 64; keepalive_requests 1000000; }}\n  server {{ listen 127.0.0.1:{nginx_port} ssl; ssl_certificate {crt}; ssl_certificate_key {key};\n    location / {{ proxy_pass https://api; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_ssl_session_reuse on; }} }}\n}}\n",
         d = dir.path().display(),
         crt = crt.display(),
         key = key.display()
