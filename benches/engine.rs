@@ -142,20 +142,7 @@ async fn main() -> anyhow::Result<()> {
     agent.wait_ready(Duration::from_secs(120), || http_ok(admin, "/readyz"))?;
     let sync = t.elapsed();
     let pid = agent.pid();
-    let peak = Arc::new(Mutex::new(0u64));
-    {
-        let peak = peak.clone();
-        tokio::spawn(async move {
-            loop {
-                let r = rss_kib(pid);
-                {
-                    let mut p = peak.lock().unwrap();
-                    *p = (*p).max(r);
-                }
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-        });
-    }
+    let peak = testbed::process::PeakRss::start(pid);
     // Let the agent's first pass over every target settle: each gets its
     // first-seen instant (the idle clock starts no earlier).
     let t = Instant::now();
@@ -290,7 +277,7 @@ async fn main() -> anyhow::Result<()> {
         .await?;
     wait_all(0, Duration::from_secs(600)).await?;
     let sleep_all = start.elapsed();
-    let peak = *peak.lock().unwrap();
+    let peak = peak.kib();
     agent.kill();
 
     println!("\n## engine: {n} vcluster targets, client QPS {qps} (burst {qps}), concurrency 32\n");
