@@ -12,6 +12,8 @@
 //!   ledger queue (memory is bounded by the queue, not by the load).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use testbed::bench::percentile;
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -31,10 +33,6 @@ use kube::api::{Api, DeleteParams, PostParams};
 use testbed::pki::Ca;
 use testbed::process::{free_port, http_ok, rss_kib};
 use testbed::{AuditWebhook, Cluster, ClusterOptions};
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
 
 struct NoFlush;
 impl Flush for NoFlush {

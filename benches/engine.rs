@@ -22,23 +22,12 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::json;
+use testbed::bench::{env_or, instant_at, percentile};
 use testbed::process::{free_port, http_ok, rss_kib};
 use testbed::{Cluster, ClusterOptions};
 
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
 fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i]
 }
 
 /// (namespace, name) → when the StatefulSet was last seen at each replica count.
@@ -218,12 +207,7 @@ async fn main() -> anyhow::Result<()> {
         }}})
     }))
     .await?;
-    let instant_at = |t: DateTime<Utc>| {
-        let now_i = Instant::now();
-        let now_c = Utc::now();
-        if t >= now_c { now_i + (t - now_c).to_std().unwrap() } else { now_i - (now_c - t).to_std().unwrap() }
-    };
-    let deadline_instants: Vec<Instant> = deadlines.iter().map(|d| instant_at(*d)).collect();
+    let deadline_instants: Vec<Instant> = deadlines.iter().map(|d| instant_at((*d).into())).collect();
     let idle_phase =
         deadlines.last().map(|l| (*l - Utc::now()).to_std().unwrap_or_default()).unwrap_or_default();
     wait_all(0, idle_phase + Duration::from_secs(120)).await?;

@@ -105,9 +105,10 @@ fn jsonpath_ready(c: &Cluster, name: &str) -> i64 {
     .unwrap_or(0)
 }
 
+/// `testbed::bench::percentile` of `v`, sorted here.
 fn percentile(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[((v.len() as f64 - 1.0) * p).round() as usize]
+    testbed::bench::percentile(v, p)
 }
 
 #[tokio::main]

@@ -31,25 +31,9 @@ use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::Api;
 use kube::runtime::{WatchStreamExt, watcher};
+use testbed::bench::{env_or, instant_at, percentile};
 use testbed::process::{free_port, http_ok, rss_kib};
 use testbed::{Cluster, ClusterOptions};
-
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
-/// The monotonic instant of a wall-clock time.
-fn instant_at(t: DateTime<Utc>) -> Instant {
-    let (now_i, now_c) = (Instant::now(), Utc::now());
-    if t >= now_c { now_i + (t - now_c).to_std().unwrap() } else { now_i - (now_c - t).to_std().unwrap() }
-}
 
 /// (namespace, name) → every (replicas, when first seen) of a Deployment.
 type Seen = Arc<Mutex<HashMap<(String, String), Vec<(i32, Instant)>>>>;
@@ -227,7 +211,7 @@ async fn main() -> anyhow::Result<()> {
         let measure = |at: DateTime<Utc>, want: fn(i32) -> i32| {
             let (seen, workloads) = (seen.clone(), workloads.clone());
             async move {
-                let from = instant_at(at);
+                let from = instant_at(at.into());
                 let deadline = from + Duration::from_secs(110);
                 loop {
                     let times: Vec<Option<f64>> = {
