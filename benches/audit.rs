@@ -56,14 +56,18 @@ async fn capture_server(ca: &Ca) -> (u16, Arc<Mutex<Vec<Vec<u8>>>>) {
     let bodies: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
     let store = bodies.clone();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    tokio::spawn(dormant::tls::serve_https(listener, acceptor, move |req: hyper::Request<_>, _| {
-        let store = store.clone();
-        async move {
-            let body = req.into_body().collect().await.map(|b| b.to_bytes().to_vec()).unwrap_or_default();
-            store.lock().unwrap().push(body);
-            hyper::Response::new(Full::new(Bytes::new()))
-        }
-    }));
+    tokio::spawn(dormant::tls::serve_https(
+        listener,
+        acceptor,
+        move |req: hyper::Request<_>, _: Arc<dormant::tls::Conn<()>>| {
+            let store = store.clone();
+            async move {
+                let body = req.into_body().collect().await.map(|b| b.to_bytes().to_vec()).unwrap_or_default();
+                store.lock().unwrap().push(body);
+                hyper::Response::new(Full::new(Bytes::new()))
+            }
+        },
+    ));
     (port, bodies)
 }
 

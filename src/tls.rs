@@ -223,14 +223,26 @@ pub fn server_config_with_resolver(
     Ok(offering_http(verifying(client_cas)?.with_cert_resolver(resolver)))
 }
 
+/// What a handler knows of the connection a request came on, and keeps
+/// for it.
+pub struct Conn<S> {
+    /// The client certificate it presented, if any.
+    pub peer: Option<CertificateDer<'static>>,
+    /// HTTP/2 (requests may run concurrently), else HTTP/1.1 (one at a time).
+    pub http2: bool,
+    /// The handler's own state for this connection, dropped with it.
+    pub state: S,
+}
+
 /// Serves HTTPS on `listener` until the task is dropped. Each connection
 /// gets `TCP_NODELAY` (responses are small writes after the request: with
 /// Nagle's algorithm they would wait for the client's delayed ACK, up to
-/// 40 ms), ten seconds for its handshake, and `handle(request, the client
-/// certificate it presented)`; upgrades pass.
-pub async fn serve_https<H, F, B>(listener: TcpListener, tls: TlsAcceptor, handle: H)
+/// 40 ms), ten seconds for its handshake, a [`Conn`] with a fresh `S`, and
+/// `handle(request, that Conn)` for each request; upgrades pass.
+pub async fn serve_https<S, H, F, B>(listener: TcpListener, tls: TlsAcceptor, handle: H)
 where
-    H: Fn(Request<Incoming>, Option<Arc<CertificateDer<'static>>>) -> F + Clone + Send + Sync + 'static,
+    S: Default + Send + Sync + 'static,
+    H: Fn(Request<Incoming>, Arc<Conn<S>>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<B>> + Send + 'static,
     B: hyper::body::Body + Send + 'static,
     B::Data: Send,
@@ -244,25 +256,23 @@ where
             let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await else {
                 return;
             };
-            let peer = stream
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .map(|c| Arc::new(c.clone().into_owned()));
+            let session = stream.get_ref().1;
+            // The protocol TLS negotiated (ALPN), so hyper need not sniff
+            // the first bytes for an HTTP/2 preface; no ALPN is HTTP/1.1.
+            let http2 = session.alpn_protocol() == Some(b"h2");
+            let conn = Arc::new(Conn {
+                peer: session.peer_certificates().and_then(|c| c.first()).map(|c| c.clone().into_owned()),
+                http2,
+                state: S::default(),
+            });
             // `map`, not `async move { Ok(answer.await) }`: an async block
             // that awaits a future it captured stores it twice, and a held
             // request's future is what each waiting request costs.
             let svc = service_fn(move |req| {
-                futures::FutureExt::map(handle(req, peer.clone()), Ok::<_, std::convert::Infallible>)
+                futures::FutureExt::map(handle(req, conn.clone()), Ok::<_, std::convert::Infallible>)
             });
-            // The protocol TLS negotiated (ALPN), so hyper need not sniff
-            // the first bytes for an HTTP/2 preface; no ALPN is HTTP/1.1.
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            let builder = match stream.get_ref().1.alpn_protocol() {
-                Some(b"h2") => builder.http2_only(),
-                _ => builder.http1_only(),
-            };
+            let builder = if http2 { builder.http2_only() } else { builder.http1_only() };
             let _ = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).await;
         });
     }

@@ -272,6 +272,45 @@ fn an_open_watch_keeps_its_vcluster_awake_unless_the_policy_ignores_active_conne
     kubectl(c, &["delete", "sleeppolicy", &s.id]);
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn http1_clients_reuse_upstream_connections() {
+    use http_body_util::BodyExt;
+    let c = Cluster::shared();
+    let s = setup("proxy-reuse", &[], None);
+    let proxy_port: u16 = s.proxy.rsplit(':').next().unwrap().parse().unwrap();
+    let upstream_port: u16 = s.vc.server.rsplit(':').next().unwrap().parse().unwrap();
+    let path = format!("/vcluster/{}/dev/version", s.ns);
+    // One client sends 20 requests on its connection; then ten more come
+    // one after another (as separate runs of a tool would), a request each.
+    let mut seen = std::collections::BTreeSet::new();
+    for client in 0..11 {
+        let tls = tls_connect(proxy_port, &c.ca.cert_pem, Some(&c.alice.cert)).await.unwrap();
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.unwrap();
+        let conn = tokio::spawn(conn);
+        for _ in 0..if client == 0 { 20 } else { 1 } {
+            let req = hyper::Request::get(path.as_str())
+                .header("host", "127.0.0.1")
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .unwrap();
+            let resp = send.send_request(req).await.unwrap();
+            let status = resp.status();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+            assert!(String::from_utf8_lossy(&body).contains("gitVersion"));
+            seen.extend(testbed::process::connections_to(s.agent.proc.pid(), upstream_port));
+        }
+        drop(send);
+        let _ = conn.await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        seen.len(),
+        1,
+        "40 requests from 11 client connections, one after another, should share one upstream connection"
+    );
+}
+
 /// A GET through the proxy over raw HTTP/1.1 with a client certificate:
 /// (status, the whole answer).
 async fn raw_get(proxy: &str, path: &str, cert: &testbed::pki::CertPair) -> (u16, String) {

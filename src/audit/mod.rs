@@ -330,9 +330,9 @@ impl Receiver {
 
     /// Serves HTTPS on `listener` with `tls` until the task is dropped.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, tls: TlsAcceptor) {
-        crate::tls::serve_https(listener, tls, move |req, peer| {
+        crate::tls::serve_https(listener, tls, move |req, conn: Arc<crate::tls::Conn<()>>| {
             let receiver = self.clone();
-            async move { receiver.handle(req, peer.is_some()).await }
+            async move { receiver.handle(req, conn.peer.is_some()).await }
         })
         .await
     }

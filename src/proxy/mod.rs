@@ -52,8 +52,9 @@ use crate::policy::{Defaults, resolve};
 use crate::scaler::Scaler;
 use crate::target::stores::Change;
 use crate::target::{Scope, Stores, TargetObject, TargetRef};
+use crate::tls::Conn;
 use gate::{Gate, GateError};
-use upstream::{ProxyBody, Upstreams};
+use upstream::{ProxyBody, Sticky, Upstreams};
 
 /// The header that opts a request out of counting as activity.
 pub const IGNORE_HEADER: &str = "x-dormant-ignore";
@@ -408,8 +409,8 @@ impl Proxy {
             // to allow. Without an admin credential only anonymous asking is
             // possible, and 401/403 must do (the server answers).
             let (checker, strict) = match &up.admin {
-                Some(admin) => (admin, true),
-                None => (&up.plain, false),
+                Some(admin) => (&admin.client, true),
+                None => (&up.plain.client, false),
             };
             loop {
                 let req = Request::get(up.origin.uri("/readyz").map_err(|e| e.to_string())?)
@@ -449,10 +450,10 @@ impl Proxy {
     pub async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
-        peer: Option<Arc<CertificateDer<'static>>>,
+        conn: Arc<Conn<Sticky>>,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
-        let result = self.clone().serve(req, peer).await;
+        let result = self.clone().serve(req, &conn).await;
         let (outcome, resp) = match result {
             Ok((outcome, resp)) => (outcome, resp),
             Err(e) => {
@@ -476,7 +477,7 @@ impl Proxy {
     async fn serve(
         self: Arc<Self>,
         req: Request<Incoming>,
-        peer: Option<Arc<CertificateDer<'static>>>,
+        conn: &Conn<Sticky>,
     ) -> Result<(&'static str, Response<ProxyBody>), ProxyError> {
         let (mut parts, body) = req.into_parts();
         let req = &parts;
@@ -499,7 +500,7 @@ impl Proxy {
         }
 
         // 2. Authenticate.
-        let caller = match peer {
+        let caller = match &conn.peer {
             Some(cert) => {
                 let up = self
                     .upstreams
@@ -507,9 +508,9 @@ impl Proxy {
                     .await
                     .map_err(|e| ProxyError::Upstream(t.clone(), e.to_string()))?;
                 up.client_verifier
-                    .verify_client_cert(&cert, &[], rustls_pki_types::UnixTime::now())
+                    .verify_client_cert(cert, &[], rustls_pki_types::UnixTime::now())
                     .map_err(|e| ProxyError::BadClientCert(t.clone(), e.to_string()))?;
-                let (user, groups) = subject(&cert)
+                let (user, groups) = subject(cert)
                     .ok_or_else(|| ProxyError::BadClientCert(t.clone(), "no common name".into()))?;
                 Caller::Certificate { user, groups }
             }
@@ -617,9 +618,9 @@ impl Proxy {
             // room for the whole forwarding state while it waits.
             match Box::pin(self.forward(
                 &mut parts,
+                conn,
                 this_body,
-                &t,
-                &routed.path_and_query,
+                &routed,
                 &caller,
                 keep_awake.then_some(activity.clone()),
             ))
@@ -639,19 +640,20 @@ impl Proxy {
     async fn forward(
         self: &Arc<Self>,
         req: &mut http::request::Parts,
+        conn: &Conn<Sticky>,
         body: ForwardBody,
-        t: &TargetRef,
-        path_and_query: &str,
+        routed: &route::Routed,
         caller: &Caller,
         keep_awake: Option<Arc<Activity>>,
     ) -> Result<Response<ProxyBody>, Forward> {
+        let (t, path_and_query) = (&routed.target, routed.path_and_query.as_str());
         let up = self.upstreams.get(t).await.map_err(|e| ProxyError::Upstream(t.clone(), e.to_string()))?;
         let upgrade = is_upgrade(&req.headers);
         let client_upgrade =
             if upgrade { req.extensions.remove::<hyper::upgrade::OnUpgrade>() } else { None };
         let mut headers = forwardable(&req.headers, upgrade);
         headers.insert(header::HOST, up.origin.host.clone());
-        let client = match caller {
+        let admin = match caller {
             Caller::Certificate { user, groups } => {
                 // Never widen access: the caller's own Authorization and
                 // Impersonate-* headers go; the proxy's impersonation of
@@ -662,13 +664,13 @@ impl Proxy {
                 for k in names {
                     headers.remove(k);
                 }
-                let Some(admin) = &up.admin else {
+                if up.admin.is_none() {
                     return Err(ProxyError::Upstream(
                         t.clone(),
                         "its Secret has no admin credential for client-certificate callers".into(),
                     )
                     .into());
-                };
+                }
                 let value = |s: &str| {
                     HeaderValue::from_str(s)
                         .map_err(|_| ProxyError::BadClientCert(t.clone(), "unusable subject".into()))
@@ -677,13 +679,14 @@ impl Proxy {
                 for g in groups {
                     headers.append("impersonate-group", value(g)?);
                 }
-                admin
+                true
             }
-            Caller::Bearer { .. } | Caller::Anonymous => &up.plain,
+            Caller::Bearer { .. } | Caller::Anonymous => false,
         };
-        let uri = up
-            .origin
-            .uri(path_and_query)
+        // A client's HTTP/1.1 connection sends one request at a time: it
+        // keeps an upstream connection of its own (see `upstream`).
+        let sticky = !conn.http2 && !upgrade;
+        let uri = if sticky { up.origin.path(path_and_query) } else { up.origin.uri(path_and_query) }
             .map_err(|_| ProxyError::Upstream(t.clone(), "invalid upstream URL".into()))?;
         let body = match body {
             ForwardBody::Incoming(b) => b.boxed(),
@@ -695,7 +698,12 @@ impl Proxy {
             .body(body)
             .map_err(|e| ProxyError::Upstream(t.clone(), e.to_string()))?;
         *out.headers_mut() = headers;
-        let mut resp = match client.request(out).await {
+        let sent = match up.channel(admin) {
+            Some(_) if sticky => up.send_sticky(admin, &conn.state, out).await,
+            Some(channel) => channel.client.request(out).await.map_err(Into::into),
+            None => Err("no admin credential".into()),
+        };
+        let mut resp = match sent {
             Ok(r) => r,
             Err(e) => {
                 // No answer: the connection failed (refused, or closed
@@ -704,7 +712,7 @@ impl Proxy {
                 // GET/HEAD/OPTIONS is safe to send once more.
                 self.set_confirmed(t, false);
                 self.upstreams.invalidate(t);
-                return Err(Forward::NoAnswer(error_chain(&e)));
+                return Err(Forward::NoAnswer(error_chain(&*e)));
             }
         };
         let guard = keep_awake.map(|a| KeepAwake::start(self.observer.clone(), t.clone(), a));
@@ -728,7 +736,7 @@ impl Proxy {
 
     /// Serves HTTPS on `listener` until the task is dropped.
     pub async fn serve_tls(self: Arc<Self>, listener: TcpListener, tls: TlsAcceptor) {
-        crate::tls::serve_https(listener, tls, move |req, peer| self.clone().handle(req, peer)).await
+        crate::tls::serve_https(listener, tls, move |req, conn| self.clone().handle(req, conn)).await
     }
 }
 

@@ -2,19 +2,30 @@
 //! `dormant.dev/upstream` annotation, else the vcluster's Service), the CA
 //! that upstream TLS is verified against and the admin credential for
 //! impersonation — both from the vcluster's `vc-<name>` Secret — and two
-//! HTTP clients: one that presents no certificate (callers' bearer tokens
+//! channels to it: one that presents no certificate (callers' bearer tokens
 //! pass through untouched, and a presented admin certificate would
 //! authenticate first and widen access) and one that presents the admin
 //! certificate (for callers authenticated by client certificate, always
 //! with impersonation).
+//!
+//! A client's HTTP/1.1 connection sends one request at a time, so it keeps
+//! one upstream connection of its own for as long as it lives ([`Sticky`]):
+//! no pool lookup and no task per request, where a pooled client takes a
+//! lock to check a connection out and spawns a task to put it back after
+//! every response. When the client leaves, its upstream connection waits
+//! in the channel's idle list for the next one. HTTP/2 callers (concurrent
+//! streams), upgrades and the proxy's own checks use the pooled client.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use bytes::Bytes;
+use http::{Request, Response};
 use http_body_util::combinators::BoxBody;
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -27,7 +38,14 @@ use crate::target::{Stores, TargetRef};
 
 /// The body type the proxy forwards.
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
-pub type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, ProxyBody>;
+type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+pub type HttpClient = Client<Connector, ProxyBody>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How long an upstream connection may wait unused in an idle list, and
+/// how many may wait per channel (those of a pooled client too).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+const MAX_IDLE: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -56,10 +74,169 @@ pub struct Upstream {
     /// Verifies client certificates presented to the proxy for this vcluster.
     pub client_verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
     /// No client certificate: for bearer tokens and anonymous requests.
-    pub plain: HttpClient,
+    pub plain: Channel,
     /// Presents the vcluster's admin certificate: only with impersonation.
-    pub admin: Option<HttpClient>,
+    pub admin: Option<Channel>,
     fetched: Instant,
+}
+
+/// One way to the upstream (with or without the admin certificate).
+pub struct Channel {
+    /// Pooled: for concurrent requests, upgrades and the proxy's checks.
+    pub client: HttpClient,
+    connector: Connector,
+    /// Upstream connections that no client connection keeps, newest last.
+    idle: Mutex<Vec<(Instant, http1::SendRequest<ProxyBody>)>>,
+}
+
+/// The upstream connection one client connection keeps (see the module
+/// documentation); it goes to its channel's idle list when the client
+/// connection is dropped.
+#[derive(Default)]
+pub struct Sticky(Mutex<Option<Kept>>);
+
+struct Kept {
+    upstream: Arc<Upstream>,
+    admin: bool,
+    sender: http1::SendRequest<ProxyBody>,
+}
+
+impl Sticky {
+    /// The kept sender if it goes to `up`'s channel `admin`; one kept for
+    /// another (the client switched vclusters, or the upstream was
+    /// re-resolved) goes back to its own idle list.
+    fn take(&self, up: &Arc<Upstream>, admin: bool) -> Option<http1::SendRequest<ProxyBody>> {
+        let kept = self.0.lock().unwrap_or_else(|e| e.into_inner()).take()?;
+        if Arc::ptr_eq(&kept.upstream, up) && kept.admin == admin {
+            return Some(kept.sender);
+        }
+        kept.release();
+        None
+    }
+
+    fn keep(&self, upstream: Arc<Upstream>, admin: bool, sender: http1::SendRequest<ProxyBody>) {
+        let old = self.0.lock().unwrap_or_else(|e| e.into_inner()).replace(Kept { upstream, admin, sender });
+        if let Some(old) = old {
+            old.release();
+        }
+    }
+}
+
+impl Kept {
+    fn release(self) {
+        if let Some(channel) = self.upstream.channel(self.admin) {
+            channel.release(self.sender);
+        }
+    }
+}
+
+impl Drop for Sticky {
+    fn drop(&mut self) {
+        if let Some(kept) = self.0.get_mut().unwrap_or_else(|e| e.into_inner()).take() {
+            kept.release();
+        }
+    }
+}
+
+impl Channel {
+    fn new(tls: rustls::ClientConfig) -> Channel {
+        // TCP_NODELAY: a forwarded request is written as more than one
+        // segment (headers, then the body's end); with Nagle's algorithm the
+        // second waits for the upstream's delayed ACK (up to 40 ms).
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.enforce_http(false);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_only()
+            .enable_http1()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(IDLE_TIMEOUT)
+            .pool_max_idle_per_host(MAX_IDLE)
+            .build(connector.clone());
+        Channel { client, connector, idle: Mutex::new(Vec::new()) }
+    }
+
+    /// The newest idle connection that is still open and fresh.
+    fn checkout(&self) -> Option<http1::SendRequest<ProxyBody>> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some((since, sender)) = idle.pop() {
+            if !sender.is_closed() && since.elapsed() < IDLE_TIMEOUT {
+                return Some(sender);
+            }
+        }
+        None
+    }
+
+    fn release(&self, sender: http1::SendRequest<ProxyBody>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.retain(|(since, s)| !s.is_closed() && since.elapsed() < IDLE_TIMEOUT);
+        if idle.len() < MAX_IDLE {
+            idle.push((Instant::now(), sender));
+        }
+    }
+
+    /// A new HTTP/1.1 connection to `origin`, driven by a task of its own.
+    async fn connect(&self, origin: &Origin) -> Result<http1::SendRequest<ProxyBody>, BoxError> {
+        use tower_service::Service as _;
+        let mut connector = self.connector.clone();
+        std::future::poll_fn(|cx| connector.poll_ready(cx)).await?;
+        let io = connector.call(origin.root()?).await?;
+        let (sender, conn) = http1::handshake(io).await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream connection failed");
+            }
+        });
+        Ok(sender)
+    }
+}
+
+impl Upstream {
+    pub fn channel(&self, admin: bool) -> Option<&Channel> {
+        if admin { self.admin.as_ref() } else { Some(&self.plain) }
+    }
+
+    /// Sends `req` (its URI in origin form, see [`Origin::path`]) on the
+    /// upstream connection `sticky` keeps, else on an idle one, else on a
+    /// new one, which `sticky` then keeps. A request that a reused
+    /// connection could not take (the upstream closed it while idle) goes
+    /// on the next one; an error after it was written is the caller's.
+    pub async fn send_sticky(
+        self: &Arc<Self>,
+        admin: bool,
+        sticky: &Sticky,
+        mut req: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, BoxError> {
+        let channel = self.channel(admin).ok_or("no admin credential for this upstream")?;
+        let mut kept = sticky.take(self, admin);
+        loop {
+            let (mut sender, fresh) = match kept.take().or_else(|| channel.checkout()) {
+                Some(s) => (s, false),
+                None => (channel.connect(&self.origin).await?, true),
+            };
+            if let Err(e) = sender.ready().await {
+                if fresh {
+                    return Err(e.into());
+                }
+                continue;
+            }
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    sticky.keep(self.clone(), admin, sender);
+                    return Ok(resp);
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(r) if !fresh => req = r,
+                    _ => return Err(e.into_error().into()),
+                },
+            }
+        }
+    }
 }
 
 /// Resolves and caches upstreams (re-read after a TTL, or on demand after
@@ -106,14 +283,33 @@ impl Origin {
     /// The URL for `path_and_query` (which starts with `/`): one
     /// allocation, as it is made for each request.
     pub fn uri(&self, path_and_query: &str) -> Result<http::Uri, http::Error> {
-        let mut pq = String::with_capacity(self.prefix.len() + path_and_query.len());
-        pq.push_str(&self.prefix);
-        pq.push_str(path_and_query);
         http::Uri::builder()
             .scheme(self.scheme.clone())
             .authority(self.authority.clone())
-            .path_and_query(http::uri::PathAndQuery::from_maybe_shared(bytes::Bytes::from(pq))?)
+            .path_and_query(self.joined(path_and_query)?)
             .build()
+    }
+
+    /// `path_and_query` under the prefix, alone (origin form): what a
+    /// request written on a connection of one's own carries.
+    pub fn path(&self, path_and_query: &str) -> Result<http::Uri, http::Error> {
+        Ok(http::Uri::from(self.joined(path_and_query)?))
+    }
+
+    /// Scheme and authority alone: what a connector dials.
+    fn root(&self) -> Result<http::Uri, http::Error> {
+        http::Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query("/")
+            .build()
+    }
+
+    fn joined(&self, path_and_query: &str) -> Result<http::uri::PathAndQuery, http::Error> {
+        let mut pq = String::with_capacity(self.prefix.len() + path_and_query.len());
+        pq.push_str(&self.prefix);
+        pq.push_str(path_and_query);
+        Ok(http::uri::PathAndQuery::from_maybe_shared(bytes::Bytes::from(pq))?)
     }
 }
 
@@ -153,24 +349,6 @@ fn material(secret: &Secret) -> Result<Material, String> {
         .and_then(|u| u.client_key_data.as_ref())
         .and_then(|k| b64(secrecy::ExposeSecret::expose_secret(k)));
     Ok(Material { ca, cert, key })
-}
-
-fn http_client(tls: rustls::ClientConfig) -> HttpClient {
-    // TCP_NODELAY: a forwarded request is written as more than one segment
-    // (headers, then the body's end); with Nagle's algorithm the second
-    // waits for the upstream's delayed ACK (up to 40 ms).
-    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
-    http.set_nodelay(true);
-    http.enforce_http(false);
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_only()
-        .enable_http1()
-        .wrap_connector(http);
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(64)
-        .build(connector)
 }
 
 impl Upstreams {
@@ -244,7 +422,7 @@ impl Upstreams {
                 let tls = builder()?
                     .with_client_auth_cert(certs, key)
                     .map_err(|e| Error::Tls(t.clone(), crate::tls::Error::Config(e)))?;
-                Some(http_client(tls))
+                Some(Channel::new(tls))
             }
             _ => None,
         };
@@ -257,7 +435,7 @@ impl Upstreams {
         Ok(Upstream {
             origin,
             client_verifier,
-            plain: http_client(plain_tls),
+            plain: Channel::new(plain_tls),
             admin,
             fetched: Instant::now(),
         })
