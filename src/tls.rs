@@ -2,6 +2,11 @@
 //! rustls configurations (ring provider only) and the HTTPS accept loop.
 
 use std::future::Future;
+
+use futures::StreamExt as _;
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use futures::task::AtomicWaker;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -232,6 +237,42 @@ pub struct Conn<S> {
     pub http2: bool,
     /// The handler's own state for this connection, dropped with it.
     pub state: S,
+    /// Futures that run in the connection's task.
+    pub background: Background,
+}
+
+/// Futures that belong with a connection and run in its task (the proxy's
+/// upstream connection for an HTTP/1.1 client): polled where the client's
+/// requests are, they need no task of their own, and a request and its
+/// response pass between the two connections without a hand-off between
+/// tasks. Those still running when the connection ends move to tasks of
+/// their own.
+#[derive(Default)]
+pub struct Background {
+    futures: std::sync::Mutex<FuturesUnordered<BoxFuture<'static, ()>>>,
+    waker: AtomicWaker,
+}
+
+impl Background {
+    pub fn spawn(&self, f: impl Future<Output = ()> + Send + 'static) {
+        self.futures.lock().unwrap_or_else(|e| e.into_inner()).push(Box::pin(f));
+        self.waker.wake();
+    }
+
+    /// Runs the futures as far as they go; never finishes.
+    fn poll(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        self.waker.register(cx.waker());
+        let mut futures = self.futures.lock().unwrap_or_else(|e| e.into_inner());
+        while let std::task::Poll::Ready(Some(())) = futures.poll_next_unpin(cx) {}
+        std::task::Poll::Pending
+    }
+
+    fn detach(&self) {
+        let futures = std::mem::take(&mut *self.futures.lock().unwrap_or_else(|e| e.into_inner()));
+        for f in futures {
+            tokio::spawn(f);
+        }
+    }
 }
 
 /// Serves HTTPS on `listener` until the task is dropped. Each connection
@@ -264,7 +305,9 @@ where
                 peer: session.peer_certificates().and_then(|c| c.first()).map(|c| c.clone().into_owned()),
                 http2,
                 state: S::default(),
+                background: Background::default(),
             });
+            let this = conn.clone();
             // `map`, not `async move { Ok(answer.await) }`: an async block
             // that awaits a future it captured stores it twice, and a held
             // request's future is what each waiting request costs.
@@ -273,7 +316,13 @@ where
             });
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             let builder = if http2 { builder.http2_only() } else { builder.http1_only() };
-            let _ = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).await;
+            let serving = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+            tokio::select! {
+                biased;
+                _ = std::future::poll_fn(|cx| this.background.poll(cx)) => {}
+                _ = serving => {}
+            }
+            this.background.detach();
         });
     }
 }

@@ -280,15 +280,18 @@ async fn http1_clients_reuse_upstream_connections() {
     let proxy_port: u16 = s.proxy.rsplit(':').next().unwrap().parse().unwrap();
     let upstream_port: u16 = s.vc.server.rsplit(':').next().unwrap().parse().unwrap();
     let path = format!("/vcluster/{}/dev/version", s.ns);
+    // An administrator: a starting API server may still refuse others
+    // until its RBAC roles are loaded.
+    let admin = c.user("reuse-admin", &["system:masters"]).unwrap();
     // One client sends 20 requests on its connection; then ten more come
     // one after another (as separate runs of a tool would), a request each.
     let mut seen = std::collections::BTreeSet::new();
     for client in 0..11 {
-        let tls = tls_connect(proxy_port, &c.ca.cert_pem, Some(&c.alice.cert)).await.unwrap();
+        let tls = tls_connect(proxy_port, &c.ca.cert_pem, Some(&admin.cert)).await.unwrap();
         let (mut send, conn) =
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.unwrap();
         let conn = tokio::spawn(conn);
-        for _ in 0..if client == 0 { 20 } else { 1 } {
+        for request in 0..if client == 0 { 20 } else { 1 } {
             let req = hyper::Request::get(path.as_str())
                 .header("host", "127.0.0.1")
                 .body(http_body_util::Empty::<bytes::Bytes>::new())
@@ -296,7 +299,7 @@ async fn http1_clients_reuse_upstream_connections() {
             let resp = send.send_request(req).await.unwrap();
             let status = resp.status();
             let body = resp.into_body().collect().await.unwrap().to_bytes();
-            assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+            assert_eq!(status, 200, "client {client}, request {request}: {}", String::from_utf8_lossy(&body));
             assert!(String::from_utf8_lossy(&body).contains("gitVersion"));
             seen.extend(testbed::process::connections_to(s.agent.proc.pid(), upstream_port));
         }

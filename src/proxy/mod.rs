@@ -699,7 +699,7 @@ impl Proxy {
             .map_err(|e| ProxyError::Upstream(t.clone(), e.to_string()))?;
         *out.headers_mut() = headers;
         let sent = match up.channel(admin) {
-            Some(_) if sticky => up.send_sticky(admin, &conn.state, out).await,
+            Some(_) if sticky => up.send_sticky(admin, conn, out).await,
             Some(channel) => channel.client.request(out).await.map_err(Into::into),
             None => Err("no admin credential".into()),
         };

@@ -35,6 +35,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::policy::annotations::{TargetAnnotations, UPSTREAM};
 use crate::target::{Stores, TargetRef};
+use crate::tls::{Background, Conn};
 
 /// The body type the proxy forwards.
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
@@ -180,14 +181,18 @@ impl Channel {
         }
     }
 
-    /// A new HTTP/1.1 connection to `origin`, driven by a task of its own.
-    async fn connect(&self, origin: &Origin) -> Result<http1::SendRequest<ProxyBody>, BoxError> {
+    /// A new HTTP/1.1 connection to `origin`, driven in `background`.
+    async fn connect(
+        &self,
+        origin: &Origin,
+        background: &Background,
+    ) -> Result<http1::SendRequest<ProxyBody>, BoxError> {
         use tower_service::Service as _;
         let mut connector = self.connector.clone();
         std::future::poll_fn(|cx| connector.poll_ready(cx)).await?;
         let io = connector.call(origin.root()?).await?;
         let (sender, conn) = http1::handshake(io).await?;
-        tokio::spawn(async move {
+        background.spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "upstream connection failed");
             }
@@ -209,15 +214,16 @@ impl Upstream {
     pub async fn send_sticky(
         self: &Arc<Self>,
         admin: bool,
-        sticky: &Sticky,
+        conn: &Conn<Sticky>,
         mut req: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, BoxError> {
+        let sticky = &conn.state;
         let channel = self.channel(admin).ok_or("no admin credential for this upstream")?;
         let mut kept = sticky.take(self, admin);
         loop {
             let (mut sender, fresh) = match kept.take().or_else(|| channel.checkout()) {
                 Some(s) => (s, false),
-                None => (channel.connect(&self.origin).await?, true),
+                None => (channel.connect(&self.origin, &conn.background).await?, true),
             };
             if let Err(e) = sender.ready().await {
                 if fresh {
