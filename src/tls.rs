@@ -249,27 +249,29 @@ pub struct Conn<S> {
 /// their own.
 #[derive(Default)]
 pub struct Background {
-    futures: std::sync::Mutex<FuturesUnordered<BoxFuture<'static, ()>>>,
+    /// Made on first use: most connections never have any.
+    futures: std::sync::Mutex<Option<FuturesUnordered<BoxFuture<'static, ()>>>>,
     waker: AtomicWaker,
 }
 
 impl Background {
     pub fn spawn(&self, f: impl Future<Output = ()> + Send + 'static) {
-        self.futures.lock().unwrap_or_else(|e| e.into_inner()).push(Box::pin(f));
+        self.futures.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_default().push(Box::pin(f));
         self.waker.wake();
     }
 
     /// Runs the futures as far as they go; never finishes.
     fn poll(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
         self.waker.register(cx.waker());
-        let mut futures = self.futures.lock().unwrap_or_else(|e| e.into_inner());
-        while let std::task::Poll::Ready(Some(())) = futures.poll_next_unpin(cx) {}
+        if let Some(futures) = self.futures.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            while let std::task::Poll::Ready(Some(())) = futures.poll_next_unpin(cx) {}
+        }
         std::task::Poll::Pending
     }
 
     fn detach(&self) {
-        let futures = std::mem::take(&mut *self.futures.lock().unwrap_or_else(|e| e.into_inner()));
-        for f in futures {
+        let futures = self.futures.lock().unwrap_or_else(|e| e.into_inner()).take();
+        for f in futures.into_iter().flatten() {
             tokio::spawn(f);
         }
     }

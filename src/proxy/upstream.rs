@@ -13,7 +13,9 @@
 //! no pool lookup and no task per request, where a pooled client takes a
 //! lock to check a connection out and spawns a task to put it back after
 //! every response. When the client leaves, its upstream connection waits
-//! in the channel's idle list for the next one. HTTP/2 callers (concurrent
+//! in the channel's idle list for the next one. (So a client that keeps an
+//! idle HTTP/1.1 connection open keeps an upstream connection open too, as
+//! a tunnel would.) HTTP/2 callers (concurrent
 //! streams), upgrades and the proxy's own checks use the pooled client.
 
 use std::collections::HashMap;
