@@ -94,6 +94,46 @@ fn wrk(url: &str, headers: &[&str], seconds: u32) -> Wrk {
     Wrk { rps, p50_ms: parse_ms(&find("50%")), p99_ms: parse_ms(&find("99%")) }
 }
 
+/// h2load against `url` over HTTP/2 for `seconds`; latency percentiles
+/// from its per-request log (it prints only mean and deviation).
+fn h2load(url: &str, headers: &[&str], seconds: u32, dir: &std::path::Path) -> Wrk {
+    let log = dir.join("h2load.log");
+    let _ = std::fs::remove_file(&log);
+    let mut cmd = Command::new(which("h2load"));
+    cmd.args(["-t2", "-c8", "-m4", &format!("-D{seconds}"), "--warm-up-time=1"]);
+    cmd.arg(format!("--log-file={}", log.display()));
+    for h in headers {
+        cmd.args(["-H", h]);
+    }
+    let out = cmd.arg(url).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let rps = text
+        .lines()
+        .find(|l| l.starts_with("finished in"))
+        .and_then(|l| l.split(", ").nth(1))
+        .and_then(|v| v.strip_suffix(" req/s"))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(f64::NAN);
+    let mut ms: Vec<f64> = std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            (f.get(1)? == &"200").then(|| f.get(2)?.parse::<f64>().ok().map(|us| us / 1000.0))?
+        })
+        .collect();
+    let all_ok = text
+        .lines()
+        .any(|l| l.trim_start().starts_with("status codes:") && l.contains(" 0 3xx, 0 4xx, 0 5xx"))
+        && text.lines().any(|l| {
+            l.trim_start().starts_with("requests:") && l.contains(" 0 failed, 0 errored, 0 timeout")
+        });
+    if !all_ok || !rps.is_finite() || ms.is_empty() {
+        panic!("h2load against {url} failed:\n{text}{}", String::from_utf8_lossy(&out.stderr));
+    }
+    Wrk { rps, p50_ms: percentile(&mut ms, 0.5), p99_ms: percentile(&mut ms, 0.99) }
+}
+
 /// Ready replicas of StatefulSet `bench/<name>`.
 fn jsonpath_ready(c: &Cluster, name: &str) -> i64 {
     c.kubectl_out(
@@ -134,14 +174,14 @@ async fn main() -> anyhow::Result<()> {
     // server (Go's net/http) never does, and a reconnect per 1,000 requests
     // would measure TLS handshakes, not proxying.
     let upstream_conf = format!(
-        "worker_processes 1;\ndaemon off;\npid {d}/upstream.pid;\nerror_log {d}/upstream-error.log;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  keepalive_requests 1000000;\n  server {{ listen 127.0.0.1:{up_port} ssl; ssl_certificate {crt}; ssl_certificate_key {key}; location / {{ default_type application/json; return 200 '{{\"major\":\"1\",\"minor\":\"37\",\"gitVersion\":\"v1.37.2\"}}'; }} }}\n}}\n",
+        "worker_processes 1;\ndaemon off;\npid {d}/upstream.pid;\nerror_log {d}/upstream-error.log;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  keepalive_requests 1000000;\n  server {{ listen 127.0.0.1:{up_port} ssl http2; ssl_certificate {crt}; ssl_certificate_key {key}; location / {{ default_type application/json; return 200 '{{\"major\":\"1\",\"minor\":\"37\",\"gitVersion\":\"v1.37.2\"}}'; }} }}\n}}\n",
         d = dir.path().display(),
         crt = crt.display(),
         key = key.display()
     );
     let _upstream = nginx(dir.path(), "upstream", &upstream_conf)?;
     let nginx_conf = format!(
-        "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  keepalive_requests 1000000;\n  client_body_temp_path {d};\n  proxy_temp_path {d};\n  upstream api {{ server 127.0.0.1:{up_port}; keepalive 64; keepalive_requests 1000000; }}\n  server {{ listen 127.0.0.1:{nginx_port} ssl; ssl_certificate {crt}; ssl_certificate_key {key};\n    location / {{ proxy_pass https://api; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_ssl_session_reuse on; }} }}\n}}\n",
+        "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  keepalive_requests 1000000;\n  client_body_temp_path {d};\n  proxy_temp_path {d};\n  upstream api {{ server 127.0.0.1:{up_port}; keepalive 64; keepalive_requests 1000000; }}\n  server {{ listen 127.0.0.1:{nginx_port} ssl http2; ssl_certificate {crt}; ssl_certificate_key {key};\n    location / {{ proxy_pass https://api; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_ssl_session_reuse on; }} }}\n}}\n",
         d = dir.path().display(),
         crt = crt.display(),
         key = key.display()
@@ -152,7 +192,7 @@ async fn main() -> anyhow::Result<()> {
         format!("{}{}", std::fs::read_to_string(&crt)?, std::fs::read_to_string(&key)?),
     )?;
     let haproxy_conf = format!(
-        "global\n  maxconn 4096\n  nbthread 1\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  http-reuse always\nfrontend f\n  bind 127.0.0.1:{haproxy_port} ssl crt {pem}\n  default_backend b\nbackend b\n  server api 127.0.0.1:{up_port} ssl verify none\n",
+        "global\n  maxconn 4096\n  nbthread 1\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  http-reuse always\nfrontend f\n  bind 127.0.0.1:{haproxy_port} ssl crt {pem} alpn h2,http/1.1\n  default_backend b\nbackend b\n  server api 127.0.0.1:{up_port} ssl verify none\n",
         pem = dir.path().join("haproxy.pem").display()
     );
     let _haproxy = haproxy(dir.path(), "haproxy", &haproxy_conf)?;
@@ -226,9 +266,32 @@ async fn main() -> anyhow::Result<()> {
         &[auth, "X-Dormant-Ignore: true"],
         secs,
     );
+    // The same over HTTP/2, as kubectl and client-go talk: 8 connections
+    // with 4 streams each (32 requests in flight, as above).
+    let h2 = |url: String, headers: &[&str]| h2load(&url, headers, secs, dir.path());
+    let h2_runs = [
+        h2(format!("https://127.0.0.1:{up_port}{path}"), &[auth]),
+        h2(format!("https://127.0.0.1:{nginx_port}{path}"), &[auth]),
+        h2(format!("https://127.0.0.1:{haproxy_port}{path}"), &[auth]),
+        h2(format!("https://127.0.0.1:{proxy_port}/vcluster/bench/fast{path}"), &[auth]),
+        h2(
+            format!("https://127.0.0.1:{proxy_port}/vcluster/bench/fast{path}"),
+            &[auth, "X-Dormant-Ignore: true"],
+        ),
+    ];
     let agent_rss_load = rss_kib(agent.pid());
+    let print_both = || {
+        print_throughput(
+            &format!("wrk -t2 -c32 -d{secs}s, HTTP/1.1"),
+            &[&direct, &via_nginx, &via_haproxy, &via_dormant, &via_dormant_quiet],
+        );
+        print_throughput(
+            &format!("h2load -t2 -c8 -m4 -D{secs}, HTTP/2"),
+            &[&h2_runs[0], &h2_runs[1], &h2_runs[2], &h2_runs[3], &h2_runs[4]],
+        );
+    };
     if std::env::var_os("DORMANT_BENCH_THROUGHPUT_ONLY").is_some() {
-        print_throughput(secs, &[&direct, &via_nginx, &via_haproxy, &via_dormant, &via_dormant_quiet]);
+        print_both();
         println!("| agent RSS under the throughput run | {:.1} MiB |", agent_rss_load as f64 / 1024.0);
         return Ok(());
     }
@@ -358,7 +421,7 @@ async fn main() -> anyhow::Result<()> {
     agent.kill();
     let held = held_memory(&memory).await?;
 
-    print_throughput(secs, &[&direct, &via_nginx, &via_haproxy, &via_dormant, &via_dormant_quiet]);
+    print_both();
     println!("\n| measure | value |\n| --- | --- |");
     let mut o = overheads.clone();
     println!(
@@ -664,10 +727,8 @@ fn tree_rss_kib(pid: u32) -> u64 {
 }
 
 /// The side-by-side table: direct, nginx, haproxy, dormant on and off.
-fn print_throughput(secs: u32, runs: &[&Wrk; 5]) {
-    println!(
-        "\n## proxy: side by side on loopback (wrk -t2 -c32 -d{secs}s, HTTPS keep-alive, 2 cores shared by all)\n"
-    );
+fn print_throughput(load: &str, runs: &[&Wrk; 5]) {
+    println!("\n## proxy: side by side on loopback ({load}, HTTPS keep-alive, 2 cores shared by all)\n");
     println!("| path | requests/s | p50 | p99 | added p50 | added p99 |");
     println!("| --- | --- | --- | --- | --- | --- |");
     let direct = runs[0];

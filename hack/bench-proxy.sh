@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The proxy benchmark, side by side with nginx and haproxy: installs them
-# (and wrk) from Debian's packages if missing, then runs the benchmark.
+# (and wrk and h2load) from Debian's packages if missing, then runs the benchmark.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 hack/testbed.sh install
@@ -8,6 +8,7 @@ missing=()
 command -v nginx >/dev/null 2>&1 || [[ -x /usr/sbin/nginx ]] || missing+=(nginx-light)
 command -v haproxy >/dev/null 2>&1 || [[ -x /usr/sbin/haproxy ]] || missing+=(haproxy)
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+command -v h2load >/dev/null 2>&1 || missing+=(nghttp2-client)
 if ((${#missing[@]})); then
   echo "[bench] installing ${missing[*]} from Debian's packages"
   sudo_cmd=""; [[ $(id -u) -ne 0 ]] && sudo_cmd="sudo"

@@ -14,7 +14,7 @@ use std::time::Duration;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
@@ -241,39 +241,85 @@ pub struct Conn<S> {
     pub background: Background,
 }
 
-/// Futures that belong with a connection and run in its task (the proxy's
-/// upstream connection for an HTTP/1.1 client): polled where the client's
-/// requests are, they need no task of their own, and a request and its
-/// response pass between the two connections without a hand-off between
-/// tasks. Those still running when the connection ends move to tasks of
-/// their own.
+/// Futures that belong with a connection and run in its task: an HTTP/2
+/// connection's streams, and the proxy's upstream connections for this
+/// client. Polled where the client's requests are, they need no task of
+/// their own, and a request and its answer pass between the client's
+/// connection, its streams and the upstream connections without hand-offs
+/// between tasks (as nginx and haproxy run a connection in one event
+/// loop). Those still running when the connection ends move to tasks of
+/// their own, as does anything spawned here after that.
+#[derive(Clone, Default)]
+pub struct Background(Arc<BackgroundInner>);
+
 #[derive(Default)]
-pub struct Background {
-    /// Made on first use: most connections never have any.
-    futures: std::sync::Mutex<Option<FuturesUnordered<BoxFuture<'static, ()>>>>,
+struct BackgroundInner {
+    /// Polled only by the connection's task; made on first use (most
+    /// connections never have any).
+    running: std::sync::Mutex<Option<FuturesUnordered<BoxFuture<'static, ()>>>>,
+    /// Spawned and not yet polled (a running future may spawn another).
+    incoming: std::sync::Mutex<Spawned>,
     waker: AtomicWaker,
+}
+
+#[derive(Default)]
+struct Spawned {
+    futures: Vec<BoxFuture<'static, ()>>,
+    /// The connection has ended: spawn on the runtime instead.
+    detached: bool,
 }
 
 impl Background {
     pub fn spawn(&self, f: impl Future<Output = ()> + Send + 'static) {
-        self.futures.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_default().push(Box::pin(f));
-        self.waker.wake();
+        {
+            let mut incoming = self.0.incoming.lock().unwrap_or_else(|e| e.into_inner());
+            if !incoming.detached {
+                incoming.futures.push(Box::pin(f));
+                drop(incoming);
+                self.0.waker.wake();
+                return;
+            }
+        }
+        tokio::spawn(f);
     }
 
     /// Runs the futures as far as they go; never finishes.
     fn poll(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
-        self.waker.register(cx.waker());
-        if let Some(futures) = self.futures.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+        self.0.waker.register(cx.waker());
+        let mut running = self.0.running.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let new = std::mem::take(&mut self.0.incoming.lock().unwrap_or_else(|e| e.into_inner()).futures);
+            if !new.is_empty() {
+                running.get_or_insert_default().extend(new);
+            }
+            let Some(futures) = running.as_mut() else { break };
             while let std::task::Poll::Ready(Some(())) = futures.poll_next_unpin(cx) {}
+            // Futures spawned by those just polled are polled at once.
+            if self.0.incoming.lock().unwrap_or_else(|e| e.into_inner()).futures.is_empty() {
+                break;
+            }
         }
         std::task::Poll::Pending
     }
 
     fn detach(&self) {
-        let futures = self.futures.lock().unwrap_or_else(|e| e.into_inner()).take();
-        for f in futures.into_iter().flatten() {
+        let new = {
+            let mut incoming = self.0.incoming.lock().unwrap_or_else(|e| e.into_inner());
+            incoming.detached = true;
+            std::mem::take(&mut incoming.futures)
+        };
+        let running = self.0.running.lock().unwrap_or_else(|e| e.into_inner()).take();
+        for f in new.into_iter().chain(running.into_iter().flatten()) {
             tokio::spawn(f);
         }
+    }
+}
+
+impl<F: Future + Send + 'static> hyper::rt::Executor<F> for Background {
+    fn execute(&self, f: F) {
+        self.spawn(async move {
+            f.await;
+        });
     }
 }
 
@@ -316,7 +362,8 @@ where
             let svc = service_fn(move |req| {
                 futures::FutureExt::map(handle(req, conn.clone()), Ok::<_, std::convert::Infallible>)
             });
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            // An HTTP/2 connection's streams run in its task (see `Background`).
+            let builder = hyper_util::server::conn::auto::Builder::new(this.background.clone());
             let builder = if http2 { builder.http2_only() } else { builder.http1_only() };
             let serving = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
             tokio::select! {

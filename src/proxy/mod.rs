@@ -54,7 +54,7 @@ use crate::target::stores::Change;
 use crate::target::{Scope, Stores, TargetObject, TargetRef};
 use crate::tls::Conn;
 use gate::{Gate, GateError};
-use upstream::{ProxyBody, Sticky, Upstreams};
+use upstream::{Busy, Kept, ProxyBody, Upstreams};
 
 /// The header that opts a request out of counting as activity.
 pub const IGNORE_HEADER: &str = "x-dormant-ignore";
@@ -450,7 +450,7 @@ impl Proxy {
     pub async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
-        conn: Arc<Conn<Sticky>>,
+        conn: Arc<Conn<Kept>>,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
         let result = self.clone().serve(req, &conn).await;
@@ -477,7 +477,7 @@ impl Proxy {
     async fn serve(
         self: Arc<Self>,
         req: Request<Incoming>,
-        conn: &Conn<Sticky>,
+        conn: &Conn<Kept>,
     ) -> Result<(&'static str, Response<ProxyBody>), ProxyError> {
         let (mut parts, body) = req.into_parts();
         let req = &parts;
@@ -640,7 +640,7 @@ impl Proxy {
     async fn forward(
         self: &Arc<Self>,
         req: &mut http::request::Parts,
-        conn: &Conn<Sticky>,
+        conn: &Conn<Kept>,
         body: ForwardBody,
         routed: &route::Routed,
         caller: &Caller,
@@ -683,10 +683,11 @@ impl Proxy {
             }
             Caller::Bearer { .. } | Caller::Anonymous => false,
         };
-        // A client's HTTP/1.1 connection sends one request at a time: it
-        // keeps an upstream connection of its own (see `upstream`).
-        let sticky = !conn.http2 && !upgrade;
-        let uri = if sticky { up.origin.path(path_and_query) } else { up.origin.uri(path_and_query) }
+        // The client connection's own upstream connections (see
+        // `upstream`); an upgrade, whose connection becomes a tunnel, takes
+        // one from the pool.
+        let kept = !upgrade;
+        let uri = if kept { up.origin.path(path_and_query) } else { up.origin.uri(path_and_query) }
             .map_err(|_| ProxyError::Upstream(t.clone(), "invalid upstream URL".into()))?;
         let body = match body {
             ForwardBody::Incoming(b) => b.boxed(),
@@ -699,11 +700,11 @@ impl Proxy {
             .map_err(|e| ProxyError::Upstream(t.clone(), e.to_string()))?;
         *out.headers_mut() = headers;
         let sent = match up.channel(admin) {
-            Some(_) if sticky => up.send_sticky(admin, conn, out).await,
-            Some(channel) => channel.client.request(out).await.map_err(Into::into),
+            Some(_) if kept => up.send_kept(admin, conn, out).await.map(|(r, busy)| (r, Some(busy))),
+            Some(channel) => channel.client.request(out).await.map(|r| (r, None)).map_err(Into::into),
             None => Err("no admin credential".into()),
         };
-        let mut resp = match sent {
+        let (mut resp, busy) = match sent {
             Ok(r) => r,
             Err(e) => {
                 // No answer: the connection failed (refused, or closed
@@ -731,7 +732,7 @@ impl Proxy {
         }
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers, false);
-        Ok(Response::from_parts(parts, Guarded { inner: body.boxed(), _guard: guard }.boxed()))
+        Ok(Response::from_parts(parts, Guarded { inner: body, _guard: guard, _busy: busy }.boxed()))
     }
 
     /// Serves HTTPS on `listener` until the task is dropped.
@@ -892,8 +893,10 @@ impl Drop for KeepAwake {
 
 /// A response body that holds a guard until it is done.
 struct Guarded {
-    inner: ProxyBody,
+    inner: Incoming,
     _guard: Option<KeepAwake>,
+    /// Frees the upstream connection once the body is done with.
+    _busy: Option<Busy>,
 }
 
 impl Body for Guarded {

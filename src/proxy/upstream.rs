@@ -8,15 +8,16 @@
 //! certificate (for callers authenticated by client certificate, always
 //! with impersonation).
 //!
-//! A client's HTTP/1.1 connection sends one request at a time, so it keeps
-//! one upstream connection of its own for as long as it lives ([`Sticky`]):
-//! no pool lookup and no task per request, where a pooled client takes a
-//! lock to check a connection out and spawns a task to put it back after
-//! every response. When the client leaves, its upstream connection waits
-//! in the channel's idle list for the next one. (So a client that keeps an
-//! idle HTTP/1.1 connection open keeps an upstream connection open too, as
-//! a tunnel would.) HTTP/2 callers (concurrent
-//! streams), upgrades and the proxy's own checks use the pooled client.
+//! A client connection keeps the upstream connections its requests used
+//! ([`Kept`]; an HTTP/1.1 client, sending one request at a time, needs
+//! one; an HTTP/2 client one per stream in flight), driven in its own task
+//! (`tls::Background`): no shared pool to lock and no task per request,
+//! where hyper-util's pooled client takes a lock to check a connection out
+//! and spawns a task to put it back after every response. When the client
+//! leaves, its upstream connections wait in the channel's idle list for
+//! the next. (So a client that keeps an idle connection open keeps an
+//! upstream connection open too, as a tunnel would.) Upgrades and the
+//! proxy's own checks use the pooled client.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -89,54 +90,139 @@ pub struct Channel {
     pub client: HttpClient,
     connector: Connector,
     /// Upstream connections that no client connection keeps, newest last.
-    idle: Mutex<Vec<(Instant, http1::SendRequest<ProxyBody>)>>,
+    idle: Mutex<Vec<(Instant, Sender, Arc<Driver>)>>,
 }
 
-/// The upstream connection one client connection keeps (see the module
-/// documentation); it goes to its channel's idle list when the client
-/// connection is dropped.
-#[derive(Default)]
-pub struct Sticky(Mutex<Option<Kept>>);
+type Sender = http1::SendRequest<ProxyBody>;
+type UpstreamIo = hyper_rustls::MaybeHttpsStream<hyper_util::rt::TokioIo<tokio::net::TcpStream>>;
 
-struct Kept {
+/// Holds an upstream connection's future, which runs in the task of the
+/// client connection that last took the connection from an idle list: a
+/// new runner takes it over from the old one, which then ends.
+struct Driver(Mutex<DriverState>);
+
+struct DriverState {
+    conn: Option<std::pin::Pin<Box<http1::Connection<UpstreamIo, ProxyBody>>>>,
+    runner: u64,
+    waker: Option<std::task::Waker>,
+}
+
+impl Driver {
+    /// Drives the connection in the task that polls this, until it ends or
+    /// another runner takes over.
+    fn run(self: &Arc<Self>) -> impl Future<Output = ()> + Send + 'static {
+        let me = {
+            let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            s.runner += 1;
+            if let Some(w) = s.waker.take() {
+                w.wake();
+            }
+            s.runner
+        };
+        let driver = self.clone();
+        std::future::poll_fn(move |cx| {
+            let mut s = driver.0.lock().unwrap_or_else(|e| e.into_inner());
+            if s.runner != me {
+                return std::task::Poll::Ready(());
+            }
+            let polled = match s.conn.as_mut() {
+                Some(conn) => conn.as_mut().poll(cx),
+                None => return std::task::Poll::Ready(()),
+            };
+            match polled {
+                std::task::Poll::Ready(result) => {
+                    if let Err(e) = result {
+                        tracing::debug!(error = %e, "upstream connection failed");
+                    }
+                    s.conn = None;
+                    std::task::Poll::Ready(())
+                }
+                std::task::Poll::Pending => {
+                    if !s.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                        s.waker = Some(cx.waker().clone());
+                    }
+                    std::task::Poll::Pending
+                }
+            }
+        })
+    }
+}
+
+/// The upstream connections one client connection keeps (see the module
+/// documentation): those not busy with one of its requests. They go to
+/// their channel's idle list when the client connection is dropped, or
+/// when it keeps more than [`MAX_KEPT`].
+#[derive(Default)]
+pub struct Kept(Arc<KeptConns>);
+
+#[derive(Default)]
+struct KeptConns(Mutex<Vec<KeptConn>>);
+
+/// At most this many idle upstream connections per client connection (an
+/// HTTP/2 client's streams run concurrently, each on its own).
+const MAX_KEPT: usize = 16;
+
+struct KeptConn {
     upstream: Arc<Upstream>,
     admin: bool,
-    sender: http1::SendRequest<ProxyBody>,
+    sender: Sender,
+    driver: Arc<Driver>,
 }
 
-impl Sticky {
-    /// The kept sender if it goes to `up`'s channel `admin`; one kept for
-    /// another (the client switched vclusters, or the upstream was
-    /// re-resolved) goes back to its own idle list.
-    fn take(&self, up: &Arc<Upstream>, admin: bool) -> Option<http1::SendRequest<ProxyBody>> {
-        let kept = self.0.lock().unwrap_or_else(|e| e.into_inner()).take()?;
-        if Arc::ptr_eq(&kept.upstream, up) && kept.admin == admin {
-            return Some(kept.sender);
-        }
-        kept.release();
-        None
+impl Kept {
+    /// The newest kept sender to `up`'s channel `admin`.
+    fn take(&self, up: &Arc<Upstream>, admin: bool) -> Option<(Sender, Arc<Driver>)> {
+        let mut kept = self.0.0.lock().unwrap_or_else(|e| e.into_inner());
+        let i = kept.iter().rposition(|k| Arc::ptr_eq(&k.upstream, up) && k.admin == admin)?;
+        let k = kept.remove(i);
+        Some((k.sender, k.driver))
     }
+}
 
-    fn keep(&self, upstream: Arc<Upstream>, admin: bool, sender: http1::SendRequest<ProxyBody>) {
-        let old = self.0.lock().unwrap_or_else(|e| e.into_inner()).replace(Kept { upstream, admin, sender });
-        if let Some(old) = old {
+impl KeptConns {
+    fn keep(&self, conn: KeptConn) {
+        let oldest = {
+            let mut kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            kept.push(conn);
+            (kept.len() > MAX_KEPT).then(|| kept.remove(0))
+        };
+        if let Some(old) = oldest {
             old.release();
         }
     }
 }
 
-impl Kept {
-    fn release(self) {
-        if let Some(channel) = self.upstream.channel(self.admin) {
-            channel.release(self.sender);
+impl Drop for KeptConns {
+    fn drop(&mut self) {
+        for kept in self.0.get_mut().unwrap_or_else(|e| e.into_inner()).drain(..) {
+            kept.release();
         }
     }
 }
 
-impl Drop for Sticky {
+impl KeptConn {
+    fn release(self) {
+        if let Some(channel) = self.upstream.channel(self.admin) {
+            channel.release(self.sender, self.driver);
+        }
+    }
+}
+
+/// An upstream connection busy with a response: when the response's body
+/// is done with (sent on, or dropped), the connection goes back to the
+/// client connection that sent the request, or to its channel's idle list
+/// if that client connection is gone.
+pub struct Busy {
+    conn: Option<KeptConn>,
+    to: std::sync::Weak<KeptConns>,
+}
+
+impl Drop for Busy {
     fn drop(&mut self) {
-        if let Some(kept) = self.0.get_mut().unwrap_or_else(|e| e.into_inner()).take() {
-            kept.release();
+        let Some(conn) = self.conn.take() else { return };
+        match self.to.upgrade() {
+            Some(kept) => kept.keep(conn),
+            None => conn.release(),
         }
     }
 }
@@ -161,25 +247,28 @@ impl Channel {
         Channel { client, connector, idle: Mutex::new(Vec::new()) }
     }
 
-    /// The newest idle connection that is still open and fresh.
-    fn checkout(&self) -> Option<http1::SendRequest<ProxyBody>> {
+    /// The newest idle connection that is still open and fresh, now driven
+    /// in `background`.
+    fn checkout(&self, background: &Background) -> Option<(Sender, Arc<Driver>)> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        while let Some((since, sender)) = idle.pop() {
+        while let Some((since, sender, driver)) = idle.pop() {
             if !sender.is_closed() && since.elapsed() < IDLE_TIMEOUT {
-                return Some(sender);
+                drop(idle);
+                background.spawn(driver.run());
+                return Some((sender, driver));
             }
         }
         None
     }
 
-    fn release(&self, sender: http1::SendRequest<ProxyBody>) {
+    fn release(&self, sender: Sender, driver: Arc<Driver>) {
         if sender.is_closed() {
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        idle.retain(|(since, s)| !s.is_closed() && since.elapsed() < IDLE_TIMEOUT);
+        idle.retain(|(since, s, _)| !s.is_closed() && since.elapsed() < IDLE_TIMEOUT);
         if idle.len() < MAX_IDLE {
-            idle.push((Instant::now(), sender));
+            idle.push((Instant::now(), sender, driver));
         }
     }
 
@@ -188,18 +277,16 @@ impl Channel {
         &self,
         origin: &Origin,
         background: &Background,
-    ) -> Result<http1::SendRequest<ProxyBody>, BoxError> {
+    ) -> Result<(Sender, Arc<Driver>), BoxError> {
         use tower_service::Service as _;
         let mut connector = self.connector.clone();
         std::future::poll_fn(|cx| connector.poll_ready(cx)).await?;
         let io = connector.call(origin.root()?).await?;
         let (sender, conn) = http1::handshake(io).await?;
-        background.spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "upstream connection failed");
-            }
-        });
-        Ok(sender)
+        let driver =
+            Arc::new(Driver(Mutex::new(DriverState { conn: Some(Box::pin(conn)), runner: 0, waker: None })));
+        background.spawn(driver.run());
+        Ok((sender, driver))
     }
 }
 
@@ -208,25 +295,26 @@ impl Upstream {
         if admin { self.admin.as_ref() } else { Some(&self.plain) }
     }
 
-    /// Sends `req` (its URI in origin form, see [`Origin::path`]) on the
-    /// upstream connection `sticky` keeps, else on an idle one, else on a
-    /// new one, which `sticky` then keeps. A request that a reused
-    /// connection could not take (the upstream closed it while idle) goes
-    /// on the next one; an error after it was written is the caller's.
-    pub async fn send_sticky(
+    /// Sends `req` (its URI in origin form, see [`Origin::path`]) on an
+    /// upstream connection the client connection `conn` keeps, else on one
+    /// from the channel's idle list, else on a new one driven in `conn`'s
+    /// task. The connection is busy until the answer's body is done with
+    /// ([`Busy`]), then `conn` keeps it. A request that a reused connection
+    /// could not take (the upstream closed it while idle) goes on the next
+    /// one; an error after it was written is the caller's.
+    pub async fn send_kept(
         self: &Arc<Self>,
         admin: bool,
-        conn: &Conn<Sticky>,
+        conn: &Conn<Kept>,
         mut req: Request<ProxyBody>,
-    ) -> Result<Response<Incoming>, BoxError> {
-        let sticky = &conn.state;
+    ) -> Result<(Response<Incoming>, Busy), BoxError> {
         let channel = self.channel(admin).ok_or("no admin credential for this upstream")?;
-        let mut kept = sticky.take(self, admin);
         loop {
-            let (mut sender, fresh) = match kept.take().or_else(|| channel.checkout()) {
-                Some(s) => (s, false),
-                None => (channel.connect(&self.origin, &conn.background).await?, true),
-            };
+            let ((mut sender, driver), fresh) =
+                match conn.state.take(self, admin).or_else(|| channel.checkout(&conn.background)) {
+                    Some(s) => (s, false),
+                    None => (channel.connect(&self.origin, &conn.background).await?, true),
+                };
             if let Err(e) = sender.ready().await {
                 if fresh {
                     return Err(e.into());
@@ -235,8 +323,8 @@ impl Upstream {
             }
             match sender.try_send_request(req).await {
                 Ok(resp) => {
-                    sticky.keep(self.clone(), admin, sender);
-                    return Ok(resp);
+                    let busy = KeptConn { upstream: self.clone(), admin, sender, driver };
+                    return Ok((resp, Busy { conn: Some(busy), to: Arc::downgrade(&conn.state.0) }));
                 }
                 Err(mut e) => match e.take_message() {
                     Some(r) if !fresh => req = r,
