@@ -317,9 +317,9 @@ impl Background {
 
 impl<F: Future + Send + 'static> hyper::rt::Executor<F> for Background {
     fn execute(&self, f: F) {
-        self.spawn(async move {
-            f.await;
-        });
+        // `map`: an async block awaiting `f` would store it twice, and a
+        // stream held at the wake gate is what each waiting request costs.
+        self.spawn(futures::FutureExt::map(f, drop));
     }
 }
 
