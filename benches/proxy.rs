@@ -1,9 +1,10 @@
 //! Benchmark: the wake-on-request proxy, side by side with nginx and
 //! haproxy in one run.
 //!
-//! `hack/bench-proxy.sh` (installs nginx-light, haproxy and wrk from
-//! Debian, then runs `cargo bench --bench proxy`). Prints:
-//! - throughput and latency (wrk, HTTPS, keep-alive) against one upstream
+//! `hack/bench-proxy.sh` (installs nginx-light, haproxy, wrk and h2load
+//! from Debian, then runs `cargo bench --bench proxy`). Prints:
+//! - throughput and latency (wrk over HTTP/1.1, then h2load over HTTP/2;
+//!   HTTPS, keep-alive) against one upstream
 //!   (nginx serving a small JSON body over TLS, standing in for an API
 //!   server that answers instantly): directly, through nginx, through
 //!   haproxy, through dormant (with activity recording on);
@@ -35,7 +36,9 @@ fn which(bin: &str) -> String {
             return p;
         }
     }
-    panic!("{bin} is not installed; run hack/bench-proxy.sh (it installs nginx-light, haproxy and wrk)");
+    panic!(
+        "{bin} is not installed; run hack/bench-proxy.sh (it installs nginx-light, haproxy, wrk and h2load)"
+    );
 }
 
 struct Wrk {
