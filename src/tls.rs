@@ -233,8 +233,6 @@ pub fn server_config_with_resolver(
 pub struct Conn<S> {
     /// The client certificate it presented, if any.
     pub peer: Option<CertificateDer<'static>>,
-    /// HTTP/2 (requests may run concurrently), else HTTP/1.1 (one at a time).
-    pub http2: bool,
     /// The handler's own state for this connection, dropped with it.
     pub state: S,
     /// Futures that run in the connection's task.
@@ -351,7 +349,6 @@ where
             let http2 = session.alpn_protocol() == Some(b"h2");
             let conn = Arc::new(Conn {
                 peer: session.peer_certificates().and_then(|c| c.first()).map(|c| c.clone().into_owned()),
-                http2,
                 state: S::default(),
                 background: Background::default(),
             });
