@@ -41,7 +41,8 @@ fn which(bin: &str) -> String {
     );
 }
 
-struct Wrk {
+/// One load run through one path: requests per second and latency.
+struct Throughput {
     rps: f64,
     p50_ms: f64,
     p99_ms: f64,
@@ -60,7 +61,7 @@ fn parse_ms(v: &str) -> f64 {
     }
 }
 
-fn wrk(url: &str, headers: &[&str], seconds: u32) -> Wrk {
+fn wrk(url: &str, headers: &[&str], seconds: u32) -> Throughput {
     let mut cmd = Command::new(which("wrk"));
     cmd.args(["-t2", "-c32", &format!("-d{seconds}s"), "--latency"]);
     for h in headers {
@@ -94,12 +95,12 @@ fn wrk(url: &str, headers: &[&str], seconds: u32) -> Wrk {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    Wrk { rps, p50_ms: parse_ms(&find("50%")), p99_ms: parse_ms(&find("99%")) }
+    Throughput { rps, p50_ms: parse_ms(&find("50%")), p99_ms: parse_ms(&find("99%")) }
 }
 
 /// h2load against `url` over HTTP/2 for `seconds`; latency percentiles
 /// from its per-request log (it prints only mean and deviation).
-fn h2load(url: &str, headers: &[&str], seconds: u32, dir: &std::path::Path) -> Wrk {
+fn h2load(url: &str, headers: &[&str], seconds: u32, dir: &std::path::Path) -> Throughput {
     let log = dir.join("h2load.log");
     let _ = std::fs::remove_file(&log);
     let mut cmd = Command::new(which("h2load"));
@@ -134,7 +135,7 @@ fn h2load(url: &str, headers: &[&str], seconds: u32, dir: &std::path::Path) -> W
     if !all_ok || !rps.is_finite() || ms.is_empty() {
         panic!("h2load against {url} failed:\n{text}{}", String::from_utf8_lossy(&out.stderr));
     }
-    Wrk { rps, p50_ms: percentile(&mut ms, 0.5), p99_ms: percentile(&mut ms, 0.99) }
+    Throughput { rps, p50_ms: percentile(&mut ms, 0.5), p99_ms: percentile(&mut ms, 0.99) }
 }
 
 /// Ready replicas of StatefulSet `bench/<name>`.
@@ -730,7 +731,7 @@ fn tree_rss_kib(pid: u32) -> u64 {
 }
 
 /// The side-by-side table: direct, nginx, haproxy, dormant on and off.
-fn print_throughput(load: &str, runs: &[&Wrk; 5]) {
+fn print_throughput(load: &str, runs: &[&Throughput; 5]) {
     println!("\n## proxy: side by side on loopback ({load}, HTTPS keep-alive, 2 cores shared by all)\n");
     println!("| path | requests/s | p50 | p99 | added p50 | added p99 |");
     println!("| --- | --- | --- | --- | --- | --- |");

@@ -2,15 +2,14 @@
 //! rustls configurations (ring provider only) and the HTTPS accept loop.
 
 use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
 
 use futures::StreamExt as _;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::task::AtomicWaker;
-use std::path::Path;
-use std::sync::Arc;
-use std::time::Duration;
-
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;

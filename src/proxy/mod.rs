@@ -699,10 +699,10 @@ impl Proxy {
             .body(body)
             .map_err(|e| ProxyError::Upstream(t.clone(), e.to_string()))?;
         *out.headers_mut() = headers;
-        let sent = match up.channel(admin) {
-            Some(_) if kept => up.send_kept(admin, conn, out).await.map(|(r, busy)| (r, Some(busy))),
-            Some(channel) => channel.client.request(out).await.map(|r| (r, None)).map_err(Into::into),
-            None => Err("no admin credential".into()),
+        let sent = if kept {
+            up.send_kept(admin, conn, out).await.map(|(r, busy)| (r, Some(busy)))
+        } else {
+            up.send_pooled(admin, out).await.map(|r| (r, None))
         };
         let (mut resp, busy) = match sent {
             Ok(r) => r,

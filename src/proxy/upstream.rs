@@ -295,6 +295,17 @@ impl Upstream {
         if admin { self.admin.as_ref() } else { Some(&self.plain) }
     }
 
+    /// Sends `req` (its URI absolute, see [`Origin::uri`]) through the
+    /// channel's pooled client.
+    pub async fn send_pooled(
+        &self,
+        admin: bool,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, BoxError> {
+        let channel = self.channel(admin).ok_or("no admin credential for this upstream")?;
+        Ok(channel.client.request(req).await?)
+    }
+
     /// Sends `req` (its URI in origin form, see [`Origin::path`]) on an
     /// upstream connection the client connection `conn` keeps, else on one
     /// from the channel's idle list, else on a new one driven in `conn`'s
