@@ -152,6 +152,56 @@ fn alices_request_updates_her_namespace_within_the_batch_wait_and_no_other() {
     );
 }
 
+/// kube-apiserver audits a request it could not authenticate with no user
+/// at all (`"user":{}`): it counts for nothing, and the batch it comes in,
+/// with other people's requests, is still taken.
+#[test]
+fn a_request_the_api_server_could_not_authenticate_counts_for_nothing() {
+    let e = env();
+    let c = &e.cluster;
+    let refused = c.namespace("refused", &[("dormant-test", SCOPE)]).unwrap();
+    let sentinel = c.namespace("sentinel", &[("dormant-test", SCOPE)]).unwrap();
+    for ns in [&refused, &sentinel] {
+        kubectl(c, &["annotate", "namespace", ns, "dormant.dev/sleep-after=1h"]);
+    }
+    std::thread::sleep(Duration::from_secs(4));
+    let unauthenticated =
+        "dormant_activity_total{source=\"audit\",outcome=\"ignored\",rule=\"unauthenticated\"}";
+    let ignored_before = metric(&e.agent, unauthenticated);
+    let malformed_before = metric(&e.agent, "dormant_audit_batches_total{outcome=\"malformed\"}");
+    let refused_before = quiet_annotation(c, "namespace", &refused, None, "dormant.dev/last-activity");
+
+    // A token the API server does not know (an expired CI credential,
+    // say), then alice, within the same batch wait.
+    let out = std::process::Command::new(c.bins.path("kubectl"))
+        .env("KUBECONFIG", "/dev/null")
+        .args(["--server", &c.server, "--token", "not-a-token", "--certificate-authority"])
+        .arg(&c.ca_file)
+        .args(["get", "pods", "-n", &refused])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("Unauthorized"), "{stderr}");
+    let _ = c.kubectl_out(&c.alice, &["get", "pods", "-n", &sentinel]);
+
+    wait_until("alice's request to be recorded", Duration::from_secs(20), || {
+        last_activity_by(c, &sentinel).starts_with("alice list pods (audit)")
+    });
+    assert_eq!(
+        quiet_annotation(c, "namespace", &refused, None, "dormant.dev/last-activity"),
+        refused_before,
+        "an unauthenticated request was counted (by {:?})",
+        last_activity_by(c, &refused)
+    );
+    assert!(metric(&e.agent, unauthenticated) > ignored_before, "not counted as ignored");
+    assert_eq!(
+        metric(&e.agent, "dormant_audit_batches_total{outcome=\"malformed\"}"),
+        malformed_before,
+        "a batch was refused; agent log:\n{}",
+        e.agent.log()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_ignored_activity_lets_a_target_sleep_on_time_while_counted_activity_keeps_one_awake() {
     let e = env();

@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use super::Activity;
 use super::ledger::{Ledger, MAX_SOURCES};
+use super::{Activity, Source};
 use prometheus_client::metrics::counter::Counter;
 
 use crate::metrics::{ActivityLabels, Metrics, SourceLabels};
@@ -86,6 +86,9 @@ pub struct Observer {
 #[derive(Default)]
 struct SourceCounters(RwLock<HashMap<TargetRef, HashMap<String, Counter>>>);
 
+/// The `rule` label of activity refused for its credentials.
+pub const UNAUTHENTICATED: &str = "unauthenticated";
+
 /// The metric's source label for sources past [`MAX_SOURCES`] of a target.
 pub const OTHER_SOURCES: &str = "(other sources)";
 
@@ -128,13 +131,36 @@ impl Observer {
     where
         A: AsRef<Activity> + Into<Arc<Activity>>,
     {
-        let policy = self.rules.get(t);
-        let source = a.as_ref().source.as_str();
-        if let Some(ignored) = ignored_by(&self.builtin, &policy, a.as_ref()) {
-            let rule = ignored.kind.label(ignored.builtin);
-            self.metrics.activity.get_or_create(&ActivityLabels { source, outcome: "ignored", rule }).inc();
-            return Outcome::Ignored(ignored);
+        match self.judge(t, a.as_ref()) {
+            Some(ignored) => Outcome::Ignored(ignored),
+            None => self.record(t, a),
         }
+    }
+
+    /// Why `a` does not count for `t`, if it does not (counted in metrics);
+    /// `None` for activity to [`record`](Self::record).
+    pub fn judge(&self, t: &TargetRef, a: &Activity) -> Option<Ignored> {
+        let ignored = ignored_by(&self.builtin, &self.rules.get(t), a)?;
+        let rule = ignored.kind.label(ignored.builtin);
+        let source = a.source.as_str();
+        self.metrics.activity.get_or_create(&ActivityLabels { source, outcome: "ignored", rule }).inc();
+        Some(ignored)
+    }
+
+    /// A request its API server could not authenticate (401): nobody used
+    /// the target (an expired CI token polling forever must not keep it
+    /// awake). Counted in metrics only.
+    pub fn unauthenticated(&self, source: Source) {
+        let labels = ActivityLabels { source: source.as_str(), outcome: "ignored", rule: UNAUTHENTICATED };
+        self.metrics.activity.get_or_create(&labels).inc();
+    }
+
+    /// Records activity that [`judge`](Self::judge) let through.
+    pub fn record<A>(&self, t: &TargetRef, a: A) -> Outcome
+    where
+        A: AsRef<Activity> + Into<Arc<Activity>>,
+    {
+        let source = a.as_ref().source.as_str();
         self.metrics.activity.get_or_create(&ActivityLabels { source, outcome: "counted", rule: "" }).inc();
         let who = a.as_ref().who();
         self.sources.counter(&self.metrics, t, &who).inc();
@@ -144,11 +170,6 @@ impl Observer {
             self.metrics.activity_dropped.inc();
             Outcome::Dropped
         }
-    }
-
-    /// True when `a` would be ignored for `t` (without recording anything).
-    pub fn ignores(&self, t: &TargetRef, a: &Activity) -> Option<Ignored> {
-        ignored_by(&self.builtin, &self.rules.get(t), a)
     }
 }
 

@@ -69,7 +69,8 @@ pub struct Event<'a> {
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct UserInfo<'a> {
-    #[serde(borrow)]
+    /// Empty (absent) for a request the API server could not authenticate.
+    #[serde(borrow, default)]
     pub username: Cow<'a, str>,
     #[serde(borrow, default)]
     pub groups: Vec<Cow<'a, str>>,
@@ -97,7 +98,8 @@ pub struct ResponseStatus {
 }
 
 /// Decodes an `EventList`; every item must carry auditID, stage,
-/// requestURI, verb and user.username.
+/// requestURI, verb and user (whose username is absent when the request
+/// could not be authenticated).
 pub fn decode(body: &[u8]) -> Result<Vec<Event<'_>>, DecodeError> {
     let list: RawList<'_> = serde_json::from_slice(body).map_err(|e| DecodeError::Json(e.to_string()))?;
     match list.kind.as_deref() {
@@ -128,13 +130,20 @@ impl Event<'_> {
     }
 
     /// One request counts once: at `ResponseComplete`, or at
-    /// `ResponseStarted` for long-running requests.
+    /// `ResponseStarted` for long-running requests and for requests that
+    /// failed authentication (audited only at that stage).
     pub fn counts(&self) -> bool {
         match self.stage.as_ref() {
             "ResponseComplete" => !self.long_running(),
-            "ResponseStarted" => self.long_running(),
+            "ResponseStarted" => self.long_running() || self.user.username.is_empty(),
             _ => false,
         }
+    }
+
+    /// True for a request the API server refused because it could not
+    /// authenticate it (audited with no user, status 401).
+    pub fn unauthenticated(&self) -> bool {
+        self.user.username.is_empty() || self.response_status.and_then(|s| s.code) == Some(401)
     }
 
     /// The user the request acted as (the impersonated one, if any).
@@ -202,9 +211,9 @@ mod tests {
                 "missing field `verb`",
             ),
             (
-                r#"{"kind":"EventList","apiVersion":"audit.k8s.io/v1","items":[{"auditID":"x","stage":"ResponseComplete","requestURI":"/","verb":"get","user":{}}]}"#,
+                r#"{"kind":"EventList","apiVersion":"audit.k8s.io/v1","items":[{"auditID":"x","stage":"ResponseComplete","requestURI":"/","verb":"get"}]}"#,
                 "malformed",
-                "missing field `username`",
+                "missing field `user`",
             ),
             (
                 r#"{"kind":"EventList","apiVersion":"audit.k8s.io/v1","items":[{"auditID":"x","stage":"ResponseComplete","requestURI":"/","verb":"get","user":{"username":7}}]}"#,
@@ -240,6 +249,20 @@ mod tests {
             let items = decode(body.as_bytes()).unwrap();
             assert_eq!(items[0].counts(), counts, "{stage} {verb} {sub} {uri}");
         }
+    }
+
+    #[test]
+    fn a_request_that_failed_authentication_decodes_and_is_unauthenticated() {
+        // As kube-apiserver audits a request with a token it does not know.
+        let body = r#"{"kind":"EventList","apiVersion":"audit.k8s.io/v1","items":[
+          {"level":"Metadata","auditID":"f1","stage":"ResponseStarted","requestURI":"/api/v1/namespaces/team-a/pods?limit=500","verb":"list","user":{},"sourceIPs":["127.0.0.1"],"userAgent":"kubectl/v1.37.2","objectRef":{"resource":"pods","namespace":"team-a","apiVersion":"v1"},"responseStatus":{"metadata":{},"status":"Failure","message":"Unauthorized","reason":"Unauthorized","code":401}},
+          {"auditID":"f2","stage":"ResponseComplete","requestURI":"/api","verb":"get","user":{"username":"alice"},"responseStatus":{"code":401}},
+          {"auditID":"f3","stage":"ResponseComplete","requestURI":"/api","verb":"get","user":{"username":"alice"},"responseStatus":{"code":403}}]}"#;
+        let items = decode(body.as_bytes()).unwrap();
+        let refused: Vec<bool> = items.iter().map(Event::unauthenticated).collect();
+        assert_eq!(refused, [true, true, false]);
+        // Each is looked at once (the first is audited at no other stage).
+        assert!(items.iter().all(Event::counts));
     }
 
     #[test]

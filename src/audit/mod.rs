@@ -311,6 +311,10 @@ impl Receiver {
             Origin::Host => None,
         };
         for e in events.iter().filter(|e| e.counts()) {
+            if e.unauthenticated() {
+                self.observer.unauthenticated(Source::Audit);
+                continue;
+            }
             match origin {
                 Origin::VCluster(t) => {
                     if known_vcluster == Some(true) {
