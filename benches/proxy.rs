@@ -17,7 +17,9 @@
 //!
 //! `DORMANT_BENCH_THROUGHPUT_ONLY=1` stops after the throughput table (for
 //! profiling the proxy's hot path); `DORMANT_BENCH_MEMORY_ONLY=1` measures
-//! only the memory per waiting request.
+//! only the memory per waiting request; `DORMANT_BENCH_HOLD=1` sets up the
+//! throughput run's upstream and proxies, prints their URLs and waits for
+//! Ctrl-C (to drive load and profilers by hand).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use anyhow::Context;
@@ -260,6 +262,15 @@ async fn main() -> anyhow::Result<()> {
     let auth = "Authorization: Bearer bench";
     let secs = 15;
     let path = "/api/v1/namespaces/default/configmaps";
+    if std::env::var_os("DORMANT_BENCH_HOLD").is_some() {
+        println!("direct  https://127.0.0.1:{up_port}{path}");
+        println!("nginx   https://127.0.0.1:{nginx_port}{path}");
+        println!("haproxy https://127.0.0.1:{haproxy_port}{path}");
+        println!("dormant https://127.0.0.1:{proxy_port}/vcluster/bench/fast{path} (pid {})", agent.pid());
+        println!("header  {auth}; holding until interrupted");
+        tokio::signal::ctrl_c().await?;
+        return Ok(());
+    }
     let direct = wrk(&format!("https://127.0.0.1:{up_port}{path}"), &[auth], secs);
     let via_nginx = wrk(&format!("https://127.0.0.1:{nginx_port}{path}"), &[auth], secs);
     let via_haproxy = wrk(&format!("https://127.0.0.1:{haproxy_port}{path}"), &[auth], secs);
