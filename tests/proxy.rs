@@ -400,17 +400,21 @@ fn access_never_widens_through_the_proxy() {
         .trim()
         .to_string();
     assert!(!token.is_empty());
-    let bearer = c.dir.join(format!("{}-viewer.kubeconfig", s.ns));
-    std::fs::write(
-        &bearer,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: p\n  cluster:\n    server: {}/vcluster/{}/dev\n    certificate-authority: {}\nusers:\n- name: viewer\n  user:\n    token: {token}\ncontexts:\n- name: p\n  context: {{cluster: p, user: viewer}}\ncurrent-context: p\n",
-            s.proxy,
-            s.ns,
-            c.ca_file.display()
-        ),
-    )
-    .unwrap();
+    let token_kubeconfig = |name: &str, token: &str| {
+        let path = c.dir.join(format!("{}-{name}.kubeconfig", s.ns));
+        std::fs::write(
+            &path,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: p\n  cluster:\n    server: {}/vcluster/{}/dev\n    certificate-authority: {}\nusers:\n- name: u\n  user:\n    token: {token}\ncontexts:\n- name: p\n  context: {{cluster: p, user: u}}\ncurrent-context: p\n",
+                s.proxy,
+                s.ns,
+                c.ca_file.display()
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let bearer = token_kubeconfig("viewer", &token);
     let who = kubectl_with(c, &bearer, &["auth", "whoami", "-o", "jsonpath={.status.userInfo.username}"]);
     assert_eq!(text(&who).0, "system:serviceaccount:default:viewer", "{:?}", text(&who));
     let denied = kubectl_with(c, &bearer, &["get", "secrets", "-n", "kube-system"]);
@@ -422,6 +426,29 @@ fn access_never_widens_through_the_proxy() {
         metrics.lines().any(|l| l.starts_with("dormant_activity_sources_total{") && l.contains(source)),
         "no activity attributed to the token's ServiceAccount:\n{}",
         metrics.lines().filter(|l| l.starts_with("dormant_activity_sources")).collect::<Vec<_>>().join("\n")
+    );
+
+    // A token the upstream does not know gets the upstream's 401 and counts
+    // for nothing: an expired CI credential polling forever must not keep
+    // the vcluster awake.
+    let expired = token_kubeconfig("expired", "not-a-token");
+    let refused = kubectl_with(c, &expired, &["get", "namespaces"]);
+    assert!(!refused.status.success() && text(&refused).1.contains("Unauthorized"), "{:?}", text(&refused));
+    let metrics = testbed::process::http_body(s.agent.admin_port, "/metrics");
+    let unauthenticated = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with(
+                r#"dormant_activity_total{source="proxy",outcome="ignored",rule="unauthenticated"}"#,
+            )
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+    assert!(unauthenticated.is_some_and(|n| n >= 1.0), "{metrics}");
+    assert!(
+        !metrics
+            .lines()
+            .any(|l| l.starts_with("dormant_activity_sources_total{") && l.contains("(bearer token)")),
+        "the refused token's requests were counted:\n{metrics}"
     );
 }
 

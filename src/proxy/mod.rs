@@ -44,7 +44,7 @@ use tokio::net::TcpListener;
 use tokio::sync::broadcast;
 use tokio_rustls::TlsAcceptor;
 
-use crate::activity::observe::{Observer, Outcome};
+use crate::activity::observe::Observer;
 use crate::activity::{Activity, Source};
 use crate::metrics::{Metrics, OutcomeLabels, ProxyLabels};
 use crate::policy::annotations::{self as ann, ForceSleep, TargetAnnotations, Until, rfc3339};
@@ -559,11 +559,14 @@ impl Proxy {
             .get(IGNORE_HEADER)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.eq_ignore_ascii_case("true"));
-        let counted = if opted_out || caller == Caller::Anonymous {
-            false
-        } else {
-            !matches!(self.observer.observe(&t, activity.clone()), Outcome::Ignored(_))
-        };
+        // Whether it counts is known now; it is recorded once the upstream
+        // has answered, unless that answer is 401 (the upstream could not
+        // authenticate the caller: nobody used the target), or when it wakes
+        // the target (a sleeping API server cannot say whether a credential
+        // is good).
+        let counted =
+            !opted_out && caller != Caller::Anonymous && self.observer.judge(&t, &activity).is_none();
+        let mut recorded = false;
 
         // 4. Wake gate.
         let mut outcome = "forwarded";
@@ -583,6 +586,10 @@ impl Proxy {
                 }
                 if !counted {
                     return Err(ProxyError::AsleepIgnored(t));
+                }
+                if !recorded {
+                    self.observer.record(&t, activity.clone());
+                    recorded = true;
                 }
                 let rules = self.wake_rules(&t);
                 if let Some(until) = rules.prevented {
@@ -632,7 +639,16 @@ impl Proxy {
                 }
                 Err(Forward::NoAnswer(e)) => return Err(ProxyError::Upstream(t.clone(), e)),
                 Err(Forward::Refused(e)) => return Err(e),
-                Ok(resp) => return Ok((outcome, resp)),
+                Ok(resp) => {
+                    if counted && !recorded {
+                        if resp.status() == StatusCode::UNAUTHORIZED {
+                            self.observer.unauthenticated(Source::Proxy);
+                        } else {
+                            self.observer.record(&t, activity);
+                        }
+                    }
+                    return Ok((outcome, resp));
+                }
             }
         }
     }
