@@ -560,8 +560,33 @@ async fn a_rotated_certificate_is_served_without_a_restart() {
     }
 }
 
-#[test]
-fn a_vclusters_api_server_reports_to_its_own_endpoint() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vclusters_api_server_reports_to_its_own_endpoint_and_its_syncer_counts_for_nothing() {
+    tokio::task::spawn_blocking(vcluster_audit_scenario).await.unwrap();
+}
+
+/// What a vcluster's syncer does to its own API server all the time: list
+/// and watch, with the admin credential from the `vc-<name>` Secret and
+/// client-go's default user agent for the `vcluster` binary.
+async fn act_as_syncer(kubeconfig: &std::path::Path) {
+    let mut config = kube::Config::from_custom_kubeconfig(
+        kube::config::Kubeconfig::read_from(kubeconfig).unwrap(),
+        &Default::default(),
+    )
+    .await
+    .unwrap();
+    config.headers.push((
+        http::header::USER_AGENT,
+        "vcluster/v0.26.1 (linux/amd64) kubernetes/1a2b3c4".parse().unwrap(),
+    ));
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
+        kube::Api::all(kube::Client::try_from(config).unwrap());
+    pods.list(&Default::default()).await.unwrap();
+    let mut watch = Box::pin(pods.watch(&kube::api::WatchParams::default().timeout(1), "0").await.unwrap());
+    while futures::StreamExt::next(&mut watch).await.is_some() {}
+}
+
+fn vcluster_audit_scenario() {
     let e = env();
     let c = &e.cluster;
     let ns = c.namespace("vc-audit", &[("dormant-test", SCOPE)]).unwrap();
@@ -583,6 +608,10 @@ fn a_vclusters_api_server_reports_to_its_own_endpoint() {
     .unwrap();
     vc.wait_serving(c, Duration::from_secs(60)).unwrap();
     std::thread::sleep(Duration::from_secs(3));
+    let syncer_rule =
+        "dormant_activity_total{source=\"audit\",outcome=\"ignored\",rule=\"builtin-vcluster-syncer\"}";
+    let syncer_before = metric(&e.agent, syncer_rule);
+    tokio::runtime::Handle::current().block_on(act_as_syncer(&vc.kubeconfig));
     // alice's certificate is valid for the vcluster's API server too; she
     // has no rights there, which does not make her request any less a use.
     std::fs::write(c.dir.join("alice-vc.crt"), &c.alice.cert.cert_pem).unwrap();
@@ -604,6 +633,10 @@ fn a_vclusters_api_server_reports_to_its_own_endpoint() {
         quiet_annotation(c, "statefulset", "dev", Some(&ns), "dormant.dev/last-activity-by")
             .starts_with("alice list secrets (audit)")
     });
+    // The syncer's requests came first, and none counted.
+    let sources = quiet_annotation(c, "statefulset", "dev", Some(&ns), "dormant.dev/activity-sources");
+    assert!(!sources.contains("(vcluster)"), "the syncer kept its vcluster awake: {sources}");
+    assert!(metric(&e.agent, syncer_rule) >= syncer_before + 2.0, "its list and watch were not seen");
 }
 
 /// Two replicas each count activity for the same target and flush their

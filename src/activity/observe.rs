@@ -86,8 +86,12 @@ pub struct Observer {
 #[derive(Default)]
 struct SourceCounters(RwLock<HashMap<TargetRef, HashMap<String, Counter>>>);
 
-/// The `rule` label of activity refused for its credentials.
+/// The `rule` label of a request its API server could not authenticate
+/// (401): an expired CI token polling forever must not keep a target awake.
 pub const UNAUTHENTICATED: &str = "unauthenticated";
+
+/// The `rule` label of a vcluster syncer's requests to its own API server.
+pub const VCLUSTER_SYNCER: &str = "builtin-vcluster-syncer";
 
 /// The metric's source label for sources past [`MAX_SOURCES`] of a target.
 pub const OTHER_SOURCES: &str = "(other sources)";
@@ -147,11 +151,11 @@ impl Observer {
         Some(ignored)
     }
 
-    /// A request its API server could not authenticate (401): nobody used
-    /// the target (an expired CI token polling forever must not keep it
-    /// awake). Counted in metrics only.
-    pub fn unauthenticated(&self, source: Source) {
-        let labels = ActivityLabels { source: source.as_str(), outcome: "ignored", rule: UNAUTHENTICATED };
+    /// A request that is nobody's use of the target whatever the rules say
+    /// ([`UNAUTHENTICATED`], [`VCLUSTER_SYNCER`]): counted in metrics only,
+    /// as ignored by `rule`.
+    pub fn turn_away(&self, source: Source, rule: &'static str) {
+        let labels = ActivityLabels { source: source.as_str(), outcome: "ignored", rule };
         self.metrics.activity.get_or_create(&labels).inc();
     }
 

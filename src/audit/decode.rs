@@ -146,6 +146,15 @@ impl Event<'_> {
         self.user.username.is_empty() || self.response_status.and_then(|s| s.code) == Some(401)
     }
 
+    /// True for a request by a vcluster's syncer to the vcluster's own API
+    /// server. The syncer uses the same admin credential as the `vc-<name>`
+    /// kubeconfig people are given, and watches all the time (a watch
+    /// restarts every few minutes); only its user agent tells it apart:
+    /// client-go's default, named after the `vcluster` binary.
+    pub fn from_vcluster_syncer(&self) -> bool {
+        self.user_agent.as_deref().is_some_and(|ua| ua.starts_with("vcluster/"))
+    }
+
     /// The user the request acted as (the impersonated one, if any).
     pub fn effective_user(&self) -> &UserInfo<'_> {
         self.impersonated_user.as_ref().unwrap_or(&self.user)

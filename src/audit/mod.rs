@@ -22,7 +22,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
-use crate::activity::observe::Observer;
+use crate::activity::observe::{Observer, UNAUTHENTICATED, VCLUSTER_SYNCER};
 use crate::activity::{Activity, ResourceRef, Source};
 use crate::metrics::{Metrics, OutcomeLabels};
 use crate::target::TargetRef;
@@ -312,14 +312,16 @@ impl Receiver {
         };
         for e in events.iter().filter(|e| e.counts()) {
             if e.unauthenticated() {
-                self.observer.unauthenticated(Source::Audit);
+                self.observer.turn_away(Source::Audit, UNAUTHENTICATED);
                 continue;
             }
             match origin {
+                Origin::VCluster(_) if known_vcluster != Some(true) => {}
+                Origin::VCluster(_) if e.from_vcluster_syncer() => {
+                    self.observer.turn_away(Source::Audit, VCLUSTER_SYNCER);
+                }
                 Origin::VCluster(t) => {
-                    if known_vcluster == Some(true) {
-                        self.observer.observe(t, to_activity(e, received));
-                    }
+                    self.observer.observe(t, to_activity(e, received));
                 }
                 Origin::Host => {
                     let Some(ns) = e.namespace() else { continue };

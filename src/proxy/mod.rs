@@ -44,7 +44,7 @@ use tokio::net::TcpListener;
 use tokio::sync::broadcast;
 use tokio_rustls::TlsAcceptor;
 
-use crate::activity::observe::Observer;
+use crate::activity::observe::{Observer, UNAUTHENTICATED};
 use crate::activity::{Activity, Source};
 use crate::metrics::{Metrics, OutcomeLabels, ProxyLabels};
 use crate::policy::annotations::{self as ann, ForceSleep, TargetAnnotations, Until, rfc3339};
@@ -642,7 +642,7 @@ impl Proxy {
                 Ok(resp) => {
                     if counted && !recorded {
                         if resp.status() == StatusCode::UNAUTHORIZED {
-                            self.observer.unauthenticated(Source::Proxy);
+                            self.observer.turn_away(Source::Proxy, UNAUTHENTICATED);
                         } else {
                             self.observer.record(&t, activity);
                         }
