@@ -324,7 +324,10 @@ impl Upstream {
             let ((mut sender, driver), fresh) =
                 match conn.state.take(self, admin).or_else(|| channel.checkout(&conn.background)) {
                     Some(s) => (s, false),
-                    None => (channel.connect(&self.origin, &conn.background).await?, true),
+                    // Boxed: rare, and a connect (TCP, TLS, HTTP handshakes)
+                    // would otherwise make every request's future that much
+                    // bigger (allocated and moved per request).
+                    None => (Box::pin(channel.connect(&self.origin, &conn.background)).await?, true),
                 };
             if let Err(e) = sender.ready().await {
                 if fresh {
