@@ -152,6 +152,69 @@ fn alices_request_updates_her_namespace_within_the_batch_wait_and_no_other() {
     );
 }
 
+/// kubectl against the host API server with a bearer token only.
+fn kubectl_with_token(c: &Cluster, token: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(c.bins.path("kubectl"))
+        .env("KUBECONFIG", "/dev/null")
+        .args(["--server", &c.server, "--token", token, "--certificate-authority"])
+        .arg(&c.ca_file)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_namespaces_own_service_accounts_do_not_keep_it_awake_unless_its_policy_counts_them() {
+    let e = env();
+    let c = &e.cluster;
+    install_crd(c);
+    let own = c.namespace("own-sa", &[("dormant-test", SCOPE)]).unwrap();
+    let counts = c.namespace("own-sa-counts", &[("dormant-test", SCOPE), ("own-sa", "counted")]).unwrap();
+    c.kubectl_apply(
+        &c.admin,
+        "apiVersion: dormant.dev/v1alpha1\nkind: SleepPolicy\nmetadata: {name: audit-own-sa-counted}\nspec:\n  selector: {namespaceSelector: {matchLabels: {own-sa: counted}}}\n  sleepAfter: 1h\n  ignore: {ownServiceAccounts: false}\n",
+    )
+    .unwrap();
+    kubectl(c, &["annotate", "namespace", &own, "dormant.dev/sleep-after=1h"]);
+    // Each namespace runs an app with a ServiceAccount of its own.
+    let token = |ns: &str| {
+        kubectl(c, &["create", "serviceaccount", "app", "-n", ns]);
+        kubectl(c, &["create", "token", "app", "-n", ns]).trim().to_string()
+    };
+    let (own_app, counted_app) = (token(&own), token(&counts));
+    std::thread::sleep(Duration::from_secs(4));
+    let rule = "dormant_activity_total{source=\"audit\",outcome=\"ignored\",rule=\"own-service-account\"}";
+    let ignored_before = metric(&e.agent, rule);
+    let own_before = quiet_annotation(c, "namespace", &own, None, "dormant.dev/last-activity");
+
+    // The app reads its own namespace's ConfigMaps, as an operator or a
+    // config reloader does all day; then the other namespace's, which is
+    // use of that one; then the other namespace's own app reads its
+    // Secrets, and its policy counts its own service accounts.
+    for (token, ns, what) in [
+        (&own_app, &own, "configmaps"),
+        (&own_app, &counts, "configmaps"),
+        (&counted_app, &counts, "secrets"),
+    ] {
+        let out = kubectl_with_token(c, token, &["get", what, "-n", ns]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() || stderr.contains("Forbidden"), "{stderr}");
+    }
+    let counted_by = format!("system:serviceaccount:{counts}:app list secrets (audit)");
+    wait_until("the counted app's request to be recorded", Duration::from_secs(20), || {
+        last_activity_by(c, &counts).starts_with(&counted_by)
+    });
+    let sources = quiet_annotation(c, "namespace", &counts, None, "dormant.dev/activity-sources");
+    assert!(sources.contains(&format!("\"system:serviceaccount:{own}:app (kubectl)\"")), "{sources}");
+    assert_eq!(
+        quiet_annotation(c, "namespace", &own, None, "dormant.dev/last-activity"),
+        own_before,
+        "its own app kept {own} awake (by {:?})",
+        last_activity_by(c, &own)
+    );
+    assert!(metric(&e.agent, rule) > ignored_before, "not counted as ignored");
+}
+
 /// kube-apiserver audits a request it could not authenticate with no user
 /// at all (`"user":{}`): it counts for nothing, and the batch it comes in,
 /// with other people's requests, is still taken.
@@ -173,13 +236,7 @@ fn a_request_the_api_server_could_not_authenticate_counts_for_nothing() {
 
     // A token the API server does not know (an expired CI credential,
     // say), then alice, within the same batch wait.
-    let out = std::process::Command::new(c.bins.path("kubectl"))
-        .env("KUBECONFIG", "/dev/null")
-        .args(["--server", &c.server, "--token", "not-a-token", "--certificate-authority"])
-        .arg(&c.ca_file)
-        .args(["get", "pods", "-n", &refused])
-        .output()
-        .unwrap();
+    let out = kubectl_with_token(c, "not-a-token", &["get", "pods", "-n", &refused]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("Unauthorized"), "{stderr}");
     let _ = c.kubectl_out(&c.alice, &["get", "pods", "-n", &sentinel]);
@@ -612,6 +669,27 @@ fn vcluster_audit_scenario() {
         "dormant_activity_total{source=\"audit\",outcome=\"ignored\",rule=\"builtin-vcluster-syncer\"}";
     let syncer_before = metric(&e.agent, syncer_rule);
     tokio::runtime::Handle::current().block_on(act_as_syncer(&vc.kubeconfig));
+    // An app inside the vcluster reads its ConfigMaps with its own
+    // ServiceAccount: the vcluster's own workload, not a use of it.
+    let in_vc = |args: &[&str]| {
+        let out = std::process::Command::new(c.bins.path("kubectl"))
+            .arg(format!("--kubeconfig={}", vc.kubeconfig.display()))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    in_vc(&["create", "serviceaccount", "app", "-n", "default"]);
+    let app = in_vc(&["create", "token", "app", "-n", "default"]);
+    let out = std::process::Command::new(c.bins.path("kubectl"))
+        .env("KUBECONFIG", "/dev/null")
+        .args(["--server", &vc.server, "--token", &app, "--certificate-authority"])
+        .arg(&c.ca_file)
+        .args(["get", "configmaps", "-n", "default"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Forbidden"), "{out:?}");
     // alice's certificate is valid for the vcluster's API server too; she
     // has no rights there, which does not make her request any less a use.
     std::fs::write(c.dir.join("alice-vc.crt"), &c.alice.cert.cert_pem).unwrap();
@@ -636,6 +714,7 @@ fn vcluster_audit_scenario() {
     // The syncer's requests came first, and none counted.
     let sources = quiet_annotation(c, "statefulset", "dev", Some(&ns), "dormant.dev/activity-sources");
     assert!(!sources.contains("(vcluster)"), "the syncer kept its vcluster awake: {sources}");
+    assert!(!sources.contains("system:serviceaccount:default:app"), "its own app kept it awake: {sources}");
     assert!(metric(&e.agent, syncer_rule) >= syncer_before + 2.0, "its list and watch were not seen");
 }
 

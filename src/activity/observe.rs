@@ -93,6 +93,10 @@ pub const UNAUTHENTICATED: &str = "unauthenticated";
 /// The `rule` label of a vcluster syncer's requests to its own API server.
 pub const VCLUSTER_SYNCER: &str = "builtin-vcluster-syncer";
 
+/// The `rule` label of requests by a target's own service accounts (see
+/// [`crate::policy::ignore::own_service_account`]).
+pub const OWN_SERVICE_ACCOUNT: &str = "own-service-account";
+
 /// The metric's source label for sources past [`MAX_SOURCES`] of a target.
 pub const OTHER_SOURCES: &str = "(other sources)";
 
@@ -151,9 +155,9 @@ impl Observer {
         Some(ignored)
     }
 
-    /// A request that is nobody's use of the target whatever the rules say
-    /// ([`UNAUTHENTICATED`], [`VCLUSTER_SYNCER`]): counted in metrics only,
-    /// as ignored by `rule`.
+    /// A request that is nobody's use of the target ([`UNAUTHENTICATED`],
+    /// [`VCLUSTER_SYNCER`], [`OWN_SERVICE_ACCOUNT`]): counted in metrics
+    /// only, as ignored by `rule`.
     pub fn turn_away(&self, source: Source, rule: &'static str) {
         let labels = ActivityLabels { source: source.as_str(), outcome: "ignored", rule };
         self.metrics.activity.get_or_create(&labels).inc();

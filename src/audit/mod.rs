@@ -22,9 +22,10 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
-use crate::activity::observe::{Observer, UNAUTHENTICATED, VCLUSTER_SYNCER};
+use crate::activity::observe::{OWN_SERVICE_ACCOUNT, Observer, UNAUTHENTICATED, VCLUSTER_SYNCER};
 use crate::activity::{Activity, ResourceRef, Source};
 use crate::metrics::{Metrics, OutcomeLabels};
+use crate::policy::ignore::own_service_account;
 use crate::target::TargetRef;
 use crate::target::index::TargetIndex;
 
@@ -320,18 +321,32 @@ impl Receiver {
                 Origin::VCluster(_) if e.from_vcluster_syncer() => {
                     self.observer.turn_away(Source::Audit, VCLUSTER_SYNCER);
                 }
+                Origin::VCluster(t) if self.own_service_account(t, e, true) => {
+                    self.observer.turn_away(Source::Audit, OWN_SERVICE_ACCOUNT);
+                }
                 Origin::VCluster(t) => {
                     self.observer.observe(t, to_activity(e, received));
                 }
                 Origin::Host => {
                     let Some(ns) = e.namespace() else { continue };
                     for t in self.index.in_namespace(ns) {
-                        self.observer.observe(&t, to_activity(e, received));
+                        if self.own_service_account(&t, e, false) {
+                            self.observer.turn_away(Source::Audit, OWN_SERVICE_ACCOUNT);
+                        } else {
+                            self.observer.observe(&t, to_activity(e, received));
+                        }
                     }
                 }
             }
         }
         Ok(events.len())
+    }
+
+    /// True when `e` was made by one of `t`'s own service accounts and
+    /// `t`'s policy does not count them.
+    fn own_service_account(&self, t: &TargetRef, e: &decode::Event<'_>, in_vcluster: bool) -> bool {
+        own_service_account(&e.effective_user().username, &t.namespace, in_vcluster)
+            && !self.observer.rules.get(t).count_own_service_accounts
     }
 
     /// Serves HTTPS on `listener` with `tls` until the task is dropped.

@@ -325,6 +325,12 @@ pub async fn explain(client: &Client, r: &TargetRef) -> anyhow::Result<String> {
             ig.resources.iter().map(|r| r.pattern()).collect::<Vec<_>>().join(",")
         ));
     }
+    if ig.active_connections {
+        ignore.push("activeConnections".to_string());
+    }
+    if ig.count_own_service_accounts {
+        ignore.push("ownServiceAccounts: false (they count)".to_string());
+    }
     let _ = writeln!(
         out,
         "  {:<16} {:<40} {}",

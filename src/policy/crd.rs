@@ -125,7 +125,7 @@ pub struct WakeSpec {
     pub timeout: Option<String>,
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct IgnoreSpec {
     /// User names (`*` globs).
@@ -149,6 +149,33 @@ pub struct IgnoreSpec {
     /// Open exec, attach, port-forward and watch connections do not keep a target awake.
     #[serde(default)]
     pub active_connections: bool,
+    /// Requests a target's own service accounts make, as an API server's
+    /// audit webhook reports them, do not keep it awake: on the host, those
+    /// of the target's namespace; inside a vcluster, all of them. They are
+    /// the target's own workloads (operators, leader election, apps reading
+    /// their ConfigMaps). Set false to count them.
+    #[serde(default = "yes")]
+    pub own_service_accounts: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for IgnoreSpec {
+    /// As an empty `ignore: {}` reads.
+    fn default() -> Self {
+        IgnoreSpec {
+            users: vec![],
+            groups: vec![],
+            user_agents: vec![],
+            verbs: vec![],
+            resources: vec![],
+            non_resource_urls: vec![],
+            active_connections: false,
+            own_service_accounts: true,
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]

@@ -150,6 +150,25 @@ pub struct IgnoreRules {
     /// Open upgraded connections (exec, port-forward, watch) do not keep the
     /// target awake.
     pub active_connections: bool,
+    /// Requests by the target's own service accounts count (off by default:
+    /// see [`own_service_account`]).
+    pub count_own_service_accounts: bool,
+}
+
+/// True when `user`, reported by an API server's audit webhook, is one of
+/// the target's own service accounts: on the host, one in the target's
+/// namespace; inside a vcluster (`in_vcluster`), any. That is the target's
+/// own workloads calling the API (operators watching, apps reading their
+/// ConfigMaps, leader election): they run while it is awake and stop when
+/// it sleeps, so they are not anybody using it, and would otherwise keep
+/// it awake for ever. Someone else's use through dormant's proxy is never
+/// matched here.
+pub fn own_service_account(user: &str, namespace: &str, in_vcluster: bool) -> bool {
+    match user.strip_prefix("system:serviceaccount:") {
+        Some(_) if in_vcluster => true,
+        Some(rest) => rest.split_once(':').is_some_and(|(ns, _)| ns == namespace),
+        None => false,
+    }
 }
 
 impl IgnoreRules {
@@ -196,6 +215,7 @@ impl IgnoreRules {
                 .map(String::from)
                 .to_vec(),
             active_connections: false,
+            count_own_service_accounts: false,
         }
     }
 
@@ -341,6 +361,25 @@ mod tests {
     }
 
     #[test]
+    fn own_service_accounts_are_the_namespaces_on_the_host_and_all_inside_a_vcluster() {
+        for (user, ns, in_vcluster, own) in [
+            ("system:serviceaccount:team-a:operator", "team-a", false, true),
+            ("system:serviceaccount:team-b:ci", "team-a", false, false),
+            ("system:serviceaccount:team-ab:x", "team-a", false, false),
+            ("system:serviceaccount:team-a", "team-a", false, false),
+            ("alice", "team-a", false, false),
+            ("system:serviceaccount:default:app", "team-a", true, true),
+            ("alice", "team-a", true, false),
+        ] {
+            assert_eq!(
+                own_service_account(user, ns, in_vcluster),
+                own,
+                "{user} in {ns} (vcluster: {in_vcluster})"
+            );
+        }
+    }
+
+    #[test]
     fn each_kind_of_rule_ignores_what_it_names_and_nothing_else() {
         let rules = IgnoreRules {
             users: vec!["system:serviceaccount:argocd:*".into()],
@@ -353,6 +392,7 @@ mod tests {
             ],
             non_resource_urls: vec!["/openapi/*".into()],
             active_connections: false,
+            count_own_service_accounts: false,
         };
         let pods = Some(("", "pods", "", "web-0"));
         let table: Vec<(Activity, Option<RuleKind>)> = vec![

@@ -197,6 +197,7 @@ impl Policy {
                 resources,
                 non_resource_urls: ig.non_resource_urls,
                 active_connections: ig.active_connections,
+                count_own_service_accounts: !ig.own_service_accounts,
             },
             exclude,
             pricing,
