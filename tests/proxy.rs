@@ -28,6 +28,10 @@ struct Setup {
 }
 
 fn setup(prefix: &str, extra: &[&str], policy: Option<&str>) -> Setup {
+    setup_with(prefix, extra, policy, VClusterOptions::default())
+}
+
+fn setup_with(prefix: &str, extra: &[&str], policy: Option<&str>, opts: VClusterOptions) -> Setup {
     let c = Cluster::shared();
     let id = test_id(prefix);
     let ns = c.namespace(prefix, &[("dormant-test", &id)]).unwrap();
@@ -43,10 +47,7 @@ fn setup(prefix: &str, extra: &[&str], policy: Option<&str>) -> Setup {
         c,
         &ns,
         "dev",
-        VClusterOptions {
-            annotations: vec![("dormant.dev/sleep-after".into(), "1h".into())],
-            ..Default::default()
-        },
+        VClusterOptions { annotations: vec![("dormant.dev/sleep-after".into(), "1h".into())], ..opts },
     )
     .unwrap();
     vc.wait_serving(c, Duration::from_secs(60)).unwrap();
@@ -450,6 +451,33 @@ fn access_never_widens_through_the_proxy() {
             .any(|l| l.starts_with("dormant_activity_sources_total{") && l.contains("(bearer token)")),
         "the refused token's requests were counted:\n{metrics}"
     );
+}
+
+/// k3s-based vclusters sign client certificates with a CA of their own;
+/// their Secret's `certificate-authority` is only the serving CA, and the
+/// client CA follows the admin certificate in `client-certificate`.
+#[test]
+fn a_vcluster_with_its_own_client_ca_takes_its_certificates_through_the_proxy() {
+    let c = Cluster::shared();
+    let s = setup_with("proxy-k3s", &[], None, VClusterOptions { own_client_ca: true, ..Default::default() });
+    let whoami = kubectl_with(
+        c,
+        &s.kubeconfig,
+        &["auth", "whoami", "-o", "jsonpath={.status.userInfo.username} {.status.userInfo.groups}"],
+    );
+    let (out, err) = text(&whoami);
+    assert!(
+        whoami.status.success() && out.starts_with("system:admin ") && out.contains("system:masters"),
+        "{out} {err}"
+    );
+    let direct = kubectl_with(c, &s.vc.kubeconfig, &["get", "namespaces", "-o", "name"]);
+    let proxied = kubectl_with(c, &s.kubeconfig, &["get", "namespaces", "-o", "name"]);
+    assert!(proxied.status.success(), "{:?}", text(&proxied));
+    assert_eq!(text(&proxied).0, text(&direct).0);
+    // A certificate from the serving CA alone is not a client of this vcluster.
+    let host_admin = user_kubeconfig(c, &s, "alice", &c.alice.cert);
+    let refused = kubectl_with(c, &host_admin, &["get", "namespaces"]);
+    assert!(text(&refused).1.contains("client certificate not valid for vcluster"), "{:?}", text(&refused));
 }
 
 #[test]

@@ -522,11 +522,14 @@ impl Upstreams {
         };
         // HTTP/1.1 upstream (no ALPN): what upgrades need, and all a Kubernetes API server needs.
         let plain_tls = builder()?.with_no_client_auth();
-        let admin = match (m.cert, m.key) {
-            (Some(cert), Some(key)) => {
-                let certs: Vec<CertificateDer<'static>> =
-                    crate::tls::certs_from_pem(&cert, "vcluster admin certificate")
-                        .map_err(|e| bad(e.to_string()))?;
+        let chain: Option<Vec<CertificateDer<'static>>> = m
+            .cert
+            .as_deref()
+            .map(|c| crate::tls::certs_from_pem(c, "vcluster admin certificate"))
+            .transpose()
+            .map_err(|e| bad(e.to_string()))?;
+        let admin = match (chain.clone(), m.key) {
+            (Some(certs), Some(key)) => {
                 let key: PrivateKeyDer<'static> =
                     crate::tls::key_from_pem(&key).map_err(|e| bad(e.to_string()))?;
                 let tls = builder()?
@@ -536,12 +539,25 @@ impl Upstreams {
             }
             _ => None,
         };
-        let client_verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-            roots.clone(),
-            crate::tls::provider(),
-        )
-        .build()
-        .map_err(|e| Error::Tls(t.clone(), crate::tls::Error::Verifier(e)))?;
+        // Client certificates are checked against what the vcluster's API
+        // server trusts for clients: the CA that issued its admin
+        // certificate when the Secret carries it after that certificate
+        // (k3s signs clients with a CA of its own, not the one in
+        // `certificate-authority`), else its one CA.
+        let client_roots = match chain.filter(|c| c.len() > 1) {
+            Some(chain) => {
+                let mut store = rustls::RootCertStore::empty();
+                for ca in chain.into_iter().skip(1) {
+                    store.add(ca).map_err(|e| bad(format!("the CA after its admin certificate: {e}")))?;
+                }
+                Arc::new(store)
+            }
+            None => roots.clone(),
+        };
+        let client_verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(client_roots, crate::tls::provider())
+                .build()
+                .map_err(|e| Error::Tls(t.clone(), crate::tls::Error::Verifier(e)))?;
         Ok(Upstream {
             origin,
             client_verifier,

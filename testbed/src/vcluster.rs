@@ -43,6 +43,12 @@ pub struct VClusterOptions {
     pub audit: Option<AuditWebhook>,
     /// Extra annotations on the StatefulSet (the vcluster target).
     pub annotations: Vec<(String, String)>,
+    /// Client certificates signed by a CA of its own, not the one that
+    /// signed its serving certificate, as k3s-based vclusters have: the
+    /// Secret's `client-certificate` is then the admin certificate followed
+    /// by that CA (as in k3s's `client-admin.crt`), and its
+    /// `certificate-authority` only the serving CA.
+    pub own_client_ca: bool,
 }
 
 /// A running vcluster stand-in. Dropping it stops its supervisor and API
@@ -75,7 +81,25 @@ impl VCluster {
     pub fn create(cluster: &Cluster, namespace: &str, name: &str, opts: VClusterOptions) -> Result<VCluster> {
         let port = free_port()?;
         let server = format!("https://127.0.0.1:{port}");
-        let admin = cluster.ca.client("kube:admin", &["system:masters"])?;
+        let client_ca = match opts.own_client_ca {
+            true => {
+                let ca = crate::pki::Ca::new(&format!("{name}-client-ca"))?;
+                let file = cluster.dir.join(format!("vc-{namespace}-{name}-client-ca.crt"));
+                std::fs::write(&file, &ca.cert_pem)?;
+                Some((ca, file))
+            }
+            false => None,
+        };
+        let admin = match &client_ca {
+            Some((ca, _)) => {
+                let leaf = ca.client("system:admin", &["system:masters"])?;
+                crate::pki::CertPair {
+                    cert_pem: format!("{}{}", leaf.cert_pem, ca.cert_pem),
+                    key_pem: leaf.key_pem,
+                }
+            }
+            None => cluster.ca.client("kube:admin", &["system:masters"])?,
+        };
         let kubeconfig_text = kubeconfig_yaml(&server, &cluster.ca.cert_pem, "kube:admin", &admin);
         let kubeconfig = cluster.dir.join(format!("vc-{namespace}-{name}.kubeconfig"));
         std::fs::write(&kubeconfig, &kubeconfig_text)?;
@@ -143,6 +167,11 @@ metadata:
             let mut a =
                 cluster.apiserver_args(port, &format!("/vc-{namespace}-{name}"), opts.audit.as_ref())?;
             a.push("--enable-priority-and-fairness=false".into());
+            if let Some((_, file)) = &client_ca {
+                for arg in a.iter_mut().filter(|arg| arg.starts_with("--client-ca-file=")) {
+                    *arg = format!("--client-ca-file={}", file.display());
+                }
+            }
             a
         };
         let shared = Arc::new(Shared {
