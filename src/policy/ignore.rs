@@ -184,6 +184,12 @@ impl IgnoreRules {
                 "system:kube-scheduler",
                 "system:kube-proxy",
                 "system:apiserver",
+                "system:cloud-controller-manager",
+                // k3s's own components (a k3s host, or a k3s-based vcluster's
+                // API server reporting to dormant).
+                "system:k3s-controller",
+                "system:k3s-supervisor",
+                "k3s-cloud-controller-manager",
                 "system:serviceaccount:kube-system:*",
                 "system:node:*",
                 "system:anonymous",
@@ -445,6 +451,7 @@ mod tests {
                 true,
             ),
             (activity("system:node:n1", &["system:nodes"], "kubelet", "get", pods), true),
+            (activity("system:k3s-controller", &[], "k3s/v1.33.1+k3s1", "watch", pods), true),
             (
                 activity("alice", &[], "kubectl", "update", Some(("coordination.k8s.io", "leases", "", "x"))),
                 true,
