@@ -29,6 +29,7 @@ pub const IGNORE_USERS: &str = "dormant.dev/ignore-users";
 pub const IGNORE_GROUPS: &str = "dormant.dev/ignore-groups";
 pub const IGNORE_VERBS: &str = "dormant.dev/ignore-verbs";
 pub const IGNORE_RESOURCES: &str = "dormant.dev/ignore-resources";
+pub const IGNORE_OWN_SERVICE_ACCOUNTS: &str = "dormant.dev/ignore-own-service-accounts";
 // Written by dormant on a target.
 pub const STATE: &str = "dormant.dev/state";
 pub const LAST_ACTIVITY: &str = "dormant.dev/last-activity";
@@ -59,6 +60,7 @@ const TARGET_KEYS: &[&str] = &[
     IGNORE_GROUPS,
     IGNORE_VERBS,
     IGNORE_RESOURCES,
+    IGNORE_OWN_SERVICE_ACCOUNTS,
     STATE,
     LAST_ACTIVITY,
     LAST_ACTIVITY_BY,
@@ -162,6 +164,9 @@ pub struct IgnoreOverrides {
     pub user_agents: Option<Vec<String>>,
     pub verbs: Option<Vec<String>>,
     pub resources: Option<Vec<ResourceRule>>,
+    /// Whether the target's own service accounts are ignored (the policy's
+    /// `ignore.ownServiceAccounts`).
+    pub own_service_accounts: Option<bool>,
 }
 
 /// Everything dormant reads from a target's annotations.
@@ -292,6 +297,7 @@ impl TargetAnnotations {
                     .collect::<Result<Vec<_>, _>>()?;
                 self.ignore.resources = Some(rules);
             }
+            IGNORE_OWN_SERVICE_ACCOUNTS => self.ignore.own_service_accounts = Some(parse_bool(key, v)?),
             STATE => self.state = Some(v.parse().map_err(|e: String| err(key, v, e))?),
             LAST_ACTIVITY => self.last_activity = Some(parse_time(key, v)?),
             LAST_ACTIVITY_BY => self.last_activity_by = Some(v.to_string()),
@@ -442,6 +448,7 @@ mod tests {
             (UPSTREAM, "https://127.0.0.1:6443/"),
             (IGNORE_USER_AGENTS, "argocd*, flux*"),
             (IGNORE_RESOURCES, "configmaps,leases.coordination.k8s.io"),
+            (IGNORE_OWN_SERVICE_ACCOUNTS, "false"),
             (STATE, "asleep"),
             (LAST_ACTIVITY, "2026-11-26T17:00:00Z"),
             ("app.kubernetes.io/name", "not ours"),
@@ -455,6 +462,7 @@ mod tests {
         assert_eq!(a.upstream.as_deref(), Some("https://127.0.0.1:6443"));
         assert_eq!(a.ignore.user_agents, Some(vec!["argocd*".to_string(), "flux*".to_string()]));
         assert_eq!(a.ignore.resources.as_ref().map(Vec::len), Some(2));
+        assert_eq!(a.ignore.own_service_accounts, Some(false));
         assert_eq!(a.state, Some(TargetState::Asleep));
     }
 
@@ -472,6 +480,7 @@ mod tests {
             (UPSTREAM, "http://vc.example", "https://"),
             (IGNORE_USERS, "alice,,bob", "without empty items"),
             (IGNORE_RESOURCES, ".apps", "resource[/subresource][.group]"),
+            (IGNORE_OWN_SERVICE_ACCOUNTS, "no", "expected true or false"),
             (STATE, "dozing", "expected awake, sleeping, asleep or waking"),
             (LAST_ACTIVITY, "yesterday", "RFC 3339"),
             (POLICY, " ", "name of a SleepPolicy"),

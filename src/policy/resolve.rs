@@ -256,6 +256,10 @@ pub fn resolve(
         (o.user_agents.as_ref().map(|v| ignore.value.user_agents = v.clone()), ann::IGNORE_USER_AGENTS),
         (o.verbs.as_ref().map(|v| ignore.value.verbs = v.clone()), ann::IGNORE_VERBS),
         (o.resources.as_ref().map(|v| ignore.value.resources = v.clone()), ann::IGNORE_RESOURCES),
+        (
+            o.own_service_accounts.map(|ignored| ignore.value.count_own_service_accounts = !ignored),
+            ann::IGNORE_OWN_SERVICE_ACCOUNTS,
+        ),
     ] {
         if set.is_some() {
             ignore.origin = Origin::Annotation(key);

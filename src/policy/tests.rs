@@ -172,6 +172,36 @@ fn ignore_annotations_replace_the_policys_list_of_that_kind() {
 }
 
 #[test]
+fn own_service_accounts_are_ignored_unless_the_policy_or_the_target_says_they_count() {
+    let resolve_with = |spec: &str, pairs: &[(&str, &str)]| {
+        let candidates = vec![policy("p", spec)];
+        resolve(
+            TargetKind::Namespace,
+            &BTreeMap::new(),
+            &annotations(pairs),
+            &candidates,
+            &Defaults::default(),
+        )
+        .unwrap()
+        .ignore
+        .value
+        .count_own_service_accounts
+    };
+    let no_policy =
+        resolve(TargetKind::Namespace, &BTreeMap::new(), &annotations(&[]), &[], &Defaults::default())
+            .unwrap();
+    assert!(!no_policy.ignore.value.count_own_service_accounts);
+    assert!(!resolve_with("  sleepAfter: 1h\n", &[]));
+    assert!(!resolve_with("  ignore: {users: [ci-bot]}\n", &[]));
+    assert!(resolve_with("  ignore: {ownServiceAccounts: false}\n", &[]));
+    assert!(resolve_with("  sleepAfter: 1h\n", &[(ann::IGNORE_OWN_SERVICE_ACCOUNTS, "false")]));
+    assert!(!resolve_with(
+        "  ignore: {ownServiceAccounts: false}\n",
+        &[(ann::IGNORE_OWN_SERVICE_ACCOUNTS, "true")]
+    ));
+}
+
+#[test]
 fn every_bad_policy_field_is_named() {
     let table = [
         ("  sleepAfter: -5m\n", "spec.sleepAfter", "negative"),
