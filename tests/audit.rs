@@ -95,17 +95,22 @@ fn metric(agent: &Agent, line_start: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// New namespaces that are targets (idle after 1 h), once the agent has
+/// seen them and the admin's own requests there have settled.
+fn idle_targets<const N: usize>(c: &Cluster, prefixes: [&str; N]) -> [String; N] {
+    let names = prefixes.map(|p| c.namespace(p, &[("dormant-test", SCOPE)]).unwrap());
+    for ns in &names {
+        kubectl(c, &["annotate", "namespace", ns, "dormant.dev/sleep-after=1h"]);
+    }
+    std::thread::sleep(Duration::from_secs(4));
+    names
+}
+
 #[test]
 fn alices_request_updates_her_namespace_within_the_batch_wait_and_no_other() {
     let e = env();
     let c = &e.cluster;
-    let mine = c.namespace("team-a", &[("dormant-test", SCOPE)]).unwrap();
-    let other = c.namespace("team-b", &[("dormant-test", SCOPE)]).unwrap();
-    for ns in [&mine, &other] {
-        kubectl(c, &["annotate", "namespace", ns, "dormant.dev/sleep-after=1h"]);
-    }
-    // Let the agent see both as targets and the admin's own requests settle.
-    std::thread::sleep(Duration::from_secs(4));
+    let [mine, other] = idle_targets(c, ["team-a", "team-b"]);
 
     let sent = Instant::now();
     let _ = c.kubectl_out(&c.alice, &["get", "pods", "-n", &mine]);
@@ -222,12 +227,7 @@ fn a_namespaces_own_service_accounts_do_not_keep_it_awake_unless_its_policy_coun
 fn a_request_the_api_server_could_not_authenticate_counts_for_nothing() {
     let e = env();
     let c = &e.cluster;
-    let refused = c.namespace("refused", &[("dormant-test", SCOPE)]).unwrap();
-    let sentinel = c.namespace("sentinel", &[("dormant-test", SCOPE)]).unwrap();
-    for ns in [&refused, &sentinel] {
-        kubectl(c, &["annotate", "namespace", ns, "dormant.dev/sleep-after=1h"]);
-    }
-    std::thread::sleep(Duration::from_secs(4));
+    let [refused, sentinel] = idle_targets(c, ["refused", "sentinel"]);
     let unauthenticated =
         "dormant_activity_total{source=\"audit\",outcome=\"ignored\",rule=\"unauthenticated\"}";
     let ignored_before = metric(&e.agent, unauthenticated);
