@@ -77,6 +77,10 @@ fn quiet_annotation(c: &Cluster, kind: &str, name: &str, ns: Option<&str>, key: 
     kubectl_quiet(c, &args)
 }
 
+fn last_activity(c: &Cluster, ns: &str) -> String {
+    quiet_annotation(c, "namespace", ns, None, "dormant.dev/last-activity")
+}
+
 fn last_activity_by(c: &Cluster, ns: &str) -> String {
     quiet_annotation(c, "namespace", ns, None, "dormant.dev/last-activity-by")
 }
@@ -132,7 +136,7 @@ fn alices_request_updates_her_namespace_within_the_batch_wait_and_no_other() {
         "alice's request reached the annotation after {:?} (batch wait 1 s, flush 1 s)",
         sent.elapsed()
     );
-    let mine_at = quiet_annotation(c, "namespace", &mine, None, "dormant.dev/last-activity");
+    let mine_at = last_activity(c, &mine);
     // Who keeps it awake: counted per source, written with the last activity,
     // and shown by explain.
     let sources: std::collections::BTreeMap<String, u64> =
@@ -150,11 +154,7 @@ fn alices_request_updates_her_namespace_within_the_batch_wait_and_no_other() {
     wait_until("alice's request on the other namespace", Duration::from_secs(20), || {
         last_activity_by(c, &other).starts_with("alice list configmaps (audit)")
     });
-    assert_eq!(
-        quiet_annotation(c, "namespace", &mine, None, "dormant.dev/last-activity"),
-        mine_at,
-        "untouched by requests elsewhere"
-    );
+    assert_eq!(last_activity(c, &mine), mine_at, "untouched by requests elsewhere");
 }
 
 /// kubectl against the host API server with a bearer token only.
@@ -190,7 +190,7 @@ fn a_namespaces_own_service_accounts_do_not_keep_it_awake_unless_its_policy_coun
     std::thread::sleep(Duration::from_secs(4));
     let rule = "dormant_activity_total{source=\"audit\",outcome=\"ignored\",rule=\"own-service-account\"}";
     let ignored_before = metric(&e.agent, rule);
-    let own_before = quiet_annotation(c, "namespace", &own, None, "dormant.dev/last-activity");
+    let own_before = last_activity(c, &own);
 
     // The app reads its own namespace's ConfigMaps, as an operator or a
     // config reloader does all day; then the other namespace's, which is
@@ -212,7 +212,7 @@ fn a_namespaces_own_service_accounts_do_not_keep_it_awake_unless_its_policy_coun
     let sources = quiet_annotation(c, "namespace", &counts, None, "dormant.dev/activity-sources");
     assert!(sources.contains(&format!("\"system:serviceaccount:{own}:app (kubectl)\"")), "{sources}");
     assert_eq!(
-        quiet_annotation(c, "namespace", &own, None, "dormant.dev/last-activity"),
+        last_activity(c, &own),
         own_before,
         "its own app kept {own} awake (by {:?})",
         last_activity_by(c, &own)
@@ -232,7 +232,7 @@ fn a_request_the_api_server_could_not_authenticate_counts_for_nothing() {
         "dormant_activity_total{source=\"audit\",outcome=\"ignored\",rule=\"unauthenticated\"}";
     let ignored_before = metric(&e.agent, unauthenticated);
     let malformed_before = metric(&e.agent, "dormant_audit_batches_total{outcome=\"malformed\"}");
-    let refused_before = quiet_annotation(c, "namespace", &refused, None, "dormant.dev/last-activity");
+    let refused_before = last_activity(c, &refused);
 
     // A token the API server does not know (an expired CI credential,
     // say), then alice, within the same batch wait.
@@ -245,7 +245,7 @@ fn a_request_the_api_server_could_not_authenticate_counts_for_nothing() {
         last_activity_by(c, &sentinel).starts_with("alice list pods (audit)")
     });
     assert_eq!(
-        quiet_annotation(c, "namespace", &refused, None, "dormant.dev/last-activity"),
+        last_activity(c, &refused),
         refused_before,
         "an unauthenticated request was counted (by {:?})",
         last_activity_by(c, &refused)
@@ -348,7 +348,7 @@ async fn only_ignored_activity_lets_a_target_sleep_on_time_while_counted_activit
     // (give or take the batch wait and one reconcile).
     // Its idle clock started at its last counted use, or when dormant first
     // saw it if nothing it saw counted.
-    let mut last = quiet_annotation(c, "namespace", &polled, None, "dormant.dev/last-activity");
+    let mut last = last_activity(c, &polled);
     if last.is_empty() {
         last = quiet_annotation(c, "namespace", &polled, None, "dormant.dev/first-seen");
     }
