@@ -92,27 +92,8 @@ pub async fn run(scripted: bool) -> anyhow::Result<Told> {
     // webhook (a bearer token, and a serving certificate from a CA of the
     // demo's own).
     let audit_dir = tempfile::tempdir()?;
-    let audit_ca = testbed::pki::Ca::new("dormant-demo-audit-ca")?;
-    let serving = audit_ca.server(&[])?;
-    let audit_token = "dormant-demo-audit-token";
-    let (audit_cert, audit_key, audit_tokens) = (
-        audit_dir.path().join("audit.crt"),
-        audit_dir.path().join("audit.key"),
-        audit_dir.path().join("tokens"),
-    );
-    std::fs::write(&audit_cert, &serving.cert_pem)?;
-    std::fs::write(&audit_key, &serving.key_pem)?;
-    std::fs::write(&audit_tokens, format!("{audit_token}\n"))?;
-    let audit_port = testbed::process::free_port()?;
-    let options = ClusterOptions {
-        audit: Some(testbed::AuditWebhook {
-            url: format!("https://127.0.0.1:{audit_port}/audit/host"),
-            ca_pem: audit_ca.cert_pem.clone(),
-            token: audit_token.into(),
-            batch_max_wait: Duration::from_secs(1),
-        }),
-        ..Default::default()
-    };
+    let audit = testbed::audit::AuditReceiver::new(audit_dir.path(), "dormant-demo")?;
+    let options = ClusterOptions { audit: Some(audit.webhook("/audit/host")), ..Default::default() };
     let cluster = tokio::task::spawn_blocking(|| Cluster::start(options)).await??;
     let c = Arc::new(cluster);
     eprintln!("Cluster up in {:.1}s. Creating targets…", c.started_in.as_secs_f64());
@@ -187,7 +168,7 @@ spec:
     // The proxy serves the testbed API server's certificate (its CA is the
     // testbed's), on a loopback port.
     let proxy = format!("https://127.0.0.1:{}", testbed::process::free_port()?);
-    let agent_args = match Cli::parse_from([
+    let args = [
         "dormant".to_string(),
         "agent".into(),
         "--namespace=dormant".into(),
@@ -197,13 +178,8 @@ spec:
         format!("--proxy-addr={}", proxy.trim_start_matches("https://")),
         format!("--proxy-cert={}", c.dir.join("apiserver.crt").display()),
         format!("--proxy-key={}", c.dir.join("apiserver.key").display()),
-        format!("--audit-addr=127.0.0.1:{audit_port}"),
-        format!("--audit-cert={}", audit_cert.display()),
-        format!("--audit-key={}", audit_key.display()),
-        format!("--audit-token-file={}", audit_tokens.display()),
-    ])
-    .command
-    {
+    ];
+    let agent_args = match Cli::parse_from(args.into_iter().chain(audit.agent_flags())).command {
         Command::Agent(a) => a,
         _ => unreachable!(),
     };

@@ -8,61 +8,37 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use support::*;
+use testbed::audit::AuditReceiver;
 use testbed::pki::{Ca, CertPair};
-use testbed::process::free_port;
 use testbed::vcluster::{VCluster, VClusterOptions};
-use testbed::{AuditWebhook, Cluster, ClusterOptions, ROBOT_USER_AGENT};
+use testbed::{Cluster, ClusterOptions, ROBOT_USER_AGENT};
 
 const SCOPE: &str = "audit";
-const TOKEN: &str = "audit-s3cret-token";
 
 /// One audit-enabled cluster and one agent receiving its webhook, shared by
 /// the tests of this file (they isolate by namespace).
 struct Env {
     cluster: Cluster,
     agent: Agent,
-    port: u16,
-    ca: Ca,
-    dir: tempfile::TempDir,
+    receiver: AuditReceiver,
+    _dir: tempfile::TempDir,
 }
 
 fn env() -> &'static Env {
     static ENV: OnceLock<Env> = OnceLock::new();
     ENV.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
-        let ca = Ca::new("dormant-audit-test-ca").unwrap();
-        let serving = ca.server(&[]).unwrap();
-        let write = |name: &str, text: &str| {
-            let p = dir.path().join(name);
-            std::fs::write(&p, text).unwrap();
-            p
-        };
-        let cert = write("audit.crt", &serving.cert_pem);
-        let key = write("audit.key", &serving.key_pem);
-        let ca_file = write("ca.crt", &ca.cert_pem);
-        let tokens = write("tokens", &format!("{TOKEN}\n"));
-        let port = free_port().unwrap();
+        let receiver = AuditReceiver::new(dir.path(), "dormant-test").unwrap();
         let cluster = Cluster::start(ClusterOptions {
-            audit: Some(AuditWebhook {
-                url: format!("https://127.0.0.1:{port}/audit/host"),
-                ca_pem: ca.cert_pem.clone(),
-                token: TOKEN.into(),
-                batch_max_wait: Duration::from_secs(1),
-            }),
+            audit: Some(receiver.webhook("/audit/host")),
             ..Default::default()
         })
         .unwrap();
-        let flags = [
-            format!("--audit-addr=127.0.0.1:{port}"),
-            format!("--audit-cert={}", cert.display()),
-            format!("--audit-key={}", key.display()),
-            format!("--audit-token-file={}", tokens.display()),
-            format!("--audit-client-ca={}", ca_file.display()),
-            "--audit-max-body=2097152".to_string(),
-        ];
+        let mut flags = receiver.agent_flags();
+        flags.push("--audit-max-body=2097152".to_string());
         let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
         let agent = Agent::start(&cluster, SCOPE, "dormant-audit", "audit-agent", &flags);
-        Env { cluster, agent, port, ca, dir }
+        Env { cluster, agent, receiver, _dir: dir }
     })
 }
 
@@ -390,7 +366,7 @@ async fn post(
     client_cert: Option<&CertPair>,
     method: &str,
 ) -> Result<(u16, String), String> {
-    let tls = tls_connect(port, &env().ca.cert_pem, client_cert).await?;
+    let tls = tls_connect(port, &env().receiver.ca.cert_pem, client_cert).await?;
     // Raw HTTP/1.1: the server may answer (413) before it has read the
     // whole body and close; the answer is what matters, not the write.
     let mut head = format!(
@@ -446,7 +422,7 @@ async fn bad_batches_get_the_right_status_record_nothing_and_the_server_keeps_se
     let ns = c.namespace("bad-input", &[("dormant-test", SCOPE)]).unwrap();
     kubectl(c, &["annotate", "namespace", &ns, "dormant.dev/sleep-after=1h"]);
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let bearer = format!("Bearer {TOKEN}");
+    let bearer = format!("Bearer {}", e.receiver.token);
     let json = ("content-type", "application/json");
     let good = batch(&ns, "mallory").into_bytes();
     let mut missing = batch(&ns, "mallory").replace("\"verb\":\"list\",", "").into_bytes();
@@ -546,12 +522,12 @@ async fn bad_batches_get_the_right_status_record_nothing_and_the_server_keeps_se
     ];
     for (name, headers, body, cert, method, want, needle) in cases {
         let path = if name == "unknown path" { "/audit/somewhere" } else { "/audit/host" };
-        let (status, text) = post(e.port, path, &headers, body, cert, method).await.unwrap();
+        let (status, text) = post(e.receiver.port, path, &headers, body, cert, method).await.unwrap();
         assert_eq!(status, want, "{name}: {text}");
         assert!(text.contains(needle), "{name}: {text}");
     }
     // A certificate from another CA does not even get a TLS session.
-    let r = post(e.port, "/audit/host", &[json], good.clone(), Some(&other_ca), "POST").await;
+    let r = post(e.receiver.port, "/audit/host", &[json], good.clone(), Some(&other_ca), "POST").await;
     assert!(r.as_ref().map(|(s, _)| *s == 401).unwrap_or(true), "{r:?}");
 
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -566,9 +542,9 @@ async fn bad_batches_get_the_right_status_record_nothing_and_the_server_keeps_se
 
     // The server keeps serving: a good batch (gzip, with a client
     // certificate instead of a token) is recorded.
-    let client = e.ca.client("kube-apiserver", &[]).unwrap();
+    let client = e.receiver.ca.client("kube-apiserver", &[]).unwrap();
     let (status, text) = post(
-        e.port,
+        e.receiver.port,
         "/audit/host",
         &[json, ("content-encoding", "gzip")],
         gzip(&good),
@@ -592,19 +568,21 @@ async fn bad_batches_get_the_right_status_record_nothing_and_the_server_keeps_se
 async fn a_rotated_certificate_is_served_without_a_restart() {
     let e = env();
     let fingerprint = |port: u16| async move {
-        let tls = tls_connect(port, &env().ca.cert_pem, None).await.unwrap();
+        let tls = tls_connect(port, &env().receiver.ca.cert_pem, None).await.unwrap();
         tls.get_ref().1.peer_certificates().unwrap()[0].as_ref().to_vec()
     };
-    let before = fingerprint(e.port).await;
-    let fresh = e.ca.server(&[]).unwrap();
+    let before = fingerprint(e.receiver.port).await;
+    let fresh = e.receiver.ca.server(&[]).unwrap();
     // Write the key first: the pair is only reloaded when both parse and match.
-    std::fs::write(e.dir.path().join("audit.key.new"), &fresh.key_pem).unwrap();
-    std::fs::write(e.dir.path().join("audit.crt.new"), &fresh.cert_pem).unwrap();
-    std::fs::rename(e.dir.path().join("audit.key.new"), e.dir.path().join("audit.key")).unwrap();
-    std::fs::rename(e.dir.path().join("audit.crt.new"), e.dir.path().join("audit.crt")).unwrap();
+    let (key, cert) = (&e.receiver.key_file, &e.receiver.cert_file);
+    let staged = |p: &std::path::Path| std::path::PathBuf::from(format!("{}.new", p.display()));
+    std::fs::write(staged(key), &fresh.key_pem).unwrap();
+    std::fs::write(staged(cert), &fresh.cert_pem).unwrap();
+    std::fs::rename(staged(key), key).unwrap();
+    std::fs::rename(staged(cert), cert).unwrap();
     let start = Instant::now();
     loop {
-        let now = fingerprint(e.port).await;
+        let now = fingerprint(e.receiver.port).await;
         if now != before {
             assert_eq!(
                 now,
@@ -652,12 +630,7 @@ fn vcluster_audit_scenario() {
         &ns,
         "dev",
         VClusterOptions {
-            audit: Some(AuditWebhook {
-                url: format!("https://127.0.0.1:{}/audit/vcluster/{ns}/dev", e.port),
-                ca_pem: e.ca.cert_pem.clone(),
-                token: TOKEN.into(),
-                batch_max_wait: Duration::from_secs(1),
-            }),
+            audit: Some(e.receiver.webhook(&format!("/audit/vcluster/{ns}/dev"))),
             annotations: vec![("dormant.dev/sleep-after".into(), "1h".into())],
             ..Default::default()
         },

@@ -11,6 +11,7 @@
 //! own ([`Cluster::start`]). Every process dies with its [`Cluster`], and with
 //! the test process itself.
 
+pub mod audit;
 pub mod bench;
 pub mod pki;
 pub mod process;
