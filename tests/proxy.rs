@@ -318,12 +318,25 @@ async fn http1_clients_reuse_upstream_connections() {
 /// A GET through the proxy over raw HTTP/1.1 with a client certificate:
 /// (status, the whole answer).
 async fn raw_get(proxy: &str, path: &str, cert: &testbed::pki::CertPair) -> (u16, String) {
+    raw_request(proxy, path, Some(cert), &[]).await
+}
+
+/// A GET with `cert` (if any) and extra header lines; (status, the whole answer).
+async fn raw_request(
+    proxy: &str,
+    path: &str,
+    cert: Option<&testbed::pki::CertPair>,
+    headers: &[&str],
+) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let port: u16 = proxy.rsplit(':').next().unwrap().parse().unwrap();
-    let mut tls = tls_connect(port, &Cluster::shared().ca.cert_pem, Some(cert)).await.unwrap();
-    tls.write_all(format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    let mut tls = tls_connect(port, &Cluster::shared().ca.cert_pem, cert).await.unwrap();
+    let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
+    tls.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{extra}Connection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
     let mut out = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(60), tls.read_to_end(&mut out)).await;
     let text = String::from_utf8_lossy(&out).into_owned();
@@ -487,13 +500,25 @@ fn refusals_have_the_documented_status_and_read_well_in_kubectl() {
     // after the policy's 2 s every request gets 504, and kubectl says so.
     let s = setup("proxy-refuse", &["--proxy-max-waiting=2"], Some("  wake: {timeout: 2s}\n"));
     put_to_sleep(c, &s);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // Requests without credentials never wake it: none, an empty bearer
+    // token, a scheme the proxy cannot forward as a credential.
+    let namespaces = format!("/vcluster/{}/dev/api/v1/namespaces", s.ns);
+    for headers in [&[][..], &["Authorization: Bearer "], &["Authorization: Basic YWxpY2U6c2VjcmV0"]] {
+        let (code, raw) = rt.block_on(raw_request(&s.proxy, &namespaces, None, headers));
+        assert_eq!(code, 401, "{headers:?}: {raw}");
+        assert!(raw.contains("is asleep; only an authenticated request wakes it"), "{headers:?}: {raw}");
+    }
+    assert_eq!(
+        jsonpath(c, "statefulset", "dev", Some(&s.ns), "{.spec.replicas}"),
+        "0",
+        "woken without credentials"
+    );
     let unschedulable =
         r#"{"spec":{"template":{"spec":{"nodeSelector":{"dormant.dev/test":"no-such-node"}}}}}"#;
     kubectl(c, &["patch", "statefulset", "dev", "-n", &s.ns, "-p", unschedulable]);
     let cert = c.ca.client("kube:admin", &["system:masters"]).unwrap();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let (code, raw) =
-        rt.block_on(raw_get(&s.proxy, &format!("/vcluster/{}/dev/api/v1/namespaces", s.ns), &cert));
+    let (code, raw) = rt.block_on(raw_get(&s.proxy, &namespaces, &cert));
     assert_eq!(code, 504, "{raw}");
     assert!(
         raw.contains("\"reason\":\"Timeout\"") && !raw.to_ascii_lowercase().contains("retry-after"),
