@@ -321,7 +321,8 @@ async fn raw_get(proxy: &str, path: &str, cert: &testbed::pki::CertPair) -> (u16
     raw_request(proxy, path, Some(cert), &[]).await
 }
 
-/// A GET with `cert` (if any) and extra header lines; (status, the whole answer).
+/// A GET with `cert` (if any) and extra header lines (`Host: 127.0.0.1`
+/// unless they name one); (status, the whole answer).
 async fn raw_request(
     proxy: &str,
     path: &str,
@@ -331,12 +332,13 @@ async fn raw_request(
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let port: u16 = proxy.rsplit(':').next().unwrap().parse().unwrap();
     let mut tls = tls_connect(port, &Cluster::shared().ca.cert_pem, cert).await.unwrap();
-    let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
-    tls.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{extra}Connection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
+    let mut extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
+    if !headers.iter().any(|h| h.to_ascii_lowercase().starts_with("host:")) {
+        extra.insert_str(0, "Host: 127.0.0.1\r\n");
+    }
+    tls.write_all(format!("GET {path} HTTP/1.1\r\n{extra}Connection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
     let mut out = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(60), tls.read_to_end(&mut out)).await;
     let text = String::from_utf8_lossy(&out).into_owned();
@@ -373,7 +375,7 @@ async fn websocket_watch(s: &Setup, cert: &testbed::pki::CertPair) -> String {
 #[test]
 fn access_never_widens_through_the_proxy() {
     let c = Cluster::shared();
-    let s = setup("proxy-sec", &[], None);
+    let s = setup("proxy-sec", &["--proxy-base-domain=vc.example.com"], None);
 
     // alice authenticates with her certificate: the proxy impersonates her.
     let alice = user_kubeconfig(c, &s, "alice", &c.alice.cert);
@@ -464,6 +466,29 @@ fn access_never_widens_through_the_proxy() {
             .any(|l| l.starts_with("dormant_activity_sources_total{") && l.contains("(bearer token)")),
         "the refused token's requests were counted:\n{metrics}"
     );
+
+    // Routed by host name too (`<name>.<namespace>.<base domain>`); a
+    // request with X-Dormant-Ignore is forwarded but counts for nothing, the
+    // same request without it counts.
+    let quiet = c.ca.client("quiet-user", &[]).unwrap();
+    let host = format!("Host: dev.{}.vc.example.com", s.ns);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let counted = |metrics: &str| {
+        metrics.lines().any(|l| l.starts_with("dormant_activity_sources_total{") && l.contains("quiet-user"))
+    };
+    let (code, raw) =
+        rt.block_on(raw_request(&s.proxy, "/api", Some(&quiet), &[&host, "X-Dormant-Ignore: true"]));
+    assert!(code == 200 && raw.contains("\"kind\":\"APIVersions\""), "{raw}");
+    assert!(
+        !counted(&testbed::process::http_body(s.agent.admin_port, "/metrics")),
+        "X-Dormant-Ignore was counted"
+    );
+    let (code, raw) = rt.block_on(raw_request(&s.proxy, "/api", Some(&quiet), &[&host]));
+    assert_eq!(code, 200, "{raw}");
+    assert!(
+        counted(&testbed::process::http_body(s.agent.admin_port, "/metrics")),
+        "a request was not counted"
+    );
 }
 
 /// k3s-based vclusters sign client certificates with a CA of their own;
@@ -514,10 +539,16 @@ fn refusals_have_the_documented_status_and_read_well_in_kubectl() {
         "0",
         "woken without credentials"
     );
+    // Nor does a request that opts out.
+    let admin = c.ca.client("kube:admin", &["system:masters"]).unwrap();
+    let (code, raw) =
+        rt.block_on(raw_request(&s.proxy, &namespaces, Some(&admin), &["X-Dormant-Ignore: true"]));
+    assert!(code == 503 && raw.contains("does not count as use"), "{raw}");
+    assert_eq!(jsonpath(c, "statefulset", "dev", Some(&s.ns), "{.spec.replicas}"), "0", "woken without use");
     let unschedulable =
         r#"{"spec":{"template":{"spec":{"nodeSelector":{"dormant.dev/test":"no-such-node"}}}}}"#;
     kubectl(c, &["patch", "statefulset", "dev", "-n", &s.ns, "-p", unschedulable]);
-    let cert = c.ca.client("kube:admin", &["system:masters"]).unwrap();
+    let cert = admin;
     let (code, raw) = rt.block_on(raw_get(&s.proxy, &namespaces, &cert));
     assert_eq!(code, 504, "{raw}");
     assert!(
