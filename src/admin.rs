@@ -51,7 +51,7 @@ impl Admin {
     /// Serves on `listener` until the task is dropped.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let stream = crate::tls::accept(&listener).await;
             let admin = self.clone();
             tokio::spawn(async move {
                 let svc = service_fn(move |req| {

@@ -320,6 +320,35 @@ impl<F: Future + Send + 'static> hyper::rt::Executor<F> for Background {
     }
 }
 
+/// The next connection on `listener`. A failed accept that concerns one
+/// connection (the client gave up first) is skipped; any other, such as
+/// running out of file descriptors, is logged and retried after a pause:
+/// the waiting connections keep the listener readable, so retrying at once
+/// would spin a core and starve everything else the agent does.
+pub async fn accept(listener: &TcpListener) -> tokio::net::TcpStream {
+    use std::io::ErrorKind;
+    loop {
+        match listener.accept().await {
+            Ok((tcp, _)) => return tcp,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::ConnectionAborted
+                        | ErrorKind::ConnectionReset
+                        | ErrorKind::ConnectionRefused
+                        | ErrorKind::Interrupted
+                ) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, addr = ?listener.local_addr().ok(), "cannot accept connections; retrying");
+                tokio::time::sleep(ACCEPT_RETRY).await;
+            }
+        }
+    }
+}
+
+/// How long a listener pauses after a failed accept (see [`accept`]).
+const ACCEPT_RETRY: Duration = Duration::from_millis(250);
+
 /// Serves HTTPS on `listener` until the task is dropped. Each connection
 /// gets `TCP_NODELAY` (responses are small writes after the request: with
 /// Nagle's algorithm they would wait for the client's delayed ACK, up to
@@ -335,7 +364,7 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     loop {
-        let Ok((tcp, _)) = listener.accept().await else { continue };
+        let tcp = accept(&listener).await;
         let _ = tcp.set_nodelay(true);
         let (tls, handle) = (tls.clone(), handle.clone());
         tokio::spawn(async move {

@@ -491,6 +491,50 @@ fn access_never_widens_through_the_proxy() {
     );
 }
 
+/// Out of file descriptors, accepting fails while connections wait in the
+/// listener's backlog; the agent must pause and retry, not spin a core
+/// (which would starve everything else it does), and serve again once
+/// descriptors are free.
+#[test]
+fn out_of_file_descriptors_the_agent_waits_instead_of_spinning() {
+    let c = Cluster::shared();
+    let s = setup("proxy-fds", &[], None);
+    let pid = s.agent.proc.pid();
+    let cpu_ticks = || -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let fields: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
+        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    };
+    let prlimit = |soft: &str| {
+        let out = std::process::Command::new("prlimit")
+            .args([format!("--pid={pid}"), format!("--nofile={soft}:")])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "prlimit: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let soft = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .unwrap()
+        .to_string();
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    prlimit(&open.to_string());
+    let port: u16 = s.proxy.rsplit(':').next().unwrap().parse().unwrap();
+    let waiting: Vec<std::net::TcpStream> =
+        (0..8).map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let before = cpu_ticks();
+    std::thread::sleep(Duration::from_secs(3));
+    let spent = cpu_ticks() - before;
+    prlimit(&soft);
+    drop(waiting);
+    assert!(spent < 100, "{:.1} s of CPU in 3 s with its listener unable to accept", spent as f64 / 100.0);
+    let out = kubectl_with(c, &s.kubeconfig, &["get", "namespaces", "-o", "name"]);
+    assert!(out.status.success() && text(&out).0.contains("namespace/default"), "{:?}", text(&out));
+}
+
 /// k3s-based vclusters sign client certificates with a CA of their own;
 /// their Secret's `certificate-authority` is only the serving CA, and the
 /// client CA follows the admin certificate in `client-certificate`.
