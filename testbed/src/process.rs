@@ -183,6 +183,43 @@ pub fn connections_to(pid: u32, port: u16) -> std::collections::BTreeSet<u64> {
     inodes.intersection(&mine).copied().collect()
 }
 
+/// Sets process `pid`'s soft limit on open file descriptors (its hard limit
+/// stays) and returns the soft limit it had.
+pub fn set_open_files_limit(pid: u32, soft: u64) -> std::io::Result<u64> {
+    let mut old = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: prlimit reads and writes only the two rlimit structs passed,
+    // both valid for the call.
+    #[allow(unsafe_code)]
+    let read = unsafe { libc::prlimit(pid as libc::pid_t, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) };
+    if read != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let new = libc::rlimit { rlim_cur: soft.min(old.rlim_max), rlim_max: old.rlim_max };
+    // SAFETY: as above.
+    #[allow(unsafe_code)]
+    let set = unsafe { libc::prlimit(pid as libc::pid_t, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) };
+    if set != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(old.rlim_cur)
+}
+
+/// CPU time process `pid` has used, user and system.
+pub fn cpu_time(pid: u32) -> std::io::Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses: utime and
+    // stime (in clock ticks) are the 12th and 13th.
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or_default().split_whitespace().collect();
+    let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+    // SAFETY: sysconf only reads a constant.
+    #[allow(unsafe_code)]
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    match (field(11), field(12), u64::try_from(per_second)) {
+        (Some(u), Some(s), Ok(hz)) if hz > 0 => Ok(Duration::from_secs_f64((u + s) as f64 / hz as f64)),
+        _ => Err(std::io::Error::other(format!("unreadable /proc/{pid}/stat"))),
+    }
+}
+
 /// Resident memory of process `pid`, in KiB (0 when it is gone).
 pub fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
