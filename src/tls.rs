@@ -13,7 +13,7 @@ use futures::task::AtomicWaker;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
@@ -346,6 +346,14 @@ pub async fn accept(listener: &TcpListener) -> tokio::net::TcpStream {
     }
 }
 
+/// How long an HTTP/1.1 client has to send a request head, and how long an
+/// idle keep-alive connection stays open.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often an idle HTTP/2 connection is PINGed, and how long the answer
+/// may take.
+const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// How long a listener pauses after a failed accept (see [`accept`]).
 const ACCEPT_RETRY: Duration = Duration::from_millis(250);
 
@@ -388,7 +396,20 @@ where
                 futures::FutureExt::map(handle(req, conn.clone()), Ok::<_, std::convert::Infallible>)
             });
             // An HTTP/2 connection's streams run in its task (see `Background`).
-            let builder = hyper_util::server::conn::auto::Builder::new(this.background.clone());
+            let mut builder = hyper_util::server::conn::auto::Builder::new(this.background.clone());
+            // A client that sends no (complete) request head within
+            // HEADER_READ_TIMEOUT, idle between requests included, is
+            // closed; so is an HTTP/2 client that leaves a PING unanswered
+            // (a laptop shut with a watch open would otherwise hold its
+            // connection, and keep its vcluster awake, for ever).
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .http2()
+                .timer(TokioTimer::new())
+                .keep_alive_interval(KEEP_ALIVE_INTERVAL)
+                .keep_alive_timeout(KEEP_ALIVE_TIMEOUT);
             let builder = if http2 { builder.http2_only() } else { builder.http1_only() };
             let serving = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
             tokio::select! {

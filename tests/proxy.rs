@@ -491,6 +491,30 @@ fn access_never_widens_through_the_proxy() {
     );
 }
 
+/// A client that sends an incomplete request head and then nothing
+/// (slowloris) is disconnected once the 30 s allowed for a head are over,
+/// not held for ever.
+#[test]
+fn a_client_that_never_finishes_its_request_head_is_disconnected() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = setup("proxy-slow", &[], None);
+    let port: u16 = s.proxy.rsplit(':').next().unwrap().parse().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (closed, after) = rt.block_on(async {
+        let cert = Cluster::shared().ca.client("slow", &[]).unwrap();
+        let mut tls = tls_connect(port, &Cluster::shared().ca.cert_pem, Some(&cert)).await.unwrap();
+        let head = format!("GET /vcluster/{}/dev/api HTTP/1.1\r\nHost: 127.0.0.1\r\n", s.ns);
+        tls.write_all(head.as_bytes()).await.unwrap();
+        let started = Instant::now();
+        let mut out = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(90), tls.read_to_end(&mut out)).await;
+        (read.is_ok(), started.elapsed())
+    });
+    assert!(closed, "still connected after {after:?}");
+    assert!(after >= Duration::from_secs(25), "closed after {after:?}, before its 30 s were over");
+    eprintln!("the slow client was disconnected after {after:?}");
+}
+
 /// Out of file descriptors, accepting fails while connections wait in the
 /// listener's backlog; the agent must pause and retry, not spin a core
 /// (which would starve everything else it does), and serve again once
