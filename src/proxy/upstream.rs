@@ -528,7 +528,19 @@ impl Upstreams {
             .map(|c| crate::tls::certs_from_pem(c, "vcluster admin certificate"))
             .transpose()
             .map_err(|e| bad(e.to_string()))?;
-        let admin = match (chain.clone(), m.key) {
+        // Client certificates are checked against what the vcluster's API
+        // server trusts for clients: the CA that issued its admin
+        // certificate when the Secret carries it after that certificate
+        // (k3s signs clients with a CA of its own, not the one in
+        // `certificate-authority`), else its one CA.
+        let client_roots = match chain.as_deref() {
+            Some([_, cas @ ..]) if !cas.is_empty() => Arc::new(
+                crate::tls::root_store(cas)
+                    .map_err(|e| bad(format!("the CA after its admin certificate: {e}")))?,
+            ),
+            _ => roots.clone(),
+        };
+        let admin = match (chain, m.key) {
             (Some(certs), Some(key)) => {
                 let key: PrivateKeyDer<'static> =
                     crate::tls::key_from_pem(&key).map_err(|e| bad(e.to_string()))?;
@@ -538,21 +550,6 @@ impl Upstreams {
                 Some(Channel::new(tls))
             }
             _ => None,
-        };
-        // Client certificates are checked against what the vcluster's API
-        // server trusts for clients: the CA that issued its admin
-        // certificate when the Secret carries it after that certificate
-        // (k3s signs clients with a CA of its own, not the one in
-        // `certificate-authority`), else its one CA.
-        let client_roots = match chain.filter(|c| c.len() > 1) {
-            Some(chain) => {
-                let mut store = rustls::RootCertStore::empty();
-                for ca in chain.into_iter().skip(1) {
-                    store.add(ca).map_err(|e| bad(format!("the CA after its admin certificate: {e}")))?;
-                }
-                Arc::new(store)
-            }
-            None => roots.clone(),
         };
         let client_verifier =
             rustls::server::WebPkiClientVerifier::builder_with_provider(client_roots, crate::tls::provider())
