@@ -354,13 +354,34 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// TCP keepalive on every connection the agent accepts or opens upstream:
+/// after `KEEPALIVE_IDLE` with nothing sent or received the kernel probes
+/// the peer every `KEEPALIVE_INTERVAL` and closes the connection after
+/// `KEEPALIVE_PROBES` unanswered probes. A peer that vanished without
+/// closing (a laptop shut or a node lost with a watch open over HTTP/1.1,
+/// where nothing else would notice while the watch has nothing to report)
+/// is found within a minute; its watch then stops keeping its vcluster
+/// awake. HTTP/2 PINGs (above) do the same from the protocol's side.
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+pub const KEEPALIVE_PROBES: u32 = 3;
+
+/// Turns TCP keepalive on for `tcp` (see [`KEEPALIVE_IDLE`]).
+pub fn keep_alive(tcp: &tokio::net::TcpStream) -> std::io::Result<()> {
+    let params = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES);
+    socket2::SockRef::from(tcp).set_tcp_keepalive(&params)
+}
+
 /// How long a listener pauses after a failed accept (see [`accept`]).
 const ACCEPT_RETRY: Duration = Duration::from_millis(250);
 
 /// Serves HTTPS on `listener` until the task is dropped. Each connection
 /// gets `TCP_NODELAY` (responses are small writes after the request: with
 /// Nagle's algorithm they would wait for the client's delayed ACK, up to
-/// 40 ms), ten seconds for its handshake, a [`Conn`] with a fresh `S`, and
+/// 40 ms), TCP keepalive ([`keep_alive`]), ten seconds for its handshake, a [`Conn`] with a fresh `S`, and
 /// `handle(request, that Conn)` for each request; upgrades pass.
 pub async fn serve_https<S, H, F, B>(listener: TcpListener, tls: TlsAcceptor, handle: H)
 where
@@ -374,6 +395,7 @@ where
     loop {
         let tcp = accept(&listener).await;
         let _ = tcp.set_nodelay(true);
+        let _ = keep_alive(&tcp);
         let (tls, handle) = (tls.clone(), handle.clone());
         tokio::spawn(async move {
             let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await else {

@@ -315,6 +315,66 @@ async fn http1_clients_reuse_upstream_connections() {
     );
 }
 
+/// A client that vanishes without closing (a laptop shut with a watch open
+/// over HTTP/1.1) is not noticed by a proxy that waits for the watch's next
+/// event, and its watch keeps the vcluster awake; the proxy's connections,
+/// to the client and to the upstream, are probed with TCP keepalive once
+/// idle, as `ss -to` shows (`timer:(keepalive,…)`).
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_watches_are_probed_with_tcp_keepalive() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let c = Cluster::shared();
+    let s = setup("proxy-keepalive", &[], None);
+    let proxy_port: u16 = s.proxy.rsplit(':').next().unwrap().parse().unwrap();
+    let upstream_port: u16 = s.vc.server.rsplit(':').next().unwrap().parse().unwrap();
+    let admin = c.user("keepalive-admin", &["system:masters"]).unwrap();
+    let mut tls = tls_connect(proxy_port, &c.ca.cert_pem, Some(&admin.cert)).await.unwrap();
+    let client_port = tls.get_ref().0.local_addr().unwrap().port();
+    // A watch with nothing to report: no ConfigMap has this name.
+    let watch = format!(
+        "GET /vcluster/{}/dev/api/v1/namespaces/default/configmaps?watch=true&fieldSelector=metadata.name%3Dnone HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        s.ns
+    );
+    tls.write_all(watch.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&head).contains("\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(30), tls.read(&mut buf)).await.unwrap().unwrap();
+        assert!(n > 0, "closed before the watch's head: {}", String::from_utf8_lossy(&head));
+        head.extend_from_slice(&buf[..n]);
+    }
+    assert!(String::from_utf8_lossy(&head).starts_with("HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head));
+
+    let pid = s.agent.proc.pid();
+    // The proxy's side of the client's connection and its connections to
+    // the upstream.
+    let watched = || {
+        testbed::process::tcp_sockets(pid)
+            .into_iter()
+            .filter(|s| {
+                (s.local_port == proxy_port && s.remote_port == client_port)
+                    || (s.remote_port == upstream_port && s.established)
+            })
+            .collect::<Vec<_>>()
+    };
+    let probed = |sockets: &[testbed::process::TcpSocket]| {
+        sockets.iter().filter(|s| s.local_port == proxy_port).count() == 1
+            && sockets.iter().any(|s| s.remote_port == upstream_port)
+            && sockets.iter().all(|s| s.established && s.timer == 2 && s.timer_in <= Duration::from_secs(30))
+    };
+    let start = Instant::now();
+    let mut sockets = watched();
+    while !probed(&sockets) && start.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        sockets = watched();
+    }
+    assert!(
+        probed(&sockets),
+        "with the watch idle, the proxy's connections to the client (port {client_port}) and to the upstream should have a keepalive timer (2) due within 30 s: {sockets:#?}"
+    );
+    drop(tls);
+}
+
 /// A GET through the proxy over raw HTTP/1.1 with a client certificate:
 /// (status, the whole answer).
 async fn raw_get(proxy: &str, path: &str, cert: &testbed::pki::CertPair) -> (u16, String) {

@@ -232,8 +232,13 @@ impl Channel {
         // TCP_NODELAY: a forwarded request is written as more than one
         // segment (headers, then the body's end); with Nagle's algorithm the
         // second waits for the upstream's delayed ACK (up to 40 ms).
+        // TCP keepalive: an upstream that vanished (its node lost) with a
+        // watch open would otherwise hold the client's watch for ever.
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
+        http.set_keepalive(Some(crate::tls::KEEPALIVE_IDLE));
+        http.set_keepalive_interval(Some(crate::tls::KEEPALIVE_INTERVAL));
+        http.set_keepalive_retries(Some(crate::tls::KEEPALIVE_PROBES));
         http.enforce_http(false);
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)

@@ -156,23 +156,24 @@ pub fn http_ok(port: u16, path: &str) -> bool {
     http_get(port, path).is_some_and(|a| a.starts_with("HTTP/1.0 200") || a.starts_with("HTTP/1.1 200"))
 }
 
-/// The established TCP connections that process `pid` holds to `port` on
-/// this host, by socket inode (`/proc/net/tcp{,6}` joined with the
+/// One TCP socket a process holds, as `/proc/net/tcp{,6}` shows it (what
+/// `ss -tno` prints).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpSocket {
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub established: bool,
+    /// The kernel timer pending on the socket: 0 none, 1 retransmission,
+    /// 2 keepalive, 3 TIME_WAIT, 4 zero-window probe.
+    pub timer: u8,
+    /// When that timer fires.
+    pub timer_in: std::time::Duration,
+    pub inode: u64,
+}
+
+/// The TCP sockets process `pid` holds (`/proc/net/tcp{,6}` joined with the
 /// process's open files).
-pub fn connections_to(pid: u32, port: u16) -> std::collections::BTreeSet<u64> {
-    let mut inodes = std::collections::BTreeSet::new();
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(table) else { continue };
-        for line in text.lines().skip(1) {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            // sl local_address rem_address st ... uid timeout inode
-            let (Some(remote), Some(state), Some(inode)) = (f.get(2), f.get(3), f.get(9)) else { continue };
-            let remote_port = remote.rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok());
-            if remote_port == Some(port) && *state == "01" {
-                inodes.extend(inode.parse::<u64>().ok());
-            }
-        }
-    }
+pub fn tcp_sockets(pid: u32) -> Vec<TcpSocket> {
     let mine: std::collections::BTreeSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .into_iter()
         .flatten()
@@ -180,7 +181,43 @@ pub fn connections_to(pid: u32, port: u16) -> std::collections::BTreeSet<u64> {
         .filter_map(|e| std::fs::read_link(e.path()).ok())
         .filter_map(|l| l.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok())
         .collect();
-    inodes.intersection(&mine).copied().collect()
+    // SAFETY: sysconf only reads a configuration value.
+    #[allow(unsafe_code)]
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let port = |addr: &str| addr.rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok());
+    let mut sockets = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else { continue };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // sl local_address rem_address st tx:rx tr:tm->when retrnsmt uid timeout inode
+            let (Some(local), Some(remote), Some(state), Some(timer), Some(inode)) =
+                (f.get(1), f.get(2), f.get(3), f.get(5), f.get(9))
+            else {
+                continue;
+            };
+            let Some(inode) = inode.parse::<u64>().ok().filter(|i| mine.contains(i)) else { continue };
+            let (Some(local_port), Some(remote_port)) = (port(local), port(remote)) else { continue };
+            let (kind, when) = timer.split_once(':').unwrap_or(("0", "0"));
+            sockets.push(TcpSocket {
+                local_port,
+                remote_port,
+                established: *state == "01",
+                timer: u8::from_str_radix(kind, 16).unwrap_or(0),
+                timer_in: std::time::Duration::from_millis(
+                    u64::from_str_radix(when, 16).unwrap_or(0) * 1000 / ticks,
+                ),
+                inode,
+            });
+        }
+    }
+    sockets
+}
+
+/// The established TCP connections that process `pid` holds to `port` on
+/// this host, by socket inode.
+pub fn connections_to(pid: u32, port: u16) -> std::collections::BTreeSet<u64> {
+    tcp_sockets(pid).into_iter().filter(|s| s.established && s.remote_port == port).map(|s| s.inode).collect()
 }
 
 /// Sets process `pid`'s soft limit on open file descriptors (its hard limit
