@@ -549,6 +549,26 @@ fn access_never_widens_through_the_proxy() {
         counted(&testbed::process::http_body(s.agent.admin_port, "/metrics")),
         "a request was not counted"
     );
+
+    // Asleep, the token its API server refused above does not wake it
+    // again (else an expired CI credential polling would wake it on every
+    // poll); kubectl says why. A good token still wakes it.
+    put_to_sleep(c, &s);
+    let refused = kubectl_with(c, &expired, &["get", "namespaces"]);
+    let (_, err) = text(&refused);
+    assert!(
+        !refused.status.success()
+            && err.contains("You must be logged in to the server")
+            && err.contains("its API server refused this token when it was last awake"),
+        "{err}"
+    );
+    assert_eq!(
+        jsonpath(c, "statefulset", "dev", Some(&s.ns), "{.spec.replicas}"),
+        "0",
+        "woken for a token its API server refused"
+    );
+    let woke = kubectl_with(c, &bearer, &["auth", "whoami", "-o", "jsonpath={.status.userInfo.username}"]);
+    assert_eq!(text(&woke).0, "system:serviceaccount:default:viewer", "{:?}", text(&woke));
 }
 
 /// A client that sends an incomplete request head and then nothing

@@ -23,6 +23,7 @@
 //! target that will not wake, whose message the user should see at once.
 
 pub mod gate;
+mod refused;
 pub mod route;
 pub mod upstream;
 
@@ -66,6 +67,7 @@ pub enum ProxyError {
     NoSuchVCluster(TargetRef),
     BadClientCert(TargetRef, String),
     CredentialsRequired(TargetRef),
+    TokenRefused(TargetRef),
     AsleepIgnored(TargetRef),
     Prevented(TargetRef, Until),
     WakeOnRequestOff(TargetRef),
@@ -80,7 +82,9 @@ impl ProxyError {
     pub fn outcome(&self) -> &'static str {
         match self {
             ProxyError::NotRouted | ProxyError::NoSuchVCluster(_) => "not-found",
-            ProxyError::BadClientCert(..) | ProxyError::CredentialsRequired(_) => "unauthenticated",
+            ProxyError::BadClientCert(..)
+            | ProxyError::CredentialsRequired(_)
+            | ProxyError::TokenRefused(_) => "unauthenticated",
             ProxyError::AsleepIgnored(_) | ProxyError::Prevented(..) | ProxyError::WakeOnRequestOff(_) => {
                 "prevented"
             }
@@ -117,6 +121,15 @@ impl ProxyError {
                 format!(
                     "vcluster {}/{} is asleep; only an authenticated request wakes it",
                     t.namespace, t.name
+                ),
+                None,
+            ),
+            ProxyError::TokenRefused(t) => (
+                StatusCode::UNAUTHORIZED,
+                "Unauthorized",
+                format!(
+                    "vcluster {}/{} is asleep, and its API server refused this token when it was last awake; it is not woken for it (another credential wakes it, or: dormant wake vcluster/{}/{})",
+                    t.namespace, t.name, t.namespace, t.name
                 ),
                 None,
             ),
@@ -251,6 +264,8 @@ pub struct Proxy {
     /// Targets whose upstream answered since they were last seen asleep
     /// (false: the control plane may be Ready before its API server serves).
     confirmed: Mutex<HashMap<TargetRef, bool>>,
+    /// Bearer tokens each target's API server answered 401.
+    refused: refused::Refused,
 }
 
 impl Proxy {
@@ -279,6 +294,7 @@ impl Proxy {
             changes,
             base_domain,
             confirmed: Mutex::new(HashMap::new()),
+            refused: refused::Refused::default(),
         }
     }
 
@@ -514,12 +530,7 @@ impl Proxy {
                     .ok_or_else(|| ProxyError::BadClientCert(t.clone(), "no common name".into()))?;
                 Caller::Certificate { user, groups }
             }
-            None => match req
-                .headers
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-            {
+            None => match bearer_token(&req.headers) {
                 Some(token) => Caller::Bearer { service_account: service_account(token) },
                 None => Caller::Anonymous,
             },
@@ -584,6 +595,12 @@ impl Proxy {
                 if caller == Caller::Anonymous {
                     return Err(ProxyError::CredentialsRequired(t));
                 }
+                if matches!(caller, Caller::Bearer { .. })
+                    && let Some(token) = bearer_token(&parts.headers)
+                    && self.refused.refused(&t, token, Instant::now()).is_some()
+                {
+                    return Err(ProxyError::TokenRefused(t));
+                }
                 if !counted {
                     return Err(ProxyError::AsleepIgnored(t));
                 }
@@ -640,6 +657,15 @@ impl Proxy {
                 Err(Forward::NoAnswer(e)) => return Err(ProxyError::Upstream(t.clone(), e)),
                 Err(Forward::Refused(e)) => return Err(e),
                 Ok(resp) => {
+                    if matches!(caller, Caller::Bearer { .. })
+                        && let Some(token) = bearer_token(&parts.headers)
+                    {
+                        if resp.status() == StatusCode::UNAUTHORIZED {
+                            self.refused.insert(&t, token, Instant::now());
+                        } else {
+                            self.refused.forget(&t, token);
+                        }
+                    }
                     if counted && !recorded {
                         if resp.status() == StatusCode::UNAUTHORIZED {
                             self.observer.turn_away(Source::Proxy, UNAUTHENTICATED);
@@ -755,6 +781,11 @@ impl Proxy {
     pub async fn serve_tls(self: Arc<Self>, listener: TcpListener, tls: TlsAcceptor) {
         crate::tls::serve_https(listener, tls, move |req, conn| self.clone().handle(req, conn)).await
     }
+}
+
+/// The token of an `Authorization: Bearer` header.
+fn bearer_token(headers: &http::HeaderMap) -> Option<&str> {
+    headers.get(header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ")
 }
 
 /// The body to forward: the caller's, or none on a retry.
