@@ -87,6 +87,61 @@ fn kubectl_with(c: &Cluster, kubeconfig: &std::path::Path, args: &[&str]) -> Out
         .unwrap()
 }
 
+/// `kubectl port-forward pod/shell :7`, then `line` sent to the local port:
+/// (what came back, if all of it did; what kubectl said).
+fn port_forward_echo(c: &Cluster, kubeconfig: &std::path::Path, line: &str) -> (Option<String>, String) {
+    use std::io::{BufRead, Read, Write};
+    let mut forward = std::process::Command::new(c.bins.path("kubectl"))
+        .arg(format!("--kubeconfig={}", kubeconfig.display()))
+        .args(["port-forward", "pod/shell", ":7"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    // Kept open: kubectl writes a line per connection, and dies writing to
+    // a closed pipe.
+    let mut stdout = std::io::BufReader::new(forward.stdout.take().unwrap());
+    stdout.read_line(&mut first).unwrap();
+    // "Forwarding from 127.0.0.1:PORT -> 7"
+    let local: Option<u16> =
+        first.split_whitespace().nth(2).and_then(|a| a.rsplit(':').next()).and_then(|p| p.parse().ok());
+    let echoed = local.and_then(|port| {
+        let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        tcp.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
+        tcp.write_all(line.as_bytes()).ok()?;
+        let mut got = vec![0u8; line.len()];
+        tcp.read_exact(&mut got).ok()?;
+        Some(String::from_utf8_lossy(&got).into_owned())
+    });
+    let _ = forward.kill();
+    drop(stdout);
+    let out = forward.wait_with_output().unwrap();
+    (echoed, format!("{first}{}", String::from_utf8_lossy(&out.stderr)))
+}
+
+/// kubectl with `input` on its stdin (then closed); killed after 30 s.
+fn kubectl_input(c: &Cluster, kubeconfig: &std::path::Path, args: &[&str], input: &[u8]) -> Output {
+    use std::io::Write;
+    let mut child = std::process::Command::new(c.bins.path("kubectl"))
+        .arg(format!("--kubeconfig={}", kubeconfig.display()))
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    let pid = child.id();
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(30));
+        let _ = std::process::Command::new("kill").arg(pid.to_string()).status();
+    });
+    let out = child.wait_with_output().unwrap();
+    drop(killer);
+    out
+}
+
 fn text(o: &Output) -> (String, String) {
     (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
 }
@@ -225,6 +280,74 @@ fn watches_stream_and_websocket_upgrades_pass_through() {
 /// An open watch through the proxy is use: it keeps its vcluster awake past
 /// the idle timeout, and once closed the vcluster sleeps; a policy that
 /// ignores active connections lets it sleep with the watch open.
+/// `kubectl exec` and `kubectl port-forward` through the proxy, end to end:
+/// kubectl's stream upgrade goes through dormant to the vcluster's API
+/// server, which opens its own to the pod's kubelet (kwok's server, which
+/// runs the command on this host or echoes the forwarded bytes).
+#[test]
+fn kubectl_exec_and_port_forward_stream_through_the_proxy() {
+    let c = Cluster::shared();
+    let s = setup("proxy-exec", &[], None);
+    let kubelet = c.kubelet_port().expect("the testbed runs kwok");
+    // In the vcluster: a Node whose kubelet is kwok's server, a pod on it.
+    let vc = |args: &[&str]| {
+        let out = kubectl_with(c, &s.vc.kubeconfig, args);
+        assert!(out.status.success(), "kubectl {args:?}: {:?}", text(&out));
+    };
+    let manifests = c.dir.join(format!("{}-shell.yaml", s.ns));
+    std::fs::write(
+        &manifests,
+        "apiVersion: v1\nkind: Node\nmetadata: {name: vc-node}\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {name: default, namespace: default}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: shell, namespace: default}\nspec:\n  nodeName: vc-node\n  automountServiceAccountToken: false\n  containers: [{name: sh, image: none}]\n",
+    )
+    .unwrap();
+    vc(&["apply", "-f", manifests.to_str().unwrap()]);
+    let status = format!(
+        r#"{{"status":{{"addresses":[{{"type":"InternalIP","address":"127.0.0.1"}}],"daemonEndpoints":{{"kubeletEndpoint":{{"Port":{kubelet}}}}}}}}}"#
+    );
+    vc(&["patch", "node", "vc-node", "--subresource=status", "--type=merge", "-p", &status]);
+    // Running, as the pod's kubelet would report (port-forward asks).
+    vc(&[
+        "patch",
+        "pod",
+        "shell",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"phase":"Running"}}"#,
+    ]);
+
+    // Direct first, so that a testbed fault reads as one.
+    let direct = kubectl_with(c, &s.vc.kubeconfig, &["exec", "shell", "--", "echo", "hello"]);
+    assert_eq!(text(&direct).0, "hello\n", "direct exec: {:?}", text(&direct));
+
+    let out = kubectl_with(c, &s.kubeconfig, &["exec", "shell", "--", "echo", "through the proxy"]);
+    assert_eq!(text(&out).0, "through the proxy\n", "{:?}\n{}", text(&out), s.agent.log());
+    // stdin up, stdout back, on the same stream (one line: the end of
+    // stdin does not reach kwok's command even directly).
+    let upper = ["exec", "-i", "shell", "--", "sh", "-c", "read line; echo \"$line\" | tr a-z A-Z"];
+    let direct = kubectl_input(c, &s.vc.kubeconfig, &upper, b"up\n");
+    assert_eq!(text(&direct).0, "UP\n", "direct exec: {:?}", text(&direct));
+    let out = kubectl_input(c, &s.kubeconfig, &upper, b"up and back\n");
+    assert_eq!(text(&out).0, "UP AND BACK\n", "{:?}", text(&out));
+    // A failing command fails the same way (kwok reports its exit status
+    // as an error rather than as an exit code).
+    let fail = ["exec", "shell", "--", "sh", "-c", "exit 3"];
+    let (direct, out) = (kubectl_with(c, &s.vc.kubeconfig, &fail), kubectl_with(c, &s.kubeconfig, &fail));
+    assert!(!out.status.success() && text(&out).1.contains("exit status 3"), "{:?}", text(&out));
+    assert_eq!((out.status.code(), text(&out)), (direct.status.code(), text(&direct)));
+
+    // port-forward: bytes to the pod's port 7 (an echo) and back.
+    let direct = port_forward_echo(c, &s.vc.kubeconfig, "ping\n");
+    assert_eq!(direct.0, Some("ping\n".to_string()), "direct port-forward: {direct:?}");
+    let forwarded = port_forward_echo(c, &s.kubeconfig, "ping through the proxy\n");
+    assert_eq!(forwarded.0, Some("ping through the proxy\n".to_string()), "{forwarded:?}");
+
+    // Asleep, `kubectl exec` wakes the vcluster and runs.
+    put_to_sleep(c, &s);
+    let out = kubectl_with(c, &s.kubeconfig, &["exec", "shell", "--", "echo", "woken"]);
+    assert_eq!(text(&out).0, "woken\n", "{:?}\n{}", text(&out), s.agent.log());
+}
+
 #[test]
 fn an_open_watch_keeps_its_vcluster_awake_unless_the_policy_ignores_active_connections() {
     let c = Cluster::shared();

@@ -177,6 +177,8 @@ pub struct Cluster {
     pub robot: User,
     procs: Mutex<Vec<Proc>>,
     pub started_in: Duration,
+    /// kwok's kubelet server (exec, logs, port-forward), when controllers run.
+    kubelet_port: OnceLock<u16>,
 }
 
 impl Cluster {
@@ -280,6 +282,7 @@ impl Cluster {
             robot,
             procs: Mutex::new(Vec::new()),
             started_in: Duration::ZERO,
+            kubelet_port: OnceLock::new(),
         };
         let api_args = cluster.apiserver_args(api_port, "/registry", opts.audit.as_ref())?;
         let mut api =
@@ -394,7 +397,12 @@ impl Cluster {
             d,
         )?;
         let sched = spawner::spawn("kube-scheduler", &self.bins.path("kube-scheduler"), &sched_args, d)?;
-        let kwok_conf = self.kwok_stages(opts.pod_ready_delay)?;
+        let mut kwok_conf = self.kwok_stages(opts.pod_ready_delay)?;
+        let shell = self.dir.join("kwok-cluster-exec-shell.yaml");
+        std::fs::write(&shell, SHELL_EXEC)?;
+        kwok_conf.push(shell);
+        let kubelet_port = free_port()?;
+        let _ = self.kubelet_port.set(kubelet_port);
         // kwok plays the kubelets: it gets a node's identity (group
         // system:nodes), with cluster-admin rights to manage every fake node.
         let kwok_user = self.ca.client("system:node:kwok", &["system:nodes", "system:masters"])?;
@@ -408,7 +416,7 @@ impl Cluster {
             // node-lifecycle controller marks it (and its pods) not ready in between.
             "--node-lease-duration-seconds=40",
             "--cidr=10.244.0.0/16",
-            &format!("--server-address=127.0.0.1:{}", free_port()?),
+            &format!("--server-address=127.0.0.1:{}", kubelet_port),
         ]);
         for f in kwok_conf {
             kwok_args.push(format!("--config={}", f.display()));
@@ -472,6 +480,13 @@ impl Cluster {
             out.push(dst);
         }
         Ok(out)
+    }
+
+    /// The port of kwok's kubelet server on 127.0.0.1 (it answers exec into
+    /// pods named `shell` by running the command here, and port-forward to
+    /// their port 7 with an echo); `None` without controllers.
+    pub fn kubelet_port(&self) -> Option<u16> {
+        self.kubelet_port.get().copied()
     }
 
     /// Mints a user with its own client certificate and kubeconfig.
@@ -610,6 +625,32 @@ impl Drop for Cluster {
         }
     }
 }
+
+/// kwok runs `kubectl exec` into a pod named `shell` (in any namespace, of
+/// any cluster whose Node points at kwok's server) as a local command, and
+/// answers `kubectl port-forward` to its port 7 with `cat` (echo): real exec
+/// and port-forward streams end to end, without a container runtime.
+const SHELL_EXEC: &str = r#"apiVersion: kwok.x-k8s.io/v1alpha1
+kind: ClusterExec
+metadata:
+  name: testbed-shell
+spec:
+  selector:
+    matchNames: [shell]
+  execs:
+  - local: {}
+---
+apiVersion: kwok.x-k8s.io/v1alpha1
+kind: ClusterPortForward
+metadata:
+  name: testbed-echo
+spec:
+  selector:
+    matchNames: [shell]
+  forwards:
+  - ports: [7]
+    command: [cat]
+"#;
 
 const FAKE_NODE: &str = r#"apiVersion: v1
 kind: Node
