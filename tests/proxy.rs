@@ -342,8 +342,28 @@ fn kubectl_exec_and_port_forward_stream_through_the_proxy() {
     let forwarded = port_forward_echo(c, &s.kubeconfig, "ping through the proxy\n");
     assert_eq!(forwarded.0, Some("ping through the proxy\n".to_string()), "{forwarded:?}");
 
+    // An exec session keeps its vcluster awake while it lasts; then it
+    // sleeps.
+    let now_state = || state(c, "statefulset", "dev", Some(&s.ns));
+    kubectl(c, &["annotate", "--overwrite", "statefulset", "dev", "-n", &s.ns, "dormant.dev/sleep-after=6s"]);
+    let mut session = std::process::Command::new(c.bins.path("kubectl"))
+        .arg(format!("--kubeconfig={}", s.kubeconfig.display()))
+        .args(["exec", "shell", "--", "sleep", "25"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(20));
+    assert_eq!(
+        now_state(),
+        "awake",
+        "20 s into an exec session, idle timeout 6 s; agent log:\n{}",
+        s.agent.log()
+    );
+    assert!(session.wait().unwrap().success());
+    wait_until("asleep once the session is over", Duration::from_secs(40), || now_state() == "asleep");
+    wait_until("the vcluster API server to stop", Duration::from_secs(30), || !s.vc.is_serving());
+
     // Asleep, `kubectl exec` wakes the vcluster and runs.
-    put_to_sleep(c, &s);
     let out = kubectl_with(c, &s.kubeconfig, &["exec", "shell", "--", "echo", "woken"]);
     assert_eq!(text(&out).0, "woken\n", "{:?}\n{}", text(&out), s.agent.log());
 }
