@@ -87,13 +87,20 @@ fn kubectl_with(c: &Cluster, kubeconfig: &std::path::Path, args: &[&str]) -> Out
         .unwrap()
 }
 
-/// `kubectl port-forward pod/shell :7`, then `line` sent to the local port:
-/// (what came back, if all of it did; what kubectl said).
-fn port_forward_echo(c: &Cluster, kubeconfig: &std::path::Path, line: &str) -> (Option<String>, String) {
+/// `kubectl port-forward pod/shell :7` with `env`, then `line` sent to the
+/// local port: (what came back, if all of it did; what kubectl said, with
+/// its requests and responses logged).
+fn port_forward_echo(
+    c: &Cluster,
+    kubeconfig: &std::path::Path,
+    env: &[(&str, &str)],
+    line: &str,
+) -> (Option<String>, String) {
     use std::io::{BufRead, Read, Write};
     let mut forward = std::process::Command::new(c.bins.path("kubectl"))
         .arg(format!("--kubeconfig={}", kubeconfig.display()))
-        .args(["port-forward", "pod/shell", ":7"])
+        .args(["port-forward", "pod/shell", ":7", "-v=8"])
+        .envs(env.iter().copied())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -320,8 +327,23 @@ fn kubectl_exec_and_port_forward_stream_through_the_proxy() {
     let direct = kubectl_with(c, &s.vc.kubeconfig, &["exec", "shell", "--", "echo", "hello"]);
     assert_eq!(text(&direct).0, "hello\n", "direct exec: {:?}", text(&direct));
 
-    let out = kubectl_with(c, &s.kubeconfig, &["exec", "shell", "--", "echo", "through the proxy"]);
-    assert_eq!(text(&out).0, "through the proxy\n", "{:?}\n{}", text(&out), s.agent.log());
+    // Through the proxy over both stream protocols kubectl speaks:
+    // WebSocket (its default) and SPDY (its fallback, and what older
+    // clients use); kubectl's log names the upgrade the proxy answered.
+    for (protocol, env) in [
+        ("websocket", ("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "true")),
+        ("SPDY/3.1", ("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "false")),
+    ] {
+        let out = std::process::Command::new(c.bins.path("kubectl"))
+            .arg(format!("--kubeconfig={}", s.kubeconfig.display()))
+            .args(["exec", "shell", "-v=8", "--", "echo", "through the proxy"])
+            .env(env.0, env.1)
+            .output()
+            .unwrap();
+        let (stdout, log) = text(&out);
+        assert_eq!(stdout, "through the proxy\n", "{protocol}: {log}\n{}", s.agent.log());
+        assert!(log.contains(&format!("Upgrade: {protocol}")), "{protocol} was not used: {log}");
+    }
     // stdin up, stdout back, on the same stream (one line: the end of
     // stdin does not reach kwok's command even directly).
     let upper = ["exec", "-i", "shell", "--", "sh", "-c", "read line; echo \"$line\" | tr a-z A-Z"];
@@ -336,11 +358,19 @@ fn kubectl_exec_and_port_forward_stream_through_the_proxy() {
     assert!(!out.status.success() && text(&out).1.contains("exit status 3"), "{:?}", text(&out));
     assert_eq!((out.status.code(), text(&out)), (direct.status.code(), text(&direct)));
 
-    // port-forward: bytes to the pod's port 7 (an echo) and back.
-    let direct = port_forward_echo(c, &s.vc.kubeconfig, "ping\n");
+    // port-forward: bytes to the pod's port 7 (an echo) and back, over
+    // both protocols too.
+    let direct = port_forward_echo(c, &s.vc.kubeconfig, &[], "ping\n");
     assert_eq!(direct.0, Some("ping\n".to_string()), "direct port-forward: {direct:?}");
-    let forwarded = port_forward_echo(c, &s.kubeconfig, "ping through the proxy\n");
-    assert_eq!(forwarded.0, Some("ping through the proxy\n".to_string()), "{forwarded:?}");
+    for (protocol, env) in [
+        ("websocket", ("KUBECTL_PORT_FORWARD_WEBSOCKETS", "true")),
+        ("SPDY/3.1", ("KUBECTL_PORT_FORWARD_WEBSOCKETS", "false")),
+    ] {
+        let line = format!("ping through the proxy over {protocol}\n");
+        let (echoed, log) = port_forward_echo(c, &s.kubeconfig, &[env], &line);
+        assert_eq!(echoed, Some(line), "{protocol}: {log}");
+        assert!(log.contains(&format!("Upgrade: {protocol}")), "{protocol} was not used: {log}");
+    }
 
     // An exec session keeps its vcluster awake while it lasts; then it
     // sleeps.
