@@ -1100,26 +1100,54 @@ mod tests {
         }
     }
 
+    /// Every answer the proxy gives itself is a Kubernetes `Status` with
+    /// the code, reason and metric label `docs/proxy.md` gives it, one row
+    /// per kind of refusal.
     #[test]
     fn errors_are_kubernetes_statuses_with_the_documented_codes() {
+        let doc = include_str!("../../docs/proxy.md");
+        // | `504` | `Timeout` | `timeout` | when |
+        let documented: Vec<(u16, String, String)> = doc
+            .lines()
+            .filter_map(|l| {
+                let cells: Vec<&str> = l.split('|').map(|c| c.trim().trim_matches('`')).collect();
+                let code = cells.get(1)?.parse::<u16>().ok()?;
+                Some((code, cells.get(2)?.to_string(), cells.get(3)?.to_string()))
+            })
+            .collect();
         let t = TargetRef::vcluster("team-a", "dev");
-        for (e, code, reason, retry) in [
-            (ProxyError::WakeTimeout(t.clone(), Duration::from_secs(120)), 504, "Timeout", false),
-            (ProxyError::Overloaded(t.clone(), 1000), 503, "ServiceUnavailable", true),
-            (ProxyError::Prevented(t.clone(), Until::Never), 503, "ServiceUnavailable", false),
-            (ProxyError::Upstream(t.clone(), "connection refused".into()), 502, "ServiceUnavailable", false),
-            (ProxyError::BadClientCert(t.clone(), "unknown issuer".into()), 401, "Unauthorized", false),
-        ] {
+        let errors = [
+            ProxyError::NotRouted,
+            ProxyError::NoSuchVCluster(t.clone()),
+            ProxyError::BadClientCert(t.clone(), "unknown issuer".into()),
+            ProxyError::CredentialsRequired(t.clone()),
+            ProxyError::TokenRefused(t.clone()),
+            ProxyError::AsleepIgnored(t.clone()),
+            ProxyError::Prevented(t.clone(), Until::Never),
+            ProxyError::WakeOnRequestOff(t.clone()),
+            ProxyError::Overloaded(t.clone(), 1000),
+            ProxyError::WakeTimeout(t.clone(), Duration::from_secs(120)),
+            ProxyError::WakeFailed(t.clone(), "forbidden".into()),
+            ProxyError::Upstream(t.clone(), "connection refused".into()),
+        ];
+        assert_eq!(documented.len(), errors.len(), "docs/proxy.md's table: {documented:?}");
+        for e in errors {
+            let outcome = e.outcome();
             let r = e.response();
-            assert_eq!(r.status().as_u16(), code);
-            assert_eq!(r.headers().contains_key(header::RETRY_AFTER), retry, "{e:?}");
+            let code = r.status().as_u16();
+            let retry = r.headers().contains_key(header::RETRY_AFTER);
+            assert_eq!(retry, matches!(e, ProxyError::Overloaded(..)), "Retry-After on {e:?}");
             let body = futures::executor::block_on(r.into_body().collect()).unwrap().to_bytes();
             let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-            assert_eq!(
-                (v["kind"].as_str(), v["reason"].as_str(), v["code"].as_u64()),
-                (Some("Status"), Some(reason), Some(code as u64))
+            let reason = v["reason"].as_str().unwrap_or_default().to_string();
+            assert_eq!((v["kind"].as_str(), v["code"].as_u64()), (Some("Status"), Some(u64::from(code))));
+            assert!(
+                documented.contains(&(code, reason.clone(), outcome.to_string())),
+                "{e:?} answers {code} {reason} ({outcome}), which docs/proxy.md does not list"
             );
-            assert!(v["message"].as_str().unwrap().contains("team-a/dev"));
+            if !matches!(e, ProxyError::NotRouted) {
+                assert!(v["message"].as_str().unwrap().contains("team-a/dev"), "{v}");
+            }
         }
     }
 }
