@@ -16,6 +16,18 @@ fn valid_name(p: &str) -> bool {
         && !p.contains("..")
 }
 
+/// A path the upstream may see: no `.` or `..` segment, plain or
+/// percent-encoded. Kubernetes paths never have one, and under an upstream
+/// with a path prefix (`dormant.dev/upstream: https://gateway/vc/team-a`) a
+/// `..` could leave that prefix while the request counts for this vcluster.
+fn clean_path(path_and_query: &str) -> bool {
+    let path = path_and_query.split_once('?').map_or(path_and_query, |(p, _)| p);
+    path.split('/').all(|segment| {
+        let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
+        decoded != "." && decoded != ".."
+    })
+}
+
 /// A routed request: the target and the upstream path (with its query).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Routed {
@@ -29,7 +41,7 @@ pub fn by_path(path_and_query: &str) -> Option<Routed> {
     let (ns, rest) = rest.split_once('/')?;
     let end = rest.find(['/', '?']).unwrap_or(rest.len());
     let (name, tail) = rest.split_at(end);
-    if !valid_name(ns) || !valid_name(name) {
+    if !valid_name(ns) || !valid_name(name) || !clean_path(tail) {
         return None;
     }
     let tail = if tail.is_empty() || tail.starts_with('?') { format!("/{tail}") } else { tail.to_string() };
@@ -42,7 +54,7 @@ pub fn by_host(host: &str, base_domain: &str, path_and_query: &str) -> Option<Ro
         host.rsplit_once(':').filter(|(_, p)| p.chars().all(|c| c.is_ascii_digit())).map_or(host, |(h, _)| h);
     let prefix = host.strip_suffix(base_domain)?.strip_suffix('.')?;
     let (name, ns) = prefix.split_once('.')?;
-    if !valid_name(name) || !valid_name(ns) || ns.contains('.') {
+    if !valid_name(name) || !valid_name(ns) || ns.contains('.') || !clean_path(path_and_query) {
         return None;
     }
     Some(Routed { target: TargetRef::vcluster(ns, name), path_and_query: path_and_query.to_string() })
@@ -144,6 +156,11 @@ mod tests {
             "/vcluster/Team/dev/api",
             "/vcluster/a/b%2f/api",
             "/vcluster/a/../api",
+            "/vcluster/a/b/../../x/api/v1/pods",
+            "/vcluster/a/b/api/./v1",
+            "/vcluster/a/b/api/%2e%2E/x",
+            "/vcluster/a/b/api/.%2e",
+            "/vcluster/a/b/..?watch=1",
         ] {
             assert_eq!(by_path(bad), None, "{bad}");
         }
@@ -157,6 +174,9 @@ mod tests {
         assert_eq!(by_host("dev.team-a.example.org", "vc.example.com", "/"), None);
         assert_eq!(by_host("vc.example.com", "vc.example.com", "/"), None);
         assert_eq!(by_host("a.b.c.vc.example.com", "vc.example.com", "/"), None);
+        assert_eq!(by_host("dev.team-a.vc.example.com", "vc.example.com", "/x/../api"), None);
+        // Dots inside a segment are not path steps.
+        assert!(by_path("/vcluster/a/b/apis/apps.example.com/v1/x..y?q=..").is_some());
     }
 
     #[test]
