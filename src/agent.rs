@@ -140,6 +140,10 @@ pub struct AgentArgs {
     /// Requests that may wait for one waking vcluster; more get 503.
     #[arg(long, env = "DORMANT_PROXY_MAX_WAITING", default_value_t = 1000)]
     pub proxy_max_waiting: usize,
+    /// How often the proxy re-reads a vcluster's `vc-<name>` Secret (its CA
+    /// and admin credential) and upstream; unchanged, connections stay.
+    #[arg(long, env = "DORMANT_PROXY_UPSTREAM_REFRESH", default_value = "1m")]
+    pub proxy_upstream_refresh: String,
     /// Log format.
     #[arg(long, env = "DORMANT_LOG_FORMAT", value_enum, default_value = "plain")]
     pub log_format: LogFormat,
@@ -174,6 +178,7 @@ pub struct ProxySettings {
     pub cert: Arc<crate::tls::ReloadingCert>,
     pub base_domain: Option<String>,
     pub max_waiting: usize,
+    pub upstream_refresh: Duration,
 }
 
 /// The audit webhook's validated settings.
@@ -321,7 +326,27 @@ impl AgentArgs {
         if base_domain.as_ref().is_some_and(|d| d.is_empty() || d.contains(char::is_whitespace)) {
             errors.push("--proxy-base-domain: expected a DNS name such as vc.example.com".into());
         }
-        Some(ProxySettings { addr, cert: serving?, base_domain, max_waiting: self.proxy_max_waiting })
+        let upstream_refresh = match duration::parse(&self.proxy_upstream_refresh) {
+            Ok(d) if d >= Duration::from_secs(1) => d,
+            Ok(_) => {
+                errors.push(format!(
+                    "--proxy-upstream-refresh {}: must be at least 1s",
+                    self.proxy_upstream_refresh
+                ));
+                Duration::from_secs(1)
+            }
+            Err(e) => {
+                errors.push(format!("--proxy-upstream-refresh: {e}"));
+                Duration::from_secs(1)
+            }
+        };
+        Some(ProxySettings {
+            addr,
+            cert: serving?,
+            base_domain,
+            max_waiting: self.proxy_max_waiting,
+            upstream_refresh,
+        })
     }
 
     fn validate_audit(&self, errors: &mut Vec<String>) -> Option<AuditSettings> {
@@ -552,7 +577,7 @@ pub async fn run_with(
         let tls = crate::proxy::tls_config(p.cert.clone())?;
         let proxy = Arc::new(crate::proxy::Proxy::new(
             stores.clone(),
-            crate::proxy::upstream::Upstreams::new(client.clone(), stores.clone(), Duration::from_secs(60)),
+            crate::proxy::upstream::Upstreams::new(client.clone(), stores.clone(), p.upstream_refresh),
             crate::proxy::gate::Gate::new(p.max_waiting, metrics.proxy_waiting.clone()),
             observer.clone(),
             metrics.clone(),

@@ -450,7 +450,9 @@ fn an_open_watch_keeps_its_vcluster_awake_unless_the_policy_ignores_active_conne
 async fn http1_clients_reuse_upstream_connections() {
     use http_body_util::BodyExt;
     let c = Cluster::shared();
-    let s = setup("proxy-reuse", &[], None);
+    // The vcluster's Secret is re-read every second: unchanged, the same
+    // upstream connection goes on serving.
+    let s = setup("proxy-reuse", &["--proxy-upstream-refresh=1s"], None);
     let proxy_port: u16 = s.proxy.rsplit(':').next().unwrap().parse().unwrap();
     let upstream_port: u16 = s.vc.server.rsplit(':').next().unwrap().parse().unwrap();
     let path = format!("/vcluster/{}/dev/version", s.ns);
@@ -476,6 +478,9 @@ async fn http1_clients_reuse_upstream_connections() {
             assert_eq!(status, 200, "client {client}, request {request}: {}", String::from_utf8_lossy(&body));
             assert!(String::from_utf8_lossy(&body).contains("gitVersion"));
             seen.extend(testbed::process::connections_to(s.agent.proc.pid(), upstream_port));
+            if client == 0 {
+                tokio::time::sleep(Duration::from_millis(150)).await;
+            }
         }
         drop(send);
         let _ = conn.await;
@@ -484,7 +489,7 @@ async fn http1_clients_reuse_upstream_connections() {
     assert_eq!(
         seen.len(),
         1,
-        "40 requests from 11 client connections, one after another, should share one upstream connection"
+        "30 requests from 11 client connections, one after another, should share one upstream connection"
     );
 }
 
@@ -640,6 +645,13 @@ fn access_never_widens_through_the_proxy() {
     let refused = kubectl_with(c, &other, &["get", "namespaces"]);
     assert!(!refused.status.success());
     assert!(text(&refused).1.contains("client certificate not valid for vcluster"), "{:?}", text(&refused));
+    // A certificate from the right CA that names nobody (an empty CN) would
+    // impersonate nobody, and run as the admin credential: refused.
+    let nobody = c.ca.client("", &["system:masters"]).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (code, raw) =
+        rt.block_on(raw_get(&s.proxy, &format!("/vcluster/{}/dev/api/v1/secrets", s.ns), &nobody));
+    assert!(code == 401 && raw.contains("no common name"), "{raw}");
 
     // A bearer token is passed through: the upstream authorizes its owner.
     let sa = kubectl_with(c, &s.vc.kubeconfig, &["create", "serviceaccount", "viewer", "-n", "default"]);
@@ -705,7 +717,6 @@ fn access_never_widens_through_the_proxy() {
     // same request without it counts.
     let quiet = c.ca.client("quiet-user", &[]).unwrap();
     let host = format!("Host: dev.{}.vc.example.com", s.ns);
-    let rt = tokio::runtime::Runtime::new().unwrap();
     let counted = |metrics: &str| {
         metrics.lines().any(|l| l.starts_with("dormant_activity_sources_total{") && l.contains("quiet-user"))
     };
@@ -742,6 +753,37 @@ fn access_never_widens_through_the_proxy() {
     );
     let woke = kubectl_with(c, &bearer, &["auth", "whoami", "-o", "jsonpath={.status.userInfo.username}"]);
     assert_eq!(text(&woke).0, "system:serviceaccount:default:viewer", "{:?}", text(&woke));
+}
+
+/// A vcluster woken by something other than this proxy (`dormant wake`, a
+/// schedule, another replica, audit activity) serves the requests that may
+/// not wake it (anonymous, `X-Dormant-Ignore`, ignored by a rule) as soon as
+/// its API server answers; they were refused as if it still slept.
+#[test]
+fn a_vcluster_woken_elsewhere_serves_requests_that_cannot_wake_it() {
+    let c = Cluster::shared();
+    let s = setup("proxy-elsewhere", &[], None);
+    put_to_sleep(c, &s);
+    let admin = c.ca.client("kube:admin", &["system:masters"]).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let path = format!("/vcluster/{}/dev/api", s.ns);
+    let ignored = || rt.block_on(raw_request(&s.proxy, &path, Some(&admin), &["X-Dormant-Ignore: true"]));
+    let (code, raw) = ignored();
+    assert!(code == 503 && raw.contains("does not count as use"), "{raw}");
+
+    let out = dormant(c, &["wake", &format!("vcluster/{}/dev", s.ns), "--wait=60s"]);
+    assert!(out.status.success(), "{}", text(&out).1);
+    s.vc.wait_serving(c, Duration::from_secs(60)).unwrap();
+    let start = Instant::now();
+    let (mut code, mut raw) = ignored();
+    while code != 200 && start.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(200));
+        (code, raw) = ignored();
+    }
+    assert_eq!(code, 200, "20 s after the wake: {raw}\n{}", s.agent.log());
+    // Without credentials: forwarded, for the upstream to judge.
+    let (_, raw) = rt.block_on(raw_request(&s.proxy, &path, None, &[]));
+    assert!(!raw.contains("is asleep"), "{raw}");
 }
 
 /// A client that sends an incomplete request head and then nothing

@@ -69,6 +69,18 @@ impl Gate {
         self.target(t).waiting.load(Ordering::Acquire)
     }
 
+    /// A wake of `t` is under way.
+    pub fn waking(&self, t: &TargetRef) -> bool {
+        let Some(tg) = self.targets.lock().unwrap_or_else(|e| e.into_inner()).get(t).cloned() else {
+            return false;
+        };
+        tg.current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|w| w.outcome.get().is_none())
+    }
+
     /// Waits until `t` is ready, starting `wake` if no wake is under way.
     /// `wake` resolves when the target is ready (or failed); it runs on its
     /// own task, so a waiter that gives up does not cancel it.

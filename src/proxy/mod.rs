@@ -27,7 +27,7 @@ mod refused;
 pub mod route;
 pub mod upstream;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context as TaskContext, Poll};
@@ -264,6 +264,8 @@ pub struct Proxy {
     /// Targets whose upstream answered since they were last seen asleep
     /// (false: the control plane may be Ready before its API server serves).
     confirmed: Mutex<HashMap<TargetRef, bool>>,
+    /// Targets whose API server a background check is waiting for.
+    confirming: Mutex<HashSet<TargetRef>>,
     /// Bearer tokens each target's API server answered 401.
     refused: refused::Refused,
 }
@@ -294,6 +296,7 @@ impl Proxy {
             changes,
             base_domain,
             confirmed: Mutex::new(HashMap::new()),
+            confirming: Mutex::new(HashSet::new()),
             refused: refused::Refused::default(),
         }
     }
@@ -341,24 +344,56 @@ impl Proxy {
         let mut changes = self.changes.subscribe();
         loop {
             match changes.recv().await {
-                Ok(Change::Target(t)) if t.kind == crate::target::TargetKind::VCluster => {
-                    if !self.control_plane_ready(&t) {
-                        self.set_confirmed(&t, false);
-                    }
-                }
+                Ok(Change::Target(t)) if t.kind == crate::target::TargetKind::VCluster => self.follow(&t),
                 Ok(_) => {}
                 Err(broadcast::error::RecvError::Lagged(_)) => {
                     let known: Vec<TargetRef> =
                         self.confirmed.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
                     for t in known {
-                        if !self.control_plane_ready(&t) {
-                            self.set_confirmed(&t, false);
-                        }
+                        self.follow(&t);
                     }
                 }
                 Err(broadcast::error::RecvError::Closed) => return,
             }
         }
+    }
+
+    /// A control plane seen down is unconfirmed; one seen Ready while
+    /// unconfirmed, with no wake of this proxy's under way (something else
+    /// woke it: another replica, `dormant wake`, a schedule, audit
+    /// activity), is confirmed by a check of its own. Without it, requests
+    /// that may not wake a vcluster (anonymous, ignored, a refused token)
+    /// would be refused as if it slept until a counted request came.
+    fn follow(self: &Arc<Self>, t: &TargetRef) {
+        if !self.control_plane_ready(t) {
+            self.set_confirmed(t, false);
+            return;
+        }
+        let unconfirmed = self.confirmed.lock().unwrap_or_else(|e| e.into_inner()).get(t) == Some(&false);
+        if !unconfirmed || self.gate.waking(t) {
+            return;
+        }
+        if !self.confirming.lock().unwrap_or_else(|e| e.into_inner()).insert(t.clone()) {
+            return;
+        }
+        let (proxy, t) = (self.clone(), t.clone());
+        tokio::spawn(async move {
+            let limit = proxy.wake_rules(&t).timeout * 3 + Duration::from_secs(60);
+            proxy.upstreams.invalidate(&t);
+            let answered = match proxy.upstreams.get(&t).await {
+                Ok(up) => api_server_ready(&up, Instant::now(), limit).await,
+                Err(e) => Err(e.to_string()),
+            };
+            match answered {
+                Ok(()) if proxy.control_plane_ready(&t) => {
+                    proxy.set_confirmed(&t, true);
+                    tracing::info!(target = %t, "vcluster woken elsewhere answers; forwarding to it");
+                }
+                Ok(()) => {}
+                Err(e) => tracing::debug!(target = %t, error = %e, "vcluster seen Ready did not answer"),
+            }
+            proxy.confirming.lock().unwrap_or_else(|e| e.into_inner()).remove(&t);
+        });
     }
 
     fn set_confirmed(&self, t: &TargetRef, v: bool) {
@@ -419,38 +454,7 @@ impl Proxy {
             // server that stopped when the vcluster slept.
             proxy.upstreams.invalidate(&t);
             let up = proxy.upstreams.get(&t).await.map_err(|e| e.to_string())?;
-            // Ready means /readyz 200, asked with the vcluster's admin
-            // credential: a starting kube-apiserver serves requests before
-            // its RBAC roles are loaded, and would refuse users it is about
-            // to allow. Without an admin credential only anonymous asking is
-            // possible, and 401/403 must do (the server answers).
-            let (checker, strict) = match &up.admin {
-                Some(admin) => (&admin.client, true),
-                None => (&up.plain.client, false),
-            };
-            loop {
-                let req = Request::get(up.origin.uri("/readyz").map_err(|e| e.to_string())?)
-                    .body(full(Bytes::new()))
-                    .map_err(|e| e.to_string())?;
-                // Short attempts: one sent while the server starts may hang.
-                if let Ok(Ok(resp)) =
-                    tokio::time::timeout(Duration::from_millis(250), checker.request(req)).await
-                {
-                    let answers = !strict && matches!(resp.status().as_u16(), 401 | 403);
-                    if resp.status().is_success() || answers {
-                        break;
-                    }
-                }
-                if started.elapsed() > limit {
-                    return Err(format!(
-                        "the API server did not answer within {}",
-                        crate::policy::duration::format(limit)
-                    ));
-                }
-                // Held requests wait on this: poll often (one target, only
-                // while it wakes).
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
+            api_server_ready(&up, started, limit).await?;
             proxy.set_confirmed(&t, true);
             tracing::info!(
                 target = %t,
@@ -783,9 +787,58 @@ impl Proxy {
     }
 }
 
-/// The token of an `Authorization: Bearer` header.
+/// Waits until `up`'s API server is ready, or `limit` after `started`.
+///
+/// Ready means `/readyz` 200, asked with the vcluster's admin credential: a
+/// starting kube-apiserver serves requests before its RBAC roles are
+/// loaded, and would refuse users it is about to allow. Without an admin
+/// credential only anonymous asking is possible, and 401/403 must do (the
+/// server answers). Attempts are short (one sent while the server starts
+/// may hang) and follow each other quickly while held requests may be
+/// waiting, then slowly (see [`readyz_pause`]).
+async fn api_server_ready(up: &upstream::Upstream, started: Instant, limit: Duration) -> Result<(), String> {
+    let (checker, strict) = match &up.admin {
+        Some(admin) => (&admin.client, true),
+        None => (&up.plain.client, false),
+    };
+    let polling = Instant::now();
+    loop {
+        let req = Request::get(up.origin.uri("/readyz").map_err(|e| e.to_string())?)
+            .body(full(Bytes::new()))
+            .map_err(|e| e.to_string())?;
+        if let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_millis(250), checker.request(req)).await {
+            let answers = !strict && matches!(resp.status().as_u16(), 401 | 403);
+            if resp.status().is_success() || answers {
+                return Ok(());
+            }
+        }
+        if started.elapsed() > limit {
+            return Err(format!(
+                "the API server did not answer within {}",
+                crate::policy::duration::format(limit)
+            ));
+        }
+        tokio::time::sleep(readyz_pause(polling.elapsed())).await;
+    }
+}
+
+/// The pause between `/readyz` attempts after `polling_for`: 2 ms for the
+/// first 10 s (an API server usually starts within them, and held requests
+/// wait on this), then 250 ms, so that an API server that never says ready
+/// (a rejected admin credential, a gateway that does not pass `/readyz`) is
+/// not asked hundreds of times a second until the wake gives up.
+fn readyz_pause(polling_for: Duration) -> Duration {
+    if polling_for < Duration::from_secs(10) { Duration::from_millis(2) } else { Duration::from_millis(250) }
+}
+
+/// The token of an `Authorization: Bearer` header, read as kube-apiserver
+/// reads it: the scheme in any case, the token up to the next space, none
+/// when empty.
 fn bearer_token(headers: &http::HeaderMap) -> Option<&str> {
-    headers.get(header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ")
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
+    let mut parts = value.splitn(3, ' ');
+    let (scheme, token) = (parts.next()?, parts.next()?);
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 /// The body to forward: the caller's, or none on a retry.
@@ -850,11 +903,22 @@ fn service_account(token: &str) -> Option<(String, Vec<String>)> {
 }
 
 /// The user (CN) and groups (O) of a client certificate, as kube-apiserver reads them.
+/// The user (CN) and groups (O) a certificate names, read as
+/// kube-apiserver reads them: the last CN (Go's `pkix.Name` keeps the last),
+/// which must not be empty. An empty `Impersonate-User` would not
+/// impersonate anyone, and the request would run as the admin credential
+/// it is sent with.
 fn subject(cert: &CertificateDer<'_>) -> Option<(String, Vec<String>)> {
     let (_, x509) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
     let subject = x509.subject();
-    let user = subject.iter_common_name().next()?.as_str().ok()?.to_string();
-    let groups = subject.iter_organization().filter_map(|o| o.as_str().ok().map(String::from)).collect();
+    let user = subject.iter_common_name().last()?.as_str().ok()?.to_string();
+    if user.is_empty() {
+        return None;
+    }
+    let groups = subject
+        .iter_organization()
+        .filter_map(|o| o.as_str().ok().filter(|g| !g.is_empty()).map(String::from))
+        .collect();
     Some((user, groups))
 }
 
@@ -1071,6 +1135,38 @@ mod tests {
         let out = forwardable(&h, true);
         assert_eq!(out.get(header::UPGRADE).unwrap(), "SPDY/3.1");
         assert_eq!(out.get(header::CONNECTION).unwrap(), "Upgrade");
+    }
+
+    #[test]
+    fn bearer_tokens_are_read_as_kube_apiserver_reads_them() {
+        let token = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::AUTHORIZATION, HeaderValue::from_str(v).unwrap());
+            bearer_token(&h).map(String::from)
+        };
+        assert_eq!(token("Bearer abc"), Some("abc".into()));
+        assert_eq!(token("bearer abc"), Some("abc".into()));
+        assert_eq!(token("BEARER abc "), Some("abc".into()));
+        assert_eq!(token("Bearer abc def"), Some("abc".into()));
+        assert_eq!(token("Bearer"), None);
+        assert_eq!(token("Bearer "), None);
+        assert_eq!(token("Bearer  abc"), None, "kube-apiserver reads an empty token here");
+        assert_eq!(token("Basic YWxpY2U6c2VjcmV0"), None);
+        assert_eq!(token("Bearerabc"), None);
+    }
+
+    #[test]
+    fn a_certificate_names_its_last_common_name_and_never_an_empty_one() {
+        let der = |cert: testbed::pki::CertPair| {
+            crate::tls::certs_from_pem(cert.cert_pem.as_bytes(), "test").unwrap().remove(0)
+        };
+        let ca = testbed::pki::Ca::new("subject-test").unwrap();
+        assert_eq!(
+            subject(&der(ca.client("alice", &["team-a"]).unwrap())),
+            Some(("alice".to_string(), vec!["team-a".to_string()]))
+        );
+        assert_eq!(subject(&der(ca.client("", &[]).unwrap())), None);
+        assert_eq!(subject(&der(ca.client("", &["system:masters"]).unwrap())), None);
     }
 
     #[test]

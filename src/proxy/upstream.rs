@@ -81,7 +81,14 @@ pub struct Upstream {
     pub plain: Channel,
     /// Presents the vcluster's admin certificate: only with impersonation.
     pub admin: Option<Channel>,
-    fetched: Instant,
+    /// When its Secret was last read.
+    fetched: Mutex<Instant>,
+    /// What it was made from (URL and Secret material), hashed: a re-read
+    /// that finds the same keeps this upstream and the connections to it.
+    made_from: u64,
+    /// Replaced or forgotten in the cache: connections to it that client
+    /// connections keep are closed, not used again.
+    retired: std::sync::atomic::AtomicBool,
 }
 
 /// One way to the upstream (with or without the admin certificate).
@@ -171,8 +178,10 @@ struct KeptConn {
 
 impl Kept {
     /// The newest kept sender to `up`'s channel `admin`.
+    /// Connections to retired upstreams are dropped (closed) on the way.
     fn take(&self, up: &Arc<Upstream>, admin: bool) -> Option<(Sender, Arc<Driver>)> {
         let mut kept = self.0.0.lock().unwrap_or_else(|e| e.into_inner());
+        kept.retain(|k| !k.upstream.retired.load(std::sync::atomic::Ordering::Relaxed));
         let i = kept.iter().rposition(|k| Arc::ptr_eq(&k.upstream, up) && k.admin == admin)?;
         let k = kept.remove(i);
         Some((k.sender, k.driver))
@@ -296,6 +305,10 @@ impl Channel {
 }
 
 impl Upstream {
+    fn retire(&self) {
+        self.retired.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
     pub fn channel(&self, admin: bool) -> Option<&Channel> {
         if admin { self.admin.as_ref() } else { Some(&self.plain) }
     }
@@ -473,23 +486,35 @@ impl Upstreams {
 
     /// Forgets a cached upstream (after a TLS or connection failure).
     pub fn invalidate(&self, t: &TargetRef) {
-        self.cache.write().unwrap_or_else(|e| e.into_inner()).remove(t);
+        if let Some(old) = self.cache.write().unwrap_or_else(|e| e.into_inner()).remove(t) {
+            old.retire();
+        }
     }
 
     pub async fn get(&self, t: &TargetRef) -> Result<Arc<Upstream>, Error> {
-        if let Some(u) = self.cache.read().unwrap_or_else(|e| e.into_inner()).get(t)
-            && u.fetched.elapsed() < self.ttl
+        let cached = self.cache.read().unwrap_or_else(|e| e.into_inner()).get(t).cloned();
+        if let Some(u) = &cached
+            && u.fetched.lock().unwrap_or_else(|e| e.into_inner()).elapsed() < self.ttl
         {
             return Ok(u.clone());
         }
         // Boxed: the slow path (a Secret read) would otherwise size every
         // request's future, held ones included, for itself.
-        let u = Arc::new(Box::pin(self.build(t)).await?);
-        self.cache.write().unwrap_or_else(|e| e.into_inner()).insert(t.clone(), u.clone());
+        let u = Box::pin(self.build(t, cached)).await?;
+        let old = self.cache.write().unwrap_or_else(|e| e.into_inner()).insert(t.clone(), u.clone());
+        if let Some(old) = old
+            && !Arc::ptr_eq(&old, &u)
+        {
+            old.retire();
+        }
         Ok(u)
     }
 
-    async fn build(&self, t: &TargetRef) -> Result<Upstream, Error> {
+    /// Reads `t`'s URL and Secret; `cached`, refreshed, when they are what
+    /// it was made from (client connections keep upstream connections per
+    /// upstream: a new one for the same material would strand them and open
+    /// new ones every TTL), else a new upstream.
+    async fn build(&self, t: &TargetRef, cached: Option<Arc<Upstream>>) -> Result<Arc<Upstream>, Error> {
         let target = self.stores.target(t).ok_or_else(|| Error::NotFound(t.clone()))?;
         let annotated = TargetAnnotations::parse(target.object.annotations()).ok().and_then(|a| a.upstream);
         let base = annotated.unwrap_or_else(|| format!("https://{}.{}.svc:443", t.name, t.namespace));
@@ -517,6 +542,18 @@ impl Upstreams {
             reason,
         };
         let m = material(&secret).map_err(|r| bad(r.to_string()))?;
+        let made_from = {
+            use std::hash::BuildHasher;
+            // One process-wide key: equal inputs hash alike on every read.
+            static KEY: std::sync::OnceLock<std::hash::RandomState> = std::sync::OnceLock::new();
+            KEY.get_or_init(std::hash::RandomState::new).hash_one((&base, &m.ca, &m.cert, &m.key))
+        };
+        if let Some(u) = cached
+            && u.made_from == made_from
+        {
+            *u.fetched.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+            return Ok(u);
+        }
         let ca = crate::tls::certs_from_pem(&m.ca, "vcluster CA").map_err(|e| bad(e.to_string()))?;
         let roots = Arc::new(crate::tls::root_store(&ca).map_err(|e| Error::Tls(t.clone(), e))?);
         let builder = || {
@@ -560,13 +597,15 @@ impl Upstreams {
             rustls::server::WebPkiClientVerifier::builder_with_provider(client_roots, crate::tls::provider())
                 .build()
                 .map_err(|e| Error::Tls(t.clone(), crate::tls::Error::Verifier(e)))?;
-        Ok(Upstream {
+        Ok(Arc::new(Upstream {
             origin,
             client_verifier,
             plain: Channel::new(plain_tls),
             admin,
-            fetched: Instant::now(),
-        })
+            fetched: Mutex::new(Instant::now()),
+            made_from,
+            retired: std::sync::atomic::AtomicBool::new(false),
+        }))
     }
 }
 
