@@ -230,8 +230,9 @@ pub fn server_config_with_resolver(
 /// What a handler knows of the connection a request came on, and keeps
 /// for it.
 pub struct Conn<S> {
-    /// The client certificate it presented, if any.
-    pub peer: Option<CertificateDer<'static>>,
+    /// The certificate chain the client presented (its own first, then any
+    /// intermediates), if any.
+    pub peer: Option<Vec<CertificateDer<'static>>>,
     /// The handler's own state for this connection, dropped with it.
     pub state: S,
     /// Futures that run in the connection's task.
@@ -406,7 +407,10 @@ where
             // the first bytes for an HTTP/2 preface; no ALPN is HTTP/1.1.
             let http2 = session.alpn_protocol() == Some(b"h2");
             let conn = Arc::new(Conn {
-                peer: session.peer_certificates().and_then(|c| c.first()).map(|c| c.clone().into_owned()),
+                peer: session
+                    .peer_certificates()
+                    .filter(|c| !c.is_empty())
+                    .map(|c| c.iter().map(|c| c.clone().into_owned()).collect()),
                 state: S::default(),
                 background: Background::default(),
             });

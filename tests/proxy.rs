@@ -645,6 +645,18 @@ fn access_never_widens_through_the_proxy() {
     let refused = kubectl_with(c, &other, &["get", "namespaces"]);
     assert!(!refused.status.success());
     assert!(text(&refused).1.contains("client certificate not valid for vcluster"), "{:?}", text(&refused));
+    // A certificate issued by an intermediate of the vcluster's CA, sent
+    // with that intermediate (as kube-apiserver accepts it).
+    let intermediate = c.ca.intermediate("team-issuer").unwrap();
+    let carol = intermediate.client("carol", &["team-c"]).unwrap();
+    let chain =
+        testbed::pki::CertPair { cert_pem: format!("{}{}", carol.cert_pem, intermediate.cert_pem), ..carol };
+    let who = kubectl_with(
+        c,
+        &user_kubeconfig(c, &s, "carol", &chain),
+        &["auth", "whoami", "-o", "jsonpath={.status.userInfo.username}"],
+    );
+    assert_eq!(text(&who).0, "carol", "{:?}", text(&who));
     // A certificate from the right CA that names nobody (an empty CN) would
     // impersonate nobody, and run as the admin credential: refused.
     let nobody = c.ca.client("", &["system:masters"]).unwrap();

@@ -520,15 +520,15 @@ impl Proxy {
         }
 
         // 2. Authenticate.
-        let caller = match &conn.peer {
-            Some(cert) => {
+        let caller = match conn.peer.as_deref().and_then(<[_]>::split_first) {
+            Some((cert, intermediates)) => {
                 let up = self
                     .upstreams
                     .get(&t)
                     .await
                     .map_err(|e| ProxyError::Upstream(t.clone(), e.to_string()))?;
                 up.client_verifier
-                    .verify_client_cert(cert, &[], rustls_pki_types::UnixTime::now())
+                    .verify_client_cert(cert, intermediates, rustls_pki_types::UnixTime::now())
                     .map_err(|e| ProxyError::BadClientCert(t.clone(), e.to_string()))?;
                 let (user, groups) = subject(cert)
                     .ok_or_else(|| ProxyError::BadClientCert(t.clone(), "no common name".into()))?;

@@ -34,6 +34,19 @@ impl Ca {
         Ok(Ca { cert_pem: cert.pem(), issuer: Issuer::new(params, key) })
     }
 
+    /// An intermediate CA signed by this one (its `cert_pem` is its own
+    /// certificate only: a client presents it after its own).
+    pub fn intermediate(&self, common_name: &str) -> Result<Ca> {
+        let key = KeyPair::generate().context("generate intermediate CA key")?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name.push(DnType::CommonName, common_name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        let cert = params.signed_by(&key, &self.issuer).context("sign intermediate CA")?;
+        Ok(Ca { cert_pem: cert.pem(), issuer: Issuer::new(params, key) })
+    }
+
     /// A serving certificate for loopback API servers (and anything else the
     /// tests serve over TLS on 127.0.0.1).
     pub fn server(&self, extra_names: &[&str]) -> Result<CertPair> {
