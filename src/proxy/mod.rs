@@ -948,7 +948,9 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     // allocate (a `HeaderName` for `keep-alive` would).
     if h.contains_key(header::CONNECTION) {
         let values: Vec<HeaderValue> = h.get_all(header::CONNECTION).iter().cloned().collect();
-        for name in values.iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).map(str::trim) {
+        // Byte-wise: a value with one non-ASCII part still names the others.
+        for part in values.iter().flat_map(|v| v.as_bytes().split(|b| *b == b',')) {
+            let Ok(name) = std::str::from_utf8(part.trim_ascii()) else { continue };
             if !(keep_upgrade && name.eq_ignore_ascii_case("upgrade")) {
                 h.remove(name);
             }
@@ -1118,6 +1120,8 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
         h.append(header::CONNECTION, HeaderValue::from_static(" X-Other "));
+        h.append(header::CONNECTION, HeaderValue::from_bytes(b"x-third, \xe9t\xe9").unwrap());
+        h.insert("x-third", HeaderValue::from_static("1"));
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("x-other", HeaderValue::from_static("1"));
         h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
