@@ -254,7 +254,10 @@ impl Channel {
             .https_only()
             .enable_http1()
             .wrap_connector(http);
+        // The timer closes pooled connections idle for IDLE_TIMEOUT (without
+        // one they are only found stale when next checked out).
         let client = Client::builder(TokioExecutor::new())
+            .pool_timer(hyper_util::rt::TokioTimer::new())
             .pool_idle_timeout(IDLE_TIMEOUT)
             .pool_max_idle_per_host(MAX_IDLE)
             .build(connector.clone());
