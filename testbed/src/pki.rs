@@ -25,11 +25,7 @@ pub struct Ca {
 impl Ca {
     pub fn new(common_name: &str) -> Result<Self> {
         let key = KeyPair::generate().context("generate CA key")?;
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.distinguished_name.push(DnType::CommonName, common_name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages =
-            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        let params = ca_params(common_name)?;
         let cert = params.self_signed(&key).context("self-sign CA")?;
         Ok(Ca { cert_pem: cert.pem(), issuer: Issuer::new(params, key) })
     }
@@ -38,11 +34,7 @@ impl Ca {
     /// certificate only: a client presents it after its own).
     pub fn intermediate(&self, common_name: &str) -> Result<Ca> {
         let key = KeyPair::generate().context("generate intermediate CA key")?;
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.distinguished_name.push(DnType::CommonName, common_name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages =
-            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        let params = ca_params(common_name)?;
         let cert = params.signed_by(&key, &self.issuer).context("sign intermediate CA")?;
         Ok(Ca { cert_pem: cert.pem(), issuer: Issuer::new(params, key) })
     }
@@ -87,6 +79,16 @@ impl Ca {
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(CertPair { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
     }
+}
+
+/// A certificate authority's parameters.
+fn ca_params(common_name: &str) -> Result<CertificateParams> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name.push(DnType::CommonName, common_name);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages =
+        vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    Ok(params)
 }
 
 /// The service-account token signing key pair (ECDSA P-256, PKCS#8 PEM).
