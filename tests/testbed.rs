@@ -311,7 +311,8 @@ fn vcluster_secret_kubeconfig_reaches_its_own_api_server_which_lives_with_its_po
     c.wait_for(Duration::from_secs(30), "the vcluster API server to stop", || !vc.is_serving()).unwrap();
     let out = vkubectl(&["get", "namespaces", "--request-timeout=3s"]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("connection refused"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("connection refused"), "{err}");
 
     // Awake again, it serves the same data.
     kubectl_ok(c, &["scale", "statefulset", "dev", "-n", &ns, "--replicas=1"]);
