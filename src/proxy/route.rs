@@ -22,10 +22,22 @@ fn valid_name(p: &str) -> bool {
 /// `..` could leave that prefix while the request counts for this vcluster.
 fn clean_path(path_and_query: &str) -> bool {
     let path = path_and_query.split_once('?').map_or(path_and_query, |(p, _)| p);
-    path.split('/').all(|segment| {
-        let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
-        decoded != "." && decoded != ".."
-    })
+    !path.split('/').any(|segment| dot_segment(segment.as_bytes()))
+}
+
+/// `.` or `..`, each dot plain or `%2e`/`%2E` (byte-wise: this runs for
+/// every segment of every request).
+fn dot_segment(mut s: &[u8]) -> bool {
+    let mut dots = 0;
+    while !s.is_empty() {
+        s = match s {
+            [b'.', rest @ ..] => rest,
+            [b'%', b'2', e, rest @ ..] if e.eq_ignore_ascii_case(&b'e') => rest,
+            _ => return false,
+        };
+        dots += 1;
+    }
+    (1..=2).contains(&dots)
 }
 
 /// A routed request: the target and the upstream path (with its query).
@@ -161,6 +173,7 @@ mod tests {
             "/vcluster/a/b/api/%2e%2E/x",
             "/vcluster/a/b/api/.%2e",
             "/vcluster/a/b/..?watch=1",
+            "/vcluster/a/b/api/%2E./x",
         ] {
             assert_eq!(by_path(bad), None, "{bad}");
         }
@@ -177,6 +190,7 @@ mod tests {
         assert_eq!(by_host("dev.team-a.vc.example.com", "vc.example.com", "/x/../api"), None);
         // Dots inside a segment are not path steps.
         assert!(by_path("/vcluster/a/b/apis/apps.example.com/v1/x..y?q=..").is_some());
+        assert!(by_path("/vcluster/a/b/api/.../%2e%2e%2e/%2f").is_some());
     }
 
     #[test]
