@@ -79,12 +79,15 @@ fn setup_with(prefix: &str, extra: &[&str], policy: Option<&str>, opts: VCluster
     Setup { id, ns, vc, agent, proxy, kubeconfig }
 }
 
+/// kubectl with `kubeconfig`.
+fn kubectl_cmd(c: &Cluster, kubeconfig: &std::path::Path) -> std::process::Command {
+    let mut cmd = std::process::Command::new(c.bins.path("kubectl"));
+    cmd.arg(format!("--kubeconfig={}", kubeconfig.display()));
+    cmd
+}
+
 fn kubectl_with(c: &Cluster, kubeconfig: &std::path::Path, args: &[&str]) -> Output {
-    std::process::Command::new(c.bins.path("kubectl"))
-        .arg(format!("--kubeconfig={}", kubeconfig.display()))
-        .args(args)
-        .output()
-        .unwrap()
+    kubectl_cmd(c, kubeconfig).args(args).output().unwrap()
 }
 
 /// `kubectl port-forward pod/shell :7` with `env`, then `line` sent to the
@@ -97,8 +100,7 @@ fn port_forward_echo(
     line: &str,
 ) -> (Option<String>, String) {
     use std::io::{BufRead, Read, Write};
-    let mut forward = std::process::Command::new(c.bins.path("kubectl"))
-        .arg(format!("--kubeconfig={}", kubeconfig.display()))
+    let mut forward = kubectl_cmd(c, kubeconfig)
         .args(["port-forward", "pod/shell", ":7", "-v=8"])
         .envs(env.iter().copied())
         .stdout(std::process::Stdio::piped())
@@ -130,8 +132,7 @@ fn port_forward_echo(
 /// kubectl with `input` on its stdin (then closed); killed after 30 s.
 fn kubectl_input(c: &Cluster, kubeconfig: &std::path::Path, args: &[&str], input: &[u8]) -> Output {
     use std::io::Write;
-    let mut child = std::process::Command::new(c.bins.path("kubectl"))
-        .arg(format!("--kubeconfig={}", kubeconfig.display()))
+    let mut child = kubectl_cmd(c, kubeconfig)
         .args(args)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -248,8 +249,7 @@ fn watches_stream_and_websocket_upgrades_pass_through() {
     let c = Cluster::shared();
     let s = setup("proxy-stream", &[], None);
     // kubectl get -w streams through the proxy.
-    let mut watch = std::process::Command::new(c.bins.path("kubectl"))
-        .arg(format!("--kubeconfig={}", s.kubeconfig.display()))
+    let mut watch = kubectl_cmd(c, &s.kubeconfig)
         .args(["get", "namespaces", "-w", "-o", "name"])
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -334,8 +334,7 @@ fn kubectl_exec_and_port_forward_stream_through_the_proxy() {
         ("websocket", ("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "true")),
         ("SPDY/3.1", ("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "false")),
     ] {
-        let out = std::process::Command::new(c.bins.path("kubectl"))
-            .arg(format!("--kubeconfig={}", s.kubeconfig.display()))
+        let out = kubectl_cmd(c, &s.kubeconfig)
             .args(["exec", "shell", "-v=8", "--", "echo", "through the proxy"])
             .env(env.0, env.1)
             .output()
@@ -376,8 +375,7 @@ fn kubectl_exec_and_port_forward_stream_through_the_proxy() {
     // sleeps.
     let now_state = || state(c, "statefulset", "dev", Some(&s.ns));
     kubectl(c, &["annotate", "--overwrite", "statefulset", "dev", "-n", &s.ns, "dormant.dev/sleep-after=6s"]);
-    let mut session = std::process::Command::new(c.bins.path("kubectl"))
-        .arg(format!("--kubeconfig={}", s.kubeconfig.display()))
+    let mut session = kubectl_cmd(c, &s.kubeconfig)
         .args(["exec", "shell", "--", "sleep", "25"])
         .stdout(std::process::Stdio::null())
         .spawn()
@@ -403,8 +401,7 @@ fn an_open_watch_keeps_its_vcluster_awake_unless_the_policy_ignores_active_conne
     let c = Cluster::shared();
     let s = setup("proxy-conn", &[], Some("  ignore: {activeConnections: false}\n"));
     let watch = || {
-        std::process::Command::new(c.bins.path("kubectl"))
-            .arg(format!("--kubeconfig={}", s.kubeconfig.display()))
+        kubectl_cmd(c, &s.kubeconfig)
             .args(["get", "namespaces", "-w", "-o", "name"])
             .stdout(std::process::Stdio::null())
             .spawn()
