@@ -196,17 +196,7 @@ impl AgentArgs {
     /// Checks every flag; reports every bad value at once.
     pub fn validate(&self) -> Result<Settings, Vec<String>> {
         let mut errors = Vec::new();
-        let mut dur = |flag: &str, v: &str, min: Duration| match duration::parse(v) {
-            Ok(d) if d >= min => d,
-            Ok(_) => {
-                errors.push(format!("--{flag} {v}: must be at least {}", duration::format(min)));
-                min
-            }
-            Err(e) => {
-                errors.push(format!("--{flag}: {e}"));
-                min
-            }
-        };
+        let mut dur = |flag: &str, v: &str, min: Duration| duration_flag(flag, v, min, &mut errors);
         let lease_duration = dur("lease-duration", &self.lease_duration, Duration::from_secs(2));
         let flush_interval = dur("flush-interval", &self.flush_interval, Duration::from_secs(1));
         let reconcile_timeout = dur("reconcile-timeout", &self.reconcile_timeout, Duration::from_secs(1));
@@ -299,6 +289,22 @@ impl AgentArgs {
     }
 }
 
+/// A duration flag's value, at least `min`; a bad one is reported in
+/// `errors` (and `min` stands in for it).
+fn duration_flag(flag: &str, v: &str, min: Duration, errors: &mut Vec<String>) -> Duration {
+    match duration::parse(v) {
+        Ok(d) if d >= min => d,
+        Ok(_) => {
+            errors.push(format!("--{flag} {v}: must be at least {}", duration::format(min)));
+            min
+        }
+        Err(e) => {
+            errors.push(format!("--{flag}: {e}"));
+            min
+        }
+    }
+}
+
 impl AgentArgs {
     fn validate_proxy(&self, errors: &mut Vec<String>) -> Option<ProxySettings> {
         let Some(addr) = self.proxy_addr else {
@@ -326,20 +332,12 @@ impl AgentArgs {
         if base_domain.as_ref().is_some_and(|d| d.is_empty() || d.contains(char::is_whitespace)) {
             errors.push("--proxy-base-domain: expected a DNS name such as vc.example.com".into());
         }
-        let upstream_refresh = match duration::parse(&self.proxy_upstream_refresh) {
-            Ok(d) if d >= Duration::from_secs(1) => d,
-            Ok(_) => {
-                errors.push(format!(
-                    "--proxy-upstream-refresh {}: must be at least 1s",
-                    self.proxy_upstream_refresh
-                ));
-                Duration::from_secs(1)
-            }
-            Err(e) => {
-                errors.push(format!("--proxy-upstream-refresh: {e}"));
-                Duration::from_secs(1)
-            }
-        };
+        let upstream_refresh = duration_flag(
+            "proxy-upstream-refresh",
+            &self.proxy_upstream_refresh,
+            Duration::from_secs(1),
+            errors,
+        );
         Some(ProxySettings {
             addr,
             cert: serving?,

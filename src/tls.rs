@@ -382,8 +382,9 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(250);
 /// Serves HTTPS on `listener` until the task is dropped. Each connection
 /// gets `TCP_NODELAY` (responses are small writes after the request: with
 /// Nagle's algorithm they would wait for the client's delayed ACK, up to
-/// 40 ms), TCP keepalive ([`keep_alive`]), ten seconds for its handshake, a [`Conn`] with a fresh `S`, and
-/// `handle(request, that Conn)` for each request; upgrades pass.
+/// 40 ms), TCP keepalive ([`keep_alive`]), ten seconds for its handshake,
+/// a [`Conn`] with a fresh `S`, and `handle(request, that Conn)` for each
+/// request; upgrades pass.
 pub async fn serve_https<S, H, F, B>(listener: TcpListener, tls: TlsAcceptor, handle: H)
 where
     S: Default + Send + Sync + 'static,

@@ -140,13 +140,18 @@ fn kubectl_input(c: &Cluster, kubeconfig: &std::path::Path, args: &[&str], input
         .spawn()
         .unwrap();
     child.stdin.take().unwrap().write_all(input).unwrap();
+    // Killed only while it still runs: the killer is told when it ended, so
+    // it never signals a pid the system has given to another process.
+    let (ended, killer_waits) = std::sync::mpsc::channel::<()>();
     let pid = child.id();
     let killer = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_secs(30));
-        let _ = std::process::Command::new("kill").arg(pid.to_string()).status();
+        if killer_waits.recv_timeout(Duration::from_secs(30)).is_err() {
+            let _ = std::process::Command::new("kill").arg(pid.to_string()).status();
+        }
     });
     let out = child.wait_with_output().unwrap();
-    drop(killer);
+    let _ = ended.send(());
+    let _ = killer.join();
     out
 }
 

@@ -379,12 +379,7 @@ impl Proxy {
         let (proxy, t) = (self.clone(), t.clone());
         tokio::spawn(async move {
             let limit = proxy.wake_rules(&t).timeout * 3 + Duration::from_secs(60);
-            proxy.upstreams.invalidate(&t);
-            let answered = match proxy.upstreams.get(&t).await {
-                Ok(up) => api_server_ready(&up, Instant::now(), limit).await,
-                Err(e) => Err(e.to_string()),
-            };
-            match answered {
+            match proxy.api_server_ready(&t, Instant::now(), limit).await {
                 Ok(()) if proxy.control_plane_ready(&t) => {
                     proxy.set_confirmed(&t, true);
                     tracing::info!(target = %t, "vcluster woken elsewhere answers; forwarding to it");
@@ -398,6 +393,15 @@ impl Proxy {
 
     fn set_confirmed(&self, t: &TargetRef, v: bool) {
         self.confirmed.lock().unwrap_or_else(|e| e.into_inner()).insert(t.clone(), v);
+    }
+
+    /// Waits until `t`'s API server is ready, or `limit` after `started`,
+    /// on a fresh upstream client: pooled connections went to the API server
+    /// that stopped when the vcluster slept.
+    async fn api_server_ready(&self, t: &TargetRef, started: Instant, limit: Duration) -> Result<(), String> {
+        self.upstreams.invalidate(t);
+        let up = self.upstreams.get(t).await.map_err(|e| e.to_string())?;
+        readyz(&up, started, limit).await
     }
 
     fn wake_rules(&self, t: &TargetRef) -> WakeRules {
@@ -450,11 +454,7 @@ impl Proxy {
                 let _ = tokio::time::timeout(left.min(Duration::from_secs(1)), changes.recv()).await;
             }
             let ready_after = started.elapsed();
-            // A fresh upstream client: pooled connections went to the API
-            // server that stopped when the vcluster slept.
-            proxy.upstreams.invalidate(&t);
-            let up = proxy.upstreams.get(&t).await.map_err(|e| e.to_string())?;
-            api_server_ready(&up, started, limit).await?;
+            proxy.api_server_ready(&t, started, limit).await?;
             proxy.set_confirmed(&t, true);
             tracing::info!(
                 target = %t,
@@ -661,10 +661,14 @@ impl Proxy {
                 Err(Forward::NoAnswer(e)) => return Err(ProxyError::Upstream(t.clone(), e)),
                 Err(Forward::Refused(e)) => return Err(e),
                 Ok(resp) => {
+                    // The token is read again only when there is something to
+                    // remember or, with anything remembered, to forget.
+                    let unauthorized = resp.status() == StatusCode::UNAUTHORIZED;
                     if matches!(caller, Caller::Bearer { .. })
+                        && (unauthorized || !self.refused.is_empty())
                         && let Some(token) = bearer_token(&parts.headers)
                     {
-                        if resp.status() == StatusCode::UNAUTHORIZED {
+                        if unauthorized {
                             self.refused.insert(&t, token, Instant::now());
                         } else {
                             self.refused.forget(&t, token);
@@ -796,7 +800,7 @@ impl Proxy {
 /// server answers). Attempts are short (one sent while the server starts
 /// may hang) and follow each other quickly while held requests may be
 /// waiting, then slowly (see [`readyz_pause`]).
-async fn api_server_ready(up: &upstream::Upstream, started: Instant, limit: Duration) -> Result<(), String> {
+async fn readyz(up: &upstream::Upstream, started: Instant, limit: Duration) -> Result<(), String> {
     let (checker, strict) = match &up.admin {
         Some(admin) => (&admin.client, true),
         None => (&up.plain.client, false),
@@ -902,7 +906,6 @@ fn service_account(token: &str) -> Option<(String, Vec<String>)> {
     })
 }
 
-/// The user (CN) and groups (O) of a client certificate, as kube-apiserver reads them.
 /// The user (CN) and groups (O) a certificate names, read as
 /// kube-apiserver reads them: the last CN (Go's `pkix.Name` keeps the last),
 /// which must not be empty. An empty `Impersonate-User` would not

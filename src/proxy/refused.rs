@@ -27,7 +27,8 @@ pub struct Refused {
     /// When each (target, token) key was last refused.
     entries: Mutex<HashMap<u64, Instant>>,
     /// `entries.len()`, read without the lock: most requests forward to an
-    /// awake target while nothing is remembered, and pay nothing here.
+    /// awake target while nothing is remembered, and pay nothing here
+    /// (not even reading their token again).
     len: AtomicUsize,
 }
 
@@ -72,9 +73,14 @@ impl Refused {
         self.len.store(entries.len(), Ordering::Relaxed);
     }
 
+    /// Nothing is remembered (read without the lock).
+    pub fn is_empty(&self) -> bool {
+        self.len.load(Ordering::Relaxed) == 0
+    }
+
     /// When the upstream of `t` last refused `token`, if within [`REMEMBER`].
     pub fn refused(&self, t: &TargetRef, token: &str, now: Instant) -> Option<Instant> {
-        if self.len.load(Ordering::Relaxed) == 0 {
+        if self.is_empty() {
             return None;
         }
         let key = self.key(t, token);
@@ -83,7 +89,7 @@ impl Refused {
 
     /// The upstream of `t` took `token` (answered other than 401).
     pub fn forget(&self, t: &TargetRef, token: &str) {
-        if self.len.load(Ordering::Relaxed) == 0 {
+        if self.is_empty() {
             return;
         }
         let key = self.key(t, token);

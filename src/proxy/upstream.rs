@@ -81,8 +81,6 @@ pub struct Upstream {
     pub plain: Channel,
     /// Presents the vcluster's admin certificate: only with impersonation.
     pub admin: Option<Channel>,
-    /// When its Secret was last read.
-    fetched: Mutex<Instant>,
     /// What it was made from (URL and Secret material), hashed: a re-read
     /// that finds the same keeps this upstream and the connections to it.
     made_from: u64,
@@ -177,12 +175,15 @@ struct KeptConn {
 }
 
 impl Kept {
-    /// The newest kept sender to `up`'s channel `admin`.
-    /// Connections to retired upstreams are dropped (closed) on the way.
+    /// The newest kept sender to `up`'s channel `admin`. On a miss (a new
+    /// connection follows), connections to retired upstreams are dropped
+    /// (closed): they would never match again.
     fn take(&self, up: &Arc<Upstream>, admin: bool) -> Option<(Sender, Arc<Driver>)> {
         let mut kept = self.0.0.lock().unwrap_or_else(|e| e.into_inner());
-        kept.retain(|k| !k.upstream.retired.load(std::sync::atomic::Ordering::Relaxed));
-        let i = kept.iter().rposition(|k| Arc::ptr_eq(&k.upstream, up) && k.admin == admin)?;
+        let Some(i) = kept.iter().rposition(|k| Arc::ptr_eq(&k.upstream, up) && k.admin == admin) else {
+            kept.retain(|k| !k.upstream.retired.load(std::sync::atomic::Ordering::Relaxed));
+            return None;
+        };
         let k = kept.remove(i);
         Some((k.sender, k.driver))
     }
@@ -376,7 +377,8 @@ pub struct Upstreams {
     client: kube::Client,
     stores: Stores,
     ttl: Duration,
-    cache: RwLock<HashMap<TargetRef, Arc<Upstream>>>,
+    /// Each upstream with when its Secret was last read.
+    cache: RwLock<HashMap<TargetRef, (Instant, Arc<Upstream>)>>,
 }
 
 /// Where an upstream is: scheme, authority and path prefix.
@@ -489,23 +491,26 @@ impl Upstreams {
 
     /// Forgets a cached upstream (after a TLS or connection failure).
     pub fn invalidate(&self, t: &TargetRef) {
-        if let Some(old) = self.cache.write().unwrap_or_else(|e| e.into_inner()).remove(t) {
+        if let Some((_, old)) = self.cache.write().unwrap_or_else(|e| e.into_inner()).remove(t) {
             old.retire();
         }
     }
 
     pub async fn get(&self, t: &TargetRef) -> Result<Arc<Upstream>, Error> {
-        let cached = self.cache.read().unwrap_or_else(|e| e.into_inner()).get(t).cloned();
-        if let Some(u) = &cached
-            && u.fetched.lock().unwrap_or_else(|e| e.into_inner()).elapsed() < self.ttl
-        {
-            return Ok(u.clone());
-        }
+        let cached = match self.cache.read().unwrap_or_else(|e| e.into_inner()).get(t) {
+            Some((read, u)) if read.elapsed() < self.ttl => return Ok(u.clone()),
+            Some((_, u)) => Some(u.clone()),
+            None => None,
+        };
         // Boxed: the slow path (a Secret read) would otherwise size every
         // request's future, held ones included, for itself.
         let u = Box::pin(self.build(t, cached)).await?;
-        let old = self.cache.write().unwrap_or_else(|e| e.into_inner()).insert(t.clone(), u.clone());
-        if let Some(old) = old
+        let old = self
+            .cache
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(t.clone(), (Instant::now(), u.clone()));
+        if let Some((_, old)) = old
             && !Arc::ptr_eq(&old, &u)
         {
             old.retire();
@@ -513,7 +518,7 @@ impl Upstreams {
         Ok(u)
     }
 
-    /// Reads `t`'s URL and Secret; `cached`, refreshed, when they are what
+    /// Reads `t`'s URL and Secret; `cached` when they are what
     /// it was made from (client connections keep upstream connections per
     /// upstream: a new one for the same material would strand them and open
     /// new ones every TTL), else a new upstream.
@@ -554,7 +559,6 @@ impl Upstreams {
         if let Some(u) = cached
             && u.made_from == made_from
         {
-            *u.fetched.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
             return Ok(u);
         }
         let ca = crate::tls::certs_from_pem(&m.ca, "vcluster CA").map_err(|e| bad(e.to_string()))?;
@@ -605,7 +609,6 @@ impl Upstreams {
             client_verifier,
             plain: Channel::new(plain_tls),
             admin,
-            fetched: Mutex::new(Instant::now()),
             made_from,
             retired: std::sync::atomic::AtomicBool::new(false),
         }))
