@@ -375,15 +375,15 @@ fn only_the_leader_acts_and_a_standby_takes_over_within_the_lease() {
     for ns in [&ns1, &ns2] {
         c.kubectl_apply(
             &c.admin,
-            &format!("apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: app, namespace: {ns}, annotations: {{}}}}\nspec:\n  replicas: 2\n  selector: {{matchLabels: {{app: a}}}}\n  template:\n    metadata: {{labels: {{app: a}}}}\n    spec: {{containers: [{{name: c, image: nginx:1.27}}]}}\n"),
+            &format!("apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: app, namespace: {ns}, annotations: {{}}}}\nspec:\n  replicas: 2\n  selector: {{matchLabels: {{app: a}}}}\n  template:\n    metadata: {{labels: {{app: a}}}}\n    spec: {{containers: [{{name: c, image: nginx:1.27, resources: {{requests: {{cpu: 500m, memory: 256Mi}}}}}}]}}\n"),
         )
         .unwrap();
         kubectl(c, &["annotate", "namespace", ns, "dormant.dev/sleep-after=1h"]);
     }
     let holder = || jsonpath(c, "lease", "dormant-controller", Some(&lease_ns), "{.spec.holderIdentity}");
-    let mut a = Agent::start(c, &id, &lease_ns, "replica-a", &[]);
+    let a = Agent::start(c, &id, &lease_ns, "replica-a", &[]);
     wait_until("replica-a to hold the lease", Duration::from_secs(30), || holder() == "replica-a");
-    let b = Agent::start(c, &id, &lease_ns, "replica-b", &[]);
+    let mut b = Agent::start(c, &id, &lease_ns, "replica-b", &[]);
     wait_until("replica-b to know it stands by", Duration::from_secs(30), || {
         b.get("/metrics").contains("dormant_leader 0")
     });
@@ -409,16 +409,76 @@ fn only_the_leader_acts_and_a_standby_takes_over_within_the_lease() {
     assert_eq!(reporters(&ns1).trim(), "replica-a", "only the leader acts");
     assert!(b.get("/status").contains("\"leader\":false"));
 
-    a.kill();
+    // The leader is paused past its Lease (as by a long GC pause or a
+    // network partition) and comes back a standby: from then on only the
+    // new leader reports the sleeping target and counts what it saves.
+    // Dashboards sum over replicas, so a former leader's numbers would
+    // count it twice.
+    let t1 = format!("target=\"namespace/{ns1}\"");
+    let series = |agent: &Agent, name: &str| {
+        agent
+            .get("/metrics")
+            .lines()
+            .find(|l| l.starts_with(&format!("{name}{{")) && l.contains(&t1))
+            .map(|l| l.rsplit(' ').next().unwrap_or_default().parse::<f64>().unwrap())
+    };
+    wait_until("replica-a to count savings", Duration::from_secs(15), || {
+        series(&a, "dormant_savings_total").is_some_and(|v| v > 0.0)
+    });
+    assert_eq!(series(&a, "dormant_target_asleep"), Some(1.0));
+    let signal = |s: &str| {
+        let pid = a.proc.pid().to_string();
+        assert!(std::process::Command::new("kill").args([s, &pid]).status().unwrap().success());
+    };
+    signal("-STOP");
+    wait_until("replica-b to take the lease from the paused leader", Duration::from_secs(30), || {
+        holder() == "replica-b"
+    });
+    signal("-CONT");
+    wait_until("replica-a to know it lost the lease", Duration::from_secs(30), || {
+        a.get("/metrics").contains("dormant_leader 0")
+    });
+    wait_until("replica-b to report the sleeping target", Duration::from_secs(30), || {
+        series(&b, "dormant_target_asleep") == Some(1.0)
+    });
+    assert_eq!(series(&a, "dormant_target_asleep"), None, "the former leader still reports the target");
+    assert!(
+        a.get("/metrics").contains("dormant_targets{kind=\"namespace\",state=\"asleep\"} 0"),
+        "{}",
+        a.get("/metrics")
+    );
+    let stopped_at = series(&a, "dormant_savings_total").unwrap();
+    let b_start = series(&b, "dormant_savings_total").unwrap_or(0.0);
+    // Both replicas add savings every 5 s: once the new leader has added
+    // twice, the former one would have too.
+    wait_until("replica-b to count savings twice", Duration::from_secs(30), || {
+        series(&b, "dormant_savings_total").is_some_and(|v| v > b_start)
+    });
+    let b_next = series(&b, "dormant_savings_total").unwrap();
+    wait_until("replica-b to count savings again", Duration::from_secs(30), || {
+        series(&b, "dormant_savings_total").is_some_and(|v| v > b_next)
+    });
+    assert_eq!(
+        series(&a, "dormant_savings_total"),
+        Some(stopped_at),
+        "the former leader still counts savings"
+    );
+
+    // The leader is killed: the standby (the former leader) takes over.
+    b.kill();
     let killed = std::time::Instant::now();
-    wait_until("replica-b to take the lease", Duration::from_secs(30), || holder() == "replica-b");
+    wait_until("replica-a to take the lease", Duration::from_secs(30), || holder() == "replica-a");
     let took = killed.elapsed();
     // The lease lasts 3 s; kube-lease-manager re-checks within its grace period.
     assert!(took <= Duration::from_secs(3 + 3), "took over after {took:?}");
     let out = dormant(c, &["sleep", &format!("namespace/{ns2}"), "--wait=60s"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     wait_until("the Slept event", Duration::from_secs(10), || !reporters(&ns2).trim().is_empty());
-    assert_eq!(reporters(&ns2).trim(), "replica-b");
+    assert_eq!(reporters(&ns2).trim(), "replica-a");
+    wait_until("replica-a to count savings again", Duration::from_secs(15), || {
+        series(&a, "dormant_savings_total").is_some_and(|v| v > stopped_at)
+    });
+    assert_eq!(series(&a, "dormant_target_asleep"), Some(1.0));
     eprintln!("standby took over {took:?} after the leader was killed");
 }
 

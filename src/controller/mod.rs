@@ -70,9 +70,9 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     pub config: Config,
-    /// When this controller started (savings before that were counted by
-    /// another process).
-    pub started: DateTime<Utc>,
+    /// When this replica last became the leader: savings before that were
+    /// counted by another replica (or process).
+    leading_since: Mutex<DateTime<Utc>>,
     leader: watch::Receiver<bool>,
     candidates: Mutex<CandidateCache>,
     summaries: Mutex<HashMap<TargetRef, Summary>>,
@@ -111,7 +111,7 @@ impl Context {
             recorder,
             metrics,
             config,
-            started: Utc::now(),
+            leading_since: Mutex::new(Utc::now()),
             leader,
             candidates: Mutex::new((Vec::new(), Vec::new())),
             summaries: Mutex::new(HashMap::new()),
@@ -122,6 +122,33 @@ impl Context {
 
     pub fn is_leader(&self) -> bool {
         *self.leader.borrow()
+    }
+
+    /// Since when this replica counts savings (see [`Context::step_down`]).
+    pub fn leading_since(&self) -> DateTime<Utc> {
+        *lock(&self.leading_since)
+    }
+
+    fn take_lead(&self) {
+        *lock(&self.leading_since) = Utc::now();
+    }
+
+    /// Leadership lost (the replica was paused or cut off from the API
+    /// server past its Lease): savings are counted up to now and stop here,
+    /// and the per-target series and summaries go, so that only the new
+    /// leader reports them. Dashboards sum over replicas; a former leader's
+    /// meters would otherwise run on, counting every sleeping target twice
+    /// and, after the new leader wakes it, while it is awake. The ledger
+    /// stays: every replica records and flushes activity.
+    pub(super) fn step_down(&self) {
+        self.metrics.cost.accrue(&self.metrics.savings, Utc::now());
+        let targets: Vec<TargetRef> = lock(&self.summaries).drain().map(|(t, _)| t).collect();
+        for t in &targets {
+            self.metrics.forget_target(t);
+        }
+        status::count_targets(self, &HashMap::new());
+        lock(&self.reported_invalid).clear();
+        lock(&self.waking).clear();
     }
 
     /// Resolver candidates, re-read only when a policy changed.
@@ -223,6 +250,7 @@ pub async fn run(ctx: Arc<Context>, mut changes: mpsc::UnboundedReceiver<Change>
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     if ctx.is_leader() {
+        ctx.take_lead();
         for t in ctx.all_targets() {
             schedule(t, tokio::time::Instant::now());
         }
@@ -255,11 +283,13 @@ pub async fn run(ctx: Arc<Context>, mut changes: mpsc::UnboundedReceiver<Change>
                 let is_leader = *leader.borrow_and_update();
                 ctx.metrics.leader.set(i64::from(is_leader));
                 if is_leader {
+                    ctx.take_lead();
                     tracing::info!(identity = %ctx.config.identity, "became the leader; reconciling every target");
                     for t in ctx.all_targets() {
                         schedule(t, tokio::time::Instant::now());
                     }
                 } else {
+                    ctx.step_down();
                     tracing::info!(identity = %ctx.config.identity, "not the leader; standing by");
                 }
             }

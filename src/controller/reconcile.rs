@@ -430,8 +430,11 @@ fn summarize(ctx: &Context, ev: &Evaluation, written: &Annotations) {
         };
         // Accrue from when the sleep began, or from now if this replica only
         // learned of it now (a previous replica counted the time before).
-        let from =
-            if m.cost.is_running(r) { Utc::now() } else { since.unwrap_or_else(Utc::now).max(ctx.started) };
+        let from = if m.cost.is_running(r) {
+            Utc::now()
+        } else {
+            since.unwrap_or_else(Utc::now).max(ctx.leading_since())
+        };
         m.cost.run(r, per_hour, savings, from);
     } else if !asleep && m.cost.is_running(r) {
         m.cost.accrue(&m.savings, Utc::now());

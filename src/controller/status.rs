@@ -16,8 +16,21 @@ use crate::policy::{SleepPolicy, TargetKind};
 
 pub(super) async fn tick(ctx: &Context) {
     let now = Utc::now();
+    if !ctx.is_leader() {
+        // Again on every tick: a reconcile that started before leadership
+        // was lost may have reported its target since.
+        ctx.step_down();
+    }
     ctx.metrics.cost.accrue(&ctx.metrics.savings, now);
     let summaries = ctx.summaries();
+    count_targets(ctx, &summaries);
+    if ctx.is_leader() {
+        update_policy_status(ctx, &summaries).await;
+    }
+}
+
+/// The targets-by-state gauge, from `summaries`.
+pub(super) fn count_targets(ctx: &Context, summaries: &HashMap<crate::target::TargetRef, super::Summary>) {
     let mut counts: HashMap<(TargetKind, &'static str), i64> = HashMap::new();
     for kind in [TargetKind::Namespace, TargetKind::VCluster] {
         for state in ["awake", "sleeping", "asleep", "waking", "invalid"] {
@@ -33,9 +46,6 @@ pub(super) async fn tick(ctx: &Context) {
             .targets
             .get_or_create(&StateLabels { kind: kind.as_str().into(), state: state.into() })
             .set(n);
-    }
-    if ctx.is_leader() {
-        update_policy_status(ctx, &summaries).await;
     }
 }
 
