@@ -848,3 +848,113 @@ fn a_reconcile_stuck_on_a_silent_api_server_times_out_and_completes_later() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_namespace_awake_as_before(&c, &ns);
 }
+
+/// A vcluster's control plane is its target object: its sleep first writes
+/// the target's annotations, then scales it. A `kubectl scale` the agent's
+/// cache has not seen yet must be what gets recorded (the scale patch is
+/// made from the object the annotation write returned, replicas and
+/// version together), not the cache's older count under the newer version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_plane_scaled_just_before_its_sleep_records_the_new_count() {
+    use dormant::policy::annotations::STATE;
+    use k8s_openapi::api::apps::v1::StatefulSet;
+    let c = Cluster::shared();
+    let ns = c.namespace("stale", &[("dormant-test", &test_id("stale"))]).unwrap();
+    c.kubectl_apply(
+        &c.admin,
+        &format!("apiVersion: apps/v1\nkind: StatefulSet\nmetadata: {{name: vc, namespace: {ns}}}\nspec:\n  replicas: 1\n  serviceName: vc\n  selector: {{matchLabels: {{app: vc}}}}\n  template:\n    metadata: {{labels: {{app: vc}}}}\n    spec: {{containers: [{{name: c, image: nginx:1.27}}]}}\n"),
+    )
+    .unwrap();
+    let client = c.client().await.unwrap();
+    let api: kube::Api<StatefulSet> = kube::Api::namespaced(client.clone(), &ns);
+    let cached = api.get("vc").await.unwrap();
+    kubectl(c, &["scale", "statefulset", "vc", "-n", &ns, "--replicas=3"]);
+
+    let throttle = dormant::scaler::Throttle::new(50.try_into().unwrap(), 50.try_into().unwrap());
+    let scaler = dormant::scaler::Scaler::new(client, throttle);
+    let changes = [(STATE, Some("sleeping".to_string()))].into_iter().collect();
+    let written = scaler
+        .annotate_target(&dormant::target::TargetObject::StatefulSet(std::sync::Arc::new(cached)), &changes)
+        .await
+        .unwrap()
+        .expect("a control plane's write returns the object");
+    assert_eq!(written.replicas, Some(3));
+    scaler.sleep_workload(&written, false).await.unwrap();
+    assert_eq!(replicas(c, "statefulset", "vc", &ns), "0");
+    assert_eq!(annotation(c, "statefulset", "vc", Some(&ns), "dormant.dev/replicas-before-sleep"), "3");
+}
+
+/// Kubernetes deletes the PersistentVolumeClaims of a StatefulSet with
+/// `persistentVolumeClaimRetentionPolicy.whenScaled: Delete` when it scales
+/// down: dormant refuses to sleep a target holding one (the data would be
+/// gone on wake), says why, and sleeps it once that workload is excluded.
+#[test]
+fn a_statefulset_that_deletes_its_claims_when_scaled_down_is_never_slept() {
+    let c = Cluster::shared();
+    let id = test_id("claims");
+    let ns = c.namespace("claims", &[("dormant-test", &id)]).unwrap();
+    c.kubectl_apply(
+        &c.admin,
+        &format!(
+            r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: web, namespace: {ns}}}
+spec:
+  replicas: 2
+  selector: {{matchLabels: {{app: web}}}}
+  template:
+    metadata: {{labels: {{app: web}}}}
+    spec: {{containers: [{{name: c, image: nginx:1.27}}]}}
+---
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: {{name: db, namespace: {ns}}}
+spec:
+  replicas: 1
+  serviceName: db
+  persistentVolumeClaimRetentionPolicy: {{whenDeleted: Retain, whenScaled: Delete}}
+  selector: {{matchLabels: {{app: db}}}}
+  template:
+    metadata: {{labels: {{app: db}}}}
+    spec: {{containers: [{{name: c, image: postgres:17}}]}}
+  volumeClaimTemplates:
+  - metadata: {{name: data}}
+    spec: {{accessModes: [ReadWriteOnce], resources: {{requests: {{storage: 1Gi}}}}}}
+"#
+        ),
+    )
+    .unwrap();
+    kubectl(c, &["annotate", "namespace", &ns, "dormant.dev/sleep-after=1h", "dormant.dev/force-sleep=true"]);
+    let agent = Agent::start(c, &id, &format!("{id}-system"), "claims-1", &[]);
+    let warnings = || {
+        kubectl(
+            c,
+            &[
+                "get",
+                "events.events.k8s.io",
+                "-n",
+                &ns,
+                "--field-selector=reason=PolicyInvalid",
+                "-o",
+                "jsonpath={range .items[*]}{.note}{\"\\n\"}{end}",
+            ],
+        )
+    };
+    wait_until("a PolicyInvalid event", Duration::from_secs(30), || !warnings().is_empty());
+    let note = warnings();
+    assert!(
+        note.contains(&format!("StatefulSet/{ns}/db"))
+            && note.contains("whenScaled: Delete")
+            && note.contains("dormant.dev/exclude"),
+        "{note}"
+    );
+    assert_eq!(replicas(c, "deployment", "web", &ns), "2");
+    assert_eq!(replicas(c, "statefulset", "db", &ns), "1");
+    assert_eq!(state(c, "namespace", &ns, None), "", "the target got a state");
+
+    // Excluded, the StatefulSet stays up and the rest of the namespace sleeps.
+    kubectl(c, &["annotate", "statefulset", "db", "-n", &ns, "dormant.dev/exclude=true"]);
+    wait_state(c, "namespace", &ns, None, "asleep", Duration::from_secs(30), &agent);
+    assert_eq!(replicas(c, "deployment", "web", &ns), "0");
+    assert_eq!(replicas(c, "statefulset", "db", &ns), "1");
+}

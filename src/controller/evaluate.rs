@@ -25,8 +25,17 @@ use crate::target::{Scope, Stores, Target, TargetObject, TargetRef, WorkloadView
 #[derive(Debug, Clone, PartialEq)]
 pub enum Invalid {
     Annotations(Vec<AnnotationError>),
-    Workload { id: String, errors: Vec<AnnotationError> },
+    Workload {
+        id: String,
+        errors: Vec<AnnotationError>,
+    },
     Policy(ResolveError),
+    /// A StatefulSet that deletes its PersistentVolumeClaims when scaled
+    /// down (`persistentVolumeClaimRetentionPolicy.whenScaled: Delete`):
+    /// sleeping it would destroy its data.
+    DeletesClaims {
+        id: String,
+    },
 }
 
 impl Invalid {
@@ -34,6 +43,7 @@ impl Invalid {
         match self {
             Invalid::Annotations(_) => "invalid-annotation",
             Invalid::Workload { .. } => "invalid-workload-annotation",
+            Invalid::DeletesClaims { .. } => "deletes-volume-claims",
             Invalid::Policy(e) => e.category(),
         }
     }
@@ -54,6 +64,12 @@ impl fmt::Display for Invalid {
             Invalid::Annotations(e) => write!(f, "{}", join(e)),
             Invalid::Workload { id, errors } => write!(f, "{id}: {}", join(errors)),
             Invalid::Policy(e) => write!(f, "{e}"),
+            Invalid::DeletesClaims { id } => write!(
+                f,
+                "{id} deletes its PersistentVolumeClaims when scaled down \
+                 (spec.persistentVolumeClaimRetentionPolicy.whenScaled: Delete), so sleeping would destroy \
+                 its data: set whenScaled to Retain, or exclude it (annotation dormant.dev/exclude: \"true\")"
+            ),
         }
     }
 }
@@ -209,7 +225,7 @@ pub fn evaluate(
     let current = if asleep { Current::Asleep { since: asleep_since } } else { Current::Awake };
     let inputs = Inputs { policy: &policy, current, last_use: last_use.clone(), first_seen, forced };
     let decision = decide::decide(&inputs, now);
-    Ok(Some(Evaluation {
+    let ev = Evaluation {
         target,
         annotations,
         policy,
@@ -223,5 +239,16 @@ pub fn evaluate(
         last_use,
         hand_scaled,
         decision,
-    }))
+    };
+    // Checked while a sleep could still scale such a workload down (not
+    // while asleep or waking: waking must be able to finish).
+    if matches!(state, TargetState::Awake | TargetState::Sleeping)
+        && let Some(w) = ev
+            .workloads
+            .iter()
+            .find(|w| w.deletes_claims_when_scaled && w.replicas.is_some_and(|n| n > 0) && !ev.excluded(w))
+    {
+        return Err(Invalid::DeletesClaims { id: w.id() });
+    }
+    Ok(Some(ev))
 }

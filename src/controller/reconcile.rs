@@ -158,7 +158,7 @@ async fn sleep(
     now: DateTime<Utc>,
 ) -> Result<(), Error> {
     let r = &ev.target.r;
-    let mut written_rv = None;
+    let mut written = None;
     if matches!(ev.state, TargetState::Awake | TargetState::Waking) {
         let requests = ev.running_requests();
         annotations.insert(ann::STATE, Some(TargetState::Sleeping.as_str().into()));
@@ -167,7 +167,7 @@ async fn sleep(
             .insert(ann::ASLEEP_REQUESTS, Some(format_requests(requests.cpu_cores, requests.memory_bytes)));
         // Written before any workload changes: a crash from here on leaves a
         // target that says it is going to sleep.
-        written_rv = ctx.scaler.annotate_target(&ev.target.object, annotations).await?;
+        written = ctx.scaler.annotate_target(&ev.target.object, annotations).await?;
         if let Some(edge) = ev.decision.reason.at() {
             let lag = (Utc::now() - edge).num_milliseconds() as f64 / 1000.0;
             // Only for edges that just passed (not a sleep resumed after a restart).
@@ -185,7 +185,7 @@ async fn sleep(
     }
     let mut pending = false;
     for w in &ev.workloads {
-        let w = &after_target_write(ev, w, &written_rv);
+        let w = &after_target_write(w, &written);
         let excluded = ev.excluded(w);
         if !matches!(sleep_patch(w, excluded), Ok(None)) {
             pending = true;
@@ -242,19 +242,18 @@ async fn wake(
         }
         return Ok(());
     }
-    let mut written_rv = None;
+    let mut written = None;
     if ev.state != TargetState::Waking {
         annotations.insert(ann::STATE, Some(TargetState::Waking.as_str().into()));
         annotations.insert(ann::FORCE_SLEEP, None);
         annotations.insert(ann::PREVENT_WAKEUP_UNTIL, None);
-        written_rv = ctx.scaler.annotate_target(&ev.target.object, annotations).await?;
+        written = ctx.scaler.annotate_target(&ev.target.object, annotations).await?;
         annotations.clear();
         lock(&ctx.waking).insert(r.clone(), (tokio::time::Instant::now(), ev.decision.reason.trigger()));
         tracing::info!(target = %r, reason = %ev.decision.reason, "waking");
     }
     for w in &ev.workloads {
-        step(ctx, ev, "WakeFailed", ctx.scaler.wake_workload(&after_target_write(ev, w, &written_rv)))
-            .await?;
+        step(ctx, ev, "WakeFailed", ctx.scaler.wake_workload(&after_target_write(w, &written))).await?;
     }
     // KEDA last: its pause is lifted once the workloads are back.
     if r.kind == TargetKind::Namespace {
@@ -293,23 +292,19 @@ async fn wake(
 }
 
 /// `w` as it is after this reconcile wrote the target's annotations: a
-/// vcluster's control plane is the target object itself, so its patch must
-/// carry the version that write produced (else it conflicts, and costs a
-/// re-read and a second patch).
+/// vcluster's control plane is the target object itself, so its patch is
+/// made from the object that write returned (see
+/// [`scaler::Scaler::annotate_target`]), not from the cache.
 fn after_target_write(
-    ev: &Evaluation,
     w: &crate::target::WorkloadView,
-    written_rv: &Option<String>,
+    written: &Option<crate::target::WorkloadView>,
 ) -> crate::target::WorkloadView {
-    let mut w = w.clone();
-    if let Some(rv) = written_rv
-        && ev.target.r.kind == TargetKind::VCluster
-        && w.name == ev.target.r.name
-        && w.namespace == ev.target.r.namespace
-    {
-        w.resource_version = Some(rv.clone());
+    match written {
+        Some(fresh) if fresh.kind == w.kind && fresh.name == w.name && fresh.namespace == w.namespace => {
+            fresh.clone()
+        }
+        _ => w.clone(),
     }
-    w
 }
 
 /// One scaler step; when it fails, a Warning Event (`SleepFailed`,

@@ -359,15 +359,18 @@ impl Scaler {
     }
 
     /// Sets (Some) or removes (None) annotations on a target's object, and
-    /// returns the object's new resourceVersion (None when nothing changed).
-    /// A vcluster's control plane is both its target object and its
-    /// workload: the scale patch that follows carries this version, so it
-    /// does not conflict with this write.
+    /// returns the object as written when it is a workload (None for a
+    /// namespace, or when nothing changed). A vcluster's control plane is
+    /// both its target object and its workload: the scale patch that
+    /// follows is made from this read, replicas and version together, so
+    /// it does not conflict with this write, and a change someone else made
+    /// before it (a `kubectl scale`) is what gets recorded, not the cache's
+    /// older count under the newer version.
     pub async fn annotate_target(
         &self,
         object: &TargetObject,
         changes: &BTreeMap<&'static str, Option<String>>,
-    ) -> Result<Option<String>> {
+    ) -> Result<Option<WorkloadView>> {
         if changes.is_empty() {
             return Ok(None);
         }
@@ -380,10 +383,7 @@ impl Scaler {
                 let name = n.metadata.name.clone().unwrap_or_default();
                 (
                     name.clone(),
-                    Api::<Namespace>::all(self.client.clone())
-                        .patch(&name, &pp, &p)
-                        .await
-                        .map(|o| o.metadata.resource_version),
+                    Api::<Namespace>::all(self.client.clone()).patch(&name, &pp, &p).await.map(|_| None),
                 )
             }
             TargetObject::StatefulSet(s) => {
@@ -396,7 +396,7 @@ impl Scaler {
                     Api::<StatefulSet>::namespaced(self.client.clone(), &ns)
                         .patch(&name, &pp, &p)
                         .await
-                        .map(|o| o.metadata.resource_version),
+                        .map(|o| Some(WorkloadView::from_statefulset(&o))),
                 )
             }
             TargetObject::Deployment(d) => {
@@ -409,7 +409,7 @@ impl Scaler {
                     Api::<Deployment>::namespaced(self.client.clone(), &ns)
                         .patch(&name, &pp, &p)
                         .await
-                        .map(|o| o.metadata.resource_version),
+                        .map(|o| Some(WorkloadView::from_deployment(&o))),
                 )
             }
         };

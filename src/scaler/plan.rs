@@ -113,6 +113,7 @@ mod tests {
             finished: false,
             controlled: false,
             per_replica: Requests::default(),
+            deletes_claims_when_scaled: false,
         }
     }
 

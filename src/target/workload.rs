@@ -92,6 +92,10 @@ pub struct WorkloadView {
     /// Owned by a controller (such a workload is left to its owner).
     pub controlled: bool,
     pub per_replica: Requests,
+    /// A StatefulSet whose PersistentVolumeClaims Kubernetes deletes when
+    /// it is scaled down (`persistentVolumeClaimRetentionPolicy.whenScaled:
+    /// Delete`, with claim templates).
+    pub deletes_claims_when_scaled: bool,
 }
 
 impl WorkloadView {
@@ -121,6 +125,7 @@ impl WorkloadView {
                 .as_ref()
                 .is_some_and(|o| o.iter().any(|r| r.controller == Some(true))),
             per_replica: Requests::default(),
+            deletes_claims_when_scaled: false,
         }
     }
 
@@ -139,6 +144,12 @@ impl WorkloadView {
         w.current_pods = s.status.as_ref().map(|s| s.replicas).unwrap_or(0);
         w.ready_pods = s.status.as_ref().and_then(|s| s.ready_replicas).unwrap_or(0);
         w.per_replica = template_requests(Some(&s.spec.template));
+        w.deletes_claims_when_scaled = s
+            .spec
+            .persistent_volume_claim_retention_policy
+            .as_ref()
+            .is_some_and(|p| p.when_scaled.as_deref() == Some("Delete"))
+            && s.spec.volume_claim_templates.as_ref().is_some_and(|t| !t.is_empty());
         w
     }
 
