@@ -958,3 +958,39 @@ spec:
     assert_eq!(replicas(c, "deployment", "web", &ns), "0");
     assert_eq!(replicas(c, "statefulset", "db", &ns), "1");
 }
+
+/// `dormant wake` from a machine whose clock is ahead of the agent's dates
+/// the wake in the agent's future: it still wakes the target now (a use
+/// dated later than the agent's clock reads as now).
+#[test]
+fn a_wake_dated_by_a_clock_ahead_of_the_agents_wakes_now() {
+    let c = Cluster::shared();
+    let id = test_id("skew");
+    let ns = c.namespace("skew", &[("dormant-test", &id)]).unwrap();
+    c.kubectl_apply(
+        &c.admin,
+        &format!("apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: app, namespace: {ns}}}\nspec:\n  replicas: 2\n  selector: {{matchLabels: {{app: a}}}}\n  template:\n    metadata: {{labels: {{app: a}}}}\n    spec: {{containers: [{{name: c, image: nginx:1.27}}]}}\n"),
+    )
+    .unwrap();
+    // Asleep because idle (a forced sleep would end with its annotation).
+    kubectl(c, &["annotate", "namespace", &ns, "dormant.dev/sleep-after=5s"]);
+    let agent = Agent::start(c, &id, &format!("{id}-system"), "skew-1", &[]);
+    wait_state(c, "namespace", &ns, None, "asleep", Duration::from_secs(30), &agent);
+    assert_eq!(replicas(c, "deployment", "app", &ns), "0");
+
+    // What `dormant wake` writes, from a clock an hour ahead.
+    let ahead = dormant::policy::annotations::rfc3339(chrono::Utc::now() + chrono::Duration::hours(1));
+    kubectl(
+        c,
+        &[
+            "annotate",
+            "--overwrite",
+            "namespace",
+            &ns,
+            &format!("dormant.dev/last-activity={ahead}"),
+            &format!("dormant.dev/last-activity-by=bob wake namespace/{ns} (cli)"),
+        ],
+    );
+    wait_state(c, "namespace", &ns, None, "awake", Duration::from_secs(30), &agent);
+    assert_eq!(replicas(c, "deployment", "app", &ns), "2");
+}

@@ -397,7 +397,7 @@ fn target_api(client: &Client, r: &TargetRef, object: &TargetObject) -> Api<Dyna
 async fn patch_target(
     client: &Client,
     r: &TargetRef,
-    changes: BTreeMap<&'static str, Option<String>>,
+    changes: impl FnOnce(&TargetObject) -> BTreeMap<&'static str, Option<String>>,
 ) -> anyhow::Result<TargetObject> {
     let view = View::load(client).await?;
     let Some(t) = view.stores.target(r) else {
@@ -407,6 +407,7 @@ async fn patch_target(
     };
     let ten = std::num::NonZeroU32::new(10).unwrap_or(std::num::NonZeroU32::MIN);
     let scaler = Scaler::new(client.clone(), Throttle::new(ten, ten));
+    let changes = changes(&t.object);
     scaler.annotate_target(&t.object, &changes).await.with_context(|| format!("failed to annotate {r}"))?;
     Ok(t.object)
 }
@@ -469,9 +470,12 @@ pub async fn sleep(
         }
     };
     let mut changes = BTreeMap::new();
-    changes.insert(ann::FORCE_SLEEP, Some(rfc3339(now)));
+    // `true`: the agent dates the request with its own clock (this
+    // machine's may be off, and a date before the last use would be no
+    // sleep at all).
+    changes.insert(ann::FORCE_SLEEP, Some("true".to_string()));
     changes.insert(ann::PREVENT_WAKEUP_UNTIL, until.map(|u| u.to_string()));
-    let object = patch_target(client, r, changes).await?;
+    let object = patch_target(client, r, |_| changes).await?;
     let note = match until {
         None => String::new(),
         Some(Until::Never) => "; requests will not wake it until `dormant wake`".into(),
@@ -484,6 +488,23 @@ pub async fn sleep(
     Ok(())
 }
 
+/// When a wake from this machine happened: its clock, but never before the
+/// sleep it ends. A clock behind the agent's would otherwise date the wake
+/// before the sleep, and it would wake nothing. (One ahead is the agent's
+/// to correct: it reads a use dated in the future as now.)
+fn wake_time(annotations: &BTreeMap<String, String>, now: DateTime<Utc>) -> DateTime<Utc> {
+    let Ok(a) = ann::TargetAnnotations::parse(annotations) else { return now };
+    let forced = match a.force_sleep {
+        Some(ann::ForceSleep::Since(t)) => Some(t),
+        _ => None,
+    };
+    [a.asleep_since, forced]
+        .into_iter()
+        .flatten()
+        .map(|t| t + chrono::Duration::milliseconds(1))
+        .fold(now, DateTime::max)
+}
+
 /// `dormant wake TARGET [--wait]`.
 pub async fn wake(
     client: &Client,
@@ -492,15 +513,46 @@ pub async fn wake(
     out: &mut (dyn std::io::Write + Send),
 ) -> anyhow::Result<()> {
     let user = whoami(client).await;
-    let mut changes = BTreeMap::new();
-    changes.insert(ann::LAST_ACTIVITY, Some(rfc3339(Utc::now())));
-    changes.insert(ann::LAST_ACTIVITY_BY, Some(format!("{user} wake {} (cli)", r)));
-    changes.insert(ann::FORCE_SLEEP, None);
-    changes.insert(ann::PREVENT_WAKEUP_UNTIL, None);
-    let object = patch_target(client, r, changes).await?;
+    let object = patch_target(client, r, |object| {
+        let mut changes = BTreeMap::new();
+        changes.insert(ann::LAST_ACTIVITY, Some(rfc3339(wake_time(object.annotations(), Utc::now()))));
+        changes.insert(ann::LAST_ACTIVITY_BY, Some(format!("{user} wake {} (cli)", r)));
+        changes.insert(ann::FORCE_SLEEP, None);
+        changes.insert(ann::PREVENT_WAKEUP_UNTIL, None);
+        changes
+    })
+    .await?;
     writeln!(out, "{r}: wake requested by {user}")?;
     if let Some(timeout) = wait {
         wait_for_state(client, r, &object, TargetState::Awake, timeout, out).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn a_wake_from_a_clock_behind_the_agents_still_comes_after_the_sleep() {
+        let here = Utc.with_ymd_and_hms(2026, 11, 27, 9, 0, 0).unwrap();
+        let annotations = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        };
+        // The agent (30 s ahead of this machine) put it to sleep 10 s ago.
+        let asleep = annotations(&[
+            (ann::STATE, "asleep"),
+            (ann::ASLEEP_SINCE, "2026-11-27T09:00:20Z"),
+            (ann::FORCE_SLEEP, "2026-11-27T09:00:19.500Z"),
+        ]);
+        let at = wake_time(&asleep, here);
+        assert_eq!(rfc3339(at), "2026-11-27T09:00:20.001Z");
+        // This machine's clock when it is the later one.
+        let later = here + chrono::Duration::minutes(5);
+        assert_eq!(wake_time(&asleep, later), later);
+        // Nothing recorded, or nothing readable: this machine's clock.
+        assert_eq!(wake_time(&annotations(&[]), here), here);
+        assert_eq!(wake_time(&annotations(&[(ann::ASLEEP_SINCE, "yesterday")]), here), here);
+    }
 }

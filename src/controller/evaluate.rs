@@ -191,18 +191,22 @@ pub fn evaluate(
     let asleep_since = annotations.asleep_since.unwrap_or(now);
     let (forced, force_unstamped) = match annotations.force_sleep {
         None => (None, false),
-        Some(ForceSleep::Since(t)) => {
-            (Some(Forced { since: t, prevent_wakeup_until: annotations.prevent_wakeup_until }), false)
-        }
+        Some(ForceSleep::Since(t)) => (
+            Some(Forced { since: t.min(now), prevent_wakeup_until: annotations.prevent_wakeup_until }),
+            false,
+        ),
         Some(ForceSleep::Requested) => {
             let since =
                 if matches!(state, TargetState::Asleep | TargetState::Sleeping) { asleep_since } else { now };
             (Some(Forced { since, prevent_wakeup_until: annotations.prevent_wakeup_until }), true)
         }
     };
+    // Dated by other clocks (`dormant wake` on a laptop, another replica):
+    // one ahead of this one reads as now, not as a use that has not
+    // happened yet (which would count only once this clock got there).
     let from_annotation = annotations.last_activity.map(|at| {
         let by = annotations.last_activity_by.clone().unwrap_or_default();
-        LastUse { at, manual: manual_source(&by), by }
+        LastUse { at: at.min(now), manual: manual_source(&by), by }
     });
     let from_ledger = ledger.map(|a| LastUse {
         at: a.at,
