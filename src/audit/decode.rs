@@ -113,8 +113,10 @@ pub fn decode(body: &[u8]) -> Result<Vec<Event<'_>>, DecodeError> {
     Ok(list.items)
 }
 
-/// Subresources whose requests stay open (their `ResponseStarted` counts).
-const LONG_RUNNING_SUBRESOURCES: &[&str] = &["exec", "attach", "portforward", "proxy"];
+/// Subresources whose requests stay open (their `ResponseStarted` counts):
+/// kube-apiserver's own list (`BasicLongRunningRequestCheck`). `log` is one:
+/// `kubectl logs -f` counts when it starts, not when the stream ends.
+const LONG_RUNNING_SUBRESOURCES: &[&str] = &["exec", "attach", "portforward", "proxy", "log"];
 
 impl Event<'_> {
     /// True for long-running requests: watches and streams.
@@ -252,6 +254,8 @@ mod tests {
             ("ResponseComplete", "watch", "", "/api/v1/namespaces/n/pods?watch=true", false),
             ("ResponseStarted", "create", "exec", "/api/v1/namespaces/n/pods/p/exec", true),
             ("ResponseComplete", "create", "exec", "/api/v1/namespaces/n/pods/p/exec", false),
+            ("ResponseStarted", "get", "log", "/api/v1/namespaces/n/pods/p/log?follow=true", true),
+            ("ResponseComplete", "get", "log", "/api/v1/namespaces/n/pods/p/log?follow=true", false),
             ("ResponseStarted", "list", "", "/api/v1/namespaces/n/pods?watch=true&resourceVersion=1", true),
         ] {
             let body = ev(stage, verb, sub, uri);
