@@ -60,7 +60,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let text = dormant::cli::kubeconfig::kubeconfig(&client, &target, &server, &ca).await?;
             match output {
                 Some(path) => {
-                    std::fs::write(&path, text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+                    write_private(&path, &text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
                     eprintln!("wrote {}", path.display());
                 }
                 None => print!("{text}"),
@@ -73,4 +73,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Crd => print!("{}", dormant::cli::crd_yaml()?),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Writes `text` readable by its owner only, as kubectl writes a
+/// kubeconfig: it holds the vcluster's client key. A file that was there
+/// keeps its inode but not its wider mode.
+fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    f.write_all(text.as_bytes())
 }

@@ -76,6 +76,9 @@ fn setup_with(prefix: &str, extra: &[&str], policy: Option<&str>, opts: VCluster
         ],
     );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(&kubeconfig).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "a kubeconfig with a client key must be private to its owner");
     Setup { id, ns, vc, agent, proxy, kubeconfig }
 }
 
