@@ -208,6 +208,8 @@ pub enum Error {
     Scale(#[from] crate::scaler::Error),
     #[error("reconcile did not finish within {0:?} (an API request hung?); retrying from a fresh read")]
     Timeout(Duration),
+    #[error("reconcile panicked; retrying from a fresh read")]
+    Panicked,
 }
 
 impl Error {
@@ -215,6 +217,7 @@ impl Error {
         match self {
             Error::Scale(e) => e.category(),
             Error::Timeout(_) => "timeout",
+            Error::Panicked => "panic",
         }
     }
 }
@@ -246,6 +249,9 @@ pub async fn run(ctx: Arc<Context>, mut changes: mpsc::UnboundedReceiver<Change>
     let mut waiting: VecDeque<TargetRef> = VecDeque::new();
     let mut failures: HashMap<TargetRef, u32> = HashMap::new();
     let mut tasks: JoinSet<Done> = JoinSet::new();
+    // Which target each task reconciles, for a task that panics (its
+    // result, which names the target, is lost with it).
+    let mut task_targets: HashMap<tokio::task::Id, TargetRef> = HashMap::new();
     let mut status_task: Option<tokio::task::JoinHandle<()>> = None;
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -255,16 +261,21 @@ pub async fn run(ctx: Arc<Context>, mut changes: mpsc::UnboundedReceiver<Change>
             schedule(t, tokio::time::Instant::now());
         }
     }
-    let spawn = |tasks: &mut JoinSet<_>, in_flight: &mut HashSet<TargetRef>, t: TargetRef| {
+    let spawn = |tasks: &mut JoinSet<_>,
+                 task_targets: &mut HashMap<tokio::task::Id, TargetRef>,
+                 in_flight: &mut HashSet<TargetRef>,
+                 t: TargetRef| {
         in_flight.insert(t.clone());
         let ctx = ctx.clone();
-        tasks.spawn(async move {
+        let target = t.clone();
+        let handle = tasks.spawn(async move {
             let limit = ctx.config.reconcile_timeout;
             let r = tokio::time::timeout(limit, reconcile::reconcile(&ctx, &t))
                 .await
                 .unwrap_or(Err(Error::Timeout(limit)));
             (t, r)
         });
+        task_targets.insert(handle.id(), target);
     };
     loop {
         tokio::select! {
@@ -301,11 +312,24 @@ pub async fn run(ctx: Arc<Context>, mut changes: mpsc::UnboundedReceiver<Change>
                         waiting.push_back(t);
                     }
                 } else {
-                    spawn(&mut tasks, &mut in_flight, t);
+                    spawn(&mut tasks, &mut task_targets, &mut in_flight, t);
                 }
             }
-            Some(done) = tasks.join_next() => {
-                let Ok((t, result)) = done else { continue };
+            Some(done) = tasks.join_next_with_id() => {
+                let (t, result) = match done {
+                    Ok((id, (t, result))) => {
+                        task_targets.remove(&id);
+                        (t, result)
+                    }
+                    Err(e) => {
+                        // A panic (from a dependency: dormant's own code
+                        // returns errors): retried like a failure, so the
+                        // target is not left in flight for good.
+                        let Some(t) = task_targets.remove(&e.id()) else { continue };
+                        tracing::error!(target = %t, error = %e, "reconcile panicked");
+                        (t, Err(Error::Panicked))
+                    }
+                };
                 in_flight.remove(&t);
                 match result {
                     Ok(next) => {
@@ -331,7 +355,7 @@ pub async fn run(ctx: Arc<Context>, mut changes: mpsc::UnboundedReceiver<Change>
                     if in_flight.contains(&next) {
                         dirty.insert(next);
                     } else {
-                        spawn(&mut tasks, &mut in_flight, next);
+                        spawn(&mut tasks, &mut task_targets, &mut in_flight, next);
                     }
                 }
             }
