@@ -179,10 +179,6 @@ async fn sleep(
         lock(&ctx.waking).remove(r);
         tracing::info!(target = %r, reason = %ev.decision.reason, "putting to sleep");
     }
-    // KEDA first: it would scale a workload straight back up from zero.
-    if r.kind == TargetKind::Namespace && ev.state != TargetState::Asleep {
-        step(ctx, ev, "SleepFailed", pause_keda(ctx, ev)).await?;
-    }
     let mut pending = false;
     for w in &ev.workloads {
         let w = &after_target_write(w, &written);
@@ -191,6 +187,16 @@ async fn sleep(
             pending = true;
         }
         step(ctx, ev, "SleepFailed", ctx.scaler.sleep_workload(w, excluded)).await?;
+    }
+    // KEDA after the workloads, which are recorded and at zero by now: a
+    // pause first would let KEDA scale a workload to zero before its count
+    // was recorded (a failed or slow step in between, a shared schedule
+    // queueing patches behind the client's rate limit), and "0" would be
+    // recorded and restored. KEDA could scale a workload up again in the
+    // moment before the pause lands (a trigger active right then): that
+    // only shows as a hand-scaled workload, which wakes the target.
+    if r.kind == TargetKind::Namespace && ev.state != TargetState::Asleep {
+        step(ctx, ev, "SleepFailed", pause_keda(ctx, ev)).await?;
     }
     if r.kind == TargetKind::VCluster {
         if !ev.control_plane_down() {
