@@ -994,3 +994,105 @@ fn a_wake_dated_by_a_clock_ahead_of_the_agents_wakes_now() {
     wait_state(c, "namespace", &ns, None, "awake", Duration::from_secs(30), &agent);
     assert_eq!(replicas(c, "deployment", "app", &ns), "2");
 }
+
+/// KEDA holds a paused ScaledObject's workload at the paused count, so a
+/// pause that landed before the workload's own patch would let KEDA scale
+/// it to zero first, and "0" would be recorded and restored. Here the
+/// workload's patch is refused for a while (an admission policy): the
+/// ScaledObject must stay unpaused until the workload is recorded.
+#[test]
+fn keda_is_paused_only_after_its_workload_is_recorded() {
+    let c = Cluster::shared();
+    let crd = testbed::Bins::keda_crd().unwrap();
+    kubectl(c, &["apply", "--server-side", "-f", &crd.display().to_string()]);
+    c.wait_established("scaledobjects.keda.sh").unwrap();
+    let id = test_id("keda-order");
+    let ns = c.namespace("keda-order", &[("dormant-test", &id)]).unwrap();
+    let agent_name = agent_user(c).name.clone();
+    c.kubectl_apply(
+        &c.admin,
+        &format!(
+            r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: worker, namespace: {ns}}}
+spec:
+  replicas: 2
+  selector: {{matchLabels: {{app: worker}}}}
+  template:
+    metadata: {{labels: {{app: worker}}}}
+    spec: {{containers: [{{name: c, image: nginx:1.27}}]}}
+---
+apiVersion: keda.sh/v1alpha1
+kind: ScaledObject
+metadata: {{name: worker, namespace: {ns}}}
+spec:
+  scaleTargetRef: {{name: worker}}
+  triggers:
+  - type: cron
+    metadata: {{timezone: UTC, start: "0 8 * * *", end: "0 18 * * *", desiredReplicas: "2"}}
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicy
+metadata: {{name: {id}}}
+spec:
+  failurePolicy: Fail
+  matchConstraints:
+    resourceRules:
+    - {{apiGroups: [apps], apiVersions: [v1], operations: [UPDATE], resources: [deployments]}}
+  validations:
+  - expression: "request.userInfo.username != '{agent_name}'"
+    message: "refused by the test"
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicyBinding
+metadata: {{name: {id}}}
+spec:
+  policyName: {id}
+  validationActions: [Deny]
+  matchResources:
+    namespaceSelector: {{matchLabels: {{kubernetes.io/metadata.name: {ns}}}}}
+"#
+        ),
+    )
+    .unwrap();
+    // The policy takes effect a moment after it is created.
+    wait_until("the admission policy to refuse the agent", Duration::from_secs(30), || {
+        let out = c
+            .kubectl(&c.admin)
+            .args(["annotate", "deployment", "worker", "-n", &ns, "x=y", "--dry-run=server"])
+            .arg(format!("--as={agent_name}"))
+            .arg("--as-group=system:masters")
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stderr).contains("refused by the test")
+    });
+    kubectl(c, &["annotate", "namespace", &ns, "dormant.dev/sleep-after=1h", "dormant.dev/force-sleep=true"]);
+    let agent = Agent::start(c, &id, &format!("{id}-system"), "keda-order-1", &[]);
+    let failures = || {
+        kubectl(
+            c,
+            &[
+                "get",
+                "events.events.k8s.io",
+                "-n",
+                &ns,
+                "--field-selector=reason=SleepFailed",
+                "-o",
+                "jsonpath={range .items[*]}{.note}{\"\\n\"}{end}",
+            ],
+        )
+    };
+    wait_until("the refused workload patch", Duration::from_secs(30), || {
+        failures().contains("refused by the test")
+    });
+    let paused = || annotation(c, "scaledobject", "worker", Some(&ns), "autoscaling.keda.sh/paused-replicas");
+    assert_eq!(paused(), "", "KEDA was paused before its workload was recorded");
+    assert_eq!(replicas(c, "deployment", "worker", &ns), "2");
+
+    kubectl(c, &["delete", "validatingadmissionpolicybinding", &id]);
+    wait_state(c, "namespace", &ns, None, "asleep", Duration::from_secs(90), &agent);
+    assert_eq!(replicas(c, "deployment", "worker", &ns), "0");
+    assert_eq!(annotation(c, "deployment", "worker", Some(&ns), "dormant.dev/replicas-before-sleep"), "2");
+    assert_eq!(paused(), "0");
+    kubectl(c, &["delete", "validatingadmissionpolicy", &id]);
+}
