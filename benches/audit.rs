@@ -130,7 +130,7 @@ async fn main() -> anyhow::Result<()> {
     writers.fill(admin.clone()).await?;
     let metrics = Arc::new(Metrics::new());
     let (ledger, worker) = Ledger::new(100_000);
-    tokio::spawn(worker.run(|_| {}, NoFlush, Duration::from_secs(3600)));
+    tokio::spawn(worker.run(|_| {}, NoFlush, Duration::from_secs(3600), std::future::pending()));
     let scope = Scope::default();
     let receiver = Receiver {
         observer: Arc::new(Observer::new(

@@ -594,12 +594,16 @@ pub async fn run_with(
     }
     let notify_tx = change_tx.clone();
     let flusher = AnnotationFlusher { stores: stores.clone(), scaler: scaler.clone() };
+    let (stop_ledger, ledger_stopped) = tokio::sync::oneshot::channel::<()>();
     let ledger_task = tokio::spawn(ledger_worker.run(
         move |t| {
             let _ = notify_tx.send(Change::Target(t));
         },
         flusher,
         settings.flush_interval,
+        async {
+            let _ = ledger_stopped.await;
+        },
     ));
 
     let lease_secs = settings.lease_duration.as_secs().max(2);
@@ -651,16 +655,26 @@ pub async fn run_with(
     for s in servers {
         s.abort();
     }
+    // The activity not yet written is written now (on a standby it exists
+    // nowhere else), within a limit.
+    let _ = stop_ledger.send(());
+    let ledger_abort = ledger_task.abort_handle();
+    if tokio::time::timeout(LEDGER_FINAL_FLUSH, ledger_task).await.is_err() {
+        tracing::warn!(limit = ?LEDGER_FINAL_FLUSH, "the last activity flush did not finish; some activity is lost");
+        ledger_abort.abort();
+    }
     for r in reflectors {
         r.abort();
     }
-    ledger_task.abort();
     fan_out.abort();
     drop(change_tx);
     // The controller held the last Lease receiver; dropping it releases the Lease.
     let _ = tokio::time::timeout(Duration::from_secs(5), lease_task).await;
     Ok(())
 }
+
+/// How long a stopping agent may spend writing the activity it holds.
+const LEDGER_FINAL_FLUSH: Duration = Duration::from_secs(5);
 
 /// Fails clearly when the SleepPolicy CRD is missing (a watch would retry forever).
 async fn check_crd(client: &Client) -> anyhow::Result<()> {

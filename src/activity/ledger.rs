@@ -170,40 +170,68 @@ impl Inner {
 }
 
 impl LedgerWorker {
-    /// Consumes activities until every [`Ledger`] handle is dropped; calls
-    /// `notify` for targets the controller should look at, and flushes the
-    /// newest activity of each target at most every `flush_every`.
+    /// Consumes activities until every [`Ledger`] handle is dropped or
+    /// `stop` completes; calls `notify` for targets the controller should
+    /// look at, and flushes the newest activity of each target at most every
+    /// `flush_every`. A flush runs while activities keep being taken in
+    /// (hundreds of targets, written at the client's rate limit, would
+    /// otherwise fill the queue and drop activity). On the way out, what is
+    /// queued is taken in and everything unwritten is flushed once more:
+    /// stop the agent with a time limit around this, not by aborting it,
+    /// or a restart loses up to an interval of activity no other replica
+    /// may have seen.
     pub async fn run<F: Flush>(
         mut self,
         notify: impl Fn(TargetRef) + Send,
         flusher: F,
         flush_every: Duration,
+        stop: impl std::future::Future<Output = ()> + Send,
     ) {
+        use futures::FutureExt as _;
+        use futures::future::{Fuse, FusedFuture as _};
         // The first flush comes one interval after start, not at once.
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + flush_every, flush_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let inner = self.inner.clone();
+        let mut flushing = std::pin::pin!(Fuse::terminated());
+        let mut stop = std::pin::pin!(stop);
         loop {
             tokio::select! {
                 item = self.rx.recv() => match item {
                     Some((target, activity, source)) => {
-                        if self.inner.apply(&target, activity, source) {
+                        if inner.apply(&target, activity, source) {
                             notify(target);
                         }
                     }
                     None => break,
                 },
-                _ = tick.tick() => {
-                    for (target, activity, sources) in self.inner.take_dirty() {
-                        if let Err(e) = flusher.flush(target.clone(), activity, sources.clone()).await {
-                            tracing::warn!(%target, error = %e, "failed to write last activity; will retry");
-                            self.inner.mark_dirty(&target, sources);
-                        }
+                () = flushing.as_mut(), if !flushing.is_terminated() => {}
+                _ = tick.tick(), if flushing.is_terminated() => {
+                    let batch = inner.take_dirty();
+                    if !batch.is_empty() {
+                        flushing.set(flush_batch(&inner, &flusher, batch).fuse());
                     }
                 }
+                () = &mut stop => break,
             }
         }
-        for (target, activity, sources) in self.inner.take_dirty() {
-            let _ = flusher.flush(target, activity, sources).await;
+        if !flushing.is_terminated() {
+            flushing.await;
+        }
+        while let Ok((target, activity, source)) = self.rx.try_recv() {
+            inner.apply(&target, activity, source);
+        }
+        flush_batch(&inner, &flusher, inner.take_dirty()).await;
+    }
+}
+
+/// Writes each target's newest activity; a failed write goes back to be
+/// retried with the next batch.
+async fn flush_batch<F: Flush>(inner: &Inner, flusher: &F, batch: Vec<(TargetRef, Activity, SourceCounts)>) {
+    for (target, activity, sources) in batch {
+        if let Err(e) = flusher.flush(target.clone(), activity, sources.clone()).await {
+            tracing::warn!(%target, error = %e, "failed to write last activity; will retry");
+            inner.mark_dirty(&target, sources);
         }
     }
 }
@@ -247,7 +275,12 @@ mod tests {
         let (ledger, worker) = Ledger::new(100);
         let flushed = Arc::new(Mutex::new(Vec::new()));
         let t = TargetRef::namespace("team-a");
-        let task = tokio::spawn(worker.run(|_| {}, Recorder(flushed.clone()), Duration::from_secs(5)));
+        let task = tokio::spawn(worker.run(
+            |_| {},
+            Recorder(flushed.clone()),
+            Duration::from_secs(5),
+            std::future::pending(),
+        ));
         for (secs, user) in [(10, "alice"), (30, "bob"), (20, "carol"), (30, "bob")] {
             assert!(ledger.record(t.clone(), activity(secs, user)));
         }
@@ -275,6 +308,73 @@ mod tests {
         assert_eq!(f[1].2, HashMap::from([("alice (kubectl)".to_string(), 1)]));
         drop(ledger);
         task.await.unwrap();
+    }
+
+    /// A flush that takes its time (many targets at the client's rate
+    /// limit) does not stop activities from being taken in meanwhile.
+    struct Slow(Arc<Mutex<Vec<(TargetRef, Activity, SourceCounts)>>>);
+
+    impl Flush for Slow {
+        async fn flush(
+            &self,
+            target: TargetRef,
+            activity: Activity,
+            sources: SourceCounts,
+        ) -> Result<(), String> {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            lock(&self.0).push((target, activity, sources));
+            Ok(())
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn activity_keeps_coming_in_while_a_slow_flush_runs() {
+        let (ledger, worker) = Ledger::new(2);
+        let flushed = Arc::new(Mutex::new(Vec::new()));
+        let task = tokio::spawn(worker.run(
+            |_| {},
+            Slow(flushed.clone()),
+            Duration::from_secs(5),
+            std::future::pending(),
+        ));
+        let t = TargetRef::namespace("team-a");
+        assert!(ledger.record(t.clone(), activity(1, "alice")));
+        // The first flush starts at 5 s and takes a minute; one activity a
+        // second arrives all along, into a queue of two.
+        for i in 0..30 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            assert!(ledger.record(t.clone(), activity(2 + i, "bob")), "dropped the activity of second {i}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(ledger.dropped(), 0);
+        assert_eq!(ledger.newest(&t).unwrap().at, activity(31, "bob").at);
+        drop(ledger);
+        task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stopping_writes_what_was_not_written_yet() {
+        let (ledger, worker) = Ledger::new(100);
+        let flushed = Arc::new(Mutex::new(Vec::new()));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task =
+            tokio::spawn(worker.run(|_| {}, Recorder(flushed.clone()), Duration::from_secs(3600), async {
+                let _ = stopped.await;
+            }));
+        let t = TargetRef::namespace("team-a");
+        assert!(ledger.record(t.clone(), activity(10, "alice")));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(lock(&flushed).is_empty(), "flushed before the interval");
+        // Still queued when the stop comes: taken in and written too.
+        assert!(ledger.record(t.clone(), activity(20, "bob")));
+        stop.send(()).unwrap();
+        task.await.unwrap();
+        let f = lock(&flushed).clone();
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert_eq!(f[0].1.user, "bob");
+        assert_eq!(f[0].2.len(), 2, "both sources counted: {f:?}");
+        // The ledger handle is still alive: the stop alone ended the worker.
+        drop(ledger);
     }
 
     #[tokio::test]
