@@ -647,8 +647,20 @@ pub async fn run_with(
     tracing::info!(identity = %settings.identity, "caches synced; agent ready");
 
     let controller = tokio::spawn(controller::run(ctx, change_rx));
+    let sweeper = tokio::spawn({
+        let stores = stores.clone();
+        async move {
+            let mut tick = tokio::time::interval(SWEEP_EVERY);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                observer.sweep(|t| stores.object(t).is_some());
+            }
+        }
+    });
     shutdown.await;
     tracing::info!("shutting down");
+    sweeper.abort();
     controller.abort();
     let _ = controller.await;
     admin_task.abort();
@@ -672,6 +684,9 @@ pub async fn run_with(
     let _ = tokio::time::timeout(Duration::from_secs(5), lease_task).await;
     Ok(())
 }
+
+/// How often what is kept per target is dropped for targets that are gone.
+const SWEEP_EVERY: Duration = Duration::from_secs(300);
 
 /// How long a stopping agent may spend writing the activity it holds.
 const LEDGER_FINAL_FLUSH: Duration = Duration::from_secs(5);

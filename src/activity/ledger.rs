@@ -109,6 +109,11 @@ impl Ledger {
     pub fn forget(&self, target: &TargetRef) {
         self.entries().remove(target);
     }
+
+    /// The targets the ledger holds an entry for.
+    pub fn targets(&self) -> Vec<TargetRef> {
+        self.entries().keys().cloned().collect()
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

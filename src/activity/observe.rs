@@ -127,6 +127,36 @@ impl SourceCounters {
 }
 
 impl Observer {
+    /// Drops what is kept for targets that no longer exist (`exists` says
+    /// false): their "who keeps it awake" series and counters and their
+    /// ledger entry. Every replica keeps these, not only the leader, and
+    /// short-lived namespaces (a CI preview a day) would otherwise grow the
+    /// metric and the agent's memory for as long as it runs.
+    pub fn sweep(&self, exists: impl Fn(&TargetRef) -> bool) {
+        let gone: Vec<(TargetRef, Vec<String>)> = {
+            let mut all = self.sources.0.write().unwrap_or_else(|e| e.into_inner());
+            let gone: Vec<TargetRef> = all.keys().filter(|t| !exists(t)).cloned().collect();
+            gone.into_iter()
+                .filter_map(|t| all.remove(&t).map(|known| (t, known.into_keys().collect())))
+                .collect()
+        };
+        for (t, sources) in gone {
+            for source in sources.into_iter().chain([OTHER_SOURCES.to_string()]) {
+                self.metrics.activity_sources.remove(&SourceLabels {
+                    target: t.to_string(),
+                    namespace: t.namespace.clone(),
+                    source,
+                });
+            }
+        }
+        for t in self.ledger.targets() {
+            if !exists(&t) {
+                self.ledger.forget(&t);
+            }
+        }
+        self.rules.cache.write().unwrap_or_else(|e| e.into_inner()).retain(|t, _| exists(t));
+    }
+
     pub fn new(ledger: Ledger, builtin: IgnoreRules, rules: RulesCache, metrics: Arc<Metrics>) -> Self {
         Observer { ledger, builtin, rules, metrics, sources: SourceCounters::default() }
     }
@@ -234,5 +264,55 @@ mod tests {
         assert_eq!(value("user-0 (kubectl)").as_deref(), Some("2"));
         assert_eq!(value(OTHER_SOURCES).as_deref(), Some("8"));
         assert_eq!(value(&format!("user-{} (kubectl)", MAX_SOURCES)), None);
+    }
+
+    #[tokio::test]
+    async fn what_is_kept_for_a_target_goes_with_it() {
+        let (stores, _writers) = crate::target::stores::stores();
+        let metrics = Arc::new(Metrics::new());
+        let (ledger, worker) = Ledger::new(10_000);
+        let task =
+            tokio::spawn(worker.run(|_| {}, NoFlush, Duration::from_secs(3600), std::future::pending()));
+        let rules = RulesCache::new(stores, Defaults::default(), Scope::default(), Duration::from_secs(5));
+        let o = Observer::new(ledger.clone(), IgnoreRules::default(), rules, metrics.clone());
+        let (gone, kept) = (TargetRef::namespace("preview-1"), TargetRef::namespace("team-a"));
+        for t in [&gone, &kept] {
+            for user in ["alice", "bob"] {
+                assert_eq!(o.observe(t, activity(user)), Outcome::Counted);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let series = |t: &TargetRef| {
+            metrics
+                .encode()
+                .lines()
+                .filter(|l| {
+                    l.starts_with("dormant_activity_sources_total{") && l.contains(&format!("target=\"{t}\""))
+                })
+                .count()
+        };
+        assert_eq!((series(&gone), series(&kept)), (2, 2));
+        assert!(ledger.newest(&gone).is_some());
+
+        o.sweep(|t| *t == kept);
+        assert_eq!((series(&gone), series(&kept)), (0, 2));
+        assert!(ledger.newest(&gone).is_none());
+        assert!(ledger.newest(&kept).is_some());
+        assert!(!o.rules.cache.read().unwrap().contains_key(&gone));
+        drop((o, ledger));
+        task.abort();
+    }
+
+    struct NoFlush;
+
+    impl crate::activity::ledger::Flush for NoFlush {
+        async fn flush(
+            &self,
+            _: TargetRef,
+            _: Activity,
+            _: crate::activity::ledger::SourceCounts,
+        ) -> Result<(), String> {
+            Ok(())
+        }
     }
 }
