@@ -1096,3 +1096,94 @@ spec:
     assert_eq!(paused(), "0");
     kubectl(c, &["delete", "validatingadmissionpolicy", &id]);
 }
+
+/// A KEDA record dormant cannot give back (edited by hand while asleep)
+/// stops the wake before anything changes, with an Event that names it,
+/// instead of leaving the workloads woken and the target stuck waking.
+#[test]
+fn an_unreadable_keda_record_stops_a_wake_before_anything_changes() {
+    let c = Cluster::shared();
+    let crd = testbed::Bins::keda_crd().unwrap();
+    kubectl(c, &["apply", "--server-side", "-f", &crd.display().to_string()]);
+    c.wait_established("scaledobjects.keda.sh").unwrap();
+    let id = test_id("keda-bad");
+    let ns = c.namespace("keda-bad", &[("dormant-test", &id)]).unwrap();
+    c.kubectl_apply(
+        &c.admin,
+        &format!(
+            r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: worker, namespace: {ns}}}
+spec:
+  replicas: 2
+  selector: {{matchLabels: {{app: worker}}}}
+  template:
+    metadata: {{labels: {{app: worker}}}}
+    spec: {{containers: [{{name: c, image: nginx:1.27}}]}}
+---
+apiVersion: keda.sh/v1alpha1
+kind: ScaledObject
+metadata: {{name: worker, namespace: {ns}}}
+spec:
+  scaleTargetRef: {{name: worker}}
+  triggers:
+  - type: cron
+    metadata: {{timezone: UTC, start: "0 8 * * *", end: "0 18 * * *", desiredReplicas: "2"}}
+"#
+        ),
+    )
+    .unwrap();
+    kubectl(c, &["annotate", "namespace", &ns, "dormant.dev/sleep-after=1h"]);
+    let agent = Agent::start(c, &id, &format!("{id}-system"), "keda-bad-1", &[]);
+    let out = dormant(c, &["sleep", &format!("namespace/{ns}"), "--wait=60s"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    kubectl(
+        c,
+        &[
+            "annotate",
+            "--overwrite",
+            "scaledobject",
+            "worker",
+            "-n",
+            &ns,
+            "dormant.dev/keda-paused-replicas-before-sleep=lots",
+        ],
+    );
+
+    let out = dormant(c, &["wake", &format!("namespace/{ns}")]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let failures = || {
+        kubectl(
+            c,
+            &[
+                "get",
+                "events.events.k8s.io",
+                "-n",
+                &ns,
+                "--field-selector=reason=WakeFailed",
+                "-o",
+                "jsonpath={range .items[*]}{.note}{\"\\n\"}{end}",
+            ],
+        )
+    };
+    wait_until("a WakeFailed event", Duration::from_secs(30), || !failures().is_empty());
+    assert!(failures().contains("keda-paused-replicas-before-sleep=\"lots\""), "{}", failures());
+    assert_eq!(replicas(c, "deployment", "worker", &ns), "0", "woken in part");
+    assert_eq!(state(c, "namespace", &ns, None), "asleep");
+
+    kubectl(
+        c,
+        &[
+            "annotate",
+            "--overwrite",
+            "scaledobject",
+            "worker",
+            "-n",
+            &ns,
+            "dormant.dev/keda-paused-replicas-before-sleep=none",
+        ],
+    );
+    wait_state(c, "namespace", &ns, None, "awake", Duration::from_secs(90), &agent);
+    assert_eq!(replicas(c, "deployment", "worker", &ns), "2");
+    assert_eq!(annotation(c, "scaledobject", "worker", Some(&ns), "autoscaling.keda.sh/paused-replicas"), "");
+}

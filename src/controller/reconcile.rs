@@ -248,6 +248,9 @@ async fn wake(
         }
         return Ok(());
     }
+    if r.kind == TargetKind::Namespace {
+        step(ctx, ev, "WakeFailed", ctx.scaler.check_scaled_objects(&r.namespace)).await?;
+    }
     let mut written = None;
     if ev.state != TargetState::Waking {
         annotations.insert(ann::STATE, Some(TargetState::Waking.as_str().into()));

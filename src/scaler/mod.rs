@@ -284,6 +284,18 @@ impl Scaler {
     }
 
     /// Gives a ScaledObject back the pause it had before sleeping.
+    /// Fails when a ScaledObject in `namespace` carries a record dormant
+    /// could not give back: checked before a wake changes anything, so
+    /// such a target is left as it is rather than half woken.
+    pub async fn check_scaled_objects(&self, namespace: &str) -> Result<()> {
+        for so in self.scaled_objects(namespace).await? {
+            if let Err(message) = keda::resume_patch(&so) {
+                return Err(Error::BadAnnotation { id: so.id(), message });
+            }
+        }
+        Ok(())
+    }
+
     pub async fn resume_scaled_object(&self, so: &ScaledObjectView) -> Result<Outcome> {
         self.patch_until_settled(so, keda::resume_patch).await
     }
