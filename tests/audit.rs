@@ -530,6 +530,42 @@ async fn bad_batches_get_the_right_status_record_nothing_and_the_server_keeps_se
     let r = post(e.receiver.port, "/audit/host", &[json], good.clone(), Some(&other_ca), "POST").await;
     assert!(r.as_ref().map(|(s, _)| *s == 401).unwrap_or(true), "{r:?}");
 
+    // A token limited to one vcluster's path (added to the file while the
+    // agent runs) is good there and nowhere else.
+    let mut file = std::fs::read_to_string(&e.receiver.token_file).unwrap();
+    if !file.contains("vc-only-token") {
+        file.push_str("vc-only-token /audit/vcluster/team-x/dev  # one vcluster's API server\n");
+        std::fs::write(&e.receiver.token_file, file).unwrap();
+    }
+    let scoped = [json, ("authorization", "Bearer vc-only-token")];
+    let empty = br#"{"kind":"EventList","apiVersion":"audit.k8s.io/v1","items":[]}"#.to_vec();
+    let started = std::time::Instant::now();
+    loop {
+        let (status, text) =
+            post(e.receiver.port, "/audit/vcluster/team-x/dev", &scoped, empty.clone(), None, "POST")
+                .await
+                .unwrap();
+        if status == 200 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "the new token was never read: {status} {text}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    for path in ["/audit/host", "/audit/vcluster/team-y/prod"] {
+        let (status, text) = post(e.receiver.port, path, &scoped, good.clone(), None, "POST").await.unwrap();
+        assert_eq!(status, 401, "a token limited to team-x/dev posted to {path}: {text}");
+    }
+    // team-x/dev does not exist: its events are accepted and counted as
+    // turned away, not dropped unseen.
+    let unknown = "dormant_activity_total{source=\"audit\",outcome=\"ignored\",rule=\"unknown-vcluster\"}";
+    let before = metric(&e.agent, unknown);
+    let (status, text) =
+        post(e.receiver.port, "/audit/vcluster/team-x/dev", &scoped, good.clone(), None, "POST")
+            .await
+            .unwrap();
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(metric(&e.agent, unknown), before + 1.0);
+
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(!last_activity_by(c, &ns).contains("mallory"), "a rejected batch was recorded");
     let agent = &e.agent;

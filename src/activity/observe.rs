@@ -90,6 +90,10 @@ struct SourceCounters(RwLock<HashMap<TargetRef, HashMap<String, Counter>>>);
 /// (401): an expired CI token polling forever must not keep a target awake.
 pub const UNAUTHENTICATED: &str = "unauthenticated";
 
+/// The `rule` label of events posted for a vcluster dormant does not know
+/// (a typo in the webhook's path, a vcluster not yet or no longer there).
+pub const UNKNOWN_VCLUSTER: &str = "unknown-vcluster";
+
 /// The `rule` label of a vcluster syncer's requests to its own API server.
 pub const VCLUSTER_SYNCER: &str = "builtin-vcluster-syncer";
 

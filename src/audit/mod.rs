@@ -22,7 +22,9 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
-use crate::activity::observe::{OWN_SERVICE_ACCOUNT, Observer, UNAUTHENTICATED, VCLUSTER_SYNCER};
+use crate::activity::observe::{
+    OWN_SERVICE_ACCOUNT, Observer, UNAUTHENTICATED, UNKNOWN_VCLUSTER, VCLUSTER_SYNCER,
+};
 use crate::activity::{Activity, ResourceRef, Source};
 use crate::metrics::{Metrics, OutcomeLabels};
 use crate::policy::ignore::own_service_account;
@@ -54,11 +56,20 @@ pub fn route(path: &str) -> Option<Origin> {
     }
 }
 
-/// Bearer tokens accepted from API servers, read from a file (one per line;
-/// a mounted Secret) and re-read when the file changes.
+/// Bearer tokens accepted from API servers, read from a file (a mounted
+/// Secret) and re-read when the file changes. One token per line, alone
+/// (accepted on every path) or followed by the one path it may post to
+/// (`/audit/host` or `/audit/vcluster/<namespace>/<name>`): a vcluster's
+/// API server should hold a token that can only report for it, or whoever
+/// can read that token can keep any target awake.
 pub struct Tokens {
     path: PathBuf,
-    state: RwLock<(Instant, Option<SystemTime>, Vec<String>)>,
+    state: RwLock<(Instant, Option<SystemTime>, Vec<Token>)>,
+}
+
+struct Token {
+    secret: String,
+    only: Option<Origin>,
 }
 
 impl Tokens {
@@ -67,30 +78,68 @@ impl Tokens {
         Ok(Tokens { path, state: RwLock::new((Instant::now(), stamp, tokens)) })
     }
 
-    fn read(path: &std::path::Path) -> std::io::Result<(Option<SystemTime>, Vec<String>)> {
+    fn read(path: &std::path::Path) -> std::io::Result<(Option<SystemTime>, Vec<Token>)> {
         let text = std::fs::read_to_string(path)?;
         let stamp = std::fs::metadata(path).and_then(|m| m.modified()).ok();
-        Ok((stamp, text.lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect()))
+        let tokens = parse_tokens(&text).map_err(|e| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {e}", path.display()))
+        })?;
+        Ok((stamp, tokens))
     }
 
-    fn accepts(&self, presented: &str) -> bool {
+    fn accepts(&self, presented: &str, origin: &Origin) -> bool {
+        let ok = |tokens: &[Token]| {
+            tokens.iter().any(|t| {
+                constant_time_eq(t.secret.as_bytes(), presented.as_bytes())
+                    && t.only.as_ref().is_none_or(|o| o == origin)
+            })
+        };
         {
             let s = self.state.read().unwrap_or_else(|e| e.into_inner());
             if s.0.elapsed() < Duration::from_secs(5) {
-                return s.2.iter().any(|t| constant_time_eq(t.as_bytes(), presented.as_bytes()));
+                return ok(&s.2);
             }
         }
         let mut s = self.state.write().unwrap_or_else(|e| e.into_inner());
         s.0 = Instant::now();
         let stamp = std::fs::metadata(&self.path).and_then(|m| m.modified()).ok();
-        if stamp != s.1
-            && let Ok((stamp, tokens)) = Self::read(&self.path)
-        {
-            s.1 = stamp;
-            s.2 = tokens;
+        if stamp != s.1 {
+            match Self::read(&self.path) {
+                Ok((stamp, tokens)) => {
+                    s.1 = stamp;
+                    s.2 = tokens;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "the audit token file changed but cannot be used; keeping the tokens read before")
+                }
+            }
         }
-        s.2.iter().any(|t| constant_time_eq(t.as_bytes(), presented.as_bytes()))
+        ok(&s.2)
     }
+}
+
+/// The token file's lines (see [`Tokens`]); blank lines are skipped, and
+/// a word that starts with `#` starts a comment.
+fn parse_tokens(text: &str) -> Result<Vec<Token>, String> {
+    let mut tokens = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let fields: Vec<&str> = line.split_whitespace().take_while(|f| !f.starts_with('#')).collect();
+        match fields.as_slice() {
+            [] => {}
+            [secret] => tokens.push(Token { secret: secret.to_string(), only: None }),
+            [secret, path] => {
+                let Some(origin) = route(path) else {
+                    return Err(format!(
+                        "line {}: {path:?} is not /audit/host or /audit/vcluster/<namespace>/<name>",
+                        i + 1
+                    ));
+                };
+                tokens.push(Token { secret: secret.to_string(), only: Some(origin) });
+            }
+            _ => return Err(format!("line {}: expected a token, optionally followed by one path", i + 1)),
+        }
+    }
+    Ok(tokens)
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -189,7 +238,7 @@ impl Receiver {
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::trim);
         let token_ok = match (&self.tokens, bearer) {
-            (Some(tokens), Some(t)) => tokens.accepts(t),
+            (Some(tokens), Some(t)) => tokens.accepts(t, &origin),
             _ => false,
         };
         let cert_ok = self.client_certs && client_cert;
@@ -317,7 +366,9 @@ impl Receiver {
                 continue;
             }
             match origin {
-                Origin::VCluster(_) if known_vcluster != Some(true) => {}
+                Origin::VCluster(_) if known_vcluster != Some(true) => {
+                    self.observer.turn_away(Source::Audit, UNKNOWN_VCLUSTER);
+                }
                 Origin::VCluster(_) if e.from_vcluster_syncer() => {
                     self.observer.turn_away(Source::Audit, VCLUSTER_SYNCER);
                 }
@@ -381,6 +432,32 @@ mod tests {
             "/",
         ] {
             assert_eq!(route(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_token_may_be_limited_to_one_path() {
+        let tokens =
+            parse_tokens("# tokens\nhost-token\n\n  vc-token   /audit/vcluster/team-a/dev  # team a\n")
+                .unwrap();
+        assert_eq!(tokens.len(), 2);
+        let file = Tokens { path: PathBuf::new(), state: RwLock::new((Instant::now(), None, tokens)) };
+        let (host, dev, other) = (
+            Origin::Host,
+            Origin::VCluster(TargetRef::vcluster("team-a", "dev")),
+            Origin::VCluster(TargetRef::vcluster("team-b", "prod")),
+        );
+        assert!(file.accepts("host-token", &host) && file.accepts("host-token", &other));
+        assert!(file.accepts("vc-token", &dev));
+        assert!(!file.accepts("vc-token", &other), "a vcluster's token reported for another vcluster");
+        assert!(!file.accepts("vc-token", &host));
+        assert!(!file.accepts("nope", &host));
+        for (bad, says) in [
+            ("t /audit/vcluster/a", "line 1: \"/audit/vcluster/a\" is not"),
+            ("ok\nt /x /y", "line 2: expected a token"),
+        ] {
+            let e = parse_tokens(bad).err().unwrap();
+            assert!(e.starts_with(says), "{e}");
         }
     }
 
