@@ -1187,3 +1187,35 @@ spec:
     assert_eq!(replicas(c, "deployment", "worker", &ns), "2");
     assert_eq!(annotation(c, "scaledobject", "worker", Some(&ns), "autoscaling.keda.sh/paused-replicas"), "");
 }
+
+/// A SleepPolicy's status counts each target it governs once, also after
+/// the policy turns invalid under a target it governed while valid.
+#[test]
+fn a_policy_that_turns_invalid_counts_its_targets_once() {
+    let c = Cluster::shared();
+    let id = test_id("turns");
+    install_crd(c);
+    let ns = c.namespace("turns", &[("dormant-test", &id), ("turns-policy", &id)]).unwrap();
+    let policy = format!("{id}-p");
+    let apply = |sleep: &str| {
+        c.kubectl_apply(
+            &c.admin,
+            &format!("apiVersion: dormant.dev/v1alpha1\nkind: SleepPolicy\nmetadata: {{name: {policy}}}\nspec:\n  priority: 100\n  selector: {{namespaceSelector: {{matchLabels: {{turns-policy: {id}}}}}}}\n  sleepAfter: 1h\n  schedules: [{{sleep: \"{sleep}\"}}]\n"),
+        )
+        .unwrap();
+    };
+    apply("0 19 * * *");
+    let _agent = Agent::start(c, &id, &format!("{id}-system"), "turns-1", &[]);
+    let status = |path: &str| jsonpath(c, "sleeppolicy", &policy, None, path);
+    wait_until("the policy to govern its namespace", Duration::from_secs(30), || {
+        status("{.status.targets}") == "1"
+    });
+    apply("0 25 * * *");
+    wait_until("the policy's Valid condition to turn False", Duration::from_secs(30), || {
+        status("{.status.conditions[?(@.type==\"Valid\")].status}") == "False"
+    });
+    wait_until("the failed target in the status", Duration::from_secs(30), || {
+        status("{.status.failedTargets[*].target}") == format!("namespace/{ns}")
+    });
+    assert_eq!(status("{.status.targets}"), "1", "counted twice");
+}

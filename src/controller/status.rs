@@ -58,7 +58,10 @@ async fn update_policy_status(ctx: &Context, summaries: &HashMap<crate::target::
             *governed.entry(p.as_str()).or_default() += 1;
         }
         if let Some((Some(p), message)) = &s.invalid {
-            *governed.entry(p.as_str()).or_default() += 1;
+            // Once: a target that was valid under `p` keeps it as its policy.
+            if s.policy.as_deref() != Some(p.as_str()) {
+                *governed.entry(p.as_str()).or_default() += 1;
+            }
             let list = failed.entry(p.as_str()).or_default();
             if list.len() < 20 {
                 list.push(FailedTarget { target: t.to_string(), reason: message.clone() });
