@@ -765,3 +765,40 @@ async fn two_replicas_flushing_counts_for_one_target_lose_none() {
     let sources = annotation(c, "namespace", &ns, None, "dormant.dev/activity-sources");
     assert!(sources.contains(r#""alice (kubectl)":7"#), "3 + 4 counted: {sources}");
 }
+
+/// A request sent through dormant's proxy with `X-Dormant-Ignore: true`
+/// reaches the vcluster's API server with a mark in its user agent; when
+/// that server reports it through the webhook, it counts for nothing there
+/// either. (The proxy's side is a unit test of the forwarded headers.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_marked_ignored_by_the_proxy_counts_for_nothing_when_audited() {
+    let e = env();
+    let c = &e.cluster;
+    let [ns] = tokio::task::spawn_blocking(|| idle_targets(&env().cluster, ["marked"])).await.unwrap();
+    let bearer = format!("Bearer {}", e.receiver.token);
+    let headers = [("content-type", "application/json"), ("authorization", bearer.as_str())];
+    let rule = "dormant_activity_total{source=\"audit\",outcome=\"ignored\",rule=\"builtin-user-agent\"}";
+    let before = metric(&e.agent, rule);
+    let marked = batch(&ns, "dashboard")
+        .replace("\"curl/8\"", &format!("\"curl/8 {}\"", dormant::proxy::IGNORED_USER_AGENT_MARK));
+    let (status, text) =
+        post(e.receiver.port, "/audit/host", &headers, marked.into_bytes(), None, "POST").await.unwrap();
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(metric(&e.agent, rule), before + 1.0);
+    // The same request unmarked counts (and is flushed within a second).
+    let (status, text) =
+        post(e.receiver.port, "/audit/host", &headers, batch(&ns, "someone").into_bytes(), None, "POST")
+            .await
+            .unwrap();
+    assert_eq!(status, 200, "{text}");
+    let ns2 = ns.clone();
+    tokio::task::spawn_blocking(move || {
+        wait_until("the unmarked request to be recorded", Duration::from_secs(15), || {
+            last_activity_by(&env().cluster, &ns2).starts_with("someone list pods (audit)")
+        })
+    })
+    .await
+    .unwrap();
+    let sources = quiet_annotation(c, "namespace", &ns, None, "dormant.dev/activity-sources");
+    assert!(sources.contains("someone") && !sources.contains("dashboard"), "{sources}");
+}

@@ -171,6 +171,11 @@ pub fn own_service_account(user: &str, namespace: &str, in_vcluster: bool) -> bo
     }
 }
 
+/// The mark dormant's proxy appends to the user agent of a request sent
+/// with `X-Dormant-Ignore: true`, so that the vcluster's API server's
+/// audit report of it counts for nothing too (a built-in rule).
+pub const IGNORED_USER_AGENT_MARK: &str = "(dormant-ignore)";
+
 impl IgnoreRules {
     /// The rules every target gets, so that the cluster's own machinery
     /// never keeps a target awake: dormant itself, the control plane's
@@ -201,7 +206,7 @@ impl IgnoreRules {
         IgnoreRules {
             users,
             groups: vec!["system:nodes".into()],
-            user_agents: vec!["dormant/*".into()],
+            user_agents: vec!["dormant/*".into(), format!("*{IGNORED_USER_AGENT_MARK}")],
             verbs: vec![],
             resources: [
                 "leases.coordination.k8s.io",

@@ -60,6 +60,8 @@ use upstream::{Busy, Kept, ProxyBody, Upstreams};
 /// The header that opts a request out of counting as activity.
 pub const IGNORE_HEADER: &str = "x-dormant-ignore";
 
+pub use crate::policy::ignore::IGNORED_USER_AGENT_MARK;
+
 /// Why the proxy answers instead of the upstream.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ProxyError {
@@ -976,7 +978,20 @@ fn forwardable(h: &HeaderMap, upgrade: bool) -> HeaderMap {
         out.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
     }
     out.remove(header::HOST);
-    out.remove(IGNORE_HEADER);
+    if let Some(v) = out.remove(IGNORE_HEADER)
+        && v.to_str().is_ok_and(|v| v.eq_ignore_ascii_case("true"))
+    {
+        // The vcluster's API server may report this request through the
+        // audit webhook too: the mark in its user agent tells dormant it
+        // does not count there either.
+        let ua = match out.get(header::USER_AGENT).map(HeaderValue::as_bytes) {
+            Some(ua) => [ua, b" ", IGNORED_USER_AGENT_MARK.as_bytes()].concat(),
+            None => IGNORED_USER_AGENT_MARK.as_bytes().to_vec(),
+        };
+        if let Ok(ua) = HeaderValue::from_bytes(&ua) {
+            out.insert(header::USER_AGENT, ua);
+        }
+    }
     out
 }
 
@@ -1132,8 +1147,17 @@ mod tests {
         h.insert(IGNORE_HEADER, HeaderValue::from_static("true"));
         h.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
         let out = forwardable(&h, false);
-        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(out.len(), 2, "{out:?}");
         assert!(out.contains_key(header::ACCEPT));
+        // The opt-out goes on as a mark in the user agent.
+        assert_eq!(out.get(header::USER_AGENT).unwrap(), IGNORED_USER_AGENT_MARK);
+        h.insert(header::USER_AGENT, HeaderValue::from_static("kubectl/v1.37.2 (linux/amd64)"));
+        let out = forwardable(&h, false);
+        assert_eq!(out.get(header::USER_AGENT).unwrap(), "kubectl/v1.37.2 (linux/amd64) (dormant-ignore)");
+        h.insert(IGNORE_HEADER, HeaderValue::from_static("false"));
+        let out = forwardable(&h, false);
+        assert_eq!(out.get(header::USER_AGENT).unwrap(), "kubectl/v1.37.2 (linux/amd64)");
+        assert!(!out.contains_key(IGNORE_HEADER));
 
         let mut h = HeaderMap::new();
         h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
