@@ -503,8 +503,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let settings = args
         .validate()
         .map_err(|errors| anyhow::anyhow!("invalid configuration:\n  {}", errors.join("\n  ")))?;
+    let shutdown = shutdown_signal();
     let client = client().await?;
-    run_with(settings, client, shutdown_signal()).await
+    run_with(settings, client, shutdown).await
 }
 
 /// Runs the agent with `client` until `shutdown` completes.
@@ -606,63 +607,88 @@ pub async fn run_with(
         },
     ));
 
-    let lease_secs = settings.lease_duration.as_secs().max(2);
-    let manager = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), &settings.lease_name)
-        .with_namespace(&settings.namespace)
-        .with_identity(&settings.identity)
-        .with_duration(lease_secs)
-        .with_grace((lease_secs / 3).max(1))
-        .build()
-        .await
-        .with_context(|| format!("failed to set up leader election in namespace {}", settings.namespace))?;
-    let (leader, lease_task) = manager.watch().await;
-
     let listener = crate::admin::bind(settings.admin_addr)
         .await
         .with_context(|| format!("failed to listen on {}", settings.admin_addr))?;
     tracing::info!(addr = %listener.local_addr()?, "admin port listening");
-
-    let config = Config {
-        defaults: settings.defaults.clone(),
-        scope: settings.scope.clone(),
-        dry_run: settings.dry_run,
-        concurrency: settings.concurrency,
-        reconcile_timeout: settings.reconcile_timeout,
-        identity: settings.identity.clone(),
-    };
-    let ctx = Context::new(stores.clone(), scaler, ledger, metrics.clone(), config, leader);
-    let status_ctx = Arc::downgrade(&ctx);
+    // The controller's context exists once this replica may lead: `/status`
+    // reads it when there is one.
+    let status_ctx: Arc<std::sync::OnceLock<std::sync::Weak<Context>>> = Arc::default();
     let admin = Arc::new(Admin {
-        metrics,
+        metrics: metrics.clone(),
         ready: ready.clone(),
-        status: Box::new(move || match status_ctx.upgrade() {
-            Some(ctx) => status_json(&ctx),
-            None => serde_json::Value::Null,
+        status: Box::new({
+            let status_ctx = status_ctx.clone();
+            move || match status_ctx.get().and_then(std::sync::Weak::upgrade) {
+                Some(ctx) => status_json(&ctx),
+                None => serde_json::Value::Null,
+            }
         }),
     });
     let admin_task = tokio::spawn(admin.serve(listener));
 
-    stores.wait_ready().await.context("the caches never synced")?;
-    ready.store(true, Ordering::Release);
-    tracing::info!(identity = %settings.identity, "caches synced; agent ready");
-
-    let controller = tokio::spawn(controller::run(ctx, change_rx));
-    let sweeper = tokio::spawn({
-        let stores = stores.clone();
-        async move {
-            let mut tick = tokio::time::interval(SWEEP_EVERY);
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                observer.sweep(|t| stores.object(t).is_some());
-            }
+    // Leader election starts only once the caches have synced: a replica
+    // whose caches never sync (a kind its RBAC does not allow, say) must
+    // not win the Lease and hold it with no controller running.
+    let mut shutdown = std::pin::pin!(shutdown);
+    let synced = tokio::select! {
+        r = stores.wait_ready() => {
+            r.context("the caches never synced")?;
+            true
         }
-    });
-    shutdown.await;
+        () = &mut shutdown => false,
+    };
+    let mut leading = None;
+    if synced {
+        ready.store(true, Ordering::Release);
+        tracing::info!(identity = %settings.identity, "caches synced; agent ready");
+        let lease_secs = settings.lease_duration.as_secs().max(2);
+        let manager = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), &settings.lease_name)
+            .with_namespace(&settings.namespace)
+            .with_identity(&settings.identity)
+            .with_duration(lease_secs)
+            .with_grace((lease_secs / 3).max(1))
+            .build()
+            .await
+            .with_context(|| {
+                format!("failed to set up leader election in namespace {}", settings.namespace)
+            })?;
+        let (leader, lease_task) = manager.watch().await;
+        let config = Config {
+            defaults: settings.defaults.clone(),
+            scope: settings.scope.clone(),
+            dry_run: settings.dry_run,
+            concurrency: settings.concurrency,
+            reconcile_timeout: settings.reconcile_timeout,
+            identity: settings.identity.clone(),
+        };
+        let ctx = Context::new(stores.clone(), scaler, ledger, metrics, config, leader);
+        let _ = status_ctx.set(Arc::downgrade(&ctx));
+        let controller = tokio::spawn(controller::run(ctx, change_rx));
+        let sweeper = tokio::spawn({
+            let stores = stores.clone();
+            async move {
+                let mut tick = tokio::time::interval(SWEEP_EVERY);
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    observer.sweep(|t| stores.object(t).is_some());
+                }
+            }
+        });
+        leading = Some((controller, sweeper, lease_task));
+        shutdown.await;
+    }
     tracing::info!("shutting down");
-    sweeper.abort();
-    controller.abort();
-    let _ = controller.await;
+    let lease_task = match leading {
+        Some((controller, sweeper, lease_task)) => {
+            sweeper.abort();
+            controller.abort();
+            let _ = controller.await;
+            Some(lease_task)
+        }
+        None => None,
+    };
     admin_task.abort();
     for s in servers {
         s.abort();
@@ -681,7 +707,9 @@ pub async fn run_with(
     fan_out.abort();
     drop(change_tx);
     // The controller held the last Lease receiver; dropping it releases the Lease.
-    let _ = tokio::time::timeout(Duration::from_secs(5), lease_task).await;
+    if let Some(lease_task) = lease_task {
+        let _ = tokio::time::timeout(Duration::from_secs(5), lease_task).await;
+    }
     Ok(())
 }
 
@@ -724,18 +752,26 @@ fn status_json(ctx: &Context) -> serde_json::Value {
     serde_json::json!({ "leader": ctx.is_leader(), "targets": rows })
 }
 
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+/// SIGTERM or SIGINT. The handlers are installed here, at once, not when
+/// the future is first polled: a SIGTERM while the agent starts (caches
+/// syncing) must stop it cleanly too, not kill it with the default action.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).ok();
+    let mut int = signal(SignalKind::interrupt()).ok();
+    async move {
+        let wait = |s: Option<tokio::signal::unix::Signal>| async move {
+            match s {
+                Some(mut s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending::<()>().await,
             }
-            Err(_) => std::future::pending::<()>().await,
+        };
+        tokio::select! {
+            () = wait(term.take()) => {}
+            () = wait(int.take()) => {}
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
     }
 }
 

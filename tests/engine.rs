@@ -1219,3 +1219,72 @@ fn a_policy_that_turns_invalid_counts_its_targets_once() {
     });
     assert_eq!(status("{.status.targets}"), "1", "counted twice");
 }
+
+/// A replica whose caches cannot sync (here its RBAC does not let it list
+/// pods) stays unready and never takes part in leader election: it must
+/// not win the Lease and hold it with no controller running. A SIGTERM
+/// while it waits stops it cleanly.
+#[test]
+fn a_replica_whose_caches_never_sync_never_takes_the_lease() {
+    let c = Cluster::shared();
+    let id = test_id("unsynced");
+    install_crd(c);
+    let lease_ns = format!("{id}-system");
+    ensure_namespace(c, &lease_ns);
+    let user = c.user(&format!("{id}-agent"), &[]).unwrap();
+    c.kubectl_apply(
+        &c.admin,
+        &format!(
+            r#"apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {{name: {id}}}
+rules:
+- {{apiGroups: [apps, batch, coordination.k8s.io, dormant.dev, events.k8s.io, authentication.k8s.io], resources: ["*"], verbs: ["*"]}}
+- {{apiGroups: [""], resources: [namespaces, secrets, events], verbs: ["*"]}}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {{name: {id}}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: {id}}}
+subjects: [{{kind: User, name: {id}-agent}}]
+"#
+        ),
+    )
+    .unwrap();
+    let admin_port = testbed::process::free_port().unwrap();
+    let args: Vec<String> = vec![
+        "agent".into(),
+        format!("--namespace={lease_ns}"),
+        format!("--admin-addr=127.0.0.1:{admin_port}"),
+        format!("--namespace-selector=dormant-test={id}"),
+        "--identity=unsynced-1".into(),
+        "--lease-duration=3s".into(),
+    ];
+    let env = vec![
+        ("KUBECONFIG".to_string(), user.kubeconfig.display().to_string()),
+        ("RUST_LOG".to_string(), "info".to_string()),
+    ];
+    let mut agent =
+        testbed::spawner::spawn_with_env("dormant-unsynced", &dormant_bin(), &args, &env, &c.dir).unwrap();
+    wait_until("the pods watch to be refused", Duration::from_secs(30), || {
+        std::fs::read_to_string(&agent.log).unwrap_or_default().contains("watch error")
+    });
+    // Leader election used to start with the reflectors: by now the Lease
+    // would exist, held by this replica.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!testbed::process::http_ok(admin_port, "/readyz"), "ready without synced caches");
+    let leases = kubectl(c, &["get", "leases", "-n", &lease_ns, "-o", "name"]);
+    assert_eq!(leases.trim(), "", "a replica with unsynced caches took part in leader election");
+
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &agent.pid().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    wait_until("the agent to stop", Duration::from_secs(15), || agent.exited().is_some());
+    let status = agent.exited().unwrap();
+    let log = std::fs::read_to_string(&agent.log).unwrap_or_default();
+    assert!(status.success() && log.contains("shutting down"), "{status:?}\n{log}");
+}
