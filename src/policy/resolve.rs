@@ -121,7 +121,10 @@ impl EffectivePolicy {
 pub struct Candidate {
     pub name: String,
     pub priority: i32,
-    /// `None` when the selector itself is invalid (then it matches nothing).
+    /// `None` when the selector itself is invalid: then it matches every
+    /// target of its kinds, so that where it may have won, the target is
+    /// left alone with the policy's error instead of falling to a policy of
+    /// lower priority (a typo must not put production to sleep).
     pub selector: Option<Selector>,
     pub kinds: Vec<TargetKind>,
     pub parsed: Result<Policy, Vec<FieldError>>,
@@ -129,7 +132,7 @@ pub struct Candidate {
 
 impl Candidate {
     pub fn matches(&self, kind: TargetKind, namespace_labels: &BTreeMap<String, String>) -> bool {
-        self.kinds.contains(&kind) && self.selector.as_ref().is_some_and(|s| s.matches(namespace_labels))
+        self.kinds.contains(&kind) && self.selector.as_ref().is_none_or(|s| s.matches(namespace_labels))
     }
 }
 

@@ -230,3 +230,31 @@ fn every_bad_policy_field_is_named() {
         assert!(errors.iter().any(|e| e.field == field && e.message.contains(needle)), "{spec}: {errors:?}");
     }
 }
+
+#[test]
+fn an_unreadable_selector_holds_every_target_it_may_have_selected() {
+    // `in` (not `In`): the API server stores it, only dormant can tell.
+    let broken = policy(
+        "production-never",
+        "  priority: 1000\n  sleepAfter: never\n  selector: {namespaceSelector: {matchExpressions: [{key: env, operator: in, values: [prod]}]}}\n",
+    );
+    let catch_all = policy("default", "  sleepAfter: 2h\n");
+    let above = policy(
+        "pinned",
+        "  priority: 2000\n  sleepAfter: 10m\n  selector: {namespaceSelector: {matchLabels: {pinned: \"yes\"}}}\n",
+    );
+    let all = [broken, catch_all, above];
+    let d = Defaults::default();
+    let none = TargetAnnotations::default();
+    for env in ["prod", "dev"] {
+        let err = resolve(TargetKind::Namespace, &labels(&[("env", env)]), &none, &all, &d).unwrap_err();
+        assert!(
+            matches!(&err, ResolveError::PolicyInvalid { name, .. } if name == "production-never"),
+            "{env}: {err}"
+        );
+    }
+    // A valid policy of higher priority still wins where it matches.
+    let p = resolve(TargetKind::Namespace, &labels(&[("env", "prod"), ("pinned", "yes")]), &none, &all, &d)
+        .unwrap();
+    assert_eq!(p.policy.as_deref(), Some("pinned"));
+}
