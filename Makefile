@@ -1,6 +1,6 @@
 .PHONY: test demo testbed lint crd
 
-# dormant's main job on a local testbed: two vclusters and a namespace fall
+# dormant's main job on a local testbed: three vclusters and a namespace fall
 # asleep and wake (by CLI, by schedule, by use) in a live status table.
 demo: testbed
 	cargo run --example demo
@@ -19,4 +19,5 @@ lint:
 
 # Regenerates the CRD from the Rust types (a test fails when it drifts).
 crd:
-	cargo run -q -- crd > charts/dormant/crds/sleeppolicies.dormant.dev.yaml
+	cargo run -q -- crd > charts/dormant/crds/sleeppolicies.dormant.dev.yaml.tmp
+	mv charts/dormant/crds/sleeppolicies.dormant.dev.yaml.tmp charts/dormant/crds/sleeppolicies.dormant.dev.yaml

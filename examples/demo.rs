@@ -1,7 +1,7 @@
 //! `make demo`: dormant's main job on a local testbed.
 //!
 //! Starts a real control plane (etcd, kube-apiserver, controller-manager,
-//! scheduler, kwok), creates two vclusters (each with its own real API
+//! scheduler, kwok), creates three vclusters (each with its own real API
 //! server) and a namespace with workloads, runs the agent with short idle
 //! times, and shows a refreshing status table while targets fall asleep and
 //! wake — by `dormant wake`, by a wake schedule, and by use: kubectl run

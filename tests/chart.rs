@@ -89,6 +89,12 @@ fn the_chart_lints_and_renders_with_defaults_and_with_every_option_on() {
         assert!(kinds(&everything).iter().any(|x| x == k), "{k} missing with every option on");
     }
     assert!(everything.contains("--dry-run") && everything.contains("--proxy-base-domain=vc.example.com"));
+    // Prometheus keeps the targets' own namespace label (not the agent's).
+    assert!(everything.contains("honorLabels: true"), "{everything}");
+    // Host-name routing (<name>.<namespace>.<base>): one wildcard per
+    // namespace, as a wildcard covers one label only.
+    assert!(everything.contains("*.team-a.vc.example.com") && everything.contains("*.team-b.vc.example.com"));
+    assert!(!everything.contains("\"*.vc.example.com\""), "a wildcard that matches no routed name");
     // The real API server accepts what the defaults render.
     let file = c.dir.join("rendered-defaults.yaml");
     std::fs::write(&file, &defaults).unwrap();
@@ -101,6 +107,12 @@ fn the_chart_lints_and_renders_with_defaults_and_with_every_option_on() {
         &["template", "d", chart.to_str().unwrap(), "--kube-version", "1.37.2", "--set", "agent.qps=0"],
     );
     assert!(!ok && out.contains("/agent/qps"), "{out}");
+    // As a parent chart's dependency it gets `global` values.
+    let (ok, out) = helm(
+        c,
+        &["template", "d", chart.to_str().unwrap(), "--kube-version", "1.37.2", "--set", "global.region=eu"],
+    );
+    assert!(ok, "{out}");
 }
 
 #[test]
@@ -175,6 +187,7 @@ fn helm_install_creates_everything_and_the_chart_rbac_is_exactly_enough() {
     }
     for (verb, what) in [
         ("patch", "scaledobjects.keda.sh"),
+        ("get", "scaledobjects.keda.sh"),
         ("patch", "scaledjobs.keda.sh"),
         ("patch", "deployments.apps"),
         ("patch", "statefulsets.apps"),

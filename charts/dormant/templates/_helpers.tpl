@@ -45,7 +45,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- $ns := .Release.Namespace -}}
 {{- $names := list (printf "%s-proxy" $fn) (printf "%s-proxy.%s" $fn $ns) (printf "%s-proxy.%s.svc" $fn $ns) (printf "%s-audit" $fn) (printf "%s-audit.%s" $fn $ns) (printf "%s-audit.%s.svc" $fn $ns) -}}
 {{- if .Values.proxy.baseDomain -}}
-{{- $names = append $names (printf "*.%s" .Values.proxy.baseDomain) -}}
+{{- range .Values.proxy.hostNamespaces -}}
+{{- $names = append $names (printf "*.%s.%s" . $.Values.proxy.baseDomain) -}}
+{{- end -}}
 {{- end -}}
 {{- concat $names .Values.tls.extraDnsNames | toJson -}}
 {{- end -}}
