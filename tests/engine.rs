@@ -1288,3 +1288,50 @@ subjects: [{{kind: User, name: {id}-agent}}]
     let log = std::fs::read_to_string(&agent.log).unwrap_or_default();
     assert!(status.success() && log.contains("shutting down"), "{status:?}\n{log}");
 }
+
+/// A vcluster that deploys its own etcd (`backingStore.etcd.deploy`: a
+/// StatefulSet `app=vcluster-etcd`, `release=<name>`): the etcd sleeps and
+/// wakes with its vcluster, and never with the namespace around it (which
+/// would stop the store under an awake vcluster).
+#[test]
+fn a_vclusters_deployed_etcd_sleeps_and_wakes_with_it_not_with_its_namespace() {
+    let c = Cluster::shared();
+    let id = test_id("vc-etcd");
+    let ns = c.namespace("vc-etcd", &[("dormant-test", &id)]).unwrap();
+    let sts = |name: &str, app: &str, replicas: u32| {
+        format!(
+            "apiVersion: apps/v1\nkind: StatefulSet\nmetadata: {{name: {name}, namespace: {ns}, labels: {{app: {app}, release: vc}}}}\nspec:\n  replicas: {replicas}\n  serviceName: {name}\n  selector: {{matchLabels: {{app: {app}, release: vc}}}}\n  template:\n    metadata: {{labels: {{app: {app}, release: vc}}}}\n    spec: {{containers: [{{name: c, image: nginx:1.27}}]}}\n---\n"
+        )
+    };
+    c.kubectl_apply(
+        &c.admin,
+        &format!(
+            "{}{}apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: web, namespace: {ns}}}\nspec:\n  replicas: 2\n  selector: {{matchLabels: {{app: web}}}}\n  template:\n    metadata: {{labels: {{app: web}}}}\n    spec: {{containers: [{{name: c, image: nginx:1.27}}]}}\n",
+            sts("vc", "vcluster", 1),
+            sts("vc-etcd", "vcluster-etcd", 3),
+        ),
+    )
+    .unwrap();
+    kubectl(c, &["annotate", "namespace", &ns, "dormant.dev/sleep-after=1h"]);
+    kubectl(c, &["annotate", "statefulset", "vc", "-n", &ns, "dormant.dev/sleep-after=1h"]);
+    let _agent = Agent::start(c, &id, &format!("{id}-system"), "vc-etcd-1", &[]);
+
+    let out = dormant(c, &["sleep", &format!("namespace/{ns}"), "--wait=60s"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(replicas(c, "deployment", "web", &ns), "0");
+    assert_eq!(replicas(c, "statefulset", "vc-etcd", &ns), "3", "the namespace stopped the vcluster's store");
+    assert_eq!(replicas(c, "statefulset", "vc", &ns), "1");
+
+    let vc = format!("vcluster/{ns}/vc");
+    let out = dormant(c, &["sleep", &vc, "--wait=60s"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(replicas(c, "statefulset", "vc", &ns), "0");
+    assert_eq!(replicas(c, "statefulset", "vc-etcd", &ns), "0", "the vcluster's store kept running");
+    assert_eq!(annotation(c, "statefulset", "vc-etcd", Some(&ns), "dormant.dev/replicas-before-sleep"), "3");
+
+    let out = dormant(c, &["wake", &vc, "--wait=60s"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(replicas(c, "statefulset", "vc", &ns), "1");
+    assert_eq!(replicas(c, "statefulset", "vc-etcd", &ns), "3");
+    assert_eq!(annotation(c, "statefulset", "vc-etcd", Some(&ns), "dormant.dev/replicas-before-sleep"), "");
+}

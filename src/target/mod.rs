@@ -26,6 +26,10 @@ pub use workload::{WorkloadKind, WorkloadView};
 
 /// Label of a vcluster's control plane (as the vcluster chart sets it).
 pub const VCLUSTER_APP_LABEL: (&str, &str) = ("app", "vcluster");
+/// `app` of the etcd a vcluster deploys for its store
+/// (`controlPlane.backingStore.etcd.deploy`), a StatefulSet whose `release`
+/// label names the vcluster. It belongs to the vcluster target.
+pub const VCLUSTER_ETCD_APP: &str = "vcluster-etcd";
 /// Label on the host pods a vcluster synced.
 pub const MANAGED_BY_LABEL: &str = "vcluster.loft.sh/managed-by";
 
@@ -167,6 +171,15 @@ pub fn to_chrono(t: &k8s_openapi::jiff::Timestamp) -> Option<DateTime<Utc>> {
 
 pub fn is_vcluster_control_plane(labels: &BTreeMap<String, String>) -> bool {
     labels.get(VCLUSTER_APP_LABEL.0).map(String::as_str) == Some(VCLUSTER_APP_LABEL.1)
+}
+
+/// The vcluster whose deployed etcd a workload with these labels is.
+pub fn vcluster_etcd_of(labels: &BTreeMap<String, String>) -> Option<&str> {
+    if labels.get(VCLUSTER_APP_LABEL.0).map(String::as_str) == Some(VCLUSTER_ETCD_APP) {
+        labels.get("release").map(String::as_str).filter(|r| !r.is_empty())
+    } else {
+        None
+    }
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use super::workload::AsWorkload;
 use super::{
     MANAGED_BY_LABEL, Scope, Target, TargetKind, TargetObject, TargetRef, WorkloadView,
-    is_vcluster_control_plane,
+    is_vcluster_control_plane, vcluster_etcd_of,
 };
 use crate::policy::annotations::PREFIX;
 use crate::policy::{Candidate, SleepPolicy};
@@ -125,6 +125,8 @@ fn ns_of<K: ResourceExt>(o: &K) -> String {
 fn workload_change<K: ResourceExt>(o: &K) -> Change {
     if is_vcluster_control_plane(o.labels()) {
         Change::Target(TargetRef::vcluster(&ns_of(o), &o.name_any()))
+    } else if let Some(vc) = vcluster_etcd_of(o.labels()) {
+        Change::Target(TargetRef::vcluster(&ns_of(o), vc))
     } else {
         Change::Target(TargetRef::namespace(&ns_of(o)))
     }
@@ -324,15 +326,29 @@ impl Stores {
             })
     }
 
-    /// The workloads a target scales: a vcluster's control plane, or the
-    /// other workloads of a namespace (not vcluster control planes, not
-    /// objects a controller owns, finished Jobs included for completeness).
+    /// The workloads a target scales: a vcluster's control plane (first)
+    /// and the etcd it deployed, if any; or the other workloads of a
+    /// namespace (not vclusters' control planes or etcds, not objects a
+    /// controller owns, finished Jobs included for completeness).
     pub fn workloads(&self, t: &Target) -> Vec<WorkloadView> {
-        match &t.object {
-            TargetObject::Namespace(_) => self.namespace_workloads(&t.r.namespace),
-            TargetObject::StatefulSet(s) => vec![s.view()],
-            TargetObject::Deployment(d) => vec![d.view()],
-        }
+        let control_plane = match &t.object {
+            TargetObject::Namespace(_) => return self.namespace_workloads(&t.r.namespace),
+            TargetObject::StatefulSet(s) => s.view(),
+            TargetObject::Deployment(d) => d.view(),
+        };
+        let mut out = vec![control_plane];
+        let mut etcd: Vec<WorkloadView> = self
+            .statefulsets
+            .state_filter(|s| {
+                s.namespace().as_deref() == Some(t.r.namespace.as_str())
+                    && vcluster_etcd_of(s.labels()) == Some(t.r.name.as_str())
+            })
+            .iter()
+            .map(|s| s.view())
+            .collect();
+        etcd.sort_by(|a, b| a.name.cmp(&b.name));
+        out.extend(etcd);
+        out
     }
 
     fn namespace_workloads(&self, ns: &str) -> Vec<WorkloadView> {
@@ -342,7 +358,7 @@ impl Stores {
             out: &mut Vec<WorkloadView>,
         ) {
             for o in store.state_filter(|o| o.namespace().as_deref() == Some(ns)) {
-                if is_vcluster_control_plane(o.labels()) {
+                if is_vcluster_control_plane(o.labels()) || vcluster_etcd_of(o.labels()).is_some() {
                     continue;
                 }
                 let v = o.view();
