@@ -21,8 +21,7 @@ use crate::admin::Admin;
 use crate::controller::{self, Config, Context};
 use crate::metrics::Metrics;
 use crate::policy::annotations::{
-    ACTIVITY_SOURCES, LAST_ACTIVITY, LAST_ACTIVITY_BY, TargetAnnotations, format_sources, rfc3339,
-    top_sources,
+    ACTIVITY_SOURCES, LAST_ACTIVITY, LAST_ACTIVITY_BY, format_sources, parse_sources, rfc3339, top_sources,
 };
 use crate::policy::duration::{self, SleepAfter};
 use crate::policy::ignore::IgnoreRules;
@@ -472,8 +471,14 @@ fn activity_changes(
     activity: &Activity,
     sources: &SourceCounts,
 ) -> std::collections::BTreeMap<&'static str, Option<String>> {
-    let current = TargetAnnotations::parse(current).ok();
-    let last = current.as_ref().and_then(|a| a.last_activity);
+    // Only the two values this write builds on, each on its own: a typo in
+    // any other annotation of the target must not make them unreadable
+    // (last-activity would move back, the counts start again).
+    let last = current
+        .get(LAST_ACTIVITY)
+        .and_then(|v| chrono::DateTime::parse_from_rfc3339(v.trim()).ok())
+        .map(|t| t.with_timezone(&chrono::Utc));
+    let recorded = current.get(ACTIVITY_SOURCES).map(|v| parse_sources(v)).unwrap_or_default();
     let mut changes = std::collections::BTreeMap::new();
     if last.is_none_or(|c| c < activity.at) {
         changes.insert(LAST_ACTIVITY, Some(rfc3339(activity.at)));
@@ -483,13 +488,8 @@ fn activity_changes(
         // Midnights crossed: the same halvings however often it is flushed.
         let halvings =
             last.map_or(0, |c| (activity.at.date_naive() - c.date_naive()).num_days().clamp(0, 63));
-        let mut counts: std::collections::HashMap<String, u64> = current
-            .map(|a| a.activity_sources)
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(who, n)| (who, n >> halvings))
-            .filter(|(_, n)| *n > 0)
-            .collect();
+        let mut counts: std::collections::HashMap<String, u64> =
+            recorded.into_iter().map(|(who, n)| (who, n >> halvings)).filter(|(_, n)| *n > 0).collect();
         for (who, n) in sources {
             *counts.entry(who.clone()).or_default() += n;
         }
@@ -853,6 +853,20 @@ mod tests {
             serde_json::json!({"alice (kubectl)": 30, "bob (ci)": 5})
         );
         assert_eq!(current[LAST_ACTIVITY], rfc3339("2026-11-25T10:30:00Z".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_typo_in_another_annotation_changes_nothing_here() {
+        let mut current = annotations("2026-11-26T08:00:00Z", r#"{"bob (ci)": 8}"#);
+        current.insert("dormant.dev/sleep-afer".into(), "1h".into());
+        assert!(crate::policy::annotations::TargetAnnotations::parse(&current).is_err());
+        let counts = SourceCounts::from([("alice (kubectl)".to_string(), 2)]);
+        let changes = activity_changes(&current, &alice_at("2026-11-26T07:00:00Z"), &counts);
+        assert!(!changes.contains_key(LAST_ACTIVITY), "moved last-activity back: {changes:?}");
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(changes[ACTIVITY_SOURCES].as_deref().unwrap()).unwrap(),
+            serde_json::json!({"alice (kubectl)": 2, "bob (ci)": 8})
+        );
     }
 
     #[test]
