@@ -311,7 +311,11 @@ impl TargetAnnotations {
                     parse_requests(v).ok_or_else(|| err(key, v, "expected cpu=<cores>,memory=<bytes>"))?,
                 )
             }
-            EXCLUDE | REPLICAS_BEFORE_SLEEP | SUSPEND_BEFORE_SLEEP | KEDA_PAUSED_BEFORE_SLEEP => {
+            EXCLUDE
+            | REPLICAS_BEFORE_SLEEP
+            | SUSPEND_BEFORE_SLEEP
+            | KEDA_PAUSED_BEFORE_SLEEP
+            | KEDA_JOB_PAUSED_BEFORE_SLEEP => {
                 // Workload annotations; checked by `WorkloadAnnotations`.
             }
             _ => {

@@ -72,7 +72,8 @@ impl FromStr for Schedule {
             .year(Year::Disallowed)
             .dom_and_dow(false)
             .build()
-            .parse(&text)
+            // Kubernetes CronJobs also read `@midnight` (as `@daily`).
+            .parse(if text == "@midnight" { "@daily" } else { &text })
             .map_err(|e| ScheduleError::Cron { value: text.clone(), reason: e.to_string() })?;
         // "0 0 30 2 *" parses but never fires; say so now rather than never
         // finding a deadline. Eight years cover every leap-day schedule.
@@ -126,8 +127,19 @@ mod tests {
 
     #[test]
     fn reads_five_fields_and_aliases() {
-        for ok in ["0 19 * * 1-5", "*/15 8-18 * * MON-FRI", "0 0 1 * *", "30 2 * * 0,7", "@daily", "@hourly"]
-        {
+        for ok in [
+            "0 19 * * 1-5",
+            "*/15 8-18 * * MON-FRI",
+            "0 0 1 * *",
+            "30 2 * * 0,7",
+            "@yearly",
+            "@annually",
+            "@monthly",
+            "@weekly",
+            "@daily",
+            "@midnight",
+            "@hourly",
+        ] {
             ok.parse::<Schedule>().unwrap_or_else(|e| panic!("{ok}: {e}"));
         }
     }
