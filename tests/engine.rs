@@ -1335,3 +1335,69 @@ fn a_vclusters_deployed_etcd_sleeps_and_wakes_with_it_not_with_its_namespace() {
     assert_eq!(replicas(c, "statefulset", "vc-etcd", &ns), "3");
     assert_eq!(annotation(c, "statefulset", "vc-etcd", Some(&ns), "dormant.dev/replicas-before-sleep"), "");
 }
+
+/// Only a SleepPolicy's spec (or its coming and going) makes every target
+/// be looked at again, not its status, which dormant itself writes.
+#[test]
+fn a_policys_status_changing_reconciles_nothing() {
+    let c = Cluster::shared();
+    let id = test_id("status-only");
+    install_crd(c);
+    let mut namespaces = Vec::new();
+    for _ in 0..3 {
+        namespaces.push(c.namespace("status-only", &[("dormant-test", &id), ("status-only", &id)]).unwrap());
+    }
+    let policy = format!("{id}-p");
+    c.kubectl_apply(
+        &c.admin,
+        &format!("apiVersion: dormant.dev/v1alpha1\nkind: SleepPolicy\nmetadata: {{name: {policy}}}\nspec:\n  selector: {{namespaceSelector: {{matchLabels: {{status-only: {id}}}}}}}\n  sleepAfter: 1h\n"),
+    )
+    .unwrap();
+    let agent = Agent::start(c, &id, &format!("{id}-system"), "status-only-1", &[]);
+    let reconciles = || {
+        agent
+            .get("/metrics")
+            .lines()
+            .find(|l| l.starts_with("dormant_reconcile_duration_seconds_count"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    wait_until("the policy's status", Duration::from_secs(30), || {
+        jsonpath(c, "sleeppolicy", &policy, None, "{.status.targets}") == "3"
+    });
+    // Settled: no reconcile for a while.
+    let mut settled = reconciles();
+    wait_until("the agent to settle", Duration::from_secs(30), || {
+        std::thread::sleep(Duration::from_secs(2));
+        let now = reconciles();
+        std::mem::replace(&mut settled, now) == now
+    });
+    let before = reconciles();
+    // Someone (here: the test) writes the status; dormant writes it back.
+    for n in [7, 8] {
+        kubectl(
+            c,
+            &[
+                "patch",
+                "sleeppolicy",
+                &policy,
+                "--subresource=status",
+                "--type=merge",
+                "-p",
+                &format!("{{\"status\":{{\"targets\":{n}}}}}"),
+            ],
+        );
+    }
+    wait_until("dormant to write the status back", Duration::from_secs(30), || {
+        jsonpath(c, "sleeppolicy", &policy, None, "{.status.targets}") == "3"
+    });
+    assert_eq!(reconciles(), before, "status writes reconciled targets");
+    // A spec change does reconcile every target.
+    kubectl(
+        c,
+        &["patch", "sleeppolicy", &policy, "--type=merge", "-p", "{\"spec\":{\"sleepAfter\":\"2h\"}}"],
+    );
+    wait_until("the spec change to reconcile the targets", Duration::from_secs(30), || {
+        reconciles() >= before + 3.0
+    });
+}

@@ -96,7 +96,7 @@ async fn reflect<K>(
     config: watcher::Config,
     writer: Writer<K>,
     tx: mpsc::UnboundedSender<Change>,
-    map: fn(&K) -> Change,
+    mut map: impl FnMut(&K) -> Option<Change> + Send + 'static,
 ) where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
@@ -109,7 +109,9 @@ async fn reflect<K>(
     while let Some(item) = stream.next().await {
         match item {
             Ok(obj) => {
-                if tx.send(map(&obj)).is_err() {
+                if let Some(change) = map(&obj)
+                    && tx.send(change).is_err()
+                {
                     return;
                 }
             }
@@ -122,14 +124,14 @@ fn ns_of<K: ResourceExt>(o: &K) -> String {
     o.namespace().unwrap_or_default()
 }
 
-fn workload_change<K: ResourceExt>(o: &K) -> Change {
-    if is_vcluster_control_plane(o.labels()) {
+fn workload_change<K: ResourceExt>(o: &K) -> Option<Change> {
+    Some(if is_vcluster_control_plane(o.labels()) {
         Change::Target(TargetRef::vcluster(&ns_of(o), &o.name_any()))
     } else if let Some(vc) = vcluster_etcd_of(o.labels()) {
         Change::Target(TargetRef::vcluster(&ns_of(o), vc))
     } else {
         Change::Target(TargetRef::namespace(&ns_of(o)))
-    }
+    })
 }
 
 impl Writers {
@@ -147,7 +149,7 @@ impl Writers {
                 wc(),
                 self.namespaces,
                 tx.clone(),
-                |o: &Namespace| Change::Namespace(o.name_any()),
+                |o: &Namespace| Some(Change::Namespace(o.name_any())),
             )),
             tokio::spawn(reflect(
                 Api::all(client.clone()),
@@ -177,12 +179,30 @@ impl Writers {
                 synced_pods_params(),
                 self.synced_pods,
                 tx.clone(),
-                |p: &Pod| match p.labels().get(MANAGED_BY_LABEL) {
-                    Some(vc) => Change::Target(TargetRef::vcluster(&ns_of(p), vc)),
-                    None => Change::Namespace(ns_of(p)),
+                |p: &Pod| {
+                    Some(match p.labels().get(MANAGED_BY_LABEL) {
+                        Some(vc) => Change::Target(TargetRef::vcluster(&ns_of(p), vc)),
+                        None => Change::Namespace(ns_of(p)),
+                    })
                 },
             )),
-            tokio::spawn(reflect(Api::all(client), wc(), self.policies, tx, |_: &SleepPolicy| Change::All)),
+            tokio::spawn({
+                // Every target is looked at again when a policy's spec
+                // changes, one is added or one goes; not when only its
+                // status does (dormant writes that itself, every few
+                // seconds while targets change).
+                let policies = self.policies.as_reader();
+                let mut last: Vec<(String, Option<i64>)> = Vec::new();
+                reflect(Api::all(client), wc(), self.policies, tx, move |_: &SleepPolicy| {
+                    let mut now: Vec<(String, Option<i64>)> =
+                        policies.state().iter().map(|p| (p.name_any(), p.metadata.generation)).collect();
+                    now.sort();
+                    (now != last).then(|| {
+                        last = now;
+                        Change::All
+                    })
+                })
+            }),
         ]
     }
 
