@@ -790,7 +790,7 @@ struct Stopped(std::process::Child);
 
 impl Drop for Stopped {
     fn drop(&mut self) {
-        let _ = Command::new("kill").arg(self.0.id().to_string()).status();
+        let _ = testbed::process::signal(self.0.id(), libc::SIGTERM);
         let _ = self.0.wait();
     }
 }

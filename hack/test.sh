@@ -22,7 +22,7 @@ if ! cargo +nightly --version >/dev/null 2>&1; then
 fi
 if ! command -v cargo-fuzz >/dev/null 2>&1; then
   echo "[test] installing cargo-fuzz (about 1 minute)"
-  cargo install cargo-fuzz --locked
+  cargo install cargo-fuzz --version 0.13.2 --locked
 fi
 fuzz_secs="${DORMANT_FUZZ_SECONDS:-60}"
 echo "[test] fuzzing the audit decoder for ${fuzz_secs} s"
@@ -32,8 +32,14 @@ cargo +nightly fuzz run audit_decode fuzz/corpus/audit_decode fuzz/seeds/audit_d
 
 # Test binaries never run the destructors of statics; their clusters must
 # die with them (PR_SET_PDEATHSIG). Anything still running is a leak.
+# Read from /proc (no pgrep: a fresh machine may lack procps).
 sleep 1
-if leaked="$(pgrep -af "$testbed_dir" || true)" && [[ -n "$leaked" ]]; then
+leaked=""
+for cmdline in /proc/[0-9]*/cmdline; do
+  line="$(tr '\0' ' ' <"$cmdline" 2>/dev/null || true)"
+  if [[ "$line" == *"$testbed_dir"* ]]; then leaked+="${cmdline%/cmdline}: $line"$'\n'; fi
+done
+if [[ -n "$leaked" ]]; then
   echo "[test] error: testbed processes outlived the tests:" >&2
   echo "$leaked" >&2
   exit 1

@@ -153,12 +153,35 @@ install_keda_crd() {
   done
 }
 
+# kwok's stage files ship in its module; the fixture reads them from here.
+# Copied into a temporary folder and moved in whole, so that a failed copy
+# leaves nothing that looks installed.
+stages_present() { [[ -n "$(ls -A "$dir/kwok-stages" 2>/dev/null)" ]]; }
+
+install_kwok_stages() {
+  if stages_present; then return 0; fi
+  need_go
+  local kwok_src tmp
+  kwok_src="$(go env GOMODCACHE)/sigs.k8s.io/kwok@v${KWOK_VERSION}"
+  if [[ ! -d "$kwok_src" ]]; then (cd "$(mktemp -d)" && GOFLAGS=-mod=mod go mod download -x "sigs.k8s.io/kwok@v${KWOK_VERSION}" >/dev/null 2>&1 || true); fi
+  mkdir -p "$dir"
+  tmp="$(mktemp -d "$dir/.kwok-stages.XXXXXX")"
+  cp -r "$kwok_src/kustomize/stage/." "$tmp/"
+  chmod -R u+w "$tmp"
+  rm -rf "$dir/kwok-stages"
+  mv "$tmp" "$dir/kwok-stages"
+}
+
 install() {
   local todo start
   install_tools
   install_keda_crd
   todo="$(missing)"
-  if [[ -z "$todo" ]]; then log "all testbed binaries present in $dir"; return 0; fi
+  if [[ -z "$todo" ]]; then
+    install_kwok_stages
+    log "all testbed binaries present in $dir"
+    return 0
+  fi
   need_go
   mkdir -p "$dir"
   start=$SECONDS
@@ -168,13 +191,7 @@ install() {
   [[ -x "$dir/etcd" ]] || build_etcd
   [[ -x "$dir/kwok" ]] || go_install kwok sigs.k8s.io/kwok/cmd/kwok "$KWOK_VERSION" "~1.5 min"
   [[ -x "$dir/helm" ]] || go_install helm helm.sh/helm/v3/cmd/helm "$HELM_VERSION" "~1 min"
-  # kwok's stage files ship in its module; the fixture reads them from here.
-  local kwok_src
-  kwok_src="$(go env GOMODCACHE)/sigs.k8s.io/kwok@v${KWOK_VERSION}"
-  if [[ ! -d "$kwok_src" ]]; then (cd "$(mktemp -d)" && GOFLAGS=-mod=mod go mod download -x "sigs.k8s.io/kwok@v${KWOK_VERSION}" >/dev/null 2>&1 || true); fi
-  mkdir -p "$dir/kwok-stages"
-  cp -r "$kwok_src/kustomize/stage/." "$dir/kwok-stages/"
-  chmod -R u+w "$dir/kwok-stages"
+  install_kwok_stages
   log "done in $((SECONDS - start)) s"
   todo="$(missing)"
   if [[ -n "$todo" ]]; then log "error: still missing: $todo"; exit 1; fi
@@ -194,7 +211,7 @@ case "${1:-install}" in
   check)
     todo="$(missing)"
     if [[ -n "$todo" ]]; then log "missing in $dir: $todo (run: hack/testbed.sh install)"; exit 1; fi
-    [[ -d "$dir/kwok-stages" ]] || { log "missing kwok stage files (run: hack/testbed.sh install)"; exit 1; }
+    stages_present || { log "missing kwok stage files (run: hack/testbed.sh install)"; exit 1; }
     ;;
   *) echo "usage: $0 install|dir|check|promtool|keda-crd" >&2; exit 2 ;;
 esac

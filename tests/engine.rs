@@ -426,15 +426,12 @@ fn only_the_leader_acts_and_a_standby_takes_over_within_the_lease() {
         series(&a, "dormant_savings_total").is_some_and(|v| v > 0.0)
     });
     assert_eq!(series(&a, "dormant_target_asleep"), Some(1.0));
-    let signal = |s: &str| {
-        let pid = a.proc.pid().to_string();
-        assert!(std::process::Command::new("kill").args([s, &pid]).status().unwrap().success());
-    };
-    signal("-STOP");
+    let signal = |s: i32| testbed::process::signal(a.proc.pid(), s).unwrap();
+    signal(libc::SIGSTOP);
     wait_until("replica-b to take the lease from the paused leader", Duration::from_secs(30), || {
         holder() == "replica-b"
     });
-    signal("-CONT");
+    signal(libc::SIGCONT);
     wait_until("replica-a to know it lost the lease", Duration::from_secs(30), || {
         a.get("/metrics").contains("dormant_leader 0")
     });
@@ -817,10 +814,9 @@ fn a_reconcile_stuck_on_a_silent_api_server_times_out_and_completes_later() {
     // Freeze the API server a moment before the deadline.
     let left = (deadline - chrono::Utc::now()).to_std().unwrap_or_default();
     std::thread::sleep(left.saturating_sub(Duration::from_millis(1500)));
-    let api = c.pid_of("kube-apiserver").unwrap().to_string();
-    let signal =
-        |s: &str| assert!(std::process::Command::new("kill").args([s, &api]).status().unwrap().success());
-    signal("-STOP");
+    let api = c.pid_of("kube-apiserver").unwrap();
+    let signal = |s: i32| testbed::process::signal(api, s).unwrap();
+    signal(libc::SIGSTOP);
     let timeouts = || {
         agent
             .get("/metrics")
@@ -834,7 +830,7 @@ fn a_reconcile_stuck_on_a_silent_api_server_times_out_and_completes_later() {
         std::thread::sleep(Duration::from_millis(200));
     }
     let counted = timeouts();
-    signal("-CONT");
+    signal(libc::SIGCONT);
     assert!(
         counted >= 1.0,
         "no reconcile timed out while the API server was frozen; agent log:\n{}",
@@ -1276,13 +1272,7 @@ subjects: [{{kind: User, name: {id}-agent}}]
     let leases = kubectl(c, &["get", "leases", "-n", &lease_ns, "-o", "name"]);
     assert_eq!(leases.trim(), "", "a replica with unsynced caches took part in leader election");
 
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &agent.pid().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
+    testbed::process::signal(agent.pid(), libc::SIGTERM).unwrap();
     wait_until("the agent to stop", Duration::from_secs(15), || agent.exited().is_some());
     let status = agent.exited().unwrap();
     let log = std::fs::read_to_string(&agent.log).unwrap_or_default();

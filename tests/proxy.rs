@@ -149,7 +149,7 @@ fn kubectl_input(c: &Cluster, kubeconfig: &std::path::Path, args: &[&str], input
     let pid = child.id();
     let killer = std::thread::spawn(move || {
         if killer_waits.recv_timeout(Duration::from_secs(30)).is_err() {
-            let _ = std::process::Command::new("kill").arg(pid.to_string()).status();
+            let _ = testbed::process::signal(pid, libc::SIGTERM);
         }
     });
     let out = child.wait_with_output().unwrap();

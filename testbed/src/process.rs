@@ -222,6 +222,15 @@ pub fn connections_to(pid: u32, port: u16) -> std::collections::BTreeSet<u64> {
 
 /// Sets process `pid`'s soft limit on open file descriptors (its hard limit
 /// stays) and returns the soft limit it had.
+/// Sends `signal` (`libc::SIGTERM`, `SIGSTOP`, `SIGCONT`…) to `pid`: no
+/// `kill` binary needed (a fresh machine may lack procps).
+pub fn signal(pid: u32, signal: i32) -> std::io::Result<()> {
+    let pid =
+        libc::pid_t::try_from(pid).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+    if unsafe { libc::kill(pid, signal) } == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}
+
 pub fn set_open_files_limit(pid: u32, soft: u64) -> std::io::Result<u64> {
     let mut old = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: prlimit reads and writes only the two rlimit structs passed,
