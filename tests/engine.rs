@@ -512,20 +512,7 @@ fn an_invalid_policy_or_annotation_leaves_the_target_untouched_and_says_why() {
     .unwrap();
     let agent = Agent::start(c, &id, &format!("{id}-system"), "inv-1", &[]);
 
-    let warnings = |ns: &str| {
-        kubectl(
-            c,
-            &[
-                "get",
-                "events.events.k8s.io",
-                "-n",
-                ns,
-                "--field-selector=reason=PolicyInvalid",
-                "-o",
-                "jsonpath={range .items[*]}{.note}{\"\\n\"}{end}",
-            ],
-        )
-    };
+    let warnings = |ns: &str| event_notes(c, ns, "PolicyInvalid");
     wait_until("a PolicyInvalid event for the bad annotation", Duration::from_secs(30), || {
         !warnings(&bad_annotation).is_empty()
     });
@@ -892,17 +879,7 @@ fn a_statefulset_that_deletes_its_claims_when_scaled_down_is_never_slept() {
     c.kubectl_apply(
         &c.admin,
         &format!(
-            r#"apiVersion: apps/v1
-kind: Deployment
-metadata: {{name: web, namespace: {ns}}}
-spec:
-  replicas: 2
-  selector: {{matchLabels: {{app: web}}}}
-  template:
-    metadata: {{labels: {{app: web}}}}
-    spec: {{containers: [{{name: c, image: nginx:1.27}}]}}
----
-apiVersion: apps/v1
+            r#"{}apiVersion: apps/v1
 kind: StatefulSet
 metadata: {{name: db, namespace: {ns}}}
 spec:
@@ -916,26 +893,14 @@ spec:
   volumeClaimTemplates:
   - metadata: {{name: data}}
     spec: {{accessModes: [ReadWriteOnce], resources: {{requests: {{storage: 1Gi}}}}}}
-"#
+"#,
+            deployment_yaml(&ns, "web", 2)
         ),
     )
     .unwrap();
     kubectl(c, &["annotate", "namespace", &ns, "dormant.dev/sleep-after=1h", "dormant.dev/force-sleep=true"]);
     let agent = Agent::start(c, &id, &format!("{id}-system"), "claims-1", &[]);
-    let warnings = || {
-        kubectl(
-            c,
-            &[
-                "get",
-                "events.events.k8s.io",
-                "-n",
-                &ns,
-                "--field-selector=reason=PolicyInvalid",
-                "-o",
-                "jsonpath={range .items[*]}{.note}{\"\\n\"}{end}",
-            ],
-        )
-    };
+    let warnings = || event_notes(c, &ns, "PolicyInvalid");
     wait_until("a PolicyInvalid event", Duration::from_secs(30), || !warnings().is_empty());
     let note = warnings();
     assert!(
@@ -963,11 +928,7 @@ fn a_wake_dated_by_a_clock_ahead_of_the_agents_wakes_now() {
     let c = Cluster::shared();
     let id = test_id("skew");
     let ns = c.namespace("skew", &[("dormant-test", &id)]).unwrap();
-    c.kubectl_apply(
-        &c.admin,
-        &format!("apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: app, namespace: {ns}}}\nspec:\n  replicas: 2\n  selector: {{matchLabels: {{app: a}}}}\n  template:\n    metadata: {{labels: {{app: a}}}}\n    spec: {{containers: [{{name: c, image: nginx:1.27}}]}}\n"),
-    )
-    .unwrap();
+    c.kubectl_apply(&c.admin, &deployment_yaml(&ns, "app", 2)).unwrap();
     // Asleep because idle (a forced sleep would end with its annotation).
     kubectl(c, &["annotate", "namespace", &ns, "dormant.dev/sleep-after=5s"]);
     let agent = Agent::start(c, &id, &format!("{id}-system"), "skew-1", &[]);
@@ -1008,17 +969,7 @@ fn keda_is_paused_only_after_its_workload_is_recorded() {
     c.kubectl_apply(
         &c.admin,
         &format!(
-            r#"apiVersion: apps/v1
-kind: Deployment
-metadata: {{name: worker, namespace: {ns}}}
-spec:
-  replicas: 2
-  selector: {{matchLabels: {{app: worker}}}}
-  template:
-    metadata: {{labels: {{app: worker}}}}
-    spec: {{containers: [{{name: c, image: nginx:1.27}}]}}
----
-apiVersion: keda.sh/v1alpha1
+            r#"{}apiVersion: keda.sh/v1alpha1
 kind: ScaledObject
 metadata: {{name: worker, namespace: {ns}}}
 spec:
@@ -1047,7 +998,8 @@ spec:
   validationActions: [Deny]
   matchResources:
     namespaceSelector: {{matchLabels: {{kubernetes.io/metadata.name: {ns}}}}}
-"#
+"#,
+            deployment_yaml(&ns, "worker", 2)
         ),
     )
     .unwrap();
@@ -1064,20 +1016,7 @@ spec:
     });
     kubectl(c, &["annotate", "namespace", &ns, "dormant.dev/sleep-after=1h", "dormant.dev/force-sleep=true"]);
     let agent = Agent::start(c, &id, &format!("{id}-system"), "keda-order-1", &[]);
-    let failures = || {
-        kubectl(
-            c,
-            &[
-                "get",
-                "events.events.k8s.io",
-                "-n",
-                &ns,
-                "--field-selector=reason=SleepFailed",
-                "-o",
-                "jsonpath={range .items[*]}{.note}{\"\\n\"}{end}",
-            ],
-        )
-    };
+    let failures = || event_notes(c, &ns, "SleepFailed");
     wait_until("the refused workload patch", Duration::from_secs(30), || {
         failures().contains("refused by the test")
     });
@@ -1107,17 +1046,7 @@ fn an_unreadable_keda_record_stops_a_wake_before_anything_changes() {
     c.kubectl_apply(
         &c.admin,
         &format!(
-            r#"apiVersion: apps/v1
-kind: Deployment
-metadata: {{name: worker, namespace: {ns}}}
-spec:
-  replicas: 2
-  selector: {{matchLabels: {{app: worker}}}}
-  template:
-    metadata: {{labels: {{app: worker}}}}
-    spec: {{containers: [{{name: c, image: nginx:1.27}}]}}
----
-apiVersion: keda.sh/v1alpha1
+            r#"{}apiVersion: keda.sh/v1alpha1
 kind: ScaledObject
 metadata: {{name: worker, namespace: {ns}}}
 spec:
@@ -1125,7 +1054,8 @@ spec:
   triggers:
   - type: cron
     metadata: {{timezone: UTC, start: "0 8 * * *", end: "0 18 * * *", desiredReplicas: "2"}}
-"#
+"#,
+            deployment_yaml(&ns, "worker", 2)
         ),
     )
     .unwrap();
@@ -1148,20 +1078,7 @@ spec:
 
     let out = dormant(c, &["wake", &format!("namespace/{ns}")]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let failures = || {
-        kubectl(
-            c,
-            &[
-                "get",
-                "events.events.k8s.io",
-                "-n",
-                &ns,
-                "--field-selector=reason=WakeFailed",
-                "-o",
-                "jsonpath={range .items[*]}{.note}{\"\\n\"}{end}",
-            ],
-        )
-    };
+    let failures = || event_notes(c, &ns, "WakeFailed");
     wait_until("a WakeFailed event", Duration::from_secs(30), || !failures().is_empty());
     assert!(failures().contains("keda-paused-replicas-before-sleep=\"lots\""), "{}", failures());
     assert_eq!(replicas(c, "deployment", "worker", &ns), "0", "woken in part");
@@ -1296,9 +1213,10 @@ fn a_vclusters_deployed_etcd_sleeps_and_wakes_with_it_not_with_its_namespace() {
     c.kubectl_apply(
         &c.admin,
         &format!(
-            "{}{}apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: web, namespace: {ns}}}\nspec:\n  replicas: 2\n  selector: {{matchLabels: {{app: web}}}}\n  template:\n    metadata: {{labels: {{app: web}}}}\n    spec: {{containers: [{{name: c, image: nginx:1.27}}]}}\n",
+            "{}{}{}",
             sts("vc", "vcluster", 1),
             sts("vc-etcd", "vcluster-etcd", 3),
+            deployment_yaml(&ns, "web", 2),
         ),
     )
     .unwrap();

@@ -261,7 +261,9 @@ mod tests {
         }
     }
 
-    struct Recorder(Arc<Mutex<Vec<(TargetRef, Activity, SourceCounts)>>>);
+    /// Keeps what it is given to write; each write takes `.1` (a slow API
+    /// server, or many targets written at the client's rate limit).
+    struct Recorder(Arc<Mutex<Vec<(TargetRef, Activity, SourceCounts)>>>, Duration);
 
     impl Flush for Recorder {
         async fn flush(
@@ -270,6 +272,7 @@ mod tests {
             activity: Activity,
             sources: SourceCounts,
         ) -> Result<(), String> {
+            tokio::time::sleep(self.1).await;
             lock(&self.0).push((target, activity, sources));
             Ok(())
         }
@@ -282,7 +285,7 @@ mod tests {
         let t = TargetRef::namespace("team-a");
         let task = tokio::spawn(worker.run(
             |_| {},
-            Recorder(flushed.clone()),
+            Recorder(flushed.clone(), Duration::ZERO),
             Duration::from_secs(5),
             std::future::pending(),
         ));
@@ -315,30 +318,13 @@ mod tests {
         task.await.unwrap();
     }
 
-    /// A flush that takes its time (many targets at the client's rate
-    /// limit) does not stop activities from being taken in meanwhile.
-    struct Slow(Arc<Mutex<Vec<(TargetRef, Activity, SourceCounts)>>>);
-
-    impl Flush for Slow {
-        async fn flush(
-            &self,
-            target: TargetRef,
-            activity: Activity,
-            sources: SourceCounts,
-        ) -> Result<(), String> {
-            tokio::time::sleep(Duration::from_secs(60)).await;
-            lock(&self.0).push((target, activity, sources));
-            Ok(())
-        }
-    }
-
     #[tokio::test(start_paused = true)]
     async fn activity_keeps_coming_in_while_a_slow_flush_runs() {
         let (ledger, worker) = Ledger::new(2);
         let flushed = Arc::new(Mutex::new(Vec::new()));
         let task = tokio::spawn(worker.run(
             |_| {},
-            Slow(flushed.clone()),
+            Recorder(flushed.clone(), Duration::from_secs(60)),
             Duration::from_secs(5),
             std::future::pending(),
         ));
@@ -362,10 +348,14 @@ mod tests {
         let (ledger, worker) = Ledger::new(100);
         let flushed = Arc::new(Mutex::new(Vec::new()));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task =
-            tokio::spawn(worker.run(|_| {}, Recorder(flushed.clone()), Duration::from_secs(3600), async {
+        let task = tokio::spawn(worker.run(
+            |_| {},
+            Recorder(flushed.clone(), Duration::ZERO),
+            Duration::from_secs(3600),
+            async {
                 let _ = stopped.await;
-            }));
+            },
+        ));
         let t = TargetRef::namespace("team-a");
         assert!(ledger.record(t.clone(), activity(10, "alice")));
         tokio::time::sleep(Duration::from_secs(1)).await;

@@ -166,6 +166,30 @@ pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool)
     }
 }
 
+/// The notes of the Events with `reason` in `ns`, one per line.
+pub fn event_notes(c: &Cluster, ns: &str, reason: &str) -> String {
+    kubectl(
+        c,
+        &[
+            "get",
+            "events.events.k8s.io",
+            "-n",
+            ns,
+            &format!("--field-selector=reason={reason}"),
+            "-o",
+            "jsonpath={range .items[*]}{.note}{\"\\n\"}{end}",
+        ],
+    )
+}
+
+/// A Deployment `name` in `ns` running `replicas` pods labelled
+/// `app=<name>`, as YAML.
+pub fn deployment_yaml(ns: &str, name: &str, replicas: u32) -> String {
+    format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  replicas: {replicas}\n  selector: {{matchLabels: {{app: {name}}}}}\n  template:\n    metadata: {{labels: {{app: {name}}}}}\n    spec: {{containers: [{{name: c, image: nginx:1.27}}]}}\n---\n"
+    )
+}
+
 pub fn pods(c: &Cluster, ns: &str, selector: &str) -> usize {
     kubectl(c, &["get", "pods", "-n", ns, "-l", selector, "-o", "name"]).lines().count()
 }
