@@ -107,6 +107,13 @@ fn the_chart_lints_and_renders_with_defaults_and_with_every_option_on() {
         &["template", "d", chart.to_str().unwrap(), "--kube-version", "1.37.2", "--set", "agent.qps=0"],
     );
     assert!(!ok && out.contains("/agent/qps"), "{out}");
+    // So is a duration the agent would refuse at start (a crash loop).
+    for bad in ["agent.leaseDuration=never", "agent.flushInterval=0", "agent.defaultWakeTimeout="] {
+        let (ok, out) =
+            helm(c, &["template", "d", chart.to_str().unwrap(), "--kube-version", "1.37.2", "--set", bad]);
+        let field = bad.split('=').next().unwrap().replace('.', "/");
+        assert!(!ok && out.contains(&format!("/{field}")), "{bad}: {out}");
+    }
     // As a parent chart's dependency it gets `global` values.
     let (ok, out) = helm(
         c,
