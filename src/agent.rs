@@ -187,7 +187,7 @@ pub struct AuditSettings {
     /// The serving certificate, loaded once when the flags are checked.
     pub cert: Arc<crate::tls::ReloadingCert>,
     pub token_file: Option<std::path::PathBuf>,
-    pub client_ca: Option<Vec<rustls_pki_types::CertificateDer<'static>>>,
+    pub client_ca: Option<Arc<crate::tls::ReloadingClientVerifier>>,
     pub max_body: usize,
 }
 
@@ -378,8 +378,8 @@ impl AgentArgs {
             }
         }
         let client_ca = match &self.audit_client_ca {
-            Some(f) => match crate::tls::read_certs(f) {
-                Ok(c) => Some(c),
+            Some(f) => match crate::tls::ReloadingClientVerifier::new(f, Duration::from_secs(5)) {
+                Ok(c) => Some(Arc::new(c)),
                 Err(e) => {
                     errors.push(format!("--audit-client-ca: {e}"));
                     None
@@ -557,7 +557,9 @@ pub async fn run_with(
     let index = Arc::new(TargetIndex::new(stores.clone(), settings.scope.clone(), Duration::from_secs(2)));
     let mut servers = Vec::new();
     if let Some(audit) = &settings.audit {
-        let tls = crate::tls::server_config_with_resolver(audit.cert.clone(), audit.client_ca.as_deref())?;
+        let clients =
+            audit.client_ca.clone().map(|v| v as Arc<dyn rustls::server::danger::ClientCertVerifier>);
+        let tls = crate::tls::server_config_with_resolver(audit.cert.clone(), clients)?;
         let receiver = Arc::new(crate::audit::Receiver {
             observer: observer.clone(),
             index: index.clone(),

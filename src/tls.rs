@@ -218,13 +218,139 @@ impl rustls::server::ResolvesServerCert for ReloadingCert {
 }
 
 /// A server configuration whose certificate comes from `resolver`; with
-/// `client_cas`, offered client certificates must chain to one of them
-/// (clients without one may still connect and use a bearer token).
+/// `clients`, offered client certificates must pass it (clients without
+/// one may still connect and use a bearer token).
 pub fn server_config_with_resolver(
     resolver: Arc<dyn rustls::server::ResolvesServerCert>,
-    client_cas: Option<&[CertificateDer<'static>]>,
+    clients: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
 ) -> Result<rustls::ServerConfig> {
-    Ok(offering_http(verifying(client_cas)?.with_cert_resolver(resolver)))
+    let builder = server_builder()?;
+    let builder = match clients {
+        Some(v) => builder.with_client_cert_verifier(v),
+        None => builder.with_no_client_auth(),
+    };
+    Ok(offering_http(builder.with_cert_resolver(resolver)))
+}
+
+/// Verifies offered client certificates against the CAs in a file and
+/// reads the file again when it changes (checked at most every few
+/// seconds, on handshakes): a CA rotated in a mounted Secret (old and new
+/// CA side by side, then the new one alone) needs no restart. A file that
+/// cannot be used is logged and the CAs read before stay. Clients without
+/// a certificate may still connect (and use a bearer token).
+pub struct ReloadingClientVerifier {
+    path: std::path::PathBuf,
+    check_every: std::time::Duration,
+    state: std::sync::RwLock<ClientVerifierState>,
+}
+
+struct ClientVerifierState {
+    checked: std::time::Instant,
+    stamp: Option<std::time::SystemTime>,
+    current: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+}
+
+impl std::fmt::Debug for ReloadingClientVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReloadingClientVerifier").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+fn client_verifier(path: &Path) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>> {
+    let cas = read_certs(path)?;
+    WebPkiClientVerifier::builder_with_provider(Arc::new(root_store(&cas)?), provider())
+        .allow_unauthenticated()
+        .build()
+        .map_err(Error::Verifier)
+}
+
+impl ReloadingClientVerifier {
+    /// Reads the CAs now (failing if it cannot).
+    pub fn new(path: &Path, check_every: std::time::Duration) -> Result<Self> {
+        let stamp = modified(path);
+        let current = client_verifier(path)?;
+        Ok(ReloadingClientVerifier {
+            path: path.into(),
+            check_every,
+            state: std::sync::RwLock::new(ClientVerifierState {
+                checked: std::time::Instant::now(),
+                stamp,
+                current,
+            }),
+        })
+    }
+
+    fn current(&self) -> Arc<dyn rustls::server::danger::ClientCertVerifier> {
+        {
+            let s = self.state.read().unwrap_or_else(|e| e.into_inner());
+            if s.checked.elapsed() < self.check_every {
+                return s.current.clone();
+            }
+        }
+        let mut s = self.state.write().unwrap_or_else(|e| e.into_inner());
+        s.checked = std::time::Instant::now();
+        let stamp = modified(&self.path);
+        if stamp != s.stamp {
+            match client_verifier(&self.path) {
+                Ok(v) => {
+                    tracing::info!(file = %self.path.display(), "reloaded the client CAs");
+                    s.current = v;
+                    s.stamp = stamp;
+                }
+                Err(e) => {
+                    tracing::warn!(file = %self.path.display(), error = %e, "new client CAs unusable; keeping the old ones")
+                }
+            }
+        }
+        s.current.clone()
+    }
+}
+
+impl rustls::server::danger::ClientCertVerifier for ReloadingClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    /// No hints: they would have to outlive a reload. A client sends the
+    /// certificate it is configured with (kube-apiserver's webhook does).
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: rustls_pki_types::UnixTime,
+    ) -> std::result::Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        self.current().verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.current().verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.current().verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.current().supported_verify_schemes()
+    }
 }
 
 /// What a handler knows of the connection a request came on, and keeps

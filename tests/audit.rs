@@ -555,6 +555,34 @@ async fn bad_batches_get_the_right_status_record_nothing_and_the_server_keeps_se
         let (status, text) = post(e.receiver.port, path, &scoped, good.clone(), None, "POST").await.unwrap();
         assert_eq!(status, 401, "a token limited to team-x/dev posted to {path}: {text}");
     }
+    // The client CA file rotates (the new CA added beside the old one, as
+    // in a mounted Secret): the new CA's certificates are accepted without
+    // a restart, and the old CA's still are.
+    let rotated = Ca::new("rotated-audit-ca").unwrap();
+    let rotated_client = rotated.client("kube-apiserver-2", &[]).unwrap();
+    let mut bundle = std::fs::read_to_string(&e.receiver.ca_file).unwrap();
+    if !bundle.contains(rotated.cert_pem.trim()) {
+        bundle.push_str(&rotated.cert_pem);
+        std::fs::write(&e.receiver.ca_file, bundle).unwrap();
+    }
+    let empty = br#"{"kind":"EventList","apiVersion":"audit.k8s.io/v1","items":[]}"#.to_vec();
+    let started = std::time::Instant::now();
+    loop {
+        let r =
+            post(e.receiver.port, "/audit/host", &[json], empty.clone(), Some(&rotated_client), "POST").await;
+        if matches!(r, Ok((200, _))) {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "the rotated CA was never read: {r:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let old_client = e.receiver.ca.client("kube-apiserver", &[]).unwrap();
+    let (status, text) =
+        post(e.receiver.port, "/audit/host", &[json], empty.clone(), Some(&old_client), "POST")
+            .await
+            .unwrap();
+    assert_eq!(status, 200, "{text}");
+
     // team-x/dev does not exist: its events are accepted and counted as
     // turned away, not dropped unseen.
     let unknown = "dormant_activity_total{source=\"audit\",outcome=\"ignored\",rule=\"unknown-vcluster\"}";
