@@ -1309,3 +1309,36 @@ fn a_policys_status_changing_reconciles_nothing() {
         reconciles() >= before + 3.0
     });
 }
+
+/// A target disabled while asleep is left exactly as it is (DESIGN.md:
+/// never touched), and `dormant explain` says how to bring it back.
+#[test]
+fn a_target_disabled_while_asleep_stays_asleep_and_explain_says_how_to_wake_it() {
+    let c = Cluster::shared();
+    let id = test_id("disabled");
+    let ns = c.namespace("disabled", &[("dormant-test", &id)]).unwrap();
+    c.kubectl_apply(&c.admin, &deployment_yaml(&ns, "app", 2)).unwrap();
+    kubectl(c, &["annotate", "namespace", &ns, "dormant.dev/sleep-after=1h"]);
+    let agent = Agent::start(c, &id, &format!("{id}-system"), "disabled-1", &[]);
+    let out = dormant(c, &["sleep", &format!("namespace/{ns}"), "--wait=60s"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    kubectl(c, &["annotate", "namespace", &ns, "dormant.dev/disabled=true"]);
+    let explain = || String::from_utf8_lossy(&dormant(c, &["explain", &ns]).stdout).into_owned();
+    let text = explain();
+    assert!(
+        text.contains("disabled while asleep")
+            && text.contains("remove dormant.dev/disabled")
+            && text.contains(&format!("dormant wake namespace/{ns}")),
+        "{text}"
+    );
+    // `dormant wake` alone does not move a disabled target.
+    let out = dormant(c, &["wake", &format!("namespace/{ns}")]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(replicas(c, "deployment", "app", &ns), "0");
+    // As the note says.
+    kubectl(c, &["annotate", "namespace", &ns, "dormant.dev/disabled-"]);
+    let out = dormant(c, &["wake", &format!("namespace/{ns}"), "--wait=60s"]);
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), agent.log());
+    assert_eq!(replicas(c, "deployment", "app", &ns), "2");
+}

@@ -211,6 +211,15 @@ pub async fn explain(client: &Client, r: &TargetRef) -> anyhow::Result<String> {
     }
     let desired = format!("{:?}", ev.decision.desired).to_lowercase();
     let _ = writeln!(out, "Desired:  {desired}: {}", ev.decision.reason);
+    if ev.decision.desired == Desired::Leave && state != TargetState::Awake {
+        let _ = writeln!(
+            out,
+            "Note:     disabled while {state}: its workloads stay as dormant left them (scaled down, with \
+             their records); remove {} and run `dormant wake {}` to bring them back",
+            ann::DISABLED,
+            ev.target.r
+        );
+    }
     let _ = writeln!(
         out,
         "Next:     {}",
