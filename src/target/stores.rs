@@ -90,6 +90,51 @@ fn synced_pods_params() -> watcher::Config {
     watcher::Config::default().labels(MANAGED_BY_LABEL)
 }
 
+/// What the caches keep of an object: what dormant reads of it. The rest
+/// is dropped as it arrives (a large cluster has about ten old ReplicaSets
+/// per Deployment, each with its whole pod template, and a status on
+/// every pod).
+pub trait Trim {
+    fn trim(&mut self) {}
+}
+
+impl Trim for Namespace {}
+impl Trim for StatefulSet {}
+impl Trim for Deployment {}
+impl Trim for CronJob {}
+impl Trim for Job {}
+impl Trim for SleepPolicy {}
+
+impl Trim for ReplicaSet {
+    /// A ReplicaSet a controller owns (a Deployment's) is never scaled:
+    /// only ownerless ones need their template (for their requests).
+    fn trim(&mut self) {
+        let owned = self
+            .metadata
+            .owner_references
+            .as_ref()
+            .is_some_and(|o| o.iter().any(|r| r.controller == Some(true)));
+        if owned {
+            self.spec.template = None;
+        }
+    }
+}
+
+impl Trim for Pod {
+    /// A synced pod: its labels and its containers' resource requests.
+    fn trim(&mut self) {
+        self.status = None;
+        if let Some(spec) = self.spec.as_mut() {
+            spec.volumes = None;
+            spec.init_containers = None;
+            for c in &mut spec.containers {
+                let (name, resources) = (std::mem::take(&mut c.name), c.resources.take());
+                *c = k8s_openapi::api::core::v1::Container { name, resources, ..Default::default() };
+            }
+        }
+    }
+}
+
 /// Runs one reflector, sending a [`Change`] for each object it sees change.
 async fn reflect<K>(
     api: Api<K>,
@@ -98,11 +143,14 @@ async fn reflect<K>(
     tx: mpsc::UnboundedSender<Change>,
     mut map: impl FnMut(&K) -> Option<Change> + Send + 'static,
 ) where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K: Resource<DynamicType = ()> + Trim + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
     let stream = watcher(api, config)
         .default_backoff()
-        .modify(|o: &mut K| o.managed_fields_mut().clear())
+        .modify(|o: &mut K| {
+            o.managed_fields_mut().clear();
+            o.trim();
+        })
         .reflect(writer)
         .touched_objects();
     futures::pin_mut!(stream);
@@ -210,11 +258,12 @@ impl Writers {
     pub async fn fill(mut self, client: Client) -> Result<(), kube::Error> {
         async fn fill_one<K>(api: Api<K>, lp: &ListParams, w: &mut Writer<K>) -> Result<(), kube::Error>
         where
-            K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+            K: Resource<DynamicType = ()> + Trim + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
         {
             let list = api.list(lp).await?;
             w.apply_watcher_event(&watcher::Event::Init);
-            for o in list.items {
+            for mut o in list.items {
+                o.trim();
                 w.apply_watcher_event(&watcher::Event::InitApply(o));
             }
             w.apply_watcher_event(&watcher::Event::InitDone);
@@ -410,5 +459,58 @@ impl Stores {
         let mut c: Vec<_> = self.policies.state().iter().map(|p| crate::policy::candidate(p)).collect();
         c.sort_by(|a, b| a.name.cmp(&b.name));
         c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::target::workload::pod_spec_requests;
+
+    #[test]
+    fn the_caches_keep_what_dormant_reads() {
+        let rs = |owner: &str| -> ReplicaSet {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "web-7d9f", "namespace": "shop", "ownerReferences": serde_json::from_str::<serde_json::Value>(owner).unwrap()},
+                "spec": {"replicas": 3, "selector": {}, "template": {"spec": {"containers": [
+                    {"name": "c", "image": "nginx", "resources": {"requests": {"cpu": "250m", "memory": "64Mi"}}}
+                ]}}},
+                "status": {"replicas": 3, "readyReplicas": 2}
+            }))
+            .unwrap()
+        };
+        // A Deployment's ReplicaSet: never scaled, its template goes.
+        let mut owned = rs(
+            r#"[{"apiVersion": "apps/v1", "kind": "Deployment", "name": "web", "uid": "u", "controller": true}]"#,
+        );
+        owned.trim();
+        assert!(owned.spec.template.is_none());
+        let v = owned.view();
+        assert!(v.controlled);
+        assert_eq!((v.replicas, v.current_pods, v.ready_pods), (Some(3), 3, 2));
+        // An ownerless one is a workload: everything it is read for stays.
+        let mut alone = rs("[]");
+        let before = alone.view();
+        alone.trim();
+        let after = alone.view();
+        assert_eq!((after.replicas, after.per_replica.cpu_cores), (before.replicas, 0.25));
+
+        let mut pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "app-x-default-x-dev", "namespace": "shop", "labels": {MANAGED_BY_LABEL: "dev"}},
+            "spec": {
+                "containers": [{"name": "app", "image": "app:1", "env": [{"name": "A", "value": "b"}],
+                    "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}}}],
+                "volumes": [{"name": "v", "emptyDir": {}}]
+            },
+            "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}
+        }))
+        .unwrap();
+        let requests = pod_spec_requests(pod.spec.as_ref().unwrap());
+        pod.trim();
+        assert!(pod.status.is_none());
+        let spec = pod.spec.as_ref().unwrap();
+        assert!(spec.volumes.is_none() && spec.containers[0].env.is_none());
+        assert_eq!(pod_spec_requests(spec), requests);
+        assert_eq!(pod.labels().get(MANAGED_BY_LABEL).map(String::as_str), Some("dev"));
     }
 }
