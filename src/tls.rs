@@ -140,52 +140,55 @@ pub fn offering_http(mut config: rustls::ServerConfig) -> rustls::ServerConfig {
     config
 }
 
-/// Serves the certificate and key from two files and reloads them when
-/// either changes (checked at most every few seconds, on handshakes), so a
-/// rotated Secret (cert-manager) needs no restart. A broken new pair is
-/// logged and the old one kept.
-#[derive(Debug)]
-pub struct ReloadingCert {
-    cert: std::path::PathBuf,
-    key: std::path::PathBuf,
+/// A value read from files and read again when one of them changes
+/// (checked at most every `check_every`, when the value is asked for), so
+/// a rotated Secret needs no restart. A change that cannot be read is
+/// logged and the value read before stays.
+pub struct Reloading<T, E = Error> {
+    files: Vec<std::path::PathBuf>,
     check_every: std::time::Duration,
-    state: std::sync::RwLock<ReloadState>,
+    /// What is read, for the log.
+    what: &'static str,
+    read: fn(&[std::path::PathBuf]) -> Result<T, E>,
+    state: std::sync::RwLock<ReloadState<T>>,
 }
 
-#[derive(Debug)]
-struct ReloadState {
+struct ReloadState<T> {
     checked: std::time::Instant,
-    stamp: Option<(std::time::SystemTime, std::time::SystemTime)>,
-    current: Arc<rustls::sign::CertifiedKey>,
+    stamps: Vec<Option<std::time::SystemTime>>,
+    current: T,
 }
 
 fn modified(p: &Path) -> Option<std::time::SystemTime> {
     std::fs::metadata(p).and_then(|m| m.modified()).ok()
 }
 
-fn load_pair(cert: &Path, key: &Path) -> Result<Arc<rustls::sign::CertifiedKey>> {
-    let certs = read_certs(cert)?;
-    let key = read_key(key)?;
-    rustls::sign::CertifiedKey::from_der(certs, key, &provider()).map(Arc::new).map_err(Error::Config)
-}
-
-impl ReloadingCert {
-    /// Loads the pair now (failing if it cannot).
-    pub fn new(cert: &Path, key: &Path, check_every: std::time::Duration) -> Result<Self> {
-        let current = load_pair(cert, key)?;
-        Ok(ReloadingCert {
-            cert: cert.into(),
-            key: key.into(),
+impl<T: Clone, E: std::fmt::Display> Reloading<T, E> {
+    /// Reads the value now (failing if it cannot).
+    pub fn new(
+        files: Vec<std::path::PathBuf>,
+        check_every: std::time::Duration,
+        what: &'static str,
+        read: fn(&[std::path::PathBuf]) -> Result<T, E>,
+    ) -> Result<Self, E> {
+        // Stamps first: a change while reading is then seen next time.
+        let stamps = files.iter().map(|f| modified(f)).collect();
+        let current = read(&files)?;
+        Ok(Reloading {
+            files,
             check_every,
+            what,
+            read,
             state: std::sync::RwLock::new(ReloadState {
                 checked: std::time::Instant::now(),
-                stamp: modified(cert).zip(modified(key)),
+                stamps,
                 current,
             }),
         })
     }
 
-    fn current(&self) -> Arc<rustls::sign::CertifiedKey> {
+    /// The value, read again first if a file changed.
+    pub fn current(&self) -> T {
         {
             let s = self.state.read().unwrap_or_else(|e| e.into_inner());
             if s.checked.elapsed() < self.check_every {
@@ -194,20 +197,55 @@ impl ReloadingCert {
         }
         let mut s = self.state.write().unwrap_or_else(|e| e.into_inner());
         s.checked = std::time::Instant::now();
-        let stamp = modified(&self.cert).zip(modified(&self.key));
-        if stamp != s.stamp {
-            match load_pair(&self.cert, &self.key) {
-                Ok(pair) => {
-                    tracing::info!(cert = %self.cert.display(), "reloaded the serving certificate");
-                    s.current = pair;
-                    s.stamp = stamp;
+        let stamps: Vec<_> = self.files.iter().map(|f| modified(f)).collect();
+        if stamps != s.stamps {
+            match (self.read)(&self.files) {
+                Ok(v) => {
+                    tracing::info!(file = %self.files[0].display(), "reloaded the {}", self.what);
+                    s.current = v;
+                    s.stamps = stamps;
                 }
-                Err(e) => {
-                    tracing::warn!(cert = %self.cert.display(), error = %e, "new certificate unusable; keeping the old one")
-                }
+                Err(e) => tracing::warn!(
+                    file = %self.files[0].display(),
+                    error = %e,
+                    "the changed {} cannot be used; keeping the one read before",
+                    self.what
+                ),
             }
         }
         s.current.clone()
+    }
+}
+
+impl<T, E> std::fmt::Debug for Reloading<T, E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reloading")
+            .field("what", &self.what)
+            .field("files", &self.files)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Serves the certificate and key from two files, read again when either
+/// changes (cert-manager rotations need no restart).
+#[derive(Debug)]
+pub struct ReloadingCert(Reloading<Arc<rustls::sign::CertifiedKey>>);
+
+fn load_pair(files: &[std::path::PathBuf]) -> Result<Arc<rustls::sign::CertifiedKey>> {
+    let certs = read_certs(&files[0])?;
+    let key = read_key(&files[1])?;
+    rustls::sign::CertifiedKey::from_der(certs, key, &provider()).map(Arc::new).map_err(Error::Config)
+}
+
+impl ReloadingCert {
+    /// Loads the pair now (failing if it cannot).
+    pub fn new(cert: &Path, key: &Path, check_every: std::time::Duration) -> Result<Self> {
+        Reloading::new(vec![cert.into(), key.into()], check_every, "serving certificate", load_pair)
+            .map(ReloadingCert)
+    }
+
+    fn current(&self) -> Arc<rustls::sign::CertifiedKey> {
+        self.0.current()
     }
 }
 
@@ -232,32 +270,17 @@ pub fn server_config_with_resolver(
     Ok(offering_http(builder.with_cert_resolver(resolver)))
 }
 
-/// Verifies offered client certificates against the CAs in a file and
-/// reads the file again when it changes (checked at most every few
-/// seconds, on handshakes): a CA rotated in a mounted Secret (old and new
-/// CA side by side, then the new one alone) needs no restart. A file that
-/// cannot be used is logged and the CAs read before stay. Clients without
+/// Verifies offered client certificates against the CAs in a file, read
+/// again when it changes: a CA rotated in a mounted Secret (old and new CA
+/// side by side, then the new one alone) needs no restart. Clients without
 /// a certificate may still connect (and use a bearer token).
-pub struct ReloadingClientVerifier {
-    path: std::path::PathBuf,
-    check_every: std::time::Duration,
-    state: std::sync::RwLock<ClientVerifierState>,
-}
+#[derive(Debug)]
+pub struct ReloadingClientVerifier(Reloading<Arc<dyn rustls::server::danger::ClientCertVerifier>>);
 
-struct ClientVerifierState {
-    checked: std::time::Instant,
-    stamp: Option<std::time::SystemTime>,
-    current: Arc<dyn rustls::server::danger::ClientCertVerifier>,
-}
-
-impl std::fmt::Debug for ReloadingClientVerifier {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ReloadingClientVerifier").field("path", &self.path).finish_non_exhaustive()
-    }
-}
-
-fn client_verifier(path: &Path) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>> {
-    let cas = read_certs(path)?;
+fn client_verifier(
+    files: &[std::path::PathBuf],
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>> {
+    let cas = read_certs(&files[0])?;
     WebPkiClientVerifier::builder_with_provider(Arc::new(root_store(&cas)?), provider())
         .allow_unauthenticated()
         .build()
@@ -267,42 +290,12 @@ fn client_verifier(path: &Path) -> Result<Arc<dyn rustls::server::danger::Client
 impl ReloadingClientVerifier {
     /// Reads the CAs now (failing if it cannot).
     pub fn new(path: &Path, check_every: std::time::Duration) -> Result<Self> {
-        let stamp = modified(path);
-        let current = client_verifier(path)?;
-        Ok(ReloadingClientVerifier {
-            path: path.into(),
-            check_every,
-            state: std::sync::RwLock::new(ClientVerifierState {
-                checked: std::time::Instant::now(),
-                stamp,
-                current,
-            }),
-        })
+        Reloading::new(vec![path.into()], check_every, "client CAs", client_verifier)
+            .map(ReloadingClientVerifier)
     }
 
     fn current(&self) -> Arc<dyn rustls::server::danger::ClientCertVerifier> {
-        {
-            let s = self.state.read().unwrap_or_else(|e| e.into_inner());
-            if s.checked.elapsed() < self.check_every {
-                return s.current.clone();
-            }
-        }
-        let mut s = self.state.write().unwrap_or_else(|e| e.into_inner());
-        s.checked = std::time::Instant::now();
-        let stamp = modified(&self.path);
-        if stamp != s.stamp {
-            match client_verifier(&self.path) {
-                Ok(v) => {
-                    tracing::info!(file = %self.path.display(), "reloaded the client CAs");
-                    s.current = v;
-                    s.stamp = stamp;
-                }
-                Err(e) => {
-                    tracing::warn!(file = %self.path.display(), error = %e, "new client CAs unusable; keeping the old ones")
-                }
-            }
-        }
-        s.current.clone()
+        self.0.current()
     }
 }
 

@@ -11,8 +11,8 @@ pub mod decode;
 
 use std::io::Read;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use http::{Method, Request, Response, StatusCode, header};
@@ -62,59 +62,31 @@ pub fn route(path: &str) -> Option<Origin> {
 /// (`/audit/host` or `/audit/vcluster/<namespace>/<name>`): a vcluster's
 /// API server should hold a token that can only report for it, or whoever
 /// can read that token can keep any target awake.
-pub struct Tokens {
-    path: PathBuf,
-    state: RwLock<(Instant, Option<SystemTime>, Vec<Token>)>,
-}
+pub struct Tokens(crate::tls::Reloading<Arc<Vec<Token>>, std::io::Error>);
 
 struct Token {
     secret: String,
     only: Option<Origin>,
 }
 
+fn read_tokens(files: &[PathBuf]) -> std::io::Result<Arc<Vec<Token>>> {
+    let text = std::fs::read_to_string(&files[0])?;
+    parse_tokens(&text).map(Arc::new).map_err(|e| {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {e}", files[0].display()))
+    })
+}
+
 impl Tokens {
     pub fn from_file(path: PathBuf) -> std::io::Result<Tokens> {
-        let (stamp, tokens) = Self::read(&path)?;
-        Ok(Tokens { path, state: RwLock::new((Instant::now(), stamp, tokens)) })
-    }
-
-    fn read(path: &std::path::Path) -> std::io::Result<(Option<SystemTime>, Vec<Token>)> {
-        let text = std::fs::read_to_string(path)?;
-        let stamp = std::fs::metadata(path).and_then(|m| m.modified()).ok();
-        let tokens = parse_tokens(&text).map_err(|e| {
-            std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {e}", path.display()))
-        })?;
-        Ok((stamp, tokens))
+        crate::tls::Reloading::new(vec![path], Duration::from_secs(5), "audit tokens", read_tokens)
+            .map(Tokens)
     }
 
     fn accepts(&self, presented: &str, origin: &Origin) -> bool {
-        let ok = |tokens: &[Token]| {
-            tokens.iter().any(|t| {
-                constant_time_eq(t.secret.as_bytes(), presented.as_bytes())
-                    && t.only.as_ref().is_none_or(|o| o == origin)
-            })
-        };
-        {
-            let s = self.state.read().unwrap_or_else(|e| e.into_inner());
-            if s.0.elapsed() < Duration::from_secs(5) {
-                return ok(&s.2);
-            }
-        }
-        let mut s = self.state.write().unwrap_or_else(|e| e.into_inner());
-        s.0 = Instant::now();
-        let stamp = std::fs::metadata(&self.path).and_then(|m| m.modified()).ok();
-        if stamp != s.1 {
-            match Self::read(&self.path) {
-                Ok((stamp, tokens)) => {
-                    s.1 = stamp;
-                    s.2 = tokens;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "the audit token file changed but cannot be used; keeping the tokens read before")
-                }
-            }
-        }
-        ok(&s.2)
+        self.0.current().iter().any(|t| {
+            constant_time_eq(t.secret.as_bytes(), presented.as_bytes())
+                && t.only.as_ref().is_none_or(|o| o == origin)
+        })
     }
 }
 
@@ -437,11 +409,12 @@ mod tests {
 
     #[test]
     fn a_token_may_be_limited_to_one_path() {
-        let tokens =
-            parse_tokens("# tokens\nhost-token\n\n  vc-token   /audit/vcluster/team-a/dev  # team a\n")
-                .unwrap();
-        assert_eq!(tokens.len(), 2);
-        let file = Tokens { path: PathBuf::new(), state: RwLock::new((Instant::now(), None, tokens)) };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens");
+        std::fs::write(&path, "# tokens\nhost-token\n\n  vc-token   /audit/vcluster/team-a/dev  # team a\n")
+            .unwrap();
+        let file = Tokens::from_file(path).unwrap();
+        assert_eq!(file.0.current().len(), 2);
         let (host, dev, other) = (
             Origin::Host,
             Origin::VCluster(TargetRef::vcluster("team-a", "dev")),
