@@ -17,15 +17,14 @@ use testbed::bench::percentile;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dormant::activity::Activity;
-use dormant::activity::ledger::{Flush, Ledger, SourceCounts};
+use dormant::activity::ledger::{Ledger, NoFlush};
 use dormant::activity::observe::{Observer, RulesCache};
 use dormant::audit::{Origin, Receiver};
 use dormant::metrics::Metrics;
 use dormant::policy::Defaults;
 use dormant::policy::ignore::IgnoreRules;
+use dormant::target::Scope;
 use dormant::target::index::TargetIndex;
-use dormant::target::{Scope, TargetRef};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use k8s_openapi::api::core::v1::ConfigMap;
@@ -33,13 +32,6 @@ use kube::api::{Api, DeleteParams, PostParams};
 use testbed::pki::Ca;
 use testbed::process::{free_port, http_ok, rss_kib};
 use testbed::{AuditWebhook, Cluster, ClusterOptions};
-
-struct NoFlush;
-impl Flush for NoFlush {
-    async fn flush(&self, _: TargetRef, _: Activity, _: SourceCounts) -> Result<(), String> {
-        Ok(())
-    }
-}
 
 /// Captures POST bodies over HTTPS.
 async fn capture_server(ca: &Ca) -> (u16, Arc<Mutex<Vec<Vec<u8>>>>) {

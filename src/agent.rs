@@ -640,7 +640,7 @@ pub async fn run_with(
         }
         () = &mut shutdown => false,
     };
-    let mut leading = None;
+    let mut running = None;
     if synced {
         ready.store(true, Ordering::Release);
         tracing::info!(identity = %settings.identity, "caches synced; agent ready");
@@ -678,11 +678,11 @@ pub async fn run_with(
                 }
             }
         });
-        leading = Some((controller, sweeper, lease_task));
+        running = Some((controller, sweeper, lease_task));
         shutdown.await;
     }
     tracing::info!("shutting down");
-    let lease_task = match leading {
+    let lease_task = match running {
         Some((controller, sweeper, lease_task)) => {
             sweeper.abort();
             controller.abort();

@@ -122,16 +122,20 @@ fn verifying(
 ) -> Result<rustls::ConfigBuilder<rustls::ServerConfig, rustls::server::WantsServerCert>> {
     let builder = server_builder()?;
     Ok(match client_cas {
-        Some(cas) => {
-            let verifier =
-                WebPkiClientVerifier::builder_with_provider(Arc::new(root_store(cas)?), provider())
-                    .allow_unauthenticated()
-                    .build()
-                    .map_err(Error::Verifier)?;
-            builder.with_client_cert_verifier(verifier)
-        }
+        Some(cas) => builder.with_client_cert_verifier(ca_verifier(cas)?),
         None => builder.with_no_client_auth(),
     })
+}
+
+/// Verifies offered client certificates against `cas`; clients without one
+/// may still connect.
+fn ca_verifier(
+    cas: &[CertificateDer<'static>],
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>> {
+    WebPkiClientVerifier::builder_with_provider(Arc::new(root_store(cas)?), provider())
+        .allow_unauthenticated()
+        .build()
+        .map_err(Error::Verifier)
 }
 
 /// Offers h2 and http/1.1.
@@ -280,11 +284,7 @@ pub struct ReloadingClientVerifier(Reloading<Arc<dyn rustls::server::danger::Cli
 fn client_verifier(
     files: &[std::path::PathBuf],
 ) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>> {
-    let cas = read_certs(&files[0])?;
-    WebPkiClientVerifier::builder_with_provider(Arc::new(root_store(&cas)?), provider())
-        .allow_unauthenticated()
-        .build()
-        .map_err(Error::Verifier)
+    ca_verifier(&read_certs(&files[0])?)
 }
 
 impl ReloadingClientVerifier {

@@ -358,6 +358,29 @@ async fn only_ignored_activity_lets_a_target_sleep_on_time_while_counted_activit
 }
 
 /// Posts to the agent's webhook over HTTPS (trusting the test CA).
+/// An audit batch with no events.
+const EMPTY_BATCH: &[u8] = br#"{"kind":"EventList","apiVersion":"audit.k8s.io/v1","items":[]}"#;
+
+/// Posts an empty batch to `path` until it is accepted (the agent re-reads
+/// its token and CA files within 5 s of a change); fails after 30 s.
+async fn accepted_once_reread(
+    port: u16,
+    path: &str,
+    headers: &[(&str, &str)],
+    cert: Option<&CertPair>,
+    what: &str,
+) {
+    let started = Instant::now();
+    loop {
+        let r = post(port, path, headers, EMPTY_BATCH.to_vec(), cert, "POST").await;
+        if matches!(r, Ok((200, _))) {
+            return;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "{what} was never read: {r:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 async fn post(
     port: u16,
     path: &str,
@@ -538,19 +561,7 @@ async fn bad_batches_get_the_right_status_record_nothing_and_the_server_keeps_se
         std::fs::write(&e.receiver.token_file, file).unwrap();
     }
     let scoped = [json, ("authorization", "Bearer vc-only-token")];
-    let empty = br#"{"kind":"EventList","apiVersion":"audit.k8s.io/v1","items":[]}"#.to_vec();
-    let started = std::time::Instant::now();
-    loop {
-        let (status, text) =
-            post(e.receiver.port, "/audit/vcluster/team-x/dev", &scoped, empty.clone(), None, "POST")
-                .await
-                .unwrap();
-        if status == 200 {
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(30), "the new token was never read: {status} {text}");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    accepted_once_reread(e.receiver.port, "/audit/vcluster/team-x/dev", &scoped, None, "the new token").await;
     for path in ["/audit/host", "/audit/vcluster/team-y/prod"] {
         let (status, text) = post(e.receiver.port, path, &scoped, good.clone(), None, "POST").await.unwrap();
         assert_eq!(status, 401, "a token limited to team-x/dev posted to {path}: {text}");
@@ -565,20 +576,11 @@ async fn bad_batches_get_the_right_status_record_nothing_and_the_server_keeps_se
         bundle.push_str(&rotated.cert_pem);
         std::fs::write(&e.receiver.ca_file, bundle).unwrap();
     }
-    let empty = br#"{"kind":"EventList","apiVersion":"audit.k8s.io/v1","items":[]}"#.to_vec();
-    let started = std::time::Instant::now();
-    loop {
-        let r =
-            post(e.receiver.port, "/audit/host", &[json], empty.clone(), Some(&rotated_client), "POST").await;
-        if matches!(r, Ok((200, _))) {
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(30), "the rotated CA was never read: {r:?}");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    accepted_once_reread(e.receiver.port, "/audit/host", &[json], Some(&rotated_client), "the rotated CA")
+        .await;
     let old_client = e.receiver.ca.client("kube-apiserver", &[]).unwrap();
     let (status, text) =
-        post(e.receiver.port, "/audit/host", &[json], empty.clone(), Some(&old_client), "POST")
+        post(e.receiver.port, "/audit/host", &[json], EMPTY_BATCH.to_vec(), Some(&old_client), "POST")
             .await
             .unwrap();
     assert_eq!(status, 200, "{text}");

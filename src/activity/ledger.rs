@@ -64,6 +64,15 @@ pub trait Flush: Send + Sync + 'static {
     ) -> impl std::future::Future<Output = Result<(), String>> + Send;
 }
 
+/// Writes nothing (benchmarks and tests of what comes before a flush).
+pub struct NoFlush;
+
+impl Flush for NoFlush {
+    async fn flush(&self, _: TargetRef, _: Activity, _: SourceCounts) -> Result<(), String> {
+        Ok(())
+    }
+}
+
 impl Ledger {
     /// A ledger whose queue holds at most `capacity` activities.
     pub fn new(capacity: usize) -> (Ledger, LedgerWorker) {
@@ -110,9 +119,9 @@ impl Ledger {
         self.entries().remove(target);
     }
 
-    /// The targets the ledger holds an entry for.
-    pub fn targets(&self) -> Vec<TargetRef> {
-        self.entries().keys().cloned().collect()
+    /// Keeps the entries of the targets `keep` says yes to.
+    pub fn retain(&self, keep: impl Fn(&TargetRef) -> bool) {
+        self.entries().retain(|t, _| keep(t));
     }
 }
 

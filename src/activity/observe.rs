@@ -153,11 +153,7 @@ impl Observer {
                 });
             }
         }
-        for t in self.ledger.targets() {
-            if !exists(&t) {
-                self.ledger.forget(&t);
-            }
-        }
+        self.ledger.retain(&exists);
         self.rules.cache.write().unwrap_or_else(|e| e.into_inner()).retain(|t, _| exists(t));
     }
 
@@ -275,8 +271,12 @@ mod tests {
         let (stores, _writers) = crate::target::stores::stores();
         let metrics = Arc::new(Metrics::new());
         let (ledger, worker) = Ledger::new(10_000);
-        let task =
-            tokio::spawn(worker.run(|_| {}, NoFlush, Duration::from_secs(3600), std::future::pending()));
+        let task = tokio::spawn(worker.run(
+            |_| {},
+            crate::activity::ledger::NoFlush,
+            Duration::from_secs(3600),
+            std::future::pending(),
+        ));
         let rules = RulesCache::new(stores, Defaults::default(), Scope::default(), Duration::from_secs(5));
         let o = Observer::new(ledger.clone(), IgnoreRules::default(), rules, metrics.clone());
         let (gone, kept) = (TargetRef::namespace("preview-1"), TargetRef::namespace("team-a"));
@@ -305,18 +305,5 @@ mod tests {
         assert!(!o.rules.cache.read().unwrap().contains_key(&gone));
         drop((o, ledger));
         task.abort();
-    }
-
-    struct NoFlush;
-
-    impl crate::activity::ledger::Flush for NoFlush {
-        async fn flush(
-            &self,
-            _: TargetRef,
-            _: Activity,
-            _: crate::activity::ledger::SourceCounts,
-        ) -> Result<(), String> {
-            Ok(())
-        }
     }
 }

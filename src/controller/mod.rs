@@ -83,8 +83,9 @@ pub struct Context {
     waking: Mutex<HashMap<TargetRef, (tokio::time::Instant, &'static str)>>,
 }
 
-/// Parsed policies, keyed by (name, resourceVersion) of each.
-type CandidateCache = (Vec<(String, Option<String>)>, Vec<Arc<Candidate>>);
+/// Parsed policies, keyed by (name, generation) of each: the status
+/// dormant writes does not make them parsed again.
+type CandidateCache = (Vec<(String, Option<i64>)>, Vec<Arc<Candidate>>);
 
 /// What a finished reconcile reports: the target and its next deadline.
 type Done = (TargetRef, Result<Option<DateTime<Utc>>, Error>);
@@ -153,10 +154,7 @@ impl Context {
 
     /// Resolver candidates, re-read only when a policy changed.
     pub fn candidates(&self) -> Vec<Arc<Candidate>> {
-        use kube::ResourceExt;
-        let mut key: Vec<(String, Option<String>)> =
-            self.stores.policies.state().iter().map(|p| (p.name_any(), p.resource_version())).collect();
-        key.sort();
+        let key = crate::target::stores::policy_generations(&self.stores.policies);
         let mut cache = lock(&self.candidates);
         if cache.0 != key || (cache.1.is_empty() && !key.is_empty()) {
             *cache = (key, self.stores.candidates());

@@ -248,9 +248,12 @@ async fn wake(
         }
         return Ok(());
     }
-    if r.kind == TargetKind::Namespace {
-        step(ctx, ev, "WakeFailed", ctx.scaler.check_scaled_objects(&r.namespace)).await?;
-    }
+    let scaled_objects = match r.kind {
+        TargetKind::Namespace => {
+            step(ctx, ev, "WakeFailed", ctx.scaler.resumable_scaled_objects(&r.namespace)).await?
+        }
+        TargetKind::VCluster => Vec::new(),
+    };
     let mut written = None;
     if ev.state != TargetState::Waking {
         annotations.insert(ann::STATE, Some(TargetState::Waking.as_str().into()));
@@ -266,7 +269,7 @@ async fn wake(
     }
     // KEDA last: its pause is lifted once the workloads are back.
     if r.kind == TargetKind::Namespace {
-        step(ctx, ev, "WakeFailed", resume_keda(ctx, ev)).await?;
+        step(ctx, ev, "WakeFailed", resume_keda(ctx, ev, &scaled_objects)).await?;
     }
     let ready = !records && ev.workloads.iter().all(|w| ev.excluded(w) || w.ready());
     if ready {
@@ -352,12 +355,17 @@ async fn pause_keda(ctx: &Context, ev: &Evaluation) -> Result<(), scaler::Error>
     Ok(())
 }
 
-/// Lifts every pause dormant put on the namespace's ScaledObjects and
+/// Lifts every pause dormant put on the namespace's ScaledObjects (read
+/// before the wake began; a changed one is read again on conflict) and
 /// ScaledJobs.
-async fn resume_keda(ctx: &Context, ev: &Evaluation) -> Result<(), scaler::Error> {
-    for so in ctx.scaler.scaled_objects(&ev.target.r.namespace).await? {
+async fn resume_keda(
+    ctx: &Context,
+    ev: &Evaluation,
+    scaled_objects: &[crate::scaler::ScaledObjectView],
+) -> Result<(), scaler::Error> {
+    for so in scaled_objects {
         if so.asleep() {
-            ctx.scaler.resume_scaled_object(&so).await?;
+            ctx.scaler.resume_scaled_object(so).await?;
         }
     }
     if ev.target.r.kind == TargetKind::Namespace {

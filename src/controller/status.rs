@@ -15,18 +15,16 @@ use crate::policy::crd::{FailedTarget, SleepPolicyStatus};
 use crate::policy::{SleepPolicy, TargetKind};
 
 pub(super) async fn tick(ctx: &Context) {
-    let now = Utc::now();
     if !ctx.is_leader() {
         // Again on every tick: a reconcile that started before leadership
         // was lost may have reported its target since.
         ctx.step_down();
+        return;
     }
-    ctx.metrics.cost.accrue(&ctx.metrics.savings, now);
+    ctx.metrics.cost.accrue(&ctx.metrics.savings, Utc::now());
     let summaries = ctx.summaries();
     count_targets(ctx, &summaries);
-    if ctx.is_leader() {
-        update_policy_status(ctx, &summaries).await;
-    }
+    update_policy_status(ctx, &summaries).await;
 }
 
 /// The targets-by-state gauge, from `summaries`.

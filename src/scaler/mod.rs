@@ -284,16 +284,17 @@ impl Scaler {
     }
 
     /// Gives a ScaledObject back the pause it had before sleeping.
-    /// Fails when a ScaledObject in `namespace` carries a record dormant
-    /// could not give back: checked before a wake changes anything, so
-    /// such a target is left as it is rather than half woken.
-    pub async fn check_scaled_objects(&self, namespace: &str) -> Result<()> {
-        for so in self.scaled_objects(namespace).await? {
-            if let Err(message) = keda::resume_patch(&so) {
+    /// The ScaledObjects in `namespace`, failing when one carries a record
+    /// dormant could not give back: read before a wake changes anything,
+    /// so such a target is left as it is rather than half woken.
+    pub async fn resumable_scaled_objects(&self, namespace: &str) -> Result<Vec<ScaledObjectView>> {
+        let all = self.scaled_objects(namespace).await?;
+        for so in &all {
+            if let Err(message) = keda::resume_patch(so) {
                 return Err(Error::BadAnnotation { id: so.id(), message });
             }
         }
-        Ok(())
+        Ok(all)
     }
 
     pub async fn resume_scaled_object(&self, so: &ScaledObjectView) -> Result<Outcome> {

@@ -135,6 +135,15 @@ impl Trim for Pod {
     }
 }
 
+/// Each SleepPolicy's name and generation, sorted: what changes when a
+/// policy is added, deleted or its spec changes, and not when only its
+/// status does.
+pub fn policy_generations(policies: &Store<SleepPolicy>) -> Vec<(String, Option<i64>)> {
+    let mut v: Vec<_> = policies.state().iter().map(|p| (p.name_any(), p.metadata.generation)).collect();
+    v.sort();
+    v
+}
+
 /// Runs one reflector, sending a [`Change`] for each object it sees change.
 async fn reflect<K>(
     api: Api<K>,
@@ -240,11 +249,9 @@ impl Writers {
                 // status does (dormant writes that itself, every few
                 // seconds while targets change).
                 let policies = self.policies.as_reader();
-                let mut last: Vec<(String, Option<i64>)> = Vec::new();
+                let mut last = Vec::new();
                 reflect(Api::all(client), wc(), self.policies, tx, move |_: &SleepPolicy| {
-                    let mut now: Vec<(String, Option<i64>)> =
-                        policies.state().iter().map(|p| (p.name_any(), p.metadata.generation)).collect();
-                    now.sort();
+                    let now = policy_generations(&policies);
                     (now != last).then(|| {
                         last = now;
                         Change::All
