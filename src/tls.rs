@@ -485,14 +485,24 @@ const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 pub const KEEPALIVE_PROBES: u32 = 3;
+/// How long what the agent sent may go unacknowledged before the
+/// connection is closed (`TCP_USER_TIMEOUT`): keepalive probes only an idle
+/// connection, and a client that vanished while a watch streams to it
+/// would otherwise be retried by the kernel for about 15 minutes, keeping
+/// its vcluster awake all that time. As long as keepalive's own limit
+/// (idle, then every probe unanswered), which it also governs once set.
+pub const UNACKED_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Turns TCP keepalive on for `tcp` (see [`KEEPALIVE_IDLE`]).
+/// Turns TCP keepalive on for `tcp` (see [`KEEPALIVE_IDLE`]) and closes it
+/// when what is sent goes unacknowledged for [`UNACKED_TIMEOUT`].
 pub fn keep_alive(tcp: &tokio::net::TcpStream) -> std::io::Result<()> {
     let params = socket2::TcpKeepalive::new()
         .with_time(KEEPALIVE_IDLE)
         .with_interval(KEEPALIVE_INTERVAL)
         .with_retries(KEEPALIVE_PROBES);
-    socket2::SockRef::from(tcp).set_tcp_keepalive(&params)
+    let socket = socket2::SockRef::from(tcp);
+    socket.set_tcp_keepalive(&params)?;
+    socket.set_tcp_user_timeout(Some(UNACKED_TIMEOUT))
 }
 
 /// How long a listener pauses after a failed accept (see [`accept`]).
@@ -565,5 +575,30 @@ where
             }
             this.background.detach();
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unacknowledged_data_closes_a_connection_when_keepalive_would() {
+        assert_eq!(UNACKED_TIMEOUT, KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_PROBES);
+    }
+
+    #[tokio::test]
+    async fn accepted_connections_are_probed_and_time_out_unacknowledged_data() -> anyhow::Result<()> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let _client = tokio::net::TcpStream::connect(listener.local_addr()?).await?;
+        let tcp = accept(&listener).await;
+        keep_alive(&tcp)?;
+        let socket = socket2::SockRef::from(&tcp);
+        assert!(socket.keepalive()?);
+        assert_eq!(socket.tcp_keepalive_time()?, KEEPALIVE_IDLE);
+        assert_eq!(socket.tcp_keepalive_interval()?, KEEPALIVE_INTERVAL);
+        assert_eq!(socket.tcp_keepalive_retries()?, KEEPALIVE_PROBES);
+        assert_eq!(socket.tcp_user_timeout()?, Some(UNACKED_TIMEOUT));
+        Ok(())
     }
 }

@@ -249,6 +249,7 @@ impl Channel {
         http.set_keepalive(Some(crate::tls::KEEPALIVE_IDLE));
         http.set_keepalive_interval(Some(crate::tls::KEEPALIVE_INTERVAL));
         http.set_keepalive_retries(Some(crate::tls::KEEPALIVE_PROBES));
+        http.set_tcp_user_timeout(Some(crate::tls::UNACKED_TIMEOUT));
         http.enforce_http(false);
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
