@@ -13,7 +13,8 @@
 //!   request's direct latency, over repeated sleep/wake cycles;
 //! - memory per waiting request, side by side: RSS with thousands of
 //!   requests held by dormant for a vcluster that cannot wake, and by nginx
-//!   and haproxy for an upstream that never answers.
+//!   and haproxy for an upstream that never answers; beside them the floor,
+//!   the same TLS connections held with no HTTP at all (`--tls-floor`).
 //!
 //! `DORMANT_BENCH_THROUGHPUT_ONLY=1` stops after the throughput table (for
 //! profiling the proxy's hot path); `DORMANT_BENCH_MEMORY_ONLY=1` measures
@@ -160,6 +161,10 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     dormant::tls::install_default_provider();
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some(TLS_FLOOR_ARG) {
+        return tls_floor(&argv[2..]).await;
+    }
     let c = Arc::new(tokio::task::spawn_blocking(|| Cluster::start(ClusterOptions::default())).await??);
     c.kubectl_apply(&c.admin, &dormant::cli::crd_yaml()?)?;
     c.wait_established("sleeppolicies.dormant.dev")?;
@@ -491,6 +496,58 @@ const LOADS: [Load; 3] = [
     Load { how: "HTTP/2, 100 streams on each of 50 connections", alpn: b"h2", connections: 50, streams: 100 },
 ];
 
+/// The argument that makes this binary the floor for memory per held
+/// connection: a server that accepts TLS connections as the proxy does
+/// (`TCP_NODELAY`, TCP keepalive, tokio-rustls with the ring provider, the
+/// proxy's ALPN) and only reads them, with no HTTP at all.
+const TLS_FLOOR_ARG: &str = "--tls-floor";
+
+async fn tls_floor(args: &[String]) -> anyhow::Result<()> {
+    use tokio::io::AsyncReadExt;
+    let [port, crt, key] = args else { anyhow::bail!("usage: {TLS_FLOOR_ARG} PORT CRT KEY") };
+    let (crt, key) = (std::path::Path::new(crt), std::path::Path::new(key));
+    let mut config =
+        dormant::tls::server_config(dormant::tls::read_certs(crt)?, dormant::tls::read_key(key)?, None)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port.parse::<u16>()?)).await?;
+    loop {
+        let tcp = dormant::tls::accept(&listener).await;
+        let _ = tcp.set_nodelay(true);
+        let _ = dormant::tls::keep_alive(&tcp);
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+            let mut buf = [0u8; 64];
+            while let Ok(1..) = tls.read(&mut buf).await {}
+        });
+    }
+}
+
+/// The floor for `load`: RSS per connection held by [`tls_floor`], in a
+/// process of its own (this binary again, one worker thread).
+async fn held_floor(run: &MemoryRun<'_>, load: Load) -> anyhow::Result<Held> {
+    let port = free_port()?;
+    let floor = Stopped(
+        Command::new(std::env::current_exe()?)
+            .args([
+                TLS_FLOOR_ARG.into(),
+                port.to_string(),
+                run.crt.display().to_string(),
+                run.key.display().to_string(),
+            ])
+            .env("TOKIO_WORKER_THREADS", "1")
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    wait_listening(port).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let pid = floor.0.id();
+    let sockets = || std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0) as f64;
+    let before = sockets();
+    measure(|| rss_kib(pid), &|| sockets() - before, port, "/api", load).await
+}
+
 /// Requests held, and RSS (KiB) before and after.
 #[derive(Clone, Copy, Default)]
 struct Held {
@@ -517,7 +574,7 @@ impl Held {
 /// API server still starting, has taken but not answered. Every
 /// measurement on a freshly started process, so memory freed by an earlier
 /// one is not reused.
-async fn held_memory(run: &MemoryRun<'_>) -> anyhow::Result<Vec<(Load, [Held; 3])>> {
+async fn held_memory(run: &MemoryRun<'_>) -> anyhow::Result<Vec<(Load, [Held; 3], Option<Held>)>> {
     run.c.kubectl_apply(
         &run.c.admin,
         "apiVersion: v1\nkind: Secret\nmetadata: {name: vc-stuck, namespace: bench}\nstringData: {certificate-authority: x}\n---\napiVersion: apps/v1\nkind: StatefulSet\nmetadata:\n  name: stuck\n  namespace: bench\n  labels: {app: vcluster, release: stuck}\n  annotations: {dormant.dev/sleep-after: 1h}\nspec:\n  replicas: 0\n  serviceName: stuck\n  selector: {matchLabels: {app: vcluster, release: stuck}}\n  template:\n    metadata: {labels: {app: vcluster, release: stuck}}\n    spec: {nodeSelector: {no: node}, containers: [{name: c, image: x}]}\n",
@@ -560,15 +617,20 @@ async fn held_memory(run: &MemoryRun<'_>) -> anyhow::Result<Vec<(Load, [Held; 3]
             let taken = || upstream.taken.load(std::sync::atomic::Ordering::Relaxed) as f64;
             *other = measure(|| tree_rss_kib(pid), &taken, port, "/api", load).await?;
         }
-        rows.push((load, [dormant, others[0], others[1]]));
+        // One connection per request: what TLS alone costs per connection.
+        let floor = if load.streams == 1 { Some(held_floor(run, load).await?) } else { None };
+        rows.push((load, [dormant, others[0], others[1]], floor));
     }
     Ok(rows)
 }
 
-fn print_held(rows: &[(Load, [Held; 3])]) {
-    println!("\n| memory per waiting request | dormant | nginx | haproxy |\n| --- | --- | --- | --- |");
-    for (load, [d, n, h]) in rows {
-        println!("| {} | {} | {} | {} |", load.how, d.cell(), n.cell(), h.cell());
+fn print_held(rows: &[(Load, [Held; 3], Option<Held>)]) {
+    println!(
+        "\n| memory per waiting request | dormant | nginx | haproxy | floor: the TLS connection alone (tokio-rustls, no HTTP) |\n| --- | --- | --- | --- | --- |"
+    );
+    for (load, [d, n, h], floor) in rows {
+        let floor = floor.as_ref().map_or("—".to_string(), Held::cell);
+        println!("| {} | {} | {} | {} | {floor} |", load.how, d.cell(), n.cell(), h.cell());
     }
 }
 
@@ -588,6 +650,8 @@ async fn measure(
     while held() < want * 0.99 && start.elapsed() < Duration::from_secs(60) {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // Connections still handshaking settle (what `held` counts may run ahead).
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let held = held();
     let after = rss();
     for h in holders {
