@@ -20,7 +20,9 @@
 //! profiling the proxy's hot path); `DORMANT_BENCH_MEMORY_ONLY=1` measures
 //! only the memory per waiting request; `DORMANT_BENCH_HOLD=1` sets up the
 //! throughput run's upstream and proxies, prints their URLs and waits for
-//! Ctrl-C (to drive load and profilers by hand).
+//! Ctrl-C (to drive load and profilers by hand). `DORMANT_BENCH_AGENT=path`
+//! measures that build of the agent instead of this one's (an older
+//! commit's, say, to tell a regression from a slower machine).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use anyhow::Context;
@@ -233,7 +235,9 @@ async fn main() -> anyhow::Result<()> {
         // get: the comparison is per core.
         ("TOKIO_WORKER_THREADS".into(), "1".into()),
     ];
-    let bin = std::path::PathBuf::from(env!("CARGO_BIN_EXE_dormant"));
+    // Another build of the agent, to compare two versions in one setup.
+    let bin = std::env::var_os("DORMANT_BENCH_AGENT")
+        .map_or_else(|| std::path::PathBuf::from(env!("CARGO_BIN_EXE_dormant")), std::path::PathBuf::from);
     let mut agent = testbed::spawner::spawn_with_env("dormant-proxy-bench", &bin, &args, &env, &c.dir)?;
     agent.wait_ready(Duration::from_secs(60), || http_ok(admin_port, "/readyz"))?;
     tokio::time::sleep(Duration::from_secs(3)).await;
