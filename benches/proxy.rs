@@ -510,15 +510,14 @@ async fn tls_floor(args: &[String]) -> anyhow::Result<()> {
     use tokio::io::AsyncReadExt;
     let [port, crt, key] = args else { anyhow::bail!("usage: {TLS_FLOOR_ARG} PORT CRT KEY") };
     let (crt, key) = (std::path::Path::new(crt), std::path::Path::new(key));
-    let mut config =
+    // The proxy's ALPN (`server_config` offers h2 and http/1.1).
+    let config =
         dormant::tls::server_config(dormant::tls::read_certs(crt)?, dormant::tls::read_key(key)?, None)?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port.parse::<u16>()?)).await?;
     loop {
         let tcp = dormant::tls::accept(&listener).await;
-        let _ = tcp.set_nodelay(true);
-        let _ = dormant::tls::keep_alive(&tcp);
+        dormant::tls::tune(&tcp);
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
             let Ok(mut tls) = acceptor.accept(tcp).await else { return };

@@ -103,26 +103,28 @@ pub fn server_config(
     key: PrivateKeyDer<'static>,
     client_cas: Option<&[CertificateDer<'static>]>,
 ) -> Result<rustls::ServerConfig> {
-    let config = verifying(client_cas)?.with_single_cert(certs, key).map_err(Error::Config)?;
+    let clients = client_cas.map(ca_verifier).transpose()?;
+    let config = verifying(clients)?.with_single_cert(certs, key).map_err(Error::Config)?;
     Ok(offering_http(config))
 }
 
 /// A server configuration builder with the ring provider and safe protocol
 /// versions, ready for a client-certificate verifier.
-pub fn server_builder() -> Result<rustls::ConfigBuilder<rustls::ServerConfig, rustls::WantsVerifier>> {
+fn server_builder() -> Result<rustls::ConfigBuilder<rustls::ServerConfig, rustls::WantsVerifier>> {
     rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(Error::Config)
 }
 
-/// Verifies offered client certificates against `client_cas` (clients
-/// without one may still connect and use a bearer token); none without.
+/// A server builder whose offered client certificates must pass `clients`
+/// (clients without one may still connect and use a bearer token); none
+/// are asked for without.
 fn verifying(
-    client_cas: Option<&[CertificateDer<'static>]>,
+    clients: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
 ) -> Result<rustls::ConfigBuilder<rustls::ServerConfig, rustls::server::WantsServerCert>> {
     let builder = server_builder()?;
-    Ok(match client_cas {
-        Some(cas) => builder.with_client_cert_verifier(ca_verifier(cas)?),
+    Ok(match clients {
+        Some(v) => builder.with_client_cert_verifier(v),
         None => builder.with_no_client_auth(),
     })
 }
@@ -139,7 +141,7 @@ fn ca_verifier(
 }
 
 /// Offers h2 and http/1.1.
-pub fn offering_http(mut config: rustls::ServerConfig) -> rustls::ServerConfig {
+fn offering_http(mut config: rustls::ServerConfig) -> rustls::ServerConfig {
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     config
 }
@@ -266,12 +268,7 @@ pub fn server_config_with_resolver(
     resolver: Arc<dyn rustls::server::ResolvesServerCert>,
     clients: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
 ) -> Result<rustls::ServerConfig> {
-    let builder = server_builder()?;
-    let builder = match clients {
-        Some(v) => builder.with_client_cert_verifier(v),
-        None => builder.with_no_client_auth(),
-    };
-    Ok(offering_http(builder.with_cert_resolver(resolver)))
+    Ok(offering_http(verifying(clients)?.with_cert_resolver(resolver)))
 }
 
 /// Verifies offered client certificates against the CAs in a file, read
@@ -491,7 +488,8 @@ pub const KEEPALIVE_PROBES: u32 = 3;
 /// would otherwise be retried by the kernel for about 15 minutes, keeping
 /// its vcluster awake all that time. As long as keepalive's own limit
 /// (idle, then every probe unanswered), which it also governs once set.
-pub const UNACKED_TIMEOUT: Duration = Duration::from_secs(60);
+pub const UNACKED_TIMEOUT: Duration =
+    Duration::from_secs(KEEPALIVE_IDLE.as_secs() + KEEPALIVE_INTERVAL.as_secs() * KEEPALIVE_PROBES as u64);
 
 /// Turns TCP keepalive on for `tcp` (see [`KEEPALIVE_IDLE`]) and closes it
 /// when what is sent goes unacknowledged for [`UNACKED_TIMEOUT`].
@@ -505,13 +503,20 @@ pub fn keep_alive(tcp: &tokio::net::TcpStream) -> std::io::Result<()> {
     socket.set_tcp_user_timeout(Some(UNACKED_TIMEOUT))
 }
 
+/// Sets up a connection the agent accepted: `TCP_NODELAY` (responses are
+/// small writes after the request: with Nagle's algorithm they would wait
+/// for the client's delayed ACK, up to 40 ms) and [`keep_alive`]. A socket
+/// that refuses either is served all the same.
+pub fn tune(tcp: &tokio::net::TcpStream) {
+    let _ = tcp.set_nodelay(true);
+    let _ = keep_alive(tcp);
+}
+
 /// How long a listener pauses after a failed accept (see [`accept`]).
 const ACCEPT_RETRY: Duration = Duration::from_millis(250);
 
 /// Serves HTTPS on `listener` until the task is dropped. Each connection
-/// gets `TCP_NODELAY` (responses are small writes after the request: with
-/// Nagle's algorithm they would wait for the client's delayed ACK, up to
-/// 40 ms), TCP keepalive ([`keep_alive`]), ten seconds for its handshake,
+/// is [`tune`]d and gets ten seconds for its handshake,
 /// a [`Conn`] with a fresh `S`, and `handle(request, that Conn)` for each
 /// request; upgrades pass.
 pub async fn serve_https<S, H, F, B>(listener: TcpListener, tls: TlsAcceptor, handle: H)
@@ -525,8 +530,7 @@ where
 {
     loop {
         let tcp = accept(&listener).await;
-        let _ = tcp.set_nodelay(true);
-        let _ = keep_alive(&tcp);
+        tune(&tcp);
         let (tls, handle) = (tls.clone(), handle.clone());
         tokio::spawn(async move {
             let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await else {
@@ -581,11 +585,6 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn unacknowledged_data_closes_a_connection_when_keepalive_would() {
-        assert_eq!(UNACKED_TIMEOUT, KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_PROBES);
-    }
 
     #[tokio::test]
     async fn accepted_connections_are_probed_and_time_out_unacknowledged_data() -> anyhow::Result<()> {

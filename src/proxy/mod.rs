@@ -1122,11 +1122,7 @@ impl rustls::server::danger::ClientCertVerifier for DeferredClientCert {
 /// The proxy's TLS configuration: its certificate (reloaded on change),
 /// h2 and http/1.1, client certificates requested but optional.
 pub fn tls_config(cert: Arc<crate::tls::ReloadingCert>) -> Result<rustls::ServerConfig, crate::tls::Error> {
-    Ok(crate::tls::offering_http(
-        crate::tls::server_builder()?
-            .with_client_cert_verifier(Arc::new(DeferredClientCert::default()))
-            .with_cert_resolver(cert),
-    ))
+    crate::tls::server_config_with_resolver(cert, Some(Arc::new(DeferredClientCert::default())))
 }
 
 #[cfg(test)]
