@@ -770,10 +770,13 @@ async fn two_replicas_flushing_counts_for_one_target_lose_none() {
     let client = c.client().await.unwrap();
     let (stores, writers) = dormant::target::stores::stores();
     writers.fill(client.clone()).await.unwrap();
-    let throttle = dormant::scaler::Throttle::new(50.try_into().unwrap(), 50.try_into().unwrap());
-    let flusher = |_| dormant::agent::AnnotationFlusher {
+    let throttle = dormant::client::Throttle::new(50.try_into().unwrap(), 50.try_into().unwrap());
+    let flusher = |_| dormant::activity::flush::AnnotationFlusher {
         stores: stores.clone(),
-        scaler: dormant::scaler::Scaler::new(client.clone(), throttle.clone()),
+        annotator: dormant::annotate::Annotator::new(dormant::client::Patcher::new(
+            client.clone(),
+            throttle.clone(),
+        )),
     };
     let (a, b) = (flusher(1), flusher(2));
     let target = dormant::target::TargetRef::namespace(&ns);
@@ -786,6 +789,8 @@ async fn two_replicas_flushing_counts_for_one_target_lose_none() {
         verb: "list".into(),
         resource: None,
         path: "/api/v1/namespaces".into(),
+        code: None,
+        in_vcluster: false,
     };
     let counts = |n: u64| [("alice (kubectl)".to_string(), n)].into_iter().collect();
     // Both from the store's view before either write (no watch runs here,
@@ -810,7 +815,7 @@ async fn a_request_marked_ignored_by_the_proxy_counts_for_nothing_when_audited()
     let rule = "dormant_activity_total{source=\"audit\",outcome=\"ignored\",rule=\"builtin-user-agent\"}";
     let before = metric(&e.agent, rule);
     let marked = batch(&ns, "dashboard")
-        .replace("\"curl/8\"", &format!("\"curl/8 {}\"", dormant::proxy::IGNORED_USER_AGENT_MARK));
+        .replace("\"curl/8\"", &format!("\"curl/8 {}\"", dormant::vocab::IGNORED_USER_AGENT_MARK));
     let (status, text) =
         post(e.receiver.port, "/audit/host", &headers, marked.into_bytes(), None, "POST").await.unwrap();
     assert_eq!(status, 200, "{text}");

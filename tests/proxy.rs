@@ -990,3 +990,56 @@ fn refusals_have_the_documented_status_and_read_well_in_kubectl() {
     assert!(text(&out).1.contains("Error from server (ServiceUnavailable)"), "{}", text(&out).1);
     assert_eq!(state(c, "statefulset", "dev", Some(&s.ns)), "asleep", "prevented requests do not wake it");
 }
+
+/// A target whose annotations cannot be read is left exactly as it is by
+/// every part of dormant (docs/architecture.md): the controller neither
+/// sleeps nor wakes it and says why in an Event; a use through the proxy
+/// still counts (recorded on the target, so nothing is lost once it is
+/// fixed); and the proxy refuses at once, saying what is wrong, instead of
+/// holding the request for a wake that would never come.
+#[test]
+fn an_invalid_target_is_left_as_it_is_and_its_use_still_counts() {
+    let c = Cluster::shared();
+    let s = setup("proxy-invalid", &[], Some("  wake: {timeout: 30s}\n"));
+    put_to_sleep(c, &s);
+    kubectl(
+        c,
+        &["annotate", "--overwrite", "statefulset", "dev", "-n", &s.ns, "dormant.dev/sleep-after=soon"],
+    );
+    wait_until("the target to be reported invalid", Duration::from_secs(30), || {
+        event_notes(c, &s.ns, "PolicyInvalid").contains("dormant.dev/sleep-after")
+    });
+    let cert = c.ca.client("kube:admin", &["system:masters"]).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let asked = Instant::now();
+    let (code, raw) =
+        rt.block_on(raw_get(&s.proxy, &format!("/vcluster/{}/dev/api/v1/namespaces", s.ns), &cert));
+    assert_eq!(code, 503, "{raw}");
+    assert!(
+        raw.contains("dormant leaves it as it is until this is fixed")
+            && raw.contains("dormant.dev/sleep-after"),
+        "{raw}"
+    );
+    assert!(asked.elapsed() < Duration::from_secs(20), "held for {:?}, not refused at once", asked.elapsed());
+    // The use counted: written on the target as its last activity.
+    wait_until("the refused use to be recorded", Duration::from_secs(15), || {
+        annotation(c, "statefulset", "dev", Some(&s.ns), "dormant.dev/last-activity-by")
+            .starts_with("kube:admin list namespaces (proxy)")
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        jsonpath(c, "statefulset", "dev", Some(&s.ns), "{.spec.replicas}"),
+        "0",
+        "an invalid target was woken"
+    );
+    assert_eq!(state(c, "statefulset", "dev", Some(&s.ns)), "asleep");
+    let metrics = s.agent.get("/metrics");
+    assert!(
+        metrics.contains("dormant_proxy_requests_total{outcome=\"invalid\",code=\"503\"} 1"),
+        "{metrics}"
+    );
+    // Fixed, the next request wakes it.
+    kubectl(c, &["annotate", "statefulset", "dev", "-n", &s.ns, "dormant.dev/sleep-after-"]);
+    let out = kubectl_with(c, &s.kubeconfig, &["get", "namespaces", "-o", "name"]);
+    assert!(out.status.success(), "{}\n{}", text(&out).1, s.agent.log());
+}

@@ -1,7 +1,9 @@
 //! The one way activity enters dormant: an observed use of a target is
-//! checked against the built-in ignore rules and the target's effective
-//! policy, counted in the metrics, and — unless ignored — queued for the
-//! ledger. The audit webhook and the proxy both report through here.
+//! judged — a request nobody authenticated, a vcluster's syncer, a target's
+//! own service accounts, the built-in ignore rules and the target's
+//! effective policy's — counted in the metrics, and, unless ignored,
+//! queued for the ledger. The audit webhook and the proxy both report
+//! through here, and nothing else decides whether a use counts.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -12,9 +14,9 @@ use super::{Activity, Source};
 use prometheus_client::metrics::counter::Counter;
 
 use crate::metrics::{ActivityLabels, Metrics, SourceLabels};
-use crate::policy::annotations::TargetAnnotations;
-use crate::policy::ignore::{IgnoreRules, Ignored, ignored_by};
-use crate::policy::{Defaults, resolve};
+use crate::policy::Defaults;
+use crate::policy::ignore::{IgnoreRules, ignored_by, own_service_account};
+use crate::target::effective::effective;
 use crate::target::{Scope, Stores, TargetRef};
 
 /// Per-target ignore rules from the effective policy, resolved from the
@@ -33,31 +35,24 @@ impl RulesCache {
         RulesCache { stores, defaults, scope, ttl, cache: RwLock::new(HashMap::new()) }
     }
 
-    /// The policy's ignore rules for `t` (none when it has no valid policy).
+    /// The policy's ignore rules for `t`: none beyond the built-in ones
+    /// when it has no valid policy (see [`crate::target::effective`]).
     pub fn get(&self, t: &TargetRef) -> Arc<IgnoreRules> {
         if let Some((at, rules)) = self.cache.read().unwrap_or_else(|e| e.into_inner()).get(t)
             && at.elapsed() < self.ttl
         {
             return rules.clone();
         }
-        let rules = Arc::new(self.resolve(t).unwrap_or_default());
+        let rules = match effective(&self.stores, &self.defaults, &self.scope, t) {
+            Ok(Some(g)) => g.policy.ignore.value,
+            Ok(None) | Err(_) => IgnoreRules::default(),
+        };
+        let rules = Arc::new(rules);
         self.cache
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(t.clone(), (Instant::now(), rules.clone()));
         rules
-    }
-
-    fn resolve(&self, t: &TargetRef) -> Option<IgnoreRules> {
-        let target = self.stores.target(t)?;
-        if !self.scope.allows(&t.namespace, &target.namespace_labels) {
-            return None;
-        }
-        let annotations = TargetAnnotations::parse(target.object.annotations()).ok()?;
-        let candidates = self.stores.candidates();
-        resolve(t.kind, &target.namespace_labels, &annotations, &candidates, &self.defaults)
-            .ok()
-            .map(|p| p.ignore.value)
     }
 }
 
@@ -65,7 +60,8 @@ impl RulesCache {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     Counted,
-    Ignored(Ignored),
+    /// Ignored, by the rule its metric label names.
+    Ignored(&'static str),
     /// Counted, but the ledger's queue was full.
     Dropped,
 }
@@ -163,31 +159,54 @@ impl Observer {
 
     /// Decides whether `a` counts for `t`, and records it if so.
     /// The proxy passes an `Arc` it keeps (a held request wakes the target
-    /// with it); the audit receiver passes the activity itself, which is
-    /// boxed only if it counts.
+    /// with it); the audit receiver passes one `Arc` for every target an
+    /// event is attributed to.
     pub fn observe<A>(&self, t: &TargetRef, a: A) -> Outcome
     where
         A: AsRef<Activity> + Into<Arc<Activity>>,
     {
         match self.judge(t, a.as_ref()) {
-            Some(ignored) => Outcome::Ignored(ignored),
+            Some(rule) => Outcome::Ignored(rule),
             None => self.record(t, a),
         }
     }
 
-    /// Why `a` does not count for `t`, if it does not (counted in metrics);
-    /// `None` for activity to [`record`](Self::record).
-    pub fn judge(&self, t: &TargetRef, a: &Activity) -> Option<Ignored> {
-        let ignored = ignored_by(&self.builtin, &self.rules.get(t), a)?;
-        let rule = ignored.kind.label(ignored.builtin);
-        let source = a.source.as_str();
-        self.metrics.activity.get_or_create(&ActivityLabels { source, outcome: "ignored", rule }).inc();
-        Some(ignored)
+    /// Why `a` is nobody's use of `t`, as the `rule` metric label, if it is
+    /// not (counted in the metrics); `None` for a use to
+    /// [`record`](Self::record). In this order:
+    /// - [`UNAUTHENTICATED`]: its API server could not tell who made it
+    ///   (401, or audited with no user): an expired CI token polling for
+    ///   ever must not keep a target awake;
+    /// - [`VCLUSTER_SYNCER`]: a vcluster's syncer, reported by the
+    ///   vcluster's own audit webhook;
+    /// - [`OWN_SERVICE_ACCOUNT`]: reported by an audit webhook, made by one
+    ///   of the target's own service accounts (its workloads), unless its
+    ///   policy counts them;
+    /// - the built-in ignore rules, then the target's policy's.
+    pub fn judge(&self, t: &TargetRef, a: &Activity) -> Option<&'static str> {
+        let rule = if a.code == Some(401) || a.user.is_empty() {
+            UNAUTHENTICATED
+        } else if a.source == Source::Audit && a.in_vcluster && from_vcluster_syncer(&a.user_agent) {
+            VCLUSTER_SYNCER
+        } else {
+            let rules = self.rules.get(t);
+            if a.source == Source::Audit
+                && !rules.count_own_service_accounts
+                && own_service_account(&a.user, &t.namespace, a.in_vcluster)
+            {
+                OWN_SERVICE_ACCOUNT
+            } else {
+                let ignored = ignored_by(&self.builtin, &rules, a)?;
+                ignored.kind.label(ignored.builtin)
+            }
+        };
+        self.turn_away(a.source, rule);
+        Some(rule)
     }
 
-    /// A request that is nobody's use of the target ([`UNAUTHENTICATED`],
-    /// [`VCLUSTER_SYNCER`], [`OWN_SERVICE_ACCOUNT`]): counted in metrics
-    /// only, as ignored by `rule`.
+    /// A request that is nobody's use of any target ([`UNKNOWN_VCLUSTER`],
+    /// or [`UNAUTHENTICATED`] once the proxy sees its answer): counted in
+    /// metrics only, as ignored by `rule`.
     pub fn turn_away(&self, source: Source, rule: &'static str) {
         let labels = ActivityLabels { source: source.as_str(), outcome: "ignored", rule };
         self.metrics.activity.get_or_create(&labels).inc();
@@ -209,6 +228,14 @@ impl Observer {
             Outcome::Dropped
         }
     }
+}
+
+/// True for a user agent of a vcluster's syncer. It uses the same admin
+/// credential as the `vc-<name>` kubeconfig people are given, and watches
+/// all the time (a watch restarts every few minutes); only its user agent
+/// tells it apart: client-go's default, named after the `vcluster` binary.
+pub fn from_vcluster_syncer(user_agent: &str) -> bool {
+    user_agent.starts_with("vcluster/")
 }
 
 /// `kubectl/v1.37.2 (linux/amd64) kubernetes/abc` → `kubectl`: the product
@@ -234,6 +261,8 @@ mod tests {
             verb: "list".into(),
             resource: None,
             path: "/api".into(),
+            code: None,
+            in_vcluster: true,
         }
     }
 

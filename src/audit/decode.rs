@@ -148,15 +148,6 @@ impl Event<'_> {
         self.user.username.is_empty() || self.response_status.and_then(|s| s.code) == Some(401)
     }
 
-    /// True for a request by a vcluster's syncer to the vcluster's own API
-    /// server. The syncer uses the same admin credential as the `vc-<name>`
-    /// kubeconfig people are given, and watches all the time (a watch
-    /// restarts every few minutes); only its user agent tells it apart:
-    /// client-go's default, named after the `vcluster` binary.
-    pub fn from_vcluster_syncer(&self) -> bool {
-        self.user_agent.as_deref().is_some_and(|ua| ua.starts_with("vcluster/"))
-    }
-
     /// The user the request acted as (the impersonated one, if any).
     pub fn effective_user(&self) -> &UserInfo<'_> {
         self.impersonated_user.as_ref().unwrap_or(&self.user)
@@ -195,7 +186,7 @@ mod tests {
         let e = &items[0];
         assert!(e.counts());
         assert_eq!(e.namespace(), Some("team-a"));
-        let a = to_activity(e, Utc::now());
+        let a = to_activity(e, Utc::now(), &crate::audit::Origin::Host);
         assert_eq!(a.user, "alice");
         assert_eq!(a.verb, "list");
         assert_eq!(a.path, "/api/v1/namespaces/team-a/pods");
@@ -283,7 +274,7 @@ mod tests {
         let body = r#"{"kind":"EventList","apiVersion":"audit.k8s.io/v1","items":[{"auditID":"x","stage":"ResponseComplete","requestURI":"/api/v1/namespaces/team-b","verb":"get","user":{"username":"dormant-proxy"},"impersonatedUser":{"username":"bob","groups":["devs"]},"objectRef":{"resource":"namespaces","name":"team-b","apiVersion":"v1"}}]}"#;
         let items = decode(body.as_bytes()).unwrap();
         assert_eq!(items[0].namespace(), Some("team-b"));
-        let a = to_activity(&items[0], Utc::now());
+        let a = to_activity(&items[0], Utc::now(), &crate::audit::Origin::Host);
         assert_eq!((a.user.as_str(), a.groups.as_slice()), ("bob", &["devs".to_string()][..]));
     }
 }

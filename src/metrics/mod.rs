@@ -276,6 +276,12 @@ impl Metrics {
         }
     }
 
+    /// Observes a reconcile's duration when dropped: also when its future
+    /// is dropped at the timeout, so reconciles that hang are measured.
+    pub fn reconcile_timer(&self) -> Timer<'_> {
+        Timer { histogram: &self.reconcile_duration, started: std::time::Instant::now() }
+    }
+
     /// OpenMetrics text.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -317,5 +323,17 @@ impl Metrics {
         self.target_asleep_seconds.remove(l);
         self.target_cpu_cores.remove(l);
         self.target_memory_bytes.remove(l);
+    }
+}
+
+/// Observes the time since it was made into a histogram when dropped.
+pub struct Timer<'a> {
+    histogram: &'a Histogram,
+    started: std::time::Instant,
+}
+
+impl Drop for Timer<'_> {
+    fn drop(&mut self) {
+        self.histogram.observe(self.started.elapsed().as_secs_f64());
     }
 }

@@ -2,7 +2,21 @@
 //! GitOps pollers, health checks). Matching is a pure function of one
 //! activity record.
 
-use crate::activity::Activity;
+use crate::vocab::IGNORED_USER_AGENT_MARK;
+
+/// What ignore rules look at in a request: who made it, with what, and
+/// what it touched. Activity records implement it; this module matches
+/// them without knowing where they came from.
+pub trait Request {
+    fn user(&self) -> &str;
+    fn groups(&self) -> &[String];
+    fn user_agent(&self) -> &str;
+    fn verb(&self) -> &str;
+    /// `(group, resource, subresource, name)` for a resource request.
+    fn resource(&self) -> Option<(&str, &str, &str, &str)>;
+    /// The request path (what non-resource rules match).
+    fn path(&self) -> &str;
+}
 
 /// Matches `*` as any run of characters (including none); every other
 /// character literally.
@@ -171,11 +185,6 @@ pub fn own_service_account(user: &str, namespace: &str, in_vcluster: bool) -> bo
     }
 }
 
-/// The mark dormant's proxy appends to the user agent of a request sent
-/// with `X-Dormant-Ignore: true`, so that the vcluster's API server's
-/// audit report of it counts for nothing too (a built-in rule).
-pub const IGNORED_USER_AGENT_MARK: &str = "(dormant-ignore)";
-
 impl IgnoreRules {
     /// The rules every target gets, so that the cluster's own machinery
     /// never keeps a target awake: dormant itself, the control plane's
@@ -231,30 +240,28 @@ impl IgnoreRules {
     }
 
     /// The first rule that ignores `a`, if any.
-    pub fn matches(&self, a: &Activity) -> Option<Ignored> {
+    pub fn matches(&self, a: &(impl Request + ?Sized)) -> Option<Ignored> {
         let hit = |kind, pattern: &String| Some(Ignored { kind, pattern: pattern.clone(), builtin: false });
-        if let Some(p) = self.users.iter().find(|p| glob_match(p, &a.user)) {
+        if let Some(p) = self.users.iter().find(|p| glob_match(p, a.user())) {
             return hit(RuleKind::User, p);
         }
-        if let Some(p) = self.groups.iter().find(|p| a.groups.iter().any(|g| glob_match(p, g))) {
+        if let Some(p) = self.groups.iter().find(|p| a.groups().iter().any(|g| glob_match(p, g))) {
             return hit(RuleKind::Group, p);
         }
-        if let Some(p) = self.user_agents.iter().find(|p| glob_match_ignore_case(p, &a.user_agent)) {
+        if let Some(p) = self.user_agents.iter().find(|p| glob_match_ignore_case(p, a.user_agent())) {
             return hit(RuleKind::UserAgent, p);
         }
-        if let Some(p) = self.verbs.iter().find(|p| glob_match(p, &a.verb)) {
+        if let Some(p) = self.verbs.iter().find(|p| glob_match(p, a.verb())) {
             return hit(RuleKind::Verb, p);
         }
-        match &a.resource {
-            Some(r) => {
-                let resource: std::borrow::Cow<'_, str> = if r.subresource.is_empty() {
-                    r.resource.as_str().into()
+        match a.resource() {
+            Some((group, resource, subresource, name)) => {
+                let resource: std::borrow::Cow<'_, str> = if subresource.is_empty() {
+                    resource.into()
                 } else {
-                    format!("{}/{}", r.resource, r.subresource).into()
+                    format!("{resource}/{subresource}").into()
                 };
-                if let Some(rule) =
-                    self.resources.iter().find(|rule| rule.matches(&r.group, &resource, &r.name))
-                {
+                if let Some(rule) = self.resources.iter().find(|rule| rule.matches(group, &resource, name)) {
                     return Some(Ignored {
                         kind: RuleKind::Resource,
                         pattern: rule.pattern(),
@@ -263,7 +270,7 @@ impl IgnoreRules {
                 }
             }
             None => {
-                if let Some(p) = self.non_resource_urls.iter().find(|p| glob_match(p, &a.path)) {
+                if let Some(p) = self.non_resource_urls.iter().find(|p| glob_match(p, a.path())) {
                     return hit(RuleKind::NonResourceUrl, p);
                 }
             }
@@ -273,15 +280,55 @@ impl IgnoreRules {
 }
 
 /// The built-in rules, then the policy's: the first that matches wins.
-pub fn ignored_by(builtin: &IgnoreRules, policy: &IgnoreRules, a: &Activity) -> Option<Ignored> {
+pub fn ignored_by(
+    builtin: &IgnoreRules,
+    policy: &IgnoreRules,
+    a: &(impl Request + ?Sized),
+) -> Option<Ignored> {
     builtin.matches(a).map(|i| Ignored { builtin: true, ..i }).or_else(|| policy.matches(a))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::activity::{ResourceRef, Source};
-    use chrono::Utc;
+
+    /// A request as the rules see it.
+    #[derive(Debug, Clone)]
+    struct Req {
+        user: String,
+        groups: Vec<String>,
+        user_agent: String,
+        verb: String,
+        resource: Option<(String, String, String, String)>,
+        path: String,
+    }
+
+    impl Request for Req {
+        fn user(&self) -> &str {
+            &self.user
+        }
+        fn groups(&self) -> &[String] {
+            &self.groups
+        }
+        fn user_agent(&self) -> &str {
+            &self.user_agent
+        }
+        fn verb(&self) -> &str {
+            &self.verb
+        }
+        fn resource(&self) -> Option<(&str, &str, &str, &str)> {
+            self.resource.as_ref().map(|(g, r, s, n)| (g.as_str(), r.as_str(), s.as_str(), n.as_str()))
+        }
+        fn path(&self) -> &str {
+            &self.path
+        }
+    }
+
+    impl Req {
+        fn summary(&self) -> String {
+            format!("{} {} {:?} ({})", self.user, self.verb, self.resource, self.user_agent)
+        }
+    }
 
     fn activity(
         user: &str,
@@ -289,21 +336,13 @@ mod tests {
         ua: &str,
         verb: &str,
         res: Option<(&str, &str, &str, &str)>,
-    ) -> Activity {
-        Activity {
-            at: Utc::now(),
-            source: Source::Audit,
+    ) -> Req {
+        Req {
             user: user.into(),
             groups: groups.iter().map(|g| g.to_string()).collect(),
             user_agent: ua.into(),
             verb: verb.into(),
-            resource: res.map(|(group, resource, subresource, name)| ResourceRef {
-                group: group.into(),
-                resource: resource.into(),
-                subresource: subresource.into(),
-                namespace: "team-a".into(),
-                name: name.into(),
-            }),
+            resource: res.map(|(g, r, s, n)| (g.into(), r.into(), s.into(), n.into())),
             path: res.map_or("/healthz".to_string(), |_| "/api/v1/namespaces/team-a/pods".to_string()),
         }
     }
@@ -406,7 +445,7 @@ mod tests {
             count_own_service_accounts: false,
         };
         let pods = Some(("", "pods", "", "web-0"));
-        let table: Vec<(Activity, Option<RuleKind>)> = vec![
+        let table: Vec<(Req, Option<RuleKind>)> = vec![
             (activity("alice", &["team-a"], "kubectl/v1.37.2", "list", pods), None),
             (activity("system:serviceaccount:argocd:app", &[], "x", "get", pods), Some(RuleKind::User)),
             (activity("bob", &["monitoring"], "x", "get", pods), Some(RuleKind::Group)),

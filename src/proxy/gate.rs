@@ -16,26 +16,33 @@ use crate::target::TargetRef;
 
 /// Why a request did not get through the gate.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum GateError {
+pub enum GateError<E> {
     /// The queue for this target is full.
     Overloaded { waiting: usize },
     /// The target was not ready within the timeout.
     Timeout(Duration),
     /// The wake itself failed.
-    WakeFailed(String),
+    WakeFailed(E),
+    /// The wake ended without an outcome (its task was cancelled).
+    Abandoned,
 }
 
 /// One wake of one target: waiters queue on the semaphore (FIFO) and are
 /// all released, in order, when the outcome is known.
-struct Wake {
+struct Wake<E> {
     released: Semaphore,
-    outcome: OnceLock<Result<(), String>>,
+    outcome: OnceLock<Result<(), E>>,
 }
 
-#[derive(Default)]
-struct TargetGate {
+struct TargetGate<E> {
     waiting: AtomicUsize,
-    current: Mutex<Option<Arc<Wake>>>,
+    current: Mutex<Option<Arc<Wake<E>>>>,
+}
+
+impl<E> Default for TargetGate<E> {
+    fn default() -> Self {
+        TargetGate { waiting: AtomicUsize::new(0), current: Mutex::new(None) }
+    }
 }
 
 /// Decrements the waiting count however the wait ends.
@@ -48,19 +55,20 @@ impl Drop for Waiting<'_> {
     }
 }
 
-pub struct Gate {
-    targets: Mutex<HashMap<TargetRef, Arc<TargetGate>>>,
+/// The gate of every target; `E` is what a failed wake says.
+pub struct Gate<E> {
+    targets: Mutex<HashMap<TargetRef, Arc<TargetGate<E>>>>,
     max_waiting: usize,
     gauge: prometheus_client::metrics::gauge::Gauge,
 }
 
-impl Gate {
+impl<E: Clone + Send + Sync + 'static> Gate<E> {
     /// `max_waiting` per target; `gauge` counts waiters across targets.
     pub fn new(max_waiting: usize, gauge: prometheus_client::metrics::gauge::Gauge) -> Self {
         Gate { targets: Mutex::new(HashMap::new()), max_waiting: max_waiting.max(1), gauge }
     }
 
-    fn target(&self, t: &TargetRef) -> Arc<TargetGate> {
+    fn target(&self, t: &TargetRef) -> Arc<TargetGate<E>> {
         self.targets.lock().unwrap_or_else(|e| e.into_inner()).entry(t.clone()).or_default().clone()
     }
 
@@ -84,10 +92,10 @@ impl Gate {
     /// Waits until `t` is ready, starting `wake` if no wake is under way.
     /// `wake` resolves when the target is ready (or failed); it runs on its
     /// own task, so a waiter that gives up does not cancel it.
-    pub async fn wait<F, Fut>(&self, t: &TargetRef, timeout: Duration, wake: F) -> Result<(), GateError>
+    pub async fn wait<F, Fut>(&self, t: &TargetRef, timeout: Duration, wake: F) -> Result<(), GateError<E>>
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<(), String>> + Send + 'static,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
     {
         let tg = self.target(t);
         let before = tg.waiting.fetch_add(1, Ordering::AcqRel);
@@ -121,11 +129,11 @@ impl Gate {
         };
         match tokio::time::timeout(timeout, current.released.acquire()).await {
             Err(_) => Err(GateError::Timeout(timeout)),
-            Ok(Err(_)) => Err(GateError::WakeFailed("the wake was abandoned".into())),
+            Ok(Err(_)) => Err(GateError::Abandoned),
             Ok(Ok(_permit)) => match current.outcome.get() {
                 Some(Ok(())) => Ok(()),
                 Some(Err(e)) => Err(GateError::WakeFailed(e.clone())),
-                None => Err(GateError::WakeFailed("the wake ended without an outcome".into())),
+                None => Err(GateError::Abandoned),
             },
         }
     }
@@ -136,7 +144,7 @@ mod tests {
     use super::*;
     use std::sync::atomic::AtomicU32;
 
-    fn gate(max: usize) -> Arc<Gate> {
+    fn gate(max: usize) -> Arc<Gate<String>> {
         Arc::new(Gate::new(max, Default::default()))
     }
 

@@ -1,10 +1,10 @@
 //! Routing and reading a request: which vcluster it is for (by path prefix
 //! `/vcluster/<namespace>/<name>/…` or by host `<name>.<namespace>.<base>`),
 //! the path to forward, and what the request does (verb, resource) for the
-//! activity record. Pure functions over strings.
+//! activity record. Pure functions over strings; self-contained (the
+//! activity record's [`ResourceRef`] only) so the fuzzer reaches them.
 
 use crate::activity::ResourceRef;
-use crate::target::TargetRef;
 
 /// A Kubernetes object name (DNS subdomain): no `.`/`..` path tricks.
 fn valid_name(p: &str) -> bool {
@@ -40,10 +40,12 @@ fn dot_segment(mut s: &[u8]) -> bool {
     (1..=2).contains(&dots)
 }
 
-/// A routed request: the target and the upstream path (with its query).
+/// A routed request: the vcluster (namespace and name, each a valid
+/// object name) and the upstream path (with its query).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Routed {
-    pub target: TargetRef,
+    pub namespace: String,
+    pub name: String,
     pub path_and_query: String,
 }
 
@@ -57,7 +59,7 @@ pub fn by_path(path_and_query: &str) -> Option<Routed> {
         return None;
     }
     let tail = if tail.is_empty() || tail.starts_with('?') { format!("/{tail}") } else { tail.to_string() };
-    Some(Routed { target: TargetRef::vcluster(ns, name), path_and_query: tail })
+    Some(Routed { namespace: ns.to_string(), name: name.to_string(), path_and_query: tail })
 }
 
 /// Routes by host name `<name>.<namespace>.<base_domain>` (port ignored).
@@ -69,7 +71,11 @@ pub fn by_host(host: &str, base_domain: &str, path_and_query: &str) -> Option<Ro
     if !valid_name(name) || !valid_name(ns) || ns.contains('.') || !clean_path(path_and_query) {
         return None;
     }
-    Some(Routed { target: TargetRef::vcluster(ns, name), path_and_query: path_and_query.to_string() })
+    Some(Routed {
+        namespace: ns.to_string(),
+        name: name.to_string(),
+        path_and_query: path_and_query.to_string(),
+    })
 }
 
 /// What a Kubernetes API request does, read from its method and path the
@@ -157,7 +163,7 @@ mod tests {
     #[test]
     fn routes_by_path_prefix() {
         let r = by_path("/vcluster/team-a/dev/api/v1/namespaces?limit=500").unwrap();
-        assert_eq!(r.target, TargetRef::vcluster("team-a", "dev"));
+        assert_eq!((r.namespace.as_str(), r.name.as_str()), ("team-a", "dev"));
         assert_eq!(r.path_and_query, "/api/v1/namespaces?limit=500");
         assert_eq!(by_path("/vcluster/team-a/dev").unwrap().path_and_query, "/");
         assert_eq!(by_path("/vcluster/team-a/dev?timeout=32s").unwrap().path_and_query, "/?timeout=32s");
@@ -182,7 +188,7 @@ mod tests {
     #[test]
     fn routes_by_host() {
         let r = by_host("dev.team-a.vc.example.com:8443", "vc.example.com", "/api").unwrap();
-        assert_eq!(r.target, TargetRef::vcluster("team-a", "dev"));
+        assert_eq!((r.namespace.as_str(), r.name.as_str()), ("team-a", "dev"));
         assert_eq!(r.path_and_query, "/api");
         assert_eq!(by_host("dev.team-a.example.org", "vc.example.com", "/"), None);
         assert_eq!(by_host("vc.example.com", "vc.example.com", "/"), None);

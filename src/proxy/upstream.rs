@@ -36,9 +36,10 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::policy::annotations::{TargetAnnotations, UPSTREAM};
+use crate::policy::annotations::TargetAnnotations;
 use crate::target::{Stores, TargetRef};
 use crate::tls::{Background, Conn};
+use crate::vocab::UPSTREAM;
 
 /// The body type the proxy forwards.
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
