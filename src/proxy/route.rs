@@ -68,7 +68,14 @@ pub fn by_host(host: &str, base_domain: &str, path_and_query: &str) -> Option<Ro
         host.rsplit_once(':').filter(|(_, p)| p.chars().all(|c| c.is_ascii_digit())).map_or(host, |(h, _)| h);
     let prefix = host.strip_suffix(base_domain)?.strip_suffix('.')?;
     let (name, ns) = prefix.split_once('.')?;
-    if !valid_name(name) || !valid_name(ns) || ns.contains('.') || !clean_path(path_and_query) {
+    // Origin form only: `*` (OPTIONS *) or anything else that is not a
+    // path would be joined onto an upstream's path prefix as is.
+    if !valid_name(name)
+        || !valid_name(ns)
+        || ns.contains('.')
+        || !path_and_query.starts_with('/')
+        || !clean_path(path_and_query)
+    {
         return None;
     }
     Some(Routed {
@@ -141,7 +148,10 @@ pub fn request_info(method: &str, path_and_query: &str) -> RequestInfo {
         ("DELETE", false) => "delete",
         _ => "unknown",
     };
-    let long_running = watch || matches!(subresource, "exec" | "attach" | "portforward" | "proxy" | "log");
+    // As kube-apiserver's long-running check: a watch (a GET with `watch`), or a
+    // streaming subresource; a POST that says `watch=true` is no watch.
+    let long_running =
+        verb == "watch" || matches!(subresource, "exec" | "attach" | "portforward" | "proxy" | "log");
     RequestInfo {
         verb: verb.to_string(),
         resource: (!resource.is_empty()).then(|| ResourceRef {
@@ -194,6 +204,7 @@ mod tests {
         assert_eq!(by_host("vc.example.com", "vc.example.com", "/"), None);
         assert_eq!(by_host("a.b.c.vc.example.com", "vc.example.com", "/"), None);
         assert_eq!(by_host("dev.team-a.vc.example.com", "vc.example.com", "/x/../api"), None);
+        assert_eq!(by_host("dev.team-a.vc.example.com", "vc.example.com", "*"), None, "found by the fuzzer");
         // Dots inside a segment are not path steps.
         assert!(by_path("/vcluster/a/b/apis/apps.example.com/v1/x..y?q=..").is_some());
         assert!(by_path("/vcluster/a/b/api/.../%2e%2e%2e/%2f").is_some());
@@ -245,6 +256,13 @@ mod tests {
                 "get",
                 Some(("", "services", "proxy", "x", "web")),
                 true,
+            ),
+            (
+                "POST",
+                "/api/v1/namespaces/team-a/pods?watch=true",
+                "create",
+                Some(("", "pods", "", "team-a", "")),
+                false,
             ),
             ("GET", "/version", "get", None, false),
             ("GET", "/apis", "get", None, false),
