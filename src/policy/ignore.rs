@@ -53,6 +53,9 @@ pub struct ResourceRule {
     pub resource: String,
     /// Empty means any name.
     pub names: Vec<String>,
+    /// Empty means any verb (vCluster Platform's `ignore-resource-verbs`
+    /// names both a resource and its verbs).
+    pub verbs: Vec<String>,
 }
 
 impl ResourceRule {
@@ -67,13 +70,19 @@ impl ResourceRule {
         if resource.is_empty() || resource.starts_with('/') || resource.ends_with('/') {
             return Err(format!("resource rule {s:?} is not of the form resource[/subresource][.group]"));
         }
-        Ok(ResourceRule { group: group.to_string(), resource: resource.to_string(), names: vec![] })
+        Ok(ResourceRule {
+            group: group.to_string(),
+            resource: resource.to_string(),
+            names: vec![],
+            verbs: vec![],
+        })
     }
 
-    fn matches(&self, group: &str, resource: &str, name: &str) -> bool {
+    fn matches(&self, group: &str, resource: &str, name: &str, verb: &str) -> bool {
         glob_match(&self.group, group)
             && glob_match(&self.resource, resource)
             && (self.names.is_empty() || self.names.iter().any(|n| glob_match(n, name)))
+            && (self.verbs.is_empty() || self.verbs.iter().any(|v| glob_match(v, verb)))
     }
 
     /// The rule as written in annotations.
@@ -84,6 +93,9 @@ impl ResourceRule {
         }
         if !self.names.is_empty() {
             p = format!("{p} (names {})", self.names.join(","));
+        }
+        if !self.verbs.is_empty() {
+            p = format!("{p} (verbs {})", self.verbs.join(","));
         }
         p
     }
@@ -253,7 +265,7 @@ impl IgnoreRules {
                     format!("{}/{}", r.resource, r.subresource).into()
                 };
                 if let Some(rule) =
-                    self.resources.iter().find(|rule| rule.matches(&r.group, &resource, &r.name))
+                    self.resources.iter().find(|rule| rule.matches(&r.group, &resource, &r.name, &a.verb))
                 {
                     return Some(Ignored {
                         kind: RuleKind::Resource,
@@ -357,18 +369,53 @@ mod tests {
     fn resource_rules_parse_group_and_name() {
         assert_eq!(
             ResourceRule::parse("deployments.apps").unwrap(),
-            ResourceRule { group: "apps".into(), resource: "deployments".into(), names: vec![] }
+            ResourceRule {
+                group: "apps".into(),
+                resource: "deployments".into(),
+                names: vec![],
+                verbs: vec![]
+            }
         );
         assert_eq!(
             ResourceRule::parse("leases.coordination.k8s.io").unwrap(),
-            ResourceRule { group: "coordination.k8s.io".into(), resource: "leases".into(), names: vec![] }
+            ResourceRule {
+                group: "coordination.k8s.io".into(),
+                resource: "leases".into(),
+                names: vec![],
+                verbs: vec![]
+            }
         );
         assert_eq!(
             ResourceRule::parse("pods/log").unwrap(),
-            ResourceRule { group: "".into(), resource: "pods/log".into(), names: vec![] }
+            ResourceRule { group: "".into(), resource: "pods/log".into(), names: vec![], verbs: vec![] }
         );
         assert!(ResourceRule::parse(".apps").is_err());
         assert!(ResourceRule::parse("pods/").is_err());
+    }
+
+    #[test]
+    fn a_resource_rule_with_verbs_ignores_only_those_verbs_on_that_resource() {
+        let rules = IgnoreRules {
+            resources: vec![ResourceRule {
+                verbs: vec!["create".into(), "update".into()],
+                ..ResourceRule::parse("configmaps").unwrap()
+            }],
+            ..IgnoreRules::default()
+        };
+        let cm = Some(("", "configmaps", "", "settings"));
+        assert_eq!(
+            rules.matches(&activity("bob", &[], "kubectl", "create", cm)).map(|i| i.kind),
+            Some(RuleKind::Resource)
+        );
+        assert_eq!(
+            rules.matches(&activity("bob", &[], "kubectl", "update", cm)).map(|i| i.pattern),
+            Some("configmaps (verbs create,update)".to_string())
+        );
+        assert_eq!(rules.matches(&activity("bob", &[], "kubectl", "get", cm)), None, "another verb counts");
+        assert_eq!(
+            rules.matches(&activity("bob", &[], "kubectl", "create", Some(("", "secrets", "", "x")))),
+            None
+        );
     }
 
     #[test]
