@@ -303,6 +303,31 @@ impl ApplicationView {
     }
 }
 
+/// The Argo CD Applications (namespace, name) that manage any of
+/// `workloads`, each with the namespaces of the workloads it tracks — what
+/// [`may_pause_application`] needs. Only the tracking annotation counts,
+/// unless `label_tracking` (Argo CD set to label tracking) lets the
+/// instance label, which Helm charts set too, count as well.
+pub fn applications_of<'a>(
+    workloads: impl IntoIterator<Item = &'a WorkloadView>,
+    control_plane_ns: &str,
+    label_tracking: bool,
+) -> BTreeMap<(String, String), BTreeSet<String>> {
+    let mut apps: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
+    for w in workloads {
+        for m in managers(&w.labels, &w.annotations) {
+            if let Manager::ArgoCd { instance, certain } = m
+                && (certain || label_tracking)
+            {
+                apps.entry(application_key(&instance, control_plane_ns))
+                    .or_default()
+                    .insert(w.namespace.clone());
+            }
+        }
+    }
+    apps
+}
+
 /// Whether dormant may pause `app`: pausing stops every deployment it
 /// makes, so only when its destination namespace and the namespace of every
 /// workload it tracks belong to targets that sleep (`sleeping`: namespaces
@@ -625,6 +650,26 @@ mod tests {
         }
         assert_eq!(application_resource().api_version, "argoproj.io/v1alpha1");
         assert_eq!(ApplicationView::from_json(&json!({"metadata": {"name": "x"}})), None);
+    }
+
+    #[test]
+    fn applications_are_found_through_the_workloads_they_track() {
+        let tracked =
+            view(&deployment("web", 1, &[], &[(ARGOCD_TRACKING_ID, "shop:apps/Deployment:team-a/web")]));
+        let mut elsewhere =
+            view(&deployment("api", 1, &[], &[(ARGOCD_TRACKING_ID, "apps_shop:apps/Deployment:team-b/api")]));
+        elsewhere.namespace = "team-b".into();
+        let labelled = view(&deployment("db", 1, &[(ARGOCD_INSTANCE_LABEL, "shop")], &[]));
+        let apps = applications_of([&tracked, &elsewhere, &labelled], "argocd", false);
+        assert_eq!(
+            apps,
+            BTreeMap::from([
+                (("apps".to_string(), "shop".to_string()), BTreeSet::from(["team-b".to_string()])),
+                (("argocd".to_string(), "shop".to_string()), BTreeSet::from(["team-a".to_string()])),
+            ])
+        );
+        let with_labels = applications_of([&tracked, &labelled], "argocd", true);
+        assert_eq!(with_labels.len(), 1, "both name argocd/shop");
     }
 
     #[test]
