@@ -67,6 +67,9 @@ pub struct ResourceRule {
     pub resource: String,
     /// Empty means any name.
     pub names: Vec<String>,
+    /// Empty means any verb (vCluster Platform's `ignore-resource-verbs`
+    /// names both a resource and its verbs).
+    pub verbs: Vec<String>,
 }
 
 impl ResourceRule {
@@ -81,13 +84,19 @@ impl ResourceRule {
         if resource.is_empty() || resource.starts_with('/') || resource.ends_with('/') {
             return Err(format!("resource rule {s:?} is not of the form resource[/subresource][.group]"));
         }
-        Ok(ResourceRule { group: group.to_string(), resource: resource.to_string(), names: vec![] })
+        Ok(ResourceRule {
+            group: group.to_string(),
+            resource: resource.to_string(),
+            names: vec![],
+            verbs: vec![],
+        })
     }
 
-    fn matches(&self, group: &str, resource: &str, name: &str) -> bool {
+    fn matches(&self, group: &str, resource: &str, name: &str, verb: &str) -> bool {
         glob_match(&self.group, group)
             && glob_match(&self.resource, resource)
             && (self.names.is_empty() || self.names.iter().any(|n| glob_match(n, name)))
+            && (self.verbs.is_empty() || self.verbs.iter().any(|v| glob_match(v, verb)))
     }
 
     /// The rule as written in annotations.
@@ -98,6 +107,9 @@ impl ResourceRule {
         }
         if !self.names.is_empty() {
             p = format!("{p} (names {})", self.names.join(","));
+        }
+        if !self.verbs.is_empty() {
+            p = format!("{p} (verbs {})", self.verbs.join(","));
         }
         p
     }
@@ -261,7 +273,9 @@ impl IgnoreRules {
                 } else {
                     format!("{resource}/{subresource}").into()
                 };
-                if let Some(rule) = self.resources.iter().find(|rule| rule.matches(group, &resource, name)) {
+                if let Some(rule) =
+                    self.resources.iter().find(|rule| rule.matches(group, &resource, name, a.verb()))
+                {
                     return Some(Ignored {
                         kind: RuleKind::Resource,
                         pattern: rule.pattern(),
@@ -277,6 +291,44 @@ impl IgnoreRules {
         }
         None
     }
+}
+
+/// Argo CD's and Flux's controllers, whose requests never count as use:
+/// their polls and syncs are not anybody using the target (a sync while
+/// asleep is applied at wake, by the controller itself). Service accounts
+/// as their install manifests name them, in any namespace; user agents as
+/// their Kubernetes clients send them (`<binary>/<version> …`), which also
+/// covers Flux impersonating a tenant's service account. Argo CD's server
+/// (`argocd-server`) is left out on purpose: its requests are a person
+/// using the UI (logs, exec, a resource's live manifest).
+pub const GITOPS_USERS: &[&str] = &[
+    "system:serviceaccount:*:argocd-application-controller",
+    "system:serviceaccount:*:argocd-applicationset-controller",
+    "system:serviceaccount:*:kustomize-controller",
+    "system:serviceaccount:*:helm-controller",
+    "system:serviceaccount:*:source-controller",
+    "system:serviceaccount:*:notification-controller",
+    "system:serviceaccount:*:image-reflector-controller",
+    "system:serviceaccount:*:image-automation-controller",
+];
+
+/// See [`GITOPS_USERS`].
+pub const GITOPS_USER_AGENTS: &[&str] = &[
+    "argocd-application-controller/*",
+    "argocd-applicationset-controller/*",
+    "kustomize-controller/*",
+    "helm-controller/*",
+    "source-controller/*",
+    "notification-controller/*",
+    "image-reflector-controller/*",
+    "image-automation-controller/*",
+];
+
+/// Adds the GitOps controllers to a rule set (the built-in rules, so they
+/// apply by default; a flag can leave them out).
+pub fn add_gitops_rules(rules: &mut IgnoreRules) {
+    rules.users.extend(GITOPS_USERS.iter().map(|s| s.to_string()));
+    rules.user_agents.extend(GITOPS_USER_AGENTS.iter().map(|s| s.to_string()));
 }
 
 /// The built-in rules, then the policy's: the first that matches wins.
@@ -396,18 +448,53 @@ mod tests {
     fn resource_rules_parse_group_and_name() {
         assert_eq!(
             ResourceRule::parse("deployments.apps").unwrap(),
-            ResourceRule { group: "apps".into(), resource: "deployments".into(), names: vec![] }
+            ResourceRule {
+                group: "apps".into(),
+                resource: "deployments".into(),
+                names: vec![],
+                verbs: vec![]
+            }
         );
         assert_eq!(
             ResourceRule::parse("leases.coordination.k8s.io").unwrap(),
-            ResourceRule { group: "coordination.k8s.io".into(), resource: "leases".into(), names: vec![] }
+            ResourceRule {
+                group: "coordination.k8s.io".into(),
+                resource: "leases".into(),
+                names: vec![],
+                verbs: vec![]
+            }
         );
         assert_eq!(
             ResourceRule::parse("pods/log").unwrap(),
-            ResourceRule { group: "".into(), resource: "pods/log".into(), names: vec![] }
+            ResourceRule { group: "".into(), resource: "pods/log".into(), names: vec![], verbs: vec![] }
         );
         assert!(ResourceRule::parse(".apps").is_err());
         assert!(ResourceRule::parse("pods/").is_err());
+    }
+
+    #[test]
+    fn a_resource_rule_with_verbs_ignores_only_those_verbs_on_that_resource() {
+        let rules = IgnoreRules {
+            resources: vec![ResourceRule {
+                verbs: vec!["create".into(), "update".into()],
+                ..ResourceRule::parse("configmaps").unwrap()
+            }],
+            ..IgnoreRules::default()
+        };
+        let cm = Some(("", "configmaps", "", "settings"));
+        assert_eq!(
+            rules.matches(&activity("bob", &[], "kubectl", "create", cm)).map(|i| i.kind),
+            Some(RuleKind::Resource)
+        );
+        assert_eq!(
+            rules.matches(&activity("bob", &[], "kubectl", "update", cm)).map(|i| i.pattern),
+            Some("configmaps (verbs create,update)".to_string())
+        );
+        assert_eq!(rules.matches(&activity("bob", &[], "kubectl", "get", cm)), None, "another verb counts");
+        assert_eq!(
+            rules.matches(&activity("bob", &[], "kubectl", "create", Some(("", "secrets", "", "x")))),
+            None
+        );
     }
 
     #[test]
@@ -515,6 +602,28 @@ mod tests {
             (activity("alice", &[], "kubectl", "get", None), true),
         ] {
             assert_eq!(ignored_by(&builtin, &none, &a).is_some(), ignored, "{}", a.summary());
+        }
+    }
+
+    #[test]
+    fn gitops_controllers_never_count_as_use_but_people_and_argocd_server_do() {
+        let mut rules = IgnoreRules::default();
+        add_gitops_rules(&mut rules);
+        let a = |user: &str, ua: &str| activity(user, &[], ua, "list", None);
+        for (user, ua, ignored) in [
+            ("system:serviceaccount:argocd:argocd-application-controller", "x", true),
+            ("system:serviceaccount:flux-system:kustomize-controller", "x", true),
+            (
+                "system:serviceaccount:team-a:deployer",
+                "kustomize-controller/v1.5.1 (linux/amd64) kubernetes/$Format",
+                true,
+            ),
+            ("system:serviceaccount:gitops:helm-controller", "x", true),
+            ("alice", "argocd-application-controller/v2.14.9 (linux/amd64)", true),
+            ("system:serviceaccount:argocd:argocd-server", "argocd-server/v2.14.9", false),
+            ("alice", "kubectl/v1.33.1 (linux/amd64) kubernetes/8adc0f0", false),
+        ] {
+            assert_eq!(rules.matches(&a(user, ua)).is_some(), ignored, "{user} {ua}");
         }
     }
 }

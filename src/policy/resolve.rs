@@ -39,6 +39,9 @@ pub enum Origin {
     Default,
     Policy(String),
     Annotation(&'static str),
+    /// A field of the vcluster's own `vcluster.yaml` (read from its
+    /// `vc-config-<name>` Secret), e.g. `sleepMode.autoSleep.afterInactivity`.
+    VClusterConfig(&'static str),
 }
 
 impl fmt::Display for Origin {
@@ -47,6 +50,7 @@ impl fmt::Display for Origin {
             Origin::Default => f.write_str("default"),
             Origin::Policy(name) => write!(f, "SleepPolicy {name}"),
             Origin::Annotation(key) => write!(f, "annotation {key}"),
+            Origin::VClusterConfig(field) => write!(f, "vcluster.yaml {field}"),
         }
     }
 }

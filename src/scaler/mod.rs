@@ -2,6 +2,7 @@
 //! in one patch that also records (or clears) what it was, so the cluster
 //! is restorable at any instant; conflicts are retried from a fresh read.
 
+pub mod gitops;
 pub mod keda;
 pub mod plan;
 
