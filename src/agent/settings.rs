@@ -126,9 +126,19 @@ pub struct AgentArgs {
     /// and admin credential) and upstream; unchanged, connections stay.
     #[arg(long, env = "DORMANT_PROXY_UPSTREAM_REFRESH", default_value = "1m")]
     pub proxy_upstream_refresh: String,
+    /// At most one wake per vcluster this often for requests whose bearer
+    /// token cannot be checked while it sleeps (not a ServiceAccount token
+    /// its keys verify, nor one its API server accepted lately); `never`
+    /// refuses them all.
+    #[arg(long, env = "DORMANT_PROXY_UNVERIFIED_WAKE_EVERY", default_value = "10m")]
+    pub proxy_unverified_wake_every: String,
     /// Log format.
     #[arg(long, env = "DORMANT_LOG_FORMAT", value_enum, default_value = "plain")]
     pub log_format: LogFormat,
+    /// Name users in `dormant_activity_sources_total` (the admin port needs
+    /// no credential; off, the metric names only their tool).
+    #[arg(long, env = "DORMANT_METRICS_USER_NAMES")]
+    pub metrics_user_names: bool,
 }
 
 /// Validated agent settings.
@@ -148,6 +158,7 @@ pub struct Settings {
     pub defaults: Defaults,
     pub scope: Scope,
     pub dry_run: bool,
+    pub metrics_user_names: bool,
     pub audit: Option<AuditSettings>,
     pub proxy: Option<ProxySettings>,
 }
@@ -161,6 +172,8 @@ pub struct ProxySettings {
     pub base_domain: Option<String>,
     pub max_waiting: usize,
     pub upstream_refresh: Duration,
+    /// `Duration::MAX` for never.
+    pub unverified_wake_every: Duration,
 }
 
 /// The audit webhook's validated settings.
@@ -265,6 +278,7 @@ impl AgentArgs {
             },
             scope: Scope { excluded: excluded_namespaces, selector },
             dry_run: self.dry_run,
+            metrics_user_names: self.metrics_user_names,
             audit,
             proxy,
         })
@@ -320,12 +334,17 @@ impl AgentArgs {
             Duration::from_secs(1),
             errors,
         );
+        let unverified_wake_every = match self.proxy_unverified_wake_every.trim() {
+            "never" => Duration::MAX,
+            every => duration_flag("proxy-unverified-wake-every", every, Duration::from_secs(1), errors),
+        };
         Some(ProxySettings {
             addr,
             cert: serving?,
             base_domain,
             max_waiting: self.proxy_max_waiting,
             upstream_refresh,
+            unverified_wake_every,
         })
     }
 

@@ -88,7 +88,7 @@ pub struct OutcomeLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProxyLabels {
-    /// `forwarded`, `held`, `timeout`, `overloaded`, `prevented`,
+    /// `forwarded`, `held`, `timeout`, `overloaded`, `prevented`, `invalid`,
     /// `unauthenticated`, `upstream-error`, `not-found`.
     pub outcome: &'static str,
     pub code: u16,
@@ -119,6 +119,9 @@ pub struct Metrics {
     pub proxy_requests: Family<ProxyLabels, Counter>,
     pub proxy_duration: Family<OutcomeLabels, Histogram>,
     pub proxy_waiting: Gauge,
+    /// Wakes asked for by requests whose credential could not be checked
+    /// while their vcluster slept: `requested`, or `refused` (over budget).
+    pub proxy_unverified_wakes: Family<OutcomeLabels, Counter>,
     pub leader: Gauge,
     /// Per-target series currently exported, to remove them when a target
     /// goes or changes policy.
@@ -240,6 +243,12 @@ impl Metrics {
             Unit::Seconds,
             proxy_duration.clone(),
         );
+        let proxy_unverified_wakes = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "proxy_unverified_wakes",
+            "Wakes asked for by requests whose credential could not be checked while the vcluster slept, by outcome (requested, refused over budget)",
+            proxy_unverified_wakes.clone(),
+        );
         let proxy_waiting = Gauge::default();
         registry.register(
             "proxy_waiting_requests",
@@ -270,6 +279,7 @@ impl Metrics {
             proxy_requests,
             proxy_duration,
             proxy_waiting,
+            proxy_unverified_wakes,
             leader,
             exported: Mutex::new(HashMap::new()),
             cost: cost::Meter::default(),

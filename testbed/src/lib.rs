@@ -173,7 +173,8 @@ pub struct Cluster {
     /// `alice`, in group `team-a`: a developer with no rights until a test
     /// binds some.
     pub alice: User,
-    /// `ci-robot` in group `ci`, cluster-admin; sends [`ROBOT_USER_AGENT`].
+    /// `ci-robot` in group `ci`, with no rights of its own (tests bind what
+    /// it may do); sends [`ROBOT_USER_AGENT`].
     pub robot: User,
     procs: Mutex<Vec<Proc>>,
     pub started_in: Duration,
