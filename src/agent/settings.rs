@@ -2,7 +2,7 @@
 //! environment fallback, all checked at once into [`Settings`] (every bad
 //! value reported together, before anything starts).
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -86,6 +86,12 @@ pub struct AgentArgs {
     /// Only namespaces whose labels match this selector (kubectl `-l` syntax) hold targets.
     #[arg(long, env = "DORMANT_NAMESPACE_SELECTOR")]
     pub namespace_selector: Option<String>,
+    /// Only these namespaces hold targets (comma-separated; unset: every
+    /// namespace not excluded). The chart sets it in its `namespaces` RBAC
+    /// mode to the namespaces it grants writes in, so the agent never
+    /// tries to act where it would be refused.
+    #[arg(long = "namespaces", env = "DORMANT_NAMESPACES", value_delimiter = ',')]
+    pub only_namespaces: Vec<String>,
     /// Decide and report, never scale.
     #[arg(long, env = "DORMANT_DRY_RUN")]
     pub dry_run: bool,
@@ -221,6 +227,7 @@ impl AgentArgs {
             }
             None => None,
         };
+        let only = self.validate_only_namespaces(&mut errors);
         let audit = self.validate_audit(&mut errors);
         let proxy = self.validate_proxy(&mut errors);
         if self.namespace.is_empty() {
@@ -263,7 +270,7 @@ impl AgentArgs {
                     currency: self.currency.clone(),
                 },
             },
-            scope: Scope { excluded: excluded_namespaces, selector },
+            scope: Scope { excluded: excluded_namespaces, selector, only },
             dry_run: self.dry_run,
             audit,
             proxy,
@@ -287,7 +294,36 @@ fn duration_flag(flag: &str, v: &str, min: Duration, errors: &mut Vec<String>) -
     }
 }
 
+/// Whether `s` is a namespace name (an RFC 1123 label).
+fn is_namespace_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
 impl AgentArgs {
+    /// `--namespaces`: `None` when unset; a name that is no namespace, or
+    /// that is also excluded (it could never hold a target), is an error.
+    fn validate_only_namespaces(&self, errors: &mut Vec<String>) -> Option<BTreeSet<String>> {
+        let names: BTreeSet<String> =
+            self.only_namespaces.iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+        if names.is_empty() {
+            return None;
+        }
+        for n in &names {
+            if !is_namespace_name(n) {
+                errors.push(format!("--namespaces: {n:?} is not a namespace name"));
+            } else if *n == self.namespace || self.exclude_namespaces.iter().any(|e| e.trim() == n) {
+                errors.push(format!(
+                    "--namespaces: {n} is excluded (--exclude-namespaces, or the agent's own --namespace)"
+                ));
+            }
+        }
+        Some(names)
+    }
+
     fn validate_proxy(&self, errors: &mut Vec<String>) -> Option<ProxySettings> {
         let Some(addr) = self.proxy_addr else {
             for (flag, set) in [
@@ -395,4 +431,34 @@ fn serving_cert(
         .map(Arc::new)
         .map_err(|e| errors.push(format!("{flags}: {e}")))
         .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        agent: AgentArgs,
+    }
+
+    fn settings(args: &[&str]) -> Result<Settings, Vec<String>> {
+        Cli::try_parse_from(std::iter::once("agent").chain(args.iter().copied())).unwrap().agent.validate()
+    }
+
+    #[test]
+    fn namespaces_narrow_the_scope_and_an_excluded_or_bad_one_is_refused() {
+        let s = settings(&["--namespaces=team-a, team-b"]).unwrap();
+        assert!(s.scope.allows("team-a", &Default::default()));
+        assert!(!s.scope.allows("team-c", &Default::default()));
+        assert!(settings(&[]).unwrap().scope.only.is_none(), "unset: every namespace not excluded");
+        let errors = settings(&["--namespaces=team-a,kube-system,dormant,Team_B"]).unwrap_err();
+        assert_eq!(errors.len(), 3, "{errors:?}");
+        assert!(errors.iter().any(|e| e.contains("kube-system is excluded")), "{errors:?}");
+        assert!(errors.iter().any(|e| e.contains("dormant is excluded")), "{errors:?}");
+        assert!(errors.iter().any(|e| e.contains("\"Team_B\" is not a namespace name")), "{errors:?}");
+    }
 }
