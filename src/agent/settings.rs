@@ -3,7 +3,7 @@
 //! value reported together, before anything starts).
 
 use std::collections::{BTreeSet, HashSet};
-use std::net::SocketAddr;
+use std::net::{Ipv6Addr, SocketAddr};
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,8 +29,12 @@ pub struct AgentArgs {
     /// This replica's name in the Lease and in Events (default: $POD_NAME, then the host name).
     #[arg(long, env = "DORMANT_IDENTITY")]
     pub identity: Option<String>,
-    /// Address of the admin port (/livez, /readyz, /metrics, /status).
-    #[arg(long, env = "DORMANT_ADMIN_ADDR", default_value = "0.0.0.0:9090")]
+    /// Address of the admin port (/livez, /readyz, /metrics, /status). It
+    /// has no authentication, so it stays on loopback unless told where to
+    /// listen (the chart passes the pod's IP: probes and Prometheus reach
+    /// it there). An IPv6 address may come without brackets, as the
+    /// downward API gives it: `fd00::7:9090`.
+    #[arg(long, env = "DORMANT_ADMIN_ADDR", default_value = "127.0.0.1:9090", value_parser = listen_addr)]
     pub admin_addr: SocketAddr,
     /// Name of the Lease used for leader election.
     #[arg(long, env = "DORMANT_LEASE_NAME", default_value = "dormant-controller")]
@@ -294,6 +298,18 @@ fn duration_flag(flag: &str, v: &str, min: Duration, errors: &mut Vec<String>) -
     }
 }
 
+/// A listening address: `ip:port`, `[ipv6]:port`, or an IPv6 address
+/// followed by `:port` without brackets (what `$(POD_IP):9090` becomes in
+/// an IPv6 pod).
+fn listen_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    s.rsplit_once(':')
+        .and_then(|(ip, port)| Some(SocketAddr::new(ip.parse::<Ipv6Addr>().ok()?.into(), port.parse().ok()?)))
+        .ok_or_else(|| format!("{s:?}: expected an address and a port, such as 127.0.0.1:9090 or [::1]:9090"))
+}
+
 /// Whether `s` is a namespace name (an RFC 1123 label).
 fn is_namespace_name(s: &str) -> bool {
     !s.is_empty()
@@ -447,6 +463,21 @@ mod tests {
 
     fn settings(args: &[&str]) -> Result<Settings, Vec<String>> {
         Cli::try_parse_from(std::iter::once("agent").chain(args.iter().copied())).unwrap().agent.validate()
+    }
+
+    #[test]
+    fn the_admin_port_listens_on_loopback_unless_told_otherwise() {
+        assert_eq!(settings(&[]).unwrap().admin_addr, "127.0.0.1:9090".parse().unwrap());
+        let pod_ip = |a: &str| settings(&[&format!("--admin-addr={a}")]).map(|s| s.admin_addr);
+        assert_eq!(pod_ip("10.1.2.3:9090").unwrap(), "10.1.2.3:9090".parse().unwrap());
+        assert_eq!(pod_ip("[fd00::7]:9090").unwrap(), "[fd00::7]:9090".parse().unwrap());
+        assert_eq!(
+            pod_ip("fd00::7:9090").unwrap(),
+            "[fd00::7]:9090".parse().unwrap(),
+            "the downward API's IPv6"
+        );
+        assert!(Cli::try_parse_from(["agent", "--admin-addr=10.1.2.3"]).is_err());
+        assert!(Cli::try_parse_from(["agent", "--admin-addr=pod:9090"]).is_err());
     }
 
     #[test]
