@@ -455,7 +455,12 @@ fn install(c: &Cluster, id: &str, values: &str) -> Release {
         std::fs::write(dir.join(key), secret(&format!("{fullname}-tls"), key)).unwrap();
     }
     let token_file = secret(&format!("{fullname}-audit-token"), "tokens");
-    std::fs::write(dir.join("tokens"), &token_file).unwrap();
+    // Laid out as the kubelet mounts a Secret: the file is a link into a
+    // directory that a change replaces (see `remount_tokens`).
+    std::fs::create_dir_all(dir.join("..data-0")).unwrap();
+    std::fs::write(dir.join("..data-0/tokens"), &token_file).unwrap();
+    std::os::unix::fs::symlink("..data-0", dir.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/tokens", dir.join("tokens")).unwrap();
     let tokens = token_file
         .lines()
         .map(|l| {
@@ -490,6 +495,18 @@ fn install(c: &Cluster, id: &str, values: &str) -> Release {
     let args: Vec<String> = serde_json::from_str(&args).unwrap();
     let ca_pem = std::fs::read_to_string(dir.join("ca.crt")).unwrap();
     Release { id: id.into(), ns, fullname, sa, dir, kubeconfig, ca_pem, tokens, args }
+}
+
+/// Changes the mounted token file as the kubelet does when the Secret
+/// changes: the new content in a new directory, then one link swapped.
+fn remount_tokens(r: &Release, content: &str) {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let data = format!("..data-{n}");
+    std::fs::create_dir_all(r.dir.join(&data)).unwrap();
+    std::fs::write(r.dir.join(&data).join("tokens"), content).unwrap();
+    std::os::unix::fs::symlink(&data, r.dir.join("..data_tmp")).unwrap();
+    std::fs::rename(r.dir.join("..data_tmp"), r.dir.join("..data")).unwrap();
 }
 
 /// The agent as the chart's pods run it (the Deployment's arguments, its
@@ -799,15 +816,12 @@ spec:
         .any(|n| n.parse::<u32>().unwrap_or(0) >= 2)
     });
     // Each token reports for its own path only.
+    let refused = "dormant_audit_batches_total{outcome=\"unauthorized\"}";
+    let before = metric(&agent, refused);
     for (path, token) in [("/audit/host", vc_token), (&*format!("/audit/vcluster/{ns}/vc"), host)] {
         assert_eq!(post_audit(r, agent.audit, path, token, &audit_batch(ns, "mallory")), 401, "{path}");
     }
-    assert_eq!(
-        metric(&agent, "dormant_audit_batches_total{outcome=\"unauthorized\"}"),
-        2.0,
-        "{}",
-        tail(&agent)
-    );
+    assert_eq!(metric(&agent, refused), before + 2.0, "{}", tail(&agent));
     kubectl(c, &["annotate", "scaledobject", "web", "-n", ns, &format!("{record}={kept}"), "--overwrite"]);
     wait_until("the namespace awake", Duration::from_secs(90), || state(c, "namespace", ns, None) == "awake");
     assert_eq!(jsonpath(c, "deployment", "web", Some(ns), "{.spec.replicas}"), "2");
@@ -1163,7 +1177,21 @@ fn in_cluster_mode_the_api_server_refuses_dormants_writes_where_it_never_acts() 
     let out = dormant(c, &["sleep", &format!("namespace/{protected}")]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
-    everything_dormant_does(c, &r, &served, |_| {});
+    everything_dormant_does(c, &r, &served, |agent| {
+        // A token rotated in the Secret reaches the agent as a change of
+        // the mounted file: accepted without a restart (nothing on the pod
+        // template needs to change for it).
+        let file = std::fs::read_to_string(r.dir.join("tokens")).unwrap();
+        let old = &r.tokens["/audit/host"];
+        let new = format!("rotated-{id}");
+        remount_tokens(&r, &file.replace(old.as_str(), &new));
+        let post =
+            |token: &str| post_audit(&r, agent.audit, "/audit/host", token, &audit_batch(&plain, "ci-bot"));
+        wait_until("the rotated token to be read", Duration::from_secs(30), || post(&new) == 200);
+        assert_eq!(post(old), 401, "the token rotated out still works");
+        remount_tokens(&r, &file);
+        wait_until("the first token to be read again", Duration::from_secs(30), || post(old) == 200);
+    });
 
     assert_eq!(state(c, "namespace", &protected, None), "", "dormant acted in an excluded namespace");
     let all: Grants = grants(READS).union(&grants(ACT)).cloned().collect();
