@@ -117,6 +117,11 @@ impl Proxy {
     /// that may not wake a vcluster (anonymous, ignored, a refused token)
     /// would be refused as if it slept until a counted request came.
     fn follow(self: &Arc<Self>, t: &TargetRef) {
+        // Only a vcluster it serves: confirming reads the vc-<name> Secret,
+        // which dormant may not read elsewhere (`--namespaces`).
+        if !self.stores.in_scope(&self.scope, &t.namespace) {
+            return;
+        }
         if !self.control_plane_ready(t) {
             self.set_confirmed(t, false);
             return;

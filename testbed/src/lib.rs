@@ -142,6 +142,9 @@ pub struct ClusterOptions {
     pub controllers: bool,
     /// Extra kube-controller-manager flags.
     pub controller_manager_args: Vec<String>,
+    /// Also write the host API server's audit events (level `Metadata`,
+    /// JSON lines) to [`Cluster::audit_log`]: what each user really did.
+    pub audit_log: bool,
 }
 
 impl Default for ClusterOptions {
@@ -152,6 +155,7 @@ impl Default for ClusterOptions {
             fast_controllers: false,
             controllers: true,
             controller_manager_args: Vec::new(),
+            audit_log: false,
         }
     }
 }
@@ -285,7 +289,16 @@ impl Cluster {
             started_in: Duration::ZERO,
             kubelet_port: OnceLock::new(),
         };
-        let api_args = cluster.apiserver_args(api_port, "/registry", opts.audit.as_ref())?;
+        let mut api_args = cluster.apiserver_args(api_port, "/registry", opts.audit.as_ref())?;
+        if opts.audit_log {
+            let policy = cluster.audit_policy(api_port)?;
+            api_args.retain(|a| !a.starts_with("--audit-policy-file="));
+            api_args.push(format!("--audit-policy-file={}", policy.display()));
+            api_args.push(format!("--audit-log-path={}", cluster.audit_log().display()));
+            api_args.push("--audit-log-format=json".into());
+            // Written before the response returns: a test reads it right after.
+            api_args.push("--audit-log-mode=blocking".into());
+        }
         let mut api =
             spawner::spawn("kube-apiserver", &cluster.bins.path("kube-apiserver"), &api_args, &cluster.dir)?;
         let admin_kc = cluster.admin.kubeconfig.clone();
@@ -332,11 +345,7 @@ impl Cluster {
             "--v=1",
         ]);
         if let Some(audit) = audit {
-            let policy = d.join(format!("audit-policy-{port}.yaml"));
-            std::fs::write(
-                &policy,
-                "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n- level: Metadata\n",
-            )?;
+            let policy = self.audit_policy(port)?;
             let ca = d.join(format!("audit-ca-{port}.crt"));
             std::fs::write(&ca, &audit.ca_pem)?;
             let kc = d.join(format!("audit-webhook-{port}.kubeconfig"));
@@ -354,6 +363,24 @@ impl Cluster {
             a.push(format!("--audit-webhook-batch-max-wait={}ms", audit.batch_max_wait.as_millis()));
         }
         Ok(a)
+    }
+
+    /// Writes the audit policy of the API server on `port` (every request
+    /// at `Metadata`, from `ResponseStarted` on) and returns its path.
+    fn audit_policy(&self, port: u16) -> Result<PathBuf> {
+        let policy = self.dir.join(format!("audit-policy-{port}.yaml"));
+        std::fs::write(
+            &policy,
+            "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n- level: Metadata\n",
+        )?;
+        Ok(policy)
+    }
+
+    /// The host API server's audit log (JSON lines, one `audit.k8s.io/v1`
+    /// Event each), written when the cluster started with
+    /// [`ClusterOptions::audit_log`].
+    pub fn audit_log(&self) -> PathBuf {
+        self.dir.join("kube-apiserver-audit.log")
     }
 
     fn start_controllers(&self, opts: &ClusterOptions) -> Result<()> {
