@@ -13,8 +13,10 @@
 
 pub mod audit;
 pub mod bench;
+pub mod netns;
 pub mod pki;
 pub mod process;
+pub mod real_vcluster;
 pub mod spawner;
 pub mod vcluster;
 
@@ -84,6 +86,12 @@ impl Bins {
     /// KEDA's ScaledObject CRD (fetched by `hack/testbed.sh install`).
     pub fn keda_crd() -> Result<PathBuf> {
         Self::tool("keda-crd")
+    }
+
+    /// The real vcluster's folder: `vcluster`, `kine`, `chart/` (built by
+    /// `hack/testbed.sh install`).
+    pub fn vcluster_dir() -> Result<PathBuf> {
+        Self::tool("vcluster-dir")
     }
 
     /// A file `hack/testbed.sh install` puts beside the testbed.
