@@ -201,6 +201,9 @@ install_vcluster() {
     rm -rf "$vcluster_dir/chart.tmp"
     cp -r "$src/chart" "$vcluster_dir/chart.tmp"
     chmod -R u+w "$vcluster_dir/chart.tmp"
+    # The release pipeline stamps the chart's version (the module says
+    # 0.0.1); the image tag and the chart label come from it.
+    sed -i "s/^version: .*/version: ${VCLUSTER_VERSION}/" "$vcluster_dir/chart.tmp/Chart.yaml"
     rm -rf "$vcluster_dir/chart"
     mv "$vcluster_dir/chart.tmp" "$vcluster_dir/chart"
   fi

@@ -21,7 +21,7 @@ use testbed::process::free_port;
 use testbed::real_vcluster::{RealVCluster, RealVClusterOptions};
 
 /// How long a real vcluster may take to come up here (cold, two busy cores).
-const START: Duration = Duration::from_secs(300);
+const START: Duration = Duration::from_secs(240);
 const SYNCED: &str = "vcluster.loft.sh/managed-by=dev";
 
 /// A real vcluster `dev` in its own scope, its API server auditing to an
@@ -179,6 +179,14 @@ fn woke_events(c: &Cluster, ns: &str) -> usize {
     event_notes(c, ns, "Woke").lines().filter(|l| !l.trim().is_empty()).count()
 }
 
+/// Who counted for the vcluster, by `user (agent)`, from its
+/// `activity-sources` annotation.
+fn counted_sources(c: &Cluster, ns: &str) -> Vec<String> {
+    let sources: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&quiet_annotation(c, ns, "dormant.dev/activity-sources")).unwrap_or_default();
+    sources.keys().cloned().collect()
+}
+
 const SYNCER_IGNORED: &str =
     "dormant_activity_total{source=\"audit\",outcome=\"ignored\",rule=\"builtin-vcluster-syncer\"}";
 
@@ -211,19 +219,18 @@ fn a_real_vcluster_sleeps_on_idle_and_one_kubectl_through_the_proxy_wakes_it_wit
     wait_until("the user's audited request on the vcluster", Duration::from_secs(30), || {
         quiet_annotation(c, &ns, "dormant.dev/last-activity-by").contains(" list configmaps (audit)")
     });
-    // Its syncer keeps working (lists, watches, status updates) and none of
-    // it counts: last-activity stays where the user left it.
-    let last = quiet_annotation(c, &ns, "dormant.dev/last-activity");
-    let syncer_before = metric(&s.agent, SYNCER_IGNORED);
-    std::thread::sleep(Duration::from_secs(10));
-    assert_eq!(quiet_annotation(c, &ns, "dormant.dev/last-activity"), last, "something else counted");
+    // Its syncer started up, listed and watched everything and synced the
+    // pods with the same admin credential as the user's: none of that
+    // counted. Then, in steady state, nothing it does counts: last-activity
+    // stays where the user left it.
+    assert!(metric(&s.agent, SYNCER_IGNORED) > 10.0, "the syncer's requests were not seen (and ignored)");
     let sources = quiet_annotation(c, &ns, "dormant.dev/activity-sources");
     assert!(!sources.contains("(vcluster)"), "the syncer counted as use: {sources}");
-    assert!(
-        metric(&s.agent, SYNCER_IGNORED) > syncer_before,
-        "no syncer request was seen (and ignored) in 10 s: is the audit webhook wired?"
-    );
+    let last = quiet_annotation(c, &ns, "dormant.dev/last-activity");
+    std::thread::sleep(Duration::from_secs(10));
+    assert_eq!(quiet_annotation(c, &ns, "dormant.dev/last-activity"), last, "something else counted");
 
+    let pods_before = in_vcluster(c, &s, &["get", "pods", "-o", "name"]);
     // Idle: it goes to sleep.
     kubectl(c, &["annotate", "--overwrite", "statefulset", "dev", "-n", &ns, "dormant.dev/sleep-after=10s"]);
     wait_until("the idle vcluster to sleep", Duration::from_secs(90), || {
@@ -261,6 +268,9 @@ fn a_real_vcluster_sleeps_on_idle_and_one_kubectl_through_the_proxy_wakes_it_wit
     };
     let via = kubectl_with(c, &s.proxy_kubeconfig, &["get", "deploy", "-o", "name"]);
     let answered = t0.elapsed();
+    // Awake again, it must stay so while the test looks (changed while it
+    // slept, the later deadline would have woken it).
+    kubectl(c, &["annotate", "--overwrite", "statefulset", "dev", "-n", &ns, "dormant.dev/sleep-after=1h"]);
     watcher.join().unwrap();
     assert!(
         via.status.success(),
@@ -284,8 +294,11 @@ fn a_real_vcluster_sleeps_on_idle_and_one_kubectl_through_the_proxy_wakes_it_wit
     assert_eq!(generation(c, &ns), generation_before + 1, "the control plane was scaled up exactly once");
     assert_eq!(woke_events(c, &ns), woke_before + 1, "one wake: {}", event_notes(c, &ns, "Woke"));
     assert_eq!(replicas(c, &ns), "1");
-    let deploy = in_vcluster(c, &s, &["get", "deploy", "web.v1", "-o", "jsonpath={.status.readyReplicas}"]);
-    assert_eq!(deploy, "1", "the Deployment is back and ready");
+    wait_until("the Deployment to be ready in the vcluster again", Duration::from_secs(60), || {
+        in_vcluster(c, &s, &["get", "deploy", "web.v1", "-o", "jsonpath={.status.readyReplicas}"]) == "1"
+    });
+    let pods_after = in_vcluster(c, &s, &["get", "pods", "-o", "name"]);
+    eprintln!("[{ns}] vcluster pods before the sleep: {pods_before:?}, after the wake: {pods_after:?}");
     eprintln!("[{ns}] real vcluster RSS once settled: {} MiB", s.vc.rss_kib() / 1024);
 }
 
@@ -327,4 +340,27 @@ fn a_bare_pod_inside_a_real_vcluster_is_back_after_sleep_and_wake() {
         syncer_said.join("\n")
     );
     wait_synced_ready(c, &s, "solo-x-default-x-dev");
+}
+
+/// Everything a real vcluster does by itself as it starts counts for
+/// nothing: only the user's kubectl shows among who used it. Besides its
+/// syncer (`vcluster/…`), vcluster 0.30 deploys CoreDNS into itself at every
+/// start with a plain Go HTTP client: `Go-http-client/2.0`, user
+/// `kubernetes-super-admin` (the admin credential of the `vc-<name>`
+/// Secret), `fieldManager=vcluster` on its writes.
+#[test]
+#[ignore = "dormant counts a real vcluster's CoreDNS deployer (kubernetes-super-admin, Go-http-client/2.0) as use: about 18 requests at every start"]
+fn a_real_vclusters_own_start_up_counts_for_nothing_and_only_the_user_shows_as_its_use() {
+    let c = Cluster::shared();
+    let s = setup("real-own");
+    in_vcluster(c, &s, &["get", "configmaps", "-n", "kube-public"]);
+    wait_until("the user's audited request on the vcluster", Duration::from_secs(30), || {
+        quiet_annotation(c, &s.ns, "dormant.dev/last-activity-by").contains(" list configmaps (audit)")
+    });
+    // Its start-up requests were sent in earlier batches than the user's.
+    let sources = counted_sources(c, &s.ns);
+    assert!(
+        sources.iter().all(|who| who.ends_with("(kubectl)")),
+        "something other than the user's kubectl counted as use: {sources:?}"
+    );
 }

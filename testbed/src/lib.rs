@@ -409,6 +409,9 @@ impl Cluster {
         let shell = self.dir.join("kwok-cluster-exec-shell.yaml");
         std::fs::write(&shell, SHELL_EXEC)?;
         kwok_conf.push(shell);
+        let ready_again = self.dir.join("kwok-pod-ready-again.yaml");
+        std::fs::write(&ready_again, POD_READY_AGAIN)?;
+        kwok_conf.push(ready_again);
         let kubelet_port = free_port()?;
         let _ = self.kubelet_port.set(kubelet_port);
         // kwok plays the kubelets: it gets a node's identity (group
@@ -660,6 +663,47 @@ spec:
     command: [cat]
 "#;
 
+/// A kubelet keeps reporting the conditions of its running pods; kwok's
+/// stages set them once. When something else replaces a running pod's
+/// conditions (the real vcluster's syncer copies its virtual pod's
+/// conditions onto the host pod), this stage puts Ready back, as the
+/// kubelet's next status update would.
+const POD_READY_AGAIN: &str = r#"apiVersion: kwok.x-k8s.io/v1alpha1
+kind: Stage
+metadata:
+  name: testbed-pod-ready-again
+spec:
+  resourceRef:
+    apiGroup: v1
+    kind: Pod
+  selector:
+    matchExpressions:
+    - key: '.metadata.deletionTimestamp'
+      operator: 'DoesNotExist'
+    - key: '.status.phase'
+      operator: 'In'
+      values: ['Running']
+    - key: '.status.conditions.[] | select( .type == "Ready" ) | .status'
+      operator: 'NotIn'
+      values: ['True']
+  next:
+    statusTemplate: |
+      {{ $now := Now }}
+      conditions:
+      - lastTransitionTime: {{ $now | Quote }}
+        status: "True"
+        type: Initialized
+      - lastTransitionTime: {{ $now | Quote }}
+        status: "True"
+        type: Ready
+      - lastTransitionTime: {{ $now | Quote }}
+        status: "True"
+        type: ContainersReady
+      - lastTransitionTime: {{ $now | Quote }}
+        status: "True"
+        type: PodScheduled
+"#;
+
 const FAKE_NODE: &str = r#"apiVersion: v1
 kind: Node
 metadata:
@@ -673,8 +717,8 @@ metadata:
     kubernetes.io/arch: amd64
     type: kwok
 status:
-  allocatable: {cpu: "4000", memory: 16Ti, pods: "20000"}
-  capacity: {cpu: "4000", memory: 16Ti, pods: "20000"}
+  allocatable: {cpu: "4000", memory: 16Ti, pods: "20000", ephemeral-storage: 100Ti}
+  capacity: {cpu: "4000", memory: 16Ti, pods: "20000", ephemeral-storage: 100Ti}
 "#;
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -177,10 +177,14 @@ impl RealVCluster {
         }
         let manifest = String::from_utf8(out.stdout)?;
         std::fs::write(dir.join("manifest.yaml"), &manifest)?;
-        cluster.kubectl_apply(&cluster.admin, &manifest)?;
+        // The volume and its claim first, bound before the pod exists: a pod
+        // whose claim is unbound when the scheduler first sees it waits
+        // minutes for its next try. (The StatefulSet adopts the claim of the
+        // name its template gives.)
         if let Some(size) = data_claim_size(&manifest)? {
             apply_data_volume(cluster, namespace, name, &size, &data)?;
         }
+        cluster.kubectl_apply(&cluster.admin, &manifest)?;
 
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
@@ -292,7 +296,16 @@ impl RealVCluster {
             }
             std::thread::sleep(Duration::from_millis(200));
         }
-        Err(anyhow!("timed out after {timeout:?} waiting for {what}\n{}", tail(&self.log_text(), 40)))
+        let host = cluster
+            .kubectl_out(
+                &cluster.admin,
+                &["get", "statefulset,pods,pvc,events", "-n", &self.namespace, "-o", "wide"],
+            )
+            .unwrap_or_else(|e| e);
+        Err(anyhow!(
+            "timed out after {timeout:?} waiting for {what}\nin its namespace:\n{host}\nits log:\n{}",
+            tail(&self.log_text(), 40)
+        ))
     }
 
     /// `kubectl get --raw /readyz` through [`RealVCluster::server`] answers.
@@ -435,23 +448,48 @@ fn data_claim_size(manifest: &str) -> Result<Option<String>> {
     Ok(None)
 }
 
-/// A PersistentVolume for the StatefulSet's claim `data-<name>-0`: a
-/// hostPath folder (as a local-path provisioner would make), pre-bound to
-/// the claim. It outlives the pod, so the vcluster's sqlite database does.
+/// A PersistentVolume for the StatefulSet's claim `data-<name>-0` (a
+/// hostPath folder, as a local-path provisioner would make) and that claim,
+/// bound to each other. It outlives the pod, so the vcluster's sqlite
+/// database does.
 fn apply_data_volume(cluster: &Cluster, namespace: &str, name: &str, size: &str, path: &Path) -> Result<()> {
-    let pv = json!({
-        "apiVersion": "v1", "kind": "PersistentVolume",
-        "metadata": {"name": format!("vcluster-{namespace}-{name}-data"), "labels": {"testbed": "true"}},
-        "spec": {
-            "capacity": {"storage": size},
-            "accessModes": ["ReadWriteOnce"],
-            "persistentVolumeReclaimPolicy": "Retain",
-            "hostPath": {"path": path.display().to_string(), "type": "Directory"},
-            "claimRef": {"namespace": namespace, "name": format!("data-{name}-0")},
-        },
-    });
-    cluster.kubectl_apply(&cluster.admin, &serde_json::to_string(&pv)?)?;
-    Ok(())
+    let pv_name = format!("vcluster-{namespace}-{name}-data");
+    let claim = format!("data-{name}-0");
+    let objects = [
+        json!({
+            "apiVersion": "v1", "kind": "PersistentVolume",
+            "metadata": {"name": pv_name, "labels": {"testbed": "true"}},
+            "spec": {
+                "capacity": {"storage": size},
+                "accessModes": ["ReadWriteOnce"],
+                "persistentVolumeReclaimPolicy": "Retain",
+                "storageClassName": "",
+                "hostPath": {"path": path.display().to_string(), "type": "Directory"},
+                "claimRef": {"namespace": namespace, "name": claim},
+            },
+        }),
+        json!({
+            "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": {"name": claim, "namespace": namespace, "labels": {"app": "vcluster", "release": name}},
+            "spec": {
+                "accessModes": ["ReadWriteOnce"],
+                "storageClassName": "",
+                "volumeName": pv_name,
+                "resources": {"requests": {"storage": size}},
+            },
+        }),
+    ];
+    for o in objects {
+        cluster.kubectl_apply(&cluster.admin, &serde_json::to_string(&o)?)?;
+    }
+    cluster.wait_for(Duration::from_secs(60), &format!("claim {namespace}/{claim} to be bound"), || {
+        cluster
+            .kubectl_out(
+                &cluster.admin,
+                &["get", "pvc", &claim, "-n", namespace, "-o", "jsonpath={.status.phase}"],
+            )
+            .is_ok_and(|p| p.trim() == "Bound")
+    })
 }
 
 fn port_of(url: &str) -> Result<u16> {
