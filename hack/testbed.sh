@@ -177,7 +177,7 @@ install_vcluster() {
   printf '//go:build tools\n\npackage tools\n\nimport _ "github.com/loft-sh/vcluster/cmd/vcluster"\n' >"$work/tools.go"
   if [[ ! -x "$vcluster_dir/vcluster" ]]; then
     start=$SECONDS
-    log "building the real vcluster: github.com/loft-sh/vcluster/cmd/vcluster v${VCLUSTER_VERSION} (cold: ~5 min on 2 cores, a 150 MB binary; once)"
+    log "building the real vcluster: github.com/loft-sh/vcluster/cmd/vcluster v${VCLUSTER_VERSION} (cold: 5-15 min on 2 cores, a 110 MB binary; once)"
     (cd "$work" && GOFLAGS=-mod=mod go mod tidy && CGO_ENABLED=0 go build -trimpath \
       -ldflags "-s -w -X github.com/loft-sh/vcluster/pkg/telemetry.SyncerVersion=${VCLUSTER_VERSION}" \
       -o "$vcluster_dir/vcluster.tmp" github.com/loft-sh/vcluster/cmd/vcluster)
@@ -186,7 +186,7 @@ install_vcluster() {
   fi
   if [[ ! -x "$vcluster_dir/kine" ]]; then
     start=$SECONDS
-    log "building kine v${KINE_VERSION} (vcluster's embedded sqlite store; CGO, ~1.5 min; once)"
+    log "building kine v${KINE_VERSION} (vcluster's embedded sqlite store; CGO, 1.5-4 min; once)"
     local gobin
     gobin="$(mktemp -d)"
     GOBIN="$gobin" CGO_ENABLED=1 go install -trimpath -ldflags "-s -w" "github.com/k3s-io/kine@v${KINE_VERSION}"
@@ -244,7 +244,7 @@ install() {
   mkdir -p "$dir"
   start=$SECONDS
   log "installing into $dir: $todo"
-  log "cold install takes about 9 minutes on 2 cores; later runs reuse the binaries"
+  log "cold install takes about 9 minutes on 2 cores (the real vcluster another 5-15); later runs reuse the binaries"
   case " $todo " in *" kube-apiserver "*|*" kube-controller-manager "*|*" kube-scheduler "*|*" kubectl "*) build_kubernetes ;; esac
   [[ -x "$dir/etcd" ]] || build_etcd
   [[ -x "$dir/kwok" ]] || go_install kwok sigs.k8s.io/kwok/cmd/kwok "$KWOK_VERSION" "~1.5 min"
