@@ -364,3 +364,29 @@ fn a_real_vclusters_own_start_up_counts_for_nothing_and_only_the_user_shows_as_i
         "something other than the user's kubectl counted as use: {sources:?}"
     );
 }
+
+/// Two real vclusters on one machine each have their own network namespace
+/// (their ports are fixed): both serve, each its own API server.
+#[test]
+fn two_real_vclusters_serve_side_by_side_each_its_own_cluster() {
+    let c = Cluster::shared();
+    let id = test_id("real-two");
+    let namespaces: Vec<String> =
+        (0..2).map(|i| c.namespace(&format!("real-two-{i}"), &[("dormant-test", &id)]).unwrap()).collect();
+    let vcs: Vec<RealVCluster> = namespaces
+        .iter()
+        .map(|ns| RealVCluster::create(c, ns, "dev", RealVClusterOptions::default()).unwrap())
+        .collect();
+    for vc in &vcs {
+        vc.wait_serving(c, START).unwrap();
+    }
+    assert_ne!(vcs[0].server, vcs[1].server);
+    let out = kubectl_with(c, &vcs[0].kubeconfig, &["create", "namespace", "only-in-the-first"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let names = |vc: &RealVCluster| {
+        String::from_utf8_lossy(&kubectl_with(c, &vc.kubeconfig, &["get", "namespaces", "-o", "name"]).stdout)
+            .into_owned()
+    };
+    assert!(names(&vcs[0]).contains("namespace/only-in-the-first"));
+    assert!(!names(&vcs[1]).contains("namespace/only-in-the-first"), "the second answered for the first");
+}
