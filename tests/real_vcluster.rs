@@ -290,6 +290,7 @@ fn a_real_vcluster_sleeps_on_idle_and_one_kubectl_through_the_proxy_wakes_it_wit
     wait_until("the Woke event", Duration::from_secs(10), || woke_events(c, &ns) > woke_before);
     // Its Deployment's pod is synced again.
     wait_synced_ready(c, &s, "web.v1-");
+    eprintln!("[{ns}] the Deployment's host pod Ready again {:?} after the request", t0.elapsed());
     std::thread::sleep(Duration::from_secs(5));
     assert_eq!(generation(c, &ns), generation_before + 1, "the control plane was scaled up exactly once");
     assert_eq!(woke_events(c, &ns), woke_before + 1, "one wake: {}", event_notes(c, &ns, "Woke"));
