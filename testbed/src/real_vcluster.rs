@@ -5,8 +5,10 @@
 //! StatefulSet with its `data` claim), applied as they are; kwok runs the
 //! control-plane pod as a fake pod. A supervisor plays the kubelet for that
 //! one container: when the pod is Ready it starts the real `vcluster start`
-//! as a host process, and kills it when the pod goes away, so a sleeping
-//! vcluster really is down and a wake really takes its start-up time. The
+//! as a host process, and kills it when the pod goes away (holding a
+//! finalizer on the pod until the process is dead, as a kubelet deletes a
+//! pod only once its containers have stopped), so a sleeping vcluster
+//! really is down and a wake really takes its start-up time. The
 //! supervisor gives the process what a kubelet would give the container:
 //!
 //! - the container's volume mounts, each bind-mounted in a private mount
@@ -49,7 +51,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use futures::StreamExt;
 use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod, Secret, ServiceAccount};
-use kube::api::{Api, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
 use serde_json::json;
 
@@ -59,6 +61,12 @@ use crate::{AuditWebhook, Bins, Cluster, lock, spawner};
 
 /// The vcluster proxy's port inside its network namespace (fixed by vcluster).
 const PROXY_PORT: u16 = 8443;
+
+/// Held on the control-plane pod while its process runs: kwok deletes a
+/// terminating pod at once, where a kubelet deletes it only once its
+/// containers have stopped. With it, the pod is gone (and the StatefulSet
+/// counts no replica) only after the process is dead, as on a real node.
+const FINALIZER: &str = "testbed.dormant.dev/vcluster-process";
 
 /// vcluster 0.30 passes kube-controller-manager the controller names of
 /// Kubernetes ≤ 1.33 (`-nodeipam`, `-cloud-node-lifecycle`, …), which 1.37
@@ -116,6 +124,8 @@ pub struct RealVCluster {
     shared: Arc<Shared>,
     thread: Option<std::thread::JoinHandle<()>>,
     _netns: Arc<NetNs>,
+    kubectl: PathBuf,
+    host_kubeconfig: PathBuf,
 }
 
 struct Shared {
@@ -232,6 +242,8 @@ impl RealVCluster {
             shared,
             thread: Some(thread),
             _netns: netns,
+            kubectl: cluster.bins.path("kubectl"),
+            host_kubeconfig: cluster.admin.kubeconfig.clone(),
         })
     }
 
@@ -363,6 +375,12 @@ impl Drop for RealVCluster {
         if let Some(mut p) = lock(&self.shared.process).take() {
             p.kill();
         }
+        // Nothing plays its kubelet any more: let its pod go.
+        let _ = std::process::Command::new(&self.kubectl)
+            .arg(format!("--kubeconfig={}", self.host_kubeconfig.display()))
+            .args(["patch", "pod", &format!("{}-0", self.name), "-n", &self.namespace, "--type=merge"])
+            .args(["-p", r#"{"metadata":{"finalizers":null}}"#, "--request-timeout=5s"])
+            .output();
     }
 }
 
@@ -526,7 +544,7 @@ impl Supervisor {
         let host = crate::client_from_kubeconfig(&self.host_kubeconfig).await?;
         let pods: Api<Pod> = Api::namespaced(host.clone(), &self.namespace);
         let selector = format!("app=vcluster,release={}", self.name);
-        let mut events = watcher(pods, watcher::Config::default().labels(&selector)).boxed();
+        let mut events = watcher(pods.clone(), watcher::Config::default().labels(&selector)).boxed();
         let mut control_plane: Option<Pod> = None;
         let mut inward: Option<tokio::task::JoinHandle<()>> = None;
         let mut tick = tokio::time::interval(Duration::from_millis(200));
@@ -564,8 +582,16 @@ impl Supervisor {
             let running = lock(&self.shared.process).is_some();
             match (up, running) {
                 (Some(pod), false) => {
-                    let n = self.shared.starts.fetch_add(1, Ordering::SeqCst) + 1;
-                    match self.start(&host, pod, n).await {
+                    let started = match hold(&pods, pod).await {
+                        // Changed since this event: the next one brings it.
+                        Ok(false) => continue,
+                        Ok(true) => {
+                            let n = self.shared.starts.fetch_add(1, Ordering::SeqCst) + 1;
+                            self.start(&host, pod, n).await
+                        }
+                        Err(e) => Err(e),
+                    };
+                    match started {
                         Ok(proc) => {
                             *lock(&self.shared.process) = Some(proc);
                             self.shared.running.store(true, Ordering::SeqCst);
@@ -588,6 +614,13 @@ impl Supervisor {
                     self.shared.running.store(false, Ordering::SeqCst);
                 }
                 _ => {}
+            }
+            // Its process is dead: a terminating pod may go.
+            let terminating = control_plane.as_ref().filter(|p| p.metadata.deletion_timestamp.is_some());
+            if let Some(p) = terminating.filter(|p| held(p) && lock(&self.shared.process).is_none())
+                && let Err(e) = release(&pods, p).await
+            {
+                eprintln!("real vcluster {}: releasing its pod: {e:#}", self.name);
             }
         }
     }
@@ -779,6 +812,43 @@ fn field(pod: &Pod, path: &str) -> Result<String> {
         other => bail!("field reference {other} is not supported by the testbed"),
     };
     Ok(v.unwrap_or_default())
+}
+
+fn held(p: &Pod) -> bool {
+    p.metadata.finalizers.iter().flatten().any(|f| f == FINALIZER)
+}
+
+/// Puts [`FINALIZER`] on the control-plane pod; false when the pod changed
+/// since `p` was read (or is gone).
+async fn hold(pods: &Api<Pod>, p: &Pod) -> Result<bool> {
+    if held(p) {
+        return Ok(true);
+    }
+    let mut finalizers = p.metadata.finalizers.clone().unwrap_or_default();
+    finalizers.push(FINALIZER.into());
+    let patch =
+        json!({"metadata": {"finalizers": finalizers, "resourceVersion": p.metadata.resource_version}});
+    let name = p.metadata.name.as_deref().unwrap_or_default();
+    match pods.patch(name, &PatchParams::default(), &Patch::Merge(patch)).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(false),
+        Err(e) => Err(e).context("hold the control-plane pod"),
+    }
+}
+
+/// Takes [`FINALIZER`] off the control-plane pod.
+async fn release(pods: &Api<Pod>, p: &Pod) -> Result<()> {
+    let finalizers: Vec<String> =
+        p.metadata.finalizers.iter().flatten().filter(|f| *f != FINALIZER).cloned().collect();
+    let patch =
+        json!({"metadata": {"finalizers": finalizers, "resourceVersion": p.metadata.resource_version}});
+    let name = p.metadata.name.as_deref().unwrap_or_default();
+    match pods.patch(name, &PatchParams::default(), &Patch::Merge(patch)).await {
+        Ok(_) => Ok(()),
+        // Gone, or changed since: the next event brings it again.
+        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
+        Err(e) => Err(e).context("release the control-plane pod"),
+    }
 }
 
 fn pod_ready(p: &Pod) -> bool {
