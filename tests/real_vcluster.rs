@@ -350,7 +350,6 @@ fn a_bare_pod_inside_a_real_vcluster_is_back_after_sleep_and_wake() {
 /// `kubernetes-super-admin` (the admin credential of the `vc-<name>`
 /// Secret), `fieldManager=vcluster` on its writes.
 #[test]
-#[ignore = "dormant counts a real vcluster's CoreDNS deployer (kubernetes-super-admin, Go-http-client/2.0) as use: 18 requests at its first start, 10 at each wake"]
 fn a_real_vclusters_own_start_up_counts_for_nothing_and_only_the_user_shows_as_its_use() {
     let c = Cluster::shared();
     let s = setup("real-own");
