@@ -88,6 +88,15 @@ pub const VCLUSTER_ETCD_APP: &str = "vcluster-etcd";
 /// The label a vcluster's syncer puts on the host pods it syncs.
 pub const MANAGED_BY_LABEL: &str = "vcluster.loft.sh/managed-by";
 
+/// The annotation a vcluster's syncer puts on a host pod whose virtual pod
+/// has owners (its ownerReferences, as JSON). A synced pod without it is a
+/// bare pod in the vcluster: nothing there would create it again.
+pub const OWNER_REFERENCES_ANNOTATION: &str = "vcluster.loft.sh/owner-references";
+
+/// The virtual pod's namespace and name on a synced host pod.
+pub const OBJECT_NAMESPACE_ANNOTATION: &str = "vcluster.loft.sh/object-namespace";
+pub const OBJECT_NAME_ANNOTATION: &str = "vcluster.loft.sh/object-name";
+
 /// The request header that opts a request through the proxy out of
 /// counting as activity.
 pub const IGNORE_HEADER: &str = "x-dormant-ignore";

@@ -306,7 +306,7 @@ const ACT: &[(&str, &[&str])] = &[
     ("jobs.batch", &["get", "patch"]),
     ("scaledobjects.keda.sh", &["get", "list", "patch"]),
     ("scaledjobs.keda.sh", &["get", "list", "patch"]),
-    ("pods", &["deletecollection"]),
+    ("pods", &["delete"]),
     ("secrets", &["get"]),
     ("events.events.k8s.io", &["create", "patch"]),
 ];

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
+use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::events::{Event, EventType};
 
 use super::{Context, Error, Evaluation, Invalid, Summary, evaluate, lock};
@@ -193,9 +194,14 @@ async fn sleep(
     if r.kind == TargetKind::VCluster {
         if !ev.control_plane_down() {
             pending = true;
-        } else if !ev.synced_pods.is_empty() {
-            step(ctx, ev, "SleepFailed", ctx.scaler.delete_synced_pods(&r.namespace, &r.name)).await?;
-            pending = true;
+        } else {
+            let doomed: Vec<&Pod> =
+                ev.synced_pods.iter().map(AsRef::as_ref).filter(|p| scaler::restorable(p)).collect();
+            if !doomed.is_empty() {
+                step(ctx, ev, "SleepFailed", ctx.scaler.delete_synced_pods(&r.namespace, &r.name, &doomed))
+                    .await?;
+                pending = true;
+            }
         }
     }
     if !pending && ev.state != TargetState::Asleep {
@@ -214,6 +220,21 @@ async fn sleep(
             .inc();
         tracing::info!(target = %r, reason = %ev.decision.reason, "asleep");
         publish(ctx, ev, EventType::Normal, "Slept", format!("Asleep: {}", ev.decision.reason)).await;
+        let bare: Vec<String> = ev
+            .synced_pods
+            .iter()
+            .filter(|p| !scaler::restorable(p))
+            .map(|p| scaler::virtual_name(p))
+            .collect();
+        if !bare.is_empty() {
+            tracing::warn!(target = %r, pods = ?bare, "bare pods in the vcluster keep running while it sleeps");
+            let note = format!(
+                "{} bare pod(s) kept running ({}): a pod without a controller in the vcluster would be lost for good if its host pod were deleted",
+                bare.len(),
+                bare.join(", ")
+            );
+            publish(ctx, ev, EventType::Warning, "BarePodsKept", note).await;
+        }
     }
     Ok(())
 }
