@@ -18,7 +18,10 @@ use crate::client::{PatchError, Patchable, Patcher};
 use crate::target::WorkloadView;
 use crate::vocab::{OBJECT_NAME_ANNOTATION, OBJECT_NAMESPACE_ANNOTATION, OWNER_REFERENCES_ANNOTATION};
 pub use keda::{ScaledJobView, ScaledObjectView};
-pub use plan::{hand_scaled, sleep_patch, wake_patch};
+pub use plan::{
+    SleepRecord, hand_scaled, own_record, record_key, record_lost, record_to_write, sleep_patch,
+    sleep_patch_from, wake_patch, wake_patch_from,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -111,14 +114,21 @@ impl Scaler {
 
     /// Scales `w` to zero (or suspends it), recording what it was, unless it
     /// already sleeps or is `excluded`.
-    pub async fn sleep_workload(&self, w: &WorkloadView, excluded: bool) -> Result<Outcome> {
-        Ok(self.patcher.patch_until_settled(w, |w| sleep_patch(w, excluded)).await?)
+    pub async fn sleep_workload(
+        &self,
+        w: &WorkloadView,
+        excluded: bool,
+        copy: Option<&SleepRecord>,
+    ) -> Result<Outcome> {
+        Ok(self.patcher.patch_until_settled(w, |w| sleep_patch_from(w, excluded, copy)).await?)
     }
 
     /// Restores `w` to what was recorded, unless someone changed it by hand
     /// meanwhile (then their value stays and only the record goes).
-    pub async fn wake_workload(&self, w: &WorkloadView) -> Result<Outcome> {
-        Ok(self.patcher.patch_until_settled(w, wake_patch).await?)
+    /// `copy` is the target's copy of the records, for a workload whose own
+    /// record is gone.
+    pub async fn wake_workload(&self, w: &WorkloadView, copy: Option<&SleepRecord>) -> Result<Outcome> {
+        Ok(self.patcher.patch_until_settled(w, |w| wake_patch_from(w, copy)).await?)
     }
 
     /// The KEDA ScaledObjects in `namespace` (none when KEDA is not installed).
