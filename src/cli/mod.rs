@@ -4,6 +4,7 @@
 
 pub mod kubeconfig;
 pub mod lint;
+pub mod restore;
 pub mod targets;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -59,6 +60,16 @@ pub enum Command {
         /// Wait until it is awake and ready, at most this long (`2m`).
         #[arg(long, num_args = 0..=1, default_missing_value = "5m")]
         wait: Option<String>,
+    },
+    /// Bring sleeping targets back from their records alone, with no agent
+    /// running (before an uninstall; the chart's pre-delete hook runs it).
+    /// Running it again changes nothing.
+    Restore {
+        /// Every target.
+        #[arg(long, conflicts_with = "target", required_unless_present = "target")]
+        all: bool,
+        /// One target instead.
+        target: Option<TargetRef>,
     },
     /// Write a kubeconfig that reaches a vcluster through dormant's proxy
     /// (waking it on the first request) with the vcluster's own credentials.
