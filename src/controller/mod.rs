@@ -81,6 +81,11 @@ pub struct Context {
     reported_invalid: Mutex<HashMap<TargetRef, String>>,
     /// When each waking target started waking, and why (for the histogram).
     waking: Mutex<HashMap<TargetRef, (tokio::time::Instant, &'static str)>>,
+    /// Targets whose state this replica changed, with the version of the
+    /// object it read before: until the cache shows a newer one, another
+    /// reconcile would act on the old state again (count a transition twice,
+    /// publish its Event twice). See [`reconcile::reconcile`].
+    unseen_writes: Mutex<HashMap<TargetRef, (Option<String>, tokio::time::Instant)>>,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -112,6 +117,7 @@ impl Context {
             summaries: Mutex::new(HashMap::new()),
             reported_invalid: Mutex::new(HashMap::new()),
             waking: Mutex::new(HashMap::new()),
+            unseen_writes: Mutex::new(HashMap::new()),
         })
     }
 

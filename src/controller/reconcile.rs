@@ -42,6 +42,17 @@ pub(super) async fn reconcile(ctx: &Context, r: &TargetRef) -> Result<Option<Dat
     if lock(&ctx.reported_invalid).remove(r).is_some() {
         tracing::info!(target = %r, "target is valid again");
     }
+    // This replica changed the target's state from what the cache still
+    // shows: wait for the cache rather than act twice on the old state.
+    {
+        let mut unseen = lock(&ctx.unseen_writes);
+        if let Some((version, at)) = unseen.get(r) {
+            if *version == ev.target.object.resource_version() && at.elapsed() < CACHE_CATCH_UP {
+                return Ok(Some(now + chrono::Duration::milliseconds(250)));
+            }
+            unseen.remove(r);
+        }
+    }
     let mut annotations = Annotations::new();
     if ev.first_seen_missing {
         annotations.insert(vocab::FIRST_SEEN, Some(rfc3339(now)));
@@ -69,10 +80,25 @@ pub(super) async fn reconcile(ctx: &Context, r: &TargetRef) -> Result<Option<Dat
         Desired::Awake => wake(ctx, &ev, &mut annotations, now).await,
     };
     let written = ctx.annotator.set(&ev.target.object, &annotations).await;
+    if written.is_ok() && annotations.contains_key(vocab::STATE) {
+        wrote_state(ctx, &ev);
+    }
     summarize(ctx, &ev, &annotations);
     result?;
     written?;
     Ok(ev.decision.next)
+}
+
+/// How long a reconcile waits for the cache to show this replica's own
+/// state change before acting anyway (a write that changed nothing, a
+/// watch that lags).
+const CACHE_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Remembers that this reconcile changed `ev`'s target state, from the
+/// version the cache showed.
+fn wrote_state(ctx: &Context, ev: &Evaluation) {
+    lock(&ctx.unseen_writes)
+        .insert(ev.target.r.clone(), (ev.target.object.resource_version(), tokio::time::Instant::now()));
 }
 
 fn forget(ctx: &Context, r: &TargetRef) {
@@ -182,6 +208,7 @@ async fn sleep(
         // Written before any workload changes: a crash from here on leaves a
         // target that says it is going to sleep.
         written = ctx.annotator.set(&ev.target.object, annotations).await?;
+        wrote_state(ctx, ev);
         if let Some(edge) = ev.decision.reason.at() {
             let lag = (Utc::now() - edge).num_milliseconds() as f64 / 1000.0;
             // Only for edges that just passed (not a sleep resumed after a restart).
@@ -315,6 +342,7 @@ async fn wake(
         annotations.insert(vocab::FORCE_SLEEP, None);
         annotations.insert(vocab::PREVENT_WAKEUP_UNTIL, None);
         written = ctx.annotator.set(&ev.target.object, annotations).await?;
+        wrote_state(ctx, ev);
         annotations.clear();
         lock(&ctx.waking).insert(r.clone(), (tokio::time::Instant::now(), ev.decision.reason.trigger()));
         tracing::info!(target = %r, reason = %ev.decision.reason, "waking");
