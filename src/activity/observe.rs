@@ -212,8 +212,8 @@ impl Observer {
     ///   server could not tell who made it (401, or audited with no user: an
     ///   expired CI token polling for ever must not keep a target awake),
     ///   refused it (403), or did not serve it (see [`refused_by_answer`]);
-    /// - [`VCLUSTER_SYNCER`]: a vcluster's syncer, reported by the
-    ///   vcluster's own audit webhook;
+    /// - [`VCLUSTER_SYNCER`]: a vcluster's syncer or its start-up deployer,
+    ///   reported by the vcluster's own audit webhook;
     /// - [`OWN_SERVICE_ACCOUNT`]: reported by an audit webhook, made by one
     ///   of the target's own service accounts (its workloads), unless its
     ///   policy counts them;
@@ -223,7 +223,7 @@ impl Observer {
             UNAUTHENTICATED
         } else if let Some(rule) = a.code.and_then(refused_by_answer) {
             rule
-        } else if a.source == Source::Audit && a.in_vcluster && from_vcluster_syncer(&a.user_agent) {
+        } else if a.source == Source::Audit && a.in_vcluster && from_vcluster_itself(&a.user, &a.user_agent) {
             VCLUSTER_SYNCER
         } else {
             let rules = self.rules.get(t);
@@ -272,12 +272,17 @@ impl Observer {
     }
 }
 
-/// True for a user agent of a vcluster's syncer. It uses the same admin
-/// credential as the `vc-<name>` kubeconfig people are given, and watches
-/// all the time (a watch restarts every few minutes); only its user agent
-/// tells it apart: client-go's default, named after the `vcluster` binary.
-pub fn from_vcluster_syncer(user_agent: &str) -> bool {
+/// True for a request a vcluster makes to its own API server: its syncer,
+/// and what it deploys at every start (CoreDNS). They use the same admin
+/// credential as the `vc-<name>` kubeconfig people are given (user
+/// `kubernetes-super-admin` in vcluster 0.30's k8s distro), and the syncer
+/// watches all the time (a watch restarts every few minutes); only their
+/// user agents tell them apart: client-go's default, named after the
+/// `vcluster` binary, and Go's own default for the deployer (18 requests
+/// at a first start, 10 at each wake, seen on the real vcluster).
+pub fn from_vcluster_itself(user: &str, user_agent: &str) -> bool {
     user_agent.starts_with("vcluster/")
+        || (user == "kubernetes-super-admin" && user_agent.starts_with("Go-http-client/"))
 }
 
 /// `kubectl/v1.37.2 (linux/amd64) kubernetes/abc` → `kubectl`: the product

@@ -346,7 +346,8 @@ fn next_change(inputs: &Inputs<'_>, now: DateTime<Utc>, current: Desired) -> (Op
     let can_flip = if asleep {
         p.wake_on_schedule.value && p.schedules.value.iter().any(|s| s.wake.is_some())
     } else {
-        p.can_sleep()
+        // An unverified wake ends by itself, whatever the policy.
+        p.can_sleep() || (inputs.unverified_wake.is_some() && !p.disabled.value)
     };
     let future_input = |t: DateTime<Utc>| {
         [

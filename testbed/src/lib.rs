@@ -13,8 +13,10 @@
 
 pub mod audit;
 pub mod bench;
+pub mod netns;
 pub mod pki;
 pub mod process;
+pub mod real_vcluster;
 pub mod spawner;
 pub mod vcluster;
 
@@ -84,6 +86,12 @@ impl Bins {
     /// KEDA's ScaledObject CRD (fetched by `hack/testbed.sh install`).
     pub fn keda_crd() -> Result<PathBuf> {
         Self::tool("keda-crd")
+    }
+
+    /// The real vcluster's folder: `vcluster`, `kine`, `chart/` (built by
+    /// `hack/testbed.sh install`).
+    pub fn vcluster_dir() -> Result<PathBuf> {
+        Self::tool("vcluster-dir")
     }
 
     /// A file `hack/testbed.sh install` puts beside the testbed.
@@ -429,6 +437,9 @@ impl Cluster {
         let shell = self.dir.join("kwok-cluster-exec-shell.yaml");
         std::fs::write(&shell, SHELL_EXEC)?;
         kwok_conf.push(shell);
+        let ready_again = self.dir.join("kwok-pod-ready-again.yaml");
+        std::fs::write(&ready_again, POD_READY_AGAIN)?;
+        kwok_conf.push(ready_again);
         let kubelet_port = free_port()?;
         let _ = self.kubelet_port.set(kubelet_port);
         // kwok plays the kubelets: it gets a node's identity (group
@@ -680,6 +691,47 @@ spec:
     command: [cat]
 "#;
 
+/// A kubelet keeps reporting the conditions of its running pods; kwok's
+/// stages set them once. When something else replaces a running pod's
+/// conditions (the real vcluster's syncer copies its virtual pod's
+/// conditions onto the host pod), this stage puts Ready back, as the
+/// kubelet's next status update would.
+const POD_READY_AGAIN: &str = r#"apiVersion: kwok.x-k8s.io/v1alpha1
+kind: Stage
+metadata:
+  name: testbed-pod-ready-again
+spec:
+  resourceRef:
+    apiGroup: v1
+    kind: Pod
+  selector:
+    matchExpressions:
+    - key: '.metadata.deletionTimestamp'
+      operator: 'DoesNotExist'
+    - key: '.status.phase'
+      operator: 'In'
+      values: ['Running']
+    - key: '.status.conditions.[] | select( .type == "Ready" ) | .status'
+      operator: 'NotIn'
+      values: ['True']
+  next:
+    statusTemplate: |
+      {{ $now := Now }}
+      conditions:
+      - lastTransitionTime: {{ $now | Quote }}
+        status: "True"
+        type: Initialized
+      - lastTransitionTime: {{ $now | Quote }}
+        status: "True"
+        type: Ready
+      - lastTransitionTime: {{ $now | Quote }}
+        status: "True"
+        type: ContainersReady
+      - lastTransitionTime: {{ $now | Quote }}
+        status: "True"
+        type: PodScheduled
+"#;
+
 const FAKE_NODE: &str = r#"apiVersion: v1
 kind: Node
 metadata:
@@ -693,8 +745,8 @@ metadata:
     kubernetes.io/arch: amd64
     type: kwok
 status:
-  allocatable: {cpu: "4000", memory: 16Ti, pods: "20000"}
-  capacity: {cpu: "4000", memory: 16Ti, pods: "20000"}
+  allocatable: {cpu: "4000", memory: 16Ti, pods: "20000", ephemeral-storage: 100Ti}
+  capacity: {cpu: "4000", memory: 16Ti, pods: "20000", ephemeral-storage: 100Ti}
 "#;
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
