@@ -243,9 +243,12 @@ pub struct EventSeen {
     pub note: String,
     /// `Kind/name` of the object it is about.
     pub regarding: String,
+    /// The controller that wrote it (`dormant` for the agent).
+    pub reporting_controller: String,
     /// The replica that wrote it.
     pub reporting_instance: String,
-    /// How often it happened: its series' count, else 1.
+    /// How often it happened: its series' count (or the older API's
+    /// count), else 1.
     pub count: u64,
     /// When it first happened.
     pub first: chrono::DateTime<chrono::Utc>,
@@ -270,16 +273,23 @@ pub fn events(c: &Cluster, ns: &str, reason: &str) -> Vec<EventSeen> {
         .unwrap()
         .iter()
         .map(|e| {
-            let first = time(&e["eventTime"]).unwrap_or_else(|| panic!("an Event without eventTime: {e}"));
+            // Events written through the older core API (by Kubernetes'
+            // own controllers) carry their times in the deprecated fields.
+            let first = time(&e["eventTime"])
+                .or_else(|| time(&e["deprecatedFirstTimestamp"]))
+                .unwrap_or_else(|| panic!("an Event without a time: {e}"));
             EventSeen {
                 reason: text(&e["reason"]),
                 action: text(&e["action"]),
                 note: text(&e["note"]),
                 regarding: format!("{}/{}", text(&e["regarding"]["kind"]), text(&e["regarding"]["name"])),
+                reporting_controller: text(&e["reportingController"]),
                 reporting_instance: text(&e["reportingInstance"]),
-                count: e["series"]["count"].as_u64().unwrap_or(1),
+                count: e["series"]["count"].as_u64().or(e["deprecatedCount"].as_u64()).unwrap_or(1),
                 first,
-                last: time(&e["series"]["lastObservedTime"]).unwrap_or(first),
+                last: time(&e["series"]["lastObservedTime"])
+                    .or_else(|| time(&e["deprecatedLastTimestamp"]))
+                    .unwrap_or(first),
             }
         })
         .collect()
