@@ -526,14 +526,18 @@ fn only_the_leader_acts_and_a_standby_takes_over_within_the_lease() {
     // All along, the standby has done nothing at all.
     assert_eq!(reconciles(&b), 0.0, "the standby reconciled; its log:\n{}", b.log());
     assert_eq!(all_transitions(&b), 0.0, "the standby slept or woke something");
-    assert_eq!(
-        transitions(&a, "sleep"),
-        1.0,
-        "the leader's one sleep: {:#?}\n{:?}\nits log:\n{}",
-        events(c, &ns1, "").iter().chain(&events(c, &ns2, "")).filter(|e| e.reporting_controller == "dormant").collect::<Vec<_>>(),
-        a.get("/metrics").lines().filter(|l| l.starts_with("dormant_transitions_total")).collect::<Vec<_>>(),
-        a.log()
-    );
+    // What the replicas wrote and did, for a failure's message.
+    let why = |agent: &Agent| {
+        let written: Vec<EventSeen> = [&ns1, &ns2]
+            .iter()
+            .flat_map(|ns| events(c, ns, ""))
+            .filter(|e| e.reporting_controller == "dormant")
+            .collect();
+        let log = std::fs::read_to_string(&agent.proc.log).unwrap_or_default();
+        let done: Vec<&str> = log.lines().filter(|l| l.contains("asleep") || l.contains("awake")).collect();
+        format!("Events: {written:#?}\n{} said:\n{}", agent.identity, done.join("\n"))
+    };
+    assert_eq!(transitions(&a, "sleep"), 1.0, "the leader's one sleep; {}", why(&a));
     let signal = |s: i32| testbed::process::signal(a.proc.pid(), s).unwrap();
     let a_paused = Utc::now();
     signal(libc::SIGSTOP);
@@ -575,7 +579,7 @@ fn only_the_leader_acts_and_a_standby_takes_over_within_the_lease() {
         "the former leader still counts savings"
     );
     assert_eq!(reconciles(&a), a_reconciles, "the former leader reconciled as a standby; its log:\n{}", a.log());
-    assert_eq!(transitions(&a, "sleep"), 1.0, "the former leader slept something as a standby");
+    assert_eq!(transitions(&a, "sleep"), 1.0, "the former leader slept something as a standby; {}", why(&a));
     assert_eq!(all_transitions(&b), 0.0, "the new leader slept or woke a target nobody asked it to");
 
     // The leader is killed: the standby (the former leader) takes over as
@@ -603,7 +607,7 @@ fn only_the_leader_acts_and_a_standby_takes_over_within_the_lease() {
         series(&a, "dormant_savings_total").is_some_and(|v| v > stopped_at)
     });
     assert_eq!(series(&a, "dormant_target_asleep"), Some(1.0));
-    assert_eq!(transitions(&a, "sleep"), 2.0, "the leader's second sleep");
+    assert_eq!(transitions(&a, "sleep"), 2.0, "the leader's second sleep; {}", why(&a));
     assert_eq!(transitions(&a, "wake"), 0.0, "a wake nobody asked for");
 
     // Over the whole test, each Event dormant wrote came from the replica
