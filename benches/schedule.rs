@@ -74,7 +74,10 @@ impl Outcome {
         }
         for (what, times) in [("slept", &self.sleep), ("woke", &self.wake)] {
             if let Some(early) = times.first().filter(|t| **t < 0.0) {
-                wrong.push(format!("{what} a Deployment {:.0} ms before the scheduled minute", -early * 1000.0));
+                wrong.push(format!(
+                    "{what} a Deployment {:.0} ms before the scheduled minute",
+                    -early * 1000.0
+                ));
             }
         }
         wrong

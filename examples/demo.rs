@@ -83,7 +83,14 @@ async fn state_of(client: &kube::Client, t: &TargetRef) -> Option<TargetState> {
 /// Records how `t` (its object `regarding` in namespace `ns`) woke: the
 /// `Woke` Events about it (waited for up to 10 s) and the pods running
 /// in `ns` (waited for until there are `want`, up to a minute).
-async fn record_wake(screen: &Screen, c: &Cluster, t: &TargetRef, ns: &str, regarding: &str, want: usize) -> Wake {
+async fn record_wake(
+    screen: &Screen,
+    c: &Cluster,
+    t: &TargetRef,
+    ns: &str,
+    regarding: &str,
+    want: usize,
+) -> Wake {
     let read = |args: &[&str]| c.kubectl_out(&c.admin, args).unwrap_or_default();
     let start = Instant::now();
     let woke = loop {
@@ -265,7 +272,12 @@ spec:
         .await;
     });
 
-    let screen = Arc::new(Screen { step: Mutex::new(String::new()), log: Mutex::new(Vec::new()), scripted, wakes: Mutex::new(Vec::new()) });
+    let screen = Arc::new(Screen {
+        step: Mutex::new(String::new()),
+        log: Mutex::new(Vec::new()),
+        scripted,
+        wakes: Mutex::new(Vec::new()),
+    });
     let targets = [
         TargetRef::vcluster("team-a", "dev"),
         TargetRef::vcluster("team-b", "ci"),

@@ -44,7 +44,12 @@ async fn the_demo_sleeps_everything_and_wakes_it_by_cli_by_kubectl_through_the_p
         ("vcluster/team-a/dev", "WokeManual", "woken by hand", synced("dev", 3)),
         ("vcluster/team-b/ci", "WokeRequest", "(proxy)", synced("ci", 2)),
         ("vcluster/team-c/qa", "WokeRequest", "alice", synced("qa", 1)),
-        ("namespace/shop", "WokeSchedule", "wake schedule \"", vec!["web-".into(), "web-".into(), "web-".into(), "db-0".into()]),
+        (
+            "namespace/shop",
+            "WokeSchedule",
+            "wake schedule \"",
+            vec!["web-".into(), "web-".into(), "web-".into(), "db-0".into()],
+        ),
     ] {
         let w = wake(target);
         assert!(

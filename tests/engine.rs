@@ -362,10 +362,7 @@ fn sigkill_at_random_moments_of_sleep_and_wake_never_loses_a_replica_count() {
         // seen, at a random moment up to a second later (and anywhere, if
         // there was nothing to change).
         let started = std::time::Instant::now();
-        while &before != done
-            && snapshot(c, &ns) == before
-            && started.elapsed() < Duration::from_secs(30)
-        {
+        while &before != done && snapshot(c, &ns) == before && started.elapsed() < Duration::from_secs(30) {
             std::thread::sleep(Duration::from_millis(50));
         }
         std::thread::sleep(Duration::from_millis(next() % 1000));
@@ -578,7 +575,12 @@ fn only_the_leader_acts_and_a_standby_takes_over_within_the_lease() {
         Some(stopped_at),
         "the former leader still counts savings"
     );
-    assert_eq!(reconciles(&a), a_reconciles, "the former leader reconciled as a standby; its log:\n{}", a.log());
+    assert_eq!(
+        reconciles(&a),
+        a_reconciles,
+        "the former leader reconciled as a standby; its log:\n{}",
+        a.log()
+    );
     assert_eq!(transitions(&a, "sleep"), 1.0, "the former leader slept something as a standby; {}", why(&a));
     assert_eq!(all_transitions(&b), 0.0, "the new leader slept or woke a target nobody asked it to");
 
@@ -625,7 +627,10 @@ fn only_the_leader_acts_and_a_standby_takes_over_within_the_lease() {
     }
     // Neither the new leader nor the resumed former one wrote the sleeping
     // Deployment again: its last write by dormant is the sleep itself.
-    assert!(last_written_by_dormant(c, &ns1) <= a_paused, "deployment/app in {ns1} was written after the sleep");
+    assert!(
+        last_written_by_dormant(c, &ns1) <= a_paused,
+        "deployment/app in {ns1} was written after the sleep"
+    );
     assert!(last_written_by_dormant(c, &ns2) >= a_acquired - chrono::Duration::seconds(1));
     eprintln!("standby took over {after_expiry:?} after the dead leader's lease expired");
 }
