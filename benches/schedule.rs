@@ -53,6 +53,37 @@ struct Outcome {
     rss_peak: u64,
 }
 
+impl Outcome {
+    /// What the tool got wrong, whatever its speed: a Deployment not asleep
+    /// or not back within the measure's 110 s, one back at other replicas
+    /// than it had, or a change before its scheduled minute.
+    fn wrong(&self) -> Vec<String> {
+        let mut wrong = Vec::new();
+        let n = self.workloads;
+        if n == 0 {
+            wrong.push("no Deployments measured".to_string());
+        }
+        if self.sleep.len() != n {
+            wrong.push(format!("{} of {n} Deployments asleep within 110 s", self.sleep.len()));
+        }
+        if self.wake.len() != n {
+            wrong.push(format!("{} of {n} Deployments back within 110 s", self.wake.len()));
+        }
+        if self.exact != n {
+            wrong.push(format!("{} of {n} Deployments back at exactly their replicas", self.exact));
+        }
+        for (what, times) in [("slept", &self.sleep), ("woke", &self.wake)] {
+            if let Some(early) = times.first().filter(|t| **t < 0.0) {
+                wrong.push(format!(
+                    "{what} a Deployment {:.0} ms before the scheduled minute",
+                    -early * 1000.0
+                ));
+            }
+        }
+        wrong
+    }
+}
+
 /// Seconds from `from` to the Deployment's change to `want` (negative when
 /// it came early): the first such change no more than a minute before.
 fn reached(history: &[(i32, Instant)], want: i32, from: Instant) -> Option<f64> {
@@ -285,5 +316,12 @@ async fn main() -> anyhow::Result<()> {
     row("resident memory before the sleep / peak", &|o| {
         format!("{:.1} / {:.1} MiB", o.rss_idle as f64 / 1024.0, o.rss_peak as f64 / 1024.0)
     });
+    // Timings of a tool that did the job wrong compare nothing: the
+    // benchmark fails (after printing the table, so the numbers are seen).
+    let wrong: Vec<String> = outcomes
+        .iter()
+        .flat_map(|(tool, o)| o.wrong().into_iter().map(move |w| format!("{tool}: {w}")))
+        .collect();
+    anyhow::ensure!(wrong.is_empty(), "the schedule was not kept:\n{}", wrong.join("\n"));
     Ok(())
 }

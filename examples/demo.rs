@@ -42,6 +42,21 @@ struct Screen {
     log: Mutex<Vec<String>>,
     /// Plain lines as things happen, instead of a refreshing table.
     scripted: bool,
+    /// Each wake as the cluster recorded it.
+    wakes: Mutex<Vec<Wake>>,
+}
+
+/// One wake of the story as the cluster recorded it.
+#[derive(Debug, Clone)]
+pub struct Wake {
+    pub target: String,
+    /// The `Woke` Events dormant wrote about the target so far, each as
+    /// `action: note` (the action names the trigger, e.g. `WokeSchedule`),
+    /// repeated as often as its series counts.
+    pub woke: Vec<String>,
+    /// Pods running in the target's namespace once it woke (waited for
+    /// until `want` or a minute), by name.
+    pub pods: Vec<String>,
 }
 
 impl Screen {
@@ -68,6 +83,67 @@ async fn state_of(client: &kube::Client, t: &TargetRef) -> Option<TargetState> {
     ev.annotations.state
 }
 
+/// Records how `t` (its object `regarding` in namespace `ns`) woke: the
+/// `Woke` Events about it (waited for up to 10 s) and the pods running
+/// in `ns` (waited for until there are `want`, up to a minute).
+async fn record_wake(
+    screen: &Screen,
+    c: &Cluster,
+    t: &TargetRef,
+    ns: &str,
+    regarding: &str,
+    want: usize,
+) -> Wake {
+    let read = |args: &[&str]| c.kubectl_out(&c.admin, args).unwrap_or_default();
+    let start = Instant::now();
+    let woke = loop {
+        let events = read(&[
+            "get",
+            "events.events.k8s.io",
+            "-n",
+            ns,
+            "--field-selector=reason=Woke",
+            "-o",
+            "jsonpath={range .items[*]}{.regarding.name}|{.series.count}|{.action}: {.note}{\"\\n\"}{end}",
+        ]);
+        let woke: Vec<String> = events
+            .lines()
+            .filter_map(|l| {
+                let (name, rest) = l.split_once('|')?;
+                let (count, said) = rest.split_once('|')?;
+                (name == regarding).then(|| vec![said.to_string(); count.parse().unwrap_or(1)])
+            })
+            .flatten()
+            .collect();
+        if !woke.is_empty() || start.elapsed() > Duration::from_secs(10) {
+            break woke;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let start = Instant::now();
+    let pods = loop {
+        let pods: Vec<String> = read(&[
+            "get",
+            "pods",
+            "-n",
+            ns,
+            "--field-selector=status.phase=Running",
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.name}{\"\\n\"}{end}",
+        ])
+        .lines()
+        .map(String::from)
+        .collect();
+        if pods.len() >= want || start.elapsed() > Duration::from_secs(60) {
+            break pods;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let wake = Wake { target: t.to_string(), woke, pods };
+    screen.wakes.lock().unwrap().push(wake.clone());
+    wake
+}
+
 async fn wait_state(client: &kube::Client, t: &TargetRef, want: TargetState) {
     while state_of(client, t).await != Some(want) {
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -85,6 +161,8 @@ pub struct Told {
     pub lines: Vec<String>,
     /// `dormant status` for the demo's targets when the story ended.
     pub table: String,
+    /// Each wake, in the order of the story.
+    pub wakes: Vec<Wake>,
 }
 
 /// Runs the demo: until Ctrl-C, or with `scripted` until the story ends
@@ -204,7 +282,12 @@ spec:
         .await;
     });
 
-    let screen = Arc::new(Screen { step: Mutex::new(String::new()), log: Mutex::new(Vec::new()), scripted });
+    let screen = Arc::new(Screen {
+        step: Mutex::new(String::new()),
+        log: Mutex::new(Vec::new()),
+        scripted,
+        wakes: Mutex::new(Vec::new()),
+    });
     let targets = [
         TargetRef::vcluster("team-a", "dev"),
         TargetRef::vcluster("team-b", "ci"),
@@ -308,7 +391,8 @@ spec:
     drop(c);
     outcome?;
     let lines = screen.log.lock().unwrap().clone();
-    Ok(Told { lines, table })
+    let wakes = screen.wakes.lock().unwrap().clone();
+    Ok(Told { lines, table, wakes })
 }
 
 /// `dormant status`, for the demo's targets only.
@@ -341,8 +425,8 @@ async fn story(
     screen.step("all asleep. A developer runs `dormant wake vcluster/team-a/dev`");
     dormant::cli::targets::wake(client, &targets[0], None, &mut Vec::new()).await?;
     wait_state(client, &targets[0], TargetState::Awake).await;
-    screen
-        .note("vcluster/team-a/dev is awake again: control plane 1, its API server serves, synced pods back");
+    let wake = record_wake(screen, c, &targets[0], "team-a", "dev", 4).await;
+    screen.note(&format!("vcluster/team-a/dev is awake again: {} pods running", wake.pods.len()));
 
     let at = Utc::now() + chrono::Duration::seconds(80);
     let cron = format!("{} {} * * *", at.minute(), at.hour());
@@ -383,7 +467,8 @@ async fn story(
         names.join(", ")
     ));
     wait_state(client, &targets[1], TargetState::Awake).await;
-    screen.note("vcluster/team-b/ci woke because it was used");
+    let wake = record_wake(screen, c, &targets[1], "team-b", "ci", 3).await;
+    screen.note(&format!("vcluster/team-b/ci woke because it was used: {} pods running", wake.pods.len()));
 
     screen.step(
         "vcluster team-c/qa is asleep; alice runs `kubectl get pods -n team-c` on the host cluster, \
@@ -394,6 +479,7 @@ async fn story(
         .map_err(|e| anyhow::anyhow!("kubectl as alice: {e}"))?;
     wait_state(client, &targets[3], TargetState::Awake).await;
     let woke_after = start.elapsed();
+    record_wake(screen, c, &targets[3], "team-c", "qa", 2).await;
     // The ledger writes who it was onto the target within its flush interval.
     let mut by = String::new();
     while by.is_empty() && start.elapsed() < Duration::from_secs(15) {
@@ -424,7 +510,8 @@ async fn story(
         at.minute()
     ));
     wait_state(client, &targets[2], TargetState::Awake).await;
-    screen.note("namespace/shop woke on schedule: web 3, db 1, the CronJob resumed");
+    let wake = record_wake(screen, c, &targets[2], "shop", "shop", 4).await;
+    screen.note(&format!("namespace/shop woke on schedule: {} pods running", wake.pods.len()));
 
     screen.step(&format!(
         "left alone, everything goes back to sleep after {IDLE}{}",

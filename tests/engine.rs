@@ -6,6 +6,7 @@ mod support;
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use support::*;
 use testbed::Cluster;
 use testbed::vcluster::{VCluster, VClusterOptions};
@@ -422,6 +423,29 @@ fn observed(c: &Cluster, ns: &str, kind: &str, name: &str) -> (String, String) {
     (v.to_string(), r.to_string())
 }
 
+/// Every workload of the crash test as it is now, in one read: `kind/name`
+/// → (current value, recorded value or "").
+fn snapshot(c: &Cluster, ns: &str) -> std::collections::BTreeMap<String, (String, String)> {
+    let out = kubectl(
+        c,
+        &[
+            "get",
+            "deployments,statefulsets,cronjobs",
+            "-n",
+            ns,
+            "-o",
+            "jsonpath={range .items[*]}{.kind}/{.metadata.name}|{.spec.replicas}{.spec.suspend}|{.metadata.annotations.dormant\\.dev/replicas-before-sleep}{.metadata.annotations.dormant\\.dev/suspend-before-sleep}{\"\\n\"}{end}",
+        ],
+    );
+    out.lines()
+        .filter_map(|l| {
+            let mut parts = l.splitn(3, '|');
+            let (k, v, r) = (parts.next()?, parts.next()?, parts.next()?);
+            Some((k.to_lowercase(), (v.to_string(), r.to_string())))
+        })
+        .collect()
+}
+
 #[test]
 fn sigkill_at_random_moments_of_sleep_and_wake_never_loses_a_replica_count() {
     let rounds: usize =
@@ -443,24 +467,47 @@ fn sigkill_at_random_moments_of_sleep_and_wake_never_loses_a_replica_count() {
         rng
     };
     let target = format!("namespace/{ns}");
+    // Asleep, every workload is at 0 (suspended) with a record; awake, at
+    // its value without one.
+    let asleep: std::collections::BTreeMap<String, (String, String)> = originals
+        .iter()
+        .map(|(kind, name, original)| {
+            let value = if *kind == "cronjob" { "true" } else { "0" };
+            (format!("{kind}/{name}"), (value.to_string(), original.clone()))
+        })
+        .collect();
+    let awake: std::collections::BTreeMap<String, (String, String)> = originals
+        .iter()
+        .map(|(kind, name, original)| (format!("{kind}/{name}"), (original.clone(), String::new())))
+        .collect();
     let mut kills_mid_change = 0;
     for round in 0..rounds {
-        // A slow client spreads the patches out so kills land between them.
-        let mut agent = Agent::start(c, &id, &lease_ns, "crash-1", &["--qps=5", "--burst=1"]);
         let verb = if round % 2 == 0 { "sleep" } else { "wake" };
+        let done = if verb == "sleep" { &asleep } else { &awake };
+        let before = snapshot(c, &ns);
+        // A slow client spreads the patches out (one request each half
+        // second) so there is a window between the first and the last.
+        let mut agent = Agent::start(c, &id, &lease_ns, "crash-1", &["--qps=2", "--burst=1"]);
         let out = dormant(c, &[verb, &target]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        std::thread::sleep(Duration::from_millis(next() % 2500));
+        // The kill is aimed into that window: once the first change is
+        // seen, at a random moment up to a second later (and anywhere, if
+        // there was nothing to change).
+        let started = std::time::Instant::now();
+        while &before != done && snapshot(c, &ns) == before && started.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_millis(next() % 1000));
         agent.kill();
-        let mut records = 0;
+        let after = snapshot(c, &ns);
+        assert_eq!(after.len(), originals.len(), "round {round}: {after:?}");
         for (kind, name, original) in &originals {
-            let (value, record) = observed(c, &ns, kind, name);
+            let (value, record) = &after[&format!("{kind}/{name}")];
             if record.is_empty() {
-                assert_eq!(&value, original, "round {round} (seed {seed}): {kind}/{name} lost its value");
+                assert_eq!(value, original, "round {round} (seed {seed}): {kind}/{name} lost its value");
             } else {
-                records += 1;
                 assert_eq!(
-                    &record, original,
+                    record, original,
                     "round {round} (seed {seed}): {kind}/{name} recorded the wrong value"
                 );
                 let asleep = if *kind == "cronjob" { "true" } else { "0" };
@@ -470,10 +517,19 @@ fn sigkill_at_random_moments_of_sleep_and_wake_never_loses_a_replica_count() {
                 );
             }
         }
-        if records > 0 && records < originals.len() {
+        // Killed after this round's first write and before its last.
+        if after != before && &after != done {
             kills_mid_change += 1;
         }
     }
+    eprintln!(
+        "{rounds} kills (seed {seed}); {kills_mid_change} landed after a round's first change and before its last"
+    );
+    // A test of kills mid-change in which none landed there proves nothing.
+    assert!(
+        kills_mid_change >= 1,
+        "none of {rounds} kills landed mid-change (seed {seed}); raise DORMANT_SIGKILL_ROUNDS or slow the agent"
+    );
     // After the last restart, a wake brings everything back exactly.
     let agent = Agent::start(c, &id, &lease_ns, "crash-1", &[]);
     let out = dormant(c, &["wake", &target, "--wait=120s"]);
@@ -492,9 +548,40 @@ fn sigkill_at_random_moments_of_sleep_and_wake_never_loses_a_replica_count() {
     for (kind, name, original) in &originals {
         assert_eq!(observed(c, &ns, kind, name), (original.clone(), String::new()), "{kind}/{name}");
     }
-    eprintln!(
-        "{rounds} kills (seed {seed}); {kills_mid_change} landed while some but not all workloads had changed"
-    );
+}
+
+/// The Lease as the API server has it: (holder, acquireTime, renewTime,
+/// leaseDurationSeconds); a released Lease has no holder and no times.
+fn lease(c: &Cluster, ns: &str) -> (String, Option<DateTime<Utc>>, Option<DateTime<Utc>>, i64) {
+    let json: serde_json::Value =
+        serde_json::from_str(&kubectl(c, &["get", "lease", "dormant-controller", "-n", ns, "-o", "json"]))
+            .unwrap();
+    let spec = &json["spec"];
+    let time = |k: &str| Some(DateTime::parse_from_rfc3339(spec[k].as_str()?).unwrap().to_utc());
+    (
+        spec["holderIdentity"].as_str().unwrap_or_default().to_string(),
+        time("acquireTime"),
+        time("renewTime"),
+        spec["leaseDurationSeconds"].as_i64().unwrap_or_default(),
+    )
+}
+
+/// When dormant last wrote the Deployment `app` in `ns` (its managed
+/// fields' time, whole seconds).
+fn last_written_by_dormant(c: &Cluster, ns: &str) -> DateTime<Utc> {
+    let json: serde_json::Value = serde_json::from_str(&kubectl(
+        c,
+        &["get", "deployment", "app", "-n", ns, "-o", "json", "--show-managed-fields"],
+    ))
+    .unwrap();
+    let entries = json["metadata"]["managedFields"].as_array().unwrap();
+    entries
+        .iter()
+        .filter(|e| e["manager"] == "dormant")
+        .filter_map(|e| DateTime::parse_from_rfc3339(e["time"].as_str()?).ok())
+        .map(|t| t.to_utc())
+        .max()
+        .unwrap_or_else(|| panic!("dormant never wrote deployment/app in {ns}: {entries:?}"))
 }
 
 #[test]
@@ -512,7 +599,14 @@ fn only_the_leader_acts_and_a_standby_takes_over_within_the_lease() {
         .unwrap();
         kubectl(c, &["annotate", "namespace", ns, "dormant.dev/sleep-after=1h"]);
     }
-    let holder = || jsonpath(c, "lease", "dormant-controller", Some(&lease_ns), "{.spec.holderIdentity}");
+    let holder = || lease(c, &lease_ns).0;
+    // What each replica did, by its own account: reconciles it finished,
+    // sleeps and wakes it completed.
+    let reconciles = |agent: &Agent| agent.metric("dormant_reconcile_duration_seconds_count");
+    let transitions = |agent: &Agent, direction: &str| {
+        agent.metric(&format!("dormant_transitions_total{{kind=\"namespace\",direction=\"{direction}\""))
+    };
+    let all_transitions = |agent: &Agent| agent.metric("dormant_transitions_total{");
     let a = Agent::start(c, &id, &lease_ns, "replica-a", &[]);
     wait_until("replica-a to hold the lease", Duration::from_secs(30), || holder() == "replica-a");
     let mut b = Agent::start(c, &id, &lease_ns, "replica-b", &[]);
@@ -558,15 +652,36 @@ fn only_the_leader_acts_and_a_standby_takes_over_within_the_lease() {
         series(&a, "dormant_savings_total").is_some_and(|v| v > 0.0)
     });
     assert_eq!(series(&a, "dormant_target_asleep"), Some(1.0));
+    // All along, the standby has done nothing at all.
+    assert_eq!(reconciles(&b), 0.0, "the standby reconciled; its log:\n{}", b.log());
+    assert_eq!(all_transitions(&b), 0.0, "the standby slept or woke something");
+    // What the replicas wrote and did, for a failure's message.
+    let why = |agent: &Agent| {
+        let written: Vec<EventSeen> = [&ns1, &ns2]
+            .iter()
+            .flat_map(|ns| events(c, ns, ""))
+            .filter(|e| e.reporting_controller == "dormant")
+            .collect();
+        let log = std::fs::read_to_string(&agent.proc.log).unwrap_or_default();
+        let done: Vec<&str> = log.lines().filter(|l| l.contains("asleep") || l.contains("awake")).collect();
+        format!("Events: {written:#?}\n{} said:\n{}", agent.identity, done.join("\n"))
+    };
+    assert_eq!(transitions(&a, "sleep"), 1.0, "the leader's one sleep; {}", why(&a));
     let signal = |s: i32| testbed::process::signal(a.proc.pid(), s).unwrap();
+    let a_paused = Utc::now();
     signal(libc::SIGSTOP);
     wait_until("replica-b to take the lease from the paused leader", Duration::from_secs(30), || {
         holder() == "replica-b"
     });
+    let b_acquired = lease(c, &lease_ns).1.unwrap();
     signal(libc::SIGCONT);
     wait_until("replica-a to know it lost the lease", Duration::from_secs(30), || {
         a.get("/metrics").contains("dormant_leader 0")
     });
+    // What the former leader had finished by now; as a standby it must do
+    // nothing more.
+    a.settle();
+    let a_reconciles = reconciles(&a);
     wait_until("replica-b to report the sleeping target", Duration::from_secs(30), || {
         series(&b, "dormant_target_asleep") == Some(1.0)
     });
@@ -592,14 +707,32 @@ fn only_the_leader_acts_and_a_standby_takes_over_within_the_lease() {
         Some(stopped_at),
         "the former leader still counts savings"
     );
+    assert_eq!(
+        reconciles(&a),
+        a_reconciles,
+        "the former leader reconciled as a standby; its log:\n{}",
+        a.log()
+    );
+    assert_eq!(transitions(&a, "sleep"), 1.0, "the former leader slept something as a standby; {}", why(&a));
+    assert_eq!(all_transitions(&b), 0.0, "the new leader slept or woke a target nobody asked it to");
 
-    // The leader is killed: the standby (the former leader) takes over.
+    // The leader is killed: the standby (the former leader) takes over as
+    // soon as the Lease the dead leader last renewed has run out: at once
+    // after its expiry, kube-lease-manager releases it by force, waits up
+    // to 1 s (against a race with other standbys) and takes it; 1 s more
+    // is allowed for those API calls on a loaded machine. Never before.
     b.kill();
-    let killed = std::time::Instant::now();
+    let b_killed = Utc::now();
+    let (_, _, renewed, duration) = lease(c, &lease_ns);
+    let renewed = renewed.unwrap();
+    let expiry = renewed + chrono::Duration::seconds(duration);
     wait_until("replica-a to take the lease", Duration::from_secs(30), || holder() == "replica-a");
-    let took = killed.elapsed();
-    // The lease lasts 3 s; kube-lease-manager re-checks within its grace period.
-    assert!(took <= Duration::from_secs(3 + 3), "took over after {took:?}");
+    let a_acquired = lease(c, &lease_ns).1.unwrap();
+    let after_expiry = a_acquired - expiry;
+    assert!(
+        after_expiry >= chrono::Duration::zero() && after_expiry <= chrono::Duration::seconds(2),
+        "took the lease {after_expiry:?} after it expired (renewed {renewed}, {duration} s)"
+    );
     let out = dormant(c, &["sleep", &format!("namespace/{ns2}"), "--wait=60s"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     wait_until("the Slept event", Duration::from_secs(10), || !reporters(&ns2).trim().is_empty());
@@ -608,7 +741,30 @@ fn only_the_leader_acts_and_a_standby_takes_over_within_the_lease() {
         series(&a, "dormant_savings_total").is_some_and(|v| v > stopped_at)
     });
     assert_eq!(series(&a, "dormant_target_asleep"), Some(1.0));
-    eprintln!("standby took over {took:?} after the leader was killed");
+    assert_eq!(transitions(&a, "sleep"), 2.0, "the leader's second sleep; {}", why(&a));
+    assert_eq!(transitions(&a, "wake"), 0.0, "a wake nobody asked for");
+
+    // Over the whole test, each Event dormant wrote came from the replica
+    // that held the Lease when it happened.
+    for ns in [&ns1, &ns2] {
+        for e in events(c, ns, "").iter().filter(|e| e.reporting_controller == "dormant") {
+            let led = |t: DateTime<Utc>| match e.reporting_instance.as_str() {
+                "replica-a" => t <= a_paused || t >= a_acquired,
+                "replica-b" => t >= b_acquired && t <= b_killed,
+                other => panic!("an Event from {other:?}: {e:?}"),
+            };
+            let (led_first, led_last) = (led(e.first), led(e.last));
+            assert!(led_first && led_last, "written by a replica that did not lead then: {e:?}");
+        }
+    }
+    // Neither the new leader nor the resumed former one wrote the sleeping
+    // Deployment again: its last write by dormant is the sleep itself.
+    assert!(
+        last_written_by_dormant(c, &ns1) <= a_paused,
+        "deployment/app in {ns1} was written after the sleep"
+    );
+    assert!(last_written_by_dormant(c, &ns2) >= a_acquired - chrono::Duration::seconds(1));
+    eprintln!("standby took over {after_expiry:?} after the dead leader's lease expired");
 }
 
 #[test]

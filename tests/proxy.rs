@@ -130,7 +130,9 @@ fn port_forward_echo(
         tcp.read_exact(&mut got).ok()?;
         Some(String::from_utf8_lossy(&got).into_owned())
     });
-    let _ = forward.kill();
+    // Done with it, whatever state it is in: what it did is in `echoed`
+    // and in what it printed, read below.
+    forward.kill().ok();
     drop(stdout);
     let out = forward.wait_with_output().unwrap();
     (echoed, format!("{first}{}", String::from_utf8_lossy(&out.stderr)))
@@ -153,12 +155,15 @@ fn kubectl_input(c: &Cluster, kubeconfig: &std::path::Path, args: &[&str], input
     let pid = child.id();
     let killer = std::thread::spawn(move || {
         if killer_waits.recv_timeout(Duration::from_secs(30)).is_err() {
-            let _ = testbed::process::signal(pid, libc::SIGTERM);
+            // Its output, read by the caller, says whether it was stopped;
+            // it may have ended at this very moment.
+            testbed::process::signal(pid, libc::SIGTERM).ok();
         }
     });
     let out = child.wait_with_output().unwrap();
-    let _ = ended.send(());
-    let _ = killer.join();
+    // The killer is gone already when it has signalled: nobody to tell.
+    ended.send(()).ok();
+    killer.join().unwrap();
     out
 }
 
@@ -166,8 +171,39 @@ fn text(o: &Output) -> (String, String) {
     (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
 }
 
-fn generation(c: &Cluster, ns: &str) -> i64 {
-    jsonpath(c, "statefulset", "dev", Some(ns), "{.metadata.generation}").parse().unwrap()
+/// Wakes of the vcluster as its users can count them, once everything its
+/// agent started has finished: `Woke` Events about its control plane (each
+/// with its series' count), and the agent's completed wakes by trigger
+/// (`dormant_transitions_total{direction="wake"}`; the agent is this
+/// test's own). A wake done twice shows in both, even when its second
+/// scale patch changes nothing and only its annotations are written again,
+/// which the control plane's generation would not show.
+fn wakes(c: &Cluster, s: &Setup) -> Wakes {
+    s.agent.settle();
+    let metrics = s.agent.get("/metrics");
+    let wake = r#"dormant_transitions_total{kind="vcluster",direction="wake""#;
+    Wakes {
+        events: times(c, &s.ns, "Woke", "StatefulSet/dev"),
+        transitions: metric_sum(&metrics, wake),
+        by_request: metric_sum(&metrics, &format!(r#"{wake},trigger="request"}}"#)),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Wakes {
+    events: u64,
+    transitions: f64,
+    by_request: f64,
+}
+
+/// Asserts exactly one wake, by a request, between `before` and `after`.
+fn assert_one_wake_by_a_request(before: Wakes, after: Wakes, agent: &Agent) {
+    let one = Wakes {
+        events: before.events + 1,
+        transitions: before.transitions + 1.0,
+        by_request: before.by_request + 1.0,
+    };
+    assert_eq!(after, one, "from {before:?}: not exactly one wake by a request; agent log:\n{}", agent.log());
 }
 
 fn put_to_sleep(c: &Cluster, s: &Setup) {
@@ -200,14 +236,17 @@ fn a_sleeping_vcluster_answers_kubectl_through_the_proxy_after_exactly_one_wake(
     assert_eq!(text(&via).0, expected, "{}", text(&via).1);
 
     put_to_sleep(c, &s);
-    let (starts, generation_before) = (s.vc.starts(), generation(c, &s.ns));
+    let (starts, before) = (s.vc.starts(), wakes(c, &s));
     let t = Instant::now();
     let via = kubectl_with(c, &s.kubeconfig, &["get", "namespaces", "-o", "name"]);
     let took = t.elapsed();
     assert!(via.status.success(), "{}\n{}", text(&via).1, s.agent.log());
     assert_eq!(text(&via).0, expected);
+    wait_until("the vcluster to be marked awake", Duration::from_secs(60), || {
+        state(c, "statefulset", "dev", Some(&s.ns)) == "awake"
+    });
+    assert_one_wake_by_a_request(before, wakes(c, &s), &s.agent);
     assert_eq!(s.vc.starts(), starts + 1, "the API server started once");
-    assert_eq!(generation(c, &s.ns), generation_before + 1, "the control plane was scaled up exactly once");
     eprintln!("kubectl against the sleeping vcluster answered in {took:?}");
     let by = annotation(c, "statefulset", "dev", Some(&s.ns), "dormant.dev/last-activity-by");
     assert!(by.starts_with("kube:admin list namespaces (proxy)"), "{by}");
@@ -218,7 +257,7 @@ async fn two_hundred_concurrent_requests_during_one_wake_all_succeed_with_one_sc
     let s = tokio::task::spawn_blocking(|| setup("proxy-many", &[], None)).await.unwrap();
     let c = Cluster::shared();
     put_to_sleep(c, &s);
-    let (starts, generation_before) = (s.vc.starts(), generation(c, &s.ns));
+    let (starts, before) = (s.vc.starts(), tokio::task::block_in_place(|| wakes(c, &s)));
     let client = testbed::client_from_kubeconfig(&s.kubeconfig).await.unwrap();
     let kubeconfig = Arc::new(s.kubeconfig.clone());
     let kubectl_bin = Arc::new(c.bins.path("kubectl"));
@@ -250,8 +289,14 @@ async fn two_hundred_concurrent_requests_during_one_wake_all_succeed_with_one_sc
         }
     }
     assert!(failures.is_empty(), "{} failed, e.g. {:?}", failures.len(), failures.first());
-    assert_eq!(s.vc.starts(), starts + 1);
-    assert_eq!(generation(c, &s.ns), generation_before + 1, "one scale-up");
+    assert_eq!(s.vc.starts(), starts + 1, "the API server started once");
+    let after = tokio::task::block_in_place(|| {
+        wait_until("the vcluster to be marked awake", Duration::from_secs(60), || {
+            state(c, "statefulset", "dev", Some(&s.ns)) == "awake"
+        });
+        wakes(c, &s)
+    });
+    assert_one_wake_by_a_request(before, after, &s.agent);
     let metrics = s.agent.get("/metrics");
     assert!(metrics.contains("dormant_proxy_requests_total{outcome=\"held\",code=\"200\"}"), "{metrics}");
 }
@@ -273,7 +318,10 @@ fn watches_stream_and_websocket_upgrades_pass_through() {
     std::thread::spawn(move || {
         use std::io::BufRead;
         for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
+            // Lines after the test stopped listening are not wanted.
+            if tx.send(line).is_err() {
+                break;
+            }
         }
     });
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -285,8 +333,9 @@ fn watches_stream_and_websocket_upgrades_pass_through() {
             seen.push(l);
         }
     }
-    let _ = watch.kill();
-    let _ = watch.wait();
+    assert!(watch.try_wait().unwrap().is_none(), "the watch ended after streaming");
+    watch.kill().unwrap();
+    watch.wait().unwrap();
 
     // A WebSocket upgrade, one of the API server's own (watch over WebSocket).
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -424,6 +473,7 @@ fn an_open_watch_keeps_its_vcluster_awake_unless_the_policy_ignores_active_conne
 
     let mut open = watch();
     std::thread::sleep(Duration::from_secs(20));
+    assert!(open.try_wait().unwrap().is_none(), "the watch did not stay open");
     assert_eq!(
         now_state(),
         "awake",
@@ -449,9 +499,20 @@ fn an_open_watch_keeps_its_vcluster_awake_unless_the_policy_ignores_active_conne
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     s.vc.wait_serving(c, Duration::from_secs(60)).unwrap();
     let mut open = watch();
-    wait_until("asleep with the watch open", Duration::from_secs(40), || now_state() == "asleep");
-    let _ = open.kill();
-    let _ = open.wait();
+    // The watch stays open until the sleep begins (then its API server
+    // stops, and the watch with it): it must not have ended while the
+    // vcluster was still awake, or it slept because nothing was open.
+    wait_until("asleep with the watch open", Duration::from_secs(40), || {
+        let ended = open.try_wait().unwrap();
+        let now = now_state();
+        assert!(
+            ended.is_none() || now != "awake",
+            "the watch ended ({ended:?}) while the vcluster was awake"
+        );
+        now == "asleep"
+    });
+    open.kill().unwrap();
+    open.wait().unwrap();
     kubectl(c, &["delete", "sleeppolicy", &s.id]);
 }
 
@@ -502,7 +563,8 @@ async fn http1_clients_reuse_upstream_connections() {
             }
         }
         drop(send);
-        let _ = conn.await;
+        // With its sender gone the connection closes cleanly.
+        conn.await.unwrap().unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let opened: Vec<_> = seen.difference(&before).collect();
@@ -598,8 +660,12 @@ async fn raw_request(
         .await
         .unwrap();
     let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(60), tls.read_to_end(&mut out)).await;
+    let read = tokio::time::timeout(Duration::from_secs(60), tls.read_to_end(&mut out)).await;
     let text = String::from_utf8_lossy(&out).into_owned();
+    // An answer is read to its end: the server closes the connection
+    // (`Connection: close`). A close without TLS close_notify after it is
+    // fine; no answer, or none within a minute, is not.
+    assert!(read.is_ok() && !text.is_empty(), "GET {path}: {read:?} after {text:?}");
     let code = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
     (code, text)
 }
@@ -849,24 +915,72 @@ fn a_client_that_never_finishes_its_request_head_is_disconnected() {
 /// Out of file descriptors, accepting fails while connections wait in the
 /// listener's backlog; the agent must pause and retry, not spin a core
 /// (which would starve everything else it does), and serve again once
-/// descriptors are free.
+/// descriptors are free: a connection that waited through it is served.
 #[test]
 fn out_of_file_descriptors_the_agent_waits_instead_of_spinning() {
     let c = Cluster::shared();
     let s = setup("proxy-fds", &[], None);
     let pid = s.agent.proc.pid();
-    let open = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count() as u64;
-    let soft = testbed::process::set_open_files_limit(pid, open).unwrap();
     let port: u16 = s.proxy.rsplit(':').next().unwrap().parse().unwrap();
-    let waiting: Vec<std::net::TcpStream> =
+    let fds = || std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count() as u64;
+    let limit = fds();
+    let log_from = std::fs::metadata(&s.agent.proc.log).unwrap().len() as usize;
+    let started = Instant::now();
+    let soft = testbed::process::set_open_files_limit(pid, limit).unwrap();
+    let mut waiting: Vec<std::net::TcpStream> =
         (0..8).map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap()).collect();
     std::thread::sleep(Duration::from_millis(500));
     let before = testbed::process::cpu_time(pid).unwrap();
     std::thread::sleep(Duration::from_secs(3));
     let spent = testbed::process::cpu_time(pid).unwrap() - before;
+    let open_at_the_limit = fds();
+    // The agent's own account of its accepts on the proxy's port: each
+    // failure is logged, then waited out.
+    let log = std::fs::read(&s.agent.proc.log).unwrap();
+    let failed: Vec<String> = String::from_utf8_lossy(&log[log_from..])
+        .lines()
+        .filter(|l| l.contains("cannot accept connections") && l.contains(&format!("127.0.0.1:{port}")))
+        .map(String::from)
+        .collect();
+    let elapsed = started.elapsed();
     testbed::process::set_open_files_limit(pid, soft).unwrap();
-    drop(waiting);
+
+    assert!(
+        failed.first().is_some_and(|l| l.contains("Too many open files")),
+        "no accept failed for want of a descriptor ({open_at_the_limit} open, limit {limit}); log:\n{}",
+        String::from_utf8_lossy(&log[log_from..])
+    );
+    // A failure, then a pause of 250 ms: a loop that retried at once
+    // would have logged thousands.
+    let most = elapsed.as_millis() / 250 + 2;
+    assert!(
+        failed.len() as u128 <= most,
+        "{} failed accepts in {elapsed:?} (at most {most} with a pause after each)",
+        failed.len()
+    );
     assert!(spent < Duration::from_secs(1), "{spent:?} of CPU in 3 s with its listener unable to accept");
+
+    // Descriptors free again: a connection that waited in the backlog all
+    // along is accepted and served, and so is a new one.
+    let admin = c.ca.client("kube:admin", &["system:masters"]).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (code, answer) = rt.block_on(async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tls = tls_over(waiting.remove(0), &c.ca.cert_pem, Some(&admin)).await.unwrap();
+        let request = format!(
+            "GET /vcluster/{}/dev/version HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+            s.ns
+        );
+        tls.write_all(request.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(60), tls.read_to_end(&mut out)).await;
+        let answer = String::from_utf8_lossy(&out).into_owned();
+        // A close without TLS close_notify after a whole answer is fine.
+        assert!(read.is_ok() && !answer.is_empty(), "{read:?}: {answer:?}");
+        (answer.split_whitespace().nth(1).and_then(|c| c.parse::<u16>().ok()), answer)
+    });
+    assert!(code == Some(200) && answer.contains("gitVersion"), "{answer}");
+    drop(waiting);
     let out = kubectl_with(c, &s.kubeconfig, &["get", "namespaces", "-o", "name"]);
     assert!(out.status.success() && text(&out).0.contains("namespace/default"), "{:?}", text(&out));
 }

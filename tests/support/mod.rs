@@ -47,10 +47,23 @@ impl Agent {
     /// with its Lease in namespace `lease_ns` (created if missing). A flag
     /// in `extra` replaces the test default of the same name.
     pub fn start(c: &Cluster, scope: &str, lease_ns: &str, identity: &str, extra: &[&str]) -> Agent {
+        Agent::start_as(c, &agent_user(c), scope, lease_ns, identity, extra)
+    }
+
+    /// [`Agent::start`] with credentials of its own (`user`), so that what
+    /// this replica writes can be told apart from another's in the API
+    /// server's audit log.
+    pub fn start_as(
+        c: &Cluster,
+        user: &User,
+        scope: &str,
+        lease_ns: &str,
+        identity: &str,
+        extra: &[&str],
+    ) -> Agent {
         install_crd(c);
         ensure_namespace(c, lease_ns);
         let admin_port = free_port().unwrap();
-        let user = agent_user(c);
         let mut args: Vec<String> = vec![
             "agent".into(),
             format!("--namespace={lease_ns}"),
@@ -94,6 +107,44 @@ impl Agent {
     pub fn get(&self, path: &str) -> String {
         testbed::process::http_body(self.admin_port, path)
     }
+
+    /// The sum of the samples whose line starts with `line_start` (a metric
+    /// name and the beginning of its labels), in one scrape.
+    pub fn metric(&self, line_start: &str) -> f64 {
+        metric_sum(&self.get("/metrics"), line_start)
+    }
+
+    /// Waits until nothing the agent started is still running: its count of
+    /// finished reconciles stays the same for three seconds. A read made
+    /// after it does not race a reconcile in flight.
+    pub fn settle(&self) {
+        let count = || self.metric("dormant_reconcile_duration_seconds_count");
+        let mut last = count();
+        let mut quiet_since = Instant::now();
+        let start = Instant::now();
+        while quiet_since.elapsed() < Duration::from_secs(3) {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "the agent kept reconciling for a minute; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(500));
+            let now = count();
+            if now != last {
+                (last, quiet_since) = (now, Instant::now());
+            }
+        }
+    }
+}
+
+/// The sum of the samples in the OpenMetrics text `metrics` whose line
+/// starts with `line_start` (0 when there is none).
+pub fn metric_sum(metrics: &str, line_start: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(line_start))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// Creates namespace `ns` unless it exists. A cluster that has just
@@ -184,6 +235,72 @@ pub fn event_notes(c: &Cluster, ns: &str, reason: &str) -> String {
     )
 }
 
+/// An Event (`events.k8s.io/v1`) as a user reads it with kubectl.
+#[derive(Debug, Clone)]
+pub struct EventSeen {
+    pub reason: String,
+    pub action: String,
+    pub note: String,
+    /// `Kind/name` of the object it is about.
+    pub regarding: String,
+    /// The controller that wrote it (`dormant` for the agent).
+    pub reporting_controller: String,
+    /// The replica that wrote it.
+    pub reporting_instance: String,
+    /// How often it happened: its series' count (or the older API's
+    /// count), else 1.
+    pub count: u64,
+    /// When it first happened.
+    pub first: chrono::DateTime<chrono::Utc>,
+    /// When it last happened (the series' last observation, else `first`).
+    pub last: chrono::DateTime<chrono::Utc>,
+}
+
+/// Every Event with `reason` in `ns` (every reason when empty).
+pub fn events(c: &Cluster, ns: &str, reason: &str) -> Vec<EventSeen> {
+    let mut args = vec!["get", "events.events.k8s.io", "-n", ns, "-o", "json"];
+    let selector = format!("--field-selector=reason={reason}");
+    if !reason.is_empty() {
+        args.push(&selector);
+    }
+    let list: serde_json::Value = serde_json::from_str(&kubectl_quiet(c, &args)).unwrap();
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
+    let time = |v: &serde_json::Value| {
+        v.as_str().and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()).map(|t| t.to_utc())
+    };
+    list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            // Events written through the older core API (by Kubernetes'
+            // own controllers) carry their times in the deprecated fields.
+            let first = time(&e["eventTime"])
+                .or_else(|| time(&e["deprecatedFirstTimestamp"]))
+                .unwrap_or_else(|| panic!("an Event without a time: {e}"));
+            EventSeen {
+                reason: text(&e["reason"]),
+                action: text(&e["action"]),
+                note: text(&e["note"]),
+                regarding: format!("{}/{}", text(&e["regarding"]["kind"]), text(&e["regarding"]["name"])),
+                reporting_controller: text(&e["reportingController"]),
+                reporting_instance: text(&e["reportingInstance"]),
+                count: e["series"]["count"].as_u64().or(e["deprecatedCount"].as_u64()).unwrap_or(1),
+                first,
+                last: time(&e["series"]["lastObservedTime"])
+                    .or_else(|| time(&e["deprecatedLastTimestamp"]))
+                    .unwrap_or(first),
+            }
+        })
+        .collect()
+}
+
+/// How many times Events with `reason` in `ns` say `regarding` (`Kind/name`)
+/// happened: each Event counts its series.
+pub fn times(c: &Cluster, ns: &str, reason: &str, regarding: &str) -> u64 {
+    events(c, ns, reason).iter().filter(|e| e.regarding == regarding).map(|e| e.count).sum()
+}
+
 /// A Deployment `name` in `ns` running `replicas` pods labelled
 /// `app=<name>`, as YAML.
 pub fn deployment_yaml(ns: &str, name: &str, replicas: u32) -> String {
@@ -233,6 +350,29 @@ pub async fn tls_connect_alpn(
     client: Option<&testbed::pki::CertPair>,
     alpn: &[u8],
 ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| e.to_string())?;
+    tls_handshake(tcp, client_config(ca_pem, client, alpn)).await
+}
+
+/// A TLS session on `tcp`, a connection already open to a server on
+/// 127.0.0.1, as [`tls_connect`] makes one.
+pub async fn tls_over(
+    tcp: std::net::TcpStream,
+    ca_pem: &str,
+    client: Option<&testbed::pki::CertPair>,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
+    tcp.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let tcp = tokio::net::TcpStream::from_std(tcp).map_err(|e| e.to_string())?;
+    tls_handshake(tcp, client_config(ca_pem, client, b"http/1.1")).await
+}
+
+/// A client configuration that trusts `ca_pem`, presents `client` if
+/// given, and offers `alpn`.
+pub fn client_config(
+    ca_pem: &str,
+    client: Option<&testbed::pki::CertPair>,
+    alpn: &[u8],
+) -> rustls::ClientConfig {
     let roots =
         dormant::tls::root_store(&dormant::tls::certs_from_pem(ca_pem.as_bytes(), "ca").unwrap()).unwrap();
     let builder = rustls::ClientConfig::builder_with_provider(dormant::tls::provider())
@@ -249,7 +389,13 @@ pub async fn tls_connect_alpn(
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![alpn.to_vec()];
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| e.to_string())?;
+    config
+}
+
+async fn tls_handshake(
+    tcp: tokio::net::TcpStream,
+    config: rustls::ClientConfig,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
     tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
         .connect(rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap(), tcp)
         .await
