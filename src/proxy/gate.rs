@@ -2,10 +2,12 @@
 //! ready wait in a bounded queue; the first one starts the wake (one per
 //! target however many wait); when the wake completes every waiter is
 //! released in arrival order; a waiter gives up after its timeout, and a
-//! full queue refuses at once.
+//! full queue refuses at once. Keyed by target for the proxy; any key will
+//! do (the app-traffic listener keys it by Service port).
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::hash::Hash;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -55,30 +57,31 @@ impl Drop for Waiting<'_> {
     }
 }
 
-/// The gate of every target; `E` is what a failed wake says.
-pub struct Gate<E> {
-    targets: Mutex<HashMap<TargetRef, Arc<TargetGate<E>>>>,
+/// The gate of every target (or other key `K`); `E` is what a failed wake
+/// says.
+pub struct Gate<E, K = TargetRef> {
+    targets: Mutex<HashMap<K, Arc<TargetGate<E>>>>,
     max_waiting: usize,
     gauge: prometheus_client::metrics::gauge::Gauge,
 }
 
-impl<E: Clone + Send + Sync + 'static> Gate<E> {
+impl<E: Clone + Send + Sync + 'static, K: Hash + Eq + Clone> Gate<E, K> {
     /// `max_waiting` per target; `gauge` counts waiters across targets.
     pub fn new(max_waiting: usize, gauge: prometheus_client::metrics::gauge::Gauge) -> Self {
         Gate { targets: Mutex::new(HashMap::new()), max_waiting: max_waiting.max(1), gauge }
     }
 
-    fn target(&self, t: &TargetRef) -> Arc<TargetGate<E>> {
+    fn target(&self, t: &K) -> Arc<TargetGate<E>> {
         self.targets.lock().unwrap_or_else(|e| e.into_inner()).entry(t.clone()).or_default().clone()
     }
 
     /// Requests currently waiting for `t`.
-    pub fn waiting(&self, t: &TargetRef) -> usize {
+    pub fn waiting(&self, t: &K) -> usize {
         self.target(t).waiting.load(Ordering::Acquire)
     }
 
     /// A wake of `t` is under way.
-    pub fn waking(&self, t: &TargetRef) -> bool {
+    pub fn waking(&self, t: &K) -> bool {
         let Some(tg) = self.targets.lock().unwrap_or_else(|e| e.into_inner()).get(t).cloned() else {
             return false;
         };
@@ -92,7 +95,7 @@ impl<E: Clone + Send + Sync + 'static> Gate<E> {
     /// Waits until `t` is ready, starting `wake` if no wake is under way.
     /// `wake` resolves when the target is ready (or failed); it runs on its
     /// own task, so a waiter that gives up does not cancel it.
-    pub async fn wait<F, Fut>(&self, t: &TargetRef, timeout: Duration, wake: F) -> Result<(), GateError<E>>
+    pub async fn wait<F, Fut>(&self, t: &K, timeout: Duration, wake: F) -> Result<(), GateError<E>>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<(), E>> + Send + 'static,
