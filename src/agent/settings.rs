@@ -129,6 +129,8 @@ pub struct AgentArgs {
     /// Log format.
     #[arg(long, env = "DORMANT_LOG_FORMAT", value_enum, default_value = "plain")]
     pub log_format: LogFormat,
+    #[command(flatten)]
+    pub app_traffic: crate::app_traffic::AppTrafficArgs,
 }
 
 /// Validated agent settings.
@@ -150,6 +152,7 @@ pub struct Settings {
     pub dry_run: bool,
     pub audit: Option<AuditSettings>,
     pub proxy: Option<ProxySettings>,
+    pub app_traffic: Option<crate::app_traffic::AppTrafficSettings>,
 }
 
 /// The proxy's validated settings.
@@ -223,6 +226,7 @@ impl AgentArgs {
         };
         let audit = self.validate_audit(&mut errors);
         let proxy = self.validate_proxy(&mut errors);
+        let app_traffic = self.app_traffic.validate(&mut errors);
         if self.namespace.is_empty() {
             errors.push("--namespace: must not be empty".into());
         }
@@ -267,6 +271,7 @@ impl AgentArgs {
             dry_run: self.dry_run,
             audit,
             proxy,
+            app_traffic,
         })
     }
 }
