@@ -42,7 +42,7 @@ use crate::policy::Defaults;
 use crate::policy::annotations::TargetState;
 use crate::proxy::admit::WakeRules;
 use crate::proxy::error::full;
-use crate::proxy::gate::{Gate, GateError};
+use crate::proxy::gate::{Class, Gate, GateError};
 use crate::proxy::upstream::ProxyBody;
 use crate::target::effective::effective;
 use crate::target::stores::Change;
@@ -51,6 +51,11 @@ use crate::vocab::{IGNORE_HEADER, STATE, WAITING_PAGE};
 
 /// Who app traffic is recorded as: visitors are anonymous.
 pub const VISITOR: &str = "(visitor)";
+
+/// An app's visitors carry no credential dormant could check: they all
+/// wait in one queue, whose size is the listener's own flag
+/// (`--app-traffic-max-waiting`), not the proxy's.
+const VISITORS: Class = Class::Proven;
 
 /// The gate's key: one wake per Service port.
 pub type Key = (String, String, String);
@@ -219,12 +224,12 @@ impl App {
         // 5. The waiting page: the wake starts (a wait that gives up at
         // once), the page answers.
         if parts.method == http::Method::GET && self.waiting_page(route) && wants_html(&parts.headers) {
-            let _ = self.gate.wait(&key(route), Duration::ZERO, wake).await;
+            let _ = self.gate.wait(&key(route), VISITORS, Duration::ZERO, wake).await;
             return Err(Answer::Waiting(self.progress(route, &eps.borrow())));
         }
 
         // 6. Hold while it wakes.
-        self.gate.wait(&key(route), timeout, wake).await.map_err(|e| match e {
+        self.gate.wait(&key(route), VISITORS, timeout, wake).await.map_err(|e| match e {
             GateError::Overloaded { .. } => Answer::Overloaded,
             GateError::Timeout(d) => Answer::Timeout(d),
             GateError::WakeFailed(e) => {
@@ -294,9 +299,12 @@ impl App {
     fn wake_rules(&self, t: &TargetRef) -> Result<WakeRules, String> {
         match effective(&self.stores, &self.defaults, &self.scope, t) {
             Ok(Some(g)) => Ok(WakeRules::of(&g.policy, &g.annotations, Utc::now())),
-            Ok(None) => {
-                Ok(WakeRules { on_request: true, timeout: self.defaults.wake_timeout, prevented: None })
-            }
+            Ok(None) => Ok(WakeRules {
+                on_request: true,
+                timeout: self.defaults.wake_timeout,
+                prevented: None,
+                unverified_wake: None,
+            }),
             Err(invalid) => Err(invalid.to_string()),
         }
     }
@@ -407,7 +415,7 @@ impl App {
                 self.observer.record(t, activity.clone());
                 let wake =
                     || self.wake(route.clone(), activity.clone(), crate::proxy::wake::wake_limit(timeout));
-                self.gate.wait(&key(&route), timeout, wake).await.map_err(|_| "timeout")?;
+                self.gate.wait(&key(&route), VISITORS, timeout, wake).await.map_err(|_| "timeout")?;
             } else if counted {
                 self.observer.record(t, activity.clone());
             }
@@ -475,12 +483,23 @@ mod tests {
 
     #[test]
     fn who_may_wake_an_app() {
-        let wakes = Ok(WakeRules { on_request: true, timeout: Duration::from_secs(120), prevented: None });
-        let off = Ok(WakeRules { on_request: false, timeout: Duration::from_secs(120), prevented: None });
+        let wakes = Ok(WakeRules {
+            on_request: true,
+            timeout: Duration::from_secs(120),
+            prevented: None,
+            unverified_wake: None,
+        });
+        let off = Ok(WakeRules {
+            on_request: false,
+            timeout: Duration::from_secs(120),
+            prevented: None,
+            unverified_wake: None,
+        });
         let never = Ok(WakeRules {
             on_request: true,
             timeout: Duration::from_secs(120),
             prevented: Some(Until::Never),
+            unverified_wake: None,
         });
         let invalid: Result<WakeRules, String> = Err("bad".into());
         assert_eq!(admit(true, &wakes), Ok(Duration::from_secs(120)));
