@@ -15,7 +15,7 @@
 //!   also after the target is marked awake (its reconcile keeps coming
 //!   back while one remains).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::ops::RangeInclusive;
 use std::sync::{Arc, Mutex};
@@ -36,7 +36,7 @@ use super::select::{Pods, Skip, routed_services, verdict};
 use super::slice::{self, Change, HeldPort, SERVICE_NAME_LABEL};
 use crate::client::{Patcher, patch_params};
 use crate::policy::annotations::rfc3339;
-use crate::target::{Stores, TargetKind, TargetRef, WorkloadKind, WorkloadView};
+use crate::target::{Scope, Stores, TargetKind, TargetRef, WorkloadKind, WorkloadView};
 use crate::vocab::{FIELD_MANAGER, MANAGED_BY_LABEL, SLICE_WAKING_SINCE};
 
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +112,13 @@ impl Advertise {
     }
 }
 
+/// Whether dormant's slice `s` is this agent's: in a namespace of its
+/// scope. Several agents (each limited to its own namespaces) may share a
+/// cluster; each serves and numbers only its own slices.
+pub fn mine(stores: &Stores, scope: &Scope, s: &EndpointSlice) -> bool {
+    s.metadata.namespace.as_deref().is_some_and(|ns| stores.in_scope(scope, ns))
+}
+
 /// What a sleep did about app traffic.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Held {
@@ -142,8 +149,13 @@ pub struct Holder {
     slices: Store<EndpointSlice>,
     ports: RangeInclusive<u16>,
     advertise: Advertise,
+    /// This agent's namespaces: slices elsewhere are another agent's, on
+    /// its own addresses, and take none of this one's ports.
+    scope: Scope,
     /// Ports given out by this process that the store does not show yet.
-    reserved: Mutex<BTreeSet<u16>>,
+    /// By slice (namespace, name), so a slice's own ports are never taken
+    /// for another's.
+    reserved: Mutex<BTreeMap<(String, String), BTreeSet<u16>>>,
 }
 
 fn http_routes() -> [ApiResource; 2] {
@@ -163,8 +175,9 @@ impl Holder {
         slices: Store<EndpointSlice>,
         ports: RangeInclusive<u16>,
         advertise: Advertise,
+        scope: Scope,
     ) -> Self {
-        Holder { patcher, stores, slices, ports, advertise, reserved: Mutex::new(BTreeSet::new()) }
+        Holder { patcher, stores, slices, ports, advertise, scope, reserved: Mutex::new(BTreeMap::new()) }
     }
 
     fn client(&self) -> kube::Client {
@@ -301,6 +314,9 @@ impl Holder {
     fn used_ports(&self, except: (&str, &str)) -> BTreeSet<u16> {
         let mut used: BTreeSet<u16> = BTreeSet::new();
         for s in self.slices.state() {
+            if !mine(&self.stores, &self.scope, &s) {
+                continue;
+            }
             let this = (
                 s.metadata.namespace.as_deref().unwrap_or_default(),
                 s.metadata.name.as_deref().unwrap_or_default(),
@@ -309,9 +325,12 @@ impl Holder {
                 used.extend(slice::held_ports(&s).iter().map(|p| p.listen));
             }
         }
-        let mut reserved = self.reserved.lock().unwrap_or_else(|e| e.into_inner());
-        reserved.retain(|p| !used.contains(p));
-        used.extend(reserved.iter().copied());
+        let reserved = self.reserved.lock().unwrap_or_else(|e| e.into_inner());
+        for ((ns, name), ports) in reserved.iter() {
+            if (ns.as_str(), name.as_str()) != except {
+                used.extend(ports.iter().copied());
+            }
+        }
         used
     }
 
@@ -329,7 +348,10 @@ impl Holder {
         let existing: Vec<HeldPort> = existing.into_iter().filter(|p| !used.contains(&p.listen)).collect();
         let bad = |source| Error::Slice { namespace: ns.clone(), service: service.clone(), source };
         let ports = slice::assign(svc, &existing, &used, &self.ports).map_err(bad)?;
-        self.reserved.lock().unwrap_or_else(|e| e.into_inner()).extend(ports.iter().map(|p| p.listen));
+        self.reserved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((ns.clone(), name.clone()), ports.iter().map(|p| p.listen).collect());
         let want = slice::desired(svc, t, &ports, addresses).map_err(bad)?;
         let pp = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
         self.patcher.throttle().wait().await;
@@ -358,6 +380,7 @@ impl Holder {
     }
 
     async fn delete(&self, ns: &str, name: &str) -> Result<(), Error> {
+        self.reserved.lock().unwrap_or_else(|e| e.into_inner()).remove(&(ns.to_string(), name.to_string()));
         let api: Api<EndpointSlice> = Api::namespaced(self.client(), ns);
         self.patcher.throttle().wait().await;
         match api.delete(name, &DeleteParams::default()).await {

@@ -46,6 +46,10 @@ use crate::target::{Scope, Stores};
 pub use hold::{Advertise, Held, Holder, Released};
 pub use settings::{AdvertiseSetting, AppTrafficArgs, AppTrafficSettings};
 
+/// How often the listeners are checked against dormant's slices besides
+/// the slices' own changes.
+const RESYNC: Duration = Duration::from_secs(5);
+
 /// How long after its last request a Service's endpoints stay watched.
 const WATCH_IDLE: Duration = Duration::from_secs(600);
 
@@ -112,7 +116,9 @@ pub fn start(w: Wiring) -> (AppTraffic, Vec<JoinHandle<()>>) {
         slices.clone(),
         w.settings.ports.clone(),
         advertise,
+        w.scope.clone(),
     ));
+    let (stores, scope) = (w.stores.clone(), w.scope.clone());
     let app = Arc::new(serve::App::new(serve::Parts {
         stores: w.stores,
         observer: w.observer,
@@ -132,7 +138,8 @@ pub fn start(w: Wiring) -> (AppTraffic, Vec<JoinHandle<()>>) {
     ));
     let api: Api<EndpointSlice> = Api::all(w.client);
     let config = watcher::Config::default().labels(&slice::selector());
-    tasks.push(tokio::spawn(follow_slices(api, config, writer, listeners.clone(), w.to_controller)));
+    let mine = move |s: &EndpointSlice| hold::mine(&stores, &scope, s);
+    tasks.push(tokio::spawn(follow_slices(api, config, writer, listeners.clone(), mine, w.to_controller)));
     tasks.push(tokio::spawn({
         let app = app.clone();
         async move {
@@ -153,9 +160,13 @@ async fn follow_slices(
     config: watcher::Config,
     writer: reflector::store::Writer<EndpointSlice>,
     listeners: Arc<listen::Listeners>,
+    mine: impl Fn(&EndpointSlice) -> bool,
     to_controller: mpsc::UnboundedSender<Change>,
 ) {
     let reader = writer.as_reader();
+    // The scope is read from the namespaces' store, which may sync after
+    // the slices: the listeners are brought in step now and then too.
+    let mut resync = tokio::time::interval(RESYNC);
     let stream = watcher(api, config)
         .default_backoff()
         .modify(|s: &mut EndpointSlice| {
@@ -163,7 +174,17 @@ async fn follow_slices(
         })
         .reflect(writer);
     futures::pin_mut!(stream);
-    while let Some(event) = stream.next().await {
+    loop {
+        let event = tokio::select! {
+            e = stream.next() => match e {
+                Some(e) => e,
+                None => break,
+            },
+            _ = resync.tick() => {
+                listeners.sync(reader.state().iter().map(|s| s.as_ref()).filter(|s| mine(s))).await;
+                continue;
+            }
+        };
         let touched: Vec<EndpointSlice> = match event {
             Ok(watcher::Event::Apply(s) | watcher::Event::Delete(s)) => vec![s],
             Ok(watcher::Event::InitDone) => reader.state().iter().map(|s| EndpointSlice::clone(s)).collect(),
@@ -173,8 +194,8 @@ async fn follow_slices(
                 continue;
             }
         };
-        listeners.sync(reader.state().iter().map(|s| s.as_ref())).await;
-        for t in touched.iter().filter_map(slice::target) {
+        listeners.sync(reader.state().iter().map(|s| s.as_ref()).filter(|s| mine(s))).await;
+        for t in touched.iter().filter(|s| mine(s)).filter_map(slice::target) {
             let _ = to_controller.send(Change::Target(t));
         }
     }
