@@ -259,6 +259,14 @@ spec:
   selector: {{app: web}}
   ports: [{{name: http, port: 80, targetPort: {APP_PORT}}}]
 ---
+apiVersion: v1
+kind: Service
+metadata: {{name: web-direct, namespace: {ns}}}
+spec:
+  clusterIP: None
+  selector: {{app: web}}
+  ports: [{{name: http, port: 80, targetPort: {APP_PORT}}}]
+---
 apiVersion: networking.k8s.io/v1
 kind: Ingress
 metadata: {{name: web, namespace: {ns}}}
@@ -268,6 +276,7 @@ spec:
     http:
       paths:
       - {{path: /, pathType: Prefix, backend: {{service: {{name: web, port: {{number: 80}}}}}}}}
+      - {{path: /direct, pathType: Prefix, backend: {{service: {{name: web-direct, port: {{number: 80}}}}}}}}
 "#
     )
 }
@@ -419,7 +428,10 @@ fn a_sleeping_namespace_is_woken_by_200_requests_to_its_app_once_and_its_service
     };
     let before = service(c, &ns);
     let ep = held_endpoint(c, &ns, &agent);
-    assert!(event_notes(c, &ns, "AppTrafficHeld").contains("web"), "{}", agent.log());
+    assert!(event_notes(c, &ns, "AppTrafficHeld").contains("Service web "), "{}", agent.log());
+    // A routed Service that cannot be held is named, with the reason.
+    let not_held = event_notes(c, &ns, "AppTrafficNotHeld");
+    assert!(not_held.contains("Service web-direct") && not_held.contains("headless"), "{not_held}");
     assert_eq!(jsonpath(c, "deployment", "web", Some(&ns), "{.spec.replicas}"), "0");
     assert_eq!(full_log(&agent).matches("wake requested by app traffic").count(), 0);
 
@@ -496,11 +508,14 @@ fn a_sleeping_namespace_is_woken_by_200_requests_to_its_app_once_and_its_service
     let plain = plain.join().unwrap();
     let took = started.elapsed();
     let codes = String::from_utf8_lossy(&plain.stdout).to_string();
+    let mut summary = std::collections::BTreeMap::<String, usize>::new();
+    for l in codes.lines().chain(String::from_utf8_lossy(&plain.stderr).lines()) {
+        *summary.entry(l.to_string()).or_default() += 1;
+    }
     assert_eq!(
         codes.lines().filter(|l| *l == "200").count(),
         197,
-        "{}\nagent log:\n{}",
-        out(&plain),
+        "{summary:?}\nagent log:\n{}",
         agent.log()
     );
     for i in 0..197 {
@@ -644,7 +659,11 @@ fn a_sigkill_while_held_and_while_waking_leaves_the_service_as_it_was_after_the_
         move || {
             Command::new("nsenter")
                 .arg(format!("--net={}", p.display()))
-                .args(["curl", "-sS", "--max-time", "60", &url])
+                // The new agent opens its listeners as it reads dormant's
+                // slices, a moment after it is ready: a client retries a
+                // refused connection, as browsers and ingresses do.
+                .args(["curl", "-sS", "--max-time", "60", "--retry", "30", "--retry-delay", "1"])
+                .args(["--retry-connrefused", &url])
                 .output()
                 .unwrap()
         }

@@ -36,7 +36,15 @@ const MAX_STREAMS: u32 = 256;
 struct Bound {
     route: Arc<Route>,
     task: tokio::task::JoinHandle<()>,
+    /// When its slice went: the port stays open [`LINGER`] longer.
+    gone_since: Option<std::time::Instant>,
 }
+
+/// How long a port stays open after its slice went (a wake gave the
+/// Service back): kube-proxies and ingress controllers learn of the
+/// deletion a moment later and send new connections here until then,
+/// which are forwarded to the Service's own pods rather than refused.
+const LINGER: Duration = Duration::from_secs(30);
 
 impl Drop for Bound {
     fn drop(&mut self) {
@@ -68,7 +76,8 @@ impl Listeners {
     }
 
     /// Listens on every port `slices` hold (in this replica's range) and
-    /// stops listening on the others. Connections already open go on.
+    /// stops listening on the others once they have lingered (see
+    /// [`LINGER`]). Connections already open go on.
     pub async fn sync<'a>(&self, slices: impl IntoIterator<Item = &'a EndpointSlice>) {
         let mut want: HashMap<u16, Route> = HashMap::new();
         let mut conflicts = Vec::new();
@@ -95,7 +104,15 @@ impl Listeners {
         let mut todo = Vec::new();
         {
             let mut bound = self.bound.lock().unwrap_or_else(|e| e.into_inner());
-            bound.retain(|port, b| want.get(port).is_some_and(|r| *r == *b.route));
+            bound.retain(|port, b| match want.get(port) {
+                Some(r) if *r == *b.route => {
+                    b.gone_since = None;
+                    true
+                }
+                // Another route now: its own listener, at once.
+                Some(_) => false,
+                None => b.gone_since.get_or_insert_with(std::time::Instant::now).elapsed() < LINGER,
+            });
             for (port, route) in want {
                 if !bound.contains_key(&port) {
                     todo.push((port, route));
@@ -114,7 +131,10 @@ impl Listeners {
                         self.app.clone(),
                         self.connections.clone(),
                     ));
-                    self.bound.lock().unwrap_or_else(|e| e.into_inner()).insert(port, Bound { route, task });
+                    self.bound
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(port, Bound { route, task, gone_since: None });
                 }
                 Err(e) => tracing::warn!(%addr, error = %e, "cannot listen for app traffic"),
             }

@@ -317,6 +317,10 @@ async fn hold_app_traffic(ctx: &Context, ev: &Evaluation) {
             if !held.made.is_empty() {
                 let note = format!("Requests to Service {} wake it while it sleeps", held.made.join(", "));
                 publish(ctx, ev, EventType::Normal, "AppTrafficHeld", note).await;
+            }
+            // Said once per sleep (when it begins), also when nothing
+            // else could be held.
+            if !held.made.is_empty() || ev.state != TargetState::Asleep {
                 for (svc, why) in &held.skipped {
                     let note = format!("Requests to Service {svc} do not wake it: {why}");
                     publish(ctx, ev, EventType::Warning, "AppTrafficNotHeld", note).await;
