@@ -23,6 +23,9 @@ pub const IGNORE_GROUPS: &str = "dormant.dev/ignore-groups";
 pub const IGNORE_VERBS: &str = "dormant.dev/ignore-verbs";
 pub const IGNORE_RESOURCES: &str = "dormant.dev/ignore-resources";
 pub const IGNORE_OWN_SERVICE_ACCOUNTS: &str = "dormant.dev/ignore-own-service-accounts";
+/// `"true"`: a browser asking for a sleeping target's app gets a page that
+/// shows the wake's progress instead of a held request (also on a Service).
+pub const WAITING_PAGE: &str = "dormant.dev/waiting-page";
 
 // Written by dormant on a target.
 pub const STATE: &str = "dormant.dev/state";
@@ -68,6 +71,7 @@ pub const TARGET_KEYS: &[&str] = &[
     IGNORE_VERBS,
     IGNORE_RESOURCES,
     IGNORE_OWN_SERVICE_ACCOUNTS,
+    WAITING_PAGE,
     STATE,
     LAST_ACTIVITY,
     LAST_ACTIVITY_BY,
@@ -90,6 +94,19 @@ pub const VCLUSTER_APP_LABEL: (&str, &str) = ("app", "vcluster");
 /// The `app` label of the etcd StatefulSet a vcluster deploys
 /// (`backingStore.etcd.deploy`), with `release=<name>`.
 pub const VCLUSTER_ETCD_APP: &str = "vcluster-etcd";
+
+// On a Service (set by users): `"true"` holds its traffic while its target
+// sleeps even when no Ingress or HTTPRoute routes to it; `"false"` never.
+pub const APP_TRAFFIC: &str = "dormant.dev/app-traffic";
+
+// On dormant's own EndpointSlices (app traffic): the target they hold
+// traffic for, and since when it wakes.
+pub const SLICE_TARGET: &str = "dormant.dev/target";
+pub const SLICE_WAKING_SINCE: &str = "dormant.dev/waking-since";
+
+/// The `endpointslice.kubernetes.io/managed-by` value of the EndpointSlices
+/// dormant makes (the built-in controller's is `endpointslice-controller.k8s.io`).
+pub const ENDPOINTSLICE_MANAGER: &str = "dormant.dev";
 
 /// The label a vcluster's syncer puts on the host pods it syncs.
 pub const MANAGED_BY_LABEL: &str = "vcluster.loft.sh/managed-by";

@@ -24,6 +24,8 @@ pub enum Source {
     Cli,
     /// Someone scaled a sleeping target's workload by hand.
     Scale,
+    /// An application's own traffic, through the app-traffic listener.
+    App,
 }
 
 impl Source {
@@ -33,6 +35,7 @@ impl Source {
             Source::Proxy => "proxy",
             Source::Cli => "cli",
             Source::Scale => "scale",
+            Source::App => "app",
         }
     }
 }

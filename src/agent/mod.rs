@@ -193,6 +193,8 @@ impl Parts {
 /// Phase 3: what every replica serves.
 struct Servers {
     tasks: Vec<JoinHandle<()>>,
+    /// The app-traffic listeners' holder, which the controller drives.
+    app_traffic: Option<Arc<crate::app_traffic::Holder>>,
     /// `/readyz`: the caches have synced.
     ready: Arc<AtomicBool>,
     /// `/status` reads the controller's context once there is one.
@@ -254,6 +256,24 @@ impl Servers {
                 proxy.serve_tls(listener, tokio_rustls::TlsAcceptor::from(Arc::new(tls))),
             ));
         }
+        let app_traffic = settings.app_traffic.clone().map(|a| {
+            let (app, started) = crate::app_traffic::start(crate::app_traffic::Wiring {
+                settings: a,
+                namespace: settings.namespace.clone(),
+                client: client.clone(),
+                patcher: Patcher::new(client.clone(), Throttle::new(settings.qps, settings.burst)),
+                stores: caches.stores.clone(),
+                observer: parts.observer.clone(),
+                annotator: parts.annotator.clone(),
+                metrics: parts.metrics.clone(),
+                defaults: settings.defaults.clone(),
+                scope: settings.scope.clone(),
+                changes: caches.broadcast.clone(),
+                to_controller: caches.to_controller.clone(),
+            });
+            tasks.extend(started);
+            app.holder
+        });
         let listener = crate::admin::bind(settings.admin_addr)
             .await
             .with_context(|| format!("failed to listen on {}", settings.admin_addr))?;
@@ -266,7 +286,7 @@ impl Servers {
             controller: controller.clone(),
         });
         tasks.push(tokio::spawn(admin.serve(listener)));
-        Ok(Servers { tasks, ready, controller })
+        Ok(Servers { tasks, app_traffic, ready, controller })
     }
 }
 
@@ -310,6 +330,7 @@ impl Leading {
             parts.metrics.clone(),
             config,
             leader,
+            running.servers.app_traffic.clone(),
         );
         let _ = running.servers.controller.set(Arc::downgrade(&ctx));
         let changes = running.caches.controller_changes.take().context("the controller was started twice")?;

@@ -145,6 +145,8 @@ pub struct AgentArgs {
     /// Log format.
     #[arg(long, env = "DORMANT_LOG_FORMAT", value_enum, default_value = "plain")]
     pub log_format: LogFormat,
+    #[command(flatten)]
+    pub app_traffic: crate::app_traffic::AppTrafficArgs,
     /// Name users in `dormant_activity_sources_total` (the admin port needs
     /// no credential; off, the metric names only their tool).
     #[arg(long, env = "DORMANT_METRICS_USER_NAMES")]
@@ -171,6 +173,7 @@ pub struct Settings {
     pub metrics_user_names: bool,
     pub audit: Option<AuditSettings>,
     pub proxy: Option<ProxySettings>,
+    pub app_traffic: Option<crate::app_traffic::AppTrafficSettings>,
 }
 
 /// The proxy's validated settings.
@@ -247,6 +250,7 @@ impl AgentArgs {
         let only = self.validate_only_namespaces(&mut errors);
         let audit = self.validate_audit(&mut errors);
         let proxy = self.validate_proxy(&mut errors);
+        let app_traffic = self.app_traffic.validate(&mut errors);
         if self.namespace.is_empty() {
             errors.push("--namespace: must not be empty".into());
         }
@@ -292,6 +296,7 @@ impl AgentArgs {
             metrics_user_names: self.metrics_user_names,
             audit,
             proxy,
+            app_traffic,
         })
     }
 }

@@ -71,6 +71,8 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     pub config: Config,
+    /// Holds sleeping targets' app traffic (when the agent does).
+    pub app_traffic: Option<Arc<crate::app_traffic::Holder>>,
     /// When this replica last became the leader: savings before that were
     /// counted by another replica (or process).
     leading_since: Mutex<DateTime<Utc>>,
@@ -93,6 +95,7 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Context {
+    #[allow(clippy::too_many_arguments)] // the parts the agent wires, each once
     pub fn new(
         stores: Stores,
         scaler: Scaler,
@@ -101,6 +104,7 @@ impl Context {
         metrics: Arc<Metrics>,
         config: Config,
         leader: watch::Receiver<bool>,
+        app_traffic: Option<Arc<crate::app_traffic::Holder>>,
     ) -> Arc<Context> {
         let reporter = Reporter { controller: "dormant".into(), instance: Some(config.identity.clone()) };
         let recorder = Recorder::new(scaler.client().clone(), reporter);
@@ -112,6 +116,7 @@ impl Context {
             recorder,
             metrics,
             config,
+            app_traffic,
             leading_since: Mutex::new(Utc::now()),
             leader,
             summaries: Mutex::new(HashMap::new()),

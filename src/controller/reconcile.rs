@@ -70,6 +70,8 @@ pub(super) async fn reconcile(ctx: &Context, r: &TargetRef) -> Result<Option<Dat
         annotations.insert(vocab::LAST_ACTIVITY_BY, Some(u.by.clone()));
     }
     let dry_run = ctx.config.dry_run || ev.policy.dry_run.value;
+    // When to look again for app traffic still held after a wake.
+    let mut again = None;
     let result = match ev.decision.desired {
         Desired::Leave => Ok(()),
         _ if dry_run => {
@@ -77,7 +79,7 @@ pub(super) async fn reconcile(ctx: &Context, r: &TargetRef) -> Result<Option<Dat
             Ok(())
         }
         Desired::Asleep => sleep(ctx, &ev, &mut annotations, now).await,
-        Desired::Awake => wake(ctx, &ev, &mut annotations, now).await,
+        Desired::Awake => wake(ctx, &ev, &mut annotations, now, &mut again).await,
     };
     let written = ctx.annotator.set(&ev.target.object, &annotations).await;
     if written.is_ok() && annotations.contains_key(vocab::STATE) {
@@ -86,7 +88,10 @@ pub(super) async fn reconcile(ctx: &Context, r: &TargetRef) -> Result<Option<Dat
     summarize(ctx, &ev, &annotations);
     result?;
     written?;
-    Ok(ev.decision.next)
+    Ok(match (ev.decision.next, again) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    })
 }
 
 /// How long a reconcile waits for the cache to show this replica's own
@@ -223,6 +228,9 @@ async fn sleep(
         written = ctx.annotator.set(&ev.target.object, annotations).await?;
         annotations.clear();
     }
+    // App traffic is held before any workload scales down: no request
+    // meets a Service without an endpoint.
+    hold_app_traffic(ctx, ev).await;
     let mut pending = false;
     for w in ev.workloads.iter().filter(|w| !lost(w)) {
         let w = &after_target_write(w, &written);
@@ -299,6 +307,7 @@ async fn wake(
     ev: &Evaluation,
     annotations: &mut Annotations,
     now: DateTime<Utc>,
+    again: &mut Option<DateTime<Utc>>,
 ) -> Result<(), Error> {
     let r = &ev.target.r;
     // The target's copy of the records, with the workloads' own records in
@@ -316,6 +325,7 @@ async fn wake(
     let forced_leftover =
         ev.annotations.force_sleep.is_some() || ev.annotations.prevent_wakeup_until.is_some();
     if ev.state == TargetState::Awake && !records {
+        release_app_traffic(ctx, ev, now, again).await;
         if ev.annotations.state.is_none() {
             annotations.insert(vocab::STATE, Some(TargetState::Awake.as_str().into()));
         }
@@ -376,6 +386,7 @@ async fn wake(
         );
         publish(ctx, ev, EventType::Warning, "WakeFailed", note).await;
     }
+    release_app_traffic(ctx, ev, now, again).await;
     let ready = !records && lost.is_empty() && ev.workloads.iter().all(|w| ev.excluded(w) || w.ready());
     if ready {
         annotations.insert(vocab::STATE, Some(TargetState::Awake.as_str().into()));
@@ -411,6 +422,76 @@ async fn wake(
 
 fn record_json(copy: &scaler::SleepRecord) -> String {
     serde_json::to_string(copy).unwrap_or_default()
+}
+
+/// Holds the target's app traffic (see [`crate::app_traffic::hold`]). A
+/// failure is reported and the sleep goes on: it saves as much, and the
+/// next reconcile tries again.
+async fn hold_app_traffic(ctx: &Context, ev: &Evaluation) {
+    let Some(holder) = &ctx.app_traffic else { return };
+    let pods = holder.pods(&ev.workloads, |w| ev.excluded(w));
+    match holder.hold(&ev.target.r, &pods).await {
+        Ok(held) => {
+            if !held.made.is_empty() {
+                let note = format!("Requests to Service {} wake it while it sleeps", held.made.join(", "));
+                publish(ctx, ev, EventType::Normal, "AppTrafficHeld", note).await;
+            }
+            // Said once per sleep (when it begins), also when nothing
+            // else could be held.
+            if !held.made.is_empty() || ev.state != TargetState::Asleep {
+                for (svc, why) in &held.skipped {
+                    let note = format!("Requests to Service {svc} do not wake it: {why}");
+                    publish(ctx, ev, EventType::Warning, "AppTrafficNotHeld", note).await;
+                }
+            }
+            if !held.mended.is_empty() && ev.state == TargetState::Asleep {
+                let note = format!(
+                    "dormant's EndpointSlice for Service {} was gone or changed while asleep (deleted by hand or pruned by a tool?) and is made again",
+                    held.mended.join(", ")
+                );
+                publish(ctx, ev, EventType::Warning, "AppTrafficMended", note).await;
+            }
+        }
+        Err(e) => {
+            tracing::warn!(target = %ev.target.r, error = %crate::error::Chain(&e), "cannot hold app traffic");
+            publish(ctx, ev, EventType::Warning, "AppTrafficFailed", crate::error::chain(&e)).await;
+        }
+    }
+}
+
+/// Gives back the Services whose own endpoints are ready again (see
+/// [`crate::app_traffic::hold`]); while one is held, the target is looked
+/// at again in a second.
+async fn release_app_traffic(
+    ctx: &Context,
+    ev: &Evaluation,
+    now: DateTime<Utc>,
+    again: &mut Option<DateTime<Utc>>,
+) {
+    let Some(holder) = &ctx.app_traffic else { return };
+    if !holder.holds(&ev.target.r) {
+        return;
+    }
+    let give_up = crate::app_traffic::give_up_after(ev.policy.wake_timeout.value);
+    match holder.release(&ev.target.r, give_up).await {
+        Ok(released) => {
+            if !released.gave_up.is_empty() {
+                let note = format!(
+                    "Service {} had no ready endpoint {} after the wake began; its traffic no longer waits for it",
+                    released.gave_up.join(", "),
+                    crate::policy::duration::format(give_up)
+                );
+                publish(ctx, ev, EventType::Warning, "AppTrafficReleased", note).await;
+            }
+            if !released.pending.is_empty() {
+                *again = Some(now + chrono::Duration::seconds(1));
+            }
+        }
+        Err(e) => {
+            tracing::warn!(target = %ev.target.r, error = %crate::error::Chain(&e), "cannot release app traffic");
+            *again = Some(now + chrono::Duration::seconds(5));
+        }
+    }
 }
 
 /// `w` as it is after this reconcile wrote the target's annotations: a

@@ -119,6 +119,10 @@ pub struct Metrics {
     pub proxy_requests: Family<ProxyLabels, Counter>,
     pub proxy_duration: Family<OutcomeLabels, Histogram>,
     pub proxy_waiting: Gauge,
+    /// The app-traffic listener (labels as the proxy's).
+    pub app_requests: Family<ProxyLabels, Counter>,
+    pub app_duration: Family<OutcomeLabels, Histogram>,
+    pub app_waiting: Gauge,
     /// Wakes asked for by requests whose credential could not be checked
     /// while their vcluster slept: `requested`, or `refused` (over budget).
     pub proxy_unverified_wakes: Family<OutcomeLabels, Counter>,
@@ -255,6 +259,27 @@ impl Metrics {
             "Requests held while their target wakes",
             proxy_waiting.clone(),
         );
+        let app_requests = Family::<ProxyLabels, Counter>::default();
+        registry.register(
+            "app_requests",
+            "Application requests through the app-traffic listener by outcome and status code",
+            app_requests.clone(),
+        );
+        let app_duration = Family::<OutcomeLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0005, 2.0, 20))
+        });
+        registry.register_with_unit(
+            "app_request_duration",
+            "App-traffic latency until response headers, including any wait for a wake",
+            Unit::Seconds,
+            app_duration.clone(),
+        );
+        let app_waiting = Gauge::default();
+        registry.register(
+            "app_waiting_requests",
+            "Application requests held while their target wakes",
+            app_waiting.clone(),
+        );
         let leader = Gauge::default();
         registry.register("leader", "1 while this replica runs the controller", leader.clone());
         Metrics {
@@ -279,6 +304,9 @@ impl Metrics {
             proxy_requests,
             proxy_duration,
             proxy_waiting,
+            app_requests,
+            app_duration,
+            app_waiting,
             proxy_unverified_wakes,
             leader,
             exported: Mutex::new(HashMap::new()),

@@ -241,6 +241,10 @@ impl TargetAnnotations {
                 self.ignore.resources = Some(rules);
             }
             IGNORE_OWN_SERVICE_ACCOUNTS => self.ignore.own_service_accounts = Some(parse_bool(key, v)?),
+            // Read where it is used (the app-traffic listener); checked here.
+            WAITING_PAGE => {
+                parse_bool(key, v)?;
+            }
             STATE => self.state = Some(v.parse().map_err(|e: String| err(key, v, e))?),
             LAST_ACTIVITY => self.last_activity = Some(parse_time(key, v)?),
             LAST_ACTIVITY_BY => self.last_activity_by = Some(v.to_string()),

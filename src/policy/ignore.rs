@@ -227,7 +227,10 @@ impl IgnoreRules {
         IgnoreRules {
             users,
             groups: vec!["system:nodes".into()],
-            user_agents: vec!["dormant/*".into(), format!("*{IGNORED_USER_AGENT_MARK}")],
+            user_agents: ["dormant/*".to_string(), format!("*{IGNORED_USER_AGENT_MARK}")]
+                .into_iter()
+                .chain(HEALTH_CHECKERS.iter().map(|s| s.to_string()))
+                .collect(),
             verbs: vec![],
             resources: [
                 "leases.coordination.k8s.io",
@@ -292,6 +295,31 @@ impl IgnoreRules {
         None
     }
 }
+
+/// Health checkers and uptime monitors, by user agent (matched without
+/// case): their requests to an app (through the app-traffic listener) are
+/// nobody using it. Load balancers' and probes' own (kubelet, Google Cloud,
+/// AWS, Route 53, Envoy, Consul), Prometheus and its blackbox exporter, and
+/// the common uptime services. A policy's `ignore.userAgents` adds more.
+pub const HEALTH_CHECKERS: &[&str] = &[
+    "kube-probe/*",
+    "GoogleHC/*",
+    "ELB-HealthChecker/*",
+    "Amazon-Route53-Health-Check-Service*",
+    "Envoy/HC",
+    "Consul Health Check*",
+    "Prometheus/*",
+    "Blackbox Exporter/*",
+    "*UptimeRobot/*",
+    "*Pingdom.com_bot*",
+    "*StatusCake*",
+    "*Site24x7*",
+    "*Better Uptime Bot*",
+    "Uptime-Kuma/*",
+    "*DatadogSynthetics*",
+    "*NewRelicSynthetics*",
+    "*Checkly*",
+];
 
 /// Argo CD's and Flux's controllers, whose requests never count as use:
 /// their polls and syncs are not anybody using the target (a sync while

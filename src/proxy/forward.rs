@@ -141,10 +141,10 @@ const KEEP_AWAKE_EVERY: Duration = Duration::from_secs(5);
 
 /// Keeps recording activity while a long-running request stays open (a
 /// watch, exec or port-forward is use), until dropped.
-pub(super) struct KeepAwake(tokio::task::JoinHandle<()>);
+pub struct KeepAwake(tokio::task::JoinHandle<()>);
 
 impl KeepAwake {
-    pub(super) fn start(observer: Arc<Observer>, t: TargetRef, a: Arc<Activity>) -> Self {
+    pub fn start(observer: Arc<Observer>, t: TargetRef, a: Arc<Activity>) -> Self {
         let mut a = Activity::clone(&a);
         KeepAwake(tokio::spawn(async move {
             loop {

@@ -4,10 +4,13 @@
 //! released in arrival order; a waiter gives up after its timeout, and a
 //! full queue refuses at once. Requests whose caller nothing could prove
 //! ([`Class::Unverified`]) wait in a share of their own, so that throwaway
-//! credentials cannot fill the queue real users wait in.
+//! credentials cannot fill the queue real users wait in. Keyed by target
+//! for the proxy; any key will do (the app-traffic listener keys it by
+//! Service port).
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::hash::Hash;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -65,15 +68,16 @@ impl Drop for Waiting<'_> {
     }
 }
 
-/// The gate of every target; `E` is what a failed wake says.
-pub struct Gate<E> {
-    targets: Mutex<HashMap<TargetRef, Arc<TargetGate<E>>>>,
+/// The gate of every target (or other key `K`); `E` is what a failed wake
+/// says.
+pub struct Gate<E, K = TargetRef> {
+    targets: Mutex<HashMap<K, Arc<TargetGate<E>>>>,
     /// Per target and class.
     max_waiting: [usize; 2],
     gauge: prometheus_client::metrics::gauge::Gauge,
 }
 
-impl<E: Clone + Send + Sync + 'static> Gate<E> {
+impl<E: Clone + Send + Sync + 'static, K: Hash + Eq + Clone> Gate<E, K> {
     /// `max_waiting` proven requests per target, and a tenth of that (at
     /// least one) unverified ones; `gauge` counts waiters across targets.
     pub fn new(max_waiting: usize, gauge: prometheus_client::metrics::gauge::Gauge) -> Self {
@@ -81,17 +85,17 @@ impl<E: Clone + Send + Sync + 'static> Gate<E> {
         Gate { targets: Mutex::new(HashMap::new()), max_waiting: [max, (max / 10).max(1)], gauge }
     }
 
-    fn target(&self, t: &TargetRef) -> Arc<TargetGate<E>> {
+    fn target(&self, t: &K) -> Arc<TargetGate<E>> {
         self.targets.lock().unwrap_or_else(|e| e.into_inner()).entry(t.clone()).or_default().clone()
     }
 
     /// Requests currently waiting for `t`.
-    pub fn waiting(&self, t: &TargetRef) -> usize {
+    pub fn waiting(&self, t: &K) -> usize {
         self.target(t).waiting.iter().map(|w| w.load(Ordering::Acquire)).sum()
     }
 
     /// A wake of `t` is under way.
-    pub fn waking(&self, t: &TargetRef) -> bool {
+    pub fn waking(&self, t: &K) -> bool {
         let Some(tg) = self.targets.lock().unwrap_or_else(|e| e.into_inner()).get(t).cloned() else {
             return false;
         };
@@ -107,7 +111,7 @@ impl<E: Clone + Send + Sync + 'static> Gate<E> {
     /// own task, so a waiter that gives up does not cancel it.
     pub async fn wait<F, Fut>(
         &self,
-        t: &TargetRef,
+        t: &K,
         class: Class,
         timeout: Duration,
         wake: F,

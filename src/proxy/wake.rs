@@ -285,7 +285,7 @@ impl Proxy {
 
 /// How long a wake may go on: it outlives the waiters' timeout (those who
 /// give up get 504, later requests join the same wake while it goes on).
-pub(super) fn wake_limit(timeout: Duration) -> Duration {
+pub fn wake_limit(timeout: Duration) -> Duration {
     timeout * 3 + Duration::from_secs(60)
 }
 
