@@ -125,9 +125,9 @@ fn the_chart_lints_and_renders_with_defaults_and_with_every_option_on() {
     // `helm uninstall` first restores every sleeping target, under
     // dormant's own ServiceAccount, and only then removes the chart.
     let hook = defaults.split("\n---").find(|d| d.contains("kind: Job")).unwrap();
-    let sa = |doc: &str| {
+    fn sa(doc: &str) -> &str {
         doc.lines().find(|l| l.trim().starts_with("serviceAccountName:")).map(str::trim).unwrap_or("")
-    };
+    }
     let agent = defaults.split("\n---").find(|d| d.contains("kind: Deployment")).unwrap();
     assert!(
         !sa(agent).is_empty() && sa(hook) == sa(agent),
