@@ -94,6 +94,14 @@ pub struct ProxyLabels {
     pub code: u16,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ApiLabels {
+    /// One of the API's fixed route names (`targets`, `target`, `sleep`,
+    /// `wake`, `page`, ...): never a path or a name a caller chose.
+    pub route: &'static str,
+    pub code: u16,
+}
+
 /// Every metric the agent exports.
 pub struct Metrics {
     pub registry: Registry,
@@ -119,6 +127,7 @@ pub struct Metrics {
     pub proxy_requests: Family<ProxyLabels, Counter>,
     pub proxy_duration: Family<OutcomeLabels, Histogram>,
     pub proxy_waiting: Gauge,
+    pub api_requests: Family<ApiLabels, Counter>,
     pub leader: Gauge,
     /// Per-target series currently exported, to remove them when a target
     /// goes or changes policy.
@@ -246,6 +255,12 @@ impl Metrics {
             "Requests held while their target wakes",
             proxy_waiting.clone(),
         );
+        let api_requests = Family::<ApiLabels, Counter>::default();
+        registry.register(
+            "api_requests",
+            "Requests to the agent's API and web page by route and status code",
+            api_requests.clone(),
+        );
         let leader = Gauge::default();
         registry.register("leader", "1 while this replica runs the controller", leader.clone());
         Metrics {
@@ -270,6 +285,7 @@ impl Metrics {
             proxy_requests,
             proxy_duration,
             proxy_waiting,
+            api_requests,
             leader,
             exported: Mutex::new(HashMap::new()),
             cost: cost::Meter::default(),
