@@ -10,6 +10,21 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 hack/testbed.sh install
 testbed_dir="$(hack/testbed.sh dir)"
 
+# The web page's browser test: Debian's Chromium and its WebDriver, and
+# axe-core from npm (into a cache folder, as the testbed is).
+if [[ ! -x /usr/bin/chromium || ! -x /usr/bin/chromedriver ]]; then
+  echo "[test] installing chromium and chromium-driver (Debian packages)"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+fi
+axe_version=4.14.1
+axe_dir="${HOME}/.cache/dormant/axe-core-${axe_version}"
+if [[ ! -f "${axe_dir}/node_modules/axe-core/axe.min.js" ]]; then
+  echo "[test] installing axe-core ${axe_version} (npm) into ${axe_dir}"
+  mkdir -p "$axe_dir"
+  npm install --no-audit --no-fund --prefix "$axe_dir" "axe-core@${axe_version}" >/dev/null
+fi
+
 start=$SECONDS
 cargo test --workspace --lib --bins --tests --examples --locked
 cargo test --workspace --doc --locked
