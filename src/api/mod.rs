@@ -424,6 +424,14 @@ impl Api {
         B: hyper::body::Body<Data = Bytes> + Send,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
+        // A body that says up front it is too large is refused unread.
+        if hyper::body::Body::size_hint(&body).lower() > MAX_BODY as u64 {
+            return Err(refuse(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "RequestEntityTooLarge",
+                format!("the body is larger than {MAX_BODY} bytes"),
+            ));
+        }
         match Limited::new(body, MAX_BODY).collect().await {
             Ok(c) => Ok(c.to_bytes()),
             Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(refuse(
@@ -997,7 +1005,9 @@ mod tests {
     #[test]
     fn prevent_wakeup_until_reads_the_browsers_local_time_and_offset() {
         let now = DateTime::parse_from_rfc3339("2026-12-01T10:00:00Z").unwrap().with_timezone(&Utc);
-        let f = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let f = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        };
         // Berlin in winter: getTimezoneOffset() is -60.
         assert_eq!(
             until_from_form(&f(&[("until", "2026-12-01T18:30"), ("tz_offset", "-60")]), now),
