@@ -53,15 +53,29 @@ fn the_chart_lints_and_renders_with_defaults_and_with_every_option_on() {
         helm(c, &["template", "d", chart.to_str().unwrap(), "-n", "dormant", "--kube-version", "1.37.2"]);
     assert!(ok, "{defaults}");
     let want = [
+        // The agent's, the API's, and the viewer and operator roles for people.
+        "ClusterRole",
+        "ClusterRole",
+        "ClusterRole",
         "ClusterRole",
         "ClusterRoleBinding",
+        "ClusterRoleBinding",
+        // Three dashboards and where the API is published.
+        "ConfigMap",
         "ConfigMap",
         "ConfigMap",
         "ConfigMap",
         "Deployment",
         "PodDisruptionBudget",
+        // Leader election; reading the published API.
         "Role",
+        "Role",
+        // Those two, and reading the cluster's client CA.
         "RoleBinding",
+        "RoleBinding",
+        "RoleBinding",
+        // TLS, the audit token, the session key.
+        "Secret",
         "Secret",
         "Secret",
         "Service",
@@ -88,6 +102,19 @@ fn the_chart_lints_and_renders_with_defaults_and_with_every_option_on() {
     for k in ["Certificate", "ServiceMonitor", "PrometheusRule"] {
         assert!(kinds(&everything).iter().any(|x| x == k), "{k} missing with every option on");
     }
+    // The API: published with its URL and CA; the operator role joins
+    // `edit`, the viewer role (switched off here) not `view`.
+    assert!(defaults.contains("url: \"https://d-dormant-proxy.dormant.svc\""), "{defaults}");
+    assert!(defaults.contains("rbac.authorization.k8s.io/aggregate-to-view: \"true\""));
+    assert!(everything.contains("url: \"https://dormant.example.com\""));
+    assert!(everything.contains("rbac.authorization.k8s.io/aggregate-to-edit: \"true\""));
+    assert!(!everything.contains("aggregate-to-view"), "aggregation is switchable");
+    assert!(everything.contains("--api-auth-proxy-names=oauth2-proxy"));
+    let (ok, off) = helm(
+        c,
+        &["template", "d", chart.to_str().unwrap(), "--kube-version", "1.37.2", "--set", "api.enabled=false"],
+    );
+    assert!(ok && off.contains("--api=false") && !off.contains("dormant-api"), "{off}");
     assert!(everything.contains("--dry-run") && everything.contains("--proxy-base-domain=vc.example.com"));
     // Prometheus keeps the targets' own namespace label (not the agent's).
     assert!(everything.contains("honorLabels: true"), "{everything}");
@@ -204,6 +231,54 @@ fn helm_install_creates_everything_and_the_chart_rbac_is_exactly_enough() {
     ] {
         assert_eq!(can(verb, what, "default"), "yes", "{verb} {what} is needed");
     }
+    // The API: who a caller is, what they may do, the cluster's client CA.
+    for (verb, what, ns) in [
+        ("create", "tokenreviews.authentication.k8s.io", "default"),
+        ("create", "subjectaccessreviews.authorization.k8s.io", "default"),
+        ("get", "configmaps/extension-apiserver-authentication", "kube-system"),
+    ] {
+        assert_eq!(can(verb, what, ns), "yes", "{verb} {what} is needed by the API");
+    }
+    assert_eq!(can("get", "configmaps/other", "kube-system"), "no", "only the client CA's ConfigMap");
+    // People: `edit` may sleep targets, `view` may only look.
+    let people = c.namespace("chart-people", &[]).unwrap();
+    kubectl(c, &["create", "rolebinding", "e", "--clusterrole=edit", "--user=editor", "-n", &people]);
+    kubectl(c, &["create", "rolebinding", "v", "--clusterrole=view", "--user=viewer", "-n", &people]);
+    let person = |who: &str, verb: &str| {
+        let out = c
+            .kubectl(&c.admin)
+            .args(["auth", "can-i", verb, "targets.dormant.dev", "-n", &people, "--as", who])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    wait_until("the aggregated roles", Duration::from_secs(30), || person("editor", "sleep") == "yes");
+    for (who, verb, answer) in [
+        ("editor", "wake", "yes"),
+        ("viewer", "get", "yes"),
+        ("viewer", "list", "yes"),
+        ("viewer", "sleep", "no"),
+    ] {
+        assert_eq!(person(who, verb), answer, "{who} {verb}");
+    }
+    // Anyone authenticated may read where the API is.
+    let published = c
+        .kubectl(&c.admin)
+        .args([
+            "auth",
+            "can-i",
+            "get",
+            "configmaps/dormant-api",
+            "-n",
+            "kube-public",
+            "--as",
+            "x",
+            "--as-group",
+            "system:authenticated",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&published.stdout).trim(), "yes");
     assert_eq!(can("patch", "leases.coordination.k8s.io", &release_ns), "yes");
     assert_eq!(
         can("patch", "leases.coordination.k8s.io", "default"),
@@ -280,6 +355,7 @@ spec:
     .unwrap();
     wait_until("workloads ready", Duration::from_secs(60), || ready_pods(c, &ns, "app=web") == 2);
     let admin_port = testbed::process::free_port().unwrap();
+    let proxy_port = testbed::process::free_port().unwrap();
     let args: Vec<String> = vec![
         "agent".into(),
         format!("--namespace={release_ns}"),
@@ -287,6 +363,10 @@ spec:
         format!("--namespace-selector=dormant-test={id}"),
         "--identity=chart-sa".into(),
         "--lease-duration=3s".into(),
+        // The API too, on the proxy's listener.
+        format!("--proxy-addr=127.0.0.1:{proxy_port}"),
+        format!("--proxy-cert={}", c.dir.join("apiserver.crt").display()),
+        format!("--proxy-key={}", c.dir.join("apiserver.key").display()),
     ];
     let env = vec![
         ("KUBECONFIG".to_string(), kubeconfig.display().to_string()),
@@ -323,6 +403,49 @@ spec:
     }
     assert_eq!(jsonpath(c, "deployment", "web", Some(&ns), "{.spec.replicas}"), "2");
     assert_eq!(annotation(c, "scaledobject", "web", Some(&ns), "autoscaling.keda.sh/paused-replicas"), "");
+    // Through the API, with the chart's RBAC: a token (TokenReview), a
+    // certificate (the cluster's client CA), and RBAC (SubjectAccessReview).
+    kubectl(c, &["create", "serviceaccount", "looker", "-n", &ns]);
+    kubectl(
+        c,
+        &[
+            "create",
+            "rolebinding",
+            "looker",
+            "--clusterrole=view",
+            &format!("--serviceaccount={ns}:looker"),
+            "-n",
+            &ns,
+        ],
+    );
+    let looker = kubectl(c, &["create", "token", "looker", "-n", &ns, "--duration=1h"]).trim().to_string();
+    let looker_kc = c.dir.join(format!("{id}-looker.kubeconfig"));
+    std::fs::write(
+        &looker_kc,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: t\n  cluster: {{server: \"{}\", certificate-authority: \"{}\"}}\nusers:\n- name: u\n  user: {{token: {looker}}}\ncontexts:\n- name: t\n  context: {{cluster: t, user: u}}\ncurrent-context: t\n",
+            c.server,
+            c.ca_file.display()
+        ),
+    )
+    .unwrap();
+    for kubeconfig in [&looker_kc, &c.admin.kubeconfig] {
+        let out = std::process::Command::new(dormant_bin())
+            .args(["status", &format!("--kubeconfig={}", kubeconfig.display())])
+            .args([
+                &format!("--server=https://127.0.0.1:{proxy_port}"),
+                &format!("--proxy-ca={}", c.ca_file.display()),
+            ])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains(&ns),
+            "{stdout}{}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            agent.tail(40)
+        );
+    }
     assert_eq!(jsonpath(c, "statefulset", "vc", Some(&ns), "{.spec.replicas}"), "1");
     wait_until("the policy status", Duration::from_secs(30), || {
         jsonpath(c, "sleeppolicy", &id, None, "{.status.conditions[?(@.type==\"Valid\")].status}") == "True"
