@@ -129,7 +129,7 @@ fn a_client_certificate_user_works_and_refusals_say_what_is_missing() {
     );
     // Someone who may see it learns that a missing one is missing.
     let missing = text(&w.cli(&c.admin.kubeconfig, &["explain", &format!("namespace/{a}-ghost")])).1;
-    assert!(missing.contains("404 Not Found"), "{missing}");
+    assert!(missing.contains("404 NotFound"), "{missing}");
 }
 
 #[test]

@@ -165,7 +165,7 @@ fn replicas(c: &Cluster, ns: &str) -> (String, String) {
 async fn alice_sleeps_and_wakes_her_vcluster_from_the_page_and_bob_cannot_touch_it() {
     let axe = axe_script();
     let c = Cluster::shared();
-    let w = tokio::task::block_in_place(|| World::start("browser", &[]));
+    let w = tokio::task::block_in_place(|| World::start("browser", &["--default-sleep-after=1h"]));
     let a = c.namespace("team-a", &[("dormant-test", &w.id)]).unwrap();
     let vc = tokio::task::block_in_place(|| {
         let vc = VCluster::create(c, &a, "dev", VClusterOptions::default()).unwrap();
@@ -190,7 +190,7 @@ async fn alice_sleeps_and_wakes_her_vcluster_from_the_page_and_bob_cannot_touch_
     page.goto(&link).await.unwrap();
     assert!(browser.text("h1").await.contains("alice"), "the link says whom it signs in");
     browser.click("#continue").await;
-    page.wait_for_find(Locator::Css("#targets")).await.unwrap();
+    page.wait().for_element(Locator::Css("#targets")).await.unwrap();
     assert_eq!(browser.text("#user").await, "alice");
     let rows: Vec<String> = {
         let mut v = Vec::new();
@@ -234,7 +234,7 @@ async fn alice_sleeps_and_wakes_her_vcluster_from_the_page_and_bob_cannot_touch_
 
     // The detail page, and the sleep button.
     browser.click(&format!("#targets a[href='/dormant/ui/targets/vcluster/{a}/dev']")).await;
-    page.wait_for_find(Locator::Css("#live")).await.unwrap();
+    page.wait().for_element(Locator::Css("#live")).await.unwrap();
     assert!(browser.text("#settings").await.contains("agent setting --default-sleep-after"));
     let violations = browser.accessibility_violations(&axe).await;
     assert!(violations.is_empty(), "axe on the detail page: {violations:?}");
@@ -325,10 +325,10 @@ async fn alice_sleeps_and_wakes_her_vcluster_from_the_page_and_bob_cannot_touch_
     // bob signs in with a token: he sees team-b's target only, and
     // team-a's page refuses him.
     browser.click("header form button").await;
-    page.wait_for_find(Locator::Css("#token")).await.unwrap();
+    page.wait().for_element(Locator::Css("#token")).await.unwrap();
     page.find(Locator::Css("#token")).await.unwrap().send_keys(&bob_token).await.unwrap();
     browser.click("form.signin button").await;
-    page.wait_for_find(Locator::Css("#targets")).await.unwrap();
+    page.wait().for_element(Locator::Css("#targets")).await.unwrap();
     assert_eq!(browser.text("#user").await, bob);
     let list = browser.text("#targets").await;
     assert!(list.contains(&b) && !list.contains(&a), "{list}");

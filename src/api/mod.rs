@@ -172,7 +172,14 @@ impl Action {
 
 /// `vcluster/<ns>/<name>[/<action>]` or `namespace/<ns>[/<action>]`.
 fn parse_target(segs: &[&str]) -> Option<(TargetRef, Option<&'static str>, bool)> {
+    // Kubernetes names start and end with a letter or digit (no `.` or `..`).
+    let name = |s: &str| {
+        s.starts_with(|c: char| c.is_ascii_alphanumeric()) && s.ends_with(|c: char| c.is_ascii_alphanumeric())
+    };
     let (text, rest) = match segs {
+        ["vcluster", ns, name_, ..] | ["namespace", ns @ name_, ..] if !name(ns) || !name(name_) => {
+            return None;
+        }
         ["vcluster", ns, name, rest @ ..] => (format!("vcluster/{ns}/{name}"), rest),
         ["namespace", ns, rest @ ..] => (format!("namespace/{ns}"), rest),
         _ => return None,
