@@ -2,8 +2,8 @@
 //! environment fallback, all checked at once into [`Settings`] (every bad
 //! value reported together, before anything starts).
 
-use std::collections::HashSet;
-use std::net::SocketAddr;
+use std::collections::{BTreeSet, HashSet};
+use std::net::{Ipv6Addr, SocketAddr};
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,8 +29,12 @@ pub struct AgentArgs {
     /// This replica's name in the Lease and in Events (default: $POD_NAME, then the host name).
     #[arg(long, env = "DORMANT_IDENTITY")]
     pub identity: Option<String>,
-    /// Address of the admin port (/livez, /readyz, /metrics, /status).
-    #[arg(long, env = "DORMANT_ADMIN_ADDR", default_value = "0.0.0.0:9090")]
+    /// Address of the admin port (/livez, /readyz, /metrics, /status). It
+    /// has no authentication, so it stays on loopback unless told where to
+    /// listen (the chart passes the pod's IP: probes and Prometheus reach
+    /// it there). An IPv6 address may come without brackets, as the
+    /// downward API gives it: `fd00::7:9090`.
+    #[arg(long, env = "DORMANT_ADMIN_ADDR", default_value = "127.0.0.1:9090", value_parser = listen_addr)]
     pub admin_addr: SocketAddr,
     /// Name of the Lease used for leader election.
     #[arg(long, env = "DORMANT_LEASE_NAME", default_value = "dormant-controller")]
@@ -86,6 +90,12 @@ pub struct AgentArgs {
     /// Only namespaces whose labels match this selector (kubectl `-l` syntax) hold targets.
     #[arg(long, env = "DORMANT_NAMESPACE_SELECTOR")]
     pub namespace_selector: Option<String>,
+    /// Only these namespaces hold targets (comma-separated; unset: every
+    /// namespace not excluded). The chart sets it in its `namespaces` RBAC
+    /// mode to the namespaces it grants writes in, so the agent never
+    /// tries to act where it would be refused.
+    #[arg(long = "namespaces", env = "DORMANT_NAMESPACES", value_delimiter = ',')]
+    pub only_namespaces: Vec<String>,
     /// Decide and report, never scale.
     #[arg(long, env = "DORMANT_DRY_RUN")]
     pub dry_run: bool,
@@ -145,9 +155,19 @@ pub struct AgentArgs {
     /// How often the cluster's client CA (kube-system/extension-apiserver-authentication) is read again.
     #[arg(long, env = "DORMANT_API_CLIENT_CA_REFRESH", default_value = "1m")]
     pub api_client_ca_refresh: String,
+    /// At most one wake per vcluster this often for requests whose bearer
+    /// token cannot be checked while it sleeps (not a ServiceAccount token
+    /// its keys verify, nor one its API server accepted lately); `never`
+    /// refuses them all.
+    #[arg(long, env = "DORMANT_PROXY_UNVERIFIED_WAKE_EVERY", default_value = "10m")]
+    pub proxy_unverified_wake_every: String,
     /// Log format.
     #[arg(long, env = "DORMANT_LOG_FORMAT", value_enum, default_value = "plain")]
     pub log_format: LogFormat,
+    /// Name users in `dormant_activity_sources_total` (the admin port needs
+    /// no credential; off, the metric names only their tool).
+    #[arg(long, env = "DORMANT_METRICS_USER_NAMES")]
+    pub metrics_user_names: bool,
 }
 
 /// Validated agent settings.
@@ -167,6 +187,7 @@ pub struct Settings {
     pub defaults: Defaults,
     pub scope: Scope,
     pub dry_run: bool,
+    pub metrics_user_names: bool,
     pub audit: Option<AuditSettings>,
     pub proxy: Option<ProxySettings>,
     /// The API and page, served on the proxy's listener (so only with it).
@@ -193,6 +214,8 @@ pub struct ProxySettings {
     pub base_domain: Option<String>,
     pub max_waiting: usize,
     pub upstream_refresh: Duration,
+    /// `Duration::MAX` for never.
+    pub unverified_wake_every: Duration,
 }
 
 /// The audit webhook's validated settings.
@@ -253,6 +276,7 @@ impl AgentArgs {
             }
             None => None,
         };
+        let only = self.validate_only_namespaces(&mut errors);
         let audit = self.validate_audit(&mut errors);
         let proxy = self.validate_proxy(&mut errors);
         let api = self.validate_api(proxy.is_some(), &mut errors);
@@ -296,8 +320,9 @@ impl AgentArgs {
                     currency: self.currency.clone(),
                 },
             },
-            scope: Scope { excluded: excluded_namespaces, selector },
+            scope: Scope { excluded: excluded_namespaces, selector, only },
             dry_run: self.dry_run,
+            metrics_user_names: self.metrics_user_names,
             audit,
             proxy,
             api,
@@ -320,6 +345,27 @@ fn duration_flag(flag: &str, v: &str, min: Duration, errors: &mut Vec<String>) -
             min
         }
     }
+}
+
+/// A listening address: `ip:port`, `[ipv6]:port`, or an IPv6 address
+/// followed by `:port` without brackets (what `$(POD_IP):9090` becomes in
+/// an IPv6 pod).
+fn listen_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    s.rsplit_once(':')
+        .and_then(|(ip, port)| Some(SocketAddr::new(ip.parse::<Ipv6Addr>().ok()?.into(), port.parse().ok()?)))
+        .ok_or_else(|| format!("{s:?}: expected an address and a port, such as 127.0.0.1:9090 or [::1]:9090"))
+}
+
+/// Whether `s` is a namespace name (an RFC 1123 label).
+fn is_namespace_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
 }
 
 impl AgentArgs {
@@ -382,6 +428,26 @@ impl AgentArgs {
         })
     }
 
+    /// `--namespaces`: `None` when unset; a name that is no namespace, or
+    /// that is also excluded (it could never hold a target), is an error.
+    fn validate_only_namespaces(&self, errors: &mut Vec<String>) -> Option<BTreeSet<String>> {
+        let names: BTreeSet<String> =
+            self.only_namespaces.iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+        if names.is_empty() {
+            return None;
+        }
+        for n in &names {
+            if !is_namespace_name(n) {
+                errors.push(format!("--namespaces: {n:?} is not a namespace name"));
+            } else if *n == self.namespace || self.exclude_namespaces.iter().any(|e| e.trim() == n) {
+                errors.push(format!(
+                    "--namespaces: {n} is excluded (--exclude-namespaces, or the agent's own --namespace)"
+                ));
+            }
+        }
+        Some(names)
+    }
+
     fn validate_proxy(&self, errors: &mut Vec<String>) -> Option<ProxySettings> {
         let Some(addr) = self.proxy_addr else {
             for (flag, set) in [
@@ -414,12 +480,17 @@ impl AgentArgs {
             Duration::from_secs(1),
             errors,
         );
+        let unverified_wake_every = match self.proxy_unverified_wake_every.trim() {
+            "never" => Duration::MAX,
+            every => duration_flag("proxy-unverified-wake-every", every, Duration::from_secs(1), errors),
+        };
         Some(ProxySettings {
             addr,
             cert: serving?,
             base_domain,
             max_waiting: self.proxy_max_waiting,
             upstream_refresh,
+            unverified_wake_every,
         })
     }
 
@@ -489,4 +560,49 @@ fn serving_cert(
         .map(Arc::new)
         .map_err(|e| errors.push(format!("{flags}: {e}")))
         .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        agent: AgentArgs,
+    }
+
+    fn settings(args: &[&str]) -> Result<Settings, Vec<String>> {
+        Cli::try_parse_from(std::iter::once("agent").chain(args.iter().copied())).unwrap().agent.validate()
+    }
+
+    #[test]
+    fn the_admin_port_listens_on_loopback_unless_told_otherwise() {
+        assert_eq!(settings(&[]).unwrap().admin_addr, "127.0.0.1:9090".parse().unwrap());
+        let pod_ip = |a: &str| settings(&[&format!("--admin-addr={a}")]).map(|s| s.admin_addr);
+        assert_eq!(pod_ip("10.1.2.3:9090").unwrap(), "10.1.2.3:9090".parse().unwrap());
+        assert_eq!(pod_ip("[fd00::7]:9090").unwrap(), "[fd00::7]:9090".parse().unwrap());
+        assert_eq!(
+            pod_ip("fd00::7:9090").unwrap(),
+            "[fd00::7]:9090".parse().unwrap(),
+            "the downward API's IPv6"
+        );
+        assert!(Cli::try_parse_from(["agent", "--admin-addr=10.1.2.3"]).is_err());
+        assert!(Cli::try_parse_from(["agent", "--admin-addr=pod:9090"]).is_err());
+    }
+
+    #[test]
+    fn namespaces_narrow_the_scope_and_an_excluded_or_bad_one_is_refused() {
+        let s = settings(&["--namespaces=team-a, team-b"]).unwrap();
+        assert!(s.scope.allows("team-a", &Default::default()));
+        assert!(!s.scope.allows("team-c", &Default::default()));
+        assert!(settings(&[]).unwrap().scope.only.is_none(), "unset: every namespace not excluded");
+        let errors = settings(&["--namespaces=team-a,kube-system,dormant,Team_B"]).unwrap_err();
+        assert_eq!(errors.len(), 3, "{errors:?}");
+        assert!(errors.iter().any(|e| e.contains("kube-system is excluded")), "{errors:?}");
+        assert!(errors.iter().any(|e| e.contains("dormant is excluded")), "{errors:?}");
+        assert!(errors.iter().any(|e| e.contains("\"Team_B\" is not a namespace name")), "{errors:?}");
+    }
 }

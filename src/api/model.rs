@@ -157,6 +157,9 @@ pub struct AgentSettings {
     pub excluded_namespaces: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace_selector: Option<String>,
+    /// `--namespaces`: the only namespaces that may hold targets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub only_namespaces: Option<Vec<String>>,
 }
 
 impl AgentSettings {
@@ -172,6 +175,7 @@ impl AgentSettings {
             currency: defaults.pricing.currency.clone(),
             excluded_namespaces: excluded,
             namespace_selector,
+            only_namespaces: scope.only.as_ref().map(|o| o.iter().cloned().collect()),
         }
     }
 }

@@ -342,11 +342,7 @@ mod tests {
             settings: vec![],
             workloads: vec![],
             synced_pods: Some(0),
-            agent: AgentSettings::new(
-                &Default::default(),
-                &crate::target::Scope { excluded: Default::default(), selector: None },
-                None,
-            ),
+            agent: AgentSettings::new(&Default::default(), &crate::target::Scope::default(), None),
         };
         for page in [
             signin("c", Some("bad token")),
@@ -380,11 +376,7 @@ mod tests {
             settings: vec![],
             workloads: vec![],
             synced_pods: Some(0),
-            agent: AgentSettings::new(
-                &Default::default(),
-                &crate::target::Scope { excluded: Default::default(), selector: None },
-                None,
-            ),
+            agent: AgentSettings::new(&Default::default(), &crate::target::Scope::default(), None),
         };
         let page = detail(&alice(), "TOKEN", &x, Utc::now(), None, None);
         let forms = page.matches("<form ").count();

@@ -277,11 +277,12 @@ pub fn explain_text(x: &Explanation) -> String {
     let a = &x.agent;
     let _ = writeln!(
         out,
-        "Agent:    --default-sleep-after {}, --default-timezone {}, --default-wake-timeout {}{}",
+        "Agent:    --default-sleep-after {}, --default-timezone {}, --default-wake-timeout {}{}{}",
         a.default_sleep_after,
         a.default_timezone,
         a.default_wake_timeout,
-        a.namespace_selector.as_ref().map_or(String::new(), |s| format!(", --namespace-selector {s}"))
+        a.namespace_selector.as_ref().map_or(String::new(), |s| format!(", --namespace-selector {s}")),
+        a.only_namespaces.as_ref().map_or(String::new(), |n| format!(", --namespaces {}", n.join(",")))
     );
     let _ = writeln!(out, "Workloads:");
     for w in &x.workloads {

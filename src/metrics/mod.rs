@@ -88,7 +88,7 @@ pub struct OutcomeLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProxyLabels {
-    /// `forwarded`, `held`, `timeout`, `overloaded`, `prevented`,
+    /// `forwarded`, `held`, `timeout`, `overloaded`, `prevented`, `invalid`,
     /// `unauthenticated`, `upstream-error`, `not-found`.
     pub outcome: &'static str,
     pub code: u16,
@@ -128,6 +128,9 @@ pub struct Metrics {
     pub proxy_duration: Family<OutcomeLabels, Histogram>,
     pub proxy_waiting: Gauge,
     pub api_requests: Family<ApiLabels, Counter>,
+    /// Wakes asked for by requests whose credential could not be checked
+    /// while their vcluster slept: `requested`, or `refused` (over budget).
+    pub proxy_unverified_wakes: Family<OutcomeLabels, Counter>,
     pub leader: Gauge,
     /// Per-target series currently exported, to remove them when a target
     /// goes or changes policy.
@@ -249,6 +252,12 @@ impl Metrics {
             Unit::Seconds,
             proxy_duration.clone(),
         );
+        let proxy_unverified_wakes = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "proxy_unverified_wakes",
+            "Wakes asked for by requests whose credential could not be checked while the vcluster slept, by outcome (requested, refused over budget)",
+            proxy_unverified_wakes.clone(),
+        );
         let proxy_waiting = Gauge::default();
         registry.register(
             "proxy_waiting_requests",
@@ -286,6 +295,7 @@ impl Metrics {
             proxy_duration,
             proxy_waiting,
             api_requests,
+            proxy_unverified_wakes,
             leader,
             exported: Mutex::new(HashMap::new()),
             cost: cost::Meter::default(),
