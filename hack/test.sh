@@ -13,10 +13,16 @@ vcluster_dir="$(hack/testbed.sh vcluster-dir)"
 
 # The web page's browser test: Debian's Chromium and its WebDriver, and
 # axe-core from npm (into a cache folder, as the testbed is).
-if [[ ! -x /usr/bin/chromium || ! -x /usr/bin/chromedriver ]]; then
-  echo "[test] installing chromium and chromium-driver (Debian packages)"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+missing=()
+[[ -x /usr/bin/chromium ]] || missing+=(chromium)
+[[ -x /usr/bin/chromedriver ]] || missing+=(chromium-driver)
+command -v npm >/dev/null 2>&1 || missing+=(npm)
+if (( ${#missing[@]} )); then
+  echo "[test] installing ${missing[*]} (Debian packages)"
+  sudo=()
+  if [[ $(id -u) != 0 ]]; then sudo=(sudo); fi
+  "${sudo[@]}" apt-get update -qq
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 axe_version=4.14.1
 axe_dir="${HOME}/.cache/dormant/axe-core-${axe_version}"
