@@ -19,9 +19,27 @@ fn alice_with_a_token_and_edit_in_team_a_sees_sleeps_and_wakes_only_her_targets(
     let c = Cluster::shared();
     let w = World::start("api-token", &[]);
     let (a, b) = (w.team_namespace("team-a"), w.team_namespace("team-b"));
-    let (alice, kubeconfig, _) = token_user(c, &a, "alice");
+    let (alice, kubeconfig, token) = token_user(c, &a, "alice");
     // Kubernetes' own `edit`, which the chart's operator role joins.
     bind(c, &a, "edit", &alice);
+
+    // `--context`, as kubectl has it: the current context has no
+    // credentials, alice's is chosen by name.
+    let two = c.dir.join(format!("{}-two-contexts.kubeconfig", w.id));
+    std::fs::write(
+        &two,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: t\n  cluster: {{server: \"{}\", certificate-authority: \"{}\"}}\nusers:\n- name: nobody\n  user: {{}}\n- name: alice\n  user: {{token: {token}}}\ncontexts:\n- name: nobody\n  context: {{cluster: t, user: nobody}}\n- name: alice\n  context: {{cluster: t, user: alice}}\ncurrent-context: nobody\n",
+            c.server,
+            c.ca_file.display()
+        ),
+    )
+    .unwrap();
+    let out = w.cli(&two, &["status"]);
+    assert!(!out.status.success() && text(&out).1.contains("no credentials"), "{}", text(&out).1);
+    let out = w.cli(&two, &["status", "--context", "alice"]);
+    assert!(out.status.success(), "{}", text(&out).1);
+    assert!(text(&out).0.contains(&format!("namespace/{a}")), "{}", text(&out).0);
 
     // The CLI finds the agent from what is published in kube-public.
     let out = w.cli_published(&kubeconfig, &["status"]);
