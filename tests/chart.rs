@@ -287,6 +287,10 @@ fn the_chart_lints_and_renders_with_defaults_and_with_every_option_on() {
                 "-n",
                 "dormant",
                 "--dry-run=server",
+                // Where the API is published is one ConfigMap per cluster:
+                // a name of its own beside the other tests' releases.
+                "--set",
+                "api.discovery.name=ca-check-api",
                 "--set-file",
                 &format!("audit.clientCA={}", ca.display()),
             ],
@@ -482,6 +486,10 @@ fn install(c: &Cluster, id: &str, values: &str) -> Release {
             "120s",
             "-f",
             values_file.to_str().unwrap(),
+            // Where the API is published is one ConfigMap per cluster: a
+            // name of its own beside the other tests' releases.
+            "--set",
+            &format!("api.discovery.name={id}-api"),
         ],
     );
     assert!(ok, "{out}");
