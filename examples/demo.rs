@@ -1,8 +1,10 @@
 //! `make demo`: dormant's main job on a local testbed.
 //!
 //! Starts a real control plane (etcd, kube-apiserver, controller-manager,
-//! scheduler, kwok), creates three vclusters (each with its own real API
-//! server) and a namespace with workloads, runs the agent with short idle
+//! scheduler, kwok), creates three vclusters — team-b/ci a real vcluster
+//! v0.30.0 (`vcluster start`, its syncer and controller-manager, on kine),
+//! the other two dormant's quicker stand-ins, each with its own real API
+//! server — and a namespace with workloads, runs the agent with short idle
 //! times, and shows a refreshing status table while targets fall asleep and
 //! wake — by `dormant wake`, by a wake schedule, and by use: kubectl run
 //! against a sleeping vcluster through dormant's proxy, and kubectl run on
@@ -26,6 +28,7 @@ use dormant::cli::targets::{View, rows, table};
 use dormant::cli::{Cli, Command};
 use dormant::policy::annotations::TargetState;
 use dormant::target::TargetRef;
+use testbed::real_vcluster::{RealVCluster, RealVClusterOptions};
 use testbed::vcluster::{VCluster, VClusterOptions};
 use testbed::{Cluster, ClusterOptions};
 
@@ -153,8 +156,9 @@ spec:
     );
     let vc_a =
         Arc::new(VCluster::create(&c, "team-a", "dev", VClusterOptions { pods: 3, ..Default::default() })?);
-    let vc_b =
-        Arc::new(VCluster::create(&c, "team-b", "ci", VClusterOptions { pods: 2, ..Default::default() })?);
+    // A real vcluster: its syncer deploys CoreDNS inside it, and that
+    // Deployment's pod is synced to the host.
+    let vc_b = Arc::new(RealVCluster::create(&c, "team-b", "ci", RealVClusterOptions::default())?);
     let vc_c =
         Arc::new(VCluster::create(&c, "team-c", "qa", VClusterOptions { pods: 1, ..Default::default() })?);
     // alice (group team-a) may look at team-c too.
@@ -184,6 +188,12 @@ spec:
         _ => unreachable!(),
     };
     c.kubectl_out(&c.admin, &["create", "namespace", "dormant"]).ok();
+    // The real vcluster writes its `vc-ci` Secret (the kubeconfig dormant
+    // reads) once it has started.
+    eprintln!("Waiting for the real vcluster team-b/ci to start…");
+    let started = Instant::now();
+    tokio::task::block_in_place(|| vc_b.wait_serving(&c, Duration::from_secs(300)))?;
+    eprintln!("vcluster team-b/ci serving after {:.1}s.", started.elapsed().as_secs_f64());
     let settings = agent_args.validate().map_err(|e| anyhow::anyhow!(e.join("; ")))?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let agent_client = client.clone();
@@ -240,7 +250,7 @@ spec:
                     out.push_str(&format!(
                         "\nPods running on the fake node: {pods}    vcluster API servers: team-a/dev {}  team-b/ci {}  team-c/qa {}\n",
                         if vc_a.is_serving() { "up" } else { "down" },
-                        if vc_b.is_serving() { "up" } else { "down" },
+                        if vc_b.is_running() { "up" } else { "down" },
                         if vc_c.is_serving() { "up" } else { "down" },
                     ));
                     out.push_str(&format!("\nSTATE is what dormant last did; NEXT is when it changes without new use; idle time before sleep: {IDLE}.\n\nWhat happened:\n"));
@@ -348,7 +358,7 @@ async fn story(
     ));
 
     screen.step(
-        "vcluster team-b/ci is asleep; a developer runs `kubectl get namespaces` on it through dormant's proxy \
+        "vcluster team-b/ci (a real vcluster) is asleep; a developer runs `kubectl get namespaces` on it through dormant's proxy \
          (kubeconfig from `dormant kubeconfig team-b/ci`)",
     );
     let start = Instant::now();

@@ -66,6 +66,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Ui { no_open, conn } => remote::ui(&conn, !no_open, &mut out).await?,
+        Command::Restore { all: _, target } => {
+            let client = dormant::client::client().await?;
+            let mut text = String::new();
+            let done = dormant::cli::restore::restore(&client, target.as_ref(), &mut text).await?;
+            print!("{text}");
+            if done.failed > 0 || done.lost > 0 {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
         Command::Kubeconfig { target, server, proxy_ca, output } => {
             let ca = std::fs::read_to_string(&proxy_ca)
                 .map_err(|e| anyhow::anyhow!("--proxy-ca {}: {e}", proxy_ca.display()))?;

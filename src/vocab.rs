@@ -36,6 +36,11 @@ pub const ACTIVITY_SOURCES: &str = "dormant.dev/activity-sources";
 /// credential it could not check while the target slept (its budget of
 /// those is one per interval, read from here by every replica).
 pub const UNVERIFIED_WAKE: &str = "dormant.dev/unverified-wake";
+/// The second copy of every record a sleep made: `{"Deployment/web": "3",
+/// "CronJob/report": "false"}`, each workload's `replicas-before-sleep` or
+/// `suspend-before-sleep`. Written before the workloads change, cleared
+/// once the target is awake: a wake restores from either copy.
+pub const SLEEP_RECORD: &str = "dormant.dev/sleep-record";
 
 // On a workload (set by users: `exclude`; the rest written by dormant in
 // the same patch that scales, suspends or pauses).
@@ -71,6 +76,7 @@ pub const TARGET_KEYS: &[&str] = &[
     ASLEEP_REQUESTS,
     ACTIVITY_SOURCES,
     UNVERIFIED_WAKE,
+    SLEEP_RECORD,
     EXCLUDE,
     REPLICAS_BEFORE_SLEEP,
     SUSPEND_BEFORE_SLEEP,
@@ -87,6 +93,15 @@ pub const VCLUSTER_ETCD_APP: &str = "vcluster-etcd";
 
 /// The label a vcluster's syncer puts on the host pods it syncs.
 pub const MANAGED_BY_LABEL: &str = "vcluster.loft.sh/managed-by";
+
+/// The annotation a vcluster's syncer puts on a host pod whose virtual pod
+/// has owners (its ownerReferences, as JSON). A synced pod without it is a
+/// bare pod in the vcluster: nothing there would create it again.
+pub const OWNER_REFERENCES_ANNOTATION: &str = "vcluster.loft.sh/owner-references";
+
+/// The virtual pod's namespace and name on a synced host pod.
+pub const OBJECT_NAMESPACE_ANNOTATION: &str = "vcluster.loft.sh/object-namespace";
+pub const OBJECT_NAME_ANNOTATION: &str = "vcluster.loft.sh/object-name";
 
 /// The request header that opts a request through the proxy out of
 /// counting as activity.

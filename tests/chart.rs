@@ -115,6 +115,7 @@ fn the_chart_lints_and_renders_with_defaults_and_with_every_option_on() {
         "ConfigMap",
         "ConfigMap",
         "Deployment",
+        "Job",
         "PodDisruptionBudget",
         // Leader election, reading the client CA, reading where the API is.
         "Role",
@@ -135,6 +136,23 @@ fn the_chart_lints_and_renders_with_defaults_and_with_every_option_on() {
         "ValidatingAdmissionPolicyBinding",
     ];
     assert_eq!(kinds(&defaults), want);
+    // `helm uninstall` first restores every sleeping target, under
+    // dormant's own ServiceAccount, and only then removes the chart.
+    let hook = defaults.split("\n---").find(|d| d.contains("kind: Job")).unwrap();
+    fn sa(doc: &str) -> &str {
+        doc.lines().find(|l| l.trim().starts_with("serviceAccountName:")).map(str::trim).unwrap_or("")
+    }
+    let agent = defaults.split("\n---").find(|d| d.contains("kind: Deployment")).unwrap();
+    assert!(
+        !sa(agent).is_empty() && sa(hook) == sa(agent),
+        "the hook runs as {:?}, the agent as {:?}",
+        sa(hook),
+        sa(agent)
+    );
+    for want in ["helm.sh/hook: pre-delete", "args: [restore, --all]"] {
+        assert!(hook.contains(want), "the restore hook lacks {want:?}:\n{hook}");
+    }
+    assert!(!kinds(&render(c, &["--set", "uninstall.restore=false"])).iter().any(|k| k == "Job"));
     let everything = render(c, &["-f", all]);
     for k in ["Certificate", "ServiceMonitor", "PrometheusRule", "NetworkPolicy"] {
         assert!(kinds(&everything).iter().any(|x| x == k), "{k} missing with every option on");
@@ -338,7 +356,7 @@ const ACT: &[(&str, &[&str])] = &[
     ("jobs.batch", &["get", "patch"]),
     ("scaledobjects.keda.sh", &["get", "list", "patch"]),
     ("scaledjobs.keda.sh", &["get", "list", "patch"]),
-    ("pods", &["deletecollection"]),
+    ("pods", &["delete"]),
     ("secrets", &["get"]),
     ("events.events.k8s.io", &["create", "patch"]),
 ];
@@ -1021,13 +1039,13 @@ fn conflicting_writes_are_made_again_from_a_fresh_read(c: &Cluster, r: &Release,
             let stale = WorkloadView::from_json(kind, &object(resource, name)).unwrap();
             write_after(resource, name);
             assert_eq!(
-                scaler.sleep_workload(&stale, false).await.unwrap(),
+                scaler.sleep_workload(&stale, false, None).await.unwrap(),
                 Outcome::Changed,
                 "{resource}/{name}"
             );
             assert_ne!(jsonpath(c, resource, name, Some(ns), field), before, "{resource}/{name} slept");
             let fresh = WorkloadView::from_json(kind, &object(resource, name)).unwrap();
-            assert_eq!(scaler.wake_workload(&fresh).await.unwrap(), Outcome::Changed);
+            assert_eq!(scaler.wake_workload(&fresh, None).await.unwrap(), Outcome::Changed);
             assert_eq!(jsonpath(c, resource, name, Some(ns), field), before, "{resource}/{name} woken");
         }
 

@@ -249,6 +249,138 @@ fn a_hand_scaled_workload_wakes_its_target_and_keeps_its_value() {
     assert!(by.contains("Deployment") && by.ends_with("(scale)"), "{by}");
 }
 
+/// A workload's record removed while its target sleeps (a user tidying
+/// annotations, a GitOps tool pruning them) is not the only copy: the
+/// target's `sleep-record` names everything the sleep scaled, and the wake
+/// restores from it. With both gone, the workload is never called ready:
+/// the target stays `waking` with a WakeFailed Event naming it, until
+/// someone scales it by hand.
+#[test]
+fn a_record_removed_while_asleep_is_restored_from_the_targets_copy_and_none_anywhere_is_a_wake_failure() {
+    let c = Cluster::shared();
+    let id = test_id("record");
+    let ns = c.namespace("record", &[("dormant-test", &id)]).unwrap();
+    c.kubectl_apply(&c.admin, &workloads_yaml(&ns)).unwrap();
+    let agent = Agent::start(c, &id, &format!("{id}-system"), "r1", &[]);
+    kubectl(c, &["annotate", "namespace", &ns, "dormant.dev/sleep-after=10m"]);
+    let out = dormant(c, &["sleep", &format!("namespace/{ns}"), "--wait=60s"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_namespace_asleep(c, &ns);
+    let copy: serde_json::Value =
+        serde_json::from_str(&annotation(c, "namespace", &ns, None, "dormant.dev/sleep-record")).unwrap();
+    assert_eq!(
+        copy,
+        serde_json::json!({"Deployment/web.frontend": "3", "StatefulSet/db": "2", "CronJob/report": "false"}),
+        "the target's copy names everything the sleep changed, and nothing excluded"
+    );
+
+    // Every workload's own record goes.
+    for (kind, name, key) in [
+        ("deployment", "web.frontend", "replicas-before-sleep"),
+        ("statefulset", "db", "replicas-before-sleep"),
+        ("cronjob", "report", "suspend-before-sleep"),
+    ] {
+        kubectl(c, &["annotate", kind, name, "-n", &ns, &format!("dormant.dev/{key}-")]);
+    }
+    let out = dormant(c, &["wake", &format!("namespace/{ns}"), "--wait=60s"]);
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), agent.log());
+    assert_namespace_awake_as_before(c, &ns);
+    assert_eq!(
+        annotation(c, "namespace", &ns, None, "dormant.dev/sleep-record"),
+        "",
+        "the copy outlived the wake"
+    );
+
+    // Asleep again; now the record goes from the workload and the target.
+    let out = dormant(c, &["sleep", &format!("namespace/{ns}"), "--wait=60s"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_namespace_asleep(c, &ns);
+    kubectl(c, &["annotate", "deployment", "web.frontend", "-n", &ns, "dormant.dev/replicas-before-sleep-"]);
+    kubectl(c, &["annotate", "namespace", &ns, "dormant.dev/sleep-record-"]);
+    let out = dormant(c, &["wake", &format!("namespace/{ns}"), "--wait=20s"]);
+    assert!(!out.status.success(), "the wake said it finished: {}", String::from_utf8_lossy(&out.stdout));
+    wait_until("a WakeFailed Event naming the workload", Duration::from_secs(60), || {
+        event_notes(c, &ns, "WakeFailed").contains("Deployment/web.frontend")
+    });
+    assert_eq!(state(c, "namespace", &ns, None), "waking", "called awake with a workload at zero");
+    assert_eq!(replicas(c, "statefulset", "db", &ns), "2", "what has a record is restored");
+    assert_eq!(replicas(c, "deployment", "web.frontend", &ns), "0");
+
+    // Scaled by hand, as the Event says: the target is awake.
+    kubectl(c, &["scale", "deployment", "web.frontend", "-n", &ns, "--replicas=3"]);
+    wait_state(c, "namespace", &ns, None, "awake", Duration::from_secs(60), &agent);
+    assert_namespace_awake_as_before(c, &ns);
+}
+
+/// With no agent running (uninstalled, or the chart's pre-delete hook
+/// about to remove it), `dormant restore --all` brings every sleeping
+/// target back exactly from the records alone — a workload whose own
+/// record was removed from the target's copy — and a second run changes
+/// nothing. On a cluster of its own: `--all` means every target there.
+#[test]
+fn restore_all_brings_every_sleeping_target_back_from_its_records_with_no_agent_and_twice_is_once() {
+    let c = &Cluster::start(testbed::ClusterOptions::default()).unwrap();
+    let id = test_id("restore");
+    let ns = c.namespace("restore", &[("dormant-test", &id)]).unwrap();
+    let vc_ns = c.namespace("restore-vc", &[("dormant-test", &id)]).unwrap();
+    c.kubectl_apply(&c.admin, &workloads_yaml(&ns)).unwrap();
+    let vc = VCluster::create(c, &vc_ns, "dev", VClusterOptions { pods: 2, ..Default::default() }).unwrap();
+    vc.wait_serving(c, Duration::from_secs(60)).unwrap();
+    wait_until("2 synced pods", Duration::from_secs(60), || {
+        pods(c, &vc_ns, "vcluster.loft.sh/managed-by=dev") == 2
+    });
+    let agent = Agent::start(c, &id, &format!("{id}-system"), "x1", &[]);
+    for t in [format!("namespace/{ns}"), format!("vcluster/{vc_ns}/dev")] {
+        let out = dormant(c, &["sleep", &t, "--wait=60s"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert_namespace_asleep(c, &ns);
+    assert_eq!(replicas(c, "statefulset", "dev", &vc_ns), "0");
+    drop(agent);
+    kubectl(c, &["annotate", "deployment", "web.frontend", "-n", &ns, "dormant.dev/replicas-before-sleep-"]);
+
+    let out = dormant(c, &["restore", "--all"]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{said}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(said.contains("Deployment/web.frontend 0 → 3"), "{said}");
+    assert_namespace_awake_as_before(c, &ns);
+    assert_eq!(replicas(c, "statefulset", "dev", &vc_ns), "1");
+    vc.wait_serving(c, Duration::from_secs(60)).unwrap();
+    for (kind, name, namespace) in
+        [("namespace", ns.as_str(), None), ("statefulset", "dev", Some(vc_ns.as_str()))]
+    {
+        assert_eq!(state(c, kind, name, namespace), "awake");
+        assert_eq!(annotation(c, kind, name, namespace, "dormant.dev/sleep-record"), "");
+        assert_eq!(annotation(c, kind, name, namespace, "dormant.dev/asleep-since"), "");
+    }
+
+    // What a restore writes: specs (generations) and annotations.
+    let versions = |c: &Cluster| {
+        let mut v = String::new();
+        for n in [&ns, &vc_ns] {
+            v += &kubectl(
+                c,
+                &[
+                    "get",
+                    "deploy,sts,cronjob",
+                    "-n",
+                    n,
+                    "-o",
+                    "jsonpath={range .items[*]}{.metadata.name} {.metadata.generation} {.metadata.annotations}{\"\\n\"}{end}",
+                ],
+            );
+            v += &annotation(c, "namespace", n, None, "dormant.dev/state");
+            v += &annotation(c, "namespace", n, None, "dormant.dev/last-activity");
+        }
+        v
+    };
+    let before = versions(c);
+    let again = dormant(c, &["restore", "--all"]);
+    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    assert_eq!(String::from_utf8_lossy(&again.stdout).trim(), "nothing to restore");
+    assert_eq!(versions(c), before, "a second restore changed something");
+}
+
 /// The workloads of the crash test, with their original values.
 fn crash_workloads(ns: &str) -> (String, Vec<(&'static str, String, String)>) {
     let mut yaml = String::new();
@@ -864,7 +996,7 @@ async fn a_control_plane_scaled_just_before_its_sleep_records_the_new_count() {
         .unwrap()
         .expect("a control plane's write returns the object");
     assert_eq!(written.replicas, Some(3));
-    scaler.sleep_workload(&written, false).await.unwrap();
+    scaler.sleep_workload(&written, false, None).await.unwrap();
     assert_eq!(replicas(c, "statefulset", "vc", &ns), "0");
     assert_eq!(annotation(c, "statefulset", "vc", Some(&ns), "dormant.dev/replicas-before-sleep"), "3");
 }

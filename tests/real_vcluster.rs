@@ -303,14 +303,16 @@ fn a_real_vcluster_sleeps_on_idle_and_one_kubectl_through_the_proxy_wakes_it_wit
     eprintln!("[{ns}] real vcluster RSS once settled: {} MiB", s.vc.rss_kib() / 1024);
 }
 
-/// A bare pod (no controller) inside the vcluster is there again after a
-/// sleep and a wake, as it was. vcluster's syncer deletes a started virtual
-/// pod whose host pod vanished (`SyncToHost`: "pod is being deleted & there
-/// is no physical pod") and only a controller brings its pods back, so
-/// dormant deleting the synced pods at sleep loses a bare pod for good.
+/// A bare pod (no controller) inside the vcluster is there after a sleep
+/// and a wake, as it was: the same pod, never stopped. vcluster's syncer
+/// deletes a started virtual pod whose host pod vanished (`SyncToHost`: "pod
+/// is being deleted & there is no physical pod") and only a controller
+/// brings its pods back, so deleting a bare pod's host pod would lose it for
+/// good (vCluster's own sleep mode documents that loss). Dormant deletes only
+/// the host pods whose virtual pod has an owner, keeps the bare ones running
+/// and says so in a Warning Event.
 #[test]
-#[ignore = "dormant loses bare pods inside a vcluster: the syncer deletes the virtual pod after a wake (issue 22 item 4)"]
-fn a_bare_pod_inside_a_real_vcluster_is_back_after_sleep_and_wake() {
+fn a_bare_pod_inside_a_real_vcluster_is_kept_through_sleep_and_wake_and_a_deployments_pod_comes_back() {
     let c = Cluster::shared();
     let s = setup("real-bare");
     let ns = s.ns.clone();
@@ -319,18 +321,28 @@ fn a_bare_pod_inside_a_real_vcluster_is_back_after_sleep_and_wake() {
     wait_synced_ready(c, &s, "solo-x-default-x-dev");
     wait_synced_ready(c, &s, "web.v1-");
     let uid_before = in_vcluster(c, &s, &["get", "pod", "solo", "-o", "jsonpath={.metadata.uid}"]);
+    let host_uid = |c: &Cluster| {
+        kubectl_quiet(c, &["get", "pod", "solo-x-default-x-dev", "-n", &ns, "-o", "jsonpath={.metadata.uid}"])
+    };
+    let host_uid_before = host_uid(c);
+    assert!(!host_uid_before.is_empty(), "the bare pod's host pod has no uid");
 
     let out = dormant(c, &["sleep", &format!("vcluster/{ns}/dev"), "--wait=60s"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     wait_until("the vcluster process to stop", Duration::from_secs(30), || !s.vc.is_running());
-    wait_until("the synced pods to go", Duration::from_secs(30), || synced(c, &ns, "").is_empty());
+    wait_until("the Deployment's synced pod to go", Duration::from_secs(30), || {
+        synced(c, &ns, "web.v1-").is_empty()
+    });
+    assert_eq!(quiet_annotation(c, &ns, "dormant.dev/state"), "asleep");
+    assert_eq!(host_uid(c), host_uid_before, "the bare pod's host pod was deleted or replaced by the sleep");
+    let kept = event_notes(c, &ns, "BarePodsKept");
+    assert!(kept.contains("default/solo"), "no BarePodsKept Event naming default/solo: {kept:?}");
 
     let via = kubectl_with(c, &s.proxy_kubeconfig, &["get", "pods", "-o", "name"]);
     assert!(via.status.success(), "{}", String::from_utf8_lossy(&via.stderr));
     // The Deployment's pod is back once the syncer and the vcluster's
-    // controller-manager have caught up; so must the bare pod be.
+    // controller-manager have caught up.
     wait_synced_ready(c, &s, "web.v1-");
-    std::thread::sleep(Duration::from_secs(5));
     let solo = kubectl_with(c, &s.vc.kubeconfig, &["get", "pod", "solo", "-o", "jsonpath={.metadata.uid}"]);
     let syncer_said: Vec<String> =
         s.vc.log_text().lines().filter(|l| l.contains("solo")).map(str::to_string).collect();
@@ -340,6 +352,8 @@ fn a_bare_pod_inside_a_real_vcluster_is_back_after_sleep_and_wake() {
         String::from_utf8_lossy(&solo.stderr),
         syncer_said.join("\n")
     );
+    assert_eq!(String::from_utf8_lossy(&solo.stdout).trim(), uid_before, "the bare pod is another pod now");
+    assert_eq!(host_uid(c), host_uid_before, "the bare pod's host pod was replaced at the wake");
     wait_synced_ready(c, &s, "solo-x-default-x-dev");
 }
 

@@ -8,6 +8,7 @@
 pub mod kubeconfig;
 pub mod lint;
 pub mod remote;
+pub mod restore;
 pub mod targets;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -81,6 +82,16 @@ pub enum Command {
         no_open: bool,
         #[command(flatten)]
         conn: remote::Connection,
+    },
+    /// Bring sleeping targets back from their records alone, with no agent
+    /// running (before an uninstall; the chart's pre-delete hook runs it).
+    /// Running it again changes nothing.
+    Restore {
+        /// Every target.
+        #[arg(long, conflicts_with = "target", required_unless_present = "target")]
+        all: bool,
+        /// One target instead.
+        target: Option<TargetRef>,
     },
     /// Write a kubeconfig that reaches a vcluster through dormant's proxy
     /// (waking it on the first request) with the vcluster's own credentials.

@@ -75,7 +75,8 @@ impl Evaluation {
                 r = r + w.per_replica * f64::from(w.current_pods.max(0));
             }
         }
-        for p in &self.synced_pods {
+        // Bare pods in a vcluster keep running while it sleeps: no saving.
+        for p in self.synced_pods.iter().filter(|p| crate::scaler::restorable(p)) {
             if let Some(spec) = &p.spec {
                 r = r + pod_spec_requests(spec);
             }

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
+use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::events::{Event, EventType};
 
 use super::{Context, Error, Evaluation, Invalid, Summary, evaluate, lock};
@@ -13,7 +14,7 @@ use crate::metrics::{CategoryLabels, SavingsLabels, TransitionLabels, TriggerLab
 use crate::policy::TargetKind;
 use crate::policy::annotations::{TargetState, format_requests, rfc3339};
 use crate::policy::decide::Desired;
-use crate::scaler::{self, sleep_patch, wake_patch};
+use crate::scaler::{self, sleep_patch_from, wake_patch_from};
 use crate::target::TargetRef;
 use crate::vocab;
 
@@ -151,6 +152,27 @@ async fn sleep(
 ) -> Result<(), Error> {
     let r = &ev.target.r;
     let mut written = None;
+    // The target's copy of every record this sleep makes, complete before
+    // any workload changes (a workload that appears later joins it before
+    // its own patch).
+    let copy = ev.annotations.sleep_record.clone().unwrap_or_default();
+    let mut full_copy = copy.clone();
+    // Once asleep, a workload at zero with no record on itself nor in the
+    // copy lost them both (removed by hand): recording it now would record
+    // zero. It is left for the wake to report.
+    let first_pass = matches!(ev.state, TargetState::Awake | TargetState::Waking);
+    let lost = |w: &crate::target::WorkloadView| !first_pass && scaler::record_lost(w, Some(&copy));
+    for w in ev.workloads.iter().filter(|w| !lost(w)) {
+        if let Some(v) = scaler::own_record(w) {
+            full_copy.entry(scaler::record_key(w)).or_insert_with(|| v.clone());
+        } else if let Some(v) = scaler::record_to_write(w, ev.excluded(w), Some(&copy)) {
+            full_copy.insert(scaler::record_key(w), v);
+        }
+    }
+    let copy_changed = full_copy != copy || ev.annotations.sleep_record.is_none() && !full_copy.is_empty();
+    if copy_changed {
+        annotations.insert(vocab::SLEEP_RECORD, Some(record_json(&full_copy)));
+    }
     if matches!(ev.state, TargetState::Awake | TargetState::Waking) {
         let requests = ev.running_requests();
         annotations.insert(vocab::STATE, Some(TargetState::Sleeping.as_str().into()));
@@ -170,15 +192,20 @@ async fn sleep(
         annotations.clear();
         lock(&ctx.waking).remove(r);
         tracing::info!(target = %r, reason = %ev.decision.reason, "putting to sleep");
+    } else if copy_changed {
+        written = ctx.annotator.set(&ev.target.object, annotations).await?;
+        annotations.clear();
     }
     let mut pending = false;
-    for w in &ev.workloads {
+    for w in ev.workloads.iter().filter(|w| !lost(w)) {
         let w = &after_target_write(w, &written);
         let excluded = ev.excluded(w);
-        if !matches!(sleep_patch(w, excluded), Ok(None)) {
+        // Judged against the copy as it was: a workload this pass adds to
+        // the copy still gets its own record.
+        if !matches!(sleep_patch_from(w, excluded, Some(&copy)), Ok(None)) {
             pending = true;
         }
-        step(ctx, ev, "SleepFailed", ctx.scaler.sleep_workload(w, excluded)).await?;
+        step(ctx, ev, "SleepFailed", ctx.scaler.sleep_workload(w, excluded, Some(&copy))).await?;
     }
     // KEDA after the workloads, which are recorded and at zero by now: a
     // pause first would let KEDA scale a workload to zero before its count
@@ -193,9 +220,14 @@ async fn sleep(
     if r.kind == TargetKind::VCluster {
         if !ev.control_plane_down() {
             pending = true;
-        } else if !ev.synced_pods.is_empty() {
-            step(ctx, ev, "SleepFailed", ctx.scaler.delete_synced_pods(&r.namespace, &r.name)).await?;
-            pending = true;
+        } else {
+            let doomed: Vec<&Pod> =
+                ev.synced_pods.iter().map(AsRef::as_ref).filter(|p| scaler::restorable(p)).collect();
+            if !doomed.is_empty() {
+                step(ctx, ev, "SleepFailed", ctx.scaler.delete_synced_pods(&r.namespace, &r.name, &doomed))
+                    .await?;
+                pending = true;
+            }
         }
     }
     if !pending && ev.state != TargetState::Asleep {
@@ -214,6 +246,21 @@ async fn sleep(
             .inc();
         tracing::info!(target = %r, reason = %ev.decision.reason, "asleep");
         publish(ctx, ev, EventType::Normal, "Slept", format!("Asleep: {}", ev.decision.reason)).await;
+        let bare: Vec<String> = ev
+            .synced_pods
+            .iter()
+            .filter(|p| !scaler::restorable(p))
+            .map(|p| scaler::virtual_name(p))
+            .collect();
+        if !bare.is_empty() {
+            tracing::warn!(target = %r, pods = ?bare, "bare pods in the vcluster keep running while it sleeps");
+            let note = format!(
+                "{} bare pod(s) kept running ({}): a pod without a controller in the vcluster would be lost for good if its host pod were deleted",
+                bare.len(),
+                bare.join(", ")
+            );
+            publish(ctx, ev, EventType::Warning, "BarePodsKept", note).await;
+        }
     }
     Ok(())
 }
@@ -227,7 +274,18 @@ async fn wake(
     now: DateTime<Utc>,
 ) -> Result<(), Error> {
     let r = &ev.target.r;
-    let records = ev.workloads.iter().any(|w| !matches!(wake_patch(w), Ok(None)));
+    // The target's copy of the records, with the workloads' own records in
+    // it (a target put to sleep by an older dormant has only those): the
+    // wake patches clear the own records, the copy stays until awake.
+    let mut copy = ev.annotations.sleep_record.clone().unwrap_or_default();
+    for w in &ev.workloads {
+        if let Some(v) = scaler::own_record(w) {
+            copy.entry(scaler::record_key(w)).or_insert_with(|| v.clone());
+        }
+    }
+    let copy_changed = ev.annotations.sleep_record.as_ref() != Some(&copy) && !copy.is_empty();
+    let copy = (ev.annotations.sleep_record.is_some() || !copy.is_empty()).then_some(copy);
+    let records = ev.workloads.iter().any(|w| !matches!(wake_patch_from(w, copy.as_ref()), Ok(None)));
     let forced_leftover =
         ev.annotations.force_sleep.is_some() || ev.annotations.prevent_wakeup_until.is_some();
     if ev.state == TargetState::Awake && !records {
@@ -247,6 +305,9 @@ async fn wake(
         TargetKind::VCluster => Vec::new(),
     };
     let mut written = None;
+    if let Some(copy) = copy.as_ref().filter(|_| copy_changed) {
+        annotations.insert(vocab::SLEEP_RECORD, Some(record_json(copy)));
+    }
     if ev.state != TargetState::Waking {
         annotations.insert(vocab::STATE, Some(TargetState::Waking.as_str().into()));
         annotations.insert(vocab::FORCE_SLEEP, None);
@@ -255,19 +316,42 @@ async fn wake(
         annotations.clear();
         lock(&ctx.waking).insert(r.clone(), (tokio::time::Instant::now(), ev.decision.reason.trigger()));
         tracing::info!(target = %r, reason = %ev.decision.reason, "waking");
+    } else if copy_changed {
+        written = ctx.annotator.set(&ev.target.object, annotations).await?;
+        annotations.clear();
     }
     for w in &ev.workloads {
-        step(ctx, ev, "WakeFailed", ctx.scaler.wake_workload(&after_target_write(w, &written))).await?;
+        let w = after_target_write(w, &written);
+        step(ctx, ev, "WakeFailed", ctx.scaler.wake_workload(&w, copy.as_ref())).await?;
     }
     // KEDA last: its pause is lifted once the workloads are back.
     if r.kind == TargetKind::Namespace {
         step(ctx, ev, "WakeFailed", resume_keda(ctx, ev, &scaled_objects)).await?;
     }
-    let ready = !records && ev.workloads.iter().all(|w| ev.excluded(w) || w.ready());
+    // A workload the sleep left at zero whose record is gone everywhere is
+    // never ready: nothing can tell what it ran. (Every record dormant ever
+    // made is in the copy by now, so a workload at zero outside it was not
+    // at zero by choice.)
+    let lost: Vec<String> = ev
+        .workloads
+        .iter()
+        .filter(|w| !ev.excluded(w) && scaler::record_lost(w, copy.as_ref()))
+        .map(|w| format!("{}/{}", w.kind.as_str(), w.name))
+        .collect();
+    if !records && !lost.is_empty() {
+        tracing::warn!(target = %r, workloads = ?lost, "no record of what these ran before the sleep");
+        let note = format!(
+            "No record of what {} ran before the sleep (dormant.dev/replicas-before-sleep or suspend-before-sleep removed from the workload and from the target's dormant.dev/sleep-record): scale or resume it by hand; the target is awake once it is ready",
+            lost.join(", ")
+        );
+        publish(ctx, ev, EventType::Warning, "WakeFailed", note).await;
+    }
+    let ready = !records && lost.is_empty() && ev.workloads.iter().all(|w| ev.excluded(w) || w.ready());
     if ready {
         annotations.insert(vocab::STATE, Some(TargetState::Awake.as_str().into()));
         annotations.insert(vocab::ASLEEP_SINCE, None);
         annotations.insert(vocab::ASLEEP_REQUESTS, None);
+        annotations.insert(vocab::SLEEP_RECORD, None);
         let (trigger, took) = match lock(&ctx.waking).remove(r) {
             Some((since, trigger)) => (trigger, Some(since.elapsed())),
             None => (ev.decision.reason.trigger(), None),
@@ -293,6 +377,10 @@ async fn wake(
         publish(ctx, ev, EventType::Normal, "Woke", format!("Awake: {}", ev.decision.reason)).await;
     }
     Ok(())
+}
+
+fn record_json(copy: &scaler::SleepRecord) -> String {
+    serde_json::to_string(copy).unwrap_or_default()
 }
 
 /// `w` as it is after this reconcile wrote the target's annotations: a

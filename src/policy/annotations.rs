@@ -133,6 +133,9 @@ pub struct TargetAnnotations {
     /// When the proxy last asked to wake the target for a request whose
     /// credential it could not check.
     pub unverified_wake: Option<DateTime<Utc>>,
+    /// The target's copy of its workloads' records (`sleep-record`); `None`
+    /// when absent or unreadable (then only the workloads' own count).
+    pub sleep_record: Option<BTreeMap<String, String>>,
 }
 
 /// The `force-sleep` annotation: `true`, or the instant it was requested
@@ -248,6 +251,9 @@ impl TargetAnnotations {
             FIRST_SEEN => self.first_seen = Some(parse_time(key, v)?),
             // Written by dormant's proxy: unreadable means none.
             UNVERIFIED_WAKE => self.unverified_wake = parse_time(key, v).ok(),
+            // Written by dormant; a mangled copy is no copy, never a reason
+            // to leave the target alone (its wake needs it most).
+            SLEEP_RECORD => self.sleep_record = serde_json::from_str(v).ok(),
             ASLEEP_REQUESTS => {
                 self.asleep_requests = Some(
                     parse_requests(v).ok_or_else(|| err(key, v, "expected cpu=<cores>,memory=<bytes>"))?,

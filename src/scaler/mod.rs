@@ -8,16 +8,20 @@ pub mod plan;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
-use kube::api::{Api, DeleteParams, DynamicObject, ListParams};
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Preconditions};
 use kube::discovery::ApiResource;
 use serde_json::Value;
 
 pub use crate::client::Outcome;
 use crate::client::{PatchError, Patchable, Patcher};
 use crate::target::WorkloadView;
-use crate::vocab::MANAGED_BY_LABEL;
+use crate::vocab::{OBJECT_NAME_ANNOTATION, OBJECT_NAMESPACE_ANNOTATION, OWNER_REFERENCES_ANNOTATION};
 pub use keda::{ScaledJobView, ScaledObjectView};
-pub use plan::{hand_scaled, sleep_patch, wake_patch};
+pub use plan::{
+    SleepRecord, hand_scaled, own_record, record_key, record_lost, record_to_write, sleep_patch,
+    sleep_patch_from, wake_patch, wake_patch_from,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -110,14 +114,21 @@ impl Scaler {
 
     /// Scales `w` to zero (or suspends it), recording what it was, unless it
     /// already sleeps or is `excluded`.
-    pub async fn sleep_workload(&self, w: &WorkloadView, excluded: bool) -> Result<Outcome> {
-        Ok(self.patcher.patch_until_settled(w, |w| sleep_patch(w, excluded)).await?)
+    pub async fn sleep_workload(
+        &self,
+        w: &WorkloadView,
+        excluded: bool,
+        copy: Option<&SleepRecord>,
+    ) -> Result<Outcome> {
+        Ok(self.patcher.patch_until_settled(w, |w| sleep_patch_from(w, excluded, copy)).await?)
     }
 
     /// Restores `w` to what was recorded, unless someone changed it by hand
     /// meanwhile (then their value stays and only the record goes).
-    pub async fn wake_workload(&self, w: &WorkloadView) -> Result<Outcome> {
-        Ok(self.patcher.patch_until_settled(w, wake_patch).await?)
+    /// `copy` is the target's copy of the records, for a workload whose own
+    /// record is gone.
+    pub async fn wake_workload(&self, w: &WorkloadView, copy: Option<&SleepRecord>) -> Result<Outcome> {
+        Ok(self.patcher.patch_until_settled(w, |w| wake_patch_from(w, copy)).await?)
     }
 
     /// The KEDA ScaledObjects in `namespace` (none when KEDA is not installed).
@@ -180,14 +191,53 @@ impl Scaler {
         Ok(self.patcher.patch_until_settled(so, keda::resume_patch).await?)
     }
 
-    /// Deletes the host pods vcluster `name` synced (its syncer recreates
-    /// them when it wakes).
-    pub async fn delete_synced_pods(&self, namespace: &str, name: &str) -> Result<()> {
-        let pods: Api<Pod> = Api::namespaced(self.client().clone(), namespace);
-        self.patcher.throttle().wait().await;
-        let lp = ListParams::default().labels(&format!("{MANAGED_BY_LABEL}={name}"));
-        pods.delete_collection(&DeleteParams::default(), &lp).await.map(|_| ()).map_err(|source| {
-            Error::DeleteSyncedPods { namespace: namespace.into(), name: name.into(), source }
-        })
+    /// Deletes these host pods of vcluster `name`, each only if it is still
+    /// the pod that was seen (its UID): a pod the syncer created since is a
+    /// new one, not ours to judge. Only pods whose virtual pod has a
+    /// controller are given here (see [`restorable`]): that controller
+    /// creates them again when the vcluster wakes.
+    pub async fn delete_synced_pods(&self, namespace: &str, name: &str, pods: &[&Pod]) -> Result<()> {
+        let api: Api<Pod> = Api::namespaced(self.client().clone(), namespace);
+        for p in pods {
+            self.patcher.throttle().wait().await;
+            let dp = DeleteParams {
+                preconditions: Some(Preconditions { uid: p.uid(), resource_version: None }),
+                ..DeleteParams::default()
+            };
+            match api.delete(&p.name_any(), &dp).await {
+                Ok(_) => {}
+                // Gone already, or replaced by another pod of that name.
+                Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
+                Err(source) => {
+                    return Err(Error::DeleteSyncedPods {
+                        namespace: namespace.into(),
+                        name: name.into(),
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A synced host pod that comes back after a wake: its virtual pod has an
+/// owner (a ReplicaSet, a StatefulSet, a Job, a DaemonSet…) whose controller
+/// inside the vcluster creates it again once the syncer has deleted the
+/// started virtual pod whose host pod vanished. A bare virtual pod has no
+/// such owner, so deleting its host pod loses it for good (vCluster's own
+/// sleep mode documents that loss); dormant leaves those running.
+pub fn restorable(p: &Pod) -> bool {
+    p.annotations()
+        .get(OWNER_REFERENCES_ANNOTATION)
+        .is_some_and(|v| serde_json::from_str::<Vec<Value>>(v).is_ok_and(|owners| !owners.is_empty()))
+}
+
+/// `namespace/name` of the virtual pod a host pod stands for.
+pub fn virtual_name(p: &Pod) -> String {
+    let a = p.annotations();
+    match (a.get(OBJECT_NAMESPACE_ANNOTATION), a.get(OBJECT_NAME_ANNOTATION)) {
+        (Some(ns), Some(n)) => format!("{ns}/{n}"),
+        _ => p.name_any(),
     }
 }

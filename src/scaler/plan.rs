@@ -76,6 +76,84 @@ pub fn wake_patch(w: &WorkloadView) -> Result<Option<Value>, String> {
     }
 }
 
+/// The target's copy of its workloads' records ([`crate::vocab::SLEEP_RECORD`]).
+pub type SleepRecord = std::collections::BTreeMap<String, String>;
+
+/// `w`'s key in a [`SleepRecord`]: `Deployment/web`.
+pub fn record_key(w: &WorkloadView) -> String {
+    format!("{}/{}", w.kind.as_str(), w.name)
+}
+
+/// The record `w` carries itself, if any.
+pub fn own_record(w: &WorkloadView) -> Option<&String> {
+    w.annotations.get(if w.kind.scales() { REPLICAS_BEFORE_SLEEP } else { SUSPEND_BEFORE_SLEEP })
+}
+
+/// The record [`sleep_patch`] writes on `w`: what the target's copy must
+/// hold before that patch is made. `None` when the patch makes no record.
+pub fn record_to_write(w: &WorkloadView, excluded: bool, copy: Option<&SleepRecord>) -> Option<String> {
+    let patch = sleep_patch_from(w, excluded, copy).ok()??;
+    let key = if w.kind.scales() { REPLICAS_BEFORE_SLEEP } else { SUSPEND_BEFORE_SLEEP };
+    patch["metadata"]["annotations"][key].as_str().map(str::to_string)
+}
+
+/// True when `w` is as a sleep leaves it: at zero, or suspended.
+fn asleep_shape(w: &WorkloadView) -> bool {
+    if w.kind.scales() { w.replicas == Some(0) } else { w.suspend == Some(true) }
+}
+
+/// [`sleep_patch`], except for a workload still as the sleep left it whose
+/// own record is gone but the target's copy has one: nothing to do (the
+/// copy is its record now). Recording it again would record zero.
+pub fn sleep_patch_from(
+    w: &WorkloadView,
+    excluded: bool,
+    copy: Option<&SleepRecord>,
+) -> Result<Option<Value>, String> {
+    let in_copy = copy.is_some_and(|c| c.contains_key(&record_key(w)));
+    if !excluded && own_record(w).is_none() && in_copy && asleep_shape(w) {
+        return Ok(None);
+    }
+    sleep_patch(w, excluded)
+}
+
+/// The patch that wakes `w`: from its own record ([`wake_patch`]), or, when
+/// that is gone (removed by hand or by a GitOps tool while the target
+/// slept), from the target's copy if `w` is still as the sleep left it.
+pub fn wake_patch_from(w: &WorkloadView, copy: Option<&SleepRecord>) -> Result<Option<Value>, String> {
+    if own_record(w).is_some() {
+        return wake_patch(w);
+    }
+    let Some(raw) = copy.and_then(|c| c.get(&record_key(w))) else { return Ok(None) };
+    let restore = |w: &WorkloadView| {
+        let mut view = w.clone();
+        let key = if w.kind.scales() { REPLICAS_BEFORE_SLEEP } else { SUSPEND_BEFORE_SLEEP };
+        view.annotations.insert(key.into(), raw.clone());
+        wake_patch(&view)
+    };
+    let patch = match (w.kind.scales(), w.replicas, w.suspend) {
+        (true, Some(0), _) | (false, _, Some(true)) => restore(w)?,
+        _ => None,
+    };
+    // Only a patch that changes the spec (the record it also removes is
+    // not there): restoring the value `w` already has is nothing to do.
+    Ok(patch.filter(|p| {
+        let spec = &p["spec"];
+        match (spec.get("replicas"), spec.get("suspend")) {
+            (Some(r), _) => r.as_i64() != w.replicas.map(i64::from),
+            (None, Some(s)) => s.as_bool() != w.suspend,
+            (None, None) => false,
+        }
+    }))
+}
+
+/// True when `w` is as a sleep leaves it (at zero, or suspended) with no
+/// record of what it was, on itself or in the target's copy: nothing can
+/// tell what to restore, so it must never be called ready.
+pub fn record_lost(w: &WorkloadView, copy: Option<&SleepRecord>) -> bool {
+    asleep_shape(w) && own_record(w).is_none() && !copy.is_some_and(|c| c.contains_key(&record_key(w)))
+}
+
 /// True when `w` was put to sleep by dormant but someone has since scaled it
 /// up (or resumed it) by hand: that counts as waking the target.
 pub fn hand_scaled(w: &WorkloadView) -> bool {
@@ -214,5 +292,73 @@ mod tests {
                 None => w.annotations.remove(k),
             };
         }
+    }
+
+    fn copy(entries: &[(&str, &str)]) -> SleepRecord {
+        entries.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn the_copy_holds_what_the_sleep_patch_records() {
+        let w = view(WorkloadKind::Deployment, Some(3), None, &[]);
+        assert_eq!(record_key(&w), "Deployment/w");
+        assert_eq!(record_to_write(&w, false, None).as_deref(), Some("3"));
+        assert_eq!(record_to_write(&w, true, None), None);
+        let cj = view(WorkloadKind::CronJob, None, Some(true), &[]);
+        assert_eq!(record_to_write(&cj, false, None).as_deref(), Some("true"));
+        let asleep = view(WorkloadKind::Deployment, Some(0), None, &[(REPLICAS_BEFORE_SLEEP, "3")]);
+        assert_eq!(record_to_write(&asleep, false, None), None, "already recorded: no new record");
+        assert_eq!(own_record(&asleep).map(String::as_str), Some("3"));
+    }
+
+    #[test]
+    fn a_sleeping_workload_whose_record_was_removed_is_not_recorded_again_at_zero() {
+        let c = copy(&[("Deployment/w", "3")]);
+        let stripped = view(WorkloadKind::Deployment, Some(0), None, &[]);
+        assert_eq!(sleep_patch_from(&stripped, false, Some(&c)), Ok(None));
+        assert_eq!(record_to_write(&stripped, false, Some(&c)), None);
+        // Without the copy, a workload at zero is new to this sleep: its
+        // zero is what it ran.
+        assert_eq!(record_to_write(&stripped, false, None).as_deref(), Some("0"));
+        // Scaled up by hand since: slept again, its new value recorded.
+        let up = view(WorkloadKind::Deployment, Some(2), None, &[]);
+        assert_eq!(record_to_write(&up, false, Some(&c)).as_deref(), Some("2"));
+    }
+
+    #[test]
+    fn a_wake_restores_from_the_targets_copy_when_the_workloads_record_is_gone() {
+        let c = copy(&[("Deployment/w", "3"), ("CronJob/w", "false")]);
+        let w = view(WorkloadKind::Deployment, Some(0), None, &[]);
+        let p = wake_patch_from(&w, Some(&c)).unwrap().unwrap();
+        assert_eq!(p["spec"]["replicas"], json!(3));
+        assert_eq!(p["metadata"]["resourceVersion"], json!("42"));
+        let cj = view(WorkloadKind::CronJob, None, Some(true), &[]);
+        assert_eq!(wake_patch_from(&cj, Some(&c)).unwrap().unwrap()["spec"]["suspend"], json!(false));
+        // Its own record wins over the copy.
+        let own = view(WorkloadKind::Deployment, Some(0), None, &[(REPLICAS_BEFORE_SLEEP, "5")]);
+        assert_eq!(wake_patch_from(&own, Some(&c)).unwrap().unwrap()["spec"]["replicas"], json!(5));
+        // Changed by hand, already restored, at the value it had, or not in
+        // the copy: nothing to do.
+        assert_eq!(wake_patch_from(&view(WorkloadKind::Deployment, Some(2), None, &[]), Some(&c)), Ok(None));
+        let zero = copy(&[("Deployment/w", "0")]);
+        assert_eq!(wake_patch_from(&w, Some(&zero)), Ok(None));
+        assert_eq!(wake_patch_from(&w, Some(&copy(&[("StatefulSet/w", "3")]))), Ok(None));
+        assert_eq!(wake_patch_from(&w, None), Ok(None));
+        assert!(wake_patch_from(&w, Some(&copy(&[("Deployment/w", "many")]))).is_err());
+    }
+
+    #[test]
+    fn a_workload_at_zero_with_no_record_anywhere_is_lost() {
+        let w = view(WorkloadKind::Deployment, Some(0), None, &[]);
+        assert!(record_lost(&w, None));
+        assert!(record_lost(&w, Some(&copy(&[("StatefulSet/w", "1")]))));
+        assert!(!record_lost(&w, Some(&copy(&[("Deployment/w", "0")]))));
+        assert!(!record_lost(
+            &view(WorkloadKind::Deployment, Some(0), None, &[(REPLICAS_BEFORE_SLEEP, "2")]),
+            None
+        ));
+        assert!(!record_lost(&view(WorkloadKind::Deployment, Some(1), None, &[]), None));
+        assert!(record_lost(&view(WorkloadKind::CronJob, None, Some(true), &[]), None));
+        assert!(!record_lost(&view(WorkloadKind::CronJob, None, Some(false), &[]), None));
     }
 }

@@ -12,10 +12,13 @@
 //!
 //! While awake, the supervisor also plays the syncer's part for pods: each Pod
 //! in the vcluster's API server gets a host pod `<pod>-x-<namespace>-x-<name>`
-//! labelled `vcluster.loft.sh/managed-by=<name>`, and host pods whose vcluster
-//! pod is gone are deleted. (vcluster itself cannot be built here.)
+//! labelled `vcluster.loft.sh/managed-by=<name>` (with the virtual pod's owners
+//! in `vcluster.loft.sh/owner-references`, as the real syncer writes them), and
+//! host pods whose vcluster pod is gone are deleted. The real vcluster
+//! ([`crate::real_vcluster`]) runs where fidelity matters; this one where
+//! speed does.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -389,7 +392,13 @@ async fn seed_pods(vc: &kube::Client, n: usize) -> Result<()> {
     let pods: Api<Pod> = Api::namespaced(vc.clone(), "default");
     for i in 0..n {
         let pod: Pod = serde_json::from_value(json!({
-            "metadata": {"name": format!("app-{i}"), "labels": {"app": "demo"}},
+            // Owned, as a Deployment's pods are: the syncer records the
+            // owner on the host pod, and dormant deletes only such pods at
+            // sleep. (No controller-manager runs here, so the owner itself
+            // need not exist.)
+            "metadata": {"name": format!("app-{i}"), "labels": {"app": "demo"},
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "app",
+                    "uid": "00000000-0000-0000-0000-0000000000a1", "controller": true}]},
             "spec": {"containers": [{"name": "app", "image": "nginx:1.27",
                 "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}}}]}
         }))?;
@@ -402,18 +411,18 @@ async fn seed_pods(vc: &kube::Client, n: usize) -> Result<()> {
 async fn sync_pods(vc: kube::Client, host_pods: Api<Pod>, namespace: String, name: String) {
     let vc_pods: Api<Pod> = Api::all(vc);
     let mut events = watcher(vc_pods, watcher::Config::default()).boxed();
-    let mut want: BTreeSet<(String, String)> = BTreeSet::new();
-    let mut init: BTreeSet<(String, String)> = BTreeSet::new();
+    let mut want: Wanted = Wanted::new();
+    let mut init: Wanted = Wanted::new();
     while let Some(ev) = events.next().await {
         match ev {
             Ok(watcher::Event::Init) => init.clear(),
             Ok(watcher::Event::InitApply(p)) => {
-                init.insert(key(&p));
+                init.insert(key(&p), owners(&p));
             }
             Ok(watcher::Event::InitDone) => want = std::mem::take(&mut init),
             Ok(watcher::Event::Apply(p)) => {
                 if p.metadata.deletion_timestamp.is_none() {
-                    want.insert(key(&p));
+                    want.insert(key(&p), owners(&p));
                 } else {
                     want.remove(&key(&p));
                 }
@@ -429,16 +438,19 @@ async fn sync_pods(vc: kube::Client, host_pods: Api<Pod>, namespace: String, nam
     }
 }
 
+/// The vcluster's pods by namespace and name, with their owners as the
+/// syncer writes them on the host pod (`vcluster.loft.sh/owner-references`).
+type Wanted = BTreeMap<(String, String), Option<String>>;
+
 fn key(p: &Pod) -> (String, String) {
     (p.metadata.namespace.clone().unwrap_or_default(), p.metadata.name.clone().unwrap_or_default())
 }
 
-async fn reconcile_host_pods(
-    host_pods: &Api<Pod>,
-    want: &BTreeSet<(String, String)>,
-    namespace: &str,
-    name: &str,
-) -> Result<()> {
+fn owners(p: &Pod) -> Option<String> {
+    p.metadata.owner_references.as_ref().filter(|o| !o.is_empty()).and_then(|o| serde_json::to_string(o).ok())
+}
+
+async fn reconcile_host_pods(host_pods: &Api<Pod>, want: &Wanted, namespace: &str, name: &str) -> Result<()> {
     let lp = ListParams::default().labels(&format!("{MANAGED_BY}={name}"));
     let have = host_pods.list(&lp).await?;
     let mut present = BTreeSet::new();
@@ -449,20 +461,25 @@ async fn reconcile_host_pods(
             ann.get("vcluster.loft.sh/object-namespace").cloned().unwrap_or_default(),
             ann.get("vcluster.loft.sh/object-name").cloned().unwrap_or_default(),
         );
-        if want.contains(&origin) && p.metadata.deletion_timestamp.is_none() {
+        if want.contains_key(&origin) && p.metadata.deletion_timestamp.is_none() {
             present.insert(origin);
         } else if p.metadata.deletion_timestamp.is_none() {
             let _ = host_pods.delete(&pod_name, &DeleteParams::default()).await;
         }
     }
-    for (ns, pod) in want.difference(&present) {
+    for ((ns, pod), owners) in want.iter().filter(|(k, _)| !present.contains(*k)) {
         let host_name = format!("{pod}-x-{ns}-x-{name}");
+        let mut annotations =
+            json!({"vcluster.loft.sh/object-name": pod, "vcluster.loft.sh/object-namespace": ns});
+        if let Some(o) = owners {
+            annotations["vcluster.loft.sh/owner-references"] = json!(o);
+        }
         let p: Pod = serde_json::from_value(json!({
             "metadata": {
                 "name": host_name,
                 "namespace": namespace,
                 "labels": {MANAGED_BY: name, "vcluster.loft.sh/namespace": ns},
-                "annotations": {"vcluster.loft.sh/object-name": pod, "vcluster.loft.sh/object-namespace": ns},
+                "annotations": annotations,
             },
             "spec": {"containers": [{"name": "app", "image": "nginx:1.27",
                 "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}}}]}

@@ -1,0 +1,151 @@
+//! `dormant restore`: every sleeping target back as it was, from the
+//! records alone, with no agent running — before `helm uninstall` (the
+//! chart's pre-delete hook runs it), or when the agent is gone for good.
+//!
+//! It does what a wake does, without waiting for readiness: each workload
+//! from its own record or, when that is gone, from its target's copy
+//! (`sleep-record`); KEDA's pauses lifted; the target marked awake with
+//! its sleep state cleared. Running it again changes nothing.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::num::NonZeroU32;
+
+use anyhow::Context as _;
+use kube::Client;
+
+use crate::annotate::{Annotator, Changes};
+use crate::client::{Outcome, Patcher, Throttle};
+use crate::policy::TargetKind;
+use crate::scaler::{self, Scaler, SleepRecord};
+use crate::target::{Scope, TargetRef, stores};
+use crate::vocab;
+
+/// What a restore did, for its exit code.
+#[derive(Debug, Default)]
+pub struct Restored {
+    /// Workloads and KEDA objects changed.
+    pub changed: usize,
+    /// Workloads at zero with no record anywhere (named in the output).
+    pub lost: usize,
+    /// Changes that failed (named in the output).
+    pub failed: usize,
+}
+
+/// Restores `only` (or every target), writing one line per target to `out`.
+pub async fn restore(
+    client: &Client,
+    only: Option<&TargetRef>,
+    out: &mut String,
+) -> anyhow::Result<Restored> {
+    let (stores, writers) = stores::stores();
+    writers.fill(client.clone()).await.context("failed to read the cluster")?;
+    let qps = NonZeroU32::new(20).unwrap_or(NonZeroU32::MIN);
+    let patcher = Patcher::new(client.clone(), Throttle::new(qps, qps));
+    let (scaler, annotator) = (Scaler::new(patcher.clone()), Annotator::new(patcher));
+    let all = Scope { excluded: Default::default(), selector: None, only: None };
+    let mut done = Restored::default();
+    for r in stores.targets(&[], &all) {
+        if only.is_some_and(|o| *o != r) {
+            continue;
+        }
+        let Some(target) = stores.target(&r) else { continue };
+        let annotations = target.object.annotations();
+        let copy: Option<SleepRecord> =
+            annotations.get(vocab::SLEEP_RECORD).and_then(|v| serde_json::from_str(v).ok());
+        let asleep = annotations.get(vocab::STATE).is_some_and(|s| s != "awake");
+        let mut said = Vec::new();
+        for w in stores.workloads(&target) {
+            let before = if w.kind.scales() {
+                w.replicas.map(|n| n.to_string()).unwrap_or_default()
+            } else {
+                format!("suspend={}", w.suspend.unwrap_or(false))
+            };
+            if asleep && scaler::record_lost(&w, copy.as_ref()) && !w.annotations.contains_key(vocab::EXCLUDE)
+            {
+                said.push(format!(
+                    "{}/{} is at {before} with no record anywhere: left as it is",
+                    w.kind.as_str(),
+                    w.name
+                ));
+                done.lost += 1;
+                continue;
+            }
+            match scaler.wake_workload(&w, copy.as_ref()).await {
+                Ok(Outcome::Changed) => {
+                    done.changed += 1;
+                    let recorded = scaler::own_record(&w)
+                        .or_else(|| copy.as_ref().and_then(|c| c.get(&scaler::record_key(&w))))
+                        .cloned()
+                        .unwrap_or_default();
+                    said.push(format!("{}/{} {before} → {recorded}", w.kind.as_str(), w.name));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    done.failed += 1;
+                    said.push(format!("{}/{}: {}", w.kind.as_str(), w.name, crate::error::chain(&e)));
+                }
+            }
+        }
+        if r.kind == TargetKind::Namespace {
+            match resume_keda(&scaler, &r.namespace).await {
+                Ok(n) if n > 0 => {
+                    done.changed += n;
+                    said.push(format!("{n} KEDA object(s) given back their pause"));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    done.failed += 1;
+                    said.push(format!("KEDA: {}", crate::error::chain(&e)));
+                }
+            }
+        }
+        if done.failed == 0 && (asleep || copy.is_some()) {
+            let mut changes: Changes = BTreeMap::new();
+            changes.insert(vocab::STATE, Some("awake".into()));
+            // Used now: an agent still running (the pre-delete hook runs
+            // before the chart's Deployment goes) does not put it straight
+            // back to sleep.
+            changes
+                .insert(vocab::LAST_ACTIVITY, Some(crate::policy::annotations::rfc3339(chrono::Utc::now())));
+            changes.insert(vocab::LAST_ACTIVITY_BY, Some("dormant restore (cli)".into()));
+            for k in [
+                vocab::ASLEEP_SINCE,
+                vocab::ASLEEP_REQUESTS,
+                vocab::SLEEP_RECORD,
+                vocab::FORCE_SLEEP,
+                vocab::PREVENT_WAKEUP_UNTIL,
+            ] {
+                changes.insert(k, None);
+            }
+            if let Err(e) = annotator.set(&target.object, &changes).await {
+                done.failed += 1;
+                said.push(format!("marking it awake: {}", crate::error::chain(&e)));
+            } else {
+                said.push("marked awake".into());
+            }
+        }
+        if !said.is_empty() {
+            let _ = writeln!(out, "{r}: {}", said.join("; "));
+        }
+    }
+    if done.changed == 0 && done.lost == 0 && done.failed == 0 {
+        let _ = writeln!(out, "nothing to restore");
+    }
+    Ok(done)
+}
+
+async fn resume_keda(scaler: &Scaler, namespace: &str) -> Result<usize, scaler::Error> {
+    let mut n = 0;
+    for so in scaler.resumable_scaled_objects(namespace).await? {
+        if so.asleep() && scaler.resume_scaled_object(&so).await? == Outcome::Changed {
+            n += 1;
+        }
+    }
+    for sj in scaler.scaled_jobs(namespace).await? {
+        if sj.asleep() && scaler.resume_scaled_job(&sj).await? == Outcome::Changed {
+            n += 1;
+        }
+    }
+    Ok(n)
+}
