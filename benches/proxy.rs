@@ -357,7 +357,7 @@ async fn main() -> anyhow::Result<()> {
     let cycles = 15;
     for _ in 0..cycles {
         let o = Command::new(&bin)
-            .args(["sleep", "vcluster/bench/real", "--wait=60s"])
+            .args(["sleep", "vcluster/bench/real", "--wait=60s", "--direct"])
             .env("KUBECONFIG", &c.admin.kubeconfig)
             .output()?;
         anyhow::ensure!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

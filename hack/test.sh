@@ -11,6 +11,27 @@ hack/testbed.sh install
 testbed_dir="$(hack/testbed.sh dir)"
 vcluster_dir="$(hack/testbed.sh vcluster-dir)"
 
+# The web page's browser test: Debian's Chromium and its WebDriver, and
+# axe-core from npm (into a cache folder, as the testbed is).
+missing=()
+[[ -x /usr/bin/chromium ]] || missing+=(chromium)
+[[ -x /usr/bin/chromedriver ]] || missing+=(chromium-driver)
+command -v npm >/dev/null 2>&1 || missing+=(npm)
+if (( ${#missing[@]} )); then
+  echo "[test] installing ${missing[*]} (Debian packages)"
+  sudo=()
+  if [[ $(id -u) != 0 ]]; then sudo=(sudo); fi
+  "${sudo[@]}" apt-get update -qq
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+axe_version=4.14.1
+axe_dir="${HOME}/.cache/dormant/axe-core-${axe_version}"
+if [[ ! -f "${axe_dir}/node_modules/axe-core/axe.min.js" ]]; then
+  echo "[test] installing axe-core ${axe_version} (npm) into ${axe_dir}"
+  mkdir -p "$axe_dir"
+  npm install --no-audit --no-fund --prefix "$axe_dir" "axe-core@${axe_version}" >/dev/null
+fi
+
 start=$SECONDS
 cargo test --workspace --lib --bins --tests --examples --locked
 cargo test --workspace --doc --locked

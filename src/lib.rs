@@ -7,6 +7,7 @@ pub mod activity;
 pub mod admin;
 pub mod agent;
 pub mod annotate;
+pub mod api;
 pub mod app_traffic;
 pub mod audit;
 pub mod auth;

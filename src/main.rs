@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use dormant::cli::{Cli, Command, Output, PolicyCommand, targets};
+use dormant::cli::{Cli, Command, Output, PolicyCommand, remote, targets};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -35,24 +35,37 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             dormant::agent::init_logging(args.log_format);
             dormant::agent::run(*args).await?;
         }
-        Command::Status { output } => {
-            let client = dormant::client::client().await?;
+        Command::Status { output, conn } if conn.direct => {
+            let client = remote::host_client(&conn).await?;
             print!("{}", targets::status(&client, output == Output::Json).await?);
         }
-        Command::Explain { target } => {
-            let client = dormant::client::client().await?;
+        Command::Status { output, conn } => {
+            print!("{}", remote::status(&conn, output == Output::Json).await?)
+        }
+        Command::Explain { target, conn } if conn.direct => {
+            let client = remote::host_client(&conn).await?;
             print!("{}", targets::explain(&client, &target).await?);
         }
-        Command::Sleep { target, prevent_wakeup, wait: w } => {
+        Command::Explain { target, conn } => print!("{}", remote::explain(&conn, &target).await?),
+        Command::Sleep { target, prevent_wakeup, wait: w, conn } => {
             let w = wait(w)?;
-            let client = dormant::client::client().await?;
-            targets::sleep(&client, &target, prevent_wakeup.as_deref(), w, &mut out).await?;
+            if conn.direct {
+                let client = remote::host_client(&conn).await?;
+                targets::sleep(&client, &target, prevent_wakeup.as_deref(), w, &mut out).await?;
+            } else {
+                remote::sleep(&conn, &target, prevent_wakeup.as_deref(), w, &mut out).await?;
+            }
         }
-        Command::Wake { target, wait: w } => {
+        Command::Wake { target, wait: w, conn } => {
             let w = wait(w)?;
-            let client = dormant::client::client().await?;
-            targets::wake(&client, &target, w, &mut out).await?;
+            if conn.direct {
+                let client = remote::host_client(&conn).await?;
+                targets::wake(&client, &target, w, &mut out).await?;
+            } else {
+                remote::wake(&conn, &target, w, &mut out).await?;
+            }
         }
+        Command::Ui { no_open, conn } => remote::ui(&conn, !no_open, &mut out).await?,
         Command::Restore { all: _, target } => {
             let client = dormant::client::client().await?;
             let mut text = String::new();

@@ -100,18 +100,32 @@ fn the_chart_lints_and_renders_with_defaults_and_with_every_option_on() {
     }
     let defaults = render(c, &[]);
     let want = [
+        // Reading, acting; the API's; the viewer and operator roles for people.
+        "ClusterRole",
+        "ClusterRole",
+        "ClusterRole",
         "ClusterRole",
         "ClusterRole",
         "ClusterRoleBinding",
         "ClusterRoleBinding",
+        "ClusterRoleBinding",
+        // Three dashboards and where the API is published.
+        "ConfigMap",
         "ConfigMap",
         "ConfigMap",
         "ConfigMap",
         "Deployment",
         "Job",
         "PodDisruptionBudget",
+        // Leader election, reading the client CA, reading where the API is.
+        "Role",
+        "Role",
         "Role",
         "RoleBinding",
+        "RoleBinding",
+        "RoleBinding",
+        // TLS, the audit tokens, the session key.
+        "Secret",
         "Secret",
         "Secret",
         "Service",
@@ -142,6 +156,20 @@ fn the_chart_lints_and_renders_with_defaults_and_with_every_option_on() {
     let everything = render(c, &["-f", all]);
     for k in ["Certificate", "ServiceMonitor", "PrometheusRule", "NetworkPolicy"] {
         assert!(kinds(&everything).iter().any(|x| x == k), "{k} missing with every option on");
+    }
+    // The API: published with its URL and CA; the operator role joins
+    // `edit`, the viewer role (switched off here) not `view`.
+    assert!(defaults.contains("url: \"https://d-dormant-proxy.dormant.svc\""), "{defaults}");
+    assert!(defaults.contains("rbac.authorization.k8s.io/aggregate-to-view: \"true\""));
+    assert!(everything.contains("url: \"https://dormant.example.com\""));
+    assert!(everything.contains("rbac.authorization.k8s.io/aggregate-to-edit: \"true\""));
+    assert!(!everything.contains("aggregate-to-view"), "aggregation is switchable");
+    assert!(everything.contains("--api-auth-proxy-names=oauth2-proxy"));
+    let off = render(c, &["--set", "api.enabled=false"]);
+    assert!(off.contains("--api=false") && !off.contains("dormant-api"), "{off}");
+    // Without the API (or the proxy it is served on), no grants for it.
+    for r in [&off, &render(c, &["--set", "proxy.enabled=false"])] {
+        assert!(!r.contains("tokenreviews") && !r.contains("extension-apiserver-authentication"), "{r}");
     }
     assert!(everything.contains("--dry-run") && everything.contains("--proxy-base-domain=vc.example.com"));
     // Prometheus keeps the targets' own namespace label (not the agent's).
@@ -277,6 +305,10 @@ fn the_chart_lints_and_renders_with_defaults_and_with_every_option_on() {
                 "-n",
                 "dormant",
                 "--dry-run=server",
+                // Where the API is published is one ConfigMap per cluster:
+                // a name of its own beside the other tests' releases.
+                "--set",
+                "api.discovery.name=ca-check-api",
                 "--set-file",
                 &format!("audit.clientCA={}", ca.display()),
             ],
@@ -332,6 +364,19 @@ const ACT: &[(&str, &[&str])] = &[
 /// In dormant's own namespace.
 const LEADER: &[(&str, &[&str])] = &[("leases.coordination.k8s.io", &["get", "create", "patch"])];
 
+/// The agent's API (on with the proxy), cluster-wide: who a caller is
+/// (a bearer token: TokenReview) and what they may do with a target
+/// (SubjectAccessReview). Neither reads nor changes anything stored.
+const API: &[(&str, &[&str])] = &[
+    ("tokenreviews.authentication.k8s.io", &["create"]),
+    ("subjectaccessreviews.authorization.k8s.io", &["create"]),
+];
+
+/// The agent's API, in kube-system: the cluster's client CA (for callers
+/// with a client certificate), that one ConfigMap only. A grant limited to
+/// names is written `resource[name]`.
+const CLIENT_CA: &[(&str, &[&str])] = &[("configmaps[extension-apiserver-authentication]", &["get"])];
+
 /// `kubectl auth can-i --list` for `user` in `ns`: its resource rules.
 fn can_i_list(c: &Cluster, user: &str, ns: &str) -> Grants {
     let out = kubectl(c, &["auth", "can-i", "--list", "--as", user, "-n", ns]);
@@ -340,10 +385,14 @@ fn can_i_list(c: &Cluster, user: &str, ns: &str) -> Grants {
         let cols: Vec<&str> = line.split_whitespace().collect();
         // resource, non-resource URLs ([]), resource names, [verbs...]
         let (resource, names) = (cols[0], cols[2]);
-        assert_eq!(names, "[]", "a rule limited to some names, not expected: {line}");
+        assert!(names.ends_with(']'), "a rule limited to several names, not expected: {line}");
+        let resource = match names {
+            "[]" => resource.to_string(),
+            one => format!("{resource}{one}"),
+        };
         let verbs = line[line.rfind('[').unwrap()..].trim_matches(|ch| ch == '[' || ch == ']');
         for v in verbs.split_whitespace() {
-            g.insert((resource.to_string(), v.to_string()));
+            g.insert((resource.clone(), v.to_string()));
         }
     }
     g
@@ -356,6 +405,9 @@ struct Used {
     /// for a request across namespaces or of a cluster-scoped object.
     namespace: Option<String>,
     grant: (String, String),
+    /// The grant limited to the object's name (`resource[name]`), for a
+    /// request on one named object.
+    named: Option<(String, String)>,
     code: u64,
     decision: String,
     /// Shown when an assertion fails.
@@ -395,9 +447,11 @@ fn used_by(c: &Cluster, user: &str) -> Vec<Used> {
         if let Some(s) = o["subresource"].as_str() {
             r = format!("{r}/{s}");
         }
+        let verb = e["verb"].as_str().unwrap().to_string();
         out.push(Used {
             namespace: o["namespace"].as_str().map(str::to_string),
-            grant: (r, e["verb"].as_str().unwrap().to_string()),
+            named: o["name"].as_str().map(|n| (format!("{r}[{n}]"), verb.clone())),
+            grant: (r, verb),
             code: e["responseStatus"]["code"].as_u64().unwrap_or(0),
             decision: e["annotations"]["authorization.k8s.io/decision"].as_str().unwrap_or("").to_string(),
             uri: e["requestURI"].as_str().unwrap_or("").to_string(),
@@ -450,6 +504,10 @@ fn install(c: &Cluster, id: &str, values: &str) -> Release {
             "120s",
             "-f",
             values_file.to_str().unwrap(),
+            // Where the API is published is one ConfigMap per cluster: a
+            // name of its own beside the other tests' releases.
+            "--set",
+            &format!("api.discovery.name={id}-api"),
         ],
     );
     assert!(ok, "{out}");
@@ -472,6 +530,7 @@ fn install(c: &Cluster, id: &str, values: &str) -> Release {
     for key in ["tls.crt", "tls.key", "ca.crt"] {
         std::fs::write(dir.join(key), secret(&format!("{fullname}-tls"), key)).unwrap();
     }
+    std::fs::write(dir.join("api-session-key"), secret(&format!("{fullname}-api-session"), "key")).unwrap();
     let token_file = secret(&format!("{fullname}-audit-token"), "tokens");
     // Laid out as the kubelet mounts a Secret: the file is a link into a
     // directory that a change replaces (see `remount_tokens`).
@@ -546,7 +605,8 @@ fn start_agent(c: &Cluster, r: &Release, ports: (u16, u16, u16)) -> RunningAgent
         .map(|a| {
             let a = a
                 .replace("/etc/dormant/tls", &dir)
-                .replace("/etc/dormant/audit/tokens", &format!("{dir}/tokens"));
+                .replace("/etc/dormant/audit/tokens", &format!("{dir}/tokens"))
+                .replace("/etc/dormant/api-session/key", &format!("{dir}/api-session-key"));
             if a.starts_with("--admin-addr=") {
                 assert_eq!(
                     a, "--admin-addr=$(POD_IP):9090",
@@ -743,6 +803,56 @@ spec:
     let mut agent = start_agent(c, r, ports);
     let tail = |agent: &RunningAgent| agent.proc.tail(40);
     meanwhile(&agent);
+
+    // The agent's API, with the chart's RBAC: someone with `view` here and
+    // a token (TokenReview, then SubjectAccessReview per target), and the
+    // admin with a client certificate (the cluster's client CA).
+    kubectl(c, &["create", "serviceaccount", "looker", "-n", ns]);
+    kubectl(
+        c,
+        &[
+            "create",
+            "rolebinding",
+            "looker",
+            "--clusterrole=view",
+            &format!("--serviceaccount={ns}:looker"),
+            "-n",
+            ns,
+        ],
+    );
+    let token = kubectl(c, &["create", "token", "looker", "-n", ns, "--duration=1h"]).trim().to_string();
+    let looker_kc = r.dir.join("looker.kubeconfig");
+    std::fs::write(
+        &looker_kc,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: t\n  cluster: {{server: \"{}\", certificate-authority: \"{}\"}}\nusers:\n- name: u\n  user: {{token: {token}}}\ncontexts:\n- name: t\n  context: {{cluster: t, user: u}}\ncurrent-context: t\n",
+            c.server,
+            c.ca_file.display()
+        ),
+    )
+    .unwrap();
+    for (kubeconfig, args) in [
+        (&looker_kc, vec!["status".to_string()]),
+        (&c.admin.kubeconfig, vec!["explain".to_string(), format!("namespace/{ns}")]),
+    ] {
+        let out = Command::new(dormant_bin())
+            .args(&args)
+            .arg(format!("--kubeconfig={}", kubeconfig.display()))
+            .arg(format!("--server=https://localhost:{}", agent.proxy))
+            .arg(format!("--proxy-ca={}", r.dir.join("ca.crt").display()))
+            .env_remove("KUBECONFIG")
+            .env_remove("DORMANT_DIRECT")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains(ns),
+            "{args:?} as {}: {stdout}{}\n{}",
+            kubeconfig.display(),
+            String::from_utf8_lossy(&out.stderr),
+            tail(&agent)
+        );
+    }
 
     // Sleep, by hand.
     for target in [format!("namespace/{ns}"), format!("vcluster/{ns}/vc")] {
@@ -964,9 +1074,11 @@ fn conflicting_writes_are_made_again_from_a_fresh_read(c: &Cluster, r: &Release,
 /// `granted` is, per namespace, what `kubectl auth can-i --list` must show
 /// for dormant's ServiceAccount beyond what every authenticated user may
 /// (cluster-wide rules included). The evidence is the host API server's
-/// audit log: dormant reads across namespaces (`READS`), acts in `served`
-/// (`ACT`) and holds its Lease in its own namespace (`LEADER`), and makes
-/// no request anywhere else.
+/// audit log: dormant reads across namespaces (`READS`), asks who its API's
+/// callers are and what they may do (`API`), acts in `served` (`ACT`),
+/// reads the cluster's client CA in kube-system (`CLIENT_CA`) and holds its
+/// Lease in its own namespace (`LEADER`), and makes no request anywhere
+/// else.
 fn rbac_is_exactly_what_was_used(
     c: &Cluster,
     r: &Release,
@@ -1007,18 +1119,32 @@ fn rbac_is_exactly_what_was_used(
     for u in &used {
         assert!(u.decision == "allow" && u.code != 403, "refused: {u:?}");
         let ns = u.namespace.as_deref();
+        let client_ca =
+            ns == Some("kube-system") && u.named.as_ref().is_some_and(|n| grants(CLIENT_CA).contains(n));
         assert!(
-            ns.is_none() || ns == Some(served) || ns == Some(r.ns.as_str()),
+            ns.is_none() || ns == Some(served) || ns == Some(r.ns.as_str()) || client_ca,
             "dormant made a request in a namespace it does not serve: {u:?}"
         );
         let (sa, all) = rules(ns.unwrap_or(anywhere));
-        assert!(sa.contains(&u.grant) || all.contains(&u.grant), "used but not granted: {u:?}");
+        assert!(
+            sa.contains(&u.grant)
+                || all.contains(&u.grant)
+                || u.named.as_ref().is_some_and(|n| sa.contains(n)),
+            "used but not granted: {u:?}"
+        );
     }
     // Every grant was used, where it is granted.
-    for (ns, want) in [(None, READS), (Some(served), ACT), (Some(r.ns.as_str()), LEADER)] {
+    for (ns, want) in [
+        (None, READS),
+        (None, API),
+        (Some(served), ACT),
+        (Some("kube-system"), CLIENT_CA),
+        (Some(r.ns.as_str()), LEADER),
+    ] {
         for g in grants(want) {
             assert!(
-                used.iter().any(|u| u.namespace.as_deref() == ns && u.grant == g),
+                used.iter()
+                    .any(|u| u.namespace.as_deref() == ns && (u.grant == g || u.named.as_ref() == Some(&g))),
                 "granted but never used {}: {g:?}; used there: {:?}",
                 ns.map(|n| format!("in {n}")).unwrap_or("across namespaces".into()),
                 used.iter()
@@ -1118,13 +1244,15 @@ fn in_namespaces_mode_dormant_does_everything_where_it_serves_and_nothing_anywhe
     // The namespace it does not serve was left alone.
     assert_eq!(jsonpath(c, "deployment", "web", Some(&other), "{.spec.replicas}"), "1");
     assert_eq!(state(c, "namespace", &other, None), "", "dormant wrote on a namespace it does not serve");
+    let everywhere: Grants = grants(READS).union(&grants(API)).cloned().collect();
     rbac_is_exactly_what_was_used(
         c,
         &r,
         &[
-            (other.as_str(), grants(READS)),
-            (served.as_str(), grants(READS).union(&grants(ACT)).cloned().collect()),
-            (r.ns.as_str(), grants(READS).union(&grants(LEADER)).cloned().collect()),
+            (other.as_str(), everywhere.clone()),
+            (served.as_str(), everywhere.union(&grants(ACT)).cloned().collect()),
+            (r.ns.as_str(), everywhere.union(&grants(LEADER)).cloned().collect()),
+            ("kube-system", everywhere.union(&grants(CLIENT_CA)).cloned().collect()),
         ],
         &served,
         &other,
@@ -1216,13 +1344,13 @@ fn in_cluster_mode_the_api_server_refuses_dormants_writes_where_it_never_acts() 
     });
 
     assert_eq!(state(c, "namespace", &protected, None), "", "dormant acted in an excluded namespace");
-    let all: Grants = grants(READS).union(&grants(ACT)).cloned().collect();
+    let all: Grants = [READS, API, ACT].iter().flat_map(|g| grants(g)).collect();
     rbac_is_exactly_what_was_used(
         c,
         &r,
         &[
             (plain.as_str(), all.clone()),
-            ("kube-system", all.clone()),
+            ("kube-system", all.union(&grants(CLIENT_CA)).cloned().collect()),
             (served.as_str(), all.clone()),
             (r.ns.as_str(), all.union(&grants(LEADER)).cloned().collect()),
         ],

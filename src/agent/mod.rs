@@ -39,7 +39,7 @@ use crate::policy::ignore::IgnoreRules;
 use crate::scaler::Scaler;
 use crate::target::index::TargetIndex;
 use crate::target::stores::{self, Change, Stores};
-pub use settings::{AgentArgs, AuditSettings, LogFormat, ProxySettings, Settings};
+pub use settings::{AgentArgs, ApiSettings, AuditSettings, LogFormat, ProxySettings, Settings};
 
 /// Runs the agent until SIGTERM or Ctrl-C.
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
@@ -209,6 +209,7 @@ impl Servers {
         parts: &Parts,
     ) -> anyhow::Result<Servers> {
         let mut tasks = Vec::new();
+        let ready = Arc::new(AtomicBool::new(false));
         if let Some(audit) = &settings.audit {
             let clients =
                 audit.client_ca.clone().map(|v| v as Arc<dyn rustls::server::danger::ClientCertVerifier>);
@@ -252,9 +253,39 @@ impl Servers {
                 .with_context(|| format!("failed to listen on {} for the proxy", p.addr))?;
             tracing::info!(addr = %listener.local_addr()?, "vcluster proxy listening");
             tasks.push(tokio::spawn(proxy.clone().track()));
-            tasks.push(tokio::spawn(
-                proxy.serve_tls(listener, tokio_rustls::TlsAcceptor::from(Arc::new(tls))),
-            ));
+            let api = settings.api.as_ref().map(|a| {
+                let api = Arc::new(crate::api::Api::new(crate::api::Parts {
+                    client: client.clone(),
+                    stores: caches.stores.clone(),
+                    defaults: settings.defaults.clone(),
+                    scope: settings.scope.clone(),
+                    namespace_selector: settings.namespace_selector.clone(),
+                    ledger: parts.ledger.clone(),
+                    annotator: parts.annotator.clone(),
+                    metrics: parts.metrics.clone(),
+                    keys: a.keys.clone(),
+                    auth_proxy: a.auth_proxy_ca.clone().map(|ca| crate::api::authn::AuthProxy {
+                        verifier: ca,
+                        names: a.auth_proxy_names.clone(),
+                    }),
+                    ready: ready.clone(),
+                    identity: settings.identity.clone(),
+                }));
+                tasks.push(tokio::spawn(api.authenticator().keep_client_ca(a.client_ca_refresh)));
+                if !a.keys.shared {
+                    tracing::warn!(
+                        "no --api-session-key-file: page sessions work only at the replica that made them"
+                    );
+                }
+                tracing::info!("API and web page under {}", crate::api::PREFIX);
+                api
+            });
+            tasks.push(tokio::spawn(serve_proxy(
+                listener,
+                tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
+                proxy,
+                api,
+            )));
         }
         let app_traffic = settings.app_traffic.clone().map(|a| {
             let (app, started) = crate::app_traffic::start(crate::app_traffic::Wiring {
@@ -278,7 +309,6 @@ impl Servers {
             .await
             .with_context(|| format!("failed to listen on {}", settings.admin_addr))?;
         tracing::info!(addr = %listener.local_addr()?, "admin port listening");
-        let ready = Arc::new(AtomicBool::new(false));
         let controller = crate::admin::Controller::default();
         let admin = Arc::new(Admin {
             metrics: parts.metrics.clone(),
@@ -288,6 +318,32 @@ impl Servers {
         tasks.push(tokio::spawn(admin.serve(listener)));
         Ok(Servers { tasks, app_traffic, ready, controller })
     }
+}
+
+/// The proxy's listener: paths under [`crate::api::PREFIX`] go to the API
+/// (when it runs), everything else to the proxy. Neither knows the other.
+async fn serve_proxy(
+    listener: tokio::net::TcpListener,
+    tls: tokio_rustls::TlsAcceptor,
+    proxy: Arc<crate::proxy::Proxy>,
+    api: Option<Arc<crate::api::Api>>,
+) {
+    use futures::FutureExt as _;
+    use futures::future::Either;
+    use http_body_util::BodyExt as _;
+    crate::tls::serve_https(
+        listener,
+        tls,
+        move |req: http::Request<hyper::body::Incoming>, conn| match &api {
+            Some(api) if crate::api::handles(req.uri().path()) => Either::Left(
+                api.clone()
+                    .handle(req, conn)
+                    .map(|r| r.map(|b| b.map_err(|never: std::convert::Infallible| match never {}).boxed())),
+            ),
+            _ => Either::Right(proxy.clone().handle(req, conn)),
+        },
+    )
+    .await
 }
 
 /// Phase 4: leader election and the controller.

@@ -136,6 +136,25 @@ pub struct AgentArgs {
     /// and admin credential) and upstream; unchanged, connections stay.
     #[arg(long, env = "DORMANT_PROXY_UPSTREAM_REFRESH", default_value = "1m")]
     pub proxy_upstream_refresh: String,
+    /// Serve the API and web page under /dormant/ on the proxy's listener
+    /// (`--api=false` turns them off).
+    #[arg(long, env = "DORMANT_API", default_value_t = true, action = clap::ArgAction::Set)]
+    pub api: bool,
+    /// File with the key that signs the page's sessions (at least 32 bytes;
+    /// the same for every replica). Without it each replica makes its own,
+    /// and a session works only at the replica that made it.
+    #[arg(long, env = "DORMANT_API_SESSION_KEY_FILE")]
+    pub api_session_key_file: Option<std::path::PathBuf>,
+    /// CA of the client certificate an auth proxy (oauth2-proxy) presents;
+    /// its user headers are trusted only on such connections.
+    #[arg(long, env = "DORMANT_API_AUTH_PROXY_CA")]
+    pub api_auth_proxy_ca: Option<std::path::PathBuf>,
+    /// Common names that auth proxy's certificate may have (any when empty).
+    #[arg(long, env = "DORMANT_API_AUTH_PROXY_NAMES", value_delimiter = ',')]
+    pub api_auth_proxy_names: Vec<String>,
+    /// How often the cluster's client CA (kube-system/extension-apiserver-authentication) is read again.
+    #[arg(long, env = "DORMANT_API_CLIENT_CA_REFRESH", default_value = "1m")]
+    pub api_client_ca_refresh: String,
     /// At most one wake per vcluster this often for requests whose bearer
     /// token cannot be checked while it sleeps (not a ServiceAccount token
     /// its keys verify, nor one its API server accepted lately); `never`
@@ -174,6 +193,19 @@ pub struct Settings {
     pub audit: Option<AuditSettings>,
     pub proxy: Option<ProxySettings>,
     pub app_traffic: Option<crate::app_traffic::AppTrafficSettings>,
+    /// The API and page, served on the proxy's listener (so only with it).
+    pub api: Option<ApiSettings>,
+    /// `--namespace-selector` as given (explain shows it).
+    pub namespace_selector: Option<String>,
+}
+
+/// The API's validated settings.
+#[derive(Debug, Clone)]
+pub struct ApiSettings {
+    pub keys: Arc<crate::api::session::Keys>,
+    pub auth_proxy_ca: Option<Arc<crate::tls::ReloadingClientVerifier>>,
+    pub auth_proxy_names: Vec<String>,
+    pub client_ca_refresh: Duration,
 }
 
 /// The proxy's validated settings.
@@ -251,6 +283,7 @@ impl AgentArgs {
         let audit = self.validate_audit(&mut errors);
         let proxy = self.validate_proxy(&mut errors);
         let app_traffic = self.app_traffic.validate(&mut errors);
+        let api = self.validate_api(proxy.is_some(), &mut errors);
         if self.namespace.is_empty() {
             errors.push("--namespace: must not be empty".into());
         }
@@ -297,6 +330,8 @@ impl AgentArgs {
             audit,
             proxy,
             app_traffic,
+            api,
+            namespace_selector: self.namespace_selector.clone(),
         })
     }
 }
@@ -339,6 +374,65 @@ fn is_namespace_name(s: &str) -> bool {
 }
 
 impl AgentArgs {
+    fn validate_api(&self, proxy: bool, errors: &mut Vec<String>) -> Option<ApiSettings> {
+        let set = [
+            ("api-session-key-file", self.api_session_key_file.is_some()),
+            ("api-auth-proxy-ca", self.api_auth_proxy_ca.is_some()),
+            ("api-auth-proxy-names", !self.api_auth_proxy_names.is_empty()),
+        ];
+        if !self.api || self.proxy_addr.is_none() {
+            for (flag, set) in set {
+                if set {
+                    errors.push(format!(
+                        "--{flag} needs --proxy-addr and --api (the API is served on the proxy's listener)"
+                    ));
+                }
+            }
+            return None;
+        }
+        let keys = match &self.api_session_key_file {
+            Some(f) => match crate::api::session::Keys::from_file(f) {
+                Ok(k) => Some(k),
+                Err(e) => {
+                    errors.push(format!("--api-session-key-file: {}", crate::error::chain(&e)));
+                    None
+                }
+            },
+            None => Some(crate::api::session::Keys::random()),
+        };
+        let auth_proxy_ca = match &self.api_auth_proxy_ca {
+            Some(f) => match crate::tls::ReloadingClientVerifier::new(f, Duration::from_secs(5)) {
+                Ok(v) => Some(Arc::new(v)),
+                Err(e) => {
+                    errors.push(format!("--api-auth-proxy-ca: {e}"));
+                    None
+                }
+            },
+            None => None,
+        };
+        if !self.api_auth_proxy_names.is_empty() && self.api_auth_proxy_ca.is_none() {
+            errors.push("--api-auth-proxy-names needs --api-auth-proxy-ca".into());
+        }
+        let client_ca_refresh = duration_flag(
+            "api-client-ca-refresh",
+            &self.api_client_ca_refresh,
+            Duration::from_secs(1),
+            errors,
+        );
+        proxy.then_some(())?;
+        Some(ApiSettings {
+            keys: Arc::new(keys?),
+            auth_proxy_ca,
+            auth_proxy_names: self
+                .api_auth_proxy_names
+                .iter()
+                .map(|n| n.trim().to_string())
+                .filter(|n| !n.is_empty())
+                .collect(),
+            client_ca_refresh,
+        })
+    }
+
     /// `--namespaces`: `None` when unset; a name that is no namespace, or
     /// that is also excluded (it could never hold a target), is an error.
     fn validate_only_namespaces(&self, errors: &mut Vec<String>) -> Option<BTreeSet<String>> {

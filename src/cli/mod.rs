@@ -1,9 +1,13 @@
-//! The command line: `agent`, `status`, `explain`, `sleep`, `wake`,
-//! `policy lint` and `crd`. Every flag has a `DORMANT_*` environment
-//! fallback.
+//! The command line: `agent`, `status`, `explain`, `sleep`, `wake`, `ui`,
+//! `policy lint` and `crd`. `status`, `explain`, `sleep`, `wake` and `ui`
+//! ask the agent's API as the kubeconfig's user ([`remote`]); with
+//! `--direct` the first four read and annotate the cluster themselves
+//! ([`targets`], the break-glass path). Every flag has a `DORMANT_*`
+//! environment fallback.
 
 pub mod kubeconfig;
 pub mod lint;
+pub mod remote;
 pub mod restore;
 pub mod targets;
 
@@ -33,20 +37,27 @@ pub enum Output {
 pub enum Command {
     /// Run the agent (controller, activity receivers, admin port).
     Agent(Box<AgentArgs>),
-    /// Every target with its state, idle time, next transition and policy.
+    /// Every target you may see, with its state, idle time, next transition and policy.
     Status {
         #[arg(short, long, value_enum, default_value = "table", env = "DORMANT_OUTPUT")]
         output: Output,
+        #[command(flatten)]
+        conn: remote::Connection,
     },
     /// Why a target is in its state: its effective policy and where each
-    /// value came from, its last activity, its next transition.
+    /// value came from (a SleepPolicy, an annotation, the agent's settings),
+    /// its last activity, its next transition.
     Explain {
         /// namespace/<name>, vcluster/<namespace>/<name>, <namespace>/<vcluster> or <namespace>
         target: TargetRef,
+        #[command(flatten)]
+        conn: remote::Connection,
     },
     /// Put a target to sleep now, whatever its activity.
     Sleep {
         target: TargetRef,
+        #[command(flatten)]
+        conn: remote::Connection,
         /// Requests do not wake it for this long (`2h`), or `never` (until `dormant wake`).
         #[arg(long, env = "DORMANT_PREVENT_WAKEUP")]
         prevent_wakeup: Option<String>,
@@ -60,6 +71,17 @@ pub enum Command {
         /// Wait until it is awake and ready, at most this long (`2m`).
         #[arg(long, num_args = 0..=1, default_missing_value = "5m")]
         wait: Option<String>,
+        #[command(flatten)]
+        conn: remote::Connection,
+    },
+    /// Open the agent's web page, signed in as your kubeconfig's user
+    /// through a one-time link.
+    Ui {
+        /// Print the link only.
+        #[arg(long)]
+        no_open: bool,
+        #[command(flatten)]
+        conn: remote::Connection,
     },
     /// Bring sleeping targets back from their records alone, with no agent
     /// running (before an uninstall; the chart's pre-delete hook runs it).

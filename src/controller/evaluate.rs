@@ -91,8 +91,11 @@ impl Evaluation {
     }
 }
 
+/// A wake by hand: `dormant wake --direct` writes `(cli)`, the agent's
+/// API (the CLI and the web page) `(api)`, a workload scaled up by hand
+/// `(scale)`.
 fn manual_source(by: &str) -> bool {
-    by.ends_with("(cli)") || by.ends_with("(scale)")
+    by.ends_with("(cli)") || by.ends_with("(api)") || by.ends_with("(scale)")
 }
 
 /// Reads one target from the stores and decides. `Ok(None)` when it is not

@@ -342,10 +342,8 @@ async fn wake(
         TargetKind::VCluster => Vec::new(),
     };
     let mut written = None;
-    if ev.state != TargetState::Waking || copy_changed {
-        if let Some(copy) = copy.as_ref().filter(|_| copy_changed) {
-            annotations.insert(vocab::SLEEP_RECORD, Some(record_json(copy)));
-        }
+    if let Some(copy) = copy.as_ref().filter(|_| copy_changed) {
+        annotations.insert(vocab::SLEEP_RECORD, Some(record_json(copy)));
     }
     if ev.state != TargetState::Waking {
         annotations.insert(vocab::STATE, Some(TargetState::Waking.as_str().into()));

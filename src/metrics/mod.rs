@@ -94,6 +94,14 @@ pub struct ProxyLabels {
     pub code: u16,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ApiLabels {
+    /// One of the API's fixed route names (`targets`, `target`, `sleep`,
+    /// `wake`, `page`, ...): never a path or a name a caller chose.
+    pub route: &'static str,
+    pub code: u16,
+}
+
 /// Every metric the agent exports.
 pub struct Metrics {
     pub registry: Registry,
@@ -123,6 +131,7 @@ pub struct Metrics {
     pub app_requests: Family<ProxyLabels, Counter>,
     pub app_duration: Family<OutcomeLabels, Histogram>,
     pub app_waiting: Gauge,
+    pub api_requests: Family<ApiLabels, Counter>,
     /// Wakes asked for by requests whose credential could not be checked
     /// while their vcluster slept: `requested`, or `refused` (over budget).
     pub proxy_unverified_wakes: Family<OutcomeLabels, Counter>,
@@ -280,6 +289,12 @@ impl Metrics {
             "Application requests held while their target wakes",
             app_waiting.clone(),
         );
+        let api_requests = Family::<ApiLabels, Counter>::default();
+        registry.register(
+            "api_requests",
+            "Requests to the agent's API and web page by route and status code",
+            api_requests.clone(),
+        );
         let leader = Gauge::default();
         registry.register("leader", "1 while this replica runs the controller", leader.clone());
         Metrics {
@@ -307,6 +322,7 @@ impl Metrics {
             app_requests,
             app_duration,
             app_waiting,
+            api_requests,
             proxy_unverified_wakes,
             leader,
             exported: Mutex::new(HashMap::new()),

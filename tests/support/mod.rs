@@ -172,11 +172,13 @@ pub fn install_crd(c: &Cluster) {
     c.wait_established("sleeppolicies.dormant.dev").unwrap();
 }
 
-/// Runs `dormant <args>` as the cluster admin.
+/// Runs `dormant <args>` as the cluster admin, reading and annotating the
+/// cluster itself (`--direct`: these tests need no agent's API).
 pub fn dormant(c: &Cluster, args: &[&str]) -> Output {
     std::process::Command::new(dormant_bin())
         .args(args)
         .env("KUBECONFIG", &c.admin.kubeconfig)
+        .env("DORMANT_DIRECT", "true")
         .output()
         .unwrap()
 }

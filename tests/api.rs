@@ -1,0 +1,246 @@
+//! The agent's API through the CLI and by hand, against the real testbed:
+//! people use their own credentials (a token, a client certificate, an
+//! auth proxy's headers), RBAC on `targets.dormant.dev` decides what they
+//! see and do, every action is recorded with who did it, and explain shows
+//! the agent's own settings.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod self_service;
+mod support;
+
+use std::time::Duration;
+
+use self_service::*;
+use support::*;
+use testbed::Cluster;
+
+#[test]
+fn alice_with_a_token_and_edit_in_team_a_sees_sleeps_and_wakes_only_her_targets() {
+    let c = Cluster::shared();
+    let w = World::start("api-token", &[]);
+    let (a, b) = (w.team_namespace("team-a"), w.team_namespace("team-b"));
+    let (alice, kubeconfig, token) = token_user(c, &a, "alice");
+    // Kubernetes' own `edit`, which the chart's operator role joins.
+    bind(c, &a, "edit", &alice);
+
+    // `--context`, as kubectl has it: the current context has no
+    // credentials, alice's is chosen by name.
+    let two = c.dir.join(format!("{}-two-contexts.kubeconfig", w.id));
+    std::fs::write(
+        &two,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: t\n  cluster: {{server: \"{}\", certificate-authority: \"{}\"}}\nusers:\n- name: nobody\n  user: {{}}\n- name: alice\n  user: {{token: {token}}}\ncontexts:\n- name: nobody\n  context: {{cluster: t, user: nobody}}\n- name: alice\n  context: {{cluster: t, user: alice}}\ncurrent-context: nobody\n",
+            c.server,
+            c.ca_file.display()
+        ),
+    )
+    .unwrap();
+    let out = w.cli(&two, &["status"]);
+    assert!(!out.status.success() && text(&out).1.contains("no credentials"), "{}", text(&out).1);
+    let out = w.cli(&two, &["status", "--context", "alice"]);
+    assert!(out.status.success(), "{}", text(&out).1);
+    assert!(text(&out).0.contains(&format!("namespace/{a}")), "{}", text(&out).0);
+
+    // The CLI finds the agent from what is published in kube-public.
+    let out = w.cli_published(&kubeconfig, &["status"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}\n{}", w.agent.log());
+    assert!(stdout.contains(&format!("namespace/{a}")), "{stdout}");
+    assert!(!stdout.contains(&format!("namespace/{b}")), "alice sees team-b's target:\n{stdout}");
+
+    let manual = |direction: &str| {
+        metric(
+            &w.agent,
+            &format!(
+                "dormant_transitions_total{{kind=\"namespace\",direction=\"{direction}\",trigger=\"manual\"}}"
+            ),
+        )
+    };
+    let (slept_before, woke_before) = (manual("sleep"), manual("wake"));
+    let out = w.cli_published(&kubeconfig, &["sleep", &format!("namespace/{a}"), "--wait=60s"]);
+    assert!(out.status.success(), "{}\n{}", text(&out).1, w.agent.log());
+    assert!(text(&out).0.contains(&format!("sleep requested by {alice}")), "{}", text(&out).0);
+    assert_eq!(jsonpath(c, "deployment", "web", Some(&a), "{.spec.replicas}"), "0");
+    assert!(
+        event_notes(c, &a, "SleepRequested").contains(&format!("{alice} (groups")),
+        "the Event names her"
+    );
+
+    let out = w.cli_published(&kubeconfig, &["wake", &format!("namespace/{a}"), "--wait=60s"]);
+    assert!(out.status.success(), "{}\n{}", text(&out).1, w.agent.log());
+    assert_eq!(jsonpath(c, "deployment", "web", Some(&a), "{.spec.replicas}"), "1");
+    assert_eq!(ready_pods(c, &a, "app=web"), 1, "--wait waits until the workloads are ready");
+    let notes = event_notes(c, &a, "WakeRequested");
+    assert!(notes.contains(&alice) && notes.contains("dormant's API"), "{notes}");
+    assert_eq!(
+        annotation(c, "namespace", &a, None, "dormant.dev/last-activity-by"),
+        format!("{alice} wake namespace/{a} (api)")
+    );
+    wait_until("the manual transitions to be counted", Duration::from_secs(10), || {
+        manual("sleep") > slept_before && manual("wake") > woke_before
+    });
+
+    // team-b: refused, saying who may not do what and what grants it.
+    for args in [vec!["sleep", &*format!("namespace/{b}")], vec!["explain", &*format!("namespace/{b}")]] {
+        let out = w.cli(&kubeconfig, &args);
+        let stderr = text(&out).1;
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(stderr.contains("403 Forbidden") && stderr.contains(&format!("{alice} may not")), "{stderr}");
+        assert!(
+            stderr.contains("targets.dormant.dev") && stderr.contains("ClusterRole dormant-"),
+            "{stderr}"
+        );
+    }
+    assert_eq!(jsonpath(c, "deployment", "web", Some(&b), "{.spec.replicas}"), "1");
+}
+
+#[test]
+fn a_client_certificate_user_works_and_refusals_say_what_is_missing() {
+    let c = Cluster::shared();
+    let w = World::start("api-cert", &[]);
+    let a = w.team_namespace("team-a");
+    let carol = c.user(&format!("carol-{}", w.id), &["team-c"]).unwrap();
+    bind(c, &a, "dormant-operator", &carol.name);
+
+    let out = w.cli(&carol.kubeconfig, &["status", "-o", "json"]);
+    assert!(out.status.success(), "{}", text(&out).1);
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rows.as_array().unwrap().len(), 1, "{rows}");
+    assert_eq!(rows[0]["target"], format!("namespace/{a}"));
+    for (verb, replicas) in [("sleep", "0"), ("wake", "1")] {
+        let out = w.cli(&carol.kubeconfig, &[verb, &format!("namespace/{a}"), "--wait=60s"]);
+        assert!(out.status.success(), "{verb}: {}\n{}", text(&out).1, w.agent.log());
+        assert_eq!(jsonpath(c, "deployment", "web", Some(&a), "{.spec.replicas}"), replicas);
+    }
+
+    // No credentials at all.
+    let nobody = c.dir.join(format!("{}-nobody.kubeconfig", w.id));
+    std::fs::write(&nobody, token_kubeconfig(&c.server, &c.ca_file, None)).unwrap();
+    let out = w.cli(&nobody, &["status"]);
+    let stderr = text(&out).1;
+    assert!(!out.status.success());
+    assert!(stderr.contains("401 Unauthorized") && stderr.contains("no credentials"), "{stderr}");
+    // A token the cluster does not accept.
+    let forged = c.dir.join(format!("{}-forged.kubeconfig", w.id));
+    std::fs::write(&forged, token_kubeconfig(&c.server, &c.ca_file, Some("not-a-real-token"))).unwrap();
+    let stderr = text(&w.cli(&forged, &["status"])).1;
+    assert!(
+        stderr.contains("401 Unauthorized") && stderr.contains("did not accept the bearer token"),
+        "{stderr}"
+    );
+
+    // bob may do nothing here: he sees nothing, and may not act.
+    let bob = c.user("bob", &["team-b"]).unwrap();
+    let out = w.cli(&bob.kubeconfig, &["status"]);
+    assert!(out.status.success(), "{}", text(&out).1);
+    assert!(!text(&out).0.contains(&a), "{}", text(&out).0);
+    let out = w.cli(&bob.kubeconfig, &["wake", &format!("namespace/{a}")]);
+    let stderr = text(&out).1;
+    assert!(!out.status.success());
+    assert!(stderr.contains("403 Forbidden") && stderr.contains("bob may not wake"), "{stderr}");
+    // The same answer whether or not the target exists.
+    let ghost = text(&w.cli(&bob.kubeconfig, &["wake", &format!("namespace/{a}-ghost")])).1;
+    assert_eq!(
+        ghost.replace(&format!("{a}-ghost"), "X"),
+        stderr.replace(&a, "X"),
+        "a 403 must not tell a missing target from a real one"
+    );
+    // Someone who may see it learns that a missing one is missing.
+    let missing = text(&w.cli(&c.admin.kubeconfig, &["explain", &format!("namespace/{a}-ghost")])).1;
+    assert!(missing.contains("404 NotFound"), "{missing}");
+}
+
+#[test]
+fn explain_shows_the_agents_default_sleep_after_and_says_it_comes_from_the_agents_settings() {
+    let c = Cluster::shared();
+    let w = World::start("api-explain", &["--default-sleep-after=1h"]);
+    let ns = c.namespace("explain", &[("dormant-test", &w.id)]).unwrap();
+    // A target by its time zone; nothing says when it sleeps.
+    kubectl(c, &["annotate", "namespace", &ns, "dormant.dev/timezone=UTC"]);
+    wait_until("the agent to see it", Duration::from_secs(20), || {
+        text(&w.cli(&c.admin.kubeconfig, &["status"])).0.contains(&ns)
+    });
+    let out = w.cli(&c.admin.kubeconfig, &["explain", &format!("namespace/{ns}")]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let line = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("sleepAfter"))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(line.contains(" 1h ") && line.ends_with("(from agent setting --default-sleep-after)"), "{line}");
+    assert!(stdout.contains("Next:     asleep at"), "it sleeps in an hour:\n{stdout}");
+    let tz = stdout.lines().find(|l| l.trim_start().starts_with("timezone")).unwrap();
+    assert!(tz.ends_with("(from annotation dormant.dev/timezone)"), "{tz}");
+    assert!(stdout.contains("Agent:    --default-sleep-after 1h"), "{stdout}");
+}
+
+#[test]
+fn an_auth_proxys_user_headers_count_only_on_its_own_certificate() {
+    let c = Cluster::shared();
+    let proxy_ca = testbed::pki::Ca::new("oauth2-proxy-ca").unwrap();
+    let ca_file = c.dir.join(format!("{}-auth-proxy-ca.crt", test_id("ca")));
+    std::fs::write(&ca_file, &proxy_ca.cert_pem).unwrap();
+    let w = World::start(
+        "api-proxy",
+        &[&format!("--api-auth-proxy-ca={}", ca_file.display()), "--api-auth-proxy-names=oauth2-proxy"],
+    );
+    let whoami = |client: Option<&testbed::pki::CertPair>| {
+        w.raw(
+            client,
+            &request(
+                "GET",
+                "/dormant/v1/whoami",
+                &[("X-Forwarded-User", "alice@example.com"), ("X-Forwarded-Groups", "team-a,admins")],
+                "",
+            ),
+        )
+    };
+    let oauth2_proxy = proxy_ca.client("oauth2-proxy", &[]).unwrap();
+    let (code, answer) = whoami(Some(&oauth2_proxy));
+    assert_eq!(code, 200, "{answer}");
+    assert!(answer.contains(r#""user":"alice@example.com""#) && answer.contains("admins"), "{answer}");
+    // The same headers from anyone else mean nothing.
+    let (code, answer) = whoami(None);
+    assert_eq!(code, 401, "{answer}");
+    assert!(answer.contains("no credentials"), "{answer}");
+    let (code, answer) = whoami(Some(&proxy_ca.client("mallory", &[]).unwrap()));
+    assert_eq!(code, 401, "another name from the same CA: {answer}");
+    let bob = c.user("bob", &["team-b"]).unwrap();
+    let (code, answer) = whoami(Some(&bob.cert));
+    assert_eq!(code, 200, "{answer}");
+    assert!(answer.contains(r#""user":"bob""#) && !answer.contains("alice"), "{answer}");
+}
+
+#[test]
+fn hand_made_requests_are_bounded_and_need_json_and_leak_nothing() {
+    let c = Cluster::shared();
+    let w = World::start("api-raw", &[]);
+    let a = w.team_namespace("team-a");
+    let admin = &c.admin.cert;
+    let path = format!("/dormant/v1/targets/namespace/{a}/sleep");
+    // An action sent as a form (what another site could make a browser send).
+    let (code, answer) = w.raw(Some(admin), &request("POST", &path, &[("Content-Type", "text/plain")], "{}"));
+    assert_eq!(code, 415, "{answer}");
+    // A body too large (as it says up front: refused unread).
+    let big = format!(
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: 1000000\r\n\r\n"
+    );
+    let (code, answer) = w.raw(Some(admin), &big);
+    assert_eq!(code, 413, "{answer}");
+    // Unknown fields are refused, not ignored.
+    let (code, answer) = w.raw(
+        Some(admin),
+        &request("POST", &path, &[("Content-Type", "application/json")], r#"{"replicas": 5}"#),
+    );
+    assert_eq!(code, 400, "{answer}");
+    assert_eq!(jsonpath(c, "deployment", "web", Some(&a), "{.spec.replicas}"), "1", "nothing changed");
+    // Every answer says: do not cache, do not sniff, do not frame.
+    for header in ["cache-control: no-store", "x-content-type-options: nosniff", "x-frame-options: DENY"] {
+        assert!(answer.to_ascii_lowercase().contains(&header.to_ascii_lowercase()), "{header}: {answer}");
+    }
+    // A route label is never what the caller wrote.
+    let _ = w.raw(Some(admin), &request("GET", &format!("/dormant/v1/%3Cscript%3E/{a}"), &[], ""));
+    let metrics = w.agent.get("/metrics");
+    let api: Vec<&str> = metrics.lines().filter(|l| l.starts_with("dormant_api_requests_total{")).collect();
+    assert!(!api.is_empty() && api.iter().all(|l| !l.contains("script") && !l.contains(&a)), "{api:?}");
+}
