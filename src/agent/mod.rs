@@ -39,6 +39,7 @@ use crate::policy::ignore::IgnoreRules;
 use crate::scaler::Scaler;
 use crate::target::index::TargetIndex;
 use crate::target::stores::{self, Change, Stores};
+use crate::tls::limits::{Connections, Counts};
 pub use settings::{AgentArgs, AuditSettings, LogFormat, ProxySettings, Settings};
 
 /// Runs the agent until SIGTERM or Ctrl-C.
@@ -215,13 +216,24 @@ impl Servers {
                 tokens: audit.token_file.clone().map(crate::audit::Tokens::from_file).transpose()?,
                 client_certs: audit.client_ca.is_some(),
                 max_body: audit.max_body,
+                budget: crate::audit::budget::Budget::new(
+                    audit.max_inflight_bytes,
+                    audit.max_requests,
+                    audit.max_wait,
+                    parts.metrics.audit_inflight_bytes.clone(),
+                ),
+                body_timeout: audit.body_timeout,
             });
             let listener = tokio::net::TcpListener::bind(audit.addr)
                 .await
                 .with_context(|| format!("failed to listen on {} for the audit webhook", audit.addr))?;
             tracing::info!(addr = %listener.local_addr()?, "audit webhook listening");
-            tasks
-                .push(tokio::spawn(receiver.serve(listener, tokio_rustls::TlsAcceptor::from(Arc::new(tls)))));
+            let connections = Connections::new(audit.limits, listener_counts(&parts.metrics, "audit"));
+            tasks.push(tokio::spawn(receiver.serve(
+                listener,
+                tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
+                connections,
+            )));
         }
         if let Some(p) = &settings.proxy {
             let tls = crate::proxy::tls::config(p.cert.clone())?;
@@ -231,6 +243,11 @@ impl Servers {
                     client.clone(),
                     caches.stores.clone(),
                     p.upstream_refresh,
+                    crate::proxy::upstream::UpstreamLimits {
+                        max_connections: p.max_upstream_connections,
+                        max_per_client: p.max_upstream_per_connection,
+                        open: parts.metrics.proxy_upstream_connections.clone(),
+                    },
                 ),
                 gate: crate::proxy::gate::Gate::new(p.max_waiting, parts.metrics.proxy_waiting.clone()),
                 observer: parts.observer.clone(),
@@ -246,9 +263,12 @@ impl Servers {
                 .with_context(|| format!("failed to listen on {} for the proxy", p.addr))?;
             tracing::info!(addr = %listener.local_addr()?, "vcluster proxy listening");
             tasks.push(tokio::spawn(proxy.clone().track()));
-            tasks.push(tokio::spawn(
-                proxy.serve_tls(listener, tokio_rustls::TlsAcceptor::from(Arc::new(tls))),
-            ));
+            let connections = Connections::new(p.limits, listener_counts(&parts.metrics, "proxy"));
+            tasks.push(tokio::spawn(proxy.serve_tls(
+                listener,
+                tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
+                connections,
+            )));
         }
         let listener = crate::admin::bind(settings.admin_addr)
             .await
@@ -261,8 +281,19 @@ impl Servers {
             ready: ready.clone(),
             controller: controller.clone(),
         });
-        tasks.push(tokio::spawn(admin.serve(listener)));
+        let connections = Connections::new(settings.admin_limits, listener_counts(&parts.metrics, "admin"));
+        tasks.push(tokio::spawn(admin.serve(listener, connections)));
         Ok(Servers { tasks, ready, controller })
+    }
+}
+
+/// The handles `listener` reports its connections through.
+fn listener_counts(metrics: &Metrics, listener: &'static str) -> Counts {
+    let labels = crate::metrics::ListenerLabels { listener };
+    Counts {
+        open: metrics.listener_connections.get_or_create(&labels).clone(),
+        evicted: metrics.listener_evictions.get_or_create(&labels).clone(),
+        refused: metrics.listener_refused.get_or_create(&labels).clone(),
     }
 }
 
