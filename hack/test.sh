@@ -9,6 +9,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 hack/testbed.sh install
 testbed_dir="$(hack/testbed.sh dir)"
+vcluster_dir="$(hack/testbed.sh vcluster-dir)"
 
 start=$SECONDS
 cargo test --workspace --lib --bins --tests --examples --locked
@@ -39,7 +40,7 @@ sleep 1
 leaked=""
 for cmdline in /proc/[0-9]*/cmdline; do
   line="$(tr '\0' ' ' <"$cmdline" 2>/dev/null || true)"
-  if [[ "$line" == *"$testbed_dir"* ]]; then leaked+="${cmdline%/cmdline}: $line"$'\n'; fi
+  if [[ "$line" == *"$testbed_dir"* || "$line" == *"$vcluster_dir"* ]]; then leaked+="${cmdline%/cmdline}: $line"$'\n'; fi
 done
 if [[ -n "$leaked" ]]; then
   echo "[test] error: testbed processes outlived the tests:" >&2

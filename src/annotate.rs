@@ -16,7 +16,7 @@ use serde_json::json;
 use crate::client::{Outcome, PatchError, Patcher, metadata, patch_params};
 use crate::policy::annotations::{ForceSleep, TargetAnnotations, Until, rfc3339};
 use crate::target::{TargetObject, WorkloadView};
-use crate::vocab::{FORCE_SLEEP, LAST_ACTIVITY, LAST_ACTIVITY_BY, PREVENT_WAKEUP_UNTIL};
+use crate::vocab::{FORCE_SLEEP, LAST_ACTIVITY, LAST_ACTIVITY_BY, PREVENT_WAKEUP_UNTIL, UNVERIFIED_WAKE};
 
 /// Annotations to set (`Some`) or remove (`None`).
 pub type Changes = BTreeMap<&'static str, Option<String>>;
@@ -133,6 +133,19 @@ impl Annotator {
         by: String,
     ) -> Result<(), Error> {
         let changes = Changes::from([(LAST_ACTIVITY, Some(rfc3339(at))), (LAST_ACTIVITY_BY, Some(by))]);
+        self.set(object, &changes).await.map(|_| ())
+    }
+
+    /// A wake for a request whose credential the proxy could not check
+    /// while the target slept: no use (nobody is known to have used it),
+    /// but a wake the leader acts on for a short grace (see
+    /// [`crate::policy::decide::unverified_grace`]).
+    pub async fn request_unverified_wake(
+        &self,
+        object: &TargetObject,
+        at: DateTime<Utc>,
+    ) -> Result<(), Error> {
+        let changes = Changes::from([(UNVERIFIED_WAKE, Some(rfc3339(at)))]);
         self.set(object, &changes).await.map(|_| ())
     }
 

@@ -32,6 +32,10 @@ pub const ASLEEP_SINCE: &str = "dormant.dev/asleep-since";
 pub const FIRST_SEEN: &str = "dormant.dev/first-seen";
 pub const ASLEEP_REQUESTS: &str = "dormant.dev/asleep-requests";
 pub const ACTIVITY_SOURCES: &str = "dormant.dev/activity-sources";
+/// When the proxy last asked to wake the target for a request whose
+/// credential it could not check while the target slept (its budget of
+/// those is one per interval, read from here by every replica).
+pub const UNVERIFIED_WAKE: &str = "dormant.dev/unverified-wake";
 
 // On a workload (set by users: `exclude`; the rest written by dormant in
 // the same patch that scales, suspends or pauses).
@@ -66,6 +70,7 @@ pub const TARGET_KEYS: &[&str] = &[
     FIRST_SEEN,
     ASLEEP_REQUESTS,
     ACTIVITY_SOURCES,
+    UNVERIFIED_WAKE,
     EXCLUDE,
     REPLICAS_BEFORE_SLEEP,
     SUSPEND_BEFORE_SLEEP,

@@ -73,6 +73,8 @@ pub struct Observer {
     pub rules: RulesCache,
     pub metrics: Arc<Metrics>,
     sources: SourceCounters,
+    /// Name users in the metric's `source` label; else only their tool.
+    user_names: bool,
 }
 
 /// The "who keeps it awake" counters, by target and source: at most
@@ -85,6 +87,27 @@ struct SourceCounters(RwLock<HashMap<TargetRef, HashMap<String, Counter>>>);
 /// The `rule` label of a request its API server could not authenticate
 /// (401): an expired CI token polling forever must not keep a target awake.
 pub const UNAUTHENTICATED: &str = "unauthenticated";
+
+/// The `rule` label of a request its API server refused to authorize
+/// (403): any pod's token can ask for any namespace's objects, and must
+/// not keep them awake without a right to them.
+pub const FORBIDDEN: &str = "forbidden";
+
+/// The `rule` label of a request its API server did not serve: throttled
+/// (429) or failed (5xx). Nothing says who asked, or that anyone was let in.
+pub const NOT_SERVED: &str = "not-served";
+
+/// Why a request answered `code` is nobody's use, as a `rule` label; `None`
+/// for an answer that shows an authenticated, authorized caller got
+/// through (any 1xx-4xx but 401, 403 and 429).
+pub fn refused_by_answer(code: u16) -> Option<&'static str> {
+    match code {
+        401 => Some(UNAUTHENTICATED),
+        403 => Some(FORBIDDEN),
+        429 | 500.. => Some(NOT_SERVED),
+        _ => None,
+    }
+}
 
 /// The `rule` label of events posted for a vcluster dormant does not know
 /// (a typo in the webhook's path, a vcluster not yet or no longer there).
@@ -154,7 +177,18 @@ impl Observer {
     }
 
     pub fn new(ledger: Ledger, builtin: IgnoreRules, rules: RulesCache, metrics: Arc<Metrics>) -> Self {
-        Observer { ledger, builtin, rules, metrics, sources: SourceCounters::default() }
+        Observer { ledger, builtin, rules, metrics, sources: SourceCounters::default(), user_names: false }
+    }
+
+    /// Names users in `dormant_activity_sources_total`'s `source` label
+    /// (`alice (kubectl)`), not only their tool (`(kubectl)`). Off by
+    /// default: `/metrics` needs no credential, and user names (some of
+    /// them chosen by whoever sends a request) are nobody's business there.
+    /// The target's `activity-sources` annotation, behind RBAC, always
+    /// names them.
+    pub fn with_user_names(mut self, on: bool) -> Self {
+        self.user_names = on;
+        self
     }
 
     /// Decides whether `a` counts for `t`, and records it if so.
@@ -174,19 +208,22 @@ impl Observer {
     /// Why `a` is nobody's use of `t`, as the `rule` metric label, if it is
     /// not (counted in the metrics); `None` for a use to
     /// [`record`](Self::record). In this order:
-    /// - [`UNAUTHENTICATED`]: its API server could not tell who made it
-    ///   (401, or audited with no user): an expired CI token polling for
-    ///   ever must not keep a target awake;
-    /// - [`VCLUSTER_SYNCER`]: a vcluster's syncer, reported by the
-    ///   vcluster's own audit webhook;
+    /// - [`UNAUTHENTICATED`], [`FORBIDDEN`], [`NOT_SERVED`]: its API
+    ///   server could not tell who made it (401, or audited with no user: an
+    ///   expired CI token polling for ever must not keep a target awake),
+    ///   refused it (403), or did not serve it (see [`refused_by_answer`]);
+    /// - [`VCLUSTER_SYNCER`]: a vcluster's syncer or its start-up deployer,
+    ///   reported by the vcluster's own audit webhook;
     /// - [`OWN_SERVICE_ACCOUNT`]: reported by an audit webhook, made by one
     ///   of the target's own service accounts (its workloads), unless its
     ///   policy counts them;
     /// - the built-in ignore rules, then the target's policy's.
     pub fn judge(&self, t: &TargetRef, a: &Activity) -> Option<&'static str> {
-        let rule = if a.code == Some(401) || a.user.is_empty() {
+        let rule = if a.user.is_empty() {
             UNAUTHENTICATED
-        } else if a.source == Source::Audit && a.in_vcluster && from_vcluster_syncer(&a.user_agent) {
+        } else if let Some(rule) = a.code.and_then(refused_by_answer) {
+            rule
+        } else if a.source == Source::Audit && a.in_vcluster && from_vcluster_itself(&a.user, &a.user_agent) {
             VCLUSTER_SYNCER
         } else {
             let rules = self.rules.get(t);
@@ -220,7 +257,12 @@ impl Observer {
         let source = a.as_ref().source.as_str();
         self.metrics.activity.get_or_create(&ActivityLabels { source, outcome: "counted", rule: "" }).inc();
         let who = a.as_ref().who();
-        self.sources.counter(&self.metrics, t, &who).inc();
+        if self.user_names {
+            self.sources.counter(&self.metrics, t, &who).inc();
+        } else {
+            let tool = format!("({})", short_agent(&a.as_ref().user_agent));
+            self.sources.counter(&self.metrics, t, &tool).inc();
+        }
         if self.ledger.record_from(t.clone(), a, who) {
             Outcome::Counted
         } else {
@@ -230,12 +272,17 @@ impl Observer {
     }
 }
 
-/// True for a user agent of a vcluster's syncer. It uses the same admin
-/// credential as the `vc-<name>` kubeconfig people are given, and watches
-/// all the time (a watch restarts every few minutes); only its user agent
-/// tells it apart: client-go's default, named after the `vcluster` binary.
-pub fn from_vcluster_syncer(user_agent: &str) -> bool {
+/// True for a request a vcluster makes to its own API server: its syncer,
+/// and what it deploys at every start (CoreDNS). They use the same admin
+/// credential as the `vc-<name>` kubeconfig people are given (user
+/// `kubernetes-super-admin` in vcluster 0.30's k8s distro), and the syncer
+/// watches all the time (a watch restarts every few minutes); only their
+/// user agents tell them apart: client-go's default, named after the
+/// `vcluster` binary, and Go's own default for the deployer (18 requests
+/// at a first start, 10 at each wake, seen on the real vcluster).
+pub fn from_vcluster_itself(user: &str, user_agent: &str) -> bool {
     user_agent.starts_with("vcluster/")
+        || (user == "kubernetes-super-admin" && user_agent.starts_with("Go-http-client/"))
 }
 
 /// `kubectl/v1.37.2 (linux/amd64) kubernetes/abc` → `kubectl`: the product
@@ -272,7 +319,7 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let (ledger, _worker) = Ledger::new(10_000);
         let rules = RulesCache::new(stores, Defaults::default(), Scope::default(), Duration::from_secs(5));
-        let o = Observer::new(ledger, IgnoreRules::default(), rules, metrics.clone());
+        let o = Observer::new(ledger, IgnoreRules::default(), rules, metrics.clone()).with_user_names(true);
         let t = TargetRef::vcluster("team-a", "dev");
         for i in 0..MAX_SOURCES + 8 {
             assert_eq!(o.observe(&t, activity(&format!("user-{i}"))), Outcome::Counted);
@@ -307,7 +354,8 @@ mod tests {
             std::future::pending(),
         ));
         let rules = RulesCache::new(stores, Defaults::default(), Scope::default(), Duration::from_secs(5));
-        let o = Observer::new(ledger.clone(), IgnoreRules::default(), rules, metrics.clone());
+        let o = Observer::new(ledger.clone(), IgnoreRules::default(), rules, metrics.clone())
+            .with_user_names(true);
         let (gone, kept) = (TargetRef::namespace("preview-1"), TargetRef::namespace("team-a"));
         for t in [&gone, &kept] {
             for user in ["alice", "bob"] {
@@ -334,5 +382,21 @@ mod tests {
         assert!(!o.rules.cache.read().unwrap().contains_key(&gone));
         drop((o, ledger));
         task.abort();
+    }
+
+    #[test]
+    fn metrics_name_tools_not_users_unless_asked() {
+        let (stores, _writers) = crate::target::stores::stores();
+        let metrics = Arc::new(Metrics::new());
+        let (ledger, _worker) = Ledger::new(100);
+        let rules = RulesCache::new(stores, Defaults::default(), Scope::default(), Duration::from_secs(5));
+        let o = Observer::new(ledger.clone(), IgnoreRules::default(), rules, metrics.clone());
+        let t = TargetRef::namespace("team-a");
+        assert_eq!(o.observe(&t, activity("alice")), Outcome::Counted);
+        let text = metrics.encode();
+        let series: Vec<&str> =
+            text.lines().filter(|l| l.starts_with("dormant_activity_sources_total{")).collect();
+        assert_eq!(series.len(), 1, "{series:?}");
+        assert!(series[0].contains(r#"source="(kubectl)""#) && !series[0].contains("alice"), "{series:?}");
     }
 }

@@ -158,17 +158,20 @@ impl Parts {
         let own_user = crate::client::whoami(client).await;
         tracing::info!(user = %own_user, "dormant's own identity (ignored as activity)");
         let stores = &caches.stores;
-        let observer = Arc::new(Observer::new(
-            ledger.clone(),
-            IgnoreRules::builtin(&[own_user]),
-            RulesCache::new(
-                stores.clone(),
-                settings.defaults.clone(),
-                settings.scope.clone(),
-                Duration::from_secs(5),
-            ),
-            metrics.clone(),
-        ));
+        let observer = Arc::new(
+            Observer::new(
+                ledger.clone(),
+                IgnoreRules::builtin(&[own_user]),
+                RulesCache::new(
+                    stores.clone(),
+                    settings.defaults.clone(),
+                    settings.scope.clone(),
+                    Duration::from_secs(5),
+                ),
+                metrics.clone(),
+            )
+            .with_user_names(settings.metrics_user_names),
+        );
         let index =
             Arc::new(TargetIndex::new(stores.clone(), settings.scope.clone(), Duration::from_secs(2)));
         let notify = caches.to_controller.clone();
@@ -257,6 +260,7 @@ impl Servers {
                 scope: settings.scope.clone(),
                 changes: caches.broadcast.clone(),
                 base_domain: p.base_domain.clone(),
+                unverified_wake_every: p.unverified_wake_every,
             }));
             let listener = tokio::net::TcpListener::bind(p.addr)
                 .await

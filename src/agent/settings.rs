@@ -2,8 +2,8 @@
 //! environment fallback, all checked at once into [`Settings`] (every bad
 //! value reported together, before anything starts).
 
-use std::collections::HashSet;
-use std::net::SocketAddr;
+use std::collections::{BTreeSet, HashSet};
+use std::net::{Ipv6Addr, SocketAddr};
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,8 +30,12 @@ pub struct AgentArgs {
     /// This replica's name in the Lease and in Events (default: $POD_NAME, then the host name).
     #[arg(long, env = "DORMANT_IDENTITY")]
     pub identity: Option<String>,
-    /// Address of the admin port (/livez, /readyz, /metrics, /status).
-    #[arg(long, env = "DORMANT_ADMIN_ADDR", default_value = "0.0.0.0:9090")]
+    /// Address of the admin port (/livez, /readyz, /metrics, /status). It
+    /// has no authentication, so it stays on loopback unless told where to
+    /// listen (the chart passes the pod's IP: probes and Prometheus reach
+    /// it there). An IPv6 address may come without brackets, as the
+    /// downward API gives it: `fd00::7:9090`.
+    #[arg(long, env = "DORMANT_ADMIN_ADDR", default_value = "127.0.0.1:9090", value_parser = listen_addr)]
     pub admin_addr: SocketAddr,
     /// Connections the admin port holds at once (at the cap, the one idle
     /// the longest is closed to make room).
@@ -102,6 +106,12 @@ pub struct AgentArgs {
     /// Only namespaces whose labels match this selector (kubectl `-l` syntax) hold targets.
     #[arg(long, env = "DORMANT_NAMESPACE_SELECTOR")]
     pub namespace_selector: Option<String>,
+    /// Only these namespaces hold targets (comma-separated; unset: every
+    /// namespace not excluded). The chart sets it in its `namespaces` RBAC
+    /// mode to the namespaces it grants writes in, so the agent never
+    /// tries to act where it would be refused.
+    #[arg(long = "namespaces", env = "DORMANT_NAMESPACES", value_delimiter = ',')]
+    pub only_namespaces: Vec<String>,
     /// Decide and report, never scale.
     #[arg(long, env = "DORMANT_DRY_RUN")]
     pub dry_run: bool,
@@ -174,9 +184,19 @@ pub struct AgentArgs {
     /// (each on an upstream connection of its own).
     #[arg(long, env = "DORMANT_PROXY_MAX_UPSTREAM_PER_CONNECTION", default_value_t = 100)]
     pub proxy_max_upstream_per_connection: usize,
+    /// At most one wake per vcluster this often for requests whose bearer
+    /// token cannot be checked while it sleeps (not a ServiceAccount token
+    /// its keys verify, nor one its API server accepted lately); `never`
+    /// refuses them all.
+    #[arg(long, env = "DORMANT_PROXY_UNVERIFIED_WAKE_EVERY", default_value = "10m")]
+    pub proxy_unverified_wake_every: String,
     /// Log format.
     #[arg(long, env = "DORMANT_LOG_FORMAT", value_enum, default_value = "plain")]
     pub log_format: LogFormat,
+    /// Name users in `dormant_activity_sources_total` (the admin port needs
+    /// no credential; off, the metric names only their tool).
+    #[arg(long, env = "DORMANT_METRICS_USER_NAMES")]
+    pub metrics_user_names: bool,
 }
 
 /// Defaults that fit the chart's 256 MiB memory limit with margin; the
@@ -204,6 +224,7 @@ pub struct Settings {
     pub defaults: Defaults,
     pub scope: Scope,
     pub dry_run: bool,
+    pub metrics_user_names: bool,
     pub audit: Option<AuditSettings>,
     pub proxy: Option<ProxySettings>,
 }
@@ -220,6 +241,8 @@ pub struct ProxySettings {
     pub limits: Limits,
     pub max_upstream_connections: usize,
     pub max_upstream_per_connection: usize,
+    /// `Duration::MAX` for never.
+    pub unverified_wake_every: Duration,
 }
 
 /// The audit webhook's validated settings.
@@ -290,6 +313,7 @@ impl AgentArgs {
             errors.push("--admin-max-connections: must be at least 1".into());
         }
         let admin_limits = Limits { max_connections: self.admin_max_connections, ..base };
+        let only = self.validate_only_namespaces(&mut errors);
         let audit = self.validate_audit(base, &mut errors);
         let proxy = self.validate_proxy(base, &mut errors);
         if self.namespace.is_empty() {
@@ -333,8 +357,9 @@ impl AgentArgs {
                     currency: self.currency.clone(),
                 },
             },
-            scope: Scope { excluded: excluded_namespaces, selector },
+            scope: Scope { excluded: excluded_namespaces, selector, only },
             dry_run: self.dry_run,
+            metrics_user_names: self.metrics_user_names,
             audit,
             proxy,
         })
@@ -355,6 +380,27 @@ fn duration_flag(flag: &str, v: &str, min: Duration, errors: &mut Vec<String>) -
             min
         }
     }
+}
+
+/// A listening address: `ip:port`, `[ipv6]:port`, or an IPv6 address
+/// followed by `:port` without brackets (what `$(POD_IP):9090` becomes in
+/// an IPv6 pod).
+fn listen_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    s.rsplit_once(':')
+        .and_then(|(ip, port)| Some(SocketAddr::new(ip.parse::<Ipv6Addr>().ok()?.into(), port.parse().ok()?)))
+        .ok_or_else(|| format!("{s:?}: expected an address and a port, such as 127.0.0.1:9090 or [::1]:9090"))
+}
+
+/// Whether `s` is a namespace name (an RFC 1123 label).
+fn is_namespace_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
 }
 
 impl AgentArgs {
@@ -383,6 +429,26 @@ impl AgentArgs {
             ),
             max_streams: 100,
         }
+    }
+
+    /// `--namespaces`: `None` when unset; a name that is no namespace, or
+    /// that is also excluded (it could never hold a target), is an error.
+    fn validate_only_namespaces(&self, errors: &mut Vec<String>) -> Option<BTreeSet<String>> {
+        let names: BTreeSet<String> =
+            self.only_namespaces.iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+        if names.is_empty() {
+            return None;
+        }
+        for n in &names {
+            if !is_namespace_name(n) {
+                errors.push(format!("--namespaces: {n:?} is not a namespace name"));
+            } else if *n == self.namespace || self.exclude_namespaces.iter().any(|e| e.trim() == n) {
+                errors.push(format!(
+                    "--namespaces: {n} is excluded (--exclude-namespaces, or the agent's own --namespace)"
+                ));
+            }
+        }
+        Some(names)
     }
 
     fn validate_proxy(&self, base: Limits, errors: &mut Vec<String>) -> Option<ProxySettings> {
@@ -427,6 +493,10 @@ impl AgentArgs {
                 errors.push(format!("--{flag}: must be at least 1"));
             }
         }
+        let unverified_wake_every = match self.proxy_unverified_wake_every.trim() {
+            "never" => Duration::MAX,
+            every => duration_flag("proxy-unverified-wake-every", every, Duration::from_secs(1), errors),
+        };
         Some(ProxySettings {
             addr,
             cert: serving?,
@@ -440,6 +510,7 @@ impl AgentArgs {
             },
             max_upstream_connections: self.proxy_max_upstream_connections,
             max_upstream_per_connection: self.proxy_max_upstream_per_connection,
+            unverified_wake_every,
         })
     }
 
@@ -533,4 +604,49 @@ fn serving_cert(
         .map(Arc::new)
         .map_err(|e| errors.push(format!("{flags}: {e}")))
         .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        agent: AgentArgs,
+    }
+
+    fn settings(args: &[&str]) -> Result<Settings, Vec<String>> {
+        Cli::try_parse_from(std::iter::once("agent").chain(args.iter().copied())).unwrap().agent.validate()
+    }
+
+    #[test]
+    fn the_admin_port_listens_on_loopback_unless_told_otherwise() {
+        assert_eq!(settings(&[]).unwrap().admin_addr, "127.0.0.1:9090".parse().unwrap());
+        let pod_ip = |a: &str| settings(&[&format!("--admin-addr={a}")]).map(|s| s.admin_addr);
+        assert_eq!(pod_ip("10.1.2.3:9090").unwrap(), "10.1.2.3:9090".parse().unwrap());
+        assert_eq!(pod_ip("[fd00::7]:9090").unwrap(), "[fd00::7]:9090".parse().unwrap());
+        assert_eq!(
+            pod_ip("fd00::7:9090").unwrap(),
+            "[fd00::7]:9090".parse().unwrap(),
+            "the downward API's IPv6"
+        );
+        assert!(Cli::try_parse_from(["agent", "--admin-addr=10.1.2.3"]).is_err());
+        assert!(Cli::try_parse_from(["agent", "--admin-addr=pod:9090"]).is_err());
+    }
+
+    #[test]
+    fn namespaces_narrow_the_scope_and_an_excluded_or_bad_one_is_refused() {
+        let s = settings(&["--namespaces=team-a, team-b"]).unwrap();
+        assert!(s.scope.allows("team-a", &Default::default()));
+        assert!(!s.scope.allows("team-c", &Default::default()));
+        assert!(settings(&[]).unwrap().scope.only.is_none(), "unset: every namespace not excluded");
+        let errors = settings(&["--namespaces=team-a,kube-system,dormant,Team_B"]).unwrap_err();
+        assert_eq!(errors.len(), 3, "{errors:?}");
+        assert!(errors.iter().any(|e| e.contains("kube-system is excluded")), "{errors:?}");
+        assert!(errors.iter().any(|e| e.contains("dormant is excluded")), "{errors:?}");
+        assert!(errors.iter().any(|e| e.contains("\"Team_B\" is not a namespace name")), "{errors:?}");
+    }
 }

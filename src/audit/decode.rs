@@ -97,6 +97,17 @@ pub struct Event<'a> {
     pub response_status: Option<ResponseStatus>,
     #[serde(borrow, default)]
     pub stage_timestamp: Option<Cow<'a, str>>,
+    /// The authorizer's decision and reason, and whatever else the API
+    /// server annotated the event with (only the decision is read).
+    #[serde(borrow, default)]
+    pub annotations: Option<Annotations<'a>>,
+}
+
+/// An event's `annotations`, of which dormant reads one.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Annotations<'a> {
+    #[serde(borrow, default, rename = "authorization.k8s.io/decision")]
+    pub decision: Option<Cow<'a, str>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -178,6 +189,19 @@ impl Event<'_> {
     /// authenticate it (audited with no user, status 401).
     pub fn unauthenticated(&self) -> bool {
         self.user.username.is_empty() || self.response_status.and_then(|s| s.code) == Some(401)
+    }
+
+    /// The code of the API server's answer: its `responseStatus`, or 403
+    /// when the authorizer's decision was `forbid` (a request refused by
+    /// authorization is audited with that decision even where the status
+    /// is missing).
+    pub fn code(&self) -> Option<u16> {
+        let code = self.response_status.and_then(|s| s.code).and_then(|c| u16::try_from(c).ok());
+        let forbidden = self.annotations.as_ref().and_then(|a| a.decision.as_deref()) == Some("forbid");
+        match code {
+            None if forbidden => Some(403),
+            code => code,
+        }
     }
 
     /// The user the request acted as (the impersonated one, if any).

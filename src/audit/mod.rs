@@ -152,7 +152,7 @@ pub fn to_activity(e: &decode::Event<'_>, received: chrono::DateTime<Utc>, origi
             })
         }),
         path,
-        code: e.response_status.and_then(|s| s.code).and_then(|c| u16::try_from(c).ok()),
+        code: e.code(),
         in_vcluster: matches!(origin, Origin::VCluster(_)),
     }
 }

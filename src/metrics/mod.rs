@@ -88,7 +88,7 @@ pub struct OutcomeLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProxyLabels {
-    /// `forwarded`, `held`, `timeout`, `overloaded`, `prevented`,
+    /// `forwarded`, `held`, `timeout`, `overloaded`, `prevented`, `invalid`,
     /// `unauthenticated`, `upstream-error`, `not-found`.
     pub outcome: &'static str,
     pub code: u16,
@@ -132,6 +132,9 @@ pub struct Metrics {
     pub listener_connections: Family<ListenerLabels, Gauge>,
     pub listener_evictions: Family<ListenerLabels, Counter>,
     pub listener_refused: Family<ListenerLabels, Counter>,
+    /// Wakes asked for by requests whose credential could not be checked
+    /// while their vcluster slept: `requested`, or `refused` (over budget).
+    pub proxy_unverified_wakes: Family<OutcomeLabels, Counter>,
     pub leader: Gauge,
     /// Per-target series currently exported, to remove them when a target
     /// goes or changes policy.
@@ -253,6 +256,12 @@ impl Metrics {
             Unit::Seconds,
             proxy_duration.clone(),
         );
+        let proxy_unverified_wakes = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "proxy_unverified_wakes",
+            "Wakes asked for by requests whose credential could not be checked while the vcluster slept, by outcome (requested, refused over budget)",
+            proxy_unverified_wakes.clone(),
+        );
         let proxy_waiting = Gauge::default();
         registry.register(
             "proxy_waiting_requests",
@@ -319,6 +328,7 @@ impl Metrics {
             listener_connections,
             listener_evictions,
             listener_refused,
+            proxy_unverified_wakes,
             leader,
             exported: Mutex::new(HashMap::new()),
             cost: cost::Meter::default(),

@@ -130,6 +130,9 @@ pub struct TargetAnnotations {
     pub first_seen: Option<DateTime<Utc>>,
     /// CPU cores and memory bytes requested by what the sleep scaled down.
     pub asleep_requests: Option<(f64, f64)>,
+    /// When the proxy last asked to wake the target for a request whose
+    /// credential it could not check.
+    pub unverified_wake: Option<DateTime<Utc>>,
 }
 
 /// The `force-sleep` annotation: `true`, or the instant it was requested
@@ -243,6 +246,8 @@ impl TargetAnnotations {
             ACTIVITY_SOURCES => self.activity_sources = parse_sources(v),
             ASLEEP_SINCE => self.asleep_since = Some(parse_time(key, v)?),
             FIRST_SEEN => self.first_seen = Some(parse_time(key, v)?),
+            // Written by dormant's proxy: unreadable means none.
+            UNVERIFIED_WAKE => self.unverified_wake = parse_time(key, v).ok(),
             ASLEEP_REQUESTS => {
                 self.asleep_requests = Some(
                     parse_requests(v).ok_or_else(|| err(key, v, "expected cpu=<cores>,memory=<bytes>"))?,

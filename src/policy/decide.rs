@@ -63,19 +63,61 @@ pub struct Inputs<'a> {
     /// When dormant first saw the target: it is never idle before that.
     pub first_seen: DateTime<Utc>,
     pub forced: Option<Forced>,
+    /// A wake asked for by a request whose credential could not be checked
+    /// while the target slept (the proxy's bounded budget of those): it
+    /// wakes the target like a use, but only for [`unverified_grace`],
+    /// unless a counted use follows.
+    pub unverified_wake: Option<DateTime<Utc>>,
+}
+
+/// How long a target woken for an unverified request stays awake with no
+/// counted use after it: the wake timeout (the request waits that long at
+/// most) and a minute for its answer.
+pub fn unverified_grace(policy: &EffectivePolicy) -> Duration {
+    policy.wake_timeout.value + Duration::from_secs(60)
 }
 
 /// Why the target should be in its desired state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reason {
     Disabled,
-    FirstSeen { at: DateTime<Utc> },
-    InUse { at: DateTime<Utc>, by: String },
-    ManualWake { at: DateTime<Utc>, by: String },
-    ScheduledWake { at: DateTime<Utc>, schedule: String },
-    Idle { last_use: DateTime<Utc>, after: Duration, at: DateTime<Utc> },
-    SleepSchedule { at: DateTime<Utc>, schedule: String },
-    Forced { at: DateTime<Utc>, until: Option<Until> },
+    FirstSeen {
+        at: DateTime<Utc>,
+    },
+    InUse {
+        at: DateTime<Utc>,
+        by: String,
+    },
+    ManualWake {
+        at: DateTime<Utc>,
+        by: String,
+    },
+    ScheduledWake {
+        at: DateTime<Utc>,
+        schedule: String,
+    },
+    /// Woken for a request whose credential could not be checked.
+    UnverifiedWake {
+        at: DateTime<Utc>,
+    },
+    /// No counted use followed an unverified wake within its grace.
+    Unconfirmed {
+        woken: DateTime<Utc>,
+        at: DateTime<Utc>,
+    },
+    Idle {
+        last_use: DateTime<Utc>,
+        after: Duration,
+        at: DateTime<Utc>,
+    },
+    SleepSchedule {
+        at: DateTime<Utc>,
+        schedule: String,
+    },
+    Forced {
+        at: DateTime<Utc>,
+        until: Option<Until>,
+    },
 }
 
 impl Reason {
@@ -85,10 +127,10 @@ impl Reason {
         match self {
             Reason::Disabled => "disabled",
             Reason::FirstSeen { .. } => "new",
-            Reason::InUse { .. } => "request",
+            Reason::InUse { .. } | Reason::UnverifiedWake { .. } => "request",
             Reason::ManualWake { .. } | Reason::Forced { .. } => "manual",
             Reason::ScheduledWake { .. } | Reason::SleepSchedule { .. } => "schedule",
-            Reason::Idle { .. } => "idle",
+            Reason::Idle { .. } | Reason::Unconfirmed { .. } => "idle",
         }
     }
 
@@ -100,6 +142,8 @@ impl Reason {
             | Reason::InUse { at, .. }
             | Reason::ManualWake { at, .. }
             | Reason::ScheduledWake { at, .. }
+            | Reason::UnverifiedWake { at }
+            | Reason::Unconfirmed { at, .. }
             | Reason::Idle { at, .. }
             | Reason::SleepSchedule { at, .. }
             | Reason::Forced { at, .. } => Some(*at),
@@ -119,6 +163,17 @@ impl fmt::Display for Reason {
             Reason::ScheduledWake { at, schedule } => {
                 write!(f, "wake schedule \"{schedule}\" fired at {}", rfc3339(*at))
             }
+            Reason::UnverifiedWake { at } => write!(
+                f,
+                "woken at {} for a request whose credential could not be checked while it slept",
+                rfc3339(*at)
+            ),
+            Reason::Unconfirmed { woken, at } => write!(
+                f,
+                "no use confirmed the wake at {} for an unchecked credential; asleep again since {}",
+                rfc3339(*woken),
+                rfc3339(*at)
+            ),
             Reason::Idle { last_use, after, at } => write!(
                 f,
                 "idle since {} (sleep after {}), asleep since {}",
@@ -201,6 +256,16 @@ fn latest_wake(inputs: &Inputs<'_>, t: DateTime<Utc>) -> (DateTime<Utc>, Reason)
             }
         }
     }
+    if let Some(at) = inputs.unverified_wake {
+        let counts = !prevented(inputs, at)
+            && match inputs.current {
+                Current::Awake => true,
+                Current::Asleep { since } => at <= since || p.wake_on_request.value,
+            };
+        if counts {
+            consider(at, Reason::UnverifiedWake { at });
+        }
+    }
     if let Some(u) = &inputs.last_use {
         let counts = u.manual
             || (!prevented(inputs, u.at)
@@ -246,6 +311,11 @@ fn first_sleep_after(
     {
         consider(Reason::Idle { last_use: from, after: d, at });
     }
+    if matches!(wake.1, Reason::UnverifiedWake { .. })
+        && let Some(at) = add(from, unverified_grace(p))
+    {
+        consider(Reason::Unconfirmed { woken: from, at });
+    }
     for pair in &p.schedules.value {
         if let Some(s) = &pair.sleep {
             let at = if baseline { s.last_at_or_before(from, tz).filter(|a| *a == from) } else { None };
@@ -276,13 +346,19 @@ fn next_change(inputs: &Inputs<'_>, now: DateTime<Utc>, current: Desired) -> (Op
     let can_flip = if asleep {
         p.wake_on_schedule.value && p.schedules.value.iter().any(|s| s.wake.is_some())
     } else {
-        p.can_sleep()
+        // An unverified wake ends by itself, whatever the policy.
+        p.can_sleep() || (inputs.unverified_wake.is_some() && !p.disabled.value)
     };
     let future_input = |t: DateTime<Utc>| {
-        [Some(inputs.first_seen), inputs.last_use.as_ref().map(|u| u.at), inputs.forced.map(|f| f.since)]
-            .into_iter()
-            .flatten()
-            .any(|x| x > t)
+        [
+            Some(inputs.first_seen),
+            inputs.last_use.as_ref().map(|u| u.at),
+            inputs.forced.map(|f| f.since),
+            inputs.unverified_wake,
+        ]
+        .into_iter()
+        .flatten()
+        .any(|x| x > t)
     };
     if !can_flip && !future_input(now) {
         return (None, false);
@@ -298,9 +374,12 @@ fn next_change(inputs: &Inputs<'_>, now: DateTime<Utc>, current: Desired) -> (Op
                 next = Some(c);
             }
         };
-        let (wake_at, _) = latest_wake(inputs, t);
+        let (wake_at, wake) = latest_wake(inputs, t);
         if let SleepAfter::After(d) = p.sleep_after.value {
             candidate(add(wake_at, d));
+        }
+        if matches!(wake, Reason::UnverifiedWake { .. }) {
+            candidate(add(wake_at, unverified_grace(p)));
         }
         for pair in &p.schedules.value {
             if !asleep {
@@ -313,6 +392,7 @@ fn next_change(inputs: &Inputs<'_>, now: DateTime<Utc>, current: Desired) -> (Op
         candidate(Some(inputs.first_seen));
         candidate(inputs.last_use.as_ref().map(|u| u.at));
         candidate(inputs.forced.map(|f| f.since));
+        candidate(inputs.unverified_wake);
         let Some(c) = next else { return (None, false) };
         if state_at(inputs, c).0 != current {
             return (Some(c), false);

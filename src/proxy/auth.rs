@@ -7,8 +7,9 @@
 use http::HeaderMap;
 
 use super::error::ProxyError;
+use super::proof::Proofs;
 use super::upstream::Upstreams;
-use crate::auth::{bearer_token, service_account, subject};
+use crate::auth::{bearer_token, subject};
 use crate::target::TargetRef;
 use crate::tls::Conn;
 
@@ -21,48 +22,59 @@ pub enum Caller {
         groups: Vec<String>,
     },
     /// A bearer token, passed through untouched; for a ServiceAccount
-    /// token, the account it names (not verified: used only to attribute
-    /// activity, never to authorize).
+    /// token the vcluster's keys verify, the account it names (to attribute
+    /// activity and apply ignore rules; never to authorize, which is the
+    /// upstream's alone).
     Bearer {
-        service_account: Option<(String, Vec<String>)>,
+        verified: Option<(String, Vec<String>)>,
     },
     Anonymous,
 }
 
 impl Caller {
-    /// The user and groups activity is recorded under. Whether a token is
-    /// valid is the upstream's to know; a ServiceAccount token names its
-    /// account, which is all the activity record and ignore rules need.
-    /// Other tokens are attributed exactly by the vcluster's audit webhook.
+    /// The user and groups activity is recorded under: only what was
+    /// verified (a claim in a token nobody checked is no name). Other
+    /// tokens are attributed exactly by the vcluster's audit webhook.
     pub fn identity(&self) -> (String, Vec<String>) {
         match self {
             Caller::Certificate { user, groups } => (user.clone(), groups.clone()),
-            Caller::Bearer { service_account: Some((user, groups)) } => (user.clone(), groups.clone()),
-            Caller::Bearer { service_account: None } => ("(bearer token)".to_string(), vec![]),
+            Caller::Bearer { verified: Some((user, groups)) } => (user.clone(), groups.clone()),
+            Caller::Bearer { verified: None } => ("(bearer token)".to_string(), vec![]),
             Caller::Anonymous => ("system:anonymous".to_string(), vec![]),
         }
     }
 }
 
-/// Who sent a request for `t` on `conn` with `headers`.
+/// Who sent a request for `t` on `conn` with `headers`. A certificate
+/// that `t` does not trust is refused here, with the same answer as any
+/// other unauthenticated request (the reason goes to the logs).
 pub async fn authenticate<S>(
     conn: &Conn<S>,
     headers: &HeaderMap,
     t: &TargetRef,
     upstreams: &Upstreams,
+    proofs: &Proofs,
 ) -> Result<Caller, ProxyError> {
     match conn.peer.as_deref().and_then(<[_]>::split_first) {
         Some((cert, intermediates)) => {
-            let up = upstreams.get(t).await.map_err(|e| ProxyError::Upstream(t.clone(), e.to_string()))?;
-            up.client_verifier
-                .verify_client_cert(cert, intermediates, rustls_pki_types::UnixTime::now())
-                .map_err(|e| ProxyError::BadClientCert(t.clone(), e.to_string()))?;
-            let (user, groups) =
-                subject(cert).ok_or_else(|| ProxyError::BadClientCert(t.clone(), "no common name".into()))?;
+            let up = upstreams
+                .get(t)
+                .await
+                .map_err(|e| ProxyError::Upstream(t.clone(), crate::error::chain(&e)))?;
+            if let Err(e) =
+                up.client_verifier.verify_client_cert(cert, intermediates, rustls_pki_types::UnixTime::now())
+            {
+                tracing::debug!(target = %t, error = %e, "client certificate refused");
+                return Err(ProxyError::Unauthorized);
+            }
+            let Some((user, groups)) = subject(cert) else {
+                tracing::debug!(target = %t, "client certificate without a common name refused");
+                return Err(ProxyError::Unauthorized);
+            };
             Ok(Caller::Certificate { user, groups })
         }
         None => Ok(match bearer_token(headers) {
-            Some(token) => Caller::Bearer { service_account: service_account(token) },
+            Some(token) => Caller::Bearer { verified: proofs.identity(t, token, std::time::Instant::now()) },
             None => Caller::Anonymous,
         }),
     }

@@ -21,10 +21,13 @@ use crate::vocab::IGNORE_HEADER;
 #[derive(Debug, Clone, PartialEq)]
 pub enum ProxyError {
     NotRouted,
-    NoSuchVCluster(TargetRef),
-    BadClientCert(TargetRef, String),
-    CredentialsRequired(TargetRef),
-    TokenRefused(TargetRef),
+    /// The caller is not proven for this target, whatever the reason (no
+    /// credential, a certificate the vcluster does not trust, a token known
+    /// bad or not checkable while it sleeps, a vcluster that does not exist
+    /// or is not served): one answer, kube-apiserver's own, so that nobody
+    /// unauthenticated learns which vclusters exist or sleep. The reason
+    /// goes to the logs.
+    Unauthorized,
     AsleepIgnored(TargetRef),
     Prevented(TargetRef, Until),
     WakeOnRequestOff(TargetRef),
@@ -44,10 +47,8 @@ impl ProxyError {
     /// Metric label.
     pub fn outcome(&self) -> &'static str {
         match self {
-            ProxyError::NotRouted | ProxyError::NoSuchVCluster(_) => "not-found",
-            ProxyError::BadClientCert(..)
-            | ProxyError::CredentialsRequired(_)
-            | ProxyError::TokenRefused(_) => "unauthenticated",
+            ProxyError::NotRouted => "not-found",
+            ProxyError::Unauthorized => "unauthenticated",
             ProxyError::AsleepIgnored(_) | ProxyError::Prevented(..) | ProxyError::WakeOnRequestOff(_) => {
                 "prevented"
             }
@@ -73,36 +74,9 @@ impl ProxyError {
                 "dormant proxies vclusters at /vcluster/<namespace>/<name>/".into(),
                 None,
             ),
-            ProxyError::NoSuchVCluster(t) => (
-                StatusCode::NOT_FOUND,
-                "NotFound",
-                format!("vcluster {}/{} not found", t.namespace, t.name),
-                None,
-            ),
-            ProxyError::BadClientCert(t, why) => (
-                StatusCode::UNAUTHORIZED,
-                "Unauthorized",
-                format!("client certificate not valid for vcluster {}/{}: {why}", t.namespace, t.name),
-                None,
-            ),
-            ProxyError::CredentialsRequired(t) => (
-                StatusCode::UNAUTHORIZED,
-                "Unauthorized",
-                format!(
-                    "vcluster {}/{} is asleep; only an authenticated request wakes it",
-                    t.namespace, t.name
-                ),
-                None,
-            ),
-            ProxyError::TokenRefused(t) => (
-                StatusCode::UNAUTHORIZED,
-                "Unauthorized",
-                format!(
-                    "vcluster {}/{} is asleep, and its API server refused this token when it was last awake; it is not woken for it (another credential wakes it, or: dormant wake vcluster/{}/{})",
-                    t.namespace, t.name, t.namespace, t.name
-                ),
-                None,
-            ),
+            ProxyError::Unauthorized => {
+                (StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized".into(), None)
+            }
             ProxyError::AsleepIgnored(t) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "ServiceUnavailable",
@@ -178,16 +152,18 @@ impl ProxyError {
                 ),
                 None,
             ),
-            ProxyError::WakeFailed(t, e) => (
+            // What failed (a Secret, a TLS handshake) is the operator's to
+            // read in the logs and Events, not the caller's.
+            ProxyError::WakeFailed(t, _) => (
                 StatusCode::BAD_GATEWAY,
                 "ServiceUnavailable",
-                format!("waking vcluster {}/{} failed: {e}", t.namespace, t.name),
+                format!("waking vcluster {}/{} failed; the agent's log says why", t.namespace, t.name),
                 None,
             ),
-            ProxyError::Upstream(t, e) => (
+            ProxyError::Upstream(t, _) => (
                 StatusCode::BAD_GATEWAY,
                 "ServiceUnavailable",
-                format!("vcluster {}/{} is unreachable: {e}", t.namespace, t.name),
+                format!("vcluster {}/{} is unreachable; the agent's log says why", t.namespace, t.name),
                 None,
             ),
         };
@@ -227,10 +203,7 @@ mod tests {
         let t = TargetRef::vcluster("team-a", "dev");
         let errors = [
             ProxyError::NotRouted,
-            ProxyError::NoSuchVCluster(t.clone()),
-            ProxyError::BadClientCert(t.clone(), "unknown issuer".into()),
-            ProxyError::CredentialsRequired(t.clone()),
-            ProxyError::TokenRefused(t.clone()),
+            ProxyError::Unauthorized,
             ProxyError::AsleepIgnored(t.clone()),
             ProxyError::Prevented(t.clone(), Until::Never),
             ProxyError::WakeOnRequestOff(t.clone()),
@@ -241,8 +214,11 @@ mod tests {
                 "this connection already has 100 requests in flight, its limit".into(),
             ),
             ProxyError::WakeTimeout(t.clone(), Duration::from_secs(120)),
-            ProxyError::WakeFailed(t.clone(), "forbidden".into()),
-            ProxyError::Upstream(t.clone(), "connection refused".into()),
+            ProxyError::WakeFailed(
+                t.clone(),
+                "its upstream cannot be used: the Secret vc-dev is unusable".into(),
+            ),
+            ProxyError::Upstream(t.clone(), "failed to read the Secret vc-dev of vcluster team-a/dev".into()),
         ];
         assert_eq!(documented.len(), errors.len(), "docs/proxy.md's table: {documented:?}");
         for e in errors {
@@ -263,8 +239,17 @@ mod tests {
                 documented.contains(&(code, reason.clone(), outcome.to_string())),
                 "{e:?} answers {code} {reason} ({outcome}), which docs/proxy.md does not list"
             );
-            if !matches!(e, ProxyError::NotRouted) {
-                assert!(v["message"].as_str().unwrap().contains("team-a/dev"), "{v}");
+            match e {
+                ProxyError::NotRouted => {}
+                // The same bytes whatever the target: nothing about it.
+                ProxyError::Unauthorized => assert_eq!(
+                    std::str::from_utf8(&body).unwrap(),
+                    r#"{"apiVersion":"v1","code":401,"kind":"Status","message":"Unauthorized","metadata":{},"reason":"Unauthorized","status":"Failure"}"#
+                ),
+                _ => assert!(v["message"].as_str().unwrap().contains("team-a/dev"), "{v}"),
+            }
+            if matches!(e, ProxyError::WakeFailed(..) | ProxyError::Upstream(..)) {
+                assert!(!v["message"].as_str().unwrap().contains("Secret"), "details go to the logs: {v}");
             }
         }
     }

@@ -68,10 +68,7 @@ impl Proxy {
                     )
                     .into());
                 }
-                let value = |s: &str| {
-                    HeaderValue::from_str(s)
-                        .map_err(|_| ProxyError::BadClientCert(t.clone(), "unusable subject".into()))
-                };
+                let value = |s: &str| HeaderValue::from_str(s).map_err(|_| ProxyError::Unauthorized);
                 headers.insert("impersonate-user", value(user)?);
                 for g in groups {
                     headers.append("impersonate-group", value(g)?);
@@ -117,7 +114,12 @@ impl Proxy {
                 return Err(Forward::NoAnswer(crate::error::chain(&*e)));
             }
         };
-        let guard = keep_awake.map(|a| KeepAwake::start(self.observer.clone(), t.clone(), a));
+        // Kept awake only by an answer that let the caller in: a 401 or 403
+        // watch held open (an HTTP/2 client can keep any body open with a
+        // zero window) is nobody's use.
+        let let_in = resp.status().is_success() || resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+        let guard =
+            keep_awake.filter(|_| let_in).map(|a| KeepAwake::start(self.observer.clone(), t.clone(), a));
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS
             && let Some(client_upgrade) = client_upgrade
         {

@@ -24,7 +24,7 @@ pub mod error;
 pub mod forward;
 pub mod gate;
 pub mod headers;
-mod refused;
+pub mod proof;
 pub mod route;
 pub mod tls;
 pub mod upstream;
@@ -32,7 +32,7 @@ pub mod wake;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use http::{HeaderMap, Request, Response, StatusCode, header};
@@ -42,7 +42,7 @@ use tokio::sync::broadcast;
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument as _;
 
-use crate::activity::observe::{Observer, UNAUTHENTICATED};
+use crate::activity::observe::{Observer, refused_by_answer};
 use crate::activity::{Activity, Source};
 use crate::annotate::Annotator;
 use crate::auth::bearer_token;
@@ -55,10 +55,11 @@ pub use crate::vocab::{IGNORE_HEADER, IGNORED_USER_AGENT_MARK};
 use admit::{Admission, admit};
 use auth::Caller;
 pub use error::ProxyError;
-use forward::{Forward, ForwardBody};
-use gate::{Gate, GateError};
+use forward::{Forward, ForwardBody, KeepAwake};
+use gate::{Class, Gate, GateError};
+use proof::{Proof, Proofs};
 use upstream::{Kept, ProxyBody, Upstreams};
-use wake::{WakeError, wake_limit};
+use wake::{WakeBy, WakeError, wake_limit};
 
 /// What the proxy is made of.
 pub struct Parts {
@@ -74,6 +75,9 @@ pub struct Parts {
     /// The stores' changes (a control plane becoming Ready).
     pub changes: broadcast::Sender<Change>,
     pub base_domain: Option<String>,
+    /// At most one wake per target this often for requests whose
+    /// credential cannot be checked while it sleeps.
+    pub unverified_wake_every: Duration,
 }
 
 pub struct Proxy {
@@ -87,13 +91,14 @@ pub struct Proxy {
     scope: Scope,
     changes: broadcast::Sender<Change>,
     base_domain: Option<String>,
+    unverified_wake_every: Duration,
     /// Targets whose upstream answered since they were last seen asleep
     /// (false: the control plane may be Ready before its API server serves).
     confirmed: Mutex<HashMap<TargetRef, bool>>,
     /// Targets whose API server a background check is waiting for.
     confirming: Mutex<HashSet<TargetRef>>,
-    /// Bearer tokens each target's API server answered 401.
-    refused: refused::Refused,
+    /// What is known of bearer tokens, per target.
+    proofs: Proofs,
 }
 
 impl Proxy {
@@ -109,9 +114,10 @@ impl Proxy {
             scope: p.scope,
             changes: p.changes,
             base_domain: p.base_domain,
+            unverified_wake_every: p.unverified_wake_every,
             confirmed: Mutex::new(HashMap::new()),
             confirming: Mutex::new(HashSet::new()),
-            refused: refused::Refused::default(),
+            proofs: Proofs::default(),
         }
     }
 
@@ -159,11 +165,29 @@ impl Proxy {
         tracing::Span::current().record("target", tracing::field::display(&t));
         let mut object = self.stores.object(&t);
         if object.is_none() || !self.stores.in_scope(&self.scope, &t.namespace) {
-            return Err(ProxyError::NoSuchVCluster(t));
+            tracing::debug!(target = %t, "refused: no such vcluster, or not served here");
+            return Err(ProxyError::Unauthorized);
         }
 
-        // 2. Authenticate.
-        let caller = auth::authenticate(conn, &parts.headers, &t, &self.upstreams).await?;
+        // 2. Authenticate. Nobody is forwarded, nor learns anything of the
+        // target, without a credential.
+        let mut caller = auth::authenticate(conn, &parts.headers, &t, &self.upstreams, &self.proofs).await?;
+        if caller == Caller::Anonymous {
+            tracing::debug!(target = %t, "refused: no credential");
+            return Err(ProxyError::Unauthorized);
+        }
+        // A ServiceAccount token for an awake vcluster whose keys are not
+        // known yet (the agent just started): read them first, once, so it
+        // is attributed to its account from the first request.
+        if let Caller::Bearer { verified: None } = caller
+            && let Some(token) = bearer_token(&parts.headers)
+            && crate::auth::service_account(token).is_some()
+            && object.as_ref().is_some_and(Self::object_ready)
+            && self.proofs.want_keys(&t, Instant::now())
+        {
+            let _ = tokio::time::timeout(Duration::from_secs(2), self.read_and_learn_keys(&t)).await;
+            caller = Caller::Bearer { verified: self.proofs.identity(&t, token, Instant::now()) };
+        }
 
         // 3. Record: what the request does, and whether it counts. It is
         // recorded once the upstream has answered, unless that answer is
@@ -177,8 +201,7 @@ impl Proxy {
             .get(IGNORE_HEADER)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.eq_ignore_ascii_case("true"));
-        let counted =
-            !opted_out && caller != Caller::Anonymous && self.observer.judge(&t, &activity).is_none();
+        let counted = !opted_out && self.observer.judge(&t, &activity).is_none();
         let mut recorded = false;
 
         let mut outcome = "forwarded";
@@ -187,14 +210,14 @@ impl Proxy {
             && !parts.headers.contains_key(header::TRANSFER_ENCODING);
         let mut attempts = 0;
         let mut body = Some(body);
+        let mut holding: Option<KeepAwake> = None;
         loop {
             attempts += 1;
             // The object looked up above serves the first pass; a retry
             // looks again.
             if !self.ready(&t, object.take().or_else(|| self.stores.object(&t)).as_ref()) {
                 // 4. Admit.
-                let refused = self.token_refused(&t, &caller, &parts.headers);
-                let timeout = match admit(&t, &caller, counted, refused, &self.wake_rules(&t)) {
+                let (timeout, by, class) = match self.admit(&t, &caller, &parts.headers, counted) {
                     Admission::Refuse(e) => return Err(e),
                     Admission::RecordAndRefuse(e) => {
                         self.record_once(&t, &activity, &mut recorded);
@@ -202,23 +225,37 @@ impl Proxy {
                     }
                     Admission::Wake(timeout) => {
                         self.record_once(&t, &activity, &mut recorded);
-                        timeout
+                        // A held request is a use going on: it keeps the
+                        // target awake while it waits (a short idle timeout
+                        // must not put it back to sleep before its API
+                        // server is up).
+                        holding = Some(KeepAwake::start(self.observer.clone(), t.clone(), activity.clone()));
+                        (timeout, WakeBy::Use(activity.clone()), Class::Proven)
                     }
+                    Admission::WakeUnverified(timeout) => (timeout, WakeBy::Unverified, Class::Unverified),
                 };
                 // 5. Hold while it wakes. The wake outlives the waiters'
                 // timeout; it is made only by the request that starts it
                 // (and runs in its own task): a waiter holds nothing of it.
-                let wake = || self.wake(t.clone(), activity.clone(), wake_limit(timeout));
-                self.gate.wait(&t, timeout, wake).await.map_err(|e| match e {
+                let wake = || self.wake(t.clone(), by, wake_limit(timeout));
+                self.gate.wait(&t, class, timeout, wake).await.map_err(|e| match e {
                     GateError::Overloaded { waiting } => ProxyError::Overloaded(t.clone(), waiting),
                     GateError::Timeout(d) => ProxyError::WakeTimeout(t.clone(), d),
-                    GateError::WakeFailed(e) => ProxyError::WakeFailed(t.clone(), crate::error::chain(&e)),
+                    GateError::WakeFailed(e) => {
+                        tracing::warn!(target = %t, error = %crate::error::Chain(&e), "waking the vcluster failed");
+                        ProxyError::WakeFailed(t.clone(), crate::error::chain(&e))
+                    }
                     GateError::Abandoned => {
                         ProxyError::WakeFailed(t.clone(), "the wake was abandoned".into())
                     }
                 })?;
+                drop(holding.take());
                 outcome = "held";
             }
+
+            // Its service-account keys are read while it is awake, to check
+            // tokens while it sleeps.
+            self.learn_keys(&t);
 
             // 6. Forward. A bodiless GET/HEAD/OPTIONS that got no answer
             // (refused, or the connection closed first) is idempotent: it
@@ -245,7 +282,10 @@ impl Proxy {
                 Err(Forward::NoAnswer(e)) if bodiless && attempts < 2 => {
                     tracing::debug!(target = %t, error = %e, "no answer from the upstream; waiting for it and retrying");
                 }
-                Err(Forward::NoAnswer(e)) => return Err(ProxyError::Upstream(t.clone(), e)),
+                Err(Forward::NoAnswer(e)) => {
+                    tracing::warn!(target = %t, error = %e, "no answer from the vcluster's API server");
+                    return Err(ProxyError::Upstream(t.clone(), e));
+                }
                 Err(Forward::Refused(e)) => return Err(e),
                 Ok(resp) => {
                     self.answered(&t, &caller, &parts.headers, resp.status(), counted && !recorded, activity);
@@ -308,17 +348,41 @@ impl Proxy {
         }
     }
 
-    /// The caller's bearer token was answered 401 by `t`'s API server when
-    /// it was last awake.
-    fn token_refused(&self, t: &TargetRef, caller: &Caller, headers: &HeaderMap) -> bool {
-        matches!(caller, Caller::Bearer { .. })
-            && bearer_token(headers)
-                .is_some_and(|token| self.refused.refused(t, token, Instant::now()).is_some())
+    /// Step 4 for `t`, which is not ready: what can be proven of a bearer
+    /// caller's token now, the target's wake rules, and the budget of wakes
+    /// for unverified credentials, weighed by [`admit`].
+    fn admit(&self, t: &TargetRef, caller: &Caller, headers: &HeaderMap, counted: bool) -> Admission {
+        let proof = match caller {
+            Caller::Bearer { .. } => {
+                bearer_token(headers).map(|token| self.proofs.prove(t, token, Instant::now()))
+            }
+            _ => None,
+        };
+        let rules = self.wake_rules(t);
+        let budget =
+            rules.as_ref().is_ok_and(|r| r.unverified_budget(self.unverified_wake_every, Utc::now()));
+        let admission = admit(t, caller, proof.as_ref(), counted, &rules, budget);
+        let unverified =
+            matches!(caller, Caller::Bearer { .. }) && matches!(proof, Some(Proof::Unknown) | None);
+        match &admission {
+            Admission::Refuse(_) if unverified && counted && !budget => {
+                tracing::debug!(target = %t, "refused: a credential that cannot be checked while it sleeps, over budget");
+                self.metrics
+                    .proxy_unverified_wakes
+                    .get_or_create(&OutcomeLabels { outcome: "refused" })
+                    .inc();
+            }
+            Admission::Refuse(ProxyError::Unauthorized) => {
+                tracing::debug!(target = %t, proof = ?proof, "refused: a credential that cannot wake it");
+            }
+            _ => {}
+        }
+        admission
     }
 
-    /// After the upstream answered: its 401s are remembered per token (and
-    /// forgotten once the token works), and a request that counts and was
-    /// not yet recorded is, unless its answer says nobody used the target.
+    /// After the upstream answered: what it said of a bearer token is
+    /// remembered (refused, or accepted), and a request that counts and was
+    /// not yet recorded is, unless its answer says nobody was let in.
     fn answered(
         &self,
         t: &TargetRef,
@@ -328,24 +392,19 @@ impl Proxy {
         record: bool,
         activity: Arc<Activity>,
     ) {
-        // The token is read again only when there is something to remember
-        // or, with anything remembered, to forget.
-        let unauthorized = status == StatusCode::UNAUTHORIZED;
+        let refused = refused_by_answer(status.as_u16());
         if matches!(caller, Caller::Bearer { .. })
-            && (unauthorized || !self.refused.is_empty())
+            && (status == StatusCode::UNAUTHORIZED || refused.is_none())
             && let Some(token) = bearer_token(headers)
         {
-            if unauthorized {
-                self.refused.insert(t, token, Instant::now());
-            } else {
-                self.refused.forget(t, token);
-            }
+            self.proofs.answered(t, token, status == StatusCode::UNAUTHORIZED, Instant::now());
         }
         if record {
-            if unauthorized {
-                self.observer.turn_away(Source::Proxy, UNAUTHENTICATED);
-            } else {
-                self.observer.record(t, activity);
+            match refused {
+                Some(rule) => self.observer.turn_away(Source::Proxy, rule),
+                None => {
+                    self.observer.record(t, activity);
+                }
             }
         }
     }

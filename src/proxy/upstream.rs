@@ -829,7 +829,10 @@ impl Upstreams {
     async fn build(&self, t: &TargetRef, cached: Option<Arc<Upstream>>) -> Result<Arc<Upstream>, Error> {
         let target = self.stores.target(t).ok_or_else(|| Error::NotFound(t.clone()))?;
         let annotated = TargetAnnotations::parse(target.object.annotations()).ok().and_then(|a| a.upstream);
-        let base = annotated.unwrap_or_else(|| format!("https://{}.{}.svc:443", t.name, t.namespace));
+        // `<name>.<namespace>`, which vcluster's serving certificate names
+        // (`<name>.<namespace>.svc` it does not) and a pod's DNS search
+        // path resolves to the Service.
+        let base = annotated.unwrap_or_else(|| format!("https://{}.{}:443", t.name, t.namespace));
         let uri: http::Uri = base.parse().map_err(|_| Error::BadUpstream {
             target: t.clone(),
             url: base.clone(),

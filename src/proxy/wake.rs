@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use chrono::Utc;
 use http::Request;
+use http_body_util::{BodyExt, Limited};
+use jsonwebtoken::jwk::JwkSet;
 use tokio::sync::broadcast;
 
 use super::Proxy;
@@ -24,6 +26,16 @@ use crate::target::effective::effective;
 use crate::target::stores::Change;
 use crate::target::{TargetKind, TargetObject, TargetRef};
 use crate::vocab;
+
+/// What a wake is asked for by.
+#[derive(Debug, Clone)]
+pub enum WakeBy {
+    /// A use by a proven caller: recorded as the target's last activity.
+    Use(Arc<Activity>),
+    /// A request whose credential could not be checked: no use, a wake
+    /// within the budget (see [`super::admit`]).
+    Unverified,
+}
 
 /// Why a wake did not bring a vcluster up.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -48,7 +60,7 @@ impl Proxy {
 
     /// [`Proxy::control_plane_ready`] for the object at hand. Of its
     /// annotations only the state is read: this runs for each request.
-    fn object_ready(object: &TargetObject) -> bool {
+    pub(super) fn object_ready(object: &TargetObject) -> bool {
         let state = object.annotations().get(vocab::STATE).and_then(|s| s.parse::<TargetState>().ok());
         if matches!(state, Some(TargetState::Asleep | TargetState::Sleeping)) {
             return false;
@@ -105,6 +117,11 @@ impl Proxy {
     /// that may not wake a vcluster (anonymous, ignored, a refused token)
     /// would be refused as if it slept until a counted request came.
     fn follow(self: &Arc<Self>, t: &TargetRef) {
+        // Only a vcluster it serves: confirming reads the vc-<name> Secret,
+        // which dormant may not read elsewhere (`--namespaces`).
+        if !self.stores.in_scope(&self.scope, &t.namespace) {
+            return;
+        }
         if !self.control_plane_ready(t) {
             self.set_confirmed(t, false);
             return;
@@ -123,6 +140,7 @@ impl Proxy {
             match proxy.api_server_ready(&t, Instant::now(), limit).await {
                 Ok(()) if proxy.control_plane_ready(&t) => {
                     proxy.set_confirmed(&t, true);
+                    proxy.learn_keys(&t);
                     tracing::info!(target = %t, "vcluster woken elsewhere answers; forwarding to it");
                 }
                 Ok(()) => {}
@@ -132,6 +150,49 @@ impl Proxy {
             }
             proxy.confirming.lock().unwrap_or_else(|e| e.into_inner()).remove(&t);
         });
+    }
+
+    /// Reads `t`'s service-account keys in the background, when they are
+    /// wanted (see [`super::proof::Proofs::want_keys`]).
+    pub(super) fn learn_keys(self: &Arc<Self>, t: &TargetRef) {
+        if !self.proofs.want_keys(t, Instant::now()) {
+            return;
+        }
+        let (proxy, t) = (self.clone(), t.clone());
+        tokio::spawn(async move { proxy.read_and_learn_keys(&t).await });
+    }
+
+    /// Reads `t`'s service-account keys now (the caller checked
+    /// [`super::proof::Proofs::want_keys`]).
+    pub(super) async fn read_and_learn_keys(&self, t: &TargetRef) {
+        match self.read_keys(t).await {
+            Ok(set) => {
+                tracing::debug!(target = %t, keys = set.keys.len(), "read the vcluster's service-account keys");
+                self.proofs.learned(t, set, Instant::now());
+            }
+            Err(e) => {
+                tracing::debug!(target = %t, error = %e, "cannot read the vcluster's service-account keys")
+            }
+        }
+    }
+
+    /// `t`'s service-account keys, from its API server's
+    /// `/openid/v1/jwks`, asked with its admin credential.
+    async fn read_keys(&self, t: &TargetRef) -> Result<JwkSet, String> {
+        let up = self.upstreams.get(t).await.map_err(|e| crate::error::chain(&e))?;
+        let admin = up.admin.as_ref().ok_or("its Secret has no admin credential")?;
+        let uri = up.origin.uri("/openid/v1/jwks").map_err(|e| e.to_string())?;
+        let req = Request::get(uri).body(full(Bytes::new())).map_err(|e| e.to_string())?;
+        let resp = tokio::time::timeout(Duration::from_secs(10), admin.client.request(req))
+            .await
+            .map_err(|_| "no answer within 10s".to_string())?
+            .map_err(|e| crate::error::chain(&e))?;
+        if !resp.status().is_success() {
+            return Err(format!("answered {}", resp.status()));
+        }
+        let body =
+            Limited::new(resp.into_body(), 1 << 20).collect().await.map_err(|e| e.to_string())?.to_bytes();
+        serde_json::from_slice(&body).map_err(|e| format!("not a JWK set: {e}"))
     }
 
     pub(super) fn set_confirmed(&self, t: &TargetRef, v: bool) {
@@ -159,9 +220,12 @@ impl Proxy {
             Ok(Some(g)) => Ok(WakeRules::of(&g.policy, &g.annotations, Utc::now())),
             // Gone or being deleted while a request came: nothing keeps it
             // asleep but the wake that cannot happen (it times out).
-            Ok(None) => {
-                Ok(WakeRules { on_request: true, timeout: self.defaults.wake_timeout, prevented: None })
-            }
+            Ok(None) => Ok(WakeRules {
+                on_request: true,
+                timeout: self.defaults.wake_timeout,
+                prevented: None,
+                unverified_wake: None,
+            }),
             Err(invalid) => Err(invalid.to_string()),
         }
     }
@@ -172,7 +236,7 @@ impl Proxy {
     pub(super) fn wake(
         self: &Arc<Self>,
         t: TargetRef,
-        activity: Arc<Activity>,
+        by: WakeBy,
         limit: Duration,
     ) -> impl Future<Output = Result<(), WakeError>> + Send + 'static {
         let proxy = self.clone();
@@ -181,12 +245,19 @@ impl Proxy {
             let mut changes = proxy.changes.subscribe();
             proxy.set_confirmed(&t, false);
             let Some(object) = proxy.stores.object(&t) else { return Err(WakeError::Gone) };
-            proxy
-                .annotator
-                .record_use(&object, activity.at, activity.summary())
-                .await
-                .map_err(|e| WakeError::Request(Arc::new(e)))?;
-            tracing::info!(target = %t, by = %activity.summary(), "wake requested by a held request");
+            let requested = match &by {
+                WakeBy::Use(activity) => {
+                    tracing::info!(target = %t, by = %activity.summary(), "wake requested by a held request");
+                    proxy.annotator.record_use(&object, activity.at, activity.summary()).await
+                }
+                WakeBy::Unverified => {
+                    tracing::info!(target = %t, "wake requested by a request whose credential cannot be checked while it sleeps");
+                    let requested = crate::metrics::OutcomeLabels { outcome: "requested" };
+                    proxy.metrics.proxy_unverified_wakes.get_or_create(&requested).inc();
+                    proxy.annotator.request_unverified_wake(&object, Utc::now()).await
+                }
+            };
+            requested.map_err(|e| WakeError::Request(Arc::new(e)))?;
             while !proxy.control_plane_ready(&t) {
                 let left = limit.saturating_sub(started.elapsed());
                 if left.is_zero() {
@@ -199,6 +270,8 @@ impl Proxy {
             let ready_after = started.elapsed();
             proxy.api_server_ready(&t, started, limit).await?;
             proxy.set_confirmed(&t, true);
+            proxy.proofs.stale(&t);
+            proxy.learn_keys(&t);
             tracing::info!(
                 target = %t,
                 took = ?started.elapsed(),
