@@ -19,13 +19,14 @@
 
 mod support;
 
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use support::*;
 use testbed::audit::AuditReceiver;
-use testbed::process::{PeakRss, free_port, rss_kib};
+use testbed::process::{PeakRss, free_port, http_ok, rss_kib};
 use testbed::vcluster::{VCluster, VClusterOptions};
 use testbed::{Cluster, ClusterOptions};
 
@@ -55,9 +56,9 @@ fn env() -> &'static Env {
     })
 }
 
-fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    static TURN: Mutex<()> = Mutex::new(());
-    TURN.lock().unwrap_or_else(|e| e.into_inner())
+async fn one_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
+    static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    TURN.lock().await
 }
 
 /// An agent serving the webhook and the proxy, a sleeping vcluster behind
@@ -336,7 +337,7 @@ fn mib(kib: u64) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fifty_gzip_bombs_at_once_leave_the_agent_under_its_memory_limit_and_serving() {
-    let _turn = one_at_a_time();
+    let _turn = one_at_a_time().await;
     let s = tokio::task::spawn_blocking(|| setup("bombs")).await.unwrap();
     let pid = s.agent.proc.pid();
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -386,7 +387,7 @@ async fn fifty_gzip_bombs_at_once_leave_the_agent_under_its_memory_limit_and_ser
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ten_thousand_idle_connections_leave_the_agent_under_its_memory_limit_and_serving() {
-    let _turn = one_at_a_time();
+    let _turn = one_at_a_time().await;
     // Ten thousand connections need as many descriptors here (the agent,
     // started after, inherits the limit).
     let pid = std::process::id();
@@ -503,4 +504,203 @@ async fn tls_connect_h2(port: u16) -> Result<tokio_rustls::client::TlsStream<tok
         .connect(rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap(), tcp)
         .await
         .map_err(|e| e.to_string())
+}
+
+/// An agent serving the webhook and the proxy (no vcluster behind it),
+/// with `flags`; the proxy's port.
+fn light_agent(prefix: &str, flags: &[&str]) -> (Agent, u16) {
+    let e = env();
+    let c = &e.cluster;
+    let scope = test_id(prefix);
+    let proxy_port = free_port().unwrap();
+    let mut all = e.receiver.agent_flags();
+    all.extend([
+        format!("--proxy-addr=127.0.0.1:{proxy_port}"),
+        format!("--proxy-cert={}", c.dir.join("apiserver.crt").display()),
+        format!("--proxy-key={}", c.dir.join("apiserver.key").display()),
+    ]);
+    all.extend(flags.iter().map(|f| f.to_string()));
+    let all: Vec<&str> = all.iter().map(String::as_str).collect();
+    let agent = Agent::start(c, &scope, &format!("{scope}-system"), &format!("{scope}-agent"), &all);
+    (agent, proxy_port)
+}
+
+/// The value of the metric line that starts with `series` (0 if none).
+fn metric(agent: &Agent, series: &str) -> f64 {
+    agent
+        .get("/metrics")
+        .lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0.0)
+}
+
+/// An HTTP/2 connection to the proxy that does its handshake and then
+/// sends nothing (hyper answers the agent's PINGs; `ping_every` makes it
+/// send its own too); resolves when the agent closes it.
+async fn idle_h2(port: u16, ping_every: Option<Duration>) -> Result<impl Future<Output = ()>, String> {
+    let tls = tls_connect_h2(port).await?;
+    let mut builder = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+    builder.timer(hyper_util::rt::TokioTimer::new());
+    if let Some(every) = ping_every {
+        builder
+            .keep_alive_interval(every)
+            .keep_alive_while_idle(true)
+            .keep_alive_timeout(Duration::from_secs(5));
+    }
+    let (send, conn) = builder
+        .handshake::<_, http_body_util::Empty<bytes::Bytes>>(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(async move {
+        let _keep = send;
+        let _ = conn.await;
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn at_the_proxy_s_cap_the_connection_idle_longest_is_closed_to_make_room() {
+    let _turn = one_at_a_time().await;
+    let (agent, port) =
+        tokio::task::spawn_blocking(|| light_agent("evict", &["--proxy-max-connections=8"])).await.unwrap();
+    // Eight idle connections, oldest first.
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        let conn = idle_h2(port, None).await.unwrap();
+        held.push(tokio::spawn(conn));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(held.iter().all(|h| !h.is_finished()), "eight connections fit under a cap of eight");
+    // A ninth: the oldest is closed for it, the rest stay.
+    let ninth = tokio::spawn(idle_h2(port, None).await.unwrap());
+    let oldest = held.remove(0);
+    tokio::time::timeout(Duration::from_secs(30), oldest)
+        .await
+        .expect("the connection idle the longest should have been closed")
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(held.iter().all(|h| !h.is_finished()), "only the oldest idle connection should go");
+    assert!(!ninth.is_finished(), "the new connection should be held");
+    // (A short, blocking read of the admin port's metrics.)
+    let evicted = metric(&agent, "dormant_listener_evictions_total{listener=\"proxy\"}");
+    let open = metric(&agent, "dormant_listener_connections{listener=\"proxy\"}");
+    eprintln!("proxy at its cap of 8: {evicted} evicted, {open} held");
+    assert_eq!(evicted, 1.0);
+    assert_eq!(open, 8.0);
+    for h in held {
+        h.abort();
+    }
+    ninth.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn at_the_webhook_s_cap_with_every_connection_busy_a_new_one_is_closed_at_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _turn = one_at_a_time().await;
+    let (agent, _) = tokio::task::spawn_blocking(|| {
+        light_agent("refuse", &["--audit-max-connections=4", "--audit-body-timeout=120s"])
+    })
+    .await
+    .unwrap();
+    let e = env();
+    let port = e.receiver.port;
+    // Four batches whose bodies never come: each connection is busy.
+    let mut busy = Vec::new();
+    for _ in 0..4 {
+        let mut tls = tls_connect(port, &e.receiver.ca.cert_pem, None).await.unwrap();
+        let head = format!(
+            "POST /audit/host HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\nauthorization: Bearer {}\r\ncontent-length: 1000\r\n\r\n{{",
+            e.receiver.token
+        );
+        tls.write_all(head.as_bytes()).await.unwrap();
+        tls.flush().await.unwrap();
+        busy.push(tls);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A fifth is closed before its TLS handshake completes.
+    let fifth = tls_connect(port, &e.receiver.ca.cert_pem, None).await;
+    let closed = match fifth {
+        Err(_) => true,
+        Ok(mut tls) => matches!(
+            tokio::time::timeout(Duration::from_secs(10), tls.read(&mut [0u8; 1])).await,
+            Ok(Ok(0) | Err(_))
+        ),
+    };
+    assert!(closed, "a connection over the cap with every connection busy should be closed at once");
+    let refused = metric(&agent, "dormant_listener_refused_connections_total{listener=\"audit\"}");
+    assert!(refused >= 1.0, "the refusal should be counted");
+    // One busy connection ends: a real batch is taken again.
+    drop(busy.pop());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (status, _, body) = post(port, &batch("default", "bob"), false).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    drop(agent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_http2_connection_that_answers_pings_but_sends_nothing_is_closed_after_the_idle_timeout() {
+    let _turn = one_at_a_time().await;
+    let (_agent, port) =
+        tokio::task::spawn_blocking(|| light_agent("pings", &["--connection-idle-timeout=3s"]))
+            .await
+            .unwrap();
+    // The client PINGs every half second and answers the agent's PINGs:
+    // a live peer that never asks for anything.
+    let conn = idle_h2(port, Some(Duration::from_millis(500))).await.unwrap();
+    let started = Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(60), conn).await;
+    eprintln!("idle HTTP/2 connection with PINGs closed after {:.1} s", started.elapsed().as_secs_f64());
+    assert!(closed.is_ok(), "an idle HTTP/2 connection answering PINGs was still open after 60 s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_http2_client_is_told_the_proxy_s_stream_limit_and_held_to_it() {
+    let _turn = one_at_a_time().await;
+    let (_agent, port) =
+        tokio::task::spawn_blocking(|| light_agent("streams", &["--proxy-max-streams=4"])).await.unwrap();
+    let tls = tls_connect_h2(port).await.unwrap();
+    let (mut client, mut conn) = h2::client::handshake(tls).await.unwrap();
+    // One request answered: the agent's SETTINGS have been read.
+    let req = http::Request::get("https://127.0.0.1/version").body(()).unwrap();
+    let (answer, _) = client.send_request(req, true).unwrap();
+    let answer = tokio::select! {
+        a = answer => a.unwrap(),
+        r = &mut conn => panic!("connection ended: {r:?}"),
+    };
+    eprintln!("a request with no credentials got {}", answer.status());
+    assert_eq!(conn.max_concurrent_send_streams(), 4, "SETTINGS_MAX_CONCURRENT_STREAMS the proxy sent");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_admin_port_closes_a_client_that_dribbles_its_request_head() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _turn = one_at_a_time().await;
+    let (agent, _) = tokio::task::spawn_blocking(|| light_agent("slowloris", &["--header-read-timeout=2s"]))
+        .await
+        .unwrap();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", agent.admin_port)).await.unwrap();
+    let (mut rd, mut wr) = tcp.into_split();
+    let started = Instant::now();
+    // One header line every half second, never the blank line that ends the head.
+    let dribble = tokio::spawn(async move {
+        wr.write_all(b"GET /metrics HTTP/1.1\r\nhost: 127.0.0.1\r\n").await?;
+        for i in 0.. {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            wr.write_all(format!("x-slow-{i}: a\r\n").as_bytes()).await?;
+        }
+        Ok::<_, std::io::Error>(())
+    });
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(60), rd.read_to_end(&mut answer)).await;
+    dribble.abort();
+    eprintln!(
+        "slowloris on the admin port closed after {:.1} s, answered {:?}",
+        started.elapsed().as_secs_f64(),
+        String::from_utf8_lossy(&answer).lines().next()
+    );
+    assert!(read.is_ok(), "a request head dribbled for 60 s was still being read");
+    assert!(!String::from_utf8_lossy(&answer).contains(" 200 "), "the dribbled request was answered 200");
+    // A client that sends its request at once is still answered.
+    let port = agent.admin_port;
+    assert!(tokio::task::spawn_blocking(move || http_ok(port, "/livez")).await.unwrap());
 }

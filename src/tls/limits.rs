@@ -125,11 +125,9 @@ impl Connections {
     /// caller closes the new one.
     pub fn admit(self: &Arc<Self>) -> Option<Admitted> {
         let mut slots = lock(&self.slots);
-        if slots.open >= self.limits.max_connections {
-            if !self.evict(&slots) {
-                self.counts.refused.inc();
-                return None;
-            }
+        if slots.open >= self.limits.max_connections && !self.evict(&slots) {
+            self.counts.refused.inc();
+            return None;
         }
         let index = slots.free.pop().unwrap_or(slots.live.len());
         let slot = Arc::new(Slot {
