@@ -79,8 +79,13 @@ impl Collector {
         let limited =
             |capacity: usize| Limited { buf: Vec::with_capacity(capacity.min(max)), max, over: false };
         if gzip {
+            // Room for the whole limit at once (address space only: pages
+            // are touched as the body inflates). Grown by doubling instead,
+            // each batch would leave freed buffers of every size in the
+            // allocator's per-thread arenas, which keep them; one
+            // allocation of the limit's size is mapped and unmapped whole.
             Collector {
-                gzip: Some(flate2::write::GzDecoder::new(limited(0))),
+                gzip: Some(flate2::write::GzDecoder::new(limited(max))),
                 plain: limited(0),
                 ended: false,
             }
