@@ -85,6 +85,12 @@ fn setup(prefix: &str) -> Setup {
     for n in [&audited, &posted] {
         kubectl(c, &["annotate", "namespace", n, "dormant.dev/sleep-after=1h"]);
     }
+    // Only requests that were let in count: alice may list pods where the
+    // host API server reports her.
+    kubectl(
+        c,
+        &["create", "rolebinding", "alice-view", "--clusterrole=view", "--user=alice", "-n", &audited],
+    );
     let vc = VCluster::create(
         c,
         &ns,
