@@ -660,7 +660,7 @@ async fn an_http2_connection_that_answers_pings_but_sends_nothing_is_closed_afte
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_http2_client_is_told_the_proxy_s_stream_limit_and_held_to_it() {
+async fn an_http2_client_is_told_the_proxy_s_stream_limit_in_its_settings() {
     let _turn = one_at_a_time().await;
     let (_agent, port) =
         tokio::task::spawn_blocking(|| light_agent("streams", &["--proxy-max-streams=4"])).await.unwrap();
