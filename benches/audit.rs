@@ -48,9 +48,14 @@ async fn capture_server(ca: &Ca) -> (u16, Arc<Mutex<Vec<Vec<u8>>>>) {
     let bodies: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
     let store = bodies.clone();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let connections = dormant::tls::limits::Connections::new(
+        dormant::tls::limits::Limits::default(),
+        dormant::tls::limits::Counts::default(),
+    );
     tokio::spawn(dormant::tls::serve_https(
         listener,
         acceptor,
+        connections,
         move |req: hyper::Request<_>, _: Arc<dormant::tls::Conn<()>>| {
             let store = store.clone();
             async move {
@@ -136,6 +141,13 @@ async fn main() -> anyhow::Result<()> {
         tokens: None,
         client_certs: false,
         max_body: 16 << 20,
+        budget: dormant::audit::budget::Budget::new(
+            64 << 20,
+            8,
+            Duration::from_secs(2),
+            prometheus_client::metrics::gauge::Gauge::default(),
+        ),
+        body_timeout: Duration::from_secs(10),
     };
     let rounds = 500;
     let (dormant_rate, value_rate) = tokio::task::block_in_place(|| {

@@ -22,7 +22,9 @@
 //! throughput run's upstream and proxies, prints their URLs and waits for
 //! Ctrl-C (to drive load and profilers by hand). `DORMANT_BENCH_AGENT=path`
 //! measures that build of the agent instead of this one's (an older
-//! commit's, say, to tell a regression from a slower machine).
+//! commit's, say, to tell a regression from a slower machine);
+//! `DORMANT_BENCH_BASE_AGENT=path` measures that build beside this one's,
+//! alternating, in the same run (after the side-by-side tables).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use anyhow::Context;
@@ -314,6 +316,54 @@ async fn main() -> anyhow::Result<()> {
             &[&h2_runs[0], &h2_runs[1], &h2_runs[2], &h2_runs[3], &h2_runs[4]],
         );
     };
+    // `DORMANT_BENCH_BASE_AGENT=path`: another build beside this one, in
+    // the same run, alternating (base, this, base, this) so that the
+    // machine's drift hits both alike.
+    if let Some(base) = std::env::var_os("DORMANT_BENCH_BASE_AGENT") {
+        let (base_admin, base_proxy) = (free_port()?, free_port()?);
+        let base_args: Vec<String> = args
+            .iter()
+            .map(|a| match a {
+                a if a.starts_with("--admin-addr=") => format!("--admin-addr=127.0.0.1:{base_admin}"),
+                a if a.starts_with("--proxy-addr=") => format!("--proxy-addr=127.0.0.1:{base_proxy}"),
+                a => a.clone(),
+            })
+            .collect();
+        let mut base_agent = testbed::spawner::spawn_with_env(
+            "dormant-proxy-bench-base",
+            std::path::Path::new(&base),
+            &base_args,
+            &env,
+            &c.dir,
+        )?;
+        base_agent.wait_ready(Duration::from_secs(60), || http_ok(base_admin, "/readyz"))?;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let url = |port: u16| format!("https://127.0.0.1:{port}/vcluster/bench/fast{path}");
+        let mut rows = Vec::new();
+        for round in 0..2 {
+            for (name, port) in [("base build", base_proxy), ("this build", proxy_port)] {
+                let w = wrk(&url(port), &[auth], secs);
+                let h = h2load(&url(port), &[auth], secs, dir.path());
+                rows.push((round, name, w, h));
+            }
+        }
+        println!("\n## proxy: this build beside the base build (activity on, alternating, 2 rounds)\n");
+        println!("| round | agent | HTTP/1.1 req/s | p50 | p99 | HTTP/2 req/s | p50 | p99 |");
+        println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+        for (round, name, w, h) in &rows {
+            println!(
+                "| {} | {name} | {:.0} | {:.2} ms | {:.2} ms | {:.0} | {:.2} ms | {:.2} ms |",
+                round + 1,
+                w.rps,
+                w.p50_ms,
+                w.p99_ms,
+                h.rps,
+                h.p50_ms,
+                h.p99_ms
+            );
+        }
+        base_agent.kill();
+    }
     if std::env::var_os("DORMANT_BENCH_THROUGHPUT_ONLY").is_some() {
         print_both();
         println!("| agent RSS under the throughput run | {:.1} MiB |", agent_rss_load as f64 / 1024.0);

@@ -9,13 +9,12 @@ use std::sync::{Arc, OnceLock, Weak};
 use http::{Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
 use crate::controller::Context;
 use crate::metrics::Metrics;
 use crate::policy::annotations::rfc3339;
+use crate::tls::limits::Connections;
 
 /// The controller's context, once this replica may lead (`/status` is
 /// `null` until then).
@@ -59,21 +58,14 @@ impl Admin {
         }
     }
 
-    /// Serves on `listener` until the task is dropped.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        loop {
-            let stream = crate::tls::accept(&listener).await;
-            let admin = self.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req| {
-                    let r = admin.handle(&req);
-                    async move { Ok::<_, std::convert::Infallible>(r) }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
+    /// Serves on `listener` until the task is dropped, within
+    /// `connections`' limits (a cap on connections, header-read and idle
+    /// timeouts: the port may be reachable by everyone in the cluster).
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, connections: Arc<Connections>) {
+        crate::tls::serve_http(listener, connections, move |req: Request<Incoming>| {
+            std::future::ready(self.handle(&req))
+        })
+        .await
     }
 }
 

@@ -1,5 +1,7 @@
 //! TLS plumbing shared by the audit endpoint and the proxy: PEM loading,
-//! rustls configurations (ring provider only) and the HTTPS accept loop.
+//! rustls configurations (ring provider only) and the HTTPS accept loop;
+//! and the serving every listener shares (the admin port's plain HTTP
+//! too), within the limits of [`limits`].
 
 use std::future::Future;
 use std::path::Path;
@@ -17,6 +19,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
+use limits::{Admitted, Connections};
 use rustls::RootCertStore;
 use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::pem::PemObject;
@@ -45,6 +48,8 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+pub mod limits;
 
 /// The process-wide crypto provider. Only `ring` is compiled in; installing
 /// it explicitly avoids rustls guessing (two providers make it panic).
@@ -443,6 +448,14 @@ impl<F: Future + Send + 'static> hyper::rt::Executor<F> for Background {
 /// the waiting connections keep the listener readable, so retrying at once
 /// would spin a core and starve everything else the agent does.
 pub async fn accept(listener: &TcpListener) -> tokio::net::TcpStream {
+    accept_into(listener, None).await
+}
+
+/// [`accept`], for a listener whose connections are `connections`: out of
+/// file descriptors, the connection idle the longest is closed to free
+/// one (so idle connections cannot lock users out that way either), and
+/// accepting is retried soon after.
+async fn accept_into(listener: &TcpListener, connections: Option<&Connections>) -> tokio::net::TcpStream {
     use std::io::ErrorKind;
     loop {
         match listener.accept().await {
@@ -455,6 +468,13 @@ pub async fn accept(listener: &TcpListener) -> tokio::net::TcpStream {
                         | ErrorKind::ConnectionRefused
                         | ErrorKind::Interrupted
                 ) => {}
+            Err(e)
+                if matches!(e.raw_os_error(), Some(EMFILE | ENFILE))
+                    && connections.is_some_and(Connections::evict_one) =>
+            {
+                tracing::debug!(error = %e, "out of file descriptors; closed an idle connection");
+                tokio::time::sleep(EVICTED_RETRY).await;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, addr = ?listener.local_addr().ok(), "cannot accept connections; retrying");
                 tokio::time::sleep(ACCEPT_RETRY).await;
@@ -463,9 +483,10 @@ pub async fn accept(listener: &TcpListener) -> tokio::net::TcpStream {
     }
 }
 
-/// How long an HTTP/1.1 client has to send a request head, and how long an
-/// idle keep-alive connection stays open.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Linux's "too many open files" for the process and for the system.
+const EMFILE: i32 = 24;
+const ENFILE: i32 = 23;
+
 /// How often an idle HTTP/2 connection is PINGed, and how long the answer
 /// may take.
 const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
@@ -514,27 +535,46 @@ pub fn tune(tcp: &tokio::net::TcpStream) {
 
 /// How long a listener pauses after a failed accept (see [`accept`]).
 const ACCEPT_RETRY: Duration = Duration::from_millis(250);
+/// How soon accepting is retried after an idle connection was closed to
+/// free a file descriptor (its task closes it when next polled).
+const EVICTED_RETRY: Duration = Duration::from_millis(10);
 
-/// Serves HTTPS on `listener` until the task is dropped. Each connection
-/// is [`tune`]d and gets ten seconds for its handshake,
-/// a [`Conn`] with a fresh `S`, and `handle(request, that Conn)` for each
-/// request; upgrades pass.
-pub async fn serve_https<S, H, F, B>(listener: TcpListener, tls: TlsAcceptor, handle: H)
-where
+/// How long a connection told to close when idle may take over it (an
+/// HTTP/2 client acknowledging GOAWAY's PING) before it is closed anyway.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// Serves HTTPS on `listener` until the task is dropped, holding at most
+/// what `connections` allows (see [`limits`]). Each connection is
+/// [`tune`]d, gets the handshake timeout for its handshake, a [`Conn`]
+/// with a fresh `S`, and `handle(request, that Conn)` for each request;
+/// upgrades pass.
+pub async fn serve_https<S, H, F, B>(
+    listener: TcpListener,
+    tls: TlsAcceptor,
+    connections: Arc<Connections>,
+    handle: H,
+) where
     S: Default + Send + Sync + 'static,
     H: Fn(Request<Incoming>, Arc<Conn<S>>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<B>> + Send + 'static,
-    B: hyper::body::Body + Send + 'static,
+    B: hyper::body::Body + Unpin + Send + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     loop {
-        let tcp = accept(&listener).await;
+        let tcp = accept_into(&listener, Some(&connections)).await;
+        // At the cap with every connection busy: closed at once.
+        let Some(admitted) = connections.admit() else { continue };
         tune(&tcp);
         let (tls, handle) = (tls.clone(), handle.clone());
         tokio::spawn(async move {
-            let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await else {
-                return;
+            let handshake = tokio::time::timeout(admitted.limits().handshake_timeout, tls.accept(tcp));
+            let stream = tokio::select! {
+                r = handshake => match r {
+                    Ok(Ok(stream)) => stream,
+                    _ => return,
+                },
+                _ = admitted.closing() => return,
             };
             let session = stream.get_ref().1;
             // The protocol TLS negotiated (ALPN), so hyper need not sniff
@@ -549,29 +589,13 @@ where
                 background: Background::default(),
             });
             let this = conn.clone();
-            // `map`, not `async move { Ok(answer.await) }`: an async block
-            // that awaits a future it captured stores it twice, and a held
-            // request's future is what each waiting request costs.
-            let svc = service_fn(move |req| {
-                futures::FutureExt::map(handle(req, conn.clone()), Ok::<_, std::convert::Infallible>)
-            });
-            // An HTTP/2 connection's streams run in its task (see `Background`).
-            let mut builder = hyper_util::server::conn::auto::Builder::new(this.background.clone());
-            // A client that sends no (complete) request head within
-            // HEADER_READ_TIMEOUT, idle between requests included, is
-            // closed; so is an HTTP/2 client that leaves a PING unanswered
-            // (a laptop shut with a watch open would otherwise hold its
-            // connection, and keep its vcluster awake, for ever).
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .http2()
-                .timer(TokioTimer::new())
-                .keep_alive_interval(KEEP_ALIVE_INTERVAL)
-                .keep_alive_timeout(KEEP_ALIVE_TIMEOUT);
-            let builder = if http2 { builder.http2_only() } else { builder.http1_only() };
-            let serving = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+            let serving = serve_connection(
+                TokioIo::new(stream),
+                Some(http2),
+                &admitted,
+                this.background.clone(),
+                move |req| handle(req, conn.clone()),
+            );
             tokio::select! {
                 biased;
                 _ = std::future::poll_fn(|cx| this.background.poll(cx)) => {}
@@ -579,6 +603,107 @@ where
             }
             this.background.detach();
         });
+    }
+}
+
+/// Serves plain HTTP (either version) on `listener` until the task is
+/// dropped, holding at most what `connections` allows: the admin port.
+pub async fn serve_http<H, F, B>(listener: TcpListener, connections: Arc<Connections>, handle: H)
+where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: hyper::body::Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    loop {
+        let tcp = accept_into(&listener, Some(&connections)).await;
+        let Some(admitted) = connections.admit() else { continue };
+        let _ = tcp.set_nodelay(true);
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            let background = Background::default();
+            let serving = serve_connection(TokioIo::new(tcp), None, &admitted, background.clone(), handle);
+            tokio::select! {
+                biased;
+                _ = std::future::poll_fn(|cx| background.poll(cx)) => {}
+                _ = serving => {}
+            }
+            background.detach();
+        });
+    }
+}
+
+/// Serves one connection (HTTP/2 or HTTP/1.1 as `http2` says, else either)
+/// within its listener's limits, until it ends or is to close: told to
+/// make room (closed at once unless a request is in flight), or idle for
+/// the idle timeout (closed gracefully, then after [`CLOSE_GRACE`] anyway
+/// if still idle). A request that is in flight when its connection is to
+/// close is finished first.
+async fn serve_connection<I, H, F, B>(
+    io: I,
+    http2: Option<bool>,
+    admitted: &Admitted,
+    background: Background,
+    handle: H,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: hyper::body::Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let limits = *admitted.limits();
+    let tracker = admitted.tracker();
+    // `map`, not `async move { Ok(answer.await) }`: an async block that
+    // awaits a future it captured stores it twice, and a held request's
+    // future is what each waiting request costs. The request is in flight
+    // until its answer's body is done with (a watch while it streams).
+    let svc = service_fn(move |req| {
+        let in_flight = tracker.start();
+        futures::FutureExt::map(handle(req), move |resp| {
+            Ok::<_, std::convert::Infallible>(resp.map(|inner| limits::Tracked { inner, in_flight }))
+        })
+    });
+    // An HTTP/2 connection's streams run in its task (see `Background`).
+    let mut builder = hyper_util::server::conn::auto::Builder::new(background);
+    // A client that sends no (complete) request head within the header
+    // read timeout, idle between requests included, is closed; so is an
+    // HTTP/2 client that leaves a PING unanswered (a laptop shut with a
+    // watch open would otherwise hold its connection, and keep its
+    // vcluster awake, for ever). An HTTP/2 client that answers PINGs but
+    // sends nothing is closed after the idle timeout (below).
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(KEEP_ALIVE_INTERVAL)
+        .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
+        .max_concurrent_streams(limits.max_streams);
+    let builder = match http2 {
+        Some(true) => builder.http2_only(),
+        Some(false) => builder.http1_only(),
+        None => builder,
+    };
+    let serving = builder.serve_connection_with_upgrades(io, svc);
+    let mut serving = std::pin::pin!(serving);
+    let why = tokio::select! {
+        _ = serving.as_mut() => return,
+        why = admitted.closing() => why,
+    };
+    if why == limits::Closing::Evicted && admitted.idle() {
+        // The room is needed now.
+        return;
+    }
+    serving.as_mut().graceful_shutdown();
+    loop {
+        tokio::select! {
+            _ = serving.as_mut() => return,
+            () = tokio::time::sleep(CLOSE_GRACE) => if admitted.idle() { return },
+        }
     }
 }
 

@@ -39,6 +39,7 @@ use crate::policy::ignore::IgnoreRules;
 use crate::scaler::Scaler;
 use crate::target::index::TargetIndex;
 use crate::target::stores::{self, Change, Stores};
+use crate::tls::limits::{Connections, Counts};
 pub use settings::{AgentArgs, ApiSettings, AuditSettings, LogFormat, ProxySettings, Settings};
 
 /// Runs the agent until SIGTERM or Ctrl-C.
@@ -221,13 +222,24 @@ impl Servers {
                 tokens: audit.token_file.clone().map(crate::audit::Tokens::from_file).transpose()?,
                 client_certs: audit.client_ca.is_some(),
                 max_body: audit.max_body,
+                budget: crate::audit::budget::Budget::new(
+                    audit.max_inflight_bytes,
+                    audit.max_requests,
+                    audit.max_wait,
+                    parts.metrics.audit_inflight_bytes.clone(),
+                ),
+                body_timeout: audit.body_timeout,
             });
             let listener = tokio::net::TcpListener::bind(audit.addr)
                 .await
                 .with_context(|| format!("failed to listen on {} for the audit webhook", audit.addr))?;
             tracing::info!(addr = %listener.local_addr()?, "audit webhook listening");
-            tasks
-                .push(tokio::spawn(receiver.serve(listener, tokio_rustls::TlsAcceptor::from(Arc::new(tls)))));
+            let connections = Connections::new(audit.limits, listener_counts(&parts.metrics, "audit"));
+            tasks.push(tokio::spawn(receiver.serve(
+                listener,
+                tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
+                connections,
+            )));
         }
         if let Some(p) = &settings.proxy {
             let tls = crate::proxy::tls::config(p.cert.clone())?;
@@ -237,6 +249,11 @@ impl Servers {
                     client.clone(),
                     caches.stores.clone(),
                     p.upstream_refresh,
+                    crate::proxy::upstream::UpstreamLimits {
+                        max_connections: p.max_upstream_connections,
+                        max_per_client: p.max_upstream_per_connection,
+                        open: parts.metrics.proxy_upstream_connections.clone(),
+                    },
                 ),
                 gate: crate::proxy::gate::Gate::new(p.max_waiting, parts.metrics.proxy_waiting.clone()),
                 observer: parts.observer.clone(),
@@ -280,9 +297,11 @@ impl Servers {
                 tracing::info!("API and web page under {}", crate::api::PREFIX);
                 api
             });
+            let connections = Connections::new(p.limits, listener_counts(&parts.metrics, "proxy"));
             tasks.push(tokio::spawn(serve_proxy(
                 listener,
                 tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
+                connections,
                 proxy,
                 api,
             )));
@@ -315,7 +334,8 @@ impl Servers {
             ready: ready.clone(),
             controller: controller.clone(),
         });
-        tasks.push(tokio::spawn(admin.serve(listener)));
+        let connections = Connections::new(settings.admin_limits, listener_counts(&parts.metrics, "admin"));
+        tasks.push(tokio::spawn(admin.serve(listener, connections)));
         Ok(Servers { tasks, app_traffic, ready, controller })
     }
 }
@@ -325,6 +345,7 @@ impl Servers {
 async fn serve_proxy(
     listener: tokio::net::TcpListener,
     tls: tokio_rustls::TlsAcceptor,
+    connections: Arc<Connections>,
     proxy: Arc<crate::proxy::Proxy>,
     api: Option<Arc<crate::api::Api>>,
 ) {
@@ -334,6 +355,7 @@ async fn serve_proxy(
     crate::tls::serve_https(
         listener,
         tls,
+        connections,
         move |req: http::Request<hyper::body::Incoming>, conn| match &api {
             Some(api) if crate::api::handles(req.uri().path()) => Either::Left(
                 api.clone()
@@ -344,6 +366,16 @@ async fn serve_proxy(
         },
     )
     .await
+}
+
+/// The handles `listener` reports its connections through.
+fn listener_counts(metrics: &Metrics, listener: &'static str) -> Counts {
+    let labels = crate::metrics::ListenerLabels { listener };
+    Counts {
+        open: metrics.listener_connections.get_or_create(&labels).clone(),
+        evicted: metrics.listener_evictions.get_or_create(&labels).clone(),
+        refused: metrics.listener_refused.get_or_create(&labels).clone(),
+    }
 }
 
 /// Phase 4: leader election and the controller.

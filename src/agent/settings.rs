@@ -13,6 +13,7 @@ use clap::{Args, ValueEnum};
 use crate::policy::duration::{self, SleepAfter};
 use crate::policy::{Defaults, Pricing, schedule};
 use crate::target::Scope;
+use crate::tls::limits::Limits;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -36,6 +37,21 @@ pub struct AgentArgs {
     /// downward API gives it: `fd00::7:9090`.
     #[arg(long, env = "DORMANT_ADMIN_ADDR", default_value = "127.0.0.1:9090", value_parser = listen_addr)]
     pub admin_addr: SocketAddr,
+    /// Connections the admin port holds at once (at the cap, the one idle
+    /// the longest is closed to make room).
+    #[arg(long, env = "DORMANT_ADMIN_MAX_CONNECTIONS", default_value_t = 64)]
+    pub admin_max_connections: usize,
+    /// How long a TLS handshake may take (proxy and audit webhook).
+    #[arg(long, env = "DORMANT_TLS_HANDSHAKE_TIMEOUT", default_value = "10s")]
+    pub tls_handshake_timeout: String,
+    /// How long an HTTP/1.1 client has to send a request head, idle
+    /// keep-alive connections included (every listener).
+    #[arg(long, env = "DORMANT_HEADER_READ_TIMEOUT", default_value = "30s")]
+    pub header_read_timeout: String,
+    /// How long a connection may stay open with no request in flight
+    /// (every listener; HTTP/2 PINGs do not count).
+    #[arg(long, env = "DORMANT_CONNECTION_IDLE_TIMEOUT", default_value = "90s")]
+    pub connection_idle_timeout: String,
     /// Name of the Lease used for leader election.
     #[arg(long, env = "DORMANT_LEASE_NAME", default_value = "dormant-controller")]
     pub lease_name: String,
@@ -115,8 +131,25 @@ pub struct AgentArgs {
     #[arg(long, env = "DORMANT_AUDIT_CLIENT_CA")]
     pub audit_client_ca: Option<std::path::PathBuf>,
     /// Largest audit batch accepted, in bytes (also after decompression).
-    #[arg(long, env = "DORMANT_AUDIT_MAX_BODY", default_value_t = 16 * 1024 * 1024)]
+    #[arg(long, env = "DORMANT_AUDIT_MAX_BODY", default_value_t = DEFAULT_AUDIT_MAX_BODY)]
     pub audit_max_body: usize,
+    /// Memory audit batches may take at once, in bytes: each is charged
+    /// what it may cost once decoded before its body is read.
+    #[arg(long, env = "DORMANT_AUDIT_MAX_INFLIGHT_BYTES", default_value_t = DEFAULT_AUDIT_MAX_INFLIGHT_BYTES)]
+    pub audit_max_inflight_bytes: usize,
+    /// Audit batches read and decoded at once.
+    #[arg(long, env = "DORMANT_AUDIT_MAX_REQUESTS", default_value_t = 8)]
+    pub audit_max_requests: usize,
+    /// How long a batch may wait for room before it is answered 503 with
+    /// Retry-After (kube-apiserver sends it again).
+    #[arg(long, env = "DORMANT_AUDIT_MAX_WAIT", default_value = "2s")]
+    pub audit_max_wait: String,
+    /// How long a batch's body may take to arrive once it has room.
+    #[arg(long, env = "DORMANT_AUDIT_BODY_TIMEOUT", default_value = "10s")]
+    pub audit_body_timeout: String,
+    /// Connections the audit webhook holds at once.
+    #[arg(long, env = "DORMANT_AUDIT_MAX_CONNECTIONS", default_value_t = 256)]
+    pub audit_max_connections: usize,
     /// Address of the wake-on-request proxy for vclusters (HTTPS); off when unset.
     #[arg(long, env = "DORMANT_PROXY_ADDR")]
     pub proxy_addr: Option<SocketAddr>,
@@ -155,6 +188,21 @@ pub struct AgentArgs {
     /// How often the cluster's client CA (kube-system/extension-apiserver-authentication) is read again.
     #[arg(long, env = "DORMANT_API_CLIENT_CA_REFRESH", default_value = "1m")]
     pub api_client_ca_refresh: String,
+    /// Client connections the proxy holds at once (at the cap, the one
+    /// idle the longest is closed to make room).
+    #[arg(long, env = "DORMANT_PROXY_MAX_CONNECTIONS", default_value_t = DEFAULT_PROXY_MAX_CONNECTIONS)]
+    pub proxy_max_connections: usize,
+    /// Streams an HTTP/2 client connection may have open at once.
+    #[arg(long, env = "DORMANT_PROXY_MAX_STREAMS", default_value_t = 100)]
+    pub proxy_max_streams: u32,
+    /// Connections to vclusters' API servers open at once, all together
+    /// (at the cap, the one idle the longest is closed to make room).
+    #[arg(long, env = "DORMANT_PROXY_MAX_UPSTREAM_CONNECTIONS", default_value_t = DEFAULT_PROXY_MAX_UPSTREAM)]
+    pub proxy_max_upstream_connections: usize,
+    /// Requests one client connection may have in flight to vclusters
+    /// (each on an upstream connection of its own).
+    #[arg(long, env = "DORMANT_PROXY_MAX_UPSTREAM_PER_CONNECTION", default_value_t = 100)]
+    pub proxy_max_upstream_per_connection: usize,
     /// At most one wake per vcluster this often for requests whose bearer
     /// token cannot be checked while it sleeps (not a ServiceAccount token
     /// its keys verify, nor one its API server accepted lately); `never`
@@ -172,12 +220,20 @@ pub struct AgentArgs {
     pub metrics_user_names: bool,
 }
 
+/// Defaults that fit the chart's 256 MiB memory limit with margin; the
+/// arithmetic is in docs/proxy.md ("Limits").
+pub const DEFAULT_AUDIT_MAX_BODY: usize = 4 << 20;
+pub const DEFAULT_AUDIT_MAX_INFLIGHT_BYTES: usize = 48 << 20;
+pub const DEFAULT_PROXY_MAX_CONNECTIONS: usize = 1024;
+pub const DEFAULT_PROXY_MAX_UPSTREAM: usize = 512;
+
 /// Validated agent settings.
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub namespace: String,
     pub identity: String,
     pub admin_addr: SocketAddr,
+    pub admin_limits: Limits,
     pub lease_name: String,
     pub lease_duration: Duration,
     pub qps: NonZeroU32,
@@ -217,6 +273,9 @@ pub struct ProxySettings {
     pub base_domain: Option<String>,
     pub max_waiting: usize,
     pub upstream_refresh: Duration,
+    pub limits: Limits,
+    pub max_upstream_connections: usize,
+    pub max_upstream_per_connection: usize,
     /// `Duration::MAX` for never.
     pub unverified_wake_every: Duration,
 }
@@ -230,6 +289,11 @@ pub struct AuditSettings {
     pub token_file: Option<std::path::PathBuf>,
     pub client_ca: Option<Arc<crate::tls::ReloadingClientVerifier>>,
     pub max_body: usize,
+    pub max_inflight_bytes: usize,
+    pub max_requests: usize,
+    pub max_wait: Duration,
+    pub body_timeout: Duration,
+    pub limits: Limits,
 }
 
 impl AgentArgs {
@@ -279,9 +343,14 @@ impl AgentArgs {
             }
             None => None,
         };
+        let base = self.base_limits(&mut errors);
+        if self.admin_max_connections == 0 {
+            errors.push("--admin-max-connections: must be at least 1".into());
+        }
+        let admin_limits = Limits { max_connections: self.admin_max_connections, ..base };
         let only = self.validate_only_namespaces(&mut errors);
-        let audit = self.validate_audit(&mut errors);
-        let proxy = self.validate_proxy(&mut errors);
+        let audit = self.validate_audit(base, &mut errors);
+        let proxy = self.validate_proxy(base, &mut errors);
         let app_traffic = self.app_traffic.validate(&mut errors);
         let api = self.validate_api(proxy.is_some(), &mut errors);
         if self.namespace.is_empty() {
@@ -306,6 +375,7 @@ impl AgentArgs {
             namespace: self.namespace.clone(),
             identity,
             admin_addr: self.admin_addr,
+            admin_limits,
             lease_name: self.lease_name.clone(),
             lease_duration,
             qps,
@@ -433,6 +503,33 @@ impl AgentArgs {
         })
     }
 
+    /// The timeouts every listener shares, with the defaults of the rest.
+    fn base_limits(&self, errors: &mut Vec<String>) -> Limits {
+        let second = Duration::from_secs(1);
+        Limits {
+            max_connections: 1,
+            handshake_timeout: duration_flag(
+                "tls-handshake-timeout",
+                &self.tls_handshake_timeout,
+                second,
+                errors,
+            ),
+            header_read_timeout: duration_flag(
+                "header-read-timeout",
+                &self.header_read_timeout,
+                second,
+                errors,
+            ),
+            idle_timeout: duration_flag(
+                "connection-idle-timeout",
+                &self.connection_idle_timeout,
+                second,
+                errors,
+            ),
+            max_streams: 100,
+        }
+    }
+
     /// `--namespaces`: `None` when unset; a name that is no namespace, or
     /// that is also excluded (it could never hold a target), is an error.
     fn validate_only_namespaces(&self, errors: &mut Vec<String>) -> Option<BTreeSet<String>> {
@@ -453,7 +550,7 @@ impl AgentArgs {
         Some(names)
     }
 
-    fn validate_proxy(&self, errors: &mut Vec<String>) -> Option<ProxySettings> {
+    fn validate_proxy(&self, base: Limits, errors: &mut Vec<String>) -> Option<ProxySettings> {
         let Some(addr) = self.proxy_addr else {
             for (flag, set) in [
                 ("proxy-cert", self.proxy_cert.is_some()),
@@ -485,6 +582,16 @@ impl AgentArgs {
             Duration::from_secs(1),
             errors,
         );
+        for (flag, v) in [
+            ("proxy-max-connections", self.proxy_max_connections),
+            ("proxy-max-streams", self.proxy_max_streams as usize),
+            ("proxy-max-upstream-connections", self.proxy_max_upstream_connections),
+            ("proxy-max-upstream-per-connection", self.proxy_max_upstream_per_connection),
+        ] {
+            if v == 0 {
+                errors.push(format!("--{flag}: must be at least 1"));
+            }
+        }
         let unverified_wake_every = match self.proxy_unverified_wake_every.trim() {
             "never" => Duration::MAX,
             every => duration_flag("proxy-unverified-wake-every", every, Duration::from_secs(1), errors),
@@ -495,11 +602,18 @@ impl AgentArgs {
             base_domain,
             max_waiting: self.proxy_max_waiting,
             upstream_refresh,
+            limits: Limits {
+                max_connections: self.proxy_max_connections,
+                max_streams: self.proxy_max_streams,
+                ..base
+            },
+            max_upstream_connections: self.proxy_max_upstream_connections,
+            max_upstream_per_connection: self.proxy_max_upstream_per_connection,
             unverified_wake_every,
         })
     }
 
-    fn validate_audit(&self, errors: &mut Vec<String>) -> Option<AuditSettings> {
+    fn validate_audit(&self, base: Limits, errors: &mut Vec<String>) -> Option<AuditSettings> {
         let Some(addr) = self.audit_addr else {
             for (flag, set) in [
                 ("audit-cert", self.audit_cert.is_some()),
@@ -543,12 +657,36 @@ impl AgentArgs {
         if self.audit_max_body < 1024 {
             errors.push("--audit-max-body: must be at least 1024 bytes".into());
         }
+        // The largest batch must fit the budget, or it could never be read.
+        let largest = crate::audit::charge(self.audit_max_body);
+        if self.audit_max_inflight_bytes < largest {
+            errors.push(format!(
+                "--audit-max-inflight-bytes {}: must be at least {largest}, what a batch of --audit-max-body {} may take once decoded",
+                self.audit_max_inflight_bytes, self.audit_max_body
+            ));
+        }
+        for (flag, v) in [
+            ("audit-max-requests", self.audit_max_requests),
+            ("audit-max-connections", self.audit_max_connections),
+        ] {
+            if v == 0 {
+                errors.push(format!("--{flag}: must be at least 1"));
+            }
+        }
+        let max_wait = duration_flag("audit-max-wait", &self.audit_max_wait, Duration::from_secs(1), errors);
+        let body_timeout =
+            duration_flag("audit-body-timeout", &self.audit_body_timeout, Duration::from_secs(1), errors);
         Some(AuditSettings {
             addr,
             cert: serving?,
             token_file: self.audit_token_file.clone(),
             client_ca,
             max_body: self.audit_max_body,
+            max_inflight_bytes: self.audit_max_inflight_bytes,
+            max_requests: self.audit_max_requests,
+            max_wait,
+            body_timeout,
+            limits: Limits { max_connections: self.audit_max_connections, ..base },
         })
     }
 }

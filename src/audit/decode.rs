@@ -37,8 +37,40 @@ struct RawList<'a> {
     kind: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     api_version: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "at_most_max_events")]
     items: Vec<Event<'a>>,
+}
+
+/// At most this many events in one batch, 25 times kube-apiserver's
+/// default batch (`--audit-webhook-batch-max-size`, 400): what decoding
+/// holds per event is then bounded whatever the body's size (tiny events
+/// would otherwise take several times their bytes once decoded).
+pub const MAX_EVENTS: usize = 10_000;
+
+/// The items, refused past [`MAX_EVENTS`] before any more are decoded.
+fn at_most_max_events<'de: 'a, 'a, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Event<'a>>, D::Error> {
+    struct Items<'a>(std::marker::PhantomData<Event<'a>>);
+    impl<'de: 'a, 'a> serde::de::Visitor<'de> for Items<'a> {
+        type Value = Vec<Event<'a>>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "a list of at most {MAX_EVENTS} audit events")
+        }
+
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut items = Vec::new();
+            while let Some(e) = seq.next_element()? {
+                if items.len() == MAX_EVENTS {
+                    return Err(serde::de::Error::custom(format!(
+                        "more than {MAX_EVENTS} events in one batch"
+                    )));
+                }
+                items.push(e);
+            }
+            Ok(items)
+        }
+    }
+    d.deserialize_seq(Items(std::marker::PhantomData))
 }
 
 /// One audit event (the fields dormant reads).
@@ -218,6 +250,20 @@ mod tests {
         assert_eq!(a.at.to_rfc3339(), "2026-11-26T10:00:00.010+00:00");
         // Borrowed, not copied, when there is nothing to unescape.
         assert!(matches!(e.verb, Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn a_batch_of_more_than_max_events_is_refused() {
+        let item = r#"{"auditID":"a","stage":"ResponseComplete","requestURI":"/","verb":"get","user":{}}"#;
+        let list = |n: usize| {
+            format!(
+                r#"{{"kind":"EventList","apiVersion":"audit.k8s.io/v1","items":[{}]}}"#,
+                vec![item; n].join(",")
+            )
+        };
+        assert_eq!(decode(list(MAX_EVENTS).as_bytes()).unwrap().len(), MAX_EVENTS);
+        let e = decode(list(MAX_EVENTS + 1).as_bytes()).unwrap_err();
+        assert!(e.to_string().contains("more than 10000 events"), "{e}");
     }
 
     #[test]

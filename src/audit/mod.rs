@@ -5,9 +5,12 @@
 //! certificate), decodes the batch, attributes each request to a target and
 //! reports it as activity. It answers as soon as the batch is decoded:
 //! kube-apiserver drops audit events when its receiver is slow, and a slow
-//! Kubernetes API must never make this endpoint slow.
+//! Kubernetes API must never make this endpoint slow. What it holds in
+//! memory at once is bounded ([`budget`]): a batch that finds no room is
+//! answered `503` with `Retry-After`, and kube-apiserver sends it again.
 
 pub mod body;
+pub mod budget;
 pub mod decode;
 
 use std::path::PathBuf;
@@ -16,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
@@ -165,6 +168,24 @@ pub struct Receiver {
     pub client_certs: bool,
     /// Largest body accepted (after decompression too).
     pub max_body: usize,
+    /// What batches may hold in memory at once ([`charge`] each).
+    pub budget: Arc<budget::Budget>,
+    /// How long a batch's body may take to arrive, once it has room.
+    pub body_timeout: Duration,
+}
+
+/// The smallest item an `EventList` can hold that decodes
+/// (`{"auditID":"","stage":"","requestURI":"","verb":"","user":{}},`).
+const MIN_EVENT_BYTES: usize = 60;
+
+/// What a batch of `body` bytes may cost in memory at most, charged to
+/// the budget before it is read: the body itself, as much again for the
+/// strings decoding copies out of it (those with escapes), and the decoded
+/// events, at most one per [`MIN_EVENT_BYTES`] and at most
+/// [`decode::MAX_EVENTS`], in a vector that grows by doubling.
+pub fn charge(body: usize) -> usize {
+    let events = (body / MIN_EVENT_BYTES + 1).min(decode::MAX_EVENTS).next_power_of_two();
+    2 * body + events * std::mem::size_of::<decode::Event<'static>>()
 }
 
 type Body = Full<Bytes>;
@@ -178,6 +199,10 @@ pub enum Refused {
     MediaType(String),
     Body(body::BodyError),
     ReadError,
+    /// The body did not arrive within the body timeout.
+    BodyTimeout(Duration),
+    /// No room in the budget within its wait.
+    Busy,
     Decode(decode::DecodeError),
 }
 
@@ -191,6 +216,8 @@ impl Refused {
             Refused::MediaType(_) => "unsupported-media-type",
             Refused::Body(e) => e.outcome(),
             Refused::ReadError => "read-error",
+            Refused::BodyTimeout(_) => "timeout",
+            Refused::Busy => "busy",
             Refused::Decode(e) => e.category(),
         }
     }
@@ -218,6 +245,17 @@ impl Refused {
             }
             Refused::Body(e) => r(StatusCode::BAD_REQUEST, "BadRequest", e.to_string()),
             Refused::ReadError => r(StatusCode::BAD_REQUEST, "BadRequest", "failed to read the body".into()),
+            Refused::BodyTimeout(d) => r(
+                StatusCode::REQUEST_TIMEOUT,
+                "Timeout",
+                format!("the batch did not arrive within {} s", d.as_secs()),
+            ),
+            Refused::Busy => r(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailable",
+                "the webhook is reading as many batches as its memory allows; retry shortly".into(),
+            )
+            .retry_after(1),
             Refused::Decode(e) => r(StatusCode::BAD_REQUEST, "BadRequest", e.to_string()),
         }
     }
@@ -274,24 +312,25 @@ impl Receiver {
                 )));
             }
         };
-        let too_large = Refused::Body(body::BodyError::TooLarge { max: self.max_body });
-        if req
+        let length = req
             .headers()
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<usize>().ok())
-            .is_some_and(|n| n > self.max_body)
-        {
-            return Err(too_large);
+            .and_then(|v| v.parse::<usize>().ok());
+        if length.is_some_and(|n| n > self.max_body) {
+            return Err(Refused::Body(body::BodyError::TooLarge { max: self.max_body }));
         }
-        let raw = match Limited::new(req.into_body(), self.max_body).collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
-                return Err(too_large);
-            }
-            Err(_) => return Err(Refused::ReadError),
+        // Charged before a byte of the body is read: its length, or all it
+        // may inflate to.
+        let size = if gzip { self.max_body } else { length.unwrap_or(self.max_body) };
+        let Some(_held) = self.budget.hold(charge(size)).await else {
+            return Err(Refused::Busy);
         };
-        let batch = body::inflate(&raw, gzip, self.max_body).map_err(Refused::Body)?;
+        let read = read_body(req.into_body(), gzip, length, self.max_body);
+        let batch = match tokio::time::timeout(self.body_timeout, read).await {
+            Ok(batch) => batch?,
+            Err(_) => return Err(Refused::BodyTimeout(self.body_timeout)),
+        };
         self.ingest(&origin, &batch).map_err(Refused::Decode)
     }
 
@@ -327,14 +366,37 @@ impl Receiver {
         Ok(events.len())
     }
 
-    /// Serves HTTPS on `listener` with `tls` until the task is dropped.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, tls: TlsAcceptor) {
-        crate::tls::serve_https(listener, tls, move |req, conn: Arc<crate::tls::Conn<()>>| {
+    /// Serves HTTPS on `listener` with `tls` until the task is dropped,
+    /// within `connections`' limits.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        tls: TlsAcceptor,
+        connections: Arc<crate::tls::limits::Connections>,
+    ) {
+        crate::tls::serve_https(listener, tls, connections, move |req, conn: Arc<crate::tls::Conn<()>>| {
             let receiver = self.clone();
             async move { receiver.handle(req, conn.peer.is_some()).await }
         })
         .await
     }
+}
+
+/// A body as it arrives, into the batch to decode (see [`body::Collector`]).
+async fn read_body(
+    mut body: Incoming,
+    gzip: bool,
+    length: Option<usize>,
+    max: usize,
+) -> Result<Vec<u8>, Refused> {
+    let mut collector = body::Collector::new(gzip, max, length.unwrap_or(0));
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|_| Refused::ReadError)?;
+        if let Ok(data) = frame.into_data() {
+            collector.push(&data).map_err(Refused::Body)?;
+        }
+    }
+    collector.finish().map_err(Refused::Body)
 }
 
 #[cfg(test)]

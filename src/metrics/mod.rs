@@ -102,6 +102,12 @@ pub struct ApiLabels {
     pub code: u16,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    /// `proxy`, `audit` or `admin`.
+    pub listener: &'static str,
+}
+
 /// Every metric the agent exports.
 pub struct Metrics {
     pub registry: Registry,
@@ -132,6 +138,13 @@ pub struct Metrics {
     pub app_duration: Family<OutcomeLabels, Histogram>,
     pub app_waiting: Gauge,
     pub api_requests: Family<ApiLabels, Counter>,
+    /// Connections to vclusters' API servers open now.
+    pub proxy_upstream_connections: Gauge,
+    /// Bytes audit batches hold now (their charge).
+    pub audit_inflight_bytes: Gauge,
+    pub listener_connections: Family<ListenerLabels, Gauge>,
+    pub listener_evictions: Family<ListenerLabels, Counter>,
+    pub listener_refused: Family<ListenerLabels, Counter>,
     /// Wakes asked for by requests whose credential could not be checked
     /// while their vcluster slept: `requested`, or `refused` (over budget).
     pub proxy_unverified_wakes: Family<OutcomeLabels, Counter>,
@@ -295,6 +308,37 @@ impl Metrics {
             "Requests to the agent's API and web page by route and status code",
             api_requests.clone(),
         );
+        let proxy_upstream_connections = Gauge::default();
+        registry.register(
+            "proxy_upstream_connections",
+            "Connections to vclusters' API servers open now",
+            proxy_upstream_connections.clone(),
+        );
+        let audit_inflight_bytes = Gauge::default();
+        registry.register_with_unit(
+            "audit_inflight",
+            "Memory audit batches being read and decoded are charged now",
+            Unit::Bytes,
+            audit_inflight_bytes.clone(),
+        );
+        let listener_connections = Family::<ListenerLabels, Gauge>::default();
+        registry.register(
+            "listener_connections",
+            "Connections each listener holds now",
+            listener_connections.clone(),
+        );
+        let listener_evictions = Family::<ListenerLabels, Counter>::default();
+        registry.register(
+            "listener_evictions",
+            "Idle connections closed to make room for a new one at the listener's cap",
+            listener_evictions.clone(),
+        );
+        let listener_refused = Family::<ListenerLabels, Counter>::default();
+        registry.register(
+            "listener_refused_connections",
+            "New connections closed at once: the listener was at its cap with every connection busy",
+            listener_refused.clone(),
+        );
         let leader = Gauge::default();
         registry.register("leader", "1 while this replica runs the controller", leader.clone());
         Metrics {
@@ -323,6 +367,11 @@ impl Metrics {
             app_duration,
             app_waiting,
             api_requests,
+            proxy_upstream_connections,
+            audit_inflight_bytes,
+            listener_connections,
+            listener_evictions,
+            listener_refused,
             proxy_unverified_wakes,
             leader,
             exported: Mutex::new(HashMap::new()),

@@ -1,9 +1,9 @@
 //! Why the proxy answers a request itself, and the one place such an
-//! answer is made: a Kubernetes `Status` that kubectl prints. Only
-//! "overloaded" carries `Retry-After`: client-go retries 5xx answers that
-//! have it (up to ten times), which is right for a full queue and wrong
-//! for a timeout or a target that will not wake, whose message the user
-//! should see at once.
+//! answer is made: a Kubernetes `Status` that kubectl prints. Only the
+//! "overloaded" answers carry `Retry-After`: client-go retries 5xx answers
+//! that have it (up to ten times), which is right for a full queue or no
+//! room for another upstream connection, and wrong for a timeout or a
+//! target that will not wake, whose message the user should see at once.
 
 use std::time::Duration;
 
@@ -32,6 +32,9 @@ pub enum ProxyError {
     Prevented(TargetRef, Until),
     WakeOnRequestOff(TargetRef),
     Overloaded(TargetRef, usize),
+    /// No room for another connection to the upstream (the proxy's
+    /// limits): nothing was sent.
+    UpstreamBusy(TargetRef, String),
     WakeTimeout(TargetRef, Duration),
     /// The target's policy or annotations cannot be read: dormant leaves
     /// it as it is, so a sleeping one will not wake.
@@ -49,7 +52,7 @@ impl ProxyError {
             ProxyError::AsleepIgnored(_) | ProxyError::Prevented(..) | ProxyError::WakeOnRequestOff(_) => {
                 "prevented"
             }
-            ProxyError::Overloaded(..) => "overloaded",
+            ProxyError::Overloaded(..) | ProxyError::UpstreamBusy(..) => "overloaded",
             ProxyError::WakeTimeout(..) => "timeout",
             ProxyError::Invalid(..) => "invalid",
             ProxyError::WakeFailed(..) | ProxyError::Upstream(..) => "upstream-error",
@@ -122,6 +125,12 @@ impl ProxyError {
                     t.namespace, t.name
                 ),
                 Some(5),
+            ),
+            ProxyError::UpstreamBusy(t, why) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailable",
+                format!("vcluster {}/{} was not asked: {why}; retry shortly", t.namespace, t.name),
+                Some(1),
             ),
             ProxyError::WakeTimeout(t, d) => (
                 StatusCode::GATEWAY_TIMEOUT,
@@ -200,6 +209,10 @@ mod tests {
             ProxyError::WakeOnRequestOff(t.clone()),
             ProxyError::Invalid(t.clone(), "annotation dormant.dev/sleep-after=\"soon\": bad".into()),
             ProxyError::Overloaded(t.clone(), 1000),
+            ProxyError::UpstreamBusy(
+                t.clone(),
+                "this connection already has 100 requests in flight, its limit".into(),
+            ),
             ProxyError::WakeTimeout(t.clone(), Duration::from_secs(120)),
             ProxyError::WakeFailed(
                 t.clone(),
@@ -213,7 +226,11 @@ mod tests {
             let r = e.response();
             let code = r.status().as_u16();
             let retry = r.headers().contains_key(header::RETRY_AFTER);
-            assert_eq!(retry, matches!(e, ProxyError::Overloaded(..)), "Retry-After on {e:?}");
+            assert_eq!(
+                retry,
+                matches!(e, ProxyError::Overloaded(..) | ProxyError::UpstreamBusy(..)),
+                "Retry-After on {e:?}"
+            );
             let body = futures::executor::block_on(r.into_body().collect()).unwrap().to_bytes();
             let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
             let reason = v["reason"].as_str().unwrap_or_default().to_string();

@@ -101,6 +101,10 @@ impl Proxy {
         let (mut resp, busy) = match sent {
             Ok(r) => r,
             Err(e) => {
+                if let Some(exhausted) = super::upstream::exhausted(&*e) {
+                    // Nothing was sent: no room for another upstream connection.
+                    return Err(Forward::Refused(ProxyError::UpstreamBusy(t.clone(), exhausted.to_string())));
+                }
                 // No answer: the connection failed (refused, or closed
                 // before a response — an API server restarting under us).
                 // The target goes through the gate again, and a bodiless

@@ -409,8 +409,15 @@ impl Proxy {
         }
     }
 
-    /// Serves HTTPS on `listener` until the task is dropped.
-    pub async fn serve_tls(self: Arc<Self>, listener: TcpListener, tls: TlsAcceptor) {
-        crate::tls::serve_https(listener, tls, move |req, conn| self.clone().handle(req, conn)).await
+    /// Serves HTTPS on `listener` until the task is dropped, within
+    /// `connections`' limits.
+    pub async fn serve_tls(
+        self: Arc<Self>,
+        listener: TcpListener,
+        tls: TlsAcceptor,
+        connections: Arc<crate::tls::limits::Connections>,
+    ) {
+        crate::tls::serve_https(listener, tls, connections, move |req, conn| self.clone().handle(req, conn))
+            .await
     }
 }

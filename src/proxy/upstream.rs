@@ -18,8 +18,21 @@
 //! the next. (So a client that keeps an idle connection open keeps an
 //! upstream connection open too, as a tunnel would.) Upgrades and the
 //! proxy's own checks use the pooled client.
+//!
+//! Upstream connections are bounded ([`UpstreamLimits`]): all of them
+//! together (each holds a permit from one pool, whichever client or
+//! channel opened it), and the requests one client connection has in
+//! flight on them. At the overall cap the connection idle the longest is
+//! closed to make room; a request that still finds none within a moment,
+//! or whose client connection is at its own cap, is answered `503` with
+//! `Retry-After` ([`Exhausted`]). HTTP/1.1 stays the upstream protocol:
+//! upgrades (exec, attach, port-forward) need it, and a connection per
+//! request in flight gives each stream its own flow control, where a
+//! shared HTTP/2 connection would let one client that stops reading stall
+//! every stream on it.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -44,13 +57,209 @@ use crate::vocab::UPSTREAM;
 /// The body type the proxy forwards.
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
 type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
-pub type HttpClient = Client<Connector, ProxyBody>;
+pub type HttpClient = Client<Counted, ProxyBody>;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// How long an upstream connection may wait unused in an idle list, and
-/// how many may wait per channel (those of a pooled client too).
+/// how many may wait per channel; the pooled clients (upgrades, which
+/// never go back to the pool, and the proxy's own checks, one at a time)
+/// keep a few.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 const MAX_IDLE: usize = 64;
+const MAX_POOLED_IDLE: usize = 4;
+
+/// How long a request waits for an upstream connection at the overall cap
+/// (an idle one closing to make room), before `503`.
+const ROOM_WAIT: Duration = Duration::from_secs(1);
+
+/// Bounds on upstream connections (see the module documentation).
+#[derive(Clone)]
+pub struct UpstreamLimits {
+    /// Upstream connections open at once, all upstreams together.
+    pub max_connections: usize,
+    /// Requests one client connection may have in flight upstream.
+    pub max_per_client: usize,
+    /// Upstream connections open now (a metric).
+    pub open: prometheus_client::metrics::gauge::Gauge,
+}
+
+/// Why a request gets no upstream connection: answered `503` with
+/// `Retry-After`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Exhausted {
+    #[error("this connection already has {0} requests in flight, its limit")]
+    PerClient(usize),
+    #[error("the proxy already holds {0} connections to vclusters, its limit")]
+    Overall(usize),
+}
+
+/// The [`Exhausted`] that `e` is or was caused by, if any.
+pub fn exhausted<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a Exhausted> {
+    std::iter::successors(Some(e), |e| e.source()).find_map(|e| e.downcast_ref::<Exhausted>())
+}
+
+/// The permits every upstream connection holds one of, and the
+/// connections that can be closed to make room.
+struct Pool {
+    permits: Arc<tokio::sync::Semaphore>,
+    limits: UpstreamLimits,
+    /// The connections client connections keep and idle lists hold (not
+    /// the pooled clients'), to find an idle one at the cap.
+    drivers: Mutex<Vec<std::sync::Weak<Driver>>>,
+    epoch: Instant,
+}
+
+/// One upstream connection's permit; given back when it closes.
+struct Permit {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    pool: Arc<Pool>,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        // The permit itself goes back after this: count it gone now.
+        self.pool.limits.open.dec();
+    }
+}
+
+impl Pool {
+    fn new(limits: UpstreamLimits) -> Arc<Pool> {
+        Arc::new(Pool {
+            permits: Arc::new(tokio::sync::Semaphore::new(limits.max_connections)),
+            limits,
+            drivers: Mutex::new(Vec::new()),
+            epoch: Instant::now(),
+        })
+    }
+
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// A permit for a new connection; at the cap, the connection idle the
+    /// longest is closed to make room and its permit awaited a moment.
+    async fn permit(self: &Arc<Self>) -> Result<Permit, Exhausted> {
+        let permit = match self.permits.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                self.reclaim();
+                match tokio::time::timeout(ROOM_WAIT, self.permits.clone().acquire_owned()).await {
+                    Ok(Ok(p)) => p,
+                    _ => return Err(Exhausted::Overall(self.limits.max_connections)),
+                }
+            }
+        };
+        self.limits.open.inc();
+        Ok(Permit { _permit: permit, pool: self.clone() })
+    }
+
+    fn register(&self, driver: &Arc<Driver>) {
+        let mut drivers = self.drivers.lock().unwrap_or_else(|e| e.into_inner());
+        if drivers.len() >= 2 * self.limits.max_connections.max(32) {
+            drivers.retain(|d| d.strong_count() > 0);
+        }
+        drivers.push(Arc::downgrade(driver));
+    }
+
+    /// Closes the connection idle the longest, if any is idle.
+    fn reclaim(&self) -> bool {
+        let victim = {
+            let mut drivers = self.drivers.lock().unwrap_or_else(|e| e.into_inner());
+            drivers.retain(|d| d.strong_count() > 0);
+            drivers
+                .iter()
+                .filter_map(std::sync::Weak::upgrade)
+                .filter(|d| d.state.load(Ordering::Acquire) == IDLE)
+                .min_by_key(|d| d.since.load(Ordering::Relaxed))
+        };
+        victim.is_some_and(|d| d.reclaim())
+    }
+}
+
+/// A connector whose connections each hold a permit of the pool.
+#[derive(Clone)]
+pub struct Counted {
+    inner: Connector,
+    pool: Arc<Pool>,
+}
+
+impl tower_service::Service<http::Uri> for Counted {
+    type Response = CountedIo;
+    type Error = BoxError;
+    type Future = std::pin::Pin<Box<dyn Future<Output = Result<CountedIo, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), BoxError>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let (mut inner, pool) = (self.inner.clone(), self.pool.clone());
+        Box::pin(async move {
+            let permit = pool.permit().await?;
+            std::future::poll_fn(|cx| inner.poll_ready(cx)).await?;
+            let io = inner.call(uri).await?;
+            Ok(CountedIo { io, _permit: permit })
+        })
+    }
+}
+
+/// An upstream connection's stream, holding its permit until it closes.
+pub struct CountedIo {
+    io: hyper_rustls::MaybeHttpsStream<hyper_util::rt::TokioIo<tokio::net::TcpStream>>,
+    _permit: Permit,
+}
+
+impl hyper::rt::Read for CountedIo {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for CountedIo {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+}
+
+impl hyper_util::client::legacy::connect::Connection for CountedIo {
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        self.io.connected()
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -88,24 +297,39 @@ pub struct Upstream {
     /// Replaced or forgotten in the cache: connections to it that client
     /// connections keep are closed, not used again.
     retired: std::sync::atomic::AtomicBool,
+    /// Shared by every upstream (see [`UpstreamLimits`]).
+    pool: Arc<Pool>,
 }
 
 /// One way to the upstream (with or without the admin certificate).
 pub struct Channel {
     /// Pooled: for concurrent requests, upgrades and the proxy's checks.
     pub client: HttpClient,
-    connector: Connector,
+    connector: Counted,
     /// Upstream connections that no client connection keeps, newest last.
     idle: Mutex<Vec<(Instant, Sender, Arc<Driver>)>>,
 }
 
 type Sender = http1::SendRequest<ProxyBody>;
-type UpstreamIo = hyper_rustls::MaybeHttpsStream<hyper_util::rt::TokioIo<tokio::net::TcpStream>>;
+type UpstreamIo = CountedIo;
 
 /// Holds an upstream connection's future, which runs in the task of the
 /// client connection that last took the connection from an idle list: a
 /// new runner takes it over from the old one, which then ends.
-struct Driver(Mutex<DriverState>);
+struct Driver {
+    conn: Mutex<DriverState>,
+    /// [`IDLE`], [`BUSY`] or [`RECLAIMED`].
+    state: std::sync::atomic::AtomicU8,
+    /// When it last became idle (the pool's clock, ms).
+    since: std::sync::atomic::AtomicU64,
+}
+
+/// A connection no request uses.
+const IDLE: u8 = 0;
+/// A connection a request was sent on and whose answer is not done with.
+const BUSY: u8 = 1;
+/// An idle connection closed to make room: never used again.
+const RECLAIMED: u8 = 2;
 
 struct DriverState {
     conn: Option<std::pin::Pin<Box<http1::Connection<UpstreamIo, ProxyBody>>>>,
@@ -114,11 +338,43 @@ struct DriverState {
 }
 
 impl Driver {
+    fn new(conn: http1::Connection<UpstreamIo, ProxyBody>) -> Arc<Driver> {
+        Arc::new(Driver {
+            conn: Mutex::new(DriverState { conn: Some(Box::pin(conn)), runner: 0, waker: None }),
+            state: std::sync::atomic::AtomicU8::new(BUSY),
+            since: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    /// Takes an idle connection for a request; false if it was closed to
+    /// make room.
+    fn take(&self) -> bool {
+        self.state.compare_exchange(IDLE, BUSY, Ordering::AcqRel, Ordering::Acquire).is_ok()
+    }
+
+    /// The request's answer is done with.
+    fn done(&self, now: u64) {
+        self.since.store(now, Ordering::Relaxed);
+        let _ = self.state.compare_exchange(BUSY, IDLE, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    /// Closes the connection if it is idle (it closes when its runner next
+    /// polls it, woken here).
+    fn reclaim(&self) -> bool {
+        if self.state.compare_exchange(IDLE, RECLAIMED, Ordering::AcqRel, Ordering::Acquire).is_err() {
+            return false;
+        }
+        if let Some(w) = self.conn.lock().unwrap_or_else(|e| e.into_inner()).waker.take() {
+            w.wake();
+        }
+        true
+    }
+
     /// Drives the connection in the task that polls this, until it ends or
     /// another runner takes over.
     fn run(self: &Arc<Self>) -> impl Future<Output = ()> + Send + 'static {
         let me = {
-            let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            let mut s = self.conn.lock().unwrap_or_else(|e| e.into_inner());
             s.runner += 1;
             if let Some(w) = s.waker.take() {
                 w.wake();
@@ -127,8 +383,13 @@ impl Driver {
         };
         let driver = self.clone();
         std::future::poll_fn(move |cx| {
-            let mut s = driver.0.lock().unwrap_or_else(|e| e.into_inner());
+            let mut s = driver.conn.lock().unwrap_or_else(|e| e.into_inner());
             if s.runner != me {
+                return std::task::Poll::Ready(());
+            }
+            if driver.state.load(Ordering::Acquire) == RECLAIMED {
+                // Closed to make room: dropping it gives back its permit.
+                s.conn = None;
                 return std::task::Poll::Ready(());
             }
             let polled = match s.conn.as_mut() {
@@ -162,7 +423,11 @@ impl Driver {
 pub struct Kept(Arc<KeptConns>);
 
 #[derive(Default)]
-struct KeptConns(Mutex<Vec<KeptConn>>);
+struct KeptConns {
+    conns: Mutex<Vec<KeptConn>>,
+    /// Requests of this client connection in flight upstream.
+    busy: std::sync::atomic::AtomicUsize,
+}
 
 /// At most this many idle upstream connections per client connection (an
 /// HTTP/2 client's streams run concurrently, each on its own).
@@ -180,20 +445,25 @@ impl Kept {
     /// connection follows), connections to retired upstreams are dropped
     /// (closed): they would never match again.
     fn take(&self, up: &Arc<Upstream>, admin: bool) -> Option<(Sender, Arc<Driver>)> {
-        let mut kept = self.0.0.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(i) = kept.iter().rposition(|k| Arc::ptr_eq(&k.upstream, up) && k.admin == admin) else {
-            kept.retain(|k| !k.upstream.retired.load(std::sync::atomic::Ordering::Relaxed));
-            return None;
-        };
-        let k = kept.remove(i);
-        Some((k.sender, k.driver))
+        let mut kept = self.0.conns.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let Some(i) = kept.iter().rposition(|k| Arc::ptr_eq(&k.upstream, up) && k.admin == admin) else {
+                kept.retain(|k| !k.upstream.retired.load(Ordering::Relaxed));
+                return None;
+            };
+            // One closed to make room is dropped; the next is tried.
+            let k = kept.remove(i);
+            if k.driver.take() {
+                return Some((k.sender, k.driver));
+            }
+        }
     }
 }
 
 impl KeptConns {
     fn keep(&self, conn: KeptConn) {
         let oldest = {
-            let mut kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            let mut kept = self.conns.lock().unwrap_or_else(|e| e.into_inner());
             kept.push(conn);
             (kept.len() > MAX_KEPT).then(|| kept.remove(0))
         };
@@ -205,7 +475,7 @@ impl KeptConns {
 
 impl Drop for KeptConns {
     fn drop(&mut self) {
-        for kept in self.0.get_mut().unwrap_or_else(|e| e.into_inner()).drain(..) {
+        for kept in self.conns.get_mut().unwrap_or_else(|e| e.into_inner()).drain(..) {
             kept.release();
         }
     }
@@ -231,15 +501,37 @@ pub struct Busy {
 impl Drop for Busy {
     fn drop(&mut self) {
         let Some(conn) = self.conn.take() else { return };
+        conn.driver.done(conn.upstream.pool.now());
         match self.to.upgrade() {
-            Some(kept) => kept.keep(conn),
+            Some(kept) => {
+                kept.busy.fetch_sub(1, Ordering::AcqRel);
+                kept.keep(conn)
+            }
             None => conn.release(),
         }
     }
 }
 
+/// One request in flight upstream for a client connection, until the
+/// request has a [`Busy`] connection (which then counts it) or fails.
+struct Counting<'a>(Option<&'a KeptConns>);
+
+impl Counting<'_> {
+    fn handed_over(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Counting<'_> {
+    fn drop(&mut self) {
+        if let Some(kept) = self.0 {
+            kept.busy.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
 impl Channel {
-    fn new(tls: rustls::ClientConfig) -> Channel {
+    fn new(tls: rustls::ClientConfig, pool: &Arc<Pool>) -> Channel {
         // TCP_NODELAY: a forwarded request is written as more than one
         // segment (headers, then the body's end); with Nagle's algorithm the
         // second waits for the upstream's delayed ACK (up to 40 ms).
@@ -257,12 +549,13 @@ impl Channel {
             .https_only()
             .enable_http1()
             .wrap_connector(http);
+        let connector = Counted { inner: connector, pool: pool.clone() };
         // The timer closes pooled connections idle for IDLE_TIMEOUT (without
         // one they are only found stale when next checked out).
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(hyper_util::rt::TokioTimer::new())
             .pool_idle_timeout(IDLE_TIMEOUT)
-            .pool_max_idle_per_host(MAX_IDLE)
+            .pool_max_idle_per_host(MAX_POOLED_IDLE)
             .build(connector.clone());
         Channel { client, connector, idle: Mutex::new(Vec::new()) }
     }
@@ -272,7 +565,7 @@ impl Channel {
     fn checkout(&self, background: &Background) -> Option<(Sender, Arc<Driver>)> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         while let Some((since, sender, driver)) = idle.pop() {
-            if !sender.is_closed() && since.elapsed() < IDLE_TIMEOUT {
+            if !sender.is_closed() && since.elapsed() < IDLE_TIMEOUT && driver.take() {
                 drop(idle);
                 background.spawn(driver.run());
                 return Some((sender, driver));
@@ -303,8 +596,8 @@ impl Channel {
         std::future::poll_fn(|cx| connector.poll_ready(cx)).await?;
         let io = connector.call(origin.root()?).await?;
         let (sender, conn) = http1::handshake(io).await?;
-        let driver =
-            Arc::new(Driver(Mutex::new(DriverState { conn: Some(Box::pin(conn)), runner: 0, waker: None })));
+        let driver = Driver::new(conn);
+        self.connector.pool.register(&driver);
         background.spawn(driver.run());
         Ok((sender, driver))
     }
@@ -344,6 +637,13 @@ impl Upstream {
         mut req: Request<ProxyBody>,
     ) -> Result<(Response<Incoming>, Busy), BoxError> {
         let channel = self.channel(admin).ok_or("no admin credential for this upstream")?;
+        let kept = &*conn.state.0;
+        let per_client = self.pool.limits.max_per_client;
+        if kept.busy.fetch_add(1, Ordering::AcqRel) >= per_client {
+            kept.busy.fetch_sub(1, Ordering::AcqRel);
+            return Err(Box::new(Exhausted::PerClient(per_client)));
+        }
+        let counting = Counting(Some(kept));
         loop {
             let ((mut sender, driver), fresh) =
                 match conn.state.take(self, admin).or_else(|| channel.checkout(&conn.background)) {
@@ -362,6 +662,7 @@ impl Upstream {
             match sender.try_send_request(req).await {
                 Ok(resp) => {
                     let busy = KeptConn { upstream: self.clone(), admin, sender, driver };
+                    counting.handed_over();
                     return Ok((resp, Busy { conn: Some(busy), to: Arc::downgrade(&conn.state.0) }));
                 }
                 Err(mut e) => match e.take_message() {
@@ -381,6 +682,7 @@ pub struct Upstreams {
     ttl: Duration,
     /// Each upstream with when its Secret was last read.
     cache: RwLock<HashMap<TargetRef, (Instant, Arc<Upstream>)>>,
+    pool: Arc<Pool>,
 }
 
 /// Where an upstream is: scheme, authority and path prefix.
@@ -487,8 +789,8 @@ fn material(secret: &Secret) -> Result<Material, String> {
 }
 
 impl Upstreams {
-    pub fn new(client: kube::Client, stores: Stores, ttl: Duration) -> Self {
-        Upstreams { client, stores, ttl, cache: RwLock::new(HashMap::new()) }
+    pub fn new(client: kube::Client, stores: Stores, ttl: Duration, limits: UpstreamLimits) -> Self {
+        Upstreams { client, stores, ttl, cache: RwLock::new(HashMap::new()), pool: Pool::new(limits) }
     }
 
     /// Forgets a cached upstream (after a TLS or connection failure).
@@ -601,7 +903,7 @@ impl Upstreams {
                 let tls = builder()?
                     .with_client_auth_cert(certs, key)
                     .map_err(|e| Error::Tls(t.clone(), crate::tls::Error::Config(e)))?;
-                Some(Channel::new(tls))
+                Some(Channel::new(tls, &self.pool))
             }
             _ => None,
         };
@@ -612,10 +914,11 @@ impl Upstreams {
         Ok(Arc::new(Upstream {
             origin,
             client_verifier,
-            plain: Channel::new(plain_tls),
+            plain: Channel::new(plain_tls, &self.pool),
             admin,
             made_from,
             retired: std::sync::atomic::AtomicBool::new(false),
+            pool: self.pool.clone(),
         }))
     }
 }

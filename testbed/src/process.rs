@@ -276,8 +276,8 @@ pub fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// The highest resident memory of a process, sampled every 250 ms on a
-/// thread of its own until dropped.
+/// The highest resident memory of a process, sampled (every 250 ms unless
+/// told otherwise) on a thread of its own until dropped.
 pub struct PeakRss {
     peak: std::sync::Arc<std::sync::atomic::AtomicU64>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -285,6 +285,11 @@ pub struct PeakRss {
 
 impl PeakRss {
     pub fn start(pid: u32) -> PeakRss {
+        Self::every(pid, Duration::from_millis(250))
+    }
+
+    /// Sampled every `interval` (short spikes need a short one).
+    pub fn every(pid: u32, interval: Duration) -> PeakRss {
         use std::sync::atomic::Ordering::Relaxed;
         let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(rss_kib(pid)));
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -292,7 +297,7 @@ impl PeakRss {
         std::thread::spawn(move || {
             while !s.load(Relaxed) {
                 p.fetch_max(rss_kib(pid), Relaxed);
-                std::thread::sleep(Duration::from_millis(250));
+                std::thread::sleep(interval);
             }
         });
         PeakRss { peak, stop }

@@ -12,8 +12,11 @@ use std::time::{Duration, Instant};
 use testbed::process::{Proc, free_port, http_ok};
 use testbed::{Cluster, User};
 
+/// The `dormant` binary under test: this build's, or the one
+/// `DORMANT_TEST_AGENT` names (to see a test fail against an older build).
 pub fn dormant_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_dormant"))
+    std::env::var_os("DORMANT_TEST_AGENT")
+        .map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_dormant")), PathBuf::from)
 }
 
 /// A unique id for this test's scope.
@@ -50,6 +53,18 @@ impl Agent {
         Agent::start_as(c, &agent_user(c), scope, lease_ns, identity, extra)
     }
 
+    /// [`Agent::start`] with extra environment variables.
+    pub fn start_with_env(
+        c: &Cluster,
+        scope: &str,
+        lease_ns: &str,
+        identity: &str,
+        extra: &[&str],
+        extra_env: &[(&str, &str)],
+    ) -> Agent {
+        Agent::start_as_with_env(c, &agent_user(c), scope, lease_ns, identity, extra, extra_env)
+    }
+
     /// [`Agent::start`] with credentials of its own (`user`), so that what
     /// this replica writes can be told apart from another's in the API
     /// server's audit log.
@@ -60,6 +75,18 @@ impl Agent {
         lease_ns: &str,
         identity: &str,
         extra: &[&str],
+    ) -> Agent {
+        Agent::start_as_with_env(c, user, scope, lease_ns, identity, extra, &[])
+    }
+
+    fn start_as_with_env(
+        c: &Cluster,
+        user: &User,
+        scope: &str,
+        lease_ns: &str,
+        identity: &str,
+        extra: &[&str],
+        extra_env: &[(&str, &str)],
     ) -> Agent {
         install_crd(c);
         ensure_namespace(c, lease_ns);
@@ -78,10 +105,11 @@ impl Agent {
         let flag = |a: &str| a.split('=').next().unwrap_or_default().to_string();
         args.retain(|a| !extra.iter().any(|e| flag(e) == flag(a)));
         args.extend(extra.iter().map(|s| s.to_string()));
-        let env = vec![
+        let mut env = vec![
             ("KUBECONFIG".to_string(), user.kubeconfig.display().to_string()),
             ("RUST_LOG".to_string(), "info,dormant=debug,kube_lease_manager=warn".to_string()),
         ];
+        env.extend(extra_env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let proc = testbed::spawner::spawn_with_env(
             &format!("dormant-{identity}"),
             &dormant_bin(),
