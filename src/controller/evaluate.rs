@@ -227,7 +227,8 @@ pub fn evaluate(
         last_use = Some(LastUse { at: now, by: format!("{first} scaled by hand (scale)"), manual: true });
     }
     let current = if asleep { Current::Asleep { since: asleep_since } } else { Current::Awake };
-    let inputs = Inputs { policy: &policy, current, last_use: last_use.clone(), first_seen, forced };
+    let inputs =
+        Inputs { policy: &policy, current, last_use: last_use.clone(), first_seen, forced, predicted: &[] };
     let decision = decide::decide(&inputs, now);
     let ev = Evaluation {
         target,

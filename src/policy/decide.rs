@@ -4,7 +4,9 @@
 //!
 //! The model is "the most recent edge wins". Wake edges are the target's
 //! first sighting, its last counted use (when that may wake it), a manual
-//! wake, and each schedule's wake instants. Sleep edges are the idle deadline
+//! wake, each schedule's wake instants, and (when the policy's
+//! `wake.predictive` is set) each predicted pre-wake instant the caller
+//! passes in (see `crate::foresight::predict`). Sleep edges are the idle deadline
 //! (the latest wake edge + `sleepAfter`), each schedule's sleep instants, and
 //! a forced sleep. The target should be asleep exactly when some sleep edge
 //! lies after the latest wake edge; a wake edge wins a tie, except the first
@@ -54,6 +56,17 @@ pub struct Forced {
     pub prevent_wakeup_until: Option<Until>,
 }
 
+/// A wake ahead of a predicted first use: a wake edge at `at`, like a
+/// schedule's wake instant, whose instants come from the target's activity
+/// profile instead of a cron expression.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct PredictedWake {
+    /// When to wake: the lead time before `predicted_use`.
+    pub at: DateTime<Utc>,
+    /// The predicted first use it prepares for.
+    pub predicted_use: DateTime<Utc>,
+}
+
 /// Everything the decision depends on, besides the time.
 #[derive(Debug, Clone)]
 pub struct Inputs<'a> {
@@ -63,6 +76,11 @@ pub struct Inputs<'a> {
     /// When dormant first saw the target: it is never idle before that.
     pub first_seen: DateTime<Utc>,
     pub forced: Option<Forced>,
+    /// Predicted pre-wakes, in any order; ignored unless the policy's
+    /// `wake.predictive` is set. Pass those of the last week up to today
+    /// (`foresight::predict::edges`): older ones cannot matter unless
+    /// `sleepAfter` is longer than a week.
+    pub predicted: &'a [PredictedWake],
 }
 
 /// Why the target should be in its desired state.
@@ -73,6 +91,7 @@ pub enum Reason {
     InUse { at: DateTime<Utc>, by: String },
     ManualWake { at: DateTime<Utc>, by: String },
     ScheduledWake { at: DateTime<Utc>, schedule: String },
+    PredictedWake { at: DateTime<Utc>, predicted_use: DateTime<Utc> },
     Idle { last_use: DateTime<Utc>, after: Duration, at: DateTime<Utc> },
     SleepSchedule { at: DateTime<Utc>, schedule: String },
     Forced { at: DateTime<Utc>, until: Option<Until> },
@@ -80,7 +99,7 @@ pub enum Reason {
 
 impl Reason {
     /// What caused the transition into this state, as a metric label:
-    /// `idle`, `schedule`, `request`, `manual` or `new`.
+    /// `idle`, `schedule`, `predicted`, `request`, `manual` or `new`.
     pub fn trigger(&self) -> &'static str {
         match self {
             Reason::Disabled => "disabled",
@@ -88,6 +107,7 @@ impl Reason {
             Reason::InUse { .. } => "request",
             Reason::ManualWake { .. } | Reason::Forced { .. } => "manual",
             Reason::ScheduledWake { .. } | Reason::SleepSchedule { .. } => "schedule",
+            Reason::PredictedWake { .. } => "predicted",
             Reason::Idle { .. } => "idle",
         }
     }
@@ -100,6 +120,7 @@ impl Reason {
             | Reason::InUse { at, .. }
             | Reason::ManualWake { at, .. }
             | Reason::ScheduledWake { at, .. }
+            | Reason::PredictedWake { at, .. }
             | Reason::Idle { at, .. }
             | Reason::SleepSchedule { at, .. }
             | Reason::Forced { at, .. } => Some(*at),
@@ -119,6 +140,12 @@ impl fmt::Display for Reason {
             Reason::ScheduledWake { at, schedule } => {
                 write!(f, "wake schedule \"{schedule}\" fired at {}", rfc3339(*at))
             }
+            Reason::PredictedWake { at, predicted_use } => write!(
+                f,
+                "woken ahead of its predicted first use at {} (pre-wake at {})",
+                rfc3339(*predicted_use),
+                rfc3339(*at)
+            ),
             Reason::Idle { last_use, after, at } => write!(
                 f,
                 "idle since {} (sleep after {}), asleep since {}",
@@ -176,6 +203,11 @@ pub fn state_at(inputs: &Inputs<'_>, t: DateTime<Utc>) -> (Desired, Reason) {
     }
 }
 
+/// The predicted pre-wakes that count: none unless the policy opts in.
+fn predicted<'a>(inputs: &Inputs<'a>) -> &'a [PredictedWake] {
+    if inputs.policy.wake_predictive.value.is_some() { inputs.predicted } else { &[] }
+}
+
 fn prevented(inputs: &Inputs<'_>, x: DateTime<Utc>) -> bool {
     inputs.forced.is_some_and(|f| f.since <= x && f.prevent_wakeup_until.is_some_and(|u| u.covers(x)))
 }
@@ -191,6 +223,13 @@ fn latest_wake(inputs: &Inputs<'_>, t: DateTime<Utc>) -> (DateTime<Utc>, Reason)
             best = (at, reason);
         }
     };
+    // Before the schedules: a schedule's wake at the same instant names the
+    // reason (it is the one a user wrote).
+    for w in predicted(inputs) {
+        if !prevented(inputs, w.at) {
+            consider(w.at, Reason::PredictedWake { at: w.at, predicted_use: w.predicted_use });
+        }
+    }
     if p.wake_on_schedule.value {
         for pair in &p.schedules.value {
             if let Some(w) = &pair.wake
@@ -274,7 +313,8 @@ fn next_change(inputs: &Inputs<'_>, now: DateTime<Utc>, current: Desired) -> (Op
     // Only a wake edge can end a sleep, only a sleep edge can end a wake
     // (wake instants still matter while awake: they move the idle deadline).
     let can_flip = if asleep {
-        p.wake_on_schedule.value && p.schedules.value.iter().any(|s| s.wake.is_some())
+        (p.wake_on_schedule.value && p.schedules.value.iter().any(|s| s.wake.is_some()))
+            || predicted(inputs).iter().any(|w| w.at > now)
     } else {
         p.can_sleep()
     };
@@ -313,6 +353,9 @@ fn next_change(inputs: &Inputs<'_>, now: DateTime<Utc>, current: Desired) -> (Op
         candidate(Some(inputs.first_seen));
         candidate(inputs.last_use.as_ref().map(|u| u.at));
         candidate(inputs.forced.map(|f| f.since));
+        for w in predicted(inputs) {
+            candidate(Some(w.at));
+        }
         let Some(c) = next else { return (None, false) };
         if state_at(inputs, c).0 != current {
             return (Some(c), false);
