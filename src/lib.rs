@@ -8,6 +8,7 @@ pub mod agent;
 pub mod audit;
 pub mod cli;
 pub mod controller;
+pub mod foresight;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
