@@ -13,13 +13,17 @@
 //!   It counts as observed when it had a use, or when recording began by
 //!   its local midnight (a day partly before recording says nothing by
 //!   having no use).
-//! - Confidence: the weighted fraction of the observed days that had a use.
+//! - Confidence: the fraction of the observed days that had a use (each
+//!   day counts the same: one holiday among eight weeks is one eighth).
 //! - Predicted first use: the weighted [`QUANTILE`] of those days' first-use
 //!   times (a low quantile: wake before most mornings, robust to one odd
-//!   day).
+//!   day). The latest usual first use: the weighted [`LATE_QUANTILE`], at
+//!   most [`MAX_HOLD_SECS`] after the predicted one.
 //! - Pre-wake: `lead` before the predicted first use, never before D's local
 //!   midnight (so it is known when D begins), when confidence is at least
-//!   the policy's threshold.
+//!   the policy's threshold; unless used, the target then waits until `lead`
+//!   after the latest usual first use (and at least `sleepAfter`): the lead
+//!   is a margin on both sides of the usual first-use window.
 //!
 //! A prediction for D reads only days before D, so it does not move during D.
 
@@ -38,7 +42,11 @@ pub const MIN_SAME_WEEKDAY: usize = 3;
 /// How many days back the pooled rule reads.
 pub const POOLED_DAYS: i64 = 7;
 /// The quantile of first-use times predicted.
-pub const QUANTILE: f64 = 0.25;
+pub const QUANTILE: f64 = 0.2;
+/// The quantile of first-use times a pre-wake waits for (plus the lead).
+pub const LATE_QUANTILE: f64 = 0.9;
+/// The latest usual first use is at most this long after the predicted one.
+pub const MAX_HOLD_SECS: i64 = 3600;
 /// How many past days' pre-wakes [`edges`] passes to the decision.
 pub const PAST_DAYS: i64 = 7;
 
@@ -62,7 +70,10 @@ pub struct Prediction {
     /// Local wall-clock time.
     pub local_time: NaiveTime,
     pub at: DateTime<Utc>,
-    /// Weighted fraction of the observed days that had a first use.
+    /// The latest usual first use (local, and its instant).
+    pub latest_local_time: NaiveTime,
+    pub latest: DateTime<Utc>,
+    /// Fraction of the observed days that had a first use.
     pub confidence: f64,
     /// Observed days read, and how many of them had a first use.
     pub days: usize,
@@ -102,31 +113,37 @@ pub fn first_use(profile: &Profile, date: NaiveDate) -> Option<Prediction> {
             })
             .collect();
     }
-    let total: f64 = days.iter().map(|(w, _)| w).sum();
     let mut used: Vec<(NaiveTime, f64)> = days.iter().filter_map(|(w, t)| t.map(|t| (t, *w))).collect();
-    if total <= 0.0 || used.is_empty() {
-        return None;
-    }
-    let used_weight: f64 = used.iter().map(|(_, w)| w).sum();
     used.sort_by_key(|(t, _)| *t);
-    let mut acc = 0.0;
-    let mut local_time = used[used.len() - 1].0;
-    for (t, w) in &used {
-        acc += w;
-        if acc >= QUANTILE * used_weight - 1e-9 {
-            local_time = *t;
-            break;
-        }
-    }
+    let local_time = quantile(&used, QUANTILE)?;
+    let at = local_instant(tz, date.and_time(local_time));
+    let latest_local_time = quantile(&used, LATE_QUANTILE)?;
+    let latest = local_instant(tz, date.and_time(latest_local_time))
+        .clamp(at, at + chrono::Duration::seconds(MAX_HOLD_SECS));
     Some(Prediction {
         date,
         local_time,
-        at: local_instant(profile.tz(), date.and_time(local_time)),
-        confidence: used_weight / total,
+        at,
+        latest_local_time: latest.with_timezone(&tz).time(),
+        latest,
+        confidence: used.len() as f64 / days.len() as f64,
         days: days.len(),
         days_used: used.len(),
         basis,
     })
+}
+
+/// The weighted `q` quantile of sorted (time, weight) samples.
+fn quantile(sorted: &[(NaiveTime, f64)], q: f64) -> Option<NaiveTime> {
+    let total: f64 = sorted.iter().map(|(_, w)| w).sum();
+    let mut acc = 0.0;
+    for (t, w) in sorted {
+        acc += w;
+        if acc >= q * total - 1e-9 {
+            return Some(*t);
+        }
+    }
+    sorted.last().map(|(t, _)| *t)
 }
 
 /// The pre-wake of local date `date` under `cfg`, when the prediction is
@@ -138,7 +155,7 @@ pub fn pre_wake(profile: &Profile, date: NaiveDate, cfg: &Predictive) -> Option<
     }
     let midnight = local_instant(profile.tz(), date.and_time(NaiveTime::MIN));
     let lead = chrono::Duration::from_std(cfg.lead).unwrap_or_default();
-    Some(PredictedWake { at: (p.at - lead).max(midnight), predicted_use: p.at })
+    Some(PredictedWake { at: (p.at - lead).max(midnight), predicted_use: p.at, until: p.latest + lead })
 }
 
 /// What the decision needs at one instant.
@@ -172,3 +189,114 @@ pub fn edges(profile: Option<&Profile>, cfg: Option<&Predictive>, tz: Tz, now: D
 
 #[cfg(test)]
 mod tests;
+
+/// What `dormant explain` can say about a target's profile and pre-wake,
+/// as (label, text) lines: the rhythm (local hours in use in at least half
+/// the recent weeks), today's predicted first use, the pre-wake in force
+/// or why there is none, and the latest cold starts.
+pub fn describe(
+    profile: &Profile,
+    cfg: Option<&Predictive>,
+    now: DateTime<Utc>,
+) -> Vec<(&'static str, String)> {
+    let tz = profile.tz();
+    let mut out = vec![(
+        "Profile",
+        format!(
+            "recorded since {} ({}), last use {}",
+            profile.since().with_timezone(&tz).format("%Y-%m-%d %H:%M %Z"),
+            tz.name(),
+            profile
+                .last_use()
+                .map_or("none".into(), |t| t.with_timezone(&tz).format("%Y-%m-%d %H:%M %Z").to_string())
+        ),
+    )];
+    out.push(("Rhythm", rhythm(&profile.activity(now))));
+    let today = profile.date_of(now);
+    let first = first_use(profile, today);
+    out.push((
+        "First use",
+        match &first {
+            Some(f) => format!(
+                "today predicted at {} (confidence {:.2} over {} {} day(s), {} with a use)",
+                f.local_time.format("%H:%M"),
+                f.confidence,
+                f.days,
+                match f.basis {
+                    Basis::Weekday => "same-weekday",
+                    Basis::Workdays => "recent workday",
+                    Basis::Weekend => "recent weekend",
+                },
+                f.days_used
+            ),
+            None => "nothing to predict today from (no observed day like it with a use)".into(),
+        },
+    ));
+    if let Some(cfg) = cfg {
+        let lead = crate::policy::duration::format(cfg.lead);
+        out.push((
+            "Pre-wake",
+            match (pre_wake(profile, today, cfg), &first) {
+                (Some(w), _) => format!(
+                    "today at {} ({lead} before the predicted first use)",
+                    w.at.with_timezone(&tz).format("%H:%M %Z")
+                ),
+                (None, Some(f)) => {
+                    format!("none today: confidence {:.2} is below {:.2}", f.confidence, cfg.confidence)
+                }
+                (None, None) => "none today: no prediction".into(),
+            },
+        ));
+    }
+    let cold = profile.cold_starts();
+    if !cold.is_empty() {
+        let latest: Vec<String> = cold
+            .iter()
+            .rev()
+            .take(3)
+            .map(|t| t.with_timezone(&tz).format("%a %m-%d %H:%M").to_string())
+            .collect();
+        out.push(("Cold starts", format!("{} kept, latest {}", cold.len(), latest.join(", "))));
+    }
+    out
+}
+
+/// `Mon–Fri 09–12, 13–17; Sat 14–15`: the hours in use in at least half the
+/// recent weeks, weekdays with the same hours grouped.
+fn rhythm(activity: &[f64; super::profile::HOURS]) -> String {
+    const DAYS: [&str; 7] = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"];
+    let hours = |d: usize| -> String {
+        let mut ranges = Vec::new();
+        let mut h = 0;
+        while h < 24 {
+            if activity[d * 24 + h] >= 0.5 {
+                let start = h;
+                while h < 24 && activity[d * 24 + h] >= 0.5 {
+                    h += 1;
+                }
+                ranges.push(format!("{start:02}–{h:02}"));
+            } else {
+                h += 1;
+            }
+        }
+        ranges.join(", ")
+    };
+    let mut groups: Vec<(usize, usize, String)> = Vec::new();
+    for d in 0..7 {
+        let h = hours(d);
+        match groups.last_mut() {
+            Some((_, end, prev)) if *prev == h && *end + 1 == d => *end = d,
+            _ => groups.push((d, d, h)),
+        }
+    }
+    let parts: Vec<String> = groups
+        .into_iter()
+        .filter(|(_, _, h)| !h.is_empty())
+        .map(
+            |(a, b, h)| {
+                if a == b { format!("{} {h}", DAYS[a]) } else { format!("{}–{} {h}", DAYS[a], DAYS[b]) }
+            },
+        )
+        .collect();
+    if parts.is_empty() { "no hour in use in half the recent weeks yet".into() } else { parts.join("; ") }
+}

@@ -268,26 +268,31 @@ pub fn simulate(name: &str, policy: &EffectivePolicy, sc: &Scenario<'_>) -> Run 
             }
             refresh = Some(next_midnight(tz, t));
         }
-        let inputs = Inputs {
-            policy,
-            current: state,
-            last_use: last_use.clone(),
-            first_seen: sc.start.first_seen,
-            forced: sc.start.forced,
-            predicted: &edges.wakes,
-        };
-        let d = decide(&inputs, t);
-        let to_state = match (d.desired, state) {
-            (Desired::Asleep, Current::Awake) => Some((Current::Asleep { since: t }, State::Asleep)),
-            (Desired::Awake, Current::Asleep { .. }) => Some((Current::Awake, State::Awake)),
-            _ => None,
-        };
-        if let Some((s, to_state)) = to_state {
+        // A transition changes an input (the current state): the agent
+        // looks again at once, for its next deadline.
+        let mut deadline = None;
+        for _ in 0..3 {
+            let inputs = Inputs {
+                policy,
+                current: state,
+                last_use: last_use.clone(),
+                first_seen: sc.start.first_seen,
+                forced: sc.start.forced,
+                predicted: &edges.wakes,
+            };
+            let decision = decide(&inputs, t);
+            deadline = decision.next;
+            let to_state = match (decision.desired, state) {
+                (Desired::Asleep, Current::Awake) => Some((Current::Asleep { since: t }, State::Asleep)),
+                (Desired::Awake, Current::Asleep { .. }) => Some((Current::Awake, State::Awake)),
+                _ => None,
+            };
+            let Some((s, to_state)) = to_state else { break };
             state = s;
-            transitions.push(transition(t, tz, to_state, &d.reason));
+            transitions.push(transition(t, tz, to_state, &decision.reason));
         }
         let mut next = to;
-        for c in [d.next, uses.get(i).copied(), refresh].into_iter().flatten() {
+        for c in [deadline, uses.get(i).copied(), refresh].into_iter().flatten() {
             if c > t {
                 next = next.min(c);
             }

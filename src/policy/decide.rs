@@ -65,6 +65,9 @@ pub struct PredictedWake {
     pub at: DateTime<Utc>,
     /// The predicted first use it prepares for.
     pub predicted_use: DateTime<Utc>,
+    /// Unless used, the target stays awake until then (the latest usual
+    /// first use), and at least `sleepAfter` past `at`.
+    pub until: DateTime<Utc>,
 }
 
 /// Everything the decision depends on, besides the time.
@@ -91,7 +94,7 @@ pub enum Reason {
     InUse { at: DateTime<Utc>, by: String },
     ManualWake { at: DateTime<Utc>, by: String },
     ScheduledWake { at: DateTime<Utc>, schedule: String },
-    PredictedWake { at: DateTime<Utc>, predicted_use: DateTime<Utc> },
+    PredictedWake { at: DateTime<Utc>, predicted_use: DateTime<Utc>, until: DateTime<Utc> },
     Idle { last_use: DateTime<Utc>, after: Duration, at: DateTime<Utc> },
     SleepSchedule { at: DateTime<Utc>, schedule: String },
     Forced { at: DateTime<Utc>, until: Option<Until> },
@@ -140,11 +143,12 @@ impl fmt::Display for Reason {
             Reason::ScheduledWake { at, schedule } => {
                 write!(f, "wake schedule \"{schedule}\" fired at {}", rfc3339(*at))
             }
-            Reason::PredictedWake { at, predicted_use } => write!(
+            Reason::PredictedWake { at, predicted_use, until } => write!(
                 f,
-                "woken ahead of its predicted first use at {} (pre-wake at {})",
+                "woken ahead of its predicted first use at {} (pre-wake at {}; kept awake until {} unless used)",
                 rfc3339(*predicted_use),
-                rfc3339(*at)
+                rfc3339(*at),
+                rfc3339(*until)
             ),
             Reason::Idle { last_use, after, at } => write!(
                 f,
@@ -227,7 +231,10 @@ fn latest_wake(inputs: &Inputs<'_>, t: DateTime<Utc>) -> (DateTime<Utc>, Reason)
     // reason (it is the one a user wrote).
     for w in predicted(inputs) {
         if !prevented(inputs, w.at) {
-            consider(w.at, Reason::PredictedWake { at: w.at, predicted_use: w.predicted_use });
+            consider(
+                w.at,
+                Reason::PredictedWake { at: w.at, predicted_use: w.predicted_use, until: w.until },
+            );
         }
     }
     if p.wake_on_schedule.value {
@@ -281,7 +288,7 @@ fn first_sleep_after(
         }
     };
     if let SleepAfter::After(d) = p.sleep_after.value
-        && let Some(at) = add(from, d)
+        && let Some(at) = idle_deadline(inputs, wake, d, t)
     {
         consider(Reason::Idle { last_use: from, after: d, at });
     }
@@ -297,6 +304,24 @@ fn first_sleep_after(
         consider(Reason::Forced { at: f.since, until: f.prevent_wakeup_until });
     }
     best
+}
+
+/// The idle deadline of a wake edge at `t`: `sleepAfter` past it, and for
+/// a pre-wake not before its `until` while nobody has used the target since
+/// (the first use after it, counted or not, ends the wait: a pre-wake never
+/// wakes a target again after that).
+fn idle_deadline(
+    inputs: &Inputs<'_>,
+    wake: &(DateTime<Utc>, Reason),
+    d: Duration,
+    t: DateTime<Utc>,
+) -> Option<DateTime<Utc>> {
+    let at = add(wake.0, d)?;
+    let used_since = inputs.last_use.as_ref().is_some_and(|u| u.at > wake.0 && u.at <= t);
+    Some(match wake.1 {
+        Reason::PredictedWake { until, .. } if !used_since => at.max(until),
+        _ => at,
+    })
 }
 
 fn add(t: DateTime<Utc>, d: Duration) -> Option<DateTime<Utc>> {
@@ -338,9 +363,8 @@ fn next_change(inputs: &Inputs<'_>, now: DateTime<Utc>, current: Desired) -> (Op
                 next = Some(c);
             }
         };
-        let (wake_at, _) = latest_wake(inputs, t);
         if let SleepAfter::After(d) = p.sleep_after.value {
-            candidate(add(wake_at, d));
+            candidate(idle_deadline(inputs, &latest_wake(inputs, t), d, t));
         }
         for pair in &p.schedules.value {
             if !asleep {

@@ -57,6 +57,7 @@ fn clean_weeks_predict_the_usual_first_use_with_full_confidence() {
     let w = pre_wake(&p, tuesday, &cfg(10, 0.8)).unwrap();
     assert_eq!(w.at, f.at - Duration::minutes(10));
     assert_eq!(w.predicted_use, f.at);
+    assert_eq!(w.until, f.at + Duration::minutes(10), "every first use at 09:00: it waits the lead past it");
     // Weekends were never used: nothing to predict, nothing to wake.
     assert!(first_use(&p, date(2026, 2, 21)).is_none());
     assert!(pre_wake(&p, date(2026, 2, 22), &cfg(10, 0.1)).is_none());
@@ -81,6 +82,10 @@ fn noisy_weeks_predict_a_low_quantile_of_first_uses() {
         "{} not in the low quarter of {seen:?}",
         f.local_time
     );
+    assert!(f.latest_local_time >= seen[5], "{} is not among the latest of {seen:?}", f.latest_local_time);
+    assert!(f.latest - f.at <= Duration::hours(1));
+    let w = pre_wake(&p, monday, &cfg(10, 0.8)).unwrap();
+    assert_eq!(w.until, f.latest + Duration::minutes(10), "a pre-wake waits for the late mornings too");
     assert_eq!(f.confidence, 1.0);
 }
 
@@ -92,10 +97,9 @@ fn a_day_off_lowers_confidence_below_the_threshold_for_a_while() {
     let p = learned(BERLIN, first, 35, |d| (d != holiday).then_some(hm(9, 0)));
     let next = holiday + Duration::days(7);
     let f = first_use(&p, next).unwrap();
-    // Weights 0.8 (the holiday), 0.64, 0.512, 0.4096.
-    let want = (0.64 + 0.512 + 0.4096) / (0.8 + 0.64 + 0.512 + 0.4096);
-    assert!((f.confidence - want).abs() < 1e-9, "{} not {want}", f.confidence);
-    assert!(pre_wake(&p, next, &cfg(10, 0.8)).is_none(), "0.66 < 0.8: no pre-wake");
+    // Three of the four Wednesdays.
+    assert_eq!((f.days, f.days_used, f.confidence), (4, 3, 0.75));
+    assert!(pre_wake(&p, next, &cfg(10, 0.8)).is_none(), "0.75 < 0.8: no pre-wake");
     assert!(pre_wake(&p, next, &cfg(10, 0.6)).is_some());
     // The Thursday after is untouched.
     assert_eq!(first_use(&p, next + Duration::days(1)).unwrap().confidence, 1.0);
@@ -193,4 +197,21 @@ fn edges_are_the_last_week_of_pre_wakes_and_look_again_at_midnight() {
     assert_eq!(edges(Some(&p), None, BERLIN, now), Edges::default(), "off");
     assert_eq!(edges(None, Some(&cfg(10, 0.8)), BERLIN, now), Edges::default(), "no profile yet");
     assert_eq!(edges(Some(&p), Some(&cfg(10, 0.8)), NEW_YORK, now), Edges::default(), "another zone");
+}
+
+#[test]
+fn describe_says_the_rhythm_the_prediction_and_the_pre_wake() {
+    let p = learned(BERLIN, date(2026, 1, 5), 42, |_| Some(hm(9, 0)));
+    let now = BERLIN.with_ymd_and_hms(2026, 2, 17, 7, 0, 0).unwrap().with_timezone(&Utc);
+    let lines = describe(&p, Some(&cfg(10, 0.8)), now);
+    let get = |label: &str| lines.iter().find(|(l, _)| *l == label).map(|(_, t)| t.clone()).unwrap();
+    assert_eq!(get("Rhythm"), "Mon–Fri 09–17");
+    assert!(
+        get("First use").starts_with("today predicted at 09:00 (confidence 1.00 over 6 same-weekday"),
+        "{lines:?}"
+    );
+    assert_eq!(get("Pre-wake"), "today at 08:50 CET (10m before the predicted first use)");
+    let saturday = BERLIN.with_ymd_and_hms(2026, 2, 21, 7, 0, 0).unwrap().with_timezone(&Utc);
+    let lines = describe(&p, Some(&cfg(10, 0.8)), saturday);
+    assert!(lines.iter().any(|(l, t)| *l == "Pre-wake" && t == "none today: no prediction"), "{lines:?}");
 }
