@@ -370,14 +370,12 @@ fn trace(tz: Tz, from: DateTime<Utc>, to: DateTime<Utc>, mut seed: u64) -> Vec<D
 /// The state the run says the target is in: just before `s`, or once
 /// everything at `s` is done.
 fn state(run: &Run, start: Current, s: DateTime<Utc>, at_s: bool) -> Current {
-    let mut st = start;
-    for tr in run.transitions.iter().take_while(|t| t.at < s || (at_s && t.at == s)) {
-        st = match tr.to {
-            State::Awake => Current::Awake,
-            State::Asleep => Current::Asleep { since: tr.at },
-        };
+    let n = run.transitions.partition_point(|t| t.at < s || (at_s && t.at == s));
+    match n.checked_sub(1).and_then(|k| run.transitions.get(k)) {
+        None => start,
+        Some(tr) if tr.to == State::Awake => Current::Awake,
+        Some(tr) => Current::Asleep { since: tr.at },
     }
-    st
 }
 
 proptest! {
@@ -391,84 +389,120 @@ proptest! {
     /// awake hours add up.
     #[test]
     fn simulate_agrees_with_the_decision_core_instant_for_instant(c in case(), samples in prop::collection::vec(0.0f64..1.0, 40)) {
-        let p = policy(&spec(&c));
-        let tz = p.timezone.value;
-        let from = Utc.timestamp_opt(c.from, 0).unwrap();
-        let to = from + Duration::days(c.days);
-        let history = from - Duration::days(28);
-        let all = trace(tz, history, to, c.seed);
-        let (before, uses): (Vec<DateTime<Utc>>, Vec<DateTime<Utc>>) = all.iter().partition(|u| **u < from);
-        let mut profile = Profile::new(tz, history);
-        profile.record(&before.iter().map(|u| (*u, 1)).collect::<Vec<_>>(), &[], from);
-        let start = Start {
-            current: c.start_asleep.map_or(Current::Awake, |s| Current::Asleep { since: from - Duration::seconds(s) }),
-            last_use: before.last().map(|u| LastUse { at: *u, by: "someone".into(), manual: false }),
-            first_seen: history,
-            forced: c.forced.map(|(since, until)| Forced {
-                since: from + Duration::seconds(since),
-                prevent_wakeup_until: until.map(|u| crate::policy::annotations::Until::Time(from + Duration::seconds(since + u))),
-            }),
-        };
-        let sc = Scenario { start: start.clone(), profile: Some(&profile), ..scenario(from, to, &uses) };
-        let run = simulate("p", &p, &sc);
+        agrees(&c, &samples)?;
+    }
+}
 
-        let mut instants: Vec<DateTime<Utc>> = vec![from];
-        for t in uses.iter().chain(run.transitions.iter().map(|t| &t.at)) {
-            instants.extend([*t - Duration::seconds(1), *t, *t + Duration::seconds(1)]);
-        }
-        instants.extend(samples.iter().map(|f| from + Duration::milliseconds(((to - from).num_milliseconds() as f64 * f) as i64)));
-        instants.retain(|t| *t >= from && *t < to);
-        for s in instants {
-            let day = s.with_timezone(&tz).date_naive();
-            let window: Vec<PredictedWake> = run
-                .predicted
-                .iter()
-                .filter(|w| {
-                    let d = w.predicted_use.with_timezone(&tz).date_naive();
-                    d <= day && d >= day - Duration::days(7)
-                })
-                .copied()
-                .collect();
-            let last_use = uses
-                .iter()
-                .rev()
-                .find(|u| **u <= s)
-                .map(|u| LastUse { at: *u, by: "someone".into(), manual: false })
-                .or_else(|| start.last_use.clone());
-            let inputs = Inputs {
-                policy: &p,
-                current: state(&run, start.current, s, false),
-                last_use,
-                first_seen: start.first_seen,
-                forced: start.forced,
-                predicted: &window,
-            };
-            let want = decide(&inputs, s).desired;
-            let got = state(&run, start.current, s, true);
-            let got = if matches!(got, Current::Awake) { Desired::Awake } else { Desired::Asleep };
-            prop_assert_eq!(got, want, "at {} ({}): {}", s, s.with_timezone(&tz), spec(&c));
-        }
-        let cold: Vec<DateTime<Utc>> = uses
+/// Found by the property test: requests do not wake the target, a
+/// pre-wake did, someone came and it slept again; a request while it
+/// sleeps must not let the pre-wake wake it a second time, and the agent
+/// looks again right after each transition.
+#[test]
+fn a_request_that_cannot_wake_it_after_a_used_pre_wake_leaves_it_asleep() {
+    let c = Case {
+        tz: "UTC",
+        sleep_after: Some(60),
+        pairs: vec![],
+        on_request: false,
+        on_schedule: false,
+        predictive: Some((10, 0.3)),
+        from: 1_767_916_800,
+        days: 7,
+        seed: 435_212_187_707_198_548,
+        start_asleep: None,
+        forced: None,
+    };
+    agrees(&c, &[0.0; 40]).unwrap();
+}
+
+fn agrees(c: &Case, samples: &[f64]) -> Result<(), TestCaseError> {
+    let p = policy(&spec(&c));
+    let tz = p.timezone.value;
+    let from = Utc.timestamp_opt(c.from, 0).unwrap();
+    let to = from + Duration::days(c.days);
+    let history = from - Duration::days(28);
+    let all = trace(tz, history, to, c.seed);
+    let (before, uses): (Vec<DateTime<Utc>>, Vec<DateTime<Utc>>) = all.iter().partition(|u| **u < from);
+    let mut profile = Profile::new(tz, history);
+    profile.record(&before.iter().map(|u| (*u, 1)).collect::<Vec<_>>(), &[], from);
+    let start = Start {
+        current: c
+            .start_asleep
+            .map_or(Current::Awake, |s| Current::Asleep { since: from - Duration::seconds(s) }),
+        last_use: before.last().map(|u| LastUse { at: *u, by: "someone".into(), manual: false }),
+        first_seen: history,
+        forced: c.forced.map(|(since, until)| Forced {
+            since: from + Duration::seconds(since),
+            prevent_wakeup_until: until
+                .map(|u| crate::policy::annotations::Until::Time(from + Duration::seconds(since + u))),
+        }),
+    };
+    let sc = Scenario { start: start.clone(), profile: Some(&profile), ..scenario(from, to, &uses) };
+    let run = simulate("p", &p, &sc);
+
+    let mut instants: Vec<DateTime<Utc>> = vec![from];
+    for t in uses.iter().chain(run.transitions.iter().map(|t| &t.at)) {
+        instants.extend([*t - Duration::seconds(1), *t, *t + Duration::seconds(1)]);
+    }
+    instants.extend(
+        samples
             .iter()
-            .filter(|u| matches!(state(&run, start.current, **u, false), Current::Asleep { .. }))
+            .map(|f| from + Duration::milliseconds(((to - from).num_milliseconds() as f64 * f) as i64)),
+    );
+    instants.retain(|t| *t >= from && *t < to);
+    for s in instants {
+        let day = s.with_timezone(&tz).date_naive();
+        let window: Vec<PredictedWake> = run
+            .predicted
+            .iter()
+            .filter(|w| {
+                let d = w.predicted_use.with_timezone(&tz).date_naive();
+                d <= day && d >= day - Duration::days(7)
+            })
             .copied()
             .collect();
-        prop_assert_eq!(run.cold_starts.iter().map(|c| c.at).collect::<Vec<_>>(), cold);
-        let mut awake = 0.0;
-        let mut t = from;
-        let mut st = start.current;
-        for tr in run.transitions.iter().chain(std::iter::once(&Transition {
-            at: to, local: String::new(), to: State::Awake, trigger: "", reason: String::new(),
-        })) {
-            if matches!(st, Current::Awake) {
-                awake += hours(tr.at - t);
-            }
-            st = if tr.to == State::Awake { Current::Awake } else { Current::Asleep { since: tr.at } };
-            t = tr.at;
-        }
-        prop_assert!((awake - run.hours_awake).abs() < 1e-6, "{} vs {}", awake, run.hours_awake);
-        for w in run.transitions.windows(2) {
-            prop_assert!(w[0].at <= w[1].at && w[0].to != w[1].to, "{:?}", w);
-        }
+        let last_use = uses[..uses.partition_point(|u| *u <= s)]
+            .last()
+            .map(|u| LastUse { at: *u, by: "someone".into(), manual: false })
+            .or_else(|| start.last_use.clone());
+        let inputs = Inputs {
+            policy: &p,
+            current: state(&run, start.current, s, false),
+            last_use,
+            first_seen: start.first_seen,
+            forced: start.forced,
+            predicted: &window,
+        };
+        let want = decide(&inputs, s).desired;
+        let got = state(&run, start.current, s, true);
+        let got = if matches!(got, Current::Awake) { Desired::Awake } else { Desired::Asleep };
+        prop_assert_eq!(got, want, "at {} ({}): {}", s, s.with_timezone(&tz), spec(&c));
     }
+    let cold: Vec<DateTime<Utc>> = uses
+        .iter()
+        .filter(|u| matches!(state(&run, start.current, **u, false), Current::Asleep { .. }))
+        .copied()
+        .collect();
+    prop_assert_eq!(run.cold_starts.iter().map(|c| c.at).collect::<Vec<_>>(), cold);
+    let mut awake = 0.0;
+    let mut t = from;
+    let mut st = start.current;
+    for tr in run.transitions.iter().chain(std::iter::once(&Transition {
+        at: to,
+        local: String::new(),
+        to: State::Awake,
+        trigger: "",
+        reason: String::new(),
+    })) {
+        if matches!(st, Current::Awake) {
+            awake += hours(tr.at - t);
+        }
+        st = if tr.to == State::Awake { Current::Awake } else { Current::Asleep { since: tr.at } };
+        t = tr.at;
+    }
+    prop_assert!((awake - run.hours_awake).abs() < 1e-6, "{} vs {}", awake, run.hours_awake);
+    for w in run.transitions.windows(2) {
+        prop_assert!(w[0].at <= w[1].at && w[0].to != w[1].to, "{:?}", w);
+    }
+    Ok(())
 }
