@@ -85,17 +85,20 @@ fn workday(d: NaiveDate) -> bool {
     !matches!(d.weekday(), Weekday::Sat | Weekday::Sun)
 }
 
+/// A day the profile can speak for: it had a recorded first use, or
+/// recording began by its local midnight.
+pub fn observed(profile: &Profile, d: NaiveDate) -> bool {
+    profile.first_use_on(d).is_some()
+        || local_instant(profile.tz(), d.and_time(NaiveTime::MIN)) >= profile.since()
+}
+
 /// The predicted first use of local date `date` (in the profile's time
 /// zone), from the days before it; `None` when no day it reads was observed
 /// or none had a use. Meant for today or earlier: a later date's pooled days
 /// may not be over yet.
 pub fn first_use(profile: &Profile, date: NaiveDate) -> Option<Prediction> {
-    let since = profile.since();
     let tz = profile.tz();
-    let observed = |d: NaiveDate| {
-        d < date
-            && (profile.first_use_on(d).is_some() || local_instant(tz, d.and_time(NaiveTime::MIN)) >= since)
-    };
+    let observed = |d: NaiveDate| d < date && observed(profile, d);
     let mut days: Vec<(f64, Option<NaiveTime>)> = (1..=WEEKS)
         .filter_map(|k| {
             let d = date - chrono::Duration::days(7 * k);

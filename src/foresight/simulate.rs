@@ -16,7 +16,7 @@
 use std::fmt::Write as _;
 use std::sync::Arc;
 
-use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, Utc};
+use chrono::{DateTime, NaiveDate, NaiveTime, Utc};
 use chrono_tz::Tz;
 use serde::Serialize;
 
@@ -385,71 +385,65 @@ pub fn compare(policies: &[(String, EffectivePolicy)], sc: &Scenario<'_>) -> Com
     }
 }
 
-/// The uses a profile expects over `[from, to)`: in each local hour that
-/// was in use in at least half of the recent weeks (decay-weighted), its
-/// average number of uses (1 to 60) spread evenly; and on each day whose
-/// first use is predicted with confidence of at least one half, a use at
-/// the predicted time when that comes before the day's other expected uses.
-/// Periods longer than 400 days are cut there.
+/// The uses a profile expects over `[from, to)`. Each local hour of the
+/// week in use in at least half of the recent weeks (decay-weighted) gets
+/// its average number of uses (1 to 60), spread evenly. Then, on a day the
+/// profile recorded (before the day of its latest use), the recorded first
+/// use replaces what came before it, and a day without one has no use at
+/// all (past weeks replay their mornings and days off); on any other day a
+/// first use predicted with confidence of at least one half is added when
+/// it comes before the day's other uses. Periods longer than 400 days are
+/// cut there.
 pub fn expected_uses(profile: &Profile, from: DateTime<Utc>, to: DateTime<Utc>) -> Vec<DateTime<Utc>> {
     let tz = profile.tz();
     let activity = profile.activity(from);
     let uses = profile.uses(from);
     let active = profile.active(from);
+    let last_day = profile.last_use().map(|t| profile.date_of(t));
     let mut out = Vec::new();
-    let mut hour = local_hour(from, tz);
-    let end = to.with_timezone(&tz).naive_local();
-    let mut day: Option<(NaiveDate, usize)> = None;
-    let mut guard = 0;
-    while let Some(h) = hour
-        && h <= end
-        && guard < 24 * 400
-    {
-        guard += 1;
-        let date = h.date();
-        if day.is_none_or(|(d, _)| d != date) {
-            if let Some((d, first)) = day {
-                first_use_of(profile, d, &mut out, first, from, to);
-            }
-            day = Some((date, out.len()));
+    let mut day = profile.date_of(from);
+    let end = profile.date_of(to);
+    for _ in 0..400 {
+        if day > end {
+            break;
         }
-        let b = hour_of_week(h);
-        if b < HOURS && activity[b] >= 0.5 && active[b] > 0.0 {
+        let mut today: Vec<DateTime<Utc>> = Vec::new();
+        for naive in (0..24).filter_map(|h| day.and_hms_opt(h, 0, 0)) {
+            let b = hour_of_week(naive);
+            let at = local_instant(tz, naive);
+            // An hour skipped by daylight saving has no use; a repeated
+            // one is taken once.
+            if b >= HOURS
+                || activity[b] < 0.5
+                || active[b] <= 0.0
+                || at.with_timezone(&tz).naive_local() != naive
+            {
+                continue;
+            }
             let n = (uses[b] / active[b]).round().clamp(1.0, 60.0) as i64;
-            let at = local_instant(tz, h);
-            // An hour repeated by daylight saving is taken once.
-            if at.with_timezone(&tz).naive_local() == h {
-                for k in 0..n {
-                    let u = at + chrono::Duration::milliseconds((2 * k + 1) * 1_800_000 / n);
-                    if u >= from && u < to {
-                        out.push(u);
-                    }
-                }
-            }
+            today.extend((0..n).map(|k| at + chrono::Duration::milliseconds((2 * k + 1) * 1_800_000 / n)));
         }
-        hour = h.checked_add_signed(chrono::Duration::hours(1));
-    }
-    if let Some((d, first)) = day {
-        first_use_of(profile, d, &mut out, first, from, to);
+        if last_day.is_some_and(|l| day < l) && predict::observed(profile, day) {
+            match profile.first_use_on(day) {
+                Some(t) => {
+                    let first = local_instant(tz, day.and_time(t));
+                    today.retain(|u| *u > first);
+                    today.push(first);
+                }
+                None => today.clear(),
+            }
+        } else if let Some(p) = predict::first_use(profile, day).filter(|p| p.confidence >= 0.5)
+            && today.iter().min().is_none_or(|e| p.at < *e)
+        {
+            today.push(p.at);
+        }
+        out.extend(today.into_iter().filter(|u| *u >= from && *u < to));
+        let Some(next) = day.succ_opt() else { break };
+        day = next;
     }
     out.sort_unstable();
     out.dedup();
     out
-}
-
-fn first_use_of(
-    profile: &Profile,
-    date: NaiveDate,
-    out: &mut Vec<DateTime<Utc>>,
-    first_of_day: usize,
-    from: DateTime<Utc>,
-    to: DateTime<Utc>,
-) {
-    let Some(p) = predict::first_use(profile, date).filter(|p| p.confidence >= 0.5) else { return };
-    let earliest = out[first_of_day..].iter().min().copied();
-    if earliest.is_none_or(|e| p.at < e) && p.at >= from && p.at < to {
-        out.push(p.at);
-    }
 }
 
 /// A table for people: one row per policy, and each run's transitions
@@ -560,12 +554,6 @@ fn table(out: &mut String, header: &[&str], rows: &[Vec<String>]) {
         let v: Vec<&str> = r.iter().map(String::as_str).collect();
         line(&v);
     }
-}
-
-/// The local wall-clock hour that contains `t`.
-fn local_hour(t: DateTime<Utc>, tz: Tz) -> Option<NaiveDateTime> {
-    let l = t.with_timezone(&tz).naive_local();
-    l.date().and_hms_opt(chrono::Timelike::hour(&l), 0, 0)
 }
 
 #[cfg(test)]

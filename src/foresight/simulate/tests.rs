@@ -211,6 +211,40 @@ fn expected_uses_follow_the_profile() {
 }
 
 #[test]
+fn past_weeks_replay_their_recorded_mornings_and_days_off() {
+    let first = NaiveDate::from_ymd_opt(2026, 3, 2).unwrap();
+    // Four weeks; Thursday the 19th starts at 09:30; Wednesday the 18th is off.
+    let off = NaiveDate::from_ymd_opt(2026, 3, 18).unwrap();
+    let uses: Vec<_> = office(BERLIN, first, 28, |d| if d == 17 { 30 } else { 0 })
+        .into_iter()
+        .filter(|u| u.with_timezone(&BERLIN).date_naive() != off)
+        .collect();
+    let end = local_instant(BERLIN, (first + Duration::days(28)).and_hms_opt(0, 0, 0).unwrap());
+    let mut p = Profile::new(BERLIN, local_instant(BERLIN, first.and_hms_opt(0, 0, 0).unwrap()));
+    p.record(&uses.iter().map(|u| (*u, 1)).collect::<Vec<_>>(), &[], end);
+    let week =
+        local_instant(BERLIN, NaiveDate::from_ymd_opt(2026, 3, 16).unwrap().and_hms_opt(0, 0, 0).unwrap());
+    let replay = expected_uses(&p, week, week + Duration::days(7));
+    let on = |d: u32| -> Vec<DateTime<Utc>> {
+        replay.iter().filter(|u| u.with_timezone(&BERLIN).date_naive().day() == d).copied().collect()
+    };
+    assert!(on(18).is_empty(), "the day off has no use");
+    let thursday = on(19);
+    assert_eq!(thursday[0], at(BERLIN, 2026, 3, 19, 9, 30), "the recorded first use");
+    assert_eq!(on(17)[0], at(BERLIN, 2026, 3, 17, 9, 0));
+    assert!(on(21).is_empty() && on(22).is_empty(), "weekends stay quiet");
+    // Replayed under a policy, the day off costs nothing and the late
+    // Thursday wakes at 09:30.
+    let run = simulate(
+        "idle 30m",
+        &policy("{timezone: Europe/Berlin, sleepAfter: 30m}"),
+        &scenario(week, week + Duration::days(7), &replay),
+    );
+    assert_eq!(run.first_of_day_cold_starts, 4);
+    assert!(run.cold_starts.iter().any(|c| c.at == at(BERLIN, 2026, 3, 19, 9, 30)));
+}
+
+#[test]
 fn the_table_and_the_json_say_what_each_policy_does() {
     let utc = chrono_tz::UTC;
     let from = at(utc, 2026, 3, 2, 8, 0);
@@ -416,7 +450,7 @@ fn a_request_that_cannot_wake_it_after_a_used_pre_wake_leaves_it_asleep() {
 }
 
 fn agrees(c: &Case, samples: &[f64]) -> Result<(), TestCaseError> {
-    let p = policy(&spec(&c));
+    let p = policy(&spec(c));
     let tz = p.timezone.value;
     let from = Utc.timestamp_opt(c.from, 0).unwrap();
     let to = from + Duration::days(c.days);
@@ -476,7 +510,7 @@ fn agrees(c: &Case, samples: &[f64]) -> Result<(), TestCaseError> {
         let want = decide(&inputs, s).desired;
         let got = state(&run, start.current, s, true);
         let got = if matches!(got, Current::Awake) { Desired::Awake } else { Desired::Asleep };
-        prop_assert_eq!(got, want, "at {} ({}): {}", s, s.with_timezone(&tz), spec(&c));
+        prop_assert_eq!(got, want, "at {} ({}): {}", s, s.with_timezone(&tz), spec(c));
     }
     let cold: Vec<DateTime<Utc>> = uses
         .iter()
