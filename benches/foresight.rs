@@ -178,6 +178,7 @@ fn disagreements(p: &EffectivePolicy, sc: &Scenario<'_>, run: &Run) -> (usize, u
             last_use,
             first_seen: sc.start.first_seen,
             forced: None,
+            unverified_wake: None,
             predicted: &window,
         };
         let want = decide(&inputs, *s).desired;
@@ -231,6 +232,7 @@ fn poll(p: &EffectivePolicy, sc: &Scenario<'_>) -> Polled {
             last_use: last_use.clone(),
             first_seen: sc.start.first_seen,
             forced: None,
+            unverified_wake: None,
             predicted: &edges.wakes,
         };
         match (decide(&inputs, now).desired, *state) {

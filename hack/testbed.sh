@@ -8,6 +8,8 @@
 #   hack/testbed.sh check        exit 1 and list what is missing
 #   hack/testbed.sh promtool     print the path of promtool (installed by install)
 #   hack/testbed.sh keda-crd     print the folder of KEDA's ScaledObject and ScaledJob CRDs (installed by install)
+#   hack/testbed.sh install-vcluster  build only the real vcluster, kine and its chart
+#   hack/testbed.sh vcluster-dir print the folder of the real vcluster: vcluster, kine, chart/ (installed by install)
 #
 # The folder is $DORMANT_TESTBED_DIR, or ~/.cache/dormant/testbed/<versions>.
 set -euo pipefail
@@ -24,6 +26,9 @@ bins=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok he
 tools_dir="${DORMANT_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/dormant/tools/prometheus-${PROMETHEUS_VERSION}}"
 keda_crds="${XDG_CACHE_HOME:-$HOME/.cache}/dormant/tools/keda-${KEDA_VERSION}/crds"
 keda_kinds=(scaledobjects scaledjobs)
+# The real loft-sh/vcluster (docs/real-vcluster.md): its binary, kine (its
+# embedded sqlite store) and its Helm chart, from the module.
+vcluster_dir="${DORMANT_VCLUSTER_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/dormant/tools/vcluster-${VCLUSTER_VERSION}_kine-${KINE_VERSION}}"
 
 log() { printf '[testbed] %s\n' "$*" >&2; }
 
@@ -153,6 +158,58 @@ install_keda_crd() {
   done
 }
 
+vcluster_present() {
+  [[ -x "$vcluster_dir/vcluster" && -x "$vcluster_dir/kine" && -s "$vcluster_dir/chart/Chart.yaml" ]]
+}
+
+# loft-sh/vcluster's go.mod has no replace directives, but `go install
+# module@version` refuses a module whose dependencies need resolving against
+# a newer Go; a throw-away module that imports cmd/vcluster resolves them
+# (go mod tidy) and builds it. Its chart/ comes from the same module.
+# kine needs CGO for sqlite (mattn/go-sqlite3).
+install_vcluster() {
+  if vcluster_present; then return 0; fi
+  need_go
+  local work start src
+  mkdir -p "$vcluster_dir"
+  work="$(mktemp -d)"
+  printf 'module dormant.dev/testbed-vcluster\n\ngo 1.26.0\n\nrequire github.com/loft-sh/vcluster v%s\n' "$VCLUSTER_VERSION" >"$work/go.mod"
+  printf '//go:build tools\n\npackage tools\n\nimport _ "github.com/loft-sh/vcluster/cmd/vcluster"\n' >"$work/tools.go"
+  if [[ ! -x "$vcluster_dir/vcluster" ]]; then
+    start=$SECONDS
+    log "building the real vcluster: github.com/loft-sh/vcluster/cmd/vcluster v${VCLUSTER_VERSION} (cold: 5-15 min on 2 cores, a 110 MB binary; once)"
+    (cd "$work" && GOFLAGS=-mod=mod go mod tidy && CGO_ENABLED=0 go build -trimpath \
+      -ldflags "-s -w -X github.com/loft-sh/vcluster/pkg/telemetry.SyncerVersion=${VCLUSTER_VERSION}" \
+      -o "$vcluster_dir/vcluster.tmp" github.com/loft-sh/vcluster/cmd/vcluster)
+    mv "$vcluster_dir/vcluster.tmp" "$vcluster_dir/vcluster"
+    log "built vcluster in $((SECONDS - start)) s"
+  fi
+  if [[ ! -x "$vcluster_dir/kine" ]]; then
+    start=$SECONDS
+    log "building kine v${KINE_VERSION} (vcluster's embedded sqlite store; CGO, 1.5-4 min; once)"
+    local gobin
+    gobin="$(mktemp -d)"
+    GOBIN="$gobin" CGO_ENABLED=1 go install -trimpath -ldflags "-s -w" "github.com/k3s-io/kine@v${KINE_VERSION}"
+    mv "$gobin/kine" "$vcluster_dir/kine"
+    rm -rf "$gobin"
+    log "built kine in $((SECONDS - start)) s"
+  fi
+  if [[ ! -s "$vcluster_dir/chart/Chart.yaml" ]]; then
+    log "copying vcluster v${VCLUSTER_VERSION}'s Helm chart from its module"
+    src="$(cd "$work" && GOFLAGS=-mod=mod go mod download -json "github.com/loft-sh/vcluster@v${VCLUSTER_VERSION}" \
+      | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')"
+    rm -rf "$vcluster_dir/chart.tmp"
+    cp -r "$src/chart" "$vcluster_dir/chart.tmp"
+    chmod -R u+w "$vcluster_dir/chart.tmp"
+    # The release pipeline stamps the chart's version (the module says
+    # 0.0.1); the image tag and the chart label come from it.
+    sed -i "s/^version: .*/version: ${VCLUSTER_VERSION}/" "$vcluster_dir/chart.tmp/Chart.yaml"
+    rm -rf "$vcluster_dir/chart"
+    mv "$vcluster_dir/chart.tmp" "$vcluster_dir/chart"
+  fi
+  rm -rf "$work"
+}
+
 # kwok's stage files ship in its module; the fixture reads them from here.
 # Copied into a temporary folder and moved in whole, so that a failed copy
 # leaves nothing that looks installed.
@@ -176,6 +233,7 @@ install() {
   local todo start
   install_tools
   install_keda_crd
+  install_vcluster
   todo="$(missing)"
   if [[ -z "$todo" ]]; then
     install_kwok_stages
@@ -186,7 +244,7 @@ install() {
   mkdir -p "$dir"
   start=$SECONDS
   log "installing into $dir: $todo"
-  log "cold install takes about 9 minutes on 2 cores; later runs reuse the binaries"
+  log "cold install takes about 9 minutes on 2 cores (the real vcluster another 5-15); later runs reuse the binaries"
   case " $todo " in *" kube-apiserver "*|*" kube-controller-manager "*|*" kube-scheduler "*|*" kubectl "*) build_kubernetes ;; esac
   [[ -x "$dir/etcd" ]] || build_etcd
   [[ -x "$dir/kwok" ]] || go_install kwok sigs.k8s.io/kwok/cmd/kwok "$KWOK_VERSION" "~1.5 min"
@@ -208,10 +266,15 @@ case "${1:-install}" in
     keda_crds_present || { log "KEDA's CRDs missing in $keda_crds (run: hack/testbed.sh install)"; exit 1; }
     echo "$keda_crds"
     ;;
+  install-vcluster) install_vcluster ;;
+  vcluster-dir)
+    vcluster_present || { log "the real vcluster is missing in $vcluster_dir (run: hack/testbed.sh install)"; exit 1; }
+    echo "$vcluster_dir"
+    ;;
   check)
     todo="$(missing)"
     if [[ -n "$todo" ]]; then log "missing in $dir: $todo (run: hack/testbed.sh install)"; exit 1; fi
     stages_present || { log "missing kwok stage files (run: hack/testbed.sh install)"; exit 1; }
     ;;
-  *) echo "usage: $0 install|dir|check|promtool|keda-crd" >&2; exit 2 ;;
+  *) echo "usage: $0 install|install-vcluster|dir|check|promtool|keda-crd|vcluster-dir" >&2; exit 2 ;;
 esac

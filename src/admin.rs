@@ -3,8 +3,8 @@
 //! per target, as JSON).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
 
 use http::{Request, Response, StatusCode, header};
 use http_body_util::Full;
@@ -13,14 +13,19 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
+use crate::controller::Context;
 use crate::metrics::Metrics;
+use crate::policy::annotations::rfc3339;
+
+/// The controller's context, once this replica may lead (`/status` is
+/// `null` until then).
+pub type Controller = Arc<OnceLock<Weak<Context>>>;
 
 /// What the admin port serves from.
 pub struct Admin {
     pub metrics: Arc<Metrics>,
     pub ready: Arc<AtomicBool>,
-    /// JSON for `/status`.
-    pub status: Box<dyn Fn() -> serde_json::Value + Send + Sync>,
+    pub controller: Controller,
 }
 
 fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -43,7 +48,13 @@ impl Admin {
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 self.metrics.encode(),
             ),
-            "/status" => respond(StatusCode::OK, "application/json", (self.status)().to_string()),
+            "/status" => {
+                let status = match self.controller.get().and_then(Weak::upgrade) {
+                    Some(ctx) => status_json(&ctx),
+                    None => serde_json::Value::Null,
+                };
+                respond(StatusCode::OK, "application/json", status.to_string())
+            }
             _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
         }
     }
@@ -64,6 +75,27 @@ impl Admin {
             });
         }
     }
+}
+
+/// What the controller concluded per target, sorted by target.
+fn status_json(ctx: &Context) -> serde_json::Value {
+    let mut rows: Vec<serde_json::Value> = ctx
+        .summaries()
+        .into_iter()
+        .map(|(t, s)| {
+            serde_json::json!({
+                "target": t.to_string(),
+                "kind": t.kind.as_str(),
+                "state": s.state.as_str(),
+                "desired": s.desired.map(|d| format!("{d:?}").to_lowercase()),
+                "policy": s.policy,
+                "next": s.next.map(rfc3339),
+                "invalid": s.invalid.map(|(_, m)| m),
+            })
+        })
+        .collect();
+    rows.sort_by(|a, b| a["target"].as_str().cmp(&b["target"].as_str()));
+    serde_json::json!({ "leader": ctx.is_leader(), "targets": rows })
 }
 
 /// Binds the admin port.

@@ -36,27 +36,27 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             dormant::agent::run(*args).await?;
         }
         Command::Status { output } => {
-            let client = dormant::agent::client().await?;
+            let client = dormant::client::client().await?;
             print!("{}", targets::status(&client, output == Output::Json).await?);
         }
         Command::Explain { target } => {
-            let client = dormant::agent::client().await?;
+            let client = dormant::client::client().await?;
             print!("{}", targets::explain(&client, &target).await?);
         }
         Command::Sleep { target, prevent_wakeup, wait: w } => {
             let w = wait(w)?;
-            let client = dormant::agent::client().await?;
+            let client = dormant::client::client().await?;
             targets::sleep(&client, &target, prevent_wakeup.as_deref(), w, &mut out).await?;
         }
         Command::Wake { target, wait: w } => {
             let w = wait(w)?;
-            let client = dormant::agent::client().await?;
+            let client = dormant::client::client().await?;
             targets::wake(&client, &target, w, &mut out).await?;
         }
         Command::Kubeconfig { target, server, proxy_ca, output } => {
             let ca = std::fs::read_to_string(&proxy_ca)
                 .map_err(|e| anyhow::anyhow!("--proxy-ca {}: {e}", proxy_ca.display()))?;
-            let client = dormant::agent::client().await?;
+            let client = dormant::client::client().await?;
             let text = dormant::cli::kubeconfig::kubeconfig(&client, &target, &server, &ca).await?;
             match output {
                 Some(path) => {

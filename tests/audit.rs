@@ -91,9 +91,14 @@ fn alices_request_updates_her_namespace_within_the_batch_wait_and_no_other() {
     let e = env();
     let c = &e.cluster;
     let [mine, other] = idle_targets(c, ["team-a", "team-b"]);
+    // alice may read both (a request refused her would be no use).
+    for ns in [&mine, &other] {
+        kubectl(c, &["create", "rolebinding", "alice-view", "--clusterrole=view", "--user=alice", "-n", ns]);
+    }
 
     let sent = Instant::now();
-    let _ = c.kubectl_out(&c.alice, &["get", "pods", "-n", &mine]);
+    let out = c.kubectl_out(&c.alice, &["get", "pods", "-n", &mine]);
+    assert!(out.is_ok(), "{out:?}");
     while !last_activity_by(c, &mine).starts_with("alice list pods (audit)") {
         assert!(
             sent.elapsed() < Duration::from_secs(20),
@@ -133,6 +138,30 @@ fn alices_request_updates_her_namespace_within_the_batch_wait_and_no_other() {
     assert_eq!(last_activity(c, &mine), mine_at, "untouched by requests elsewhere");
 }
 
+/// Any pod's token can ask the host API server for any namespace's
+/// objects. A request it refuses (403) is no use of that namespace,
+/// however often it is made: it keeps nothing awake, and shows in the
+/// metrics as turned away by `forbidden`.
+#[test]
+fn a_forbidden_request_from_another_namespaces_service_account_keeps_nothing_awake() {
+    let e = env();
+    let c = &e.cluster;
+    let [target, intruders] = idle_targets(c, ["forbidden", "intruders"]);
+    kubectl(c, &["create", "serviceaccount", "curious", "-n", &intruders]);
+    let token = kubectl(c, &["create", "token", "curious", "-n", &intruders]).trim().to_string();
+    let rule = "dormant_activity_total{source=\"audit\",outcome=\"ignored\",rule=\"forbidden\"}";
+    let (before, seen_before) = (last_activity(c, &target), metric(&e.agent, rule));
+    for what in ["pods", "secrets", "configmaps"] {
+        let out = kubectl_with_token(c, &token, &["get", what, "-n", &target]);
+        assert!(String::from_utf8_lossy(&out.stderr).contains("Forbidden"), "{out:?}");
+    }
+    wait_until("the three refused requests to be turned away", Duration::from_secs(20), || {
+        metric(&e.agent, rule) >= seen_before + 3.0
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(last_activity(c, &target), before, "kept awake by {:?}", last_activity_by(c, &target));
+}
+
 /// kubectl against the host API server with a bearer token only.
 fn kubectl_with_token(c: &Cluster, token: &str, args: &[&str]) -> std::process::Output {
     std::process::Command::new(c.bins.path("kubectl"))
@@ -163,6 +192,45 @@ fn a_namespaces_own_service_accounts_do_not_keep_it_awake_unless_its_policy_coun
         kubectl(c, &["create", "token", "app", "-n", ns]).trim().to_string()
     };
     let (own_app, counted_app) = (token(&own), token(&counts));
+    // Each may do what it does below: a request refused (403) would be no
+    // use of anything, whatever its account.
+    kubectl(
+        c,
+        &[
+            "create",
+            "rolebinding",
+            "own-view",
+            "--clusterrole=view",
+            &format!("--serviceaccount={own}:app"),
+            "-n",
+            &own,
+        ],
+    );
+    kubectl(
+        c,
+        &[
+            "create",
+            "rolebinding",
+            "own-view",
+            "--clusterrole=view",
+            &format!("--serviceaccount={own}:app"),
+            "-n",
+            &counts,
+        ],
+    );
+    kubectl(c, &["create", "role", "secrets", "--verb=list", "--resource=secrets", "-n", &counts]);
+    kubectl(
+        c,
+        &[
+            "create",
+            "rolebinding",
+            "secrets",
+            "--role=secrets",
+            &format!("--serviceaccount={counts}:app"),
+            "-n",
+            &counts,
+        ],
+    );
     std::thread::sleep(Duration::from_secs(4));
     let rule = "dormant_activity_total{source=\"audit\",outcome=\"ignored\",rule=\"own-service-account\"}";
     let ignored_before = metric(&e.agent, rule);
@@ -178,8 +246,7 @@ fn a_namespaces_own_service_accounts_do_not_keep_it_awake_unless_its_policy_coun
         (&counted_app, &counts, "secrets"),
     ] {
         let out = kubectl_with_token(c, token, &["get", what, "-n", ns]);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success() || stderr.contains("Forbidden"), "{stderr}");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
     let counted_by = format!("system:serviceaccount:{counts}:app list secrets (audit)");
     wait_until("the counted app's request to be recorded", Duration::from_secs(20), || {
@@ -204,6 +271,10 @@ fn a_request_the_api_server_could_not_authenticate_counts_for_nothing() {
     let e = env();
     let c = &e.cluster;
     let [refused, sentinel] = idle_targets(c, ["refused", "sentinel"]);
+    kubectl(
+        c,
+        &["create", "rolebinding", "alice-view", "--clusterrole=view", "--user=alice", "-n", &sentinel],
+    );
     let unauthenticated =
         "dormant_activity_total{source=\"audit\",outcome=\"ignored\",rule=\"unauthenticated\"}";
     let ignored_before = metric(&e.agent, unauthenticated);
@@ -215,7 +286,8 @@ fn a_request_the_api_server_could_not_authenticate_counts_for_nothing() {
     let out = kubectl_with_token(c, "not-a-token", &["get", "pods", "-n", &refused]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("Unauthorized"), "{stderr}");
-    let _ = c.kubectl_out(&c.alice, &["get", "pods", "-n", &sentinel]);
+    let out = c.kubectl_out(&c.alice, &["get", "pods", "-n", &sentinel]);
+    assert!(out.is_ok(), "{out:?}");
 
     wait_until("alice's request to be recorded", Duration::from_secs(20), || {
         last_activity_by(c, &sentinel).starts_with("alice list pods (audit)")
@@ -249,7 +321,7 @@ async fn only_ignored_activity_lets_a_target_sleep_on_time_while_counted_activit
         .unwrap();
         c.kubectl_apply(
             &c.admin,
-            &format!("apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {{name: view, namespace: {ns}}}\nroleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: view}}\nsubjects: [{{apiGroup: rbac.authorization.k8s.io, kind: Group, name: team-a}}]\n"),
+            &format!("apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {{name: view, namespace: {ns}}}\nroleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: view}}\nsubjects: [{{apiGroup: rbac.authorization.k8s.io, kind: Group, name: team-a}}, {{apiGroup: rbac.authorization.k8s.io, kind: User, name: ci-robot}}]\n"),
         )
         .unwrap();
         kubectl(
@@ -729,27 +801,44 @@ fn vcluster_audit_scenario() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("Forbidden"), "{out:?}");
-    // alice's certificate is valid for the vcluster's API server too; she
-    // has no rights there, which does not make her request any less a use.
+    // alice's certificate is valid for the vcluster's API server too. A
+    // request it refuses her (403) is no use of it; one it lets her make is.
     std::fs::write(c.dir.join("alice-vc.crt"), &c.alice.cert.cert_pem).unwrap();
     std::fs::write(c.dir.join("alice-vc.key"), &c.alice.cert.key_pem).unwrap();
-    let out = std::process::Command::new(c.bins.path("kubectl"))
-        .args(["--server", &vc.server, "--certificate-authority"])
-        .arg(&c.ca_file)
-        .arg(format!("--client-certificate={}", c.dir.join("alice-vc.crt").display()))
-        .arg(format!("--client-key={}", c.dir.join("alice-vc.key").display()))
-        .args(["get", "secrets", "-n", "kube-system"])
-        .output()
-        .unwrap();
+    let as_alice = |args: &[&str]| {
+        std::process::Command::new(c.bins.path("kubectl"))
+            .args(["--server", &vc.server, "--certificate-authority"])
+            .arg(&c.ca_file)
+            .arg(format!("--client-certificate={}", c.dir.join("alice-vc.crt").display()))
+            .arg(format!("--client-key={}", c.dir.join("alice-vc.key").display()))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let forbidden_rule = "dormant_activity_total{source=\"audit\",outcome=\"ignored\",rule=\"forbidden\"}";
+    let forbidden_before = metric(&e.agent, forbidden_rule);
+    let out = as_alice(&["get", "secrets", "-n", "kube-system"]);
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("Forbidden"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    wait_until("alice's refused request to be seen and turned away", Duration::from_secs(20), || {
+        metric(&e.agent, forbidden_rule) > forbidden_before
+    });
+    // (Its own rules: nothing aggregates `view` in this API server.)
+    in_vc(&["create", "clusterrole", "configmap-reader", "--verb=list", "--resource=configmaps"]);
+    in_vc(&["create", "clusterrolebinding", "alice-reads", "--clusterrole=configmap-reader", "--user=alice"]);
+    // The binding takes a moment to reach the authorizer.
+    wait_until("alice to be allowed", Duration::from_secs(20), || {
+        as_alice(&["get", "configmaps", "-n", "kube-system"]).status.success()
+    });
     wait_until("alice's vcluster request on the vcluster target", Duration::from_secs(20), || {
         quiet_annotation(c, "statefulset", "dev", Some(&ns), "dormant.dev/last-activity-by")
-            .starts_with("alice list secrets (audit)")
+            .starts_with("alice list configmaps (audit)")
     });
+    let sources = quiet_annotation(c, "statefulset", "dev", Some(&ns), "dormant.dev/activity-sources");
+    assert!(sources.contains(r#""alice (kubectl)":1"#), "her refused request counted too: {sources}");
     // The syncer's requests came first, and none counted.
     let sources = quiet_annotation(c, "statefulset", "dev", Some(&ns), "dormant.dev/activity-sources");
     assert!(!sources.contains("(vcluster)"), "the syncer kept its vcluster awake: {sources}");
@@ -770,10 +859,13 @@ async fn two_replicas_flushing_counts_for_one_target_lose_none() {
     let client = c.client().await.unwrap();
     let (stores, writers) = dormant::target::stores::stores();
     writers.fill(client.clone()).await.unwrap();
-    let throttle = dormant::scaler::Throttle::new(50.try_into().unwrap(), 50.try_into().unwrap());
-    let flusher = |_| dormant::agent::AnnotationFlusher {
+    let throttle = dormant::client::Throttle::new(50.try_into().unwrap(), 50.try_into().unwrap());
+    let flusher = |_| dormant::activity::flush::AnnotationFlusher {
         stores: stores.clone(),
-        scaler: dormant::scaler::Scaler::new(client.clone(), throttle.clone()),
+        annotator: dormant::annotate::Annotator::new(dormant::client::Patcher::new(
+            client.clone(),
+            throttle.clone(),
+        )),
     };
     let (a, b) = (flusher(1), flusher(2));
     let target = dormant::target::TargetRef::namespace(&ns);
@@ -786,6 +878,8 @@ async fn two_replicas_flushing_counts_for_one_target_lose_none() {
         verb: "list".into(),
         resource: None,
         path: "/api/v1/namespaces".into(),
+        code: None,
+        in_vcluster: false,
     };
     let counts = |n: u64| [("alice (kubectl)".to_string(), n)].into_iter().collect();
     // Both from the store's view before either write (no watch runs here,
@@ -810,7 +904,7 @@ async fn a_request_marked_ignored_by_the_proxy_counts_for_nothing_when_audited()
     let rule = "dormant_activity_total{source=\"audit\",outcome=\"ignored\",rule=\"builtin-user-agent\"}";
     let before = metric(&e.agent, rule);
     let marked = batch(&ns, "dashboard")
-        .replace("\"curl/8\"", &format!("\"curl/8 {}\"", dormant::proxy::IGNORED_USER_AGENT_MARK));
+        .replace("\"curl/8\"", &format!("\"curl/8 {}\"", dormant::vocab::IGNORED_USER_AGENT_MARK));
     let (status, text) =
         post(e.receiver.port, "/audit/host", &headers, marked.into_bytes(), None, "POST").await.unwrap();
     assert_eq!(status, 200, "{text}");

@@ -61,14 +61,14 @@ pub trait Flush: Send + Sync + 'static {
         target: TargetRef,
         activity: Activity,
         sources: SourceCounts,
-    ) -> impl std::future::Future<Output = Result<(), String>> + Send;
+    ) -> impl std::future::Future<Output = Result<(), crate::annotate::Error>> + Send;
 }
 
 /// Writes nothing (benchmarks and tests of what comes before a flush).
 pub struct NoFlush;
 
 impl Flush for NoFlush {
-    async fn flush(&self, _: TargetRef, _: Activity, _: SourceCounts) -> Result<(), String> {
+    async fn flush(&self, _: TargetRef, _: Activity, _: SourceCounts) -> Result<(), crate::annotate::Error> {
         Ok(())
     }
 }
@@ -244,7 +244,7 @@ impl LedgerWorker {
 async fn flush_batch<F: Flush>(inner: &Inner, flusher: &F, batch: Vec<(TargetRef, Activity, SourceCounts)>) {
     for (target, activity, sources) in batch {
         if let Err(e) = flusher.flush(target.clone(), activity, sources.clone()).await {
-            tracing::warn!(%target, error = %e, "failed to write last activity; will retry");
+            tracing::warn!(%target, error = %crate::error::Chain(&e), "failed to write last activity; will retry");
             inner.mark_dirty(&target, sources);
         }
     }
@@ -267,6 +267,8 @@ mod tests {
             verb: "get".into(),
             resource: None,
             path: "/api".into(),
+            code: None,
+            in_vcluster: false,
         }
     }
 
@@ -280,7 +282,7 @@ mod tests {
             target: TargetRef,
             activity: Activity,
             sources: SourceCounts,
-        ) -> Result<(), String> {
+        ) -> Result<(), crate::annotate::Error> {
             tokio::time::sleep(self.1).await;
             lock(&self.0).push((target, activity, sources));
             Ok(())

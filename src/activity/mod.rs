@@ -1,8 +1,13 @@
 //! Activity: one observed use of a target (who, what, when, from which
-//! source), and the ledger that keeps the newest counted activity per target.
+//! source). Sources (the audit webhook, the proxy) turn what they see into
+//! an [`Activity`] once and hand it to the [`observe::Observer`], which
+//! judges whether it counts and records it; the [`ledger`] keeps the newest
+//! counted activity per target, and [`flush`] writes it to the target.
 
+pub mod flush;
 pub mod ledger;
 pub mod observe;
+mod resource;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -32,16 +37,7 @@ impl Source {
     }
 }
 
-/// The API resource a request touched.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ResourceRef {
-    /// API group; empty for the core group.
-    pub group: String,
-    pub resource: String,
-    pub subresource: String,
-    pub namespace: String,
-    pub name: String,
-}
+pub use resource::ResourceRef;
 
 /// One observed use of a target.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,6 +52,35 @@ pub struct Activity {
     pub resource: Option<ResourceRef>,
     /// The request path (what non-resource rules match).
     pub path: String,
+    /// The API server's answer to the request, when known (an audit event
+    /// carries it; the proxy learns it only after forwarding).
+    pub code: Option<u16>,
+    /// Made to a vcluster's own API server (through the proxy, or reported
+    /// by the vcluster's audit webhook), not to the host's.
+    pub in_vcluster: bool,
+}
+
+impl crate::policy::ignore::Request for Activity {
+    fn user(&self) -> &str {
+        &self.user
+    }
+    fn groups(&self) -> &[String] {
+        &self.groups
+    }
+    fn user_agent(&self) -> &str {
+        &self.user_agent
+    }
+    fn verb(&self) -> &str {
+        &self.verb
+    }
+    fn resource(&self) -> Option<(&str, &str, &str, &str)> {
+        self.resource
+            .as_ref()
+            .map(|r| (r.group.as_str(), r.resource.as_str(), r.subresource.as_str(), r.name.as_str()))
+    }
+    fn path(&self) -> &str {
+        &self.path
+    }
 }
 
 impl AsRef<Activity> for Activity {

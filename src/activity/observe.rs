@@ -1,7 +1,9 @@
 //! The one way activity enters dormant: an observed use of a target is
-//! checked against the built-in ignore rules and the target's effective
-//! policy, counted in the metrics, and — unless ignored — queued for the
-//! ledger. The audit webhook and the proxy both report through here.
+//! judged — a request nobody authenticated, a vcluster's syncer, a target's
+//! own service accounts, the built-in ignore rules and the target's
+//! effective policy's — counted in the metrics, and, unless ignored,
+//! queued for the ledger. The audit webhook and the proxy both report
+//! through here, and nothing else decides whether a use counts.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -12,9 +14,9 @@ use super::{Activity, Source};
 use prometheus_client::metrics::counter::Counter;
 
 use crate::metrics::{ActivityLabels, Metrics, SourceLabels};
-use crate::policy::annotations::TargetAnnotations;
-use crate::policy::ignore::{IgnoreRules, Ignored, ignored_by};
-use crate::policy::{Defaults, resolve};
+use crate::policy::Defaults;
+use crate::policy::ignore::{IgnoreRules, ignored_by, own_service_account};
+use crate::target::effective::effective;
 use crate::target::{Scope, Stores, TargetRef};
 
 /// Per-target ignore rules from the effective policy, resolved from the
@@ -33,31 +35,24 @@ impl RulesCache {
         RulesCache { stores, defaults, scope, ttl, cache: RwLock::new(HashMap::new()) }
     }
 
-    /// The policy's ignore rules for `t` (none when it has no valid policy).
+    /// The policy's ignore rules for `t`: none beyond the built-in ones
+    /// when it has no valid policy (see [`crate::target::effective`]).
     pub fn get(&self, t: &TargetRef) -> Arc<IgnoreRules> {
         if let Some((at, rules)) = self.cache.read().unwrap_or_else(|e| e.into_inner()).get(t)
             && at.elapsed() < self.ttl
         {
             return rules.clone();
         }
-        let rules = Arc::new(self.resolve(t).unwrap_or_default());
+        let rules = match effective(&self.stores, &self.defaults, &self.scope, t) {
+            Ok(Some(g)) => g.policy.ignore.value,
+            Ok(None) | Err(_) => IgnoreRules::default(),
+        };
+        let rules = Arc::new(rules);
         self.cache
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(t.clone(), (Instant::now(), rules.clone()));
         rules
-    }
-
-    fn resolve(&self, t: &TargetRef) -> Option<IgnoreRules> {
-        let target = self.stores.target(t)?;
-        if !self.scope.allows(&t.namespace, &target.namespace_labels) {
-            return None;
-        }
-        let annotations = TargetAnnotations::parse(target.object.annotations()).ok()?;
-        let candidates = self.stores.candidates();
-        resolve(t.kind, &target.namespace_labels, &annotations, &candidates, &self.defaults)
-            .ok()
-            .map(|p| p.ignore.value)
     }
 }
 
@@ -65,7 +60,8 @@ impl RulesCache {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     Counted,
-    Ignored(Ignored),
+    /// Ignored, by the rule its metric label names.
+    Ignored(&'static str),
     /// Counted, but the ledger's queue was full.
     Dropped,
 }
@@ -77,6 +73,8 @@ pub struct Observer {
     pub rules: RulesCache,
     pub metrics: Arc<Metrics>,
     sources: SourceCounters,
+    /// Name users in the metric's `source` label; else only their tool.
+    user_names: bool,
 }
 
 /// The "who keeps it awake" counters, by target and source: at most
@@ -89,6 +87,27 @@ struct SourceCounters(RwLock<HashMap<TargetRef, HashMap<String, Counter>>>);
 /// The `rule` label of a request its API server could not authenticate
 /// (401): an expired CI token polling forever must not keep a target awake.
 pub const UNAUTHENTICATED: &str = "unauthenticated";
+
+/// The `rule` label of a request its API server refused to authorize
+/// (403): any pod's token can ask for any namespace's objects, and must
+/// not keep them awake without a right to them.
+pub const FORBIDDEN: &str = "forbidden";
+
+/// The `rule` label of a request its API server did not serve: throttled
+/// (429) or failed (5xx). Nothing says who asked, or that anyone was let in.
+pub const NOT_SERVED: &str = "not-served";
+
+/// Why a request answered `code` is nobody's use, as a `rule` label; `None`
+/// for an answer that shows an authenticated, authorized caller got
+/// through (any 1xx-4xx but 401, 403 and 429).
+pub fn refused_by_answer(code: u16) -> Option<&'static str> {
+    match code {
+        401 => Some(UNAUTHENTICATED),
+        403 => Some(FORBIDDEN),
+        429 | 500.. => Some(NOT_SERVED),
+        _ => None,
+    }
+}
 
 /// The `rule` label of events posted for a vcluster dormant does not know
 /// (a typo in the webhook's path, a vcluster not yet or no longer there).
@@ -158,36 +177,73 @@ impl Observer {
     }
 
     pub fn new(ledger: Ledger, builtin: IgnoreRules, rules: RulesCache, metrics: Arc<Metrics>) -> Self {
-        Observer { ledger, builtin, rules, metrics, sources: SourceCounters::default() }
+        Observer { ledger, builtin, rules, metrics, sources: SourceCounters::default(), user_names: false }
+    }
+
+    /// Names users in `dormant_activity_sources_total`'s `source` label
+    /// (`alice (kubectl)`), not only their tool (`(kubectl)`). Off by
+    /// default: `/metrics` needs no credential, and user names (some of
+    /// them chosen by whoever sends a request) are nobody's business there.
+    /// The target's `activity-sources` annotation, behind RBAC, always
+    /// names them.
+    pub fn with_user_names(mut self, on: bool) -> Self {
+        self.user_names = on;
+        self
     }
 
     /// Decides whether `a` counts for `t`, and records it if so.
     /// The proxy passes an `Arc` it keeps (a held request wakes the target
-    /// with it); the audit receiver passes the activity itself, which is
-    /// boxed only if it counts.
+    /// with it); the audit receiver passes one `Arc` for every target an
+    /// event is attributed to.
     pub fn observe<A>(&self, t: &TargetRef, a: A) -> Outcome
     where
         A: AsRef<Activity> + Into<Arc<Activity>>,
     {
         match self.judge(t, a.as_ref()) {
-            Some(ignored) => Outcome::Ignored(ignored),
+            Some(rule) => Outcome::Ignored(rule),
             None => self.record(t, a),
         }
     }
 
-    /// Why `a` does not count for `t`, if it does not (counted in metrics);
-    /// `None` for activity to [`record`](Self::record).
-    pub fn judge(&self, t: &TargetRef, a: &Activity) -> Option<Ignored> {
-        let ignored = ignored_by(&self.builtin, &self.rules.get(t), a)?;
-        let rule = ignored.kind.label(ignored.builtin);
-        let source = a.source.as_str();
-        self.metrics.activity.get_or_create(&ActivityLabels { source, outcome: "ignored", rule }).inc();
-        Some(ignored)
+    /// Why `a` is nobody's use of `t`, as the `rule` metric label, if it is
+    /// not (counted in the metrics); `None` for a use to
+    /// [`record`](Self::record). In this order:
+    /// - [`UNAUTHENTICATED`], [`FORBIDDEN`], [`NOT_SERVED`]: its API
+    ///   server could not tell who made it (401, or audited with no user: an
+    ///   expired CI token polling for ever must not keep a target awake),
+    ///   refused it (403), or did not serve it (see [`refused_by_answer`]);
+    /// - [`VCLUSTER_SYNCER`]: a vcluster's syncer or its start-up deployer,
+    ///   reported by the vcluster's own audit webhook;
+    /// - [`OWN_SERVICE_ACCOUNT`]: reported by an audit webhook, made by one
+    ///   of the target's own service accounts (its workloads), unless its
+    ///   policy counts them;
+    /// - the built-in ignore rules, then the target's policy's.
+    pub fn judge(&self, t: &TargetRef, a: &Activity) -> Option<&'static str> {
+        let rule = if a.user.is_empty() {
+            UNAUTHENTICATED
+        } else if let Some(rule) = a.code.and_then(refused_by_answer) {
+            rule
+        } else if a.source == Source::Audit && a.in_vcluster && from_vcluster_itself(&a.user, &a.user_agent) {
+            VCLUSTER_SYNCER
+        } else {
+            let rules = self.rules.get(t);
+            if a.source == Source::Audit
+                && !rules.count_own_service_accounts
+                && own_service_account(&a.user, &t.namespace, a.in_vcluster)
+            {
+                OWN_SERVICE_ACCOUNT
+            } else {
+                let ignored = ignored_by(&self.builtin, &rules, a)?;
+                ignored.kind.label(ignored.builtin)
+            }
+        };
+        self.turn_away(a.source, rule);
+        Some(rule)
     }
 
-    /// A request that is nobody's use of the target ([`UNAUTHENTICATED`],
-    /// [`VCLUSTER_SYNCER`], [`OWN_SERVICE_ACCOUNT`]): counted in metrics
-    /// only, as ignored by `rule`.
+    /// A request that is nobody's use of any target ([`UNKNOWN_VCLUSTER`],
+    /// or [`UNAUTHENTICATED`] once the proxy sees its answer): counted in
+    /// metrics only, as ignored by `rule`.
     pub fn turn_away(&self, source: Source, rule: &'static str) {
         let labels = ActivityLabels { source: source.as_str(), outcome: "ignored", rule };
         self.metrics.activity.get_or_create(&labels).inc();
@@ -201,7 +257,12 @@ impl Observer {
         let source = a.as_ref().source.as_str();
         self.metrics.activity.get_or_create(&ActivityLabels { source, outcome: "counted", rule: "" }).inc();
         let who = a.as_ref().who();
-        self.sources.counter(&self.metrics, t, &who).inc();
+        if self.user_names {
+            self.sources.counter(&self.metrics, t, &who).inc();
+        } else {
+            let tool = format!("({})", short_agent(&a.as_ref().user_agent));
+            self.sources.counter(&self.metrics, t, &tool).inc();
+        }
         if self.ledger.record_from(t.clone(), a, who) {
             Outcome::Counted
         } else {
@@ -209,6 +270,19 @@ impl Observer {
             Outcome::Dropped
         }
     }
+}
+
+/// True for a request a vcluster makes to its own API server: its syncer,
+/// and what it deploys at every start (CoreDNS). They use the same admin
+/// credential as the `vc-<name>` kubeconfig people are given (user
+/// `kubernetes-super-admin` in vcluster 0.30's k8s distro), and the syncer
+/// watches all the time (a watch restarts every few minutes); only their
+/// user agents tell them apart: client-go's default, named after the
+/// `vcluster` binary, and Go's own default for the deployer (18 requests
+/// at a first start, 10 at each wake, seen on the real vcluster).
+pub fn from_vcluster_itself(user: &str, user_agent: &str) -> bool {
+    user_agent.starts_with("vcluster/")
+        || (user == "kubernetes-super-admin" && user_agent.starts_with("Go-http-client/"))
 }
 
 /// `kubectl/v1.37.2 (linux/amd64) kubernetes/abc` → `kubectl`: the product
@@ -234,6 +308,8 @@ mod tests {
             verb: "list".into(),
             resource: None,
             path: "/api".into(),
+            code: None,
+            in_vcluster: true,
         }
     }
 
@@ -243,7 +319,7 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let (ledger, _worker) = Ledger::new(10_000);
         let rules = RulesCache::new(stores, Defaults::default(), Scope::default(), Duration::from_secs(5));
-        let o = Observer::new(ledger, IgnoreRules::default(), rules, metrics.clone());
+        let o = Observer::new(ledger, IgnoreRules::default(), rules, metrics.clone()).with_user_names(true);
         let t = TargetRef::vcluster("team-a", "dev");
         for i in 0..MAX_SOURCES + 8 {
             assert_eq!(o.observe(&t, activity(&format!("user-{i}"))), Outcome::Counted);
@@ -278,7 +354,8 @@ mod tests {
             std::future::pending(),
         ));
         let rules = RulesCache::new(stores, Defaults::default(), Scope::default(), Duration::from_secs(5));
-        let o = Observer::new(ledger.clone(), IgnoreRules::default(), rules, metrics.clone());
+        let o = Observer::new(ledger.clone(), IgnoreRules::default(), rules, metrics.clone())
+            .with_user_names(true);
         let (gone, kept) = (TargetRef::namespace("preview-1"), TargetRef::namespace("team-a"));
         for t in [&gone, &kept] {
             for user in ["alice", "bob"] {
@@ -305,5 +382,21 @@ mod tests {
         assert!(!o.rules.cache.read().unwrap().contains_key(&gone));
         drop((o, ledger));
         task.abort();
+    }
+
+    #[test]
+    fn metrics_name_tools_not_users_unless_asked() {
+        let (stores, _writers) = crate::target::stores::stores();
+        let metrics = Arc::new(Metrics::new());
+        let (ledger, _worker) = Ledger::new(100);
+        let rules = RulesCache::new(stores, Defaults::default(), Scope::default(), Duration::from_secs(5));
+        let o = Observer::new(ledger.clone(), IgnoreRules::default(), rules, metrics.clone());
+        let t = TargetRef::namespace("team-a");
+        assert_eq!(o.observe(&t, activity("alice")), Outcome::Counted);
+        let text = metrics.encode();
+        let series: Vec<&str> =
+            text.lines().filter(|l| l.starts_with("dormant_activity_sources_total{")).collect();
+        assert_eq!(series.len(), 1, "{series:?}");
+        assert!(series[0].contains(r#"source="(kubectl)""#) && !series[0].contains("alice"), "{series:?}");
     }
 }

@@ -65,6 +65,17 @@ pub struct Event<'a> {
     pub response_status: Option<ResponseStatus>,
     #[serde(borrow, default)]
     pub stage_timestamp: Option<Cow<'a, str>>,
+    /// The authorizer's decision and reason, and whatever else the API
+    /// server annotated the event with (only the decision is read).
+    #[serde(borrow, default)]
+    pub annotations: Option<Annotations<'a>>,
+}
+
+/// An event's `annotations`, of which dormant reads one.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Annotations<'a> {
+    #[serde(borrow, default, rename = "authorization.k8s.io/decision")]
+    pub decision: Option<Cow<'a, str>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -148,13 +159,17 @@ impl Event<'_> {
         self.user.username.is_empty() || self.response_status.and_then(|s| s.code) == Some(401)
     }
 
-    /// True for a request by a vcluster's syncer to the vcluster's own API
-    /// server. The syncer uses the same admin credential as the `vc-<name>`
-    /// kubeconfig people are given, and watches all the time (a watch
-    /// restarts every few minutes); only its user agent tells it apart:
-    /// client-go's default, named after the `vcluster` binary.
-    pub fn from_vcluster_syncer(&self) -> bool {
-        self.user_agent.as_deref().is_some_and(|ua| ua.starts_with("vcluster/"))
+    /// The code of the API server's answer: its `responseStatus`, or 403
+    /// when the authorizer's decision was `forbid` (a request refused by
+    /// authorization is audited with that decision even where the status
+    /// is missing).
+    pub fn code(&self) -> Option<u16> {
+        let code = self.response_status.and_then(|s| s.code).and_then(|c| u16::try_from(c).ok());
+        let forbidden = self.annotations.as_ref().and_then(|a| a.decision.as_deref()) == Some("forbid");
+        match code {
+            None if forbidden => Some(403),
+            code => code,
+        }
     }
 
     /// The user the request acted as (the impersonated one, if any).
@@ -195,7 +210,7 @@ mod tests {
         let e = &items[0];
         assert!(e.counts());
         assert_eq!(e.namespace(), Some("team-a"));
-        let a = to_activity(e, Utc::now());
+        let a = to_activity(e, Utc::now(), &crate::audit::Origin::Host);
         assert_eq!(a.user, "alice");
         assert_eq!(a.verb, "list");
         assert_eq!(a.path, "/api/v1/namespaces/team-a/pods");
@@ -283,7 +298,7 @@ mod tests {
         let body = r#"{"kind":"EventList","apiVersion":"audit.k8s.io/v1","items":[{"auditID":"x","stage":"ResponseComplete","requestURI":"/api/v1/namespaces/team-b","verb":"get","user":{"username":"dormant-proxy"},"impersonatedUser":{"username":"bob","groups":["devs"]},"objectRef":{"resource":"namespaces","name":"team-b","apiVersion":"v1"}}]}"#;
         let items = decode(body.as_bytes()).unwrap();
         assert_eq!(items[0].namespace(), Some("team-b"));
-        let a = to_activity(&items[0], Utc::now());
+        let a = to_activity(&items[0], Utc::now(), &crate::audit::Origin::Host);
         assert_eq!((a.user.as_str(), a.groups.as_slice()), ("bob", &["devs".to_string()][..]));
     }
 }

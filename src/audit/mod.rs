@@ -7,9 +7,9 @@
 //! kube-apiserver drops audit events when its receiver is slow, and a slow
 //! Kubernetes API must never make this endpoint slow.
 
+pub mod body;
 pub mod decode;
 
-use std::io::Read;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,16 +18,14 @@ use chrono::Utc;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
-use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
-use crate::activity::observe::{
-    OWN_SERVICE_ACCOUNT, Observer, UNAUTHENTICATED, UNKNOWN_VCLUSTER, VCLUSTER_SYNCER,
-};
+use crate::activity::observe::{Observer, UNAUTHENTICATED, UNKNOWN_VCLUSTER};
 use crate::activity::{Activity, ResourceRef, Source};
+use crate::auth::bearer_token;
 use crate::metrics::{Metrics, OutcomeLabels};
-use crate::policy::ignore::own_service_account;
+use crate::status::Rejection;
 use crate::target::TargetRef;
 use crate::target::index::TargetIndex;
 
@@ -121,10 +119,11 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// An audit event as an activity record. The event's own time is used,
-/// but never later than when it arrived (an API server clock ahead of ours
-/// must not date activity in the future).
-pub fn to_activity(e: &decode::Event<'_>, received: chrono::DateTime<Utc>) -> Activity {
+/// An audit event as an activity record, made once per event whatever
+/// the number of targets it is attributed to. The event's own time is
+/// used, but never later than when it arrived (an API server clock ahead
+/// of ours must not date activity in the future).
+pub fn to_activity(e: &decode::Event<'_>, received: chrono::DateTime<Utc>, origin: &Origin) -> Activity {
     let user = e.effective_user();
     let at = e
         .stage_timestamp
@@ -150,6 +149,8 @@ pub fn to_activity(e: &decode::Event<'_>, received: chrono::DateTime<Utc>) -> Ac
             })
         }),
         path,
+        code: e.code(),
+        in_vcluster: matches!(origin, Origin::VCluster(_)),
     }
 }
 
@@ -168,91 +169,112 @@ pub struct Receiver {
 
 type Body = Full<Bytes>;
 
-/// An answer as a Kubernetes-style `Status`, which API server logs print well.
-fn status(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
-    let body = json!({
-        "kind": "Status", "apiVersion": "v1", "metadata": {},
-        "status": if code.is_success() { "Success" } else { "Failure" },
-        "message": message, "reason": reason, "code": code.as_u16(),
-    });
-    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
-    *r.status_mut() = code;
-    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
-    r
+/// Why a batch is refused: each kind with its metric label and answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refused {
+    NotFound,
+    Unauthorized,
+    BadMethod,
+    MediaType(String),
+    Body(body::BodyError),
+    ReadError,
+    Decode(decode::DecodeError),
+}
+
+impl Refused {
+    /// The `outcome` label of `dormant_audit_batches_total`.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            Refused::NotFound => "not-found",
+            Refused::Unauthorized => "unauthorized",
+            Refused::BadMethod => "bad-method",
+            Refused::MediaType(_) => "unsupported-media-type",
+            Refused::Body(e) => e.outcome(),
+            Refused::ReadError => "read-error",
+            Refused::Decode(e) => e.category(),
+        }
+    }
+
+    /// The one place a refusal becomes an answer.
+    pub fn rejection(&self) -> Rejection {
+        let r = |code, reason, message: String| Rejection::new(code, reason, message);
+        match self {
+            Refused::NotFound => r(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                "expected /audit/host or /audit/vcluster/<namespace>/<name>".into(),
+            ),
+            Refused::Unauthorized => r(
+                StatusCode::UNAUTHORIZED,
+                "Unauthorized",
+                "a valid bearer token or client certificate is required".into(),
+            ),
+            Refused::BadMethod => {
+                r(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", "audit batches are POSTed".into())
+            }
+            Refused::MediaType(m) => r(StatusCode::UNSUPPORTED_MEDIA_TYPE, "UnsupportedMediaType", m.clone()),
+            Refused::Body(e @ body::BodyError::TooLarge { .. }) => {
+                r(StatusCode::PAYLOAD_TOO_LARGE, "RequestEntityTooLarge", e.to_string())
+            }
+            Refused::Body(e) => r(StatusCode::BAD_REQUEST, "BadRequest", e.to_string()),
+            Refused::ReadError => r(StatusCode::BAD_REQUEST, "BadRequest", "failed to read the body".into()),
+            Refused::Decode(e) => r(StatusCode::BAD_REQUEST, "BadRequest", e.to_string()),
+        }
+    }
 }
 
 impl Receiver {
-    fn count(&self, outcome: &'static str) {
-        self.metrics.audit_batches.get_or_create(&OutcomeLabels { outcome }).inc();
-    }
-
-    fn reject(&self, outcome: &'static str, code: StatusCode, reason: &str, message: &str) -> Response<Body> {
-        self.count(outcome);
-        status(code, reason, message)
-    }
-
     /// Handles one request. `client_cert` is true when the connection
     /// presented a certificate the TLS layer verified.
     pub async fn handle(&self, req: Request<Incoming>, client_cert: bool) -> Response<Body> {
         let started = Instant::now();
-        let Some(origin) = route(req.uri().path()) else {
-            return self.reject(
-                "not-found",
-                StatusCode::NOT_FOUND,
-                "NotFound",
-                "expected /audit/host or /audit/vcluster/<namespace>/<name>",
-            );
+        let (outcome, answer) = match self.accept(req, client_cert).await {
+            Ok(events) => {
+                self.metrics.audit_events.inc_by(events as u64);
+                self.metrics.audit_batch_duration.observe(started.elapsed().as_secs_f64());
+                ("accepted", Rejection::new(StatusCode::OK, "", ""))
+            }
+            Err(e) => {
+                if let Refused::Decode(e) = &e {
+                    tracing::debug!(error = %e, "rejected an audit batch");
+                }
+                (e.outcome(), e.rejection())
+            }
         };
-        let bearer = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
-        let token_ok = match (&self.tokens, bearer) {
+        self.metrics.audit_batches.get_or_create(&OutcomeLabels { outcome }).inc();
+        answer.response(Full::new)
+    }
+
+    /// Route, authenticate, check and read the batch, then ingest it.
+    async fn accept(&self, req: Request<Incoming>, client_cert: bool) -> Result<usize, Refused> {
+        let origin = route(req.uri().path()).ok_or(Refused::NotFound)?;
+        let token_ok = match (&self.tokens, bearer_token(req.headers())) {
             (Some(tokens), Some(t)) => tokens.accepts(t, &origin),
             _ => false,
         };
-        let cert_ok = self.client_certs && client_cert;
-        if !(token_ok || cert_ok) {
-            return self.reject(
-                "unauthorized",
-                StatusCode::UNAUTHORIZED,
-                "Unauthorized",
-                "a valid bearer token or client certificate is required",
-            );
+        if !(token_ok || (self.client_certs && client_cert)) {
+            return Err(Refused::Unauthorized);
         }
         if req.method() != Method::POST {
-            return self.reject(
-                "bad-method",
-                StatusCode::METHOD_NOT_ALLOWED,
-                "MethodNotAllowed",
-                "audit batches are POSTed",
-            );
+            return Err(Refused::BadMethod);
         }
         let content_type =
             req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default();
         if !content_type.starts_with("application/json") {
-            return self.reject(
-                "unsupported-media-type",
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "UnsupportedMediaType",
-                &format!("expected Content-Type application/json, got {content_type:?}"),
-            );
+            return Err(Refused::MediaType(format!(
+                "expected Content-Type application/json, got {content_type:?}"
+            )));
         }
         let gzip = match req.headers().get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok()) {
             None | Some("identity") => false,
             Some("gzip") => true,
             Some(other) => {
-                return self.reject(
-                    "unsupported-media-type",
-                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    "UnsupportedMediaType",
-                    &format!("unsupported Content-Encoding {other:?} (gzip or none)"),
-                );
+                return Err(Refused::MediaType(format!(
+                    "unsupported Content-Encoding {other:?} (gzip or none)"
+                )));
             }
         };
-        let too_large = || format!("the batch is larger than {} bytes", self.max_body);
+        let too_large = Refused::Body(body::BodyError::TooLarge { max: self.max_body });
         if req
             .headers()
             .get(header::CONTENT_LENGTH)
@@ -260,71 +282,22 @@ impl Receiver {
             .and_then(|v| v.parse::<usize>().ok())
             .is_some_and(|n| n > self.max_body)
         {
-            return self.reject(
-                "too-large",
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "RequestEntityTooLarge",
-                &too_large(),
-            );
+            return Err(too_large);
         }
-        let body = match Limited::new(req.into_body(), self.max_body).collect().await {
+        let raw = match Limited::new(req.into_body(), self.max_body).collect().await {
             Ok(b) => b.to_bytes(),
             Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
-                return self.reject(
-                    "too-large",
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "RequestEntityTooLarge",
-                    &too_large(),
-                );
+                return Err(too_large);
             }
-            Err(_) => {
-                return self.reject(
-                    "read-error",
-                    StatusCode::BAD_REQUEST,
-                    "BadRequest",
-                    "failed to read the body",
-                );
-            }
+            Err(_) => return Err(Refused::ReadError),
         };
-        let body = if gzip {
-            let mut out = Vec::new();
-            let mut dec = flate2::read::GzDecoder::new(&body[..]).take(self.max_body as u64 + 1);
-            if dec.read_to_end(&mut out).is_err() {
-                return self.reject(
-                    "malformed",
-                    StatusCode::BAD_REQUEST,
-                    "BadRequest",
-                    "the gzip body is corrupt",
-                );
-            }
-            if out.len() > self.max_body {
-                return self.reject(
-                    "too-large",
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "RequestEntityTooLarge",
-                    &too_large(),
-                );
-            }
-            Bytes::from(out)
-        } else {
-            body
-        };
-        match self.ingest(&origin, &body) {
-            Ok(events) => {
-                self.count("accepted");
-                self.metrics.audit_events.inc_by(events as u64);
-                self.metrics.audit_batch_duration.observe(started.elapsed().as_secs_f64());
-                status(StatusCode::OK, "", "")
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "rejected an audit batch");
-                self.reject(e.category(), StatusCode::BAD_REQUEST, "BadRequest", &e.to_string())
-            }
-        }
+        let batch = body::inflate(&raw, gzip, self.max_body).map_err(Refused::Body)?;
+        self.ingest(&origin, &batch).map_err(Refused::Decode)
     }
 
-    /// Decodes a batch and reports each counted request for its targets.
-    /// Returns the number of events in the batch.
+    /// Decodes a batch and hands each request, once, to the observer for
+    /// each target it touched (which judges whether it counts). Returns
+    /// the number of events in the batch.
     pub fn ingest(&self, origin: &Origin, body: &[u8]) -> Result<usize, decode::DecodeError> {
         let events = decode::decode(body)?;
         let received = Utc::now();
@@ -333,43 +306,25 @@ impl Receiver {
             Origin::Host => None,
         };
         for e in events.iter().filter(|e| e.counts()) {
-            if e.unauthenticated() {
-                self.observer.turn_away(Source::Audit, UNAUTHENTICATED);
+            if known_vcluster == Some(false) {
+                let rule = if e.unauthenticated() { UNAUTHENTICATED } else { UNKNOWN_VCLUSTER };
+                self.observer.turn_away(Source::Audit, rule);
                 continue;
             }
+            let activity = Arc::new(to_activity(e, received, origin));
             match origin {
-                Origin::VCluster(_) if known_vcluster != Some(true) => {
-                    self.observer.turn_away(Source::Audit, UNKNOWN_VCLUSTER);
-                }
-                Origin::VCluster(_) if e.from_vcluster_syncer() => {
-                    self.observer.turn_away(Source::Audit, VCLUSTER_SYNCER);
-                }
-                Origin::VCluster(t) if self.own_service_account(t, e, true) => {
-                    self.observer.turn_away(Source::Audit, OWN_SERVICE_ACCOUNT);
-                }
                 Origin::VCluster(t) => {
-                    self.observer.observe(t, to_activity(e, received));
+                    self.observer.observe(t, activity);
                 }
                 Origin::Host => {
                     let Some(ns) = e.namespace() else { continue };
                     for t in self.index.in_namespace(ns) {
-                        if self.own_service_account(&t, e, false) {
-                            self.observer.turn_away(Source::Audit, OWN_SERVICE_ACCOUNT);
-                        } else {
-                            self.observer.observe(&t, to_activity(e, received));
-                        }
+                        self.observer.observe(&t, activity.clone());
                     }
                 }
             }
         }
         Ok(events.len())
-    }
-
-    /// True when `e` was made by one of `t`'s own service accounts and
-    /// `t`'s policy does not count them.
-    fn own_service_account(&self, t: &TargetRef, e: &decode::Event<'_>, in_vcluster: bool) -> bool {
-        own_service_account(&e.effective_user().username, &t.namespace, in_vcluster)
-            && !self.observer.rules.get(t).count_own_service_accounts
     }
 
     /// Serves HTTPS on `listener` with `tls` until the task is dropped.

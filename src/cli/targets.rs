@@ -2,28 +2,28 @@
 //! the agent does (the same stores, the same evaluation) and change targets
 //! only through their annotations, which the agent acts on.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
-use k8s_openapi::api::authentication::v1::SelfSubjectReview;
-use kube::api::{Api, DynamicObject, PostParams};
+use kube::api::{Api, DynamicObject};
 use kube::discovery::ApiResource;
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
-use serde_json::json;
 
+use crate::annotate::Annotator;
+use crate::client::{Patcher, Throttle, whoami};
 use crate::controller::{Evaluation, Invalid, evaluate};
-use crate::policy::annotations::{self as ann, TargetState, Until, rfc3339};
+use crate::policy::annotations::{TargetState, Until, rfc3339};
 use crate::policy::decide::Desired;
 use crate::policy::duration;
 use crate::policy::{Defaults, Origin};
-use crate::scaler::{Scaler, Throttle};
 use crate::target::stores::{self, Stores};
 use crate::target::{Scope, TargetKind, TargetObject, TargetRef};
+use crate::vocab;
 
 /// The cluster as the agent would see it.
 pub struct View {
@@ -40,11 +40,15 @@ impl View {
             .iter()
             .map(|s| s.to_string())
             .collect();
-        Ok(View { stores, scope: Scope { excluded, selector: None }, defaults: Defaults::default() })
+        Ok(View {
+            stores,
+            scope: Scope { excluded, selector: None, only: None },
+            defaults: Defaults::default(),
+        })
     }
 
     pub fn evaluate(&self, r: &TargetRef, now: DateTime<Utc>) -> Result<Option<Evaluation>, Invalid> {
-        evaluate(&self.stores, &self.stores.candidates(), &self.defaults, &self.scope, None, r, now)
+        evaluate(&self.stores, &self.defaults, &self.scope, None, r, now)
     }
 
     pub fn targets(&self) -> Vec<TargetRef> {
@@ -216,7 +220,7 @@ pub async fn explain(client: &Client, r: &TargetRef) -> anyhow::Result<String> {
             out,
             "Note:     disabled while {state}: its workloads stay as dormant left them (scaled down, with \
              their records); remove {} and run `dormant wake {}` to bring them back",
-            ann::DISABLED,
+            vocab::DISABLED,
             ev.target.r
         );
     }
@@ -356,10 +360,10 @@ pub async fn explain(client: &Client, r: &TargetRef) -> anyhow::Result<String> {
         };
         let record = w
             .annotations
-            .get(ann::REPLICAS_BEFORE_SLEEP)
+            .get(vocab::REPLICAS_BEFORE_SLEEP)
             .map(|v| format!(", {v} before sleep"))
             .or_else(|| {
-                w.annotations.get(ann::SUSPEND_BEFORE_SLEEP).map(|v| format!(", suspend {v} before sleep"))
+                w.annotations.get(vocab::SUSPEND_BEFORE_SLEEP).map(|v| format!(", suspend {v} before sleep"))
             })
             .unwrap_or_default();
         let excluded = if ev.excluded(w) { " [excluded]" } else { "" };
@@ -369,20 +373,6 @@ pub async fn explain(client: &Client, r: &TargetRef) -> anyhow::Result<String> {
         let _ = writeln!(out, "Synced pods: {}", ev.synced_pods.len());
     }
     Ok(out)
-}
-
-/// The caller's user name (SelfSubjectReview), for `last-activity-by`.
-pub async fn whoami(client: &Client) -> String {
-    let api: Api<SelfSubjectReview> = Api::all(client.clone());
-    let review: SelfSubjectReview = serde_json::from_value(
-        json!({"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"}),
-    )
-    .unwrap_or_default();
-    api.create(&PostParams::default(), &review)
-        .await
-        .ok()
-        .and_then(|r| r.status.and_then(|s| s.user_info).and_then(|u| u.username))
-        .unwrap_or_else(|| "someone".into())
 }
 
 fn target_api(client: &Client, r: &TargetRef, object: &TargetObject) -> Api<DynamicObject> {
@@ -403,11 +393,9 @@ fn target_api(client: &Client, r: &TargetRef, object: &TargetObject) -> Api<Dyna
     }
 }
 
-async fn patch_target(
-    client: &Client,
-    r: &TargetRef,
-    changes: impl FnOnce(&TargetObject) -> BTreeMap<&'static str, Option<String>>,
-) -> anyhow::Result<TargetObject> {
+/// The target `r` as the cluster has it now, and a writer of its
+/// annotations.
+async fn target_and_writer(client: &Client, r: &TargetRef) -> anyhow::Result<(TargetObject, Annotator)> {
     let view = View::load(client).await?;
     let Some(t) = view.stores.target(r) else {
         bail!(
@@ -415,10 +403,7 @@ async fn patch_target(
         )
     };
     let ten = std::num::NonZeroU32::new(10).unwrap_or(std::num::NonZeroU32::MIN);
-    let scaler = Scaler::new(client.clone(), Throttle::new(ten, ten));
-    let changes = changes(&t.object);
-    scaler.annotate_target(&t.object, &changes).await.with_context(|| format!("failed to annotate {r}"))?;
-    Ok(t.object)
+    Ok((t.object, Annotator::new(Patcher::new(client.clone(), Throttle::new(ten, ten)))))
 }
 
 /// Waits until the target's recorded state is `want`, printing each state
@@ -444,7 +429,7 @@ async fn wait_for_state(
                 Ok(_) => continue,
                 Err(e) => return Err(anyhow::anyhow!("watching {r}: {e}")),
             };
-            let state = obj.annotations().get(ann::STATE).cloned().unwrap_or_else(|| "awake".into());
+            let state = obj.annotations().get(vocab::STATE).cloned().unwrap_or_else(|| "awake".into());
             if last.as_ref() != Some(&state) {
                 let _ = writeln!(out, "{r}: {state} ({:.1}s)", started.elapsed().as_secs_f64());
                 last = Some(state.clone());
@@ -478,13 +463,8 @@ pub async fn sleep(
             Some(Until::Time(now + chrono::Duration::from_std(d)?))
         }
     };
-    let mut changes = BTreeMap::new();
-    // `true`: the agent dates the request with its own clock (this
-    // machine's may be off, and a date before the last use would be no
-    // sleep at all).
-    changes.insert(ann::FORCE_SLEEP, Some("true".to_string()));
-    changes.insert(ann::PREVENT_WAKEUP_UNTIL, until.map(|u| u.to_string()));
-    let object = patch_target(client, r, |_| changes).await?;
+    let (object, annotator) = target_and_writer(client, r).await?;
+    annotator.request_sleep(&object, until).await.with_context(|| format!("failed to annotate {r}"))?;
     let note = match until {
         None => String::new(),
         Some(Until::Never) => "; requests will not wake it until `dormant wake`".into(),
@@ -497,23 +477,6 @@ pub async fn sleep(
     Ok(())
 }
 
-/// When a wake from this machine happened: its clock, but never before the
-/// sleep it ends. A clock behind the agent's would otherwise date the wake
-/// before the sleep, and it would wake nothing. (One ahead is the agent's
-/// to correct: it reads a use dated in the future as now.)
-fn wake_time(annotations: &BTreeMap<String, String>, now: DateTime<Utc>) -> DateTime<Utc> {
-    let Ok(a) = ann::TargetAnnotations::parse(annotations) else { return now };
-    let forced = match a.force_sleep {
-        Some(ann::ForceSleep::Since(t)) => Some(t),
-        _ => None,
-    };
-    [a.asleep_since, forced]
-        .into_iter()
-        .flatten()
-        .map(|t| t + chrono::Duration::milliseconds(1))
-        .fold(now, DateTime::max)
-}
-
 /// `dormant wake TARGET [--wait]`.
 pub async fn wake(
     client: &Client,
@@ -522,46 +485,14 @@ pub async fn wake(
     out: &mut (dyn std::io::Write + Send),
 ) -> anyhow::Result<()> {
     let user = whoami(client).await;
-    let object = patch_target(client, r, |object| {
-        let mut changes = BTreeMap::new();
-        changes.insert(ann::LAST_ACTIVITY, Some(rfc3339(wake_time(object.annotations(), Utc::now()))));
-        changes.insert(ann::LAST_ACTIVITY_BY, Some(format!("{user} wake {} (cli)", r)));
-        changes.insert(ann::FORCE_SLEEP, None);
-        changes.insert(ann::PREVENT_WAKEUP_UNTIL, None);
-        changes
-    })
-    .await?;
+    let (object, annotator) = target_and_writer(client, r).await?;
+    annotator
+        .request_wake(&object, format!("{user} wake {r} (cli)"))
+        .await
+        .with_context(|| format!("failed to annotate {r}"))?;
     writeln!(out, "{r}: wake requested by {user}")?;
     if let Some(timeout) = wait {
         wait_for_state(client, r, &object, TargetState::Awake, timeout, out).await?;
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use chrono::TimeZone;
-
-    #[test]
-    fn a_wake_from_a_clock_behind_the_agents_still_comes_after_the_sleep() {
-        let here = Utc.with_ymd_and_hms(2026, 11, 27, 9, 0, 0).unwrap();
-        let annotations = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
-            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
-        };
-        // The agent (30 s ahead of this machine) put it to sleep 10 s ago.
-        let asleep = annotations(&[
-            (ann::STATE, "asleep"),
-            (ann::ASLEEP_SINCE, "2026-11-27T09:00:20Z"),
-            (ann::FORCE_SLEEP, "2026-11-27T09:00:19.500Z"),
-        ]);
-        let at = wake_time(&asleep, here);
-        assert_eq!(rfc3339(at), "2026-11-27T09:00:20.001Z");
-        // This machine's clock when it is the later one.
-        let later = here + chrono::Duration::minutes(5);
-        assert_eq!(wake_time(&asleep, later), later);
-        // Nothing recorded, or nothing readable: this machine's clock.
-        assert_eq!(wake_time(&annotations(&[]), here), here);
-        assert_eq!(wake_time(&annotations(&[(ann::ASLEEP_SINCE, "yesterday")]), here), here);
-    }
 }

@@ -3,7 +3,6 @@
 //! the CLI (which explains).
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -11,68 +10,15 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::core::SelectorExt;
 
 use crate::activity::{Activity, Source};
-use crate::policy::annotations::{
-    AnnotationError, EXCLUDE, ForceSleep, REPLICAS_BEFORE_SLEEP, TargetAnnotations, TargetState,
-    WorkloadAnnotations,
-};
+use crate::policy::annotations::{ForceSleep, TargetAnnotations, TargetState, WorkloadAnnotations};
 use crate::policy::decide::{self, Current, Decision, Forced, Inputs, LastUse};
-use crate::policy::{Candidate, Defaults, EffectivePolicy, ResolveError, TargetKind, resolve};
+use crate::policy::{Defaults, EffectivePolicy, TargetKind};
 use crate::scaler::hand_scaled;
+pub use crate::target::effective::Invalid;
+use crate::target::effective::{Governed, effective};
 use crate::target::workload::{Requests, pod_spec_requests};
-use crate::target::{Scope, Stores, Target, TargetObject, TargetRef, WorkloadView};
-
-/// Why a target cannot be evaluated; it is left exactly as it is.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Invalid {
-    Annotations(Vec<AnnotationError>),
-    Workload {
-        id: String,
-        errors: Vec<AnnotationError>,
-    },
-    Policy(ResolveError),
-    /// A StatefulSet that deletes its PersistentVolumeClaims when scaled
-    /// down (`persistentVolumeClaimRetentionPolicy.whenScaled: Delete`):
-    /// sleeping it would destroy its data.
-    DeletesClaims {
-        id: String,
-    },
-}
-
-impl Invalid {
-    pub fn category(&self) -> &'static str {
-        match self {
-            Invalid::Annotations(_) => "invalid-annotation",
-            Invalid::Workload { .. } => "invalid-workload-annotation",
-            Invalid::DeletesClaims { .. } => "deletes-volume-claims",
-            Invalid::Policy(e) => e.category(),
-        }
-    }
-
-    /// The policy at fault, if the problem is an invalid SleepPolicy.
-    pub fn policy(&self) -> Option<&str> {
-        match self {
-            Invalid::Policy(ResolveError::PolicyInvalid { name, .. }) => Some(name),
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for Invalid {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let join = |e: &[AnnotationError]| e.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
-        match self {
-            Invalid::Annotations(e) => write!(f, "{}", join(e)),
-            Invalid::Workload { id, errors } => write!(f, "{id}: {}", join(errors)),
-            Invalid::Policy(e) => write!(f, "{e}"),
-            Invalid::DeletesClaims { id } => write!(
-                f,
-                "{id} deletes its PersistentVolumeClaims when scaled down \
-                 (spec.persistentVolumeClaimRetentionPolicy.whenScaled: Delete), so sleeping would destroy \
-                 its data: set whenScaled to Retain, or exclude it (annotation dormant.dev/exclude: \"true\")"
-            ),
-        }
-    }
-}
+use crate::target::{Scope, Stores, Target, TargetRef, WorkloadView};
+use crate::vocab::{EXCLUDE, REPLICAS_BEFORE_SLEEP};
 
 /// One target, fully read, with its decision.
 #[derive(Debug, Clone)]
@@ -152,34 +98,21 @@ fn manual_source(by: &str) -> bool {
 /// a target (anymore).
 pub fn evaluate(
     stores: &Stores,
-    candidates: &[Arc<Candidate>],
     defaults: &Defaults,
     scope: &Scope,
     ledger: Option<&Activity>,
     r: &TargetRef,
     now: DateTime<Utc>,
 ) -> Result<Option<Evaluation>, Invalid> {
-    let Some(target) = stores.target(r) else { return Ok(None) };
-    if !scope.allows(&r.namespace, &target.namespace_labels) {
+    let Some(Governed { target, annotations, policy }) = effective(stores, defaults, scope, r)? else {
         return Ok(None);
-    }
-    if target.object.is_deleting() {
-        return Ok(None);
-    }
-    if let TargetObject::Namespace(ns) = &target.object
-        && !stores.is_namespace_target(ns, candidates)
-    {
-        return Ok(None);
-    }
-    let annotations = TargetAnnotations::parse(target.object.annotations()).map_err(Invalid::Annotations)?;
+    };
     let workloads = stores.workloads(&target);
     for w in &workloads {
         if let Err(errors) = WorkloadAnnotations::parse(&w.annotations) {
             return Err(Invalid::Workload { id: w.id(), errors });
         }
     }
-    let policy = resolve(r.kind, &target.namespace_labels, &annotations, candidates, defaults)
-        .map_err(Invalid::Policy)?;
     let synced_pods =
         if r.kind == TargetKind::VCluster { stores.synced_pods(&r.namespace, &r.name) } else { Vec::new() };
 
@@ -227,8 +160,16 @@ pub fn evaluate(
         last_use = Some(LastUse { at: now, by: format!("{first} scaled by hand (scale)"), manual: true });
     }
     let current = if asleep { Current::Asleep { since: asleep_since } } else { Current::Awake };
-    let inputs =
-        Inputs { policy: &policy, current, last_use: last_use.clone(), first_seen, forced, predicted: &[] };
+    let unverified_wake = annotations.unverified_wake.map(|at| at.min(now));
+    let inputs = Inputs {
+        policy: &policy,
+        current,
+        last_use: last_use.clone(),
+        first_seen,
+        forced,
+        unverified_wake,
+        predicted: &[],
+    };
     let decision = decide::decide(&inputs, now);
     let ev = Evaluation {
         target,

@@ -7,29 +7,29 @@
 
 pub mod evaluate;
 mod reconcile;
+pub mod runner;
 mod status;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use futures::StreamExt;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::scheduler::{ScheduleRequest, scheduler};
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinSet;
 
 pub use evaluate::{Evaluation, Invalid, evaluate};
 
 use crate::activity::ledger::Ledger;
+use crate::annotate::Annotator;
 use crate::metrics::Metrics;
+use crate::policy::Defaults;
 use crate::policy::annotations::TargetState;
 use crate::policy::decide::Desired;
-use crate::policy::{Candidate, Defaults};
 use crate::scaler::Scaler;
 use crate::target::stores::Change;
 use crate::target::{Scope, Stores, TargetKind, TargetRef};
+use runner::{RunError, Runner};
 
 /// How the controller behaves.
 #[derive(Debug, Clone)]
@@ -66,6 +66,7 @@ pub struct Summary {
 pub struct Context {
     pub stores: Stores,
     pub scaler: Scaler,
+    pub annotator: Annotator,
     pub ledger: Ledger,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
@@ -74,7 +75,6 @@ pub struct Context {
     /// counted by another replica (or process).
     leading_since: Mutex<DateTime<Utc>>,
     leader: watch::Receiver<bool>,
-    candidates: Mutex<CandidateCache>,
     summaries: Mutex<HashMap<TargetRef, Summary>>,
     /// The last invalid message reported per target (an Event is published
     /// only when it changes).
@@ -82,13 +82,6 @@ pub struct Context {
     /// When each waking target started waking, and why (for the histogram).
     waking: Mutex<HashMap<TargetRef, (tokio::time::Instant, &'static str)>>,
 }
-
-/// Parsed policies, keyed by (name, generation) of each: the status
-/// dormant writes does not make them parsed again.
-type CandidateCache = (Vec<(String, Option<i64>)>, Vec<Arc<Candidate>>);
-
-/// What a finished reconcile reports: the target and its next deadline.
-type Done = (TargetRef, Result<Option<DateTime<Utc>>, Error>);
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -98,6 +91,7 @@ impl Context {
     pub fn new(
         stores: Stores,
         scaler: Scaler,
+        annotator: Annotator,
         ledger: Ledger,
         metrics: Arc<Metrics>,
         config: Config,
@@ -108,13 +102,13 @@ impl Context {
         Arc::new(Context {
             stores,
             scaler,
+            annotator,
             ledger,
             recorder,
             metrics,
             config,
             leading_since: Mutex::new(Utc::now()),
             leader,
-            candidates: Mutex::new((Vec::new(), Vec::new())),
             summaries: Mutex::new(HashMap::new()),
             reported_invalid: Mutex::new(HashMap::new()),
             waking: Mutex::new(HashMap::new()),
@@ -152,19 +146,9 @@ impl Context {
         lock(&self.waking).clear();
     }
 
-    /// Resolver candidates, re-read only when a policy changed.
-    pub fn candidates(&self) -> Vec<Arc<Candidate>> {
-        let key = crate::target::stores::policy_generations(&self.stores.policies);
-        let mut cache = lock(&self.candidates);
-        if cache.0 != key || (cache.1.is_empty() && !key.is_empty()) {
-            *cache = (key, self.stores.candidates());
-        }
-        cache.1.clone()
-    }
-
     /// Every target the stores know.
     pub fn all_targets(&self) -> Vec<TargetRef> {
-        self.stores.targets(&self.candidates(), &self.config.scope)
+        self.stores.targets(&self.stores.candidates(), &self.config.scope)
     }
 
     fn expand(&self, change: Change) -> Vec<TargetRef> {
@@ -204,19 +188,25 @@ impl Context {
 pub enum Error {
     #[error(transparent)]
     Scale(#[from] crate::scaler::Error),
-    #[error("reconcile did not finish within {0:?} (an API request hung?); retrying from a fresh read")]
-    Timeout(Duration),
-    #[error("reconcile panicked; retrying from a fresh read")]
-    Panicked,
+    #[error(transparent)]
+    Annotate(#[from] crate::annotate::Error),
 }
 
 impl Error {
     pub fn category(&self) -> &'static str {
         match self {
             Error::Scale(e) => e.category(),
-            Error::Timeout(_) => "timeout",
-            Error::Panicked => "panic",
+            Error::Annotate(e) => e.category(),
         }
+    }
+}
+
+/// The metric label of a reconcile that did not succeed.
+fn category(e: &RunError<Error>) -> &'static str {
+    match e {
+        RunError::Failed(e) => e.category(),
+        RunError::Timeout(_) => "timeout",
+        RunError::Panicked => "panic",
     }
 }
 
@@ -235,52 +225,29 @@ fn at_instant(t: DateTime<Utc>) -> tokio::time::Instant {
 /// they change, when their deadline comes, and all of them whenever this
 /// replica becomes the leader.
 pub async fn run(ctx: Arc<Context>, mut changes: mpsc::UnboundedReceiver<Change>) {
-    let (req_tx, mut req_rx) = mpsc::unbounded_channel::<ScheduleRequest<TargetRef>>();
-    let requests = futures::stream::poll_fn(move |cx| req_rx.poll_recv(cx));
-    let mut queue = scheduler(requests);
-    let schedule = |t: TargetRef, at: tokio::time::Instant| {
-        let _ = req_tx.send(ScheduleRequest { message: t, run_at: at });
+    let mut runner = {
+        let ctx = ctx.clone();
+        Runner::new(ctx.config.concurrency, ctx.config.reconcile_timeout, move |t: TargetRef| {
+            let ctx = ctx.clone();
+            async move { reconcile::reconcile(&ctx, &t).await.map(|next| next.map(at_instant)) }
+        })
     };
     let mut leader = ctx.leader.clone();
-    let mut in_flight: HashSet<TargetRef> = HashSet::new();
-    let mut dirty: HashSet<TargetRef> = HashSet::new();
-    let mut waiting: VecDeque<TargetRef> = VecDeque::new();
-    let mut failures: HashMap<TargetRef, u32> = HashMap::new();
-    let mut tasks: JoinSet<Done> = JoinSet::new();
-    // Which target each task reconciles, for a task that panics (its
-    // result, which names the target, is lost with it).
-    let mut task_targets: HashMap<tokio::task::Id, TargetRef> = HashMap::new();
     let mut status_task: Option<tokio::task::JoinHandle<()>> = None;
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     if ctx.is_leader() {
         ctx.take_lead();
         for t in ctx.all_targets() {
-            schedule(t, tokio::time::Instant::now());
+            runner.schedule(t, tokio::time::Instant::now());
         }
     }
-    let spawn = |tasks: &mut JoinSet<_>,
-                 task_targets: &mut HashMap<tokio::task::Id, TargetRef>,
-                 in_flight: &mut HashSet<TargetRef>,
-                 t: TargetRef| {
-        in_flight.insert(t.clone());
-        let ctx = ctx.clone();
-        let target = t.clone();
-        let handle = tasks.spawn(async move {
-            let limit = ctx.config.reconcile_timeout;
-            let r = tokio::time::timeout(limit, reconcile::reconcile(&ctx, &t))
-                .await
-                .unwrap_or(Err(Error::Timeout(limit)));
-            (t, r)
-        });
-        task_targets.insert(handle.id(), target);
-    };
     loop {
         tokio::select! {
             change = changes.recv() => match change {
                 Some(change) => {
                     for t in ctx.expand(change) {
-                        schedule(t, tokio::time::Instant::now());
+                        runner.schedule(t, tokio::time::Instant::now());
                     }
                 }
                 None => break,
@@ -295,66 +262,20 @@ pub async fn run(ctx: Arc<Context>, mut changes: mpsc::UnboundedReceiver<Change>
                     ctx.take_lead();
                     tracing::info!(identity = %ctx.config.identity, "became the leader; reconciling every target");
                     for t in ctx.all_targets() {
-                        schedule(t, tokio::time::Instant::now());
+                        runner.schedule(t, tokio::time::Instant::now());
                     }
                 } else {
                     ctx.step_down();
                     tracing::info!(identity = %ctx.config.identity, "not the leader; standing by");
                 }
             }
-            Some(t) = queue.next() => {
-                if in_flight.contains(&t) {
-                    dirty.insert(t);
-                } else if in_flight.len() >= ctx.config.concurrency.max(1) {
-                    if !waiting.contains(&t) {
-                        waiting.push_back(t);
-                    }
-                } else {
-                    spawn(&mut tasks, &mut task_targets, &mut in_flight, t);
-                }
-            }
-            Some(done) = tasks.join_next_with_id() => {
-                let (t, result) = match done {
-                    Ok((id, (t, result))) => {
-                        task_targets.remove(&id);
-                        (t, result)
-                    }
-                    Err(e) => {
-                        // A panic (from a dependency: dormant's own code
-                        // returns errors): retried like a failure, so the
-                        // target is not left in flight for good.
-                        let Some(t) = task_targets.remove(&e.id()) else { continue };
-                        tracing::error!(target = %t, error = %e, "reconcile panicked");
-                        (t, Err(Error::Panicked))
-                    }
-                };
-                in_flight.remove(&t);
-                match result {
-                    Ok(next) => {
-                        failures.remove(&t);
-                        if let Some(at) = next {
-                            schedule(t.clone(), at_instant(at));
-                        }
-                    }
-                    Err(e) => {
-                        let n = failures.entry(t.clone()).or_default();
-                        *n += 1;
-                        let backoff = Duration::from_millis(500 * 2u64.pow((*n).min(7)));
-                        tracing::warn!(target = %t, error = %e, category = e.category(), retry_in = ?backoff, "reconcile failed");
-                        ctx.metrics.reconcile_errors.get_or_create(&crate::metrics::CategoryLabels { category: e.category().into() }).inc();
-                        schedule(t.clone(), tokio::time::Instant::now() + backoff);
-                    }
-                }
-                if dirty.remove(&t) {
-                    schedule(t, tokio::time::Instant::now());
-                }
-                while in_flight.len() < ctx.config.concurrency.max(1) {
-                    let Some(next) = waiting.pop_front() else { break };
-                    if in_flight.contains(&next) {
-                        dirty.insert(next);
-                    } else {
-                        spawn(&mut tasks, &mut task_targets, &mut in_flight, next);
-                    }
+            finished = runner.step() => {
+                if let Some((t, Err(e))) = finished {
+                    let category = category(&e);
+                    let retry_in = runner::backoff(runner.failures(&t));
+                    tracing::warn!(target = %t, error = %crate::error::Chain(&e), category, ?retry_in, "reconcile failed");
+                    let labels = crate::metrics::CategoryLabels { category: category.into() };
+                    ctx.metrics.reconcile_errors.get_or_create(&labels).inc();
                 }
             }
             _ = tick.tick() => {

@@ -11,10 +11,11 @@ use kube::runtime::events::{Event, EventType};
 use super::{Context, Error, Evaluation, Invalid, Summary, evaluate, lock};
 use crate::metrics::{CategoryLabels, SavingsLabels, TransitionLabels, TriggerLabels};
 use crate::policy::TargetKind;
-use crate::policy::annotations::{self as ann, TargetState, format_requests, rfc3339};
+use crate::policy::annotations::{TargetState, format_requests, rfc3339};
 use crate::policy::decide::Desired;
 use crate::scaler::{self, sleep_patch, wake_patch};
 use crate::target::TargetRef;
+use crate::vocab;
 
 type Annotations = BTreeMap<&'static str, Option<String>>;
 
@@ -22,19 +23,11 @@ pub(super) async fn reconcile(ctx: &Context, r: &TargetRef) -> Result<Option<Dat
     if !ctx.is_leader() {
         return Ok(None);
     }
-    let started = std::time::Instant::now();
+    // Observed when dropped: a reconcile abandoned at its timeout counts too.
+    let _timer = ctx.metrics.reconcile_timer();
     let now = Utc::now();
     let newest = ctx.ledger.newest(r);
-    let candidates = ctx.candidates();
-    let ev = match evaluate(
-        &ctx.stores,
-        &candidates,
-        &ctx.config.defaults,
-        &ctx.config.scope,
-        newest.as_ref(),
-        r,
-        now,
-    ) {
+    let ev = match evaluate(&ctx.stores, &ctx.config.defaults, &ctx.config.scope, newest.as_ref(), r, now) {
         Ok(Some(ev)) => ev,
         Ok(None) => {
             forget(ctx, r);
@@ -50,19 +43,19 @@ pub(super) async fn reconcile(ctx: &Context, r: &TargetRef) -> Result<Option<Dat
     }
     let mut annotations = Annotations::new();
     if ev.first_seen_missing {
-        annotations.insert(ann::FIRST_SEEN, Some(rfc3339(now)));
+        annotations.insert(vocab::FIRST_SEEN, Some(rfc3339(now)));
     }
     if ev.force_unstamped
         && let Some(f) = ev.forced
     {
-        annotations.insert(ann::FORCE_SLEEP, Some(rfc3339(f.since)));
+        annotations.insert(vocab::FORCE_SLEEP, Some(rfc3339(f.since)));
     }
     if !ev.hand_scaled.is_empty()
         && let Some(u) = &ev.last_use
     {
         tracing::info!(target = %r, workloads = ?ev.hand_scaled, "scaled by hand while asleep: waking");
-        annotations.insert(ann::LAST_ACTIVITY, Some(rfc3339(u.at)));
-        annotations.insert(ann::LAST_ACTIVITY_BY, Some(u.by.clone()));
+        annotations.insert(vocab::LAST_ACTIVITY, Some(rfc3339(u.at)));
+        annotations.insert(vocab::LAST_ACTIVITY_BY, Some(u.by.clone()));
     }
     let dry_run = ctx.config.dry_run || ev.policy.dry_run.value;
     let result = match ev.decision.desired {
@@ -74,9 +67,8 @@ pub(super) async fn reconcile(ctx: &Context, r: &TargetRef) -> Result<Option<Dat
         Desired::Asleep => sleep(ctx, &ev, &mut annotations, now).await,
         Desired::Awake => wake(ctx, &ev, &mut annotations, now).await,
     };
-    let written = ctx.scaler.annotate_target(&ev.target.object, &annotations).await;
+    let written = ctx.annotator.set(&ev.target.object, &annotations).await;
     summarize(ctx, &ev, &annotations);
-    ctx.metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
     result?;
     written?;
     Ok(ev.decision.next)
@@ -161,13 +153,13 @@ async fn sleep(
     let mut written = None;
     if matches!(ev.state, TargetState::Awake | TargetState::Waking) {
         let requests = ev.running_requests();
-        annotations.insert(ann::STATE, Some(TargetState::Sleeping.as_str().into()));
-        annotations.insert(ann::ASLEEP_SINCE, Some(rfc3339(now)));
+        annotations.insert(vocab::STATE, Some(TargetState::Sleeping.as_str().into()));
+        annotations.insert(vocab::ASLEEP_SINCE, Some(rfc3339(now)));
         annotations
-            .insert(ann::ASLEEP_REQUESTS, Some(format_requests(requests.cpu_cores, requests.memory_bytes)));
+            .insert(vocab::ASLEEP_REQUESTS, Some(format_requests(requests.cpu_cores, requests.memory_bytes)));
         // Written before any workload changes: a crash from here on leaves a
         // target that says it is going to sleep.
-        written = ctx.scaler.annotate_target(&ev.target.object, annotations).await?;
+        written = ctx.annotator.set(&ev.target.object, annotations).await?;
         if let Some(edge) = ev.decision.reason.at() {
             let lag = (Utc::now() - edge).num_milliseconds() as f64 / 1000.0;
             // Only for edges that just passed (not a sleep resumed after a restart).
@@ -207,9 +199,9 @@ async fn sleep(
         }
     }
     if !pending && ev.state != TargetState::Asleep {
-        annotations.insert(ann::STATE, Some(TargetState::Asleep.as_str().into()));
+        annotations.insert(vocab::STATE, Some(TargetState::Asleep.as_str().into()));
         if ev.annotations.asleep_since.is_none() {
-            annotations.insert(ann::ASLEEP_SINCE, Some(rfc3339(now)));
+            annotations.insert(vocab::ASLEEP_SINCE, Some(rfc3339(now)));
         }
         let trigger = ev.decision.reason.trigger();
         ctx.metrics
@@ -240,11 +232,11 @@ async fn wake(
         ev.annotations.force_sleep.is_some() || ev.annotations.prevent_wakeup_until.is_some();
     if ev.state == TargetState::Awake && !records {
         if ev.annotations.state.is_none() {
-            annotations.insert(ann::STATE, Some(TargetState::Awake.as_str().into()));
+            annotations.insert(vocab::STATE, Some(TargetState::Awake.as_str().into()));
         }
         if forced_leftover {
-            annotations.insert(ann::FORCE_SLEEP, None);
-            annotations.insert(ann::PREVENT_WAKEUP_UNTIL, None);
+            annotations.insert(vocab::FORCE_SLEEP, None);
+            annotations.insert(vocab::PREVENT_WAKEUP_UNTIL, None);
         }
         return Ok(());
     }
@@ -256,10 +248,10 @@ async fn wake(
     };
     let mut written = None;
     if ev.state != TargetState::Waking {
-        annotations.insert(ann::STATE, Some(TargetState::Waking.as_str().into()));
-        annotations.insert(ann::FORCE_SLEEP, None);
-        annotations.insert(ann::PREVENT_WAKEUP_UNTIL, None);
-        written = ctx.scaler.annotate_target(&ev.target.object, annotations).await?;
+        annotations.insert(vocab::STATE, Some(TargetState::Waking.as_str().into()));
+        annotations.insert(vocab::FORCE_SLEEP, None);
+        annotations.insert(vocab::PREVENT_WAKEUP_UNTIL, None);
+        written = ctx.annotator.set(&ev.target.object, annotations).await?;
         annotations.clear();
         lock(&ctx.waking).insert(r.clone(), (tokio::time::Instant::now(), ev.decision.reason.trigger()));
         tracing::info!(target = %r, reason = %ev.decision.reason, "waking");
@@ -273,9 +265,9 @@ async fn wake(
     }
     let ready = !records && ev.workloads.iter().all(|w| ev.excluded(w) || w.ready());
     if ready {
-        annotations.insert(ann::STATE, Some(TargetState::Awake.as_str().into()));
-        annotations.insert(ann::ASLEEP_SINCE, None);
-        annotations.insert(ann::ASLEEP_REQUESTS, None);
+        annotations.insert(vocab::STATE, Some(TargetState::Awake.as_str().into()));
+        annotations.insert(vocab::ASLEEP_SINCE, None);
+        annotations.insert(vocab::ASLEEP_REQUESTS, None);
         let (trigger, took) = match lock(&ctx.waking).remove(r) {
             Some((since, trigger)) => (trigger, Some(since.elapsed())),
             None => (ev.decision.reason.trigger(), None),
@@ -306,7 +298,7 @@ async fn wake(
 /// `w` as it is after this reconcile wrote the target's annotations: a
 /// vcluster's control plane is the target object itself, so its patch is
 /// made from the object that write returned (see
-/// [`scaler::Scaler::annotate_target`]), not from the cache.
+/// [`crate::annotate::Annotator::set`]), not from the cache.
 fn after_target_write(
     w: &crate::target::WorkloadView,
     written: &Option<crate::target::WorkloadView>,
@@ -330,7 +322,7 @@ async fn step<T>(
     match action.await {
         Ok(v) => Ok(v),
         Err(e) => {
-            publish(ctx, ev, EventType::Warning, reason, format!("{e}: {}", source_chain(&e))).await;
+            publish(ctx, ev, EventType::Warning, reason, crate::error::chain(&e)).await;
             Err(e.into())
         }
     }
@@ -378,21 +370,11 @@ async fn resume_keda(
     Ok(())
 }
 
-fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut out = Vec::new();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        out.push(s.to_string());
-        cur = s.source();
-    }
-    out.join(": ")
-}
-
 /// Records what this reconcile concluded, and the per-target metrics.
 fn summarize(ctx: &Context, ev: &Evaluation, written: &Annotations) {
     let r = &ev.target.r;
     let state = written
-        .get(ann::STATE)
+        .get(vocab::STATE)
         .and_then(|v| v.as_deref())
         .and_then(|s| s.parse::<TargetState>().ok())
         .unwrap_or(ev.state);

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use chrono::Utc;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, Patch};
 use serde_json::json;
 
 use super::{Context, lock};
@@ -48,7 +48,7 @@ pub(super) fn count_targets(ctx: &Context, summaries: &HashMap<crate::target::Ta
 }
 
 async fn update_policy_status(ctx: &Context, summaries: &HashMap<crate::target::TargetRef, super::Summary>) {
-    let candidates = ctx.candidates();
+    let candidates = ctx.stores.candidates();
     let mut governed: BTreeMap<&str, i32> = BTreeMap::new();
     let mut failed: BTreeMap<&str, Vec<FailedTarget>> = BTreeMap::new();
     for (t, s) in summaries {
@@ -107,7 +107,7 @@ async fn update_policy_status(ctx: &Context, summaries: &HashMap<crate::target::
             continue;
         }
         let patch = json!({ "status": new });
-        if let Err(e) = api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+        if let Err(e) = api.patch_status(&name, &crate::client::patch_params(), &Patch::Merge(&patch)).await {
             tracing::warn!(policy = %name, error = %e, "failed to update SleepPolicy status");
         }
     }

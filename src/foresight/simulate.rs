@@ -278,6 +278,7 @@ pub fn simulate(name: &str, policy: &EffectivePolicy, sc: &Scenario<'_>) -> Run 
                 last_use: last_use.clone(),
                 first_seen: sc.start.first_seen,
                 forced: sc.start.forced,
+                unverified_wake: None,
                 predicted: &edges.wakes,
             };
             let decision = decide(&inputs, t);

@@ -88,7 +88,7 @@ pub struct OutcomeLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProxyLabels {
-    /// `forwarded`, `held`, `timeout`, `overloaded`, `prevented`,
+    /// `forwarded`, `held`, `timeout`, `overloaded`, `prevented`, `invalid`,
     /// `unauthenticated`, `upstream-error`, `not-found`.
     pub outcome: &'static str,
     pub code: u16,
@@ -119,6 +119,9 @@ pub struct Metrics {
     pub proxy_requests: Family<ProxyLabels, Counter>,
     pub proxy_duration: Family<OutcomeLabels, Histogram>,
     pub proxy_waiting: Gauge,
+    /// Wakes asked for by requests whose credential could not be checked
+    /// while their vcluster slept: `requested`, or `refused` (over budget).
+    pub proxy_unverified_wakes: Family<OutcomeLabels, Counter>,
     pub leader: Gauge,
     /// Per-target series currently exported, to remove them when a target
     /// goes or changes policy.
@@ -240,6 +243,12 @@ impl Metrics {
             Unit::Seconds,
             proxy_duration.clone(),
         );
+        let proxy_unverified_wakes = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "proxy_unverified_wakes",
+            "Wakes asked for by requests whose credential could not be checked while the vcluster slept, by outcome (requested, refused over budget)",
+            proxy_unverified_wakes.clone(),
+        );
         let proxy_waiting = Gauge::default();
         registry.register(
             "proxy_waiting_requests",
@@ -270,10 +279,17 @@ impl Metrics {
             proxy_requests,
             proxy_duration,
             proxy_waiting,
+            proxy_unverified_wakes,
             leader,
             exported: Mutex::new(HashMap::new()),
             cost: cost::Meter::default(),
         }
+    }
+
+    /// Observes a reconcile's duration when dropped: also when its future
+    /// is dropped at the timeout, so reconciles that hang are measured.
+    pub fn reconcile_timer(&self) -> Timer<'_> {
+        Timer { histogram: &self.reconcile_duration, started: std::time::Instant::now() }
     }
 
     /// OpenMetrics text.
@@ -317,5 +333,17 @@ impl Metrics {
         self.target_asleep_seconds.remove(l);
         self.target_cpu_cores.remove(l);
         self.target_memory_bytes.remove(l);
+    }
+}
+
+/// Observes the time since it was made into a histogram when dropped.
+pub struct Timer<'a> {
+    histogram: &'a Histogram,
+    started: std::time::Instant,
+}
+
+impl Drop for Timer<'_> {
+    fn drop(&mut self) {
+        self.histogram.observe(self.started.elapsed().as_secs_f64());
     }
 }

@@ -11,70 +11,7 @@ use chrono_tz::Tz;
 use super::duration::SleepAfter;
 use super::ignore::ResourceRule;
 use super::schedule::{self, Schedule};
-
-pub const PREFIX: &str = "dormant.dev/";
-
-// Set by users on a target (the namespace, or the vcluster's StatefulSet/Deployment).
-pub const POLICY: &str = "dormant.dev/policy";
-pub const SLEEP_AFTER: &str = "dormant.dev/sleep-after";
-pub const SLEEP_SCHEDULE: &str = "dormant.dev/sleep-schedule";
-pub const WAKE_SCHEDULE: &str = "dormant.dev/wake-schedule";
-pub const TIMEZONE: &str = "dormant.dev/timezone";
-pub const DISABLED: &str = "dormant.dev/disabled";
-pub const FORCE_SLEEP: &str = "dormant.dev/force-sleep";
-pub const PREVENT_WAKEUP_UNTIL: &str = "dormant.dev/prevent-wakeup-until";
-pub const UPSTREAM: &str = "dormant.dev/upstream";
-pub const IGNORE_USER_AGENTS: &str = "dormant.dev/ignore-user-agents";
-pub const IGNORE_USERS: &str = "dormant.dev/ignore-users";
-pub const IGNORE_GROUPS: &str = "dormant.dev/ignore-groups";
-pub const IGNORE_VERBS: &str = "dormant.dev/ignore-verbs";
-pub const IGNORE_RESOURCES: &str = "dormant.dev/ignore-resources";
-pub const IGNORE_OWN_SERVICE_ACCOUNTS: &str = "dormant.dev/ignore-own-service-accounts";
-// Written by dormant on a target.
-pub const STATE: &str = "dormant.dev/state";
-pub const LAST_ACTIVITY: &str = "dormant.dev/last-activity";
-pub const LAST_ACTIVITY_BY: &str = "dormant.dev/last-activity-by";
-pub const ASLEEP_SINCE: &str = "dormant.dev/asleep-since";
-pub const FIRST_SEEN: &str = "dormant.dev/first-seen";
-pub const ASLEEP_REQUESTS: &str = "dormant.dev/asleep-requests";
-pub const ACTIVITY_SOURCES: &str = "dormant.dev/activity-sources";
-// On a workload.
-pub const EXCLUDE: &str = "dormant.dev/exclude";
-pub const REPLICAS_BEFORE_SLEEP: &str = "dormant.dev/replicas-before-sleep";
-pub const SUSPEND_BEFORE_SLEEP: &str = "dormant.dev/suspend-before-sleep";
-pub const KEDA_PAUSED_BEFORE_SLEEP: &str = "dormant.dev/keda-paused-replicas-before-sleep";
-pub const KEDA_JOB_PAUSED_BEFORE_SLEEP: &str = "dormant.dev/keda-paused-before-sleep";
-
-const TARGET_KEYS: &[&str] = &[
-    POLICY,
-    SLEEP_AFTER,
-    SLEEP_SCHEDULE,
-    WAKE_SCHEDULE,
-    TIMEZONE,
-    DISABLED,
-    FORCE_SLEEP,
-    PREVENT_WAKEUP_UNTIL,
-    UPSTREAM,
-    IGNORE_USER_AGENTS,
-    IGNORE_USERS,
-    IGNORE_GROUPS,
-    IGNORE_VERBS,
-    IGNORE_RESOURCES,
-    IGNORE_OWN_SERVICE_ACCOUNTS,
-    STATE,
-    LAST_ACTIVITY,
-    LAST_ACTIVITY_BY,
-    ASLEEP_SINCE,
-    FIRST_SEEN,
-    ASLEEP_REQUESTS,
-    ACTIVITY_SOURCES,
-    // Workload keys may sit on a vcluster's StatefulSet too.
-    EXCLUDE,
-    REPLICAS_BEFORE_SLEEP,
-    SUSPEND_BEFORE_SLEEP,
-    KEDA_PAUSED_BEFORE_SLEEP,
-    KEDA_JOB_PAUSED_BEFORE_SLEEP,
-];
+use crate::vocab::*;
 
 /// One bad annotation: which, what value, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -193,6 +130,9 @@ pub struct TargetAnnotations {
     pub first_seen: Option<DateTime<Utc>>,
     /// CPU cores and memory bytes requested by what the sleep scaled down.
     pub asleep_requests: Option<(f64, f64)>,
+    /// When the proxy last asked to wake the target for a request whose
+    /// credential it could not check.
+    pub unverified_wake: Option<DateTime<Utc>>,
 }
 
 /// The `force-sleep` annotation: `true`, or the instant it was requested
@@ -306,6 +246,8 @@ impl TargetAnnotations {
             ACTIVITY_SOURCES => self.activity_sources = parse_sources(v),
             ASLEEP_SINCE => self.asleep_since = Some(parse_time(key, v)?),
             FIRST_SEEN => self.first_seen = Some(parse_time(key, v)?),
+            // Written by dormant's proxy: unreadable means none.
+            UNVERIFIED_WAKE => self.unverified_wake = parse_time(key, v).ok(),
             ASLEEP_REQUESTS => {
                 self.asleep_requests = Some(
                     parse_requests(v).ok_or_else(|| err(key, v, "expected cpu=<cores>,memory=<bytes>"))?,

@@ -79,6 +79,11 @@ pub struct Inputs<'a> {
     /// When dormant first saw the target: it is never idle before that.
     pub first_seen: DateTime<Utc>,
     pub forced: Option<Forced>,
+    /// A wake asked for by a request whose credential could not be checked
+    /// while the target slept (the proxy's bounded budget of those): it
+    /// wakes the target like a use, but only for [`unverified_grace`],
+    /// unless a counted use follows.
+    pub unverified_wake: Option<DateTime<Utc>>,
     /// Predicted pre-wakes, in any order; ignored unless the policy's
     /// `wake.predictive` is set. Pass those of the last week up to today
     /// (`foresight::predict::edges`): older ones cannot matter unless
@@ -86,18 +91,59 @@ pub struct Inputs<'a> {
     pub predicted: &'a [PredictedWake],
 }
 
+/// How long a target woken for an unverified request stays awake with no
+/// counted use after it: the wake timeout (the request waits that long at
+/// most) and a minute for its answer.
+pub fn unverified_grace(policy: &EffectivePolicy) -> Duration {
+    policy.wake_timeout.value + Duration::from_secs(60)
+}
+
 /// Why the target should be in its desired state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reason {
     Disabled,
-    FirstSeen { at: DateTime<Utc> },
-    InUse { at: DateTime<Utc>, by: String },
-    ManualWake { at: DateTime<Utc>, by: String },
-    ScheduledWake { at: DateTime<Utc>, schedule: String },
-    PredictedWake { at: DateTime<Utc>, predicted_use: DateTime<Utc>, until: DateTime<Utc> },
-    Idle { last_use: DateTime<Utc>, after: Duration, at: DateTime<Utc> },
-    SleepSchedule { at: DateTime<Utc>, schedule: String },
-    Forced { at: DateTime<Utc>, until: Option<Until> },
+    FirstSeen {
+        at: DateTime<Utc>,
+    },
+    InUse {
+        at: DateTime<Utc>,
+        by: String,
+    },
+    ManualWake {
+        at: DateTime<Utc>,
+        by: String,
+    },
+    ScheduledWake {
+        at: DateTime<Utc>,
+        schedule: String,
+    },
+    PredictedWake {
+        at: DateTime<Utc>,
+        predicted_use: DateTime<Utc>,
+        until: DateTime<Utc>,
+    },
+    /// Woken for a request whose credential could not be checked.
+    UnverifiedWake {
+        at: DateTime<Utc>,
+    },
+    /// No counted use followed an unverified wake within its grace.
+    Unconfirmed {
+        woken: DateTime<Utc>,
+        at: DateTime<Utc>,
+    },
+    Idle {
+        last_use: DateTime<Utc>,
+        after: Duration,
+        at: DateTime<Utc>,
+    },
+    SleepSchedule {
+        at: DateTime<Utc>,
+        schedule: String,
+    },
+    Forced {
+        at: DateTime<Utc>,
+        until: Option<Until>,
+    },
 }
 
 impl Reason {
@@ -107,11 +153,11 @@ impl Reason {
         match self {
             Reason::Disabled => "disabled",
             Reason::FirstSeen { .. } => "new",
-            Reason::InUse { .. } => "request",
+            Reason::InUse { .. } | Reason::UnverifiedWake { .. } => "request",
             Reason::ManualWake { .. } | Reason::Forced { .. } => "manual",
             Reason::ScheduledWake { .. } | Reason::SleepSchedule { .. } => "schedule",
             Reason::PredictedWake { .. } => "predicted",
-            Reason::Idle { .. } => "idle",
+            Reason::Idle { .. } | Reason::Unconfirmed { .. } => "idle",
         }
     }
 
@@ -124,6 +170,8 @@ impl Reason {
             | Reason::ManualWake { at, .. }
             | Reason::ScheduledWake { at, .. }
             | Reason::PredictedWake { at, .. }
+            | Reason::UnverifiedWake { at }
+            | Reason::Unconfirmed { at, .. }
             | Reason::Idle { at, .. }
             | Reason::SleepSchedule { at, .. }
             | Reason::Forced { at, .. } => Some(*at),
@@ -149,6 +197,17 @@ impl fmt::Display for Reason {
                 rfc3339(*predicted_use),
                 rfc3339(*at),
                 rfc3339(*until)
+            ),
+            Reason::UnverifiedWake { at } => write!(
+                f,
+                "woken at {} for a request whose credential could not be checked while it slept",
+                rfc3339(*at)
+            ),
+            Reason::Unconfirmed { woken, at } => write!(
+                f,
+                "no use confirmed the wake at {} for an unchecked credential; asleep again since {}",
+                rfc3339(*woken),
+                rfc3339(*at)
             ),
             Reason::Idle { last_use, after, at } => write!(
                 f,
@@ -247,6 +306,16 @@ fn latest_wake(inputs: &Inputs<'_>, t: DateTime<Utc>) -> (DateTime<Utc>, Reason)
             }
         }
     }
+    if let Some(at) = inputs.unverified_wake {
+        let counts = !prevented(inputs, at)
+            && match inputs.current {
+                Current::Awake => true,
+                Current::Asleep { since } => at <= since || p.wake_on_request.value,
+            };
+        if counts {
+            consider(at, Reason::UnverifiedWake { at });
+        }
+    }
     if let Some(u) = &inputs.last_use {
         let counts = u.manual
             || (!prevented(inputs, u.at)
@@ -291,6 +360,11 @@ fn first_sleep_after(
         && let Some(at) = idle_deadline(inputs, wake, d, t)
     {
         consider(Reason::Idle { last_use: from, after: d, at });
+    }
+    if matches!(wake.1, Reason::UnverifiedWake { .. })
+        && let Some(at) = add(from, unverified_grace(p))
+    {
+        consider(Reason::Unconfirmed { woken: from, at });
     }
     for pair in &p.schedules.value {
         if let Some(s) = &pair.sleep {
@@ -341,13 +415,19 @@ fn next_change(inputs: &Inputs<'_>, now: DateTime<Utc>, current: Desired) -> (Op
         (p.wake_on_schedule.value && p.schedules.value.iter().any(|s| s.wake.is_some()))
             || predicted(inputs).iter().any(|w| w.at > now)
     } else {
-        p.can_sleep()
+        // An unverified wake ends by itself, whatever the policy.
+        p.can_sleep() || (inputs.unverified_wake.is_some() && !p.disabled.value)
     };
     let future_input = |t: DateTime<Utc>| {
-        [Some(inputs.first_seen), inputs.last_use.as_ref().map(|u| u.at), inputs.forced.map(|f| f.since)]
-            .into_iter()
-            .flatten()
-            .any(|x| x > t)
+        [
+            Some(inputs.first_seen),
+            inputs.last_use.as_ref().map(|u| u.at),
+            inputs.forced.map(|f| f.since),
+            inputs.unverified_wake,
+        ]
+        .into_iter()
+        .flatten()
+        .any(|x| x > t)
     };
     if !can_flip && !future_input(now) {
         return (None, false);
@@ -363,8 +443,12 @@ fn next_change(inputs: &Inputs<'_>, now: DateTime<Utc>, current: Desired) -> (Op
                 next = Some(c);
             }
         };
+        let wake = latest_wake(inputs, t);
         if let SleepAfter::After(d) = p.sleep_after.value {
-            candidate(idle_deadline(inputs, &latest_wake(inputs, t), d, t));
+            candidate(idle_deadline(inputs, &wake, d, t));
+        }
+        if matches!(wake.1, Reason::UnverifiedWake { .. }) {
+            candidate(add(wake.0, unverified_grace(p)));
         }
         for pair in &p.schedules.value {
             if !asleep {
@@ -377,6 +461,7 @@ fn next_change(inputs: &Inputs<'_>, now: DateTime<Utc>, current: Desired) -> (Op
         candidate(Some(inputs.first_seen));
         candidate(inputs.last_use.as_ref().map(|u| u.at));
         candidate(inputs.forced.map(|f| f.since));
+        candidate(inputs.unverified_wake);
         for w in predicted(inputs) {
             candidate(Some(w.at));
         }

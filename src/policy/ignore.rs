@@ -2,7 +2,21 @@
 //! GitOps pollers, health checks). Matching is a pure function of one
 //! activity record.
 
-use crate::activity::Activity;
+use crate::vocab::IGNORED_USER_AGENT_MARK;
+
+/// What ignore rules look at in a request: who made it, with what, and
+/// what it touched. Activity records implement it; this module matches
+/// them without knowing where they came from.
+pub trait Request {
+    fn user(&self) -> &str;
+    fn groups(&self) -> &[String];
+    fn user_agent(&self) -> &str;
+    fn verb(&self) -> &str;
+    /// `(group, resource, subresource, name)` for a resource request.
+    fn resource(&self) -> Option<(&str, &str, &str, &str)>;
+    /// The request path (what non-resource rules match).
+    fn path(&self) -> &str;
+}
 
 /// Matches `*` as any run of characters (including none); every other
 /// character literally.
@@ -53,6 +67,9 @@ pub struct ResourceRule {
     pub resource: String,
     /// Empty means any name.
     pub names: Vec<String>,
+    /// Empty means any verb (vCluster Platform's `ignore-resource-verbs`
+    /// names both a resource and its verbs).
+    pub verbs: Vec<String>,
 }
 
 impl ResourceRule {
@@ -67,13 +84,19 @@ impl ResourceRule {
         if resource.is_empty() || resource.starts_with('/') || resource.ends_with('/') {
             return Err(format!("resource rule {s:?} is not of the form resource[/subresource][.group]"));
         }
-        Ok(ResourceRule { group: group.to_string(), resource: resource.to_string(), names: vec![] })
+        Ok(ResourceRule {
+            group: group.to_string(),
+            resource: resource.to_string(),
+            names: vec![],
+            verbs: vec![],
+        })
     }
 
-    fn matches(&self, group: &str, resource: &str, name: &str) -> bool {
+    fn matches(&self, group: &str, resource: &str, name: &str, verb: &str) -> bool {
         glob_match(&self.group, group)
             && glob_match(&self.resource, resource)
             && (self.names.is_empty() || self.names.iter().any(|n| glob_match(n, name)))
+            && (self.verbs.is_empty() || self.verbs.iter().any(|v| glob_match(v, verb)))
     }
 
     /// The rule as written in annotations.
@@ -84,6 +107,9 @@ impl ResourceRule {
         }
         if !self.names.is_empty() {
             p = format!("{p} (names {})", self.names.join(","));
+        }
+        if !self.verbs.is_empty() {
+            p = format!("{p} (verbs {})", self.verbs.join(","));
         }
         p
     }
@@ -171,11 +197,6 @@ pub fn own_service_account(user: &str, namespace: &str, in_vcluster: bool) -> bo
     }
 }
 
-/// The mark dormant's proxy appends to the user agent of a request sent
-/// with `X-Dormant-Ignore: true`, so that the vcluster's API server's
-/// audit report of it counts for nothing too (a built-in rule).
-pub const IGNORED_USER_AGENT_MARK: &str = "(dormant-ignore)";
-
 impl IgnoreRules {
     /// The rules every target gets, so that the cluster's own machinery
     /// never keeps a target awake: dormant itself, the control plane's
@@ -231,29 +252,29 @@ impl IgnoreRules {
     }
 
     /// The first rule that ignores `a`, if any.
-    pub fn matches(&self, a: &Activity) -> Option<Ignored> {
+    pub fn matches(&self, a: &(impl Request + ?Sized)) -> Option<Ignored> {
         let hit = |kind, pattern: &String| Some(Ignored { kind, pattern: pattern.clone(), builtin: false });
-        if let Some(p) = self.users.iter().find(|p| glob_match(p, &a.user)) {
+        if let Some(p) = self.users.iter().find(|p| glob_match(p, a.user())) {
             return hit(RuleKind::User, p);
         }
-        if let Some(p) = self.groups.iter().find(|p| a.groups.iter().any(|g| glob_match(p, g))) {
+        if let Some(p) = self.groups.iter().find(|p| a.groups().iter().any(|g| glob_match(p, g))) {
             return hit(RuleKind::Group, p);
         }
-        if let Some(p) = self.user_agents.iter().find(|p| glob_match_ignore_case(p, &a.user_agent)) {
+        if let Some(p) = self.user_agents.iter().find(|p| glob_match_ignore_case(p, a.user_agent())) {
             return hit(RuleKind::UserAgent, p);
         }
-        if let Some(p) = self.verbs.iter().find(|p| glob_match(p, &a.verb)) {
+        if let Some(p) = self.verbs.iter().find(|p| glob_match(p, a.verb())) {
             return hit(RuleKind::Verb, p);
         }
-        match &a.resource {
-            Some(r) => {
-                let resource: std::borrow::Cow<'_, str> = if r.subresource.is_empty() {
-                    r.resource.as_str().into()
+        match a.resource() {
+            Some((group, resource, subresource, name)) => {
+                let resource: std::borrow::Cow<'_, str> = if subresource.is_empty() {
+                    resource.into()
                 } else {
-                    format!("{}/{}", r.resource, r.subresource).into()
+                    format!("{resource}/{subresource}").into()
                 };
                 if let Some(rule) =
-                    self.resources.iter().find(|rule| rule.matches(&r.group, &resource, &r.name))
+                    self.resources.iter().find(|rule| rule.matches(group, &resource, name, a.verb()))
                 {
                     return Some(Ignored {
                         kind: RuleKind::Resource,
@@ -263,7 +284,7 @@ impl IgnoreRules {
                 }
             }
             None => {
-                if let Some(p) = self.non_resource_urls.iter().find(|p| glob_match(p, &a.path)) {
+                if let Some(p) = self.non_resource_urls.iter().find(|p| glob_match(p, a.path())) {
                     return hit(RuleKind::NonResourceUrl, p);
                 }
             }
@@ -272,16 +293,94 @@ impl IgnoreRules {
     }
 }
 
+/// Argo CD's and Flux's controllers, whose requests never count as use:
+/// their polls and syncs are not anybody using the target (a sync while
+/// asleep is applied at wake, by the controller itself). Service accounts
+/// as their install manifests name them, in any namespace; user agents as
+/// their Kubernetes clients send them (`<binary>/<version> …`), which also
+/// covers Flux impersonating a tenant's service account. Argo CD's server
+/// (`argocd-server`) is left out on purpose: its requests are a person
+/// using the UI (logs, exec, a resource's live manifest).
+pub const GITOPS_USERS: &[&str] = &[
+    "system:serviceaccount:*:argocd-application-controller",
+    "system:serviceaccount:*:argocd-applicationset-controller",
+    "system:serviceaccount:*:kustomize-controller",
+    "system:serviceaccount:*:helm-controller",
+    "system:serviceaccount:*:source-controller",
+    "system:serviceaccount:*:notification-controller",
+    "system:serviceaccount:*:image-reflector-controller",
+    "system:serviceaccount:*:image-automation-controller",
+];
+
+/// See [`GITOPS_USERS`].
+pub const GITOPS_USER_AGENTS: &[&str] = &[
+    "argocd-application-controller/*",
+    "argocd-applicationset-controller/*",
+    "kustomize-controller/*",
+    "helm-controller/*",
+    "source-controller/*",
+    "notification-controller/*",
+    "image-reflector-controller/*",
+    "image-automation-controller/*",
+];
+
+/// Adds the GitOps controllers to a rule set (the built-in rules, so they
+/// apply by default; a flag can leave them out).
+pub fn add_gitops_rules(rules: &mut IgnoreRules) {
+    rules.users.extend(GITOPS_USERS.iter().map(|s| s.to_string()));
+    rules.user_agents.extend(GITOPS_USER_AGENTS.iter().map(|s| s.to_string()));
+}
+
 /// The built-in rules, then the policy's: the first that matches wins.
-pub fn ignored_by(builtin: &IgnoreRules, policy: &IgnoreRules, a: &Activity) -> Option<Ignored> {
+pub fn ignored_by(
+    builtin: &IgnoreRules,
+    policy: &IgnoreRules,
+    a: &(impl Request + ?Sized),
+) -> Option<Ignored> {
     builtin.matches(a).map(|i| Ignored { builtin: true, ..i }).or_else(|| policy.matches(a))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::activity::{ResourceRef, Source};
-    use chrono::Utc;
+
+    /// A request as the rules see it.
+    #[derive(Debug, Clone)]
+    struct Req {
+        user: String,
+        groups: Vec<String>,
+        user_agent: String,
+        verb: String,
+        resource: Option<(String, String, String, String)>,
+        path: String,
+    }
+
+    impl Request for Req {
+        fn user(&self) -> &str {
+            &self.user
+        }
+        fn groups(&self) -> &[String] {
+            &self.groups
+        }
+        fn user_agent(&self) -> &str {
+            &self.user_agent
+        }
+        fn verb(&self) -> &str {
+            &self.verb
+        }
+        fn resource(&self) -> Option<(&str, &str, &str, &str)> {
+            self.resource.as_ref().map(|(g, r, s, n)| (g.as_str(), r.as_str(), s.as_str(), n.as_str()))
+        }
+        fn path(&self) -> &str {
+            &self.path
+        }
+    }
+
+    impl Req {
+        fn summary(&self) -> String {
+            format!("{} {} {:?} ({})", self.user, self.verb, self.resource, self.user_agent)
+        }
+    }
 
     fn activity(
         user: &str,
@@ -289,21 +388,13 @@ mod tests {
         ua: &str,
         verb: &str,
         res: Option<(&str, &str, &str, &str)>,
-    ) -> Activity {
-        Activity {
-            at: Utc::now(),
-            source: Source::Audit,
+    ) -> Req {
+        Req {
             user: user.into(),
             groups: groups.iter().map(|g| g.to_string()).collect(),
             user_agent: ua.into(),
             verb: verb.into(),
-            resource: res.map(|(group, resource, subresource, name)| ResourceRef {
-                group: group.into(),
-                resource: resource.into(),
-                subresource: subresource.into(),
-                namespace: "team-a".into(),
-                name: name.into(),
-            }),
+            resource: res.map(|(g, r, s, n)| (g.into(), r.into(), s.into(), n.into())),
             path: res.map_or("/healthz".to_string(), |_| "/api/v1/namespaces/team-a/pods".to_string()),
         }
     }
@@ -357,18 +448,53 @@ mod tests {
     fn resource_rules_parse_group_and_name() {
         assert_eq!(
             ResourceRule::parse("deployments.apps").unwrap(),
-            ResourceRule { group: "apps".into(), resource: "deployments".into(), names: vec![] }
+            ResourceRule {
+                group: "apps".into(),
+                resource: "deployments".into(),
+                names: vec![],
+                verbs: vec![]
+            }
         );
         assert_eq!(
             ResourceRule::parse("leases.coordination.k8s.io").unwrap(),
-            ResourceRule { group: "coordination.k8s.io".into(), resource: "leases".into(), names: vec![] }
+            ResourceRule {
+                group: "coordination.k8s.io".into(),
+                resource: "leases".into(),
+                names: vec![],
+                verbs: vec![]
+            }
         );
         assert_eq!(
             ResourceRule::parse("pods/log").unwrap(),
-            ResourceRule { group: "".into(), resource: "pods/log".into(), names: vec![] }
+            ResourceRule { group: "".into(), resource: "pods/log".into(), names: vec![], verbs: vec![] }
         );
         assert!(ResourceRule::parse(".apps").is_err());
         assert!(ResourceRule::parse("pods/").is_err());
+    }
+
+    #[test]
+    fn a_resource_rule_with_verbs_ignores_only_those_verbs_on_that_resource() {
+        let rules = IgnoreRules {
+            resources: vec![ResourceRule {
+                verbs: vec!["create".into(), "update".into()],
+                ..ResourceRule::parse("configmaps").unwrap()
+            }],
+            ..IgnoreRules::default()
+        };
+        let cm = Some(("", "configmaps", "", "settings"));
+        assert_eq!(
+            rules.matches(&activity("bob", &[], "kubectl", "create", cm)).map(|i| i.kind),
+            Some(RuleKind::Resource)
+        );
+        assert_eq!(
+            rules.matches(&activity("bob", &[], "kubectl", "update", cm)).map(|i| i.pattern),
+            Some("configmaps (verbs create,update)".to_string())
+        );
+        assert_eq!(rules.matches(&activity("bob", &[], "kubectl", "get", cm)), None, "another verb counts");
+        assert_eq!(
+            rules.matches(&activity("bob", &[], "kubectl", "create", Some(("", "secrets", "", "x")))),
+            None
+        );
     }
 
     #[test]
@@ -406,7 +532,7 @@ mod tests {
             count_own_service_accounts: false,
         };
         let pods = Some(("", "pods", "", "web-0"));
-        let table: Vec<(Activity, Option<RuleKind>)> = vec![
+        let table: Vec<(Req, Option<RuleKind>)> = vec![
             (activity("alice", &["team-a"], "kubectl/v1.37.2", "list", pods), None),
             (activity("system:serviceaccount:argocd:app", &[], "x", "get", pods), Some(RuleKind::User)),
             (activity("bob", &["monitoring"], "x", "get", pods), Some(RuleKind::Group)),
@@ -476,6 +602,28 @@ mod tests {
             (activity("alice", &[], "kubectl", "get", None), true),
         ] {
             assert_eq!(ignored_by(&builtin, &none, &a).is_some(), ignored, "{}", a.summary());
+        }
+    }
+
+    #[test]
+    fn gitops_controllers_never_count_as_use_but_people_and_argocd_server_do() {
+        let mut rules = IgnoreRules::default();
+        add_gitops_rules(&mut rules);
+        let a = |user: &str, ua: &str| activity(user, &[], ua, "list", None);
+        for (user, ua, ignored) in [
+            ("system:serviceaccount:argocd:argocd-application-controller", "x", true),
+            ("system:serviceaccount:flux-system:kustomize-controller", "x", true),
+            (
+                "system:serviceaccount:team-a:deployer",
+                "kustomize-controller/v1.5.1 (linux/amd64) kubernetes/$Format",
+                true,
+            ),
+            ("system:serviceaccount:gitops:helm-controller", "x", true),
+            ("alice", "argocd-application-controller/v2.14.9 (linux/amd64)", true),
+            ("system:serviceaccount:argocd:argocd-server", "argocd-server/v2.14.9", false),
+            ("alice", "kubectl/v1.33.1 (linux/amd64) kubernetes/8adc0f0", false),
+        ] {
+            assert_eq!(rules.matches(&a(user, ua)).is_some(), ignored, "{user} {ua}");
         }
     }
 }

@@ -147,7 +147,7 @@ pub fn lint(file: &str, text: &str) -> LintReport {
                 }
             },
         };
-        if annotations.keys().any(|k| k.starts_with(super::annotations::PREFIX)) {
+        if annotations.keys().any(|k| k.starts_with(crate::vocab::PREFIX)) {
             report.annotated_objects += 1;
         }
         let field = |key: &str| format!("metadata.annotations[{key}]");

@@ -9,6 +9,7 @@ pub mod decide;
 pub mod duration;
 pub mod ignore;
 pub mod lint;
+pub mod loft;
 pub mod resolve;
 pub mod schedule;
 
@@ -190,6 +191,7 @@ impl Policy {
                 group: r.group.clone(),
                 resource: r.resource.clone(),
                 names: r.names.clone(),
+                verbs: vec![],
             });
         }
         for (list, field) in [

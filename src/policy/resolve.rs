@@ -2,6 +2,7 @@
 //! target's own annotations, into an [`EffectivePolicy`] that remembers
 //! where each value came from.
 
+use crate::vocab;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
@@ -10,7 +11,7 @@ use std::time::Duration;
 use chrono_tz::Tz;
 use kube::core::{Selector, SelectorExt};
 
-use super::annotations::{self as ann, TargetAnnotations};
+use super::annotations::TargetAnnotations;
 use super::duration::SleepAfter;
 use super::ignore::IgnoreRules;
 use super::schedule::SchedulePair;
@@ -38,6 +39,9 @@ pub enum Origin {
     Default,
     Policy(String),
     Annotation(&'static str),
+    /// A field of the vcluster's own `vcluster.yaml` (read from its
+    /// `vc-config-<name>` Secret), e.g. `sleepMode.autoSleep.afterInactivity`.
+    VClusterConfig(&'static str),
 }
 
 impl fmt::Display for Origin {
@@ -46,6 +50,7 @@ impl fmt::Display for Origin {
             Origin::Default => f.write_str("default"),
             Origin::Policy(name) => write!(f, "SleepPolicy {name}"),
             Origin::Annotation(key) => write!(f, "annotation {key}"),
+            Origin::VClusterConfig(field) => write!(f, "vcluster.yaml {field}"),
         }
     }
 }
@@ -141,7 +146,7 @@ impl Candidate {
 /// Why a target has no effective policy; the target is left alone.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ResolveError {
-    #[error("annotation {} names SleepPolicy {name:?}, which does not exist", ann::POLICY)]
+    #[error("annotation {} names SleepPolicy {name:?}, which does not exist", vocab::POLICY)]
     PolicyNotFound { name: String },
     #[error("SleepPolicy {name} is invalid: {}", join(.errors))]
     PolicyInvalid { name: String, errors: Vec<FieldError> },
@@ -226,12 +231,12 @@ pub fn resolve(
     let sleep_after = layer(
         defaults.sleep_after,
         policy.map(|p| (p.sleep_after, &po)),
-        annotations.sleep_after.map(|v| (v, ann::SLEEP_AFTER)),
+        annotations.sleep_after.map(|v| (v, vocab::SLEEP_AFTER)),
     );
     let annotated_schedules = match (&annotations.sleep_schedule, &annotations.wake_schedule) {
         (None, None) => None,
         (sleep, wake) => {
-            let key = if sleep.is_some() { ann::SLEEP_SCHEDULE } else { ann::WAKE_SCHEDULE };
+            let key = if sleep.is_some() { vocab::SLEEP_SCHEDULE } else { vocab::WAKE_SCHEDULE };
             Some((vec![SchedulePair { sleep: sleep.clone(), wake: wake.clone() }], key))
         }
     };
@@ -243,7 +248,7 @@ pub fn resolve(
     let timezone = layer(
         defaults.timezone,
         policy.map(|p| (p.timezone, &po)),
-        annotations.timezone.map(|t| (t, ann::TIMEZONE)),
+        annotations.timezone.map(|t| (t, vocab::TIMEZONE)),
     );
     let wake_on_request = layer(true, policy.map(|p| (p.wake_on_request, &po)), None);
     let wake_on_schedule = layer(true, policy.map(|p| (p.wake_on_schedule, &po)), None);
@@ -251,20 +256,20 @@ pub fn resolve(
     let wake_predictive = layer(None, policy.map(|p| (p.wake_predictive.map(Some), &po)), None);
     let pricing = layer(defaults.pricing.clone(), policy.map(|p| (p.pricing.clone(), &po)), None);
     let dry_run = layer(false, policy.map(|p| (Some(p.dry_run), &po)), None);
-    let disabled = layer(false, None, annotations.disabled.then_some((true, ann::DISABLED)));
+    let disabled = layer(false, None, annotations.disabled.then_some((true, vocab::DISABLED)));
 
     let mut ignore =
         Sourced { value: policy.map(|p| p.ignore.clone()).unwrap_or_default(), origin: po.clone() };
     let o = &annotations.ignore;
     for (set, key) in [
-        (o.users.as_ref().map(|v| ignore.value.users = v.clone()), ann::IGNORE_USERS),
-        (o.groups.as_ref().map(|v| ignore.value.groups = v.clone()), ann::IGNORE_GROUPS),
-        (o.user_agents.as_ref().map(|v| ignore.value.user_agents = v.clone()), ann::IGNORE_USER_AGENTS),
-        (o.verbs.as_ref().map(|v| ignore.value.verbs = v.clone()), ann::IGNORE_VERBS),
-        (o.resources.as_ref().map(|v| ignore.value.resources = v.clone()), ann::IGNORE_RESOURCES),
+        (o.users.as_ref().map(|v| ignore.value.users = v.clone()), vocab::IGNORE_USERS),
+        (o.groups.as_ref().map(|v| ignore.value.groups = v.clone()), vocab::IGNORE_GROUPS),
+        (o.user_agents.as_ref().map(|v| ignore.value.user_agents = v.clone()), vocab::IGNORE_USER_AGENTS),
+        (o.verbs.as_ref().map(|v| ignore.value.verbs = v.clone()), vocab::IGNORE_VERBS),
+        (o.resources.as_ref().map(|v| ignore.value.resources = v.clone()), vocab::IGNORE_RESOURCES),
         (
             o.own_service_accounts.map(|ignored| ignore.value.count_own_service_accounts = !ignored),
-            ann::IGNORE_OWN_SERVICE_ACCOUNTS,
+            vocab::IGNORE_OWN_SERVICE_ACCOUNTS,
         ),
     ] {
         if set.is_some() {

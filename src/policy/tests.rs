@@ -1,9 +1,10 @@
 //! Resolution: precedence, ties, provenance and errors.
 
+use crate::vocab;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::annotations::{self as ann, TargetAnnotations};
+use super::annotations::TargetAnnotations;
 use super::*;
 
 fn policy(name: &str, yaml_spec: &str) -> Arc<Candidate> {
@@ -50,10 +51,10 @@ fn defaults_then_policy_then_annotations() {
     assert_eq!(p.wake_timeout.value, std::time::Duration::from_secs(300));
     assert_eq!(p.wake_on_request, Sourced { value: true, origin: Origin::Default });
 
-    let a = annotations(&[(ann::SLEEP_AFTER, "2h"), (ann::SLEEP_SCHEDULE, "0 20 * * *")]);
+    let a = annotations(&[(vocab::SLEEP_AFTER, "2h"), (vocab::SLEEP_SCHEDULE, "0 20 * * *")]);
     let p = resolve(TargetKind::Namespace, &team_a, &a, &[dev], &d).unwrap();
-    assert_eq!(p.sleep_after, Sourced { value: after(7200), origin: Origin::Annotation(ann::SLEEP_AFTER) });
-    assert_eq!(p.schedules.origin, Origin::Annotation(ann::SLEEP_SCHEDULE));
+    assert_eq!(p.sleep_after, Sourced { value: after(7200), origin: Origin::Annotation(vocab::SLEEP_AFTER) });
+    assert_eq!(p.schedules.origin, Origin::Annotation(vocab::SLEEP_SCHEDULE));
     assert_eq!(p.timezone.origin, Origin::Policy("dev".into()), "the policy's time zone still applies");
 }
 
@@ -131,11 +132,11 @@ fn the_highest_priority_matching_policy_wins_and_ties_are_reported() {
 fn the_policy_annotation_picks_a_policy_by_name() {
     let candidates =
         vec![policy("high", "  priority: 100\n"), policy("chosen", "  priority: -5\n  sleepAfter: 5m\n")];
-    let a = annotations(&[(ann::POLICY, "chosen")]);
+    let a = annotations(&[(vocab::POLICY, "chosen")]);
     let p = resolve(TargetKind::Namespace, &BTreeMap::new(), &a, &candidates, &Defaults::default()).unwrap();
     assert_eq!(p.policy.as_deref(), Some("chosen"));
 
-    let a = annotations(&[(ann::POLICY, "missing")]);
+    let a = annotations(&[(vocab::POLICY, "missing")]);
     let e =
         resolve(TargetKind::Namespace, &BTreeMap::new(), &a, &candidates, &Defaults::default()).unwrap_err();
     assert_eq!(e.category(), "policy-not-found");
@@ -164,11 +165,11 @@ fn an_invalid_winning_policy_is_an_error_not_a_fallback() {
 #[test]
 fn ignore_annotations_replace_the_policys_list_of_that_kind() {
     let candidates = vec![policy("p", "  ignore: {users: [ci-bot], userAgents: [argocd*]}\n")];
-    let a = annotations(&[(ann::IGNORE_USER_AGENTS, "flux*")]);
+    let a = annotations(&[(vocab::IGNORE_USER_AGENTS, "flux*")]);
     let p = resolve(TargetKind::Namespace, &BTreeMap::new(), &a, &candidates, &Defaults::default()).unwrap();
     assert_eq!(p.ignore.value.users, vec!["ci-bot".to_string()]);
     assert_eq!(p.ignore.value.user_agents, vec!["flux*".to_string()]);
-    assert_eq!(p.ignore.origin, Origin::Annotation(ann::IGNORE_USER_AGENTS));
+    assert_eq!(p.ignore.origin, Origin::Annotation(vocab::IGNORE_USER_AGENTS));
 }
 
 #[test]
@@ -194,10 +195,10 @@ fn own_service_accounts_are_ignored_unless_the_policy_or_the_target_says_they_co
     assert!(!resolve_with("  sleepAfter: 1h\n", &[]));
     assert!(!resolve_with("  ignore: {users: [ci-bot]}\n", &[]));
     assert!(resolve_with("  ignore: {ownServiceAccounts: false}\n", &[]));
-    assert!(resolve_with("  sleepAfter: 1h\n", &[(ann::IGNORE_OWN_SERVICE_ACCOUNTS, "false")]));
+    assert!(resolve_with("  sleepAfter: 1h\n", &[(vocab::IGNORE_OWN_SERVICE_ACCOUNTS, "false")]));
     assert!(!resolve_with(
         "  ignore: {ownServiceAccounts: false}\n",
-        &[(ann::IGNORE_OWN_SERVICE_ACCOUNTS, "true")]
+        &[(vocab::IGNORE_OWN_SERVICE_ACCOUNTS, "true")]
     ));
 }
 

@@ -1,10 +1,10 @@
 //! Routing and reading a request: which vcluster it is for (by path prefix
 //! `/vcluster/<namespace>/<name>/…` or by host `<name>.<namespace>.<base>`),
 //! the path to forward, and what the request does (verb, resource) for the
-//! activity record. Pure functions over strings.
+//! activity record. Pure functions over strings; self-contained (the
+//! activity record's [`ResourceRef`] only) so the fuzzer reaches them.
 
 use crate::activity::ResourceRef;
-use crate::target::TargetRef;
 
 /// A Kubernetes object name (DNS subdomain): no `.`/`..` path tricks.
 fn valid_name(p: &str) -> bool {
@@ -40,10 +40,12 @@ fn dot_segment(mut s: &[u8]) -> bool {
     (1..=2).contains(&dots)
 }
 
-/// A routed request: the target and the upstream path (with its query).
+/// A routed request: the vcluster (namespace and name, each a valid
+/// object name) and the upstream path (with its query).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Routed {
-    pub target: TargetRef,
+    pub namespace: String,
+    pub name: String,
     pub path_and_query: String,
 }
 
@@ -57,7 +59,7 @@ pub fn by_path(path_and_query: &str) -> Option<Routed> {
         return None;
     }
     let tail = if tail.is_empty() || tail.starts_with('?') { format!("/{tail}") } else { tail.to_string() };
-    Some(Routed { target: TargetRef::vcluster(ns, name), path_and_query: tail })
+    Some(Routed { namespace: ns.to_string(), name: name.to_string(), path_and_query: tail })
 }
 
 /// Routes by host name `<name>.<namespace>.<base_domain>` (port ignored).
@@ -66,10 +68,21 @@ pub fn by_host(host: &str, base_domain: &str, path_and_query: &str) -> Option<Ro
         host.rsplit_once(':').filter(|(_, p)| p.chars().all(|c| c.is_ascii_digit())).map_or(host, |(h, _)| h);
     let prefix = host.strip_suffix(base_domain)?.strip_suffix('.')?;
     let (name, ns) = prefix.split_once('.')?;
-    if !valid_name(name) || !valid_name(ns) || ns.contains('.') || !clean_path(path_and_query) {
+    // Origin form only: `*` (OPTIONS *) or anything else that is not a
+    // path would be joined onto an upstream's path prefix as is.
+    if !valid_name(name)
+        || !valid_name(ns)
+        || ns.contains('.')
+        || !path_and_query.starts_with('/')
+        || !clean_path(path_and_query)
+    {
         return None;
     }
-    Some(Routed { target: TargetRef::vcluster(ns, name), path_and_query: path_and_query.to_string() })
+    Some(Routed {
+        namespace: ns.to_string(),
+        name: name.to_string(),
+        path_and_query: path_and_query.to_string(),
+    })
 }
 
 /// What a Kubernetes API request does, read from its method and path the
@@ -135,7 +148,10 @@ pub fn request_info(method: &str, path_and_query: &str) -> RequestInfo {
         ("DELETE", false) => "delete",
         _ => "unknown",
     };
-    let long_running = watch || matches!(subresource, "exec" | "attach" | "portforward" | "proxy" | "log");
+    // As kube-apiserver's long-running check: a watch (a GET with `watch`), or a
+    // streaming subresource; a POST that says `watch=true` is no watch.
+    let long_running =
+        verb == "watch" || matches!(subresource, "exec" | "attach" | "portforward" | "proxy" | "log");
     RequestInfo {
         verb: verb.to_string(),
         resource: (!resource.is_empty()).then(|| ResourceRef {
@@ -157,7 +173,7 @@ mod tests {
     #[test]
     fn routes_by_path_prefix() {
         let r = by_path("/vcluster/team-a/dev/api/v1/namespaces?limit=500").unwrap();
-        assert_eq!(r.target, TargetRef::vcluster("team-a", "dev"));
+        assert_eq!((r.namespace.as_str(), r.name.as_str()), ("team-a", "dev"));
         assert_eq!(r.path_and_query, "/api/v1/namespaces?limit=500");
         assert_eq!(by_path("/vcluster/team-a/dev").unwrap().path_and_query, "/");
         assert_eq!(by_path("/vcluster/team-a/dev?timeout=32s").unwrap().path_and_query, "/?timeout=32s");
@@ -182,12 +198,13 @@ mod tests {
     #[test]
     fn routes_by_host() {
         let r = by_host("dev.team-a.vc.example.com:8443", "vc.example.com", "/api").unwrap();
-        assert_eq!(r.target, TargetRef::vcluster("team-a", "dev"));
+        assert_eq!((r.namespace.as_str(), r.name.as_str()), ("team-a", "dev"));
         assert_eq!(r.path_and_query, "/api");
         assert_eq!(by_host("dev.team-a.example.org", "vc.example.com", "/"), None);
         assert_eq!(by_host("vc.example.com", "vc.example.com", "/"), None);
         assert_eq!(by_host("a.b.c.vc.example.com", "vc.example.com", "/"), None);
         assert_eq!(by_host("dev.team-a.vc.example.com", "vc.example.com", "/x/../api"), None);
+        assert_eq!(by_host("dev.team-a.vc.example.com", "vc.example.com", "*"), None, "found by the fuzzer");
         // Dots inside a segment are not path steps.
         assert!(by_path("/vcluster/a/b/apis/apps.example.com/v1/x..y?q=..").is_some());
         assert!(by_path("/vcluster/a/b/api/.../%2e%2e%2e/%2f").is_some());
@@ -239,6 +256,13 @@ mod tests {
                 "get",
                 Some(("", "services", "proxy", "x", "web")),
                 true,
+            ),
+            (
+                "POST",
+                "/api/v1/namespaces/team-a/pods?watch=true",
+                "create",
+                Some(("", "pods", "", "team-a", "")),
+                false,
             ),
             ("GET", "/version", "get", None, false),
             ("GET", "/apis", "get", None, false),

@@ -36,9 +36,10 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::policy::annotations::{TargetAnnotations, UPSTREAM};
+use crate::policy::annotations::TargetAnnotations;
 use crate::target::{Stores, TargetRef};
 use crate::tls::{Background, Conn};
+use crate::vocab::UPSTREAM;
 
 /// The body type the proxy forwards.
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
@@ -526,7 +527,10 @@ impl Upstreams {
     async fn build(&self, t: &TargetRef, cached: Option<Arc<Upstream>>) -> Result<Arc<Upstream>, Error> {
         let target = self.stores.target(t).ok_or_else(|| Error::NotFound(t.clone()))?;
         let annotated = TargetAnnotations::parse(target.object.annotations()).ok().and_then(|a| a.upstream);
-        let base = annotated.unwrap_or_else(|| format!("https://{}.{}.svc:443", t.name, t.namespace));
+        // `<name>.<namespace>`, which vcluster's serving certificate names
+        // (`<name>.<namespace>.svc` it does not) and a pod's DNS search
+        // path resolves to the Service.
+        let base = annotated.unwrap_or_else(|| format!("https://{}.{}:443", t.name, t.namespace));
         let uri: http::Uri = base.parse().map_err(|_| Error::BadUpstream {
             target: t.clone(),
             url: base.clone(),

@@ -12,9 +12,13 @@ use std::collections::BTreeMap;
 use kube::discovery::ApiResource;
 use serde_json::{Value, json};
 
-use super::annotations_patch as patch;
-use crate::policy::annotations::{KEDA_JOB_PAUSED_BEFORE_SLEEP, KEDA_PAUSED_BEFORE_SLEEP};
 use crate::target::WorkloadView;
+use crate::vocab::{KEDA_JOB_PAUSED_BEFORE_SLEEP, KEDA_PAUSED_BEFORE_SLEEP};
+
+/// A merge patch of [`crate::client::metadata`] alone.
+fn patch(resource_version: &Option<String>, annotations: Value) -> Value {
+    json!({ "metadata": crate::client::metadata(resource_version, annotations) })
+}
 
 /// KEDA's annotation: while set, KEDA holds the target at this many replicas.
 pub const PAUSED_REPLICAS: &str = "autoscaling.keda.sh/paused-replicas";

@@ -5,11 +5,11 @@
 
 use serde_json::{Value, json};
 
-use crate::policy::annotations::{REPLICAS_BEFORE_SLEEP, SUSPEND_BEFORE_SLEEP};
 use crate::target::WorkloadView;
+use crate::vocab::{REPLICAS_BEFORE_SLEEP, SUSPEND_BEFORE_SLEEP};
 
 fn meta(w: &WorkloadView, key: &str, value: Value) -> Value {
-    super::metadata(&w.resource_version, json!({ key: value }))
+    crate::client::metadata(&w.resource_version, json!({ key: value }))
 }
 
 /// The patch that puts `w` to sleep, or `None` when there is nothing to do

@@ -3,6 +3,7 @@
 //! pods it synced) or a namespace (its other workloads) — discovered from
 //! reflector stores, with the workloads each one owns.
 
+pub mod effective;
 pub mod index;
 pub mod scope;
 pub mod stores;
@@ -18,20 +19,14 @@ use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{Namespace, ObjectReference};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Resource;
+use kube::discovery::ApiResource;
 
 pub use crate::policy::TargetKind;
 pub use scope::Scope;
 pub use stores::Stores;
 pub use workload::{WorkloadKind, WorkloadView};
 
-/// Label of a vcluster's control plane (as the vcluster chart sets it).
-pub const VCLUSTER_APP_LABEL: (&str, &str) = ("app", "vcluster");
-/// `app` of the etcd a vcluster deploys for its store
-/// (`controlPlane.backingStore.etcd.deploy`), a StatefulSet whose `release`
-/// label names the vcluster. It belongs to the vcluster target.
-pub const VCLUSTER_ETCD_APP: &str = "vcluster-etcd";
-/// Label on the host pods a vcluster synced.
-pub const MANAGED_BY_LABEL: &str = "vcluster.loft.sh/managed-by";
+use crate::vocab::{VCLUSTER_APP_LABEL, VCLUSTER_ETCD_APP};
 
 /// Names one target.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -144,14 +139,44 @@ impl TargetObject {
     pub fn is_deleting(&self) -> bool {
         self.meta().deletion_timestamp.is_some()
     }
+}
 
-    /// The workload kind of a vcluster's control plane.
-    pub fn control_plane_kind(&self) -> Option<WorkloadKind> {
-        match self {
-            TargetObject::Namespace(_) => None,
-            TargetObject::StatefulSet(_) => Some(WorkloadKind::StatefulSet),
-            TargetObject::Deployment(_) => Some(WorkloadKind::Deployment),
+/// A target's own object (a Namespace is cluster-scoped: namespace "").
+impl crate::client::Patchable for TargetObject {
+    fn id(&self) -> String {
+        let kind = self.api_resource().kind;
+        match crate::client::Patchable::namespace(self) {
+            "" => format!("{kind}/{}", crate::client::Patchable::name(self)),
+            ns => format!("{kind}/{ns}/{}", crate::client::Patchable::name(self)),
         }
+    }
+    fn namespace(&self) -> &str {
+        match self {
+            TargetObject::Namespace(_) => "",
+            _ => self.meta().namespace.as_deref().unwrap_or_default(),
+        }
+    }
+    fn name(&self) -> &str {
+        self.meta().name.as_deref().unwrap_or_default()
+    }
+    fn api_resource(&self) -> ApiResource {
+        match self {
+            TargetObject::Namespace(_) => ApiResource::erase::<Namespace>(&()),
+            TargetObject::StatefulSet(_) => ApiResource::erase::<StatefulSet>(&()),
+            TargetObject::Deployment(_) => ApiResource::erase::<Deployment>(&()),
+        }
+    }
+    fn reread(&self, v: &serde_json::Value) -> Option<Self> {
+        let v = v.clone();
+        Some(match self {
+            TargetObject::Namespace(_) => TargetObject::Namespace(Arc::new(serde_json::from_value(v).ok()?)),
+            TargetObject::StatefulSet(_) => {
+                TargetObject::StatefulSet(Arc::new(serde_json::from_value(v).ok()?))
+            }
+            TargetObject::Deployment(_) => {
+                TargetObject::Deployment(Arc::new(serde_json::from_value(v).ok()?))
+            }
+        })
     }
 }
 

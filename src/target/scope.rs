@@ -1,7 +1,10 @@
 //! Which namespaces dormant may act in: never the excluded ones (the
-//! control plane's, dormant's own), and, when a namespace selector is set,
-//! only namespaces whose labels match it (to run one agent per shard of a
-//! cluster, or to try dormant on a few namespaces first).
+//! control plane's, dormant's own); when an allow-list is set, only the
+//! namespaces it names (the ones the chart's RBAC grants writes in, so
+//! dormant never tries to act where it would be refused); and, when a
+//! namespace selector is set, only namespaces whose labels match it (to run
+//! one agent per shard of a cluster, or to try dormant on a few namespaces
+//! first).
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
@@ -11,11 +14,15 @@ use kube::core::{Expression, Selector, SelectorExt};
 pub struct Scope {
     pub excluded: HashSet<String>,
     pub selector: Option<Selector>,
+    /// The only namespaces that may hold targets (`None`: every one).
+    pub only: Option<BTreeSet<String>>,
 }
 
 impl Scope {
     pub fn allows(&self, namespace: &str, labels: &BTreeMap<String, String>) -> bool {
-        !self.excluded.contains(namespace) && self.selector.as_ref().is_none_or(|s| s.matches(labels))
+        !self.excluded.contains(namespace)
+            && self.only.as_ref().is_none_or(|only| only.contains(namespace))
+            && self.selector.as_ref().is_none_or(|s| s.matches(labels))
     }
 }
 
@@ -94,5 +101,20 @@ mod tests {
         assert!(parse_selector("a=b").unwrap().matches(&labels(&[("a", "b")])));
         assert!(parse_selector("a in x").is_err());
         assert!(parse_selector("bad key=1").is_err());
+    }
+
+    #[test]
+    fn an_allow_list_admits_only_its_namespaces_and_never_an_excluded_one() {
+        let scope = Scope {
+            excluded: HashSet::from(["kube-system".to_string()]),
+            selector: Some(parse_selector("team").unwrap()),
+            only: Some(BTreeSet::from(["team-a".to_string(), "kube-system".to_string()])),
+        };
+        let team = labels(&[("team", "a")]);
+        assert!(scope.allows("team-a", &team));
+        assert!(!scope.allows("team-b", &team), "a namespace the allow-list does not name");
+        assert!(!scope.allows("kube-system", &team), "excluded wins over the allow-list");
+        assert!(!scope.allows("team-a", &labels(&[])), "the selector still applies");
+        assert!(Scope::default().allows("anything", &labels(&[])));
     }
 }

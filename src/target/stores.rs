@@ -4,9 +4,9 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use futures::{Stream, StreamExt};
+use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet, StatefulSet};
 use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
@@ -19,11 +19,12 @@ use tokio::sync::mpsc;
 
 use super::workload::AsWorkload;
 use super::{
-    MANAGED_BY_LABEL, Scope, Target, TargetKind, TargetObject, TargetRef, WorkloadView,
-    is_vcluster_control_plane, vcluster_etcd_of,
+    Scope, Target, TargetKind, TargetObject, TargetRef, WorkloadView, is_vcluster_control_plane,
+    vcluster_etcd_of,
 };
-use crate::policy::annotations::PREFIX;
 use crate::policy::{Candidate, SleepPolicy};
+use crate::vocab::MANAGED_BY_LABEL;
+use crate::vocab::PREFIX;
 
 /// Something changed that may change what these targets should be.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -47,6 +48,17 @@ pub struct Stores {
     /// Only pods labelled `vcluster.loft.sh/managed-by`.
     pub synced_pods: Store<Pod>,
     pub policies: Store<SleepPolicy>,
+    /// The policies as read, shared by every copy of these stores.
+    parsed: Arc<Mutex<Parsed>>,
+}
+
+/// Every SleepPolicy read into a resolver [`Candidate`], kept until a
+/// policy's spec changes (keyed by each one's name and generation: the
+/// status dormant writes does not make them read again).
+#[derive(Default)]
+struct Parsed {
+    key: Vec<(String, Option<i64>)>,
+    candidates: Vec<Arc<Candidate>>,
 }
 
 /// The writers behind [`Stores`].
@@ -72,7 +84,17 @@ pub fn stores() -> (Stores, Writers) {
     let (synced_pods, w_pods) = reflector::store();
     let (policies, w_pol) = reflector::store();
     (
-        Stores { namespaces, statefulsets, deployments, replicasets, cronjobs, jobs, synced_pods, policies },
+        Stores {
+            namespaces,
+            statefulsets,
+            deployments,
+            replicasets,
+            cronjobs,
+            jobs,
+            synced_pods,
+            policies,
+            parsed: Arc::default(),
+        },
         Writers {
             namespaces: w_ns,
             statefulsets: w_sts,
@@ -298,15 +320,6 @@ impl Writers {
     }
 }
 
-/// A change stream from an mpsc receiver.
-pub fn changes(rx: mpsc::UnboundedReceiver<Change>) -> impl Stream<Item = Change> {
-    tokio_stream_from(rx)
-}
-
-fn tokio_stream_from(mut rx: mpsc::UnboundedReceiver<Change>) -> impl Stream<Item = Change> {
-    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
-}
-
 impl Stores {
     /// Waits until every store has seen its initial list.
     pub async fn wait_ready(&self) -> Result<(), reflector::store::WriterDropped> {
@@ -397,8 +410,8 @@ impl Stores {
         ns.annotations().keys().any(|k| k.starts_with(PREFIX))
             || candidates.iter().any(|c| c.matches(TargetKind::Namespace, ns.labels()))
             || self.namespace_workloads(&name).iter().any(|w| {
-                w.annotations.contains_key(crate::policy::annotations::REPLICAS_BEFORE_SLEEP)
-                    || w.annotations.contains_key(crate::policy::annotations::SUSPEND_BEFORE_SLEEP)
+                w.annotations.contains_key(crate::vocab::REPLICAS_BEFORE_SLEEP)
+                    || w.annotations.contains_key(crate::vocab::SUSPEND_BEFORE_SLEEP)
             })
     }
 
@@ -461,11 +474,17 @@ impl Stores {
         })
     }
 
-    /// Resolver candidates for every SleepPolicy.
+    /// Every SleepPolicy as the resolver sees it, read again only when a
+    /// policy is added, removed or its spec changes.
     pub fn candidates(&self) -> Vec<Arc<Candidate>> {
-        let mut c: Vec<_> = self.policies.state().iter().map(|p| crate::policy::candidate(p)).collect();
-        c.sort_by(|a, b| a.name.cmp(&b.name));
-        c
+        let key = policy_generations(&self.policies);
+        let mut parsed = self.parsed.lock().unwrap_or_else(|e| e.into_inner());
+        if parsed.key != key || (parsed.candidates.is_empty() && !key.is_empty()) {
+            let mut c: Vec<_> = self.policies.state().iter().map(|p| crate::policy::candidate(p)).collect();
+            c.sort_by(|a, b| a.name.cmp(&b.name));
+            *parsed = Parsed { key, candidates: c };
+        }
+        parsed.candidates.clone()
     }
 }
 

@@ -206,6 +206,24 @@ pub trait AsWorkload: ResourceExt {
     fn view(&self) -> WorkloadView;
 }
 
+impl crate::client::Patchable for WorkloadView {
+    fn id(&self) -> String {
+        WorkloadView::id(self)
+    }
+    fn namespace(&self) -> &str {
+        &self.namespace
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn api_resource(&self) -> ApiResource {
+        self.kind.api_resource()
+    }
+    fn reread(&self, v: &Value) -> Option<Self> {
+        WorkloadView::from_json(self.kind, v)
+    }
+}
+
 impl AsWorkload for Deployment {
     fn view(&self) -> WorkloadView {
         WorkloadView::from_deployment(self)

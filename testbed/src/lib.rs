@@ -13,8 +13,10 @@
 
 pub mod audit;
 pub mod bench;
+pub mod netns;
 pub mod pki;
 pub mod process;
+pub mod real_vcluster;
 pub mod spawner;
 pub mod vcluster;
 
@@ -86,6 +88,12 @@ impl Bins {
         Self::tool("keda-crd")
     }
 
+    /// The real vcluster's folder: `vcluster`, `kine`, `chart/` (built by
+    /// `hack/testbed.sh install`).
+    pub fn vcluster_dir() -> Result<PathBuf> {
+        Self::tool("vcluster-dir")
+    }
+
     /// A file `hack/testbed.sh install` puts beside the testbed.
     fn tool(name: &str) -> Result<PathBuf> {
         let script = Self::repo_root().join("hack/testbed.sh");
@@ -142,6 +150,9 @@ pub struct ClusterOptions {
     pub controllers: bool,
     /// Extra kube-controller-manager flags.
     pub controller_manager_args: Vec<String>,
+    /// Also write the host API server's audit events (level `Metadata`,
+    /// JSON lines) to [`Cluster::audit_log`]: what each user really did.
+    pub audit_log: bool,
 }
 
 impl Default for ClusterOptions {
@@ -152,6 +163,7 @@ impl Default for ClusterOptions {
             fast_controllers: false,
             controllers: true,
             controller_manager_args: Vec::new(),
+            audit_log: false,
         }
     }
 }
@@ -173,7 +185,8 @@ pub struct Cluster {
     /// `alice`, in group `team-a`: a developer with no rights until a test
     /// binds some.
     pub alice: User,
-    /// `ci-robot` in group `ci`, cluster-admin; sends [`ROBOT_USER_AGENT`].
+    /// `ci-robot` in group `ci`, with no rights of its own (tests bind what
+    /// it may do); sends [`ROBOT_USER_AGENT`].
     pub robot: User,
     procs: Mutex<Vec<Proc>>,
     pub started_in: Duration,
@@ -284,7 +297,16 @@ impl Cluster {
             started_in: Duration::ZERO,
             kubelet_port: OnceLock::new(),
         };
-        let api_args = cluster.apiserver_args(api_port, "/registry", opts.audit.as_ref())?;
+        let mut api_args = cluster.apiserver_args(api_port, "/registry", opts.audit.as_ref())?;
+        if opts.audit_log {
+            let policy = cluster.audit_policy(api_port)?;
+            api_args.retain(|a| !a.starts_with("--audit-policy-file="));
+            api_args.push(format!("--audit-policy-file={}", policy.display()));
+            api_args.push(format!("--audit-log-path={}", cluster.audit_log().display()));
+            api_args.push("--audit-log-format=json".into());
+            // Written before the response returns: a test reads it right after.
+            api_args.push("--audit-log-mode=blocking".into());
+        }
         let mut api =
             spawner::spawn("kube-apiserver", &cluster.bins.path("kube-apiserver"), &api_args, &cluster.dir)?;
         let admin_kc = cluster.admin.kubeconfig.clone();
@@ -331,11 +353,7 @@ impl Cluster {
             "--v=1",
         ]);
         if let Some(audit) = audit {
-            let policy = d.join(format!("audit-policy-{port}.yaml"));
-            std::fs::write(
-                &policy,
-                "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n- level: Metadata\n",
-            )?;
+            let policy = self.audit_policy(port)?;
             let ca = d.join(format!("audit-ca-{port}.crt"));
             std::fs::write(&ca, &audit.ca_pem)?;
             let kc = d.join(format!("audit-webhook-{port}.kubeconfig"));
@@ -353,6 +371,24 @@ impl Cluster {
             a.push(format!("--audit-webhook-batch-max-wait={}ms", audit.batch_max_wait.as_millis()));
         }
         Ok(a)
+    }
+
+    /// Writes the audit policy of the API server on `port` (every request
+    /// at `Metadata`, from `ResponseStarted` on) and returns its path.
+    fn audit_policy(&self, port: u16) -> Result<PathBuf> {
+        let policy = self.dir.join(format!("audit-policy-{port}.yaml"));
+        std::fs::write(
+            &policy,
+            "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n- level: Metadata\n",
+        )?;
+        Ok(policy)
+    }
+
+    /// The host API server's audit log (JSON lines, one `audit.k8s.io/v1`
+    /// Event each), written when the cluster started with
+    /// [`ClusterOptions::audit_log`].
+    pub fn audit_log(&self) -> PathBuf {
+        self.dir.join("kube-apiserver-audit.log")
     }
 
     fn start_controllers(&self, opts: &ClusterOptions) -> Result<()> {
@@ -401,6 +437,9 @@ impl Cluster {
         let shell = self.dir.join("kwok-cluster-exec-shell.yaml");
         std::fs::write(&shell, SHELL_EXEC)?;
         kwok_conf.push(shell);
+        let ready_again = self.dir.join("kwok-pod-ready-again.yaml");
+        std::fs::write(&ready_again, POD_READY_AGAIN)?;
+        kwok_conf.push(ready_again);
         let kubelet_port = free_port()?;
         let _ = self.kubelet_port.set(kubelet_port);
         // kwok plays the kubelets: it gets a node's identity (group
@@ -652,6 +691,47 @@ spec:
     command: [cat]
 "#;
 
+/// A kubelet keeps reporting the conditions of its running pods; kwok's
+/// stages set them once. When something else replaces a running pod's
+/// conditions (the real vcluster's syncer copies its virtual pod's
+/// conditions onto the host pod), this stage puts Ready back, as the
+/// kubelet's next status update would.
+const POD_READY_AGAIN: &str = r#"apiVersion: kwok.x-k8s.io/v1alpha1
+kind: Stage
+metadata:
+  name: testbed-pod-ready-again
+spec:
+  resourceRef:
+    apiGroup: v1
+    kind: Pod
+  selector:
+    matchExpressions:
+    - key: '.metadata.deletionTimestamp'
+      operator: 'DoesNotExist'
+    - key: '.status.phase'
+      operator: 'In'
+      values: ['Running']
+    - key: '.status.conditions.[] | select( .type == "Ready" ) | .status'
+      operator: 'NotIn'
+      values: ['True']
+  next:
+    statusTemplate: |
+      {{ $now := Now }}
+      conditions:
+      - lastTransitionTime: {{ $now | Quote }}
+        status: "True"
+        type: Initialized
+      - lastTransitionTime: {{ $now | Quote }}
+        status: "True"
+        type: Ready
+      - lastTransitionTime: {{ $now | Quote }}
+        status: "True"
+        type: ContainersReady
+      - lastTransitionTime: {{ $now | Quote }}
+        status: "True"
+        type: PodScheduled
+"#;
+
 const FAKE_NODE: &str = r#"apiVersion: v1
 kind: Node
 metadata:
@@ -665,8 +745,8 @@ metadata:
     kubernetes.io/arch: amd64
     type: kwok
 status:
-  allocatable: {cpu: "4000", memory: 16Ti, pods: "20000"}
-  capacity: {cpu: "4000", memory: 16Ti, pods: "20000"}
+  allocatable: {cpu: "4000", memory: 16Ti, pods: "20000", ephemeral-storage: 100Ti}
+  capacity: {cpu: "4000", memory: 16Ti, pods: "20000", ephemeral-storage: 100Ti}
 "#;
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -59,6 +59,8 @@ impl Agent {
             format!("--namespace-selector=dormant-test={scope}"),
             "--lease-duration=3s".into(),
             "--flush-interval=1s".into(),
+            // Tests read who kept a target awake from the metrics.
+            "--metrics-user-names".into(),
         ];
         let flag = |a: &str| a.split('=').next().unwrap_or_default().to_string();
         args.retain(|a| !extra.iter().any(|e| flag(e) == flag(a)));
@@ -221,6 +223,16 @@ pub async fn tls_connect(
     ca_pem: &str,
     client: Option<&testbed::pki::CertPair>,
 ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
+    tls_connect_alpn(port, ca_pem, client, b"http/1.1").await
+}
+
+/// [`tls_connect`] offering `alpn` (`h2` for an HTTP/2 client).
+pub async fn tls_connect_alpn(
+    port: u16,
+    ca_pem: &str,
+    client: Option<&testbed::pki::CertPair>,
+    alpn: &[u8],
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
     let roots =
         dormant::tls::root_store(&dormant::tls::certs_from_pem(ca_pem.as_bytes(), "ca").unwrap()).unwrap();
     let builder = rustls::ClientConfig::builder_with_provider(dormant::tls::provider())
@@ -236,7 +248,7 @@ pub async fn tls_connect(
             .unwrap(),
         None => builder.with_no_client_auth(),
     };
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| e.to_string())?;
     tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
         .connect(rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap(), tcp)

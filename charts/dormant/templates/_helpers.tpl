@@ -51,3 +51,35 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 {{- concat $names .Values.tls.extraDnsNames | toJson -}}
 {{- end -}}
+
+{{/* The user name dormant's ServiceAccount authenticates as. */}}
+{{- define "dormant.serviceAccountUser" -}}
+system:serviceaccount:{{ .Release.Namespace }}:{{ include "dormant.serviceAccountName" . }}
+{{- end -}}
+
+{{/* The namespaces dormant never writes in (JSON list): the control plane's
+and agent.excludeNamespaces, but not its own (its Lease lives there). */}}
+{{- define "dormant.protectedNamespaces" -}}
+{{- $out := list -}}
+{{- range concat (list "kube-system" "kube-public" "kube-node-lease") .Values.agent.excludeNamespaces -}}
+{{- if and (ne . $.Release.Namespace) (not (has . $out)) -}}
+{{- $out = append $out . -}}
+{{- end -}}
+{{- end -}}
+{{- toJson $out -}}
+{{- end -}}
+
+{{/* Refuses RBAC values that cannot work (rendered by rbac.yaml). */}}
+{{- define "dormant.checkRbac" -}}
+{{- if eq .Values.rbac.mode "namespaces" -}}
+{{- if not .Values.rbac.namespaces -}}
+{{- fail "rbac.mode=namespaces needs rbac.namespaces: the namespaces dormant serves" -}}
+{{- end -}}
+{{- $protected := concat (list "kube-system" "kube-public" "kube-node-lease" .Release.Namespace) .Values.agent.excludeNamespaces -}}
+{{- range .Values.rbac.namespaces -}}
+{{- if has . $protected -}}
+{{- fail (printf "rbac.namespaces lists %s, where dormant never acts (the control plane's, agent.excludeNamespaces, or its own)" .) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}

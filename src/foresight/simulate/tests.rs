@@ -505,6 +505,7 @@ fn agrees(c: &Case, samples: &[f64]) -> Result<(), TestCaseError> {
             last_use,
             first_seen: start.first_seen,
             forced: start.forced,
+            unverified_wake: None,
             predicted: &window,
         };
         let want = decide(&inputs, s).desired;

@@ -43,7 +43,15 @@ fn local(tz: &str, y: i32, mo: u32, d: u32, h: u32, mi: u32) -> DateTime<Utc> {
 }
 
 fn inputs(p: &EffectivePolicy, first_seen: DateTime<Utc>) -> Inputs<'_> {
-    Inputs { policy: p, current: Current::Awake, last_use: None, first_seen, forced: None, predicted: &[] }
+    Inputs {
+        policy: p,
+        current: Current::Awake,
+        last_use: None,
+        first_seen,
+        forced: None,
+        unverified_wake: None,
+        predicted: &[],
+    }
 }
 
 fn used(at: DateTime<Utc>) -> Option<LastUse> {
@@ -301,6 +309,7 @@ struct Case {
     forced: Option<(i64, Option<i64>)>,
     on_request: bool,
     on_schedule: bool,
+    unverified_wake_ago: Option<i64>,
 }
 
 fn case() -> impl Strategy<Value = Case> {
@@ -315,6 +324,7 @@ fn case() -> impl Strategy<Value = Case> {
         prop::option::of((0i64..5 * 86_400, prop::option::of(-86_400i64..5 * 86_400))),
         any::<bool>(),
         any::<bool>(),
+        prop::option::of(-3_600i64..2 * 86_400),
     )
         .prop_map(
             |(
@@ -328,6 +338,7 @@ fn case() -> impl Strategy<Value = Case> {
                 forced,
                 on_request,
                 on_schedule,
+                unverified_wake_ago,
             )| {
                 Case {
                     tz,
@@ -340,6 +351,7 @@ fn case() -> impl Strategy<Value = Case> {
                     forced,
                     on_request,
                     on_schedule,
+                    unverified_wake_ago,
                 }
             },
         )
@@ -365,6 +377,7 @@ fn inputs_for<'a>(c: &Case, p: &'a EffectivePolicy, now: DateTime<Utc>) -> Input
             since: ago(since),
             prevent_wakeup_until: until.map(|u| Until::Time(ago(since) + chrono::Duration::seconds(u))),
         }),
+        unverified_wake: c.unverified_wake_ago.map(ago),
         predicted: &[],
     }
 }
@@ -454,6 +467,10 @@ fn change_points(i: &Inputs<'_>, from: DateTime<Utc>, to: DateTime<Utc>) -> Vec<
     let mut out = vec![i.first_seen];
     out.extend(i.last_use.as_ref().map(|u| u.at));
     out.extend(i.forced.map(|f| f.since));
+    if let Some(at) = i.unverified_wake {
+        out.push(at);
+        out.push(at + chrono::Duration::from_std(super::unverified_grace(p)).unwrap());
+    }
     if let SleepAfter::After(d) = p.sleep_after.value {
         let d = chrono::Duration::from_std(d).unwrap();
         let extra: Vec<_> = out.iter().map(|t| *t + d).collect();
@@ -602,4 +619,43 @@ fn the_first_use_after_a_pre_wake_ends_its_wait_counted_or_not() {
     i.last_use = used(utc(2026, 11, 25, 17, 0));
     i.current = Current::Awake;
     assert_eq!(decide(&i, utc(2026, 11, 26, 9, 30)).desired, Desired::Awake);
+}
+
+/// A wake for a request whose credential could not be checked wakes the
+/// target like a use, but sends it back to sleep after the grace unless a
+/// counted use follows; it wakes nothing while wake-up is prevented or
+/// requests may not wake the target.
+#[test]
+fn an_unverified_wake_lasts_its_grace_unless_a_use_confirms_it() {
+    let p = policy(Some(3600), &[], "UTC");
+    let grace = chrono::Duration::from_std(super::unverified_grace(&p)).unwrap();
+    let now = utc(2026, 12, 2, 12, 0);
+    let slept = now - chrono::Duration::hours(3);
+    let mut i = inputs(&p, now - chrono::Duration::days(2));
+    i.current = Current::Asleep { since: slept };
+    i.last_use = used(slept - chrono::Duration::hours(1));
+    let woken = now - chrono::Duration::seconds(10);
+    i.unverified_wake = Some(woken);
+    let d = decide(&i, now);
+    assert_eq!(
+        (d.desired, d.reason.clone(), d.next),
+        (Desired::Awake, Reason::UnverifiedWake { at: woken }, Some(woken + grace))
+    );
+    assert_eq!(d.reason.trigger(), "request");
+    let later = decide(&i, woken + grace);
+    assert_eq!(later.desired, Desired::Asleep);
+    assert_eq!(later.reason, Reason::Unconfirmed { woken, at: woken + grace });
+    // A counted use after it: the usual idle timeout from that use.
+    i.last_use = used(woken + chrono::Duration::seconds(5));
+    let d = decide(&i, woken + grace);
+    assert_eq!(d.desired, Desired::Awake);
+    assert_eq!(d.next, Some(woken + chrono::Duration::seconds(5) + chrono::Duration::hours(1)));
+    // Requests may not wake it: nor may an unverified one.
+    let mut off = p.clone();
+    off.wake_on_request.value = false;
+    let mut j = inputs(&off, now - chrono::Duration::days(2));
+    j.current = Current::Asleep { since: slept };
+    j.last_use = used(slept - chrono::Duration::hours(1));
+    j.unverified_wake = Some(woken);
+    assert_eq!(decide(&j, now).desired, Desired::Asleep);
 }

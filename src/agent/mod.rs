@@ -1,0 +1,434 @@
+//! `dormant agent`: the wiring of the parts, in phases, and the order in
+//! which they stop.
+//!
+//! 1. **Caches**: the reflectors fill the stores; their changes go to the
+//!    controller and, broadcast, to the proxy (which waits on a control
+//!    plane becoming Ready).
+//! 2. **Activity**: the ledger and its flusher, the observer the receivers
+//!    report through.
+//! 3. **Servers** every replica runs: the audit webhook, the proxy, the
+//!    admin port.
+//! 4. **Leading**, once the caches have synced: leader election, and the
+//!    controller (which acts only while this replica leads).
+//!
+//! Stopping ([`Running::stop`]) goes the other way round, so that nothing
+//! is lost: the controller first (no new writes), then the servers (no new
+//! activity), then the ledger writes what it holds, then the caches, and
+//! last the Lease is released for a standby.
+
+pub mod settings;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use kube::Client;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::activity::flush::AnnotationFlusher;
+use crate::activity::ledger::Ledger;
+use crate::activity::observe::{Observer, RulesCache};
+use crate::admin::Admin;
+use crate::annotate::Annotator;
+use crate::client::{Patcher, Throttle};
+use crate::controller::{self, Config, Context};
+use crate::metrics::Metrics;
+use crate::policy::ignore::IgnoreRules;
+use crate::scaler::Scaler;
+use crate::target::index::TargetIndex;
+use crate::target::stores::{self, Change, Stores};
+pub use settings::{AgentArgs, AuditSettings, LogFormat, ProxySettings, Settings};
+
+/// Runs the agent until SIGTERM or Ctrl-C.
+pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
+    let settings = args
+        .validate()
+        .map_err(|errors| anyhow::anyhow!("invalid configuration:\n  {}", errors.join("\n  ")))?;
+    let shutdown = shutdown_signal();
+    let client = crate::client::client().await?;
+    run_with(settings, client, shutdown).await
+}
+
+/// Runs the agent with `client` until `shutdown` completes.
+pub async fn run_with(
+    settings: Settings,
+    client: Client,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    check_crd(&client).await?;
+    let caches = Caches::start(&client);
+    let parts = Parts::new(&settings, &client, &caches).await;
+    let servers = Servers::start(&settings, &client, &caches, &parts).await?;
+    let mut running = Running { caches, parts, servers, leading: None };
+
+    // Leader election starts only once the caches have synced: a replica
+    // whose caches never sync (a kind its RBAC does not allow, say) must
+    // not win the Lease and hold it with no controller running.
+    let mut shutdown = std::pin::pin!(shutdown);
+    let synced = tokio::select! {
+        r = running.caches.stores.wait_ready() => match r {
+            Ok(()) => true,
+            Err(e) => {
+                running.stop().await;
+                return Err(anyhow::Error::new(e).context("the caches never synced"));
+            }
+        },
+        () = &mut shutdown => false,
+    };
+    if synced {
+        running.servers.ready.store(true, Ordering::Release);
+        tracing::info!(identity = %settings.identity, "caches synced; agent ready");
+        match Leading::start(&settings, &client, &mut running).await {
+            Ok(leading) => running.leading = Some(leading),
+            Err(e) => {
+                running.stop().await;
+                return Err(e);
+            }
+        }
+        shutdown.await;
+    }
+    tracing::info!("shutting down");
+    running.stop().await;
+    Ok(())
+}
+
+/// Phase 1: the reflector stores and where their changes go.
+struct Caches {
+    stores: Stores,
+    reflectors: Vec<JoinHandle<()>>,
+    fan_out: JoinHandle<()>,
+    /// To the controller (taken when it starts).
+    to_controller: mpsc::UnboundedSender<Change>,
+    controller_changes: Option<mpsc::UnboundedReceiver<Change>>,
+    /// To the proxy's wake gate.
+    broadcast: broadcast::Sender<Change>,
+}
+
+impl Caches {
+    fn start(client: &Client) -> Caches {
+        let (stores, writers) = stores::stores();
+        let (to_controller, controller_changes) = mpsc::unbounded_channel::<Change>();
+        let (watch_tx, mut watch_rx) = mpsc::unbounded_channel::<Change>();
+        let (broadcast, _) = broadcast::channel::<Change>(1024);
+        let reflectors = writers.spawn(client.clone(), watch_tx);
+        let fan_out = {
+            let (to_controller, to_proxy) = (to_controller.clone(), broadcast.clone());
+            tokio::spawn(async move {
+                while let Some(c) = watch_rx.recv().await {
+                    let _ = to_proxy.send(c.clone());
+                    if to_controller.send(c).is_err() {
+                        break;
+                    }
+                }
+            })
+        };
+        Caches {
+            stores,
+            reflectors,
+            fan_out,
+            to_controller,
+            controller_changes: Some(controller_changes),
+            broadcast,
+        }
+    }
+}
+
+/// Phase 2: the writers and the activity path.
+struct Parts {
+    metrics: Arc<Metrics>,
+    scaler: Scaler,
+    annotator: Annotator,
+    ledger: Ledger,
+    observer: Arc<Observer>,
+    index: Arc<TargetIndex>,
+    ledger_task: JoinHandle<()>,
+    stop_ledger: oneshot::Sender<()>,
+}
+
+impl Parts {
+    async fn new(settings: &Settings, client: &Client, caches: &Caches) -> Parts {
+        let metrics = Arc::new(Metrics::new());
+        let patcher = Patcher::new(client.clone(), Throttle::new(settings.qps, settings.burst));
+        let (scaler, annotator) = (Scaler::new(patcher.clone()), Annotator::new(patcher));
+        let (ledger, ledger_worker) = Ledger::new(settings.activity_queue);
+        // dormant's own requests never count as activity.
+        let own_user = crate::client::whoami(client).await;
+        tracing::info!(user = %own_user, "dormant's own identity (ignored as activity)");
+        let stores = &caches.stores;
+        let observer = Arc::new(
+            Observer::new(
+                ledger.clone(),
+                IgnoreRules::builtin(&[own_user]),
+                RulesCache::new(
+                    stores.clone(),
+                    settings.defaults.clone(),
+                    settings.scope.clone(),
+                    Duration::from_secs(5),
+                ),
+                metrics.clone(),
+            )
+            .with_user_names(settings.metrics_user_names),
+        );
+        let index =
+            Arc::new(TargetIndex::new(stores.clone(), settings.scope.clone(), Duration::from_secs(2)));
+        let notify = caches.to_controller.clone();
+        let flusher = AnnotationFlusher { stores: stores.clone(), annotator: annotator.clone() };
+        let (stop_ledger, ledger_stopped) = oneshot::channel::<()>();
+        let ledger_task = tokio::spawn(ledger_worker.run(
+            move |t| {
+                let _ = notify.send(Change::Target(t));
+            },
+            flusher,
+            settings.flush_interval,
+            async {
+                let _ = ledger_stopped.await;
+            },
+        ));
+        Parts { metrics, scaler, annotator, ledger, observer, index, ledger_task, stop_ledger }
+    }
+}
+
+/// Phase 3: what every replica serves.
+struct Servers {
+    tasks: Vec<JoinHandle<()>>,
+    /// `/readyz`: the caches have synced.
+    ready: Arc<AtomicBool>,
+    /// `/status` reads the controller's context once there is one.
+    controller: crate::admin::Controller,
+}
+
+impl Servers {
+    async fn start(
+        settings: &Settings,
+        client: &Client,
+        caches: &Caches,
+        parts: &Parts,
+    ) -> anyhow::Result<Servers> {
+        let mut tasks = Vec::new();
+        if let Some(audit) = &settings.audit {
+            let clients =
+                audit.client_ca.clone().map(|v| v as Arc<dyn rustls::server::danger::ClientCertVerifier>);
+            let tls = crate::tls::server_config_with_resolver(audit.cert.clone(), clients)?;
+            let receiver = Arc::new(crate::audit::Receiver {
+                observer: parts.observer.clone(),
+                index: parts.index.clone(),
+                metrics: parts.metrics.clone(),
+                tokens: audit.token_file.clone().map(crate::audit::Tokens::from_file).transpose()?,
+                client_certs: audit.client_ca.is_some(),
+                max_body: audit.max_body,
+            });
+            let listener = tokio::net::TcpListener::bind(audit.addr)
+                .await
+                .with_context(|| format!("failed to listen on {} for the audit webhook", audit.addr))?;
+            tracing::info!(addr = %listener.local_addr()?, "audit webhook listening");
+            tasks
+                .push(tokio::spawn(receiver.serve(listener, tokio_rustls::TlsAcceptor::from(Arc::new(tls)))));
+        }
+        if let Some(p) = &settings.proxy {
+            let tls = crate::proxy::tls::config(p.cert.clone())?;
+            let proxy = Arc::new(crate::proxy::Proxy::new(crate::proxy::Parts {
+                stores: caches.stores.clone(),
+                upstreams: crate::proxy::upstream::Upstreams::new(
+                    client.clone(),
+                    caches.stores.clone(),
+                    p.upstream_refresh,
+                ),
+                gate: crate::proxy::gate::Gate::new(p.max_waiting, parts.metrics.proxy_waiting.clone()),
+                observer: parts.observer.clone(),
+                metrics: parts.metrics.clone(),
+                annotator: parts.annotator.clone(),
+                defaults: settings.defaults.clone(),
+                scope: settings.scope.clone(),
+                changes: caches.broadcast.clone(),
+                base_domain: p.base_domain.clone(),
+                unverified_wake_every: p.unverified_wake_every,
+            }));
+            let listener = tokio::net::TcpListener::bind(p.addr)
+                .await
+                .with_context(|| format!("failed to listen on {} for the proxy", p.addr))?;
+            tracing::info!(addr = %listener.local_addr()?, "vcluster proxy listening");
+            tasks.push(tokio::spawn(proxy.clone().track()));
+            tasks.push(tokio::spawn(
+                proxy.serve_tls(listener, tokio_rustls::TlsAcceptor::from(Arc::new(tls))),
+            ));
+        }
+        let listener = crate::admin::bind(settings.admin_addr)
+            .await
+            .with_context(|| format!("failed to listen on {}", settings.admin_addr))?;
+        tracing::info!(addr = %listener.local_addr()?, "admin port listening");
+        let ready = Arc::new(AtomicBool::new(false));
+        let controller = crate::admin::Controller::default();
+        let admin = Arc::new(Admin {
+            metrics: parts.metrics.clone(),
+            ready: ready.clone(),
+            controller: controller.clone(),
+        });
+        tasks.push(tokio::spawn(admin.serve(listener)));
+        Ok(Servers { tasks, ready, controller })
+    }
+}
+
+/// Phase 4: leader election and the controller.
+struct Leading {
+    controller: JoinHandle<()>,
+    sweeper: JoinHandle<()>,
+    /// Holds the Lease; ends (releasing it) once the controller, the last
+    /// receiver of its leadership, is gone.
+    lease: JoinHandle<Result<kube_lease_manager::LeaseManager, kube_lease_manager::LeaseManagerError>>,
+}
+
+impl Leading {
+    async fn start(settings: &Settings, client: &Client, running: &mut Running) -> anyhow::Result<Leading> {
+        let lease_secs = settings.lease_duration.as_secs().max(2);
+        let manager = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), &settings.lease_name)
+            .with_namespace(&settings.namespace)
+            .with_identity(&settings.identity)
+            .with_duration(lease_secs)
+            .with_grace((lease_secs / 3).max(1))
+            .build()
+            .await
+            .with_context(|| {
+                format!("failed to set up leader election in namespace {}", settings.namespace)
+            })?;
+        let (leader, lease) = manager.watch().await;
+        let config = Config {
+            defaults: settings.defaults.clone(),
+            scope: settings.scope.clone(),
+            dry_run: settings.dry_run,
+            concurrency: settings.concurrency,
+            reconcile_timeout: settings.reconcile_timeout,
+            identity: settings.identity.clone(),
+        };
+        let parts = &running.parts;
+        let ctx = Context::new(
+            running.caches.stores.clone(),
+            parts.scaler.clone(),
+            parts.annotator.clone(),
+            parts.ledger.clone(),
+            parts.metrics.clone(),
+            config,
+            leader,
+        );
+        let _ = running.servers.controller.set(Arc::downgrade(&ctx));
+        let changes = running.caches.controller_changes.take().context("the controller was started twice")?;
+        let controller = tokio::spawn(controller::run(ctx, changes));
+        let sweeper = tokio::spawn({
+            let (stores, observer) = (running.caches.stores.clone(), parts.observer.clone());
+            async move {
+                let mut tick = tokio::time::interval(SWEEP_EVERY);
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    observer.sweep(|t| stores.object(t).is_some());
+                }
+            }
+        });
+        Ok(Leading { controller, sweeper, lease })
+    }
+}
+
+/// Everything that runs.
+struct Running {
+    caches: Caches,
+    parts: Parts,
+    servers: Servers,
+    leading: Option<Leading>,
+}
+
+impl Running {
+    /// Stops everything, in the one order that loses nothing:
+    /// 1. the controller and the sweeper: no new writes to targets;
+    /// 2. the servers: no new activity comes in;
+    /// 3. the ledger writes the activity it holds (on a standby it exists
+    ///    nowhere else), within [`LEDGER_FINAL_FLUSH`];
+    /// 4. the caches;
+    /// 5. the Lease is released (its manager ends once the controller, the
+    ///    last receiver of its leadership, is gone), so a standby takes
+    ///    over at once rather than after the Lease runs out.
+    async fn stop(self) {
+        let Running { caches, parts, servers, leading } = self;
+        let lease = match leading {
+            Some(Leading { controller, sweeper, lease }) => {
+                sweeper.abort();
+                controller.abort();
+                let _ = controller.await;
+                Some(lease)
+            }
+            None => None,
+        };
+        for s in servers.tasks {
+            s.abort();
+        }
+        let _ = parts.stop_ledger.send(());
+        let ledger_abort = parts.ledger_task.abort_handle();
+        if tokio::time::timeout(LEDGER_FINAL_FLUSH, parts.ledger_task).await.is_err() {
+            tracing::warn!(limit = ?LEDGER_FINAL_FLUSH, "the last activity flush did not finish; some activity is lost");
+            ledger_abort.abort();
+        }
+        for r in caches.reflectors {
+            r.abort();
+        }
+        caches.fan_out.abort();
+        drop(caches.to_controller);
+        if let Some(lease) = lease {
+            let _ = tokio::time::timeout(Duration::from_secs(5), lease).await;
+        }
+    }
+}
+
+/// How often what is kept per target is dropped for targets that are gone.
+const SWEEP_EVERY: Duration = Duration::from_secs(300);
+
+/// How long a stopping agent may spend writing the activity it holds.
+const LEDGER_FINAL_FLUSH: Duration = Duration::from_secs(5);
+
+/// Fails clearly when the SleepPolicy CRD is missing (a watch would retry forever).
+async fn check_crd(client: &Client) -> anyhow::Result<()> {
+    let api: kube::Api<crate::policy::SleepPolicy> = kube::Api::all(client.clone());
+    match api.list(&kube::api::ListParams::default().limit(1)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Err(anyhow::anyhow!(
+            "the SleepPolicy CRD (sleeppolicies.dormant.dev) is not installed; install the Helm chart, or: \
+             dormant crd | kubectl apply -f -"
+        )),
+        Err(e) => Err(anyhow::Error::new(e).context("cannot reach the Kubernetes API")),
+    }
+}
+
+/// SIGTERM or SIGINT. The handlers are installed here, at once, not when
+/// the future is first polled: a SIGTERM while the agent starts (caches
+/// syncing) must stop it cleanly too, not kill it with the default action.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).ok();
+    let mut int = signal(SignalKind::interrupt()).ok();
+    async move {
+        let wait = |s: Option<tokio::signal::unix::Signal>| async move {
+            match s {
+                Some(mut s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            () = wait(term.take()) => {}
+            () = wait(int.take()) => {}
+        }
+    }
+}
+
+/// Starts `tracing` in the chosen format (`RUST_LOG` filters; default info).
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube_lease_manager=warn"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Plain => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}

@@ -1,0 +1,102 @@
+//! dormant's vocabulary on the cluster and on the wire: every annotation
+//! key it reads or writes, the labels it recognises, the header that opts
+//! a request out, and the field manager its writes carry. One place, so
+//! that what dormant writes and what it reads can never drift apart.
+//! Parsing the values is [`crate::policy::annotations`]' job.
+
+/// Every dormant annotation starts with this.
+pub const PREFIX: &str = "dormant.dev/";
+
+// Set by users on a target (the namespace, or the vcluster's StatefulSet/Deployment).
+pub const POLICY: &str = "dormant.dev/policy";
+pub const SLEEP_AFTER: &str = "dormant.dev/sleep-after";
+pub const SLEEP_SCHEDULE: &str = "dormant.dev/sleep-schedule";
+pub const WAKE_SCHEDULE: &str = "dormant.dev/wake-schedule";
+pub const TIMEZONE: &str = "dormant.dev/timezone";
+pub const DISABLED: &str = "dormant.dev/disabled";
+pub const FORCE_SLEEP: &str = "dormant.dev/force-sleep";
+pub const PREVENT_WAKEUP_UNTIL: &str = "dormant.dev/prevent-wakeup-until";
+pub const UPSTREAM: &str = "dormant.dev/upstream";
+pub const IGNORE_USER_AGENTS: &str = "dormant.dev/ignore-user-agents";
+pub const IGNORE_USERS: &str = "dormant.dev/ignore-users";
+pub const IGNORE_GROUPS: &str = "dormant.dev/ignore-groups";
+pub const IGNORE_VERBS: &str = "dormant.dev/ignore-verbs";
+pub const IGNORE_RESOURCES: &str = "dormant.dev/ignore-resources";
+pub const IGNORE_OWN_SERVICE_ACCOUNTS: &str = "dormant.dev/ignore-own-service-accounts";
+
+// Written by dormant on a target.
+pub const STATE: &str = "dormant.dev/state";
+pub const LAST_ACTIVITY: &str = "dormant.dev/last-activity";
+pub const LAST_ACTIVITY_BY: &str = "dormant.dev/last-activity-by";
+pub const ASLEEP_SINCE: &str = "dormant.dev/asleep-since";
+pub const FIRST_SEEN: &str = "dormant.dev/first-seen";
+pub const ASLEEP_REQUESTS: &str = "dormant.dev/asleep-requests";
+pub const ACTIVITY_SOURCES: &str = "dormant.dev/activity-sources";
+/// When the proxy last asked to wake the target for a request whose
+/// credential it could not check while the target slept (its budget of
+/// those is one per interval, read from here by every replica).
+pub const UNVERIFIED_WAKE: &str = "dormant.dev/unverified-wake";
+
+// On a workload (set by users: `exclude`; the rest written by dormant in
+// the same patch that scales, suspends or pauses).
+pub const EXCLUDE: &str = "dormant.dev/exclude";
+pub const REPLICAS_BEFORE_SLEEP: &str = "dormant.dev/replicas-before-sleep";
+pub const SUSPEND_BEFORE_SLEEP: &str = "dormant.dev/suspend-before-sleep";
+pub const KEDA_PAUSED_BEFORE_SLEEP: &str = "dormant.dev/keda-paused-replicas-before-sleep";
+pub const KEDA_JOB_PAUSED_BEFORE_SLEEP: &str = "dormant.dev/keda-paused-before-sleep";
+
+/// Every key a target may carry (workload keys too: a vcluster's
+/// StatefulSet is both), for typo hints.
+pub const TARGET_KEYS: &[&str] = &[
+    POLICY,
+    SLEEP_AFTER,
+    SLEEP_SCHEDULE,
+    WAKE_SCHEDULE,
+    TIMEZONE,
+    DISABLED,
+    FORCE_SLEEP,
+    PREVENT_WAKEUP_UNTIL,
+    UPSTREAM,
+    IGNORE_USER_AGENTS,
+    IGNORE_USERS,
+    IGNORE_GROUPS,
+    IGNORE_VERBS,
+    IGNORE_RESOURCES,
+    IGNORE_OWN_SERVICE_ACCOUNTS,
+    STATE,
+    LAST_ACTIVITY,
+    LAST_ACTIVITY_BY,
+    ASLEEP_SINCE,
+    FIRST_SEEN,
+    ASLEEP_REQUESTS,
+    ACTIVITY_SOURCES,
+    UNVERIFIED_WAKE,
+    EXCLUDE,
+    REPLICAS_BEFORE_SLEEP,
+    SUSPEND_BEFORE_SLEEP,
+    KEDA_PAUSED_BEFORE_SLEEP,
+    KEDA_JOB_PAUSED_BEFORE_SLEEP,
+];
+
+/// The label the vcluster chart puts on its control plane (`app=vcluster`).
+pub const VCLUSTER_APP_LABEL: (&str, &str) = ("app", "vcluster");
+
+/// The `app` label of the etcd StatefulSet a vcluster deploys
+/// (`backingStore.etcd.deploy`), with `release=<name>`.
+pub const VCLUSTER_ETCD_APP: &str = "vcluster-etcd";
+
+/// The label a vcluster's syncer puts on the host pods it syncs.
+pub const MANAGED_BY_LABEL: &str = "vcluster.loft.sh/managed-by";
+
+/// The request header that opts a request through the proxy out of
+/// counting as activity.
+pub const IGNORE_HEADER: &str = "x-dormant-ignore";
+
+/// What the proxy appends to the user agent of a request sent with
+/// [`IGNORE_HEADER`], so that the vcluster's audit webhook does not count
+/// it either.
+pub const IGNORED_USER_AGENT_MARK: &str = "(dormant-ignore)";
+
+/// The field manager of every write dormant makes: `managedFields` say
+/// `dormant`, which GitOps tools and people look for.
+pub const FIELD_MANAGER: &str = "dormant";
