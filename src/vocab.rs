@@ -36,6 +36,9 @@ pub const ACTIVITY_SOURCES: &str = "dormant.dev/activity-sources";
 /// credential it could not check while the target slept (its budget of
 /// those is one per interval, read from here by every replica).
 pub const UNVERIFIED_WAKE: &str = "dormant.dev/unverified-wake";
+/// The target's weekly rhythm of counted use (`crate::foresight::profile`),
+/// written by the flusher with the activity.
+pub const ACTIVITY_PROFILE: &str = "dormant.dev/activity-profile";
 
 // On a workload (set by users: `exclude`; the rest written by dormant in
 // the same patch that scales, suspends or pauses).
@@ -71,6 +74,7 @@ pub const TARGET_KEYS: &[&str] = &[
     ASLEEP_REQUESTS,
     ACTIVITY_SOURCES,
     UNVERIFIED_WAKE,
+    ACTIVITY_PROFILE,
     EXCLUDE,
     REPLICAS_BEFORE_SLEEP,
     SUSPEND_BEFORE_SLEEP,

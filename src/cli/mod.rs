@@ -1,9 +1,10 @@
 //! The command line: `agent`, `status`, `explain`, `sleep`, `wake`,
-//! `policy lint` and `crd`. Every flag has a `DORMANT_*` environment
+//! `simulate`, `policy lint` and `crd`. Every flag has a `DORMANT_*` environment
 //! fallback.
 
 pub mod kubeconfig;
 pub mod lint;
+pub mod simulate;
 pub mod targets;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -75,6 +76,11 @@ pub enum Command {
         #[arg(short, long)]
         output: Option<std::path::PathBuf>,
     },
+    /// What a policy would do to targets over the coming days or the past
+    /// weeks (replayed from their activity profiles): transitions, awake
+    /// hours, cold starts, pre-wakes and money, for the current policy and
+    /// SleepPolicy files side by side.
+    Simulate(simulate::SimulateArgs),
     /// Work with SleepPolicy files.
     #[command(subcommand)]
     Policy(PolicyCommand),

@@ -6,6 +6,7 @@
 //! leader acts.
 
 pub mod evaluate;
+mod prewake;
 mod reconcile;
 pub mod runner;
 mod status;
@@ -81,6 +82,8 @@ pub struct Context {
     reported_invalid: Mutex<HashMap<TargetRef, String>>,
     /// When each waking target started waking, and why (for the histogram).
     waking: Mutex<HashMap<TargetRef, (tokio::time::Instant, &'static str)>>,
+    /// Pre-wakes not yet used nor slept through, and when each began.
+    prewoken: Mutex<HashMap<TargetRef, DateTime<Utc>>>,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -112,6 +115,7 @@ impl Context {
             summaries: Mutex::new(HashMap::new()),
             reported_invalid: Mutex::new(HashMap::new()),
             waking: Mutex::new(HashMap::new()),
+            prewoken: Mutex::new(HashMap::new()),
         })
     }
 

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use kube::runtime::events::{Event, EventType};
 
-use super::{Context, Error, Evaluation, Invalid, Summary, evaluate, lock};
+use super::{Context, Error, Evaluation, Invalid, Summary, evaluate, lock, prewake};
 use crate::metrics::{CategoryLabels, SavingsLabels, TransitionLabels, TriggerLabels};
 use crate::policy::TargetKind;
 use crate::policy::annotations::{TargetState, format_requests, rfc3339};
@@ -41,6 +41,7 @@ pub(super) async fn reconcile(ctx: &Context, r: &TargetRef) -> Result<Option<Dat
     if lock(&ctx.reported_invalid).remove(r).is_some() {
         tracing::info!(target = %r, "target is valid again");
     }
+    prewake::settle(ctx, &ev, now);
     let mut annotations = Annotations::new();
     if ev.first_seen_missing {
         annotations.insert(vocab::FIRST_SEEN, Some(rfc3339(now)));
@@ -71,7 +72,7 @@ pub(super) async fn reconcile(ctx: &Context, r: &TargetRef) -> Result<Option<Dat
     summarize(ctx, &ev, &annotations);
     result?;
     written?;
-    Ok(ev.decision.next)
+    Ok(ev.look_again())
 }
 
 fn forget(ctx: &Context, r: &TargetRef) {
@@ -79,6 +80,7 @@ fn forget(ctx: &Context, r: &TargetRef) {
         ctx.metrics.forget_target(r);
         ctx.ledger.forget(r);
     }
+    prewake::forget(ctx, r);
 }
 
 /// Publishes an Event about the target. Events with the same reason and
@@ -277,6 +279,10 @@ async fn wake(
                 .wake_duration
                 .get_or_create(&TriggerLabels { trigger: trigger.into() })
                 .observe(took.as_secs_f64());
+        }
+        if trigger == "predicted" {
+            let began = took.and_then(|t| chrono::Duration::from_std(t).ok()).map_or(now, |t| now - t);
+            prewake::woke(ctx, r, began);
         }
         ctx.metrics
             .transitions

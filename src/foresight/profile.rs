@@ -25,7 +25,7 @@ use chrono_tz::Tz;
 
 /// The annotation that holds the profile, on the target (the namespace, or
 /// the vcluster's StatefulSet/Deployment), written by dormant.
-pub const ANNOTATION: &str = "dormant.dev/activity-profile";
+pub const ANNOTATION: &str = crate::vocab::ACTIVITY_PROFILE;
 /// The format written; another prefix reads as garbage (a fresh start).
 pub const VERSION: &str = "v1";
 /// Buckets: Monday 00:00–01:00 local time is 0, Sunday 23:00–24:00 is 167.

@@ -392,9 +392,9 @@ pub fn compare(policies: &[(String, EffectivePolicy)], sc: &Scenario<'_>) -> Com
 /// profile recorded (before the day of its latest use), the recorded first
 /// use replaces what came before it, and a day without one has no use at
 /// all (past weeks replay their mornings and days off); on any other day a
-/// first use predicted with confidence of at least one half is added when
-/// it comes before the day's other uses. Periods longer than 400 days are
-/// cut there.
+/// first use predicted with confidence of at least one half is added, and
+/// replaces what came before it. Periods longer than 400 days are cut
+/// there.
 pub fn expected_uses(profile: &Profile, from: DateTime<Utc>, to: DateTime<Utc>) -> Vec<DateTime<Utc>> {
     let tz = profile.tz();
     let activity = profile.activity(from);
@@ -433,9 +433,10 @@ pub fn expected_uses(profile: &Profile, from: DateTime<Utc>, to: DateTime<Utc>) 
                 }
                 None => today.clear(),
             }
-        } else if let Some(p) = predict::first_use(profile, day).filter(|p| p.confidence >= 0.5)
-            && today.iter().min().is_none_or(|e| p.at < *e)
-        {
+        } else if let Some(p) = predict::first_use(profile, day).filter(|p| p.confidence >= 0.5) {
+            // The day's first use: the hour's uses spread before it are
+            // not expected.
+            today.retain(|u| *u > p.at);
             today.push(p.at);
         }
         out.extend(today.into_iter().filter(|u| *u >= from && *u < to));

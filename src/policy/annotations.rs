@@ -133,6 +133,8 @@ pub struct TargetAnnotations {
     /// When the proxy last asked to wake the target for a request whose
     /// credential it could not check.
     pub unverified_wake: Option<DateTime<Utc>>,
+    /// The activity profile as written (read by `crate::foresight`).
+    pub activity_profile: Option<String>,
 }
 
 /// The `force-sleep` annotation: `true`, or the instant it was requested
@@ -248,6 +250,8 @@ impl TargetAnnotations {
             FIRST_SEEN => self.first_seen = Some(parse_time(key, v)?),
             // Written by dormant's proxy: unreadable means none.
             UNVERIFIED_WAKE => self.unverified_wake = parse_time(key, v).ok(),
+            // A statistic dormant writes; an unreadable one starts afresh.
+            ACTIVITY_PROFILE => self.activity_profile = Some(v.to_string()),
             ASLEEP_REQUESTS => {
                 self.asleep_requests = Some(
                     parse_requests(v).ok_or_else(|| err(key, v, "expected cpu=<cores>,memory=<bytes>"))?,
@@ -397,6 +401,8 @@ mod tests {
             (IGNORE_OWN_SERVICE_ACCOUNTS, "false"),
             (STATE, "asleep"),
             (LAST_ACTIVITY, "2026-11-26T17:00:00Z"),
+            // Dormant's own statistic, whatever it holds: never a typo.
+            (ACTIVITY_PROFILE, "v1;garbled"),
             ("app.kubernetes.io/name", "not ours"),
         ]))
         .unwrap();
@@ -410,6 +416,7 @@ mod tests {
         assert_eq!(a.ignore.resources.as_ref().map(Vec::len), Some(2));
         assert_eq!(a.ignore.own_service_accounts, Some(false));
         assert_eq!(a.state, Some(TargetState::Asleep));
+        assert_eq!(a.activity_profile.as_deref(), Some("v1;garbled"));
     }
 
     #[test]
