@@ -15,6 +15,7 @@ pub mod cli;
 pub mod client;
 pub mod controller;
 pub mod error;
+pub mod foresight;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;

@@ -88,6 +88,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 None => print!("{text}"),
             }
         }
+        Command::Simulate(args) => {
+            let client = dormant::client::client().await?;
+            print!("{}", dormant::cli::simulate::run(&client, &args).await?);
+        }
         Command::Policy(PolicyCommand::Lint { files }) => {
             let ok = dormant::cli::lint::run(&files, &mut out, &mut std::io::stderr())?;
             return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE });

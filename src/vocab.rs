@@ -44,6 +44,9 @@ pub const UNVERIFIED_WAKE: &str = "dormant.dev/unverified-wake";
 /// `suspend-before-sleep`. Written before the workloads change, cleared
 /// once the target is awake: a wake restores from either copy.
 pub const SLEEP_RECORD: &str = "dormant.dev/sleep-record";
+/// The target's weekly rhythm of counted use (`crate::foresight::profile`),
+/// written by the flusher with the activity.
+pub const ACTIVITY_PROFILE: &str = "dormant.dev/activity-profile";
 
 // On a workload (set by users: `exclude`; the rest written by dormant in
 // the same patch that scales, suspends or pauses).
@@ -81,6 +84,7 @@ pub const TARGET_KEYS: &[&str] = &[
     ACTIVITY_SOURCES,
     UNVERIFIED_WAKE,
     SLEEP_RECORD,
+    ACTIVITY_PROFILE,
     EXCLUDE,
     REPLICAS_BEFORE_SLEEP,
     SUSPEND_BEFORE_SLEEP,

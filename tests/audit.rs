@@ -937,6 +937,8 @@ async fn two_replicas_flushing_counts_for_one_target_lose_none() {
             client.clone(),
             throttle.clone(),
         )),
+        defaults: Default::default(),
+        scope: Default::default(),
     };
     let (a, b) = (flusher(1), flusher(2));
     let target = dormant::target::TargetRef::namespace(&ns);

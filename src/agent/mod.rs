@@ -175,7 +175,12 @@ impl Parts {
         let index =
             Arc::new(TargetIndex::new(stores.clone(), settings.scope.clone(), Duration::from_secs(2)));
         let notify = caches.to_controller.clone();
-        let flusher = AnnotationFlusher { stores: stores.clone(), annotator: annotator.clone() };
+        let flusher = AnnotationFlusher {
+            stores: stores.clone(),
+            annotator: annotator.clone(),
+            defaults: settings.defaults.clone(),
+            scope: settings.scope.clone(),
+        };
         let (stop_ledger, ledger_stopped) = oneshot::channel::<()>();
         let ledger_task = tokio::spawn(ledger_worker.run(
             move |t| {

@@ -103,6 +103,10 @@ pub struct Explanation {
     /// Put to sleep by hand since then.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub forced_since: Option<DateTime<Utc>>,
+    /// Its weekly rhythm and predicted first use (label, text), as
+    /// `dormant explain` shows them (see `crate::foresight`).
+    #[serde(default)]
+    pub foresight: Vec<(String, String)>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
     /// The effective policy, value by value, each with where it came from.
@@ -341,6 +345,7 @@ pub fn explanation(
         first_seen: None,
         used_by: vec![],
         forced_since: None,
+        foresight: vec![],
         note: None,
         settings: vec![],
         workloads: vec![],
@@ -356,6 +361,7 @@ pub fn explanation(
     x.first_seen = Some(ev.first_seen);
     x.used_by = a.activity_sources.clone();
     x.forced_since = ev.forced.map(|f| f.since);
+    x.foresight = ev.foresight(now).into_iter().map(|(l, t)| (l.to_string(), t)).collect();
     if ev.decision.desired == Desired::Leave && ev.state != TargetState::Awake {
         x.note = Some(format!(
             "disabled while {}: its workloads stay as dormant left them (scaled down, with their records); remove {} and wake it to bring them back",

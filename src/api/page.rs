@@ -188,6 +188,9 @@ pub fn detail(
     if !x.used_by.is_empty() {
         fact("Used by", x.used_by.iter().map(|(w, n)| format!("{w}: {n}")).collect::<Vec<_>>().join(", "));
     }
+    for (label, text) in &x.foresight {
+        fact(label, text.clone());
+    }
     fact("Sleeping saves", saves(t));
     if let Some(u) = &t.prevent_wakeup_until {
         fact("Requests do not wake it until", u.clone());
@@ -338,6 +341,7 @@ mod tests {
             first_seen: None,
             used_by: vec![],
             forced_since: None,
+            foresight: vec![],
             note: None,
             settings: vec![],
             workloads: vec![],
@@ -372,6 +376,7 @@ mod tests {
             first_seen: None,
             used_by: vec![],
             forced_since: None,
+            foresight: vec![],
             note: None,
             settings: vec![],
             workloads: vec![],

@@ -1,14 +1,16 @@
 //! The command line: `agent`, `status`, `explain`, `sleep`, `wake`, `ui`,
-//! `policy lint` and `crd`. `status`, `explain`, `sleep`, `wake` and `ui`
-//! ask the agent's API as the kubeconfig's user ([`remote`]); with
-//! `--direct` the first four read and annotate the cluster themselves
-//! ([`targets`], the break-glass path). Every flag has a `DORMANT_*`
-//! environment fallback.
+//! `simulate`, `restore`, `policy lint` and `crd`. `status`, `explain`,
+//! `sleep`, `wake` and `ui` ask the agent's API as the kubeconfig's user
+//! ([`remote`]); with `--direct` the first four read and annotate the
+//! cluster themselves ([`targets`], the break-glass path). `simulate` and
+//! `restore` read the cluster with the kubeconfig's credentials. Every flag
+//! has a `DORMANT_*` environment fallback.
 
 pub mod kubeconfig;
 pub mod lint;
 pub mod remote;
 pub mod restore;
+pub mod simulate;
 pub mod targets;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -108,6 +110,11 @@ pub enum Command {
         #[arg(short, long)]
         output: Option<std::path::PathBuf>,
     },
+    /// What a policy would do to targets over the coming days or the past
+    /// weeks (replayed from their activity profiles): transitions, awake
+    /// hours, cold starts, pre-wakes and money, for the current policy and
+    /// SleepPolicy files side by side.
+    Simulate(simulate::SimulateArgs),
     /// Work with SleepPolicy files.
     #[command(subcommand)]
     Policy(PolicyCommand),

@@ -258,6 +258,9 @@ pub fn explain_text(x: &Explanation) -> String {
         let who: Vec<String> = x.used_by.iter().map(|(w, n)| format!("{w}: {n}")).collect();
         let _ = writeln!(out, "Used by:  {} (requests, halved every day)", who.join(", "));
     }
+    for (label, text) in &x.foresight {
+        let _ = writeln!(out, "{label}: {text}");
+    }
     if let Some(since) = x.forced_since {
         let until = match &t.prevent_wakeup_until {
             Some(u) if u == "never" => "; requests never wake it".to_string(),

@@ -253,6 +253,9 @@ pub async fn explain(client: &Client, r: &TargetRef) -> anyhow::Result<String> {
         let who: Vec<String> = a.activity_sources.iter().map(|(who, n)| format!("{who}: {n}")).collect();
         let _ = writeln!(out, "Used by:  {} (requests, halved every day)", who.join(", "));
     }
+    for (label, text) in ev.foresight(now) {
+        let _ = writeln!(out, "{label}: {text}");
+    }
     if let Some(f) = &ev.forced {
         let until = match f.prevent_wakeup_until {
             Some(Until::Never) => "; requests never wake it".to_string(),

@@ -10,6 +10,8 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::core::SelectorExt;
 
 use crate::activity::{Activity, Source};
+use crate::foresight::predict::{self, Edges};
+use crate::foresight::profile::Profile;
 use crate::policy::annotations::{ForceSleep, TargetAnnotations, TargetState, WorkloadAnnotations};
 use crate::policy::decide::{self, Current, Decision, Forced, Inputs, LastUse};
 use crate::policy::{Defaults, EffectivePolicy, TargetKind};
@@ -40,6 +42,11 @@ pub struct Evaluation {
     pub last_use: Option<LastUse>,
     /// Workloads someone scaled up by hand while the target slept.
     pub hand_scaled: Vec<String>,
+    /// Its activity profile, when it has a readable one.
+    pub profile: Option<Profile>,
+    /// The pre-wakes the decision was given (none unless the policy sets
+    /// `wake.predictive`), and when tomorrow's becomes known.
+    pub predicted: Edges,
     pub decision: Decision,
 }
 
@@ -82,6 +89,36 @@ impl Evaluation {
             }
         }
         r
+    }
+
+    /// When to evaluate again: the decision's deadline, or the next local
+    /// midnight when pre-wakes are predicted (the next day's becomes known).
+    pub fn look_again(&self) -> Option<DateTime<Utc>> {
+        match (self.decision.next, self.predicted.refresh_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// What `explain` says about the target's rhythm and pre-wakes, as
+    /// (label, text) lines; none without a profile.
+    pub fn foresight(&self, now: DateTime<Utc>) -> Vec<(&'static str, String)> {
+        let Some(profile) = &self.profile else { return Vec::new() };
+        let cfg = self.policy.wake_predictive.value.as_ref();
+        let mut lines = predict::describe(profile, cfg, now);
+        if let Some(w) = self.predicted.wakes.iter().find(|w| w.at > now) {
+            let tz = self.policy.timezone.value;
+            lines.push((
+                "Next pre-wake",
+                format!(
+                    "{} ({}), for the first use predicted at {}",
+                    w.at.with_timezone(&tz).format("%Y-%m-%d %H:%M %Z"),
+                    crate::policy::annotations::rfc3339(w.at),
+                    w.predicted_use.with_timezone(&tz).format("%H:%M")
+                ),
+            ));
+        }
+        lines
     }
 
     /// The vcluster's control plane is at zero with no pod left.
@@ -165,8 +202,18 @@ pub fn evaluate(
     }
     let current = if asleep { Current::Asleep { since: asleep_since } } else { Current::Awake };
     let unverified_wake = annotations.unverified_wake.map(|at| at.min(now));
-    let inputs =
-        Inputs { policy: &policy, current, last_use: last_use.clone(), first_seen, forced, unverified_wake };
+    let profile = annotations.activity_profile.as_deref().and_then(|v| Profile::parse(v).ok());
+    let predicted =
+        predict::edges(profile.as_ref(), policy.wake_predictive.value.as_ref(), policy.timezone.value, now);
+    let inputs = Inputs {
+        policy: &policy,
+        current,
+        last_use: last_use.clone(),
+        first_seen,
+        forced,
+        unverified_wake,
+        predicted: &predicted.wakes,
+    };
     let decision = decide::decide(&inputs, now);
     let ev = Evaluation {
         target,
@@ -181,6 +228,8 @@ pub fn evaluate(
         force_unstamped,
         last_use,
         hand_scaled,
+        profile,
+        predicted,
         decision,
     };
     // Checked while a sleep could still scale such a workload down (not

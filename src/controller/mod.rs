@@ -6,6 +6,7 @@
 //! leader acts.
 
 pub mod evaluate;
+mod prewake;
 mod reconcile;
 pub mod runner;
 mod status;
@@ -88,6 +89,8 @@ pub struct Context {
     /// reconcile would act on the old state again (count a transition twice,
     /// publish its Event twice). See [`reconcile::reconcile`].
     unseen_writes: Mutex<HashMap<TargetRef, (Option<String>, tokio::time::Instant)>>,
+    /// Pre-wakes not yet used nor slept through, and when each began.
+    prewoken: Mutex<HashMap<TargetRef, DateTime<Utc>>>,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -123,6 +126,7 @@ impl Context {
             reported_invalid: Mutex::new(HashMap::new()),
             waking: Mutex::new(HashMap::new()),
             unseen_writes: Mutex::new(HashMap::new()),
+            prewoken: Mutex::new(HashMap::new()),
         })
     }
 

@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::events::{Event, EventType};
 
-use super::{Context, Error, Evaluation, Invalid, Summary, evaluate, lock};
+use super::{Context, Error, Evaluation, Invalid, Summary, evaluate, lock, prewake};
 use crate::metrics::{CategoryLabels, SavingsLabels, TransitionLabels, TriggerLabels};
 use crate::policy::TargetKind;
 use crate::policy::annotations::{TargetState, format_requests, rfc3339};
@@ -53,6 +53,7 @@ pub(super) async fn reconcile(ctx: &Context, r: &TargetRef) -> Result<Option<Dat
             unseen.remove(r);
         }
     }
+    prewake::settle(ctx, &ev, now);
     let mut annotations = Annotations::new();
     if ev.first_seen_missing {
         annotations.insert(vocab::FIRST_SEEN, Some(rfc3339(now)));
@@ -88,7 +89,7 @@ pub(super) async fn reconcile(ctx: &Context, r: &TargetRef) -> Result<Option<Dat
     summarize(ctx, &ev, &annotations);
     result?;
     written?;
-    Ok(match (ev.decision.next, again) {
+    Ok(match (ev.look_again(), again) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     })
@@ -111,6 +112,7 @@ fn forget(ctx: &Context, r: &TargetRef) {
         ctx.metrics.forget_target(r);
         ctx.ledger.forget(r);
     }
+    prewake::forget(ctx, r);
 }
 
 /// Publishes an Event about the target. Events with the same reason and
@@ -400,6 +402,10 @@ async fn wake(
                 .wake_duration
                 .get_or_create(&TriggerLabels { trigger: trigger.into() })
                 .observe(took.as_secs_f64());
+        }
+        if trigger == "predicted" {
+            let began = took.and_then(|t| chrono::Duration::from_std(t).ok()).map_or(now, |t| now - t);
+            prewake::woke(ctx, r, began);
         }
         ctx.metrics
             .transitions

@@ -48,7 +48,7 @@ pub struct TransitionLabels {
     pub kind: String,
     /// `sleep` or `wake`.
     pub direction: String,
-    /// `idle`, `schedule`, `request`, `manual`, `new`.
+    /// `idle`, `schedule`, `predicted`, `request`, `manual`, `new`.
     pub trigger: String,
 }
 
@@ -108,6 +108,20 @@ pub struct ListenerLabels {
     pub listener: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    /// `namespace` or `vcluster`.
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PreWakeLabels {
+    pub kind: String,
+    /// `used` (a use came before it slept again: a cold start avoided) or
+    /// `unused`.
+    pub outcome: &'static str,
+}
+
 /// Every metric the agent exports.
 pub struct Metrics {
     pub registry: Registry,
@@ -149,6 +163,13 @@ pub struct Metrics {
     /// while their vcluster slept: `requested`, or `refused` (over budget).
     pub proxy_unverified_wakes: Family<OutcomeLabels, Counter>,
     pub leader: Gauge,
+    /// Wakes ahead of a predicted first use (`wake.predictive`), completed.
+    pub prewakes: Family<KindLabels, Counter>,
+    /// What became of them: used or unused.
+    pub prewake_outcomes: Family<PreWakeLabels, Counter>,
+    /// The awake hours they cost: from the wake to the first use, or to the
+    /// sleep when none came.
+    pub prewake_awake_hours: Family<KindLabels, Counter<f64, AtomicU64>>,
     /// Per-target series currently exported, to remove them when a target
     /// goes or changes policy.
     exported: Mutex<HashMap<TargetRef, TargetLabels>>,
@@ -341,6 +362,24 @@ impl Metrics {
         );
         let leader = Gauge::default();
         registry.register("leader", "1 while this replica runs the controller", leader.clone());
+        let prewakes = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "prewakes",
+            "Wakes ahead of a predicted first use (wake.predictive)",
+            prewakes.clone(),
+        );
+        let prewake_outcomes = Family::<PreWakeLabels, Counter>::default();
+        registry.register(
+            "prewake_outcomes",
+            "Pre-wakes by outcome: used (a use came while awake: a cold start avoided) or unused (slept again without one)",
+            prewake_outcomes.clone(),
+        );
+        let prewake_awake_hours = Family::<KindLabels, Counter<f64, AtomicU64>>::default();
+        registry.register(
+            "prewake_awake_hours",
+            "Awake hours pre-wakes cost: from the wake to the first use, or to the sleep when none came",
+            prewake_awake_hours.clone(),
+        );
         Metrics {
             registry,
             targets,
@@ -374,6 +413,9 @@ impl Metrics {
             listener_refused,
             proxy_unverified_wakes,
             leader,
+            prewakes,
+            prewake_outcomes,
+            prewake_awake_hours,
             exported: Mutex::new(HashMap::new()),
             cost: cost::Meter::default(),
         }

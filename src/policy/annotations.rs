@@ -136,6 +136,8 @@ pub struct TargetAnnotations {
     /// The target's copy of its workloads' records (`sleep-record`); `None`
     /// when absent or unreadable (then only the workloads' own count).
     pub sleep_record: Option<BTreeMap<String, String>>,
+    /// The activity profile as written (read by `crate::foresight`).
+    pub activity_profile: Option<String>,
 }
 
 /// The `force-sleep` annotation: `true`, or the instant it was requested
@@ -258,6 +260,8 @@ impl TargetAnnotations {
             // Written by dormant; a mangled copy is no copy, never a reason
             // to leave the target alone (its wake needs it most).
             SLEEP_RECORD => self.sleep_record = serde_json::from_str(v).ok(),
+            // A statistic dormant writes; an unreadable one starts afresh.
+            ACTIVITY_PROFILE => self.activity_profile = Some(v.to_string()),
             ASLEEP_REQUESTS => {
                 self.asleep_requests = Some(
                     parse_requests(v).ok_or_else(|| err(key, v, "expected cpu=<cores>,memory=<bytes>"))?,
@@ -407,6 +411,8 @@ mod tests {
             (IGNORE_OWN_SERVICE_ACCOUNTS, "false"),
             (STATE, "asleep"),
             (LAST_ACTIVITY, "2026-11-26T17:00:00Z"),
+            // Dormant's own statistic, whatever it holds: never a typo.
+            (ACTIVITY_PROFILE, "v1;garbled"),
             ("app.kubernetes.io/name", "not ours"),
         ]))
         .unwrap();
@@ -420,6 +426,7 @@ mod tests {
         assert_eq!(a.ignore.resources.as_ref().map(Vec::len), Some(2));
         assert_eq!(a.ignore.own_service_accounts, Some(false));
         assert_eq!(a.state, Some(TargetState::Asleep));
+        assert_eq!(a.activity_profile.as_deref(), Some("v1;garbled"));
     }
 
     #[test]

@@ -123,6 +123,27 @@ pub struct WakeSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = DURATION_PATTERN))]
     pub timeout: Option<String>,
+    /// Wake each target ahead of its predicted first use of the day, learned
+    /// from its activity profile (opt-in: present means on; `{}` takes the
+    /// defaults).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predictive: Option<PredictiveSpec>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PredictiveSpec {
+    /// How long before the predicted first use to wake, and how long past
+    /// the latest usual first use to wait for one (default 10m, at most 12h).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub lead: Option<String>,
+    /// Wake ahead only when at least this fraction of the recent such days
+    /// (the same weekday in the last 8 weeks) had a first use (default 0.8;
+    /// more than 0, at most 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub confidence: Option<f64>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]

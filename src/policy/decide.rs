@@ -4,7 +4,9 @@
 //!
 //! The model is "the most recent edge wins". Wake edges are the target's
 //! first sighting, its last counted use (when that may wake it), a manual
-//! wake, and each schedule's wake instants. Sleep edges are the idle deadline
+//! wake, each schedule's wake instants, and (when the policy's
+//! `wake.predictive` is set) each predicted pre-wake instant the caller
+//! passes in (see `crate::foresight::predict`). Sleep edges are the idle deadline
 //! (the latest wake edge + `sleepAfter`), each schedule's sleep instants, and
 //! a forced sleep. The target should be asleep exactly when some sleep edge
 //! lies after the latest wake edge; a wake edge wins a tie, except the first
@@ -54,6 +56,20 @@ pub struct Forced {
     pub prevent_wakeup_until: Option<Until>,
 }
 
+/// A wake ahead of a predicted first use: a wake edge at `at`, like a
+/// schedule's wake instant, whose instants come from the target's activity
+/// profile instead of a cron expression.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct PredictedWake {
+    /// When to wake: the lead time before `predicted_use`.
+    pub at: DateTime<Utc>,
+    /// The predicted first use it prepares for.
+    pub predicted_use: DateTime<Utc>,
+    /// Unless used, the target stays awake until then (the latest usual
+    /// first use), and at least `sleepAfter` past `at`.
+    pub until: DateTime<Utc>,
+}
+
 /// Everything the decision depends on, besides the time.
 #[derive(Debug, Clone)]
 pub struct Inputs<'a> {
@@ -68,6 +84,11 @@ pub struct Inputs<'a> {
     /// wakes the target like a use, but only for [`unverified_grace`],
     /// unless a counted use follows.
     pub unverified_wake: Option<DateTime<Utc>>,
+    /// Predicted pre-wakes, in any order; ignored unless the policy's
+    /// `wake.predictive` is set. Pass those of the last week up to today
+    /// (`foresight::predict::edges`): older ones cannot matter unless
+    /// `sleepAfter` is longer than a week.
+    pub predicted: &'a [PredictedWake],
 }
 
 /// How long a target woken for an unverified request stays awake with no
@@ -96,6 +117,11 @@ pub enum Reason {
         at: DateTime<Utc>,
         schedule: String,
     },
+    PredictedWake {
+        at: DateTime<Utc>,
+        predicted_use: DateTime<Utc>,
+        until: DateTime<Utc>,
+    },
     /// Woken for a request whose credential could not be checked.
     UnverifiedWake {
         at: DateTime<Utc>,
@@ -122,7 +148,7 @@ pub enum Reason {
 
 impl Reason {
     /// What caused the transition into this state, as a metric label:
-    /// `idle`, `schedule`, `request`, `manual` or `new`.
+    /// `idle`, `schedule`, `predicted`, `request`, `manual` or `new`.
     pub fn trigger(&self) -> &'static str {
         match self {
             Reason::Disabled => "disabled",
@@ -130,6 +156,7 @@ impl Reason {
             Reason::InUse { .. } | Reason::UnverifiedWake { .. } => "request",
             Reason::ManualWake { .. } | Reason::Forced { .. } => "manual",
             Reason::ScheduledWake { .. } | Reason::SleepSchedule { .. } => "schedule",
+            Reason::PredictedWake { .. } => "predicted",
             Reason::Idle { .. } | Reason::Unconfirmed { .. } => "idle",
         }
     }
@@ -142,6 +169,7 @@ impl Reason {
             | Reason::InUse { at, .. }
             | Reason::ManualWake { at, .. }
             | Reason::ScheduledWake { at, .. }
+            | Reason::PredictedWake { at, .. }
             | Reason::UnverifiedWake { at }
             | Reason::Unconfirmed { at, .. }
             | Reason::Idle { at, .. }
@@ -163,6 +191,13 @@ impl fmt::Display for Reason {
             Reason::ScheduledWake { at, schedule } => {
                 write!(f, "wake schedule \"{schedule}\" fired at {}", rfc3339(*at))
             }
+            Reason::PredictedWake { at, predicted_use, until } => write!(
+                f,
+                "woken ahead of its predicted first use at {} (pre-wake at {}; kept awake until {} unless used)",
+                rfc3339(*predicted_use),
+                rfc3339(*at),
+                rfc3339(*until)
+            ),
             Reason::UnverifiedWake { at } => write!(
                 f,
                 "woken at {} for a request whose credential could not be checked while it slept",
@@ -231,6 +266,11 @@ pub fn state_at(inputs: &Inputs<'_>, t: DateTime<Utc>) -> (Desired, Reason) {
     }
 }
 
+/// The predicted pre-wakes that count: none unless the policy opts in.
+fn predicted<'a>(inputs: &Inputs<'a>) -> &'a [PredictedWake] {
+    if inputs.policy.wake_predictive.value.is_some() { inputs.predicted } else { &[] }
+}
+
 fn prevented(inputs: &Inputs<'_>, x: DateTime<Utc>) -> bool {
     inputs.forced.is_some_and(|f| f.since <= x && f.prevent_wakeup_until.is_some_and(|u| u.covers(x)))
 }
@@ -246,6 +286,16 @@ fn latest_wake(inputs: &Inputs<'_>, t: DateTime<Utc>) -> (DateTime<Utc>, Reason)
             best = (at, reason);
         }
     };
+    // Before the schedules: a schedule's wake at the same instant names the
+    // reason (it is the one a user wrote).
+    for w in predicted(inputs) {
+        if !prevented(inputs, w.at) {
+            consider(
+                w.at,
+                Reason::PredictedWake { at: w.at, predicted_use: w.predicted_use, until: w.until },
+            );
+        }
+    }
     if p.wake_on_schedule.value {
         for pair in &p.schedules.value {
             if let Some(w) = &pair.wake
@@ -307,7 +357,7 @@ fn first_sleep_after(
         }
     };
     if let SleepAfter::After(d) = p.sleep_after.value
-        && let Some(at) = add(from, d)
+        && let Some(at) = idle_deadline(inputs, wake, d, t)
     {
         consider(Reason::Idle { last_use: from, after: d, at });
     }
@@ -330,6 +380,24 @@ fn first_sleep_after(
     best
 }
 
+/// The idle deadline of a wake edge at `t`: `sleepAfter` past it, and for
+/// a pre-wake not before its `until` while nobody has used the target since
+/// (the first use after it, counted or not, ends the wait: a pre-wake never
+/// wakes a target again after that).
+fn idle_deadline(
+    inputs: &Inputs<'_>,
+    wake: &(DateTime<Utc>, Reason),
+    d: Duration,
+    t: DateTime<Utc>,
+) -> Option<DateTime<Utc>> {
+    let at = add(wake.0, d)?;
+    let used_since = inputs.last_use.as_ref().is_some_and(|u| u.at > wake.0 && u.at <= t);
+    Some(match wake.1 {
+        Reason::PredictedWake { until, .. } if !used_since => at.max(until),
+        _ => at,
+    })
+}
+
 fn add(t: DateTime<Utc>, d: Duration) -> Option<DateTime<Utc>> {
     chrono::Duration::from_std(d).ok().and_then(|d| t.checked_add_signed(d))
 }
@@ -344,7 +412,8 @@ fn next_change(inputs: &Inputs<'_>, now: DateTime<Utc>, current: Desired) -> (Op
     // Only a wake edge can end a sleep, only a sleep edge can end a wake
     // (wake instants still matter while awake: they move the idle deadline).
     let can_flip = if asleep {
-        p.wake_on_schedule.value && p.schedules.value.iter().any(|s| s.wake.is_some())
+        (p.wake_on_schedule.value && p.schedules.value.iter().any(|s| s.wake.is_some()))
+            || predicted(inputs).iter().any(|w| w.at > now)
     } else {
         // An unverified wake ends by itself, whatever the policy.
         p.can_sleep() || (inputs.unverified_wake.is_some() && !p.disabled.value)
@@ -374,12 +443,12 @@ fn next_change(inputs: &Inputs<'_>, now: DateTime<Utc>, current: Desired) -> (Op
                 next = Some(c);
             }
         };
-        let (wake_at, wake) = latest_wake(inputs, t);
+        let wake = latest_wake(inputs, t);
         if let SleepAfter::After(d) = p.sleep_after.value {
-            candidate(add(wake_at, d));
+            candidate(idle_deadline(inputs, &wake, d, t));
         }
-        if matches!(wake, Reason::UnverifiedWake { .. }) {
-            candidate(add(wake_at, unverified_grace(p)));
+        if matches!(wake.1, Reason::UnverifiedWake { .. }) {
+            candidate(add(wake.0, unverified_grace(p)));
         }
         for pair in &p.schedules.value {
             if !asleep {
@@ -393,6 +462,9 @@ fn next_change(inputs: &Inputs<'_>, now: DateTime<Utc>, current: Desired) -> (Op
         candidate(inputs.last_use.as_ref().map(|u| u.at));
         candidate(inputs.forced.map(|f| f.since));
         candidate(inputs.unverified_wake);
+        for w in predicted(inputs) {
+            candidate(Some(w.at));
+        }
         let Some(c) = next else { return (None, false) };
         if state_at(inputs, c).0 != current {
             return (Some(c), false);

@@ -51,6 +51,28 @@ impl Default for Pricing {
     }
 }
 
+/// Predictive pre-wake (`wake.predictive`): wake `lead` before a target's
+/// predicted first use of the day when at least `confidence` of the recent
+/// such days had one.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Predictive {
+    pub lead: Duration,
+    pub confidence: f64,
+}
+
+impl Predictive {
+    pub const DEFAULT_LEAD: Duration = Duration::from_secs(10 * 60);
+    pub const DEFAULT_CONFIDENCE: f64 = 0.8;
+    /// Longer leads are refused: a pre-wake never reaches into the day before.
+    pub const MAX_LEAD: Duration = Duration::from_secs(12 * 3600);
+}
+
+impl Default for Predictive {
+    fn default() -> Self {
+        Predictive { lead: Self::DEFAULT_LEAD, confidence: Self::DEFAULT_CONFIDENCE }
+    }
+}
+
 /// A validated `SleepPolicy`: every string read, every value checked.
 #[derive(Debug, Clone)]
 pub struct Policy {
@@ -62,6 +84,7 @@ pub struct Policy {
     pub wake_on_request: Option<bool>,
     pub wake_on_schedule: Option<bool>,
     pub wake_timeout: Option<Duration>,
+    pub wake_predictive: Option<Predictive>,
     pub ignore: IgnoreRules,
     pub exclude: Option<Selector>,
     pub pricing: Option<Pricing>,
@@ -123,6 +146,32 @@ impl Policy {
                 fail("spec.wake.timeout".into(), e.to_string());
                 None
             }
+        });
+        let wake_predictive = wake.predictive.as_ref().map(|p| {
+            let lead = p.lead.as_deref().map_or(Ok(Predictive::DEFAULT_LEAD), duration::parse);
+            let lead = match lead {
+                Ok(d) if d.is_zero() => {
+                    fail("spec.wake.predictive.lead".into(), "must be longer than 0s".into());
+                    Predictive::DEFAULT_LEAD
+                }
+                Ok(d) if d > Predictive::MAX_LEAD => {
+                    fail("spec.wake.predictive.lead".into(), "must be at most 12h".into());
+                    Predictive::DEFAULT_LEAD
+                }
+                Ok(d) => d,
+                Err(e) => {
+                    fail("spec.wake.predictive.lead".into(), e.to_string());
+                    Predictive::DEFAULT_LEAD
+                }
+            };
+            let confidence = p.confidence.unwrap_or(Predictive::DEFAULT_CONFIDENCE);
+            if !(confidence.is_finite() && confidence > 0.0 && confidence <= 1.0) {
+                fail(
+                    "spec.wake.predictive.confidence".into(),
+                    format!("must be more than 0 and at most 1, not {confidence}"),
+                );
+            }
+            Predictive { lead, confidence }
         });
         let delete_after = spec.delete_after.as_deref().and_then(|t| match duration::parse(t) {
             Ok(d) if d.is_zero() => None,
@@ -191,6 +240,7 @@ impl Policy {
             wake_on_request: wake.on_request,
             wake_on_schedule: wake.on_schedule,
             wake_timeout,
+            wake_predictive,
             ignore: IgnoreRules {
                 users: ig.users,
                 groups: ig.groups,

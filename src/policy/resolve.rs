@@ -15,7 +15,7 @@ use super::annotations::TargetAnnotations;
 use super::duration::SleepAfter;
 use super::ignore::IgnoreRules;
 use super::schedule::SchedulePair;
-use super::{FieldError, Policy, Pricing};
+use super::{FieldError, Policy, Predictive, Pricing};
 
 /// The kind of a target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -103,6 +103,8 @@ pub struct EffectivePolicy {
     pub wake_on_request: Sourced<bool>,
     pub wake_on_schedule: Sourced<bool>,
     pub wake_timeout: Sourced<Duration>,
+    /// Predictive pre-wake (`wake.predictive`); `None`: off.
+    pub wake_predictive: Sourced<Option<Predictive>>,
     pub ignore: Sourced<IgnoreRules>,
     pub exclude: Option<Selector>,
     pub pricing: Sourced<Pricing>,
@@ -251,6 +253,7 @@ pub fn resolve(
     let wake_on_request = layer(true, policy.map(|p| (p.wake_on_request, &po)), None);
     let wake_on_schedule = layer(true, policy.map(|p| (p.wake_on_schedule, &po)), None);
     let wake_timeout = layer(defaults.wake_timeout, policy.map(|p| (p.wake_timeout, &po)), None);
+    let wake_predictive = layer(None, policy.map(|p| (p.wake_predictive.map(Some), &po)), None);
     let pricing = layer(defaults.pricing.clone(), policy.map(|p| (p.pricing.clone(), &po)), None);
     let dry_run = layer(false, policy.map(|p| (Some(p.dry_run), &po)), None);
     let disabled = layer(false, None, annotations.disabled.then_some((true, vocab::DISABLED)));
@@ -283,6 +286,7 @@ pub fn resolve(
         wake_on_request,
         wake_on_schedule,
         wake_timeout,
+        wake_predictive,
         ignore,
         exclude: policy.and_then(|p| p.exclude.clone()),
         pricing,

@@ -259,3 +259,42 @@ fn an_unreadable_selector_holds_every_target_it_may_have_selected() {
         .unwrap();
     assert_eq!(p.policy.as_deref(), Some("pinned"));
 }
+
+#[test]
+fn predictive_wake_is_opt_in_read_with_defaults_and_carried_with_its_origin() {
+    let resolve_with = |spec: &str| {
+        resolve(
+            TargetKind::Namespace,
+            &BTreeMap::new(),
+            &TargetAnnotations::default(),
+            &[policy("p", spec)],
+            &Defaults::default(),
+        )
+        .unwrap()
+        .wake_predictive
+    };
+    assert_eq!(resolve_with("  sleepAfter: 1h\n"), Sourced { value: None, origin: Origin::Default });
+    let on = resolve_with("  wake: {predictive: {}}\n");
+    assert_eq!(on.value, Some(Predictive::default()));
+    assert_eq!(on.origin, Origin::Policy("p".into()));
+    assert_eq!(
+        resolve_with("  wake: {predictive: {lead: 30m, confidence: 0.9}}\n").value,
+        Some(Predictive { lead: std::time::Duration::from_secs(1800), confidence: 0.9 })
+    );
+}
+
+#[test]
+fn every_bad_predictive_value_is_named() {
+    for (spec, field, needle) in [
+        ("  wake: {predictive: {lead: 0s}}\n", "spec.wake.predictive.lead", "longer than 0s"),
+        ("  wake: {predictive: {lead: 13h}}\n", "spec.wake.predictive.lead", "at most 12h"),
+        ("  wake: {predictive: {lead: soon}}\n", "spec.wake.predictive.lead", "invalid duration"),
+        ("  wake: {predictive: {confidence: 0}}\n", "spec.wake.predictive.confidence", "more than 0"),
+        ("  wake: {predictive: {confidence: 1.5}}\n", "spec.wake.predictive.confidence", "at most 1"),
+        ("  wake: {predictive: {confidence: -0.1}}\n", "spec.wake.predictive.confidence", "not -0.1"),
+    ] {
+        let c = policy("bad", spec);
+        let errors = c.parsed.as_ref().unwrap_err();
+        assert!(errors.iter().any(|e| e.field == field && e.message.contains(needle)), "{spec}: {errors:?}");
+    }
+}

@@ -50,6 +50,7 @@ fn inputs(p: &EffectivePolicy, first_seen: DateTime<Utc>) -> Inputs<'_> {
         first_seen,
         forced: None,
         unverified_wake: None,
+        predicted: &[],
     }
 }
 
@@ -377,6 +378,7 @@ fn inputs_for<'a>(c: &Case, p: &'a EffectivePolicy, now: DateTime<Utc>) -> Input
             prevent_wakeup_until: until.map(|u| Until::Time(ago(since) + chrono::Duration::seconds(u))),
         }),
         unverified_wake: c.unverified_wake_ago.map(ago),
+        predicted: &[],
     }
 }
 
@@ -493,6 +495,130 @@ fn change_points(i: &Inputs<'_>, from: DateTime<Utc>, to: DateTime<Utc>) -> Vec<
     }
     out.retain(|t| *t > from && *t < to);
     out
+}
+
+// ---- predicted wakes (wake.predictive) ------------------------------------
+
+fn predictive(mut p: EffectivePolicy) -> EffectivePolicy {
+    p.wake_predictive.value = Some(crate::policy::Predictive::default());
+    p
+}
+
+#[test]
+fn a_predicted_wake_wakes_like_a_scheduled_one_and_names_its_prediction() {
+    let p = predictive(policy(Some(30 * 60), &[], "UTC"));
+    let wakes = [PredictedWake {
+        at: utc(2026, 11, 26, 8, 50),
+        predicted_use: utc(2026, 11, 26, 9, 0),
+        until: utc(2026, 11, 26, 9, 30),
+    }];
+    let mut i = inputs(&p, utc(2026, 11, 1, 0, 0));
+    i.current = Current::Asleep { since: utc(2026, 11, 25, 18, 30) };
+    i.last_use = used(utc(2026, 11, 25, 18, 0));
+    i.predicted = &wakes;
+    let d = decide(&i, utc(2026, 11, 26, 8, 40));
+    assert_eq!((d.desired, d.next), (Desired::Asleep, Some(utc(2026, 11, 26, 8, 50))));
+    let d = decide(&i, utc(2026, 11, 26, 8, 50));
+    assert_eq!(d.desired, Desired::Awake);
+    assert_eq!(
+        d.reason,
+        Reason::PredictedWake {
+            at: wakes[0].at,
+            predicted_use: wakes[0].predicted_use,
+            until: wakes[0].until
+        }
+    );
+    assert_eq!(d.reason.trigger(), "predicted");
+    assert!(d.reason.to_string().contains("predicted first use at 2026-11-26T09:00:00.000Z"), "{}", d.reason);
+    assert_eq!(
+        d.next,
+        Some(utc(2026, 11, 26, 9, 30)),
+        "unused, it stays awake until the latest usual first use"
+    );
+    let d = decide(&i, utc(2026, 11, 26, 9, 30));
+    assert_eq!(d.desired, Desired::Asleep);
+    // Never less than sleepAfter past the pre-wake.
+    let short = [PredictedWake { until: utc(2026, 11, 26, 9, 0), ..wakes[0] }];
+    i.predicted = &short;
+    assert_eq!(decide(&i, utc(2026, 11, 26, 8, 50)).next, Some(utc(2026, 11, 26, 9, 20)));
+    i.predicted = &wakes;
+    // A use after the pre-wake is the newer wake edge.
+    i.current = Current::Awake;
+    i.last_use = used(utc(2026, 11, 26, 9, 5));
+    assert!(matches!(decide(&i, utc(2026, 11, 26, 9, 10)).reason, Reason::InUse { .. }));
+}
+
+#[test]
+fn predicted_wakes_count_only_when_the_policy_opts_in() {
+    let p = policy(Some(30 * 60), &[], "UTC");
+    let wakes = [PredictedWake {
+        at: utc(2026, 11, 26, 8, 50),
+        predicted_use: utc(2026, 11, 26, 9, 0),
+        until: utc(2026, 11, 26, 9, 0),
+    }];
+    let mut i = inputs(&p, utc(2026, 11, 1, 0, 0));
+    i.current = Current::Asleep { since: utc(2026, 11, 25, 18, 30) };
+    i.last_use = used(utc(2026, 11, 25, 18, 0));
+    i.predicted = &wakes;
+    let d = decide(&i, utc(2026, 11, 26, 8, 50));
+    assert_eq!((d.desired, d.next), (Desired::Asleep, None));
+}
+
+#[test]
+fn a_forced_sleep_that_prevents_wakeup_holds_off_a_predicted_wake() {
+    let p = predictive(policy(Some(30 * 60), &[], "UTC"));
+    let wakes = [PredictedWake {
+        at: utc(2026, 11, 26, 8, 50),
+        predicted_use: utc(2026, 11, 26, 9, 0),
+        until: utc(2026, 11, 26, 9, 0),
+    }];
+    let mut i = inputs(&p, utc(2026, 11, 1, 0, 0));
+    i.forced = Some(Forced { since: utc(2026, 11, 25, 20, 0), prevent_wakeup_until: Some(Until::Never) });
+    i.current = Current::Asleep { since: utc(2026, 11, 25, 20, 0) };
+    i.last_use = used(utc(2026, 11, 25, 19, 59));
+    i.predicted = &wakes;
+    let d = decide(&i, utc(2026, 11, 26, 8, 50));
+    assert_eq!(d.desired, Desired::Asleep);
+    assert!(matches!(d.reason, Reason::Forced { .. }));
+}
+
+#[test]
+fn a_scheduled_wake_at_the_same_instant_names_the_reason() {
+    let p = predictive(policy(None, &[(Some("0 19 * * *"), Some("0 8 * * *"))], "UTC"));
+    let wakes = [PredictedWake {
+        at: utc(2026, 11, 26, 8, 0),
+        predicted_use: utc(2026, 11, 26, 8, 10),
+        until: utc(2026, 11, 26, 8, 10),
+    }];
+    let mut i = inputs(&p, utc(2026, 11, 1, 0, 0));
+    i.predicted = &wakes;
+    let d = decide(&i, utc(2026, 11, 26, 8, 0));
+    assert_eq!(d.desired, Desired::Awake);
+    assert!(matches!(d.reason, Reason::ScheduledWake { .. }), "{:?}", d.reason);
+}
+
+#[test]
+fn the_first_use_after_a_pre_wake_ends_its_wait_counted_or_not() {
+    // Requests do not wake it; the pre-wake did, someone came, it slept
+    // again, and a request comes while it sleeps: the pre-wake's wait is
+    // over, so it does not wake it a second time.
+    let mut p = predictive(policy(Some(60), &[], "UTC"));
+    p.wake_on_request.value = false;
+    let wakes = [PredictedWake {
+        at: utc(2026, 11, 26, 8, 50),
+        predicted_use: utc(2026, 11, 26, 9, 0),
+        until: utc(2026, 11, 26, 10, 0),
+    }];
+    let mut i = inputs(&p, utc(2026, 11, 1, 0, 0));
+    i.predicted = &wakes;
+    i.current = Current::Asleep { since: utc(2026, 11, 26, 9, 3) };
+    i.last_use = used(utc(2026, 11, 26, 9, 3) + chrono::Duration::seconds(33));
+    let d = decide(&i, utc(2026, 11, 26, 9, 4));
+    assert_eq!(d.desired, Desired::Asleep, "{}", d.reason);
+    // Before anyone came, it waits for the late mornings.
+    i.last_use = used(utc(2026, 11, 25, 17, 0));
+    i.current = Current::Awake;
+    assert_eq!(decide(&i, utc(2026, 11, 26, 9, 30)).desired, Desired::Awake);
 }
 
 /// A wake for a request whose credential could not be checked wakes the
