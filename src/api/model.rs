@@ -407,33 +407,7 @@ pub fn explanation(
             &p.pricing.origin,
         ),
     ];
-    let ig = &p.ignore.value;
-    let mut ignore = Vec::new();
-    for (k, v) in [
-        ("users", &ig.users),
-        ("groups", &ig.groups),
-        ("userAgents", &ig.user_agents),
-        ("verbs", &ig.verbs),
-        ("nonResourceURLs", &ig.non_resource_urls),
-    ] {
-        if !v.is_empty() {
-            ignore.push(format!("{k}: {}", v.join(",")));
-        }
-    }
-    if !ig.resources.is_empty() {
-        ignore.push(format!(
-            "resources: {}",
-            ig.resources.iter().map(|r| r.pattern()).collect::<Vec<_>>().join(",")
-        ));
-    }
-    if ig.active_connections {
-        ignore.push("activeConnections".to_string());
-    }
-    if ig.count_own_service_accounts {
-        ignore.push("ownServiceAccounts: false (they count)".to_string());
-    }
-    let ignore = if ignore.is_empty() { "built-in rules only".to_string() } else { ignore.join("; ") };
-    settings.push(("ignore", ignore, &p.ignore.origin));
+    settings.push(("ignore", p.ignore.value.summary(), &p.ignore.origin));
     x.settings = settings
         .into_iter()
         .map(|(name, value, o)| {

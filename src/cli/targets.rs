@@ -322,38 +322,7 @@ pub async fn explain(client: &Client, r: &TargetRef) -> anyhow::Result<String> {
     for (k, v, o) in rows.into_iter().chain(delete_after) {
         let _ = writeln!(out, "  {k:<16} {v:<40} {o}");
     }
-    let ig = &p.ignore.value;
-    let mut ignore = Vec::new();
-    for (k, v) in [
-        ("users", &ig.users),
-        ("groups", &ig.groups),
-        ("userAgents", &ig.user_agents),
-        ("verbs", &ig.verbs),
-        ("nonResourceURLs", &ig.non_resource_urls),
-    ] {
-        if !v.is_empty() {
-            ignore.push(format!("{k}: {}", v.join(",")));
-        }
-    }
-    if !ig.resources.is_empty() {
-        ignore.push(format!(
-            "resources: {}",
-            ig.resources.iter().map(|r| r.pattern()).collect::<Vec<_>>().join(",")
-        ));
-    }
-    if ig.active_connections {
-        ignore.push("activeConnections".to_string());
-    }
-    if ig.count_own_service_accounts {
-        ignore.push("ownServiceAccounts: false (they count)".to_string());
-    }
-    let _ = writeln!(
-        out,
-        "  {:<16} {:<40} {}",
-        "ignore",
-        if ignore.is_empty() { "built-in rules only".to_string() } else { ignore.join("; ") },
-        origin(&p.ignore.origin)
-    );
+    let _ = writeln!(out, "  {:<16} {:<40} {}", "ignore", p.ignore.value.summary(), origin(&p.ignore.origin));
     let _ = writeln!(out, "Workloads:");
     for w in &ev.workloads {
         let now_value = match (w.replicas, w.suspend) {

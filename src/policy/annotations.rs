@@ -384,6 +384,16 @@ mod tests {
     }
 
     #[test]
+    fn a_mangled_sleep_record_is_no_copy_and_never_makes_the_target_invalid() {
+        for v in ["{not json", "[1,2]", "{\"Deployment/web\": 3}", ""] {
+            let a = TargetAnnotations::parse(&map(&[(SLEEP_RECORD, v)])).unwrap();
+            assert_eq!(a.sleep_record, None, "{v:?}");
+        }
+        let a = TargetAnnotations::parse(&map(&[(SLEEP_RECORD, "{\"Deployment/web\": \"3\"}")])).unwrap();
+        assert_eq!(a.sleep_record.unwrap().get("Deployment/web").map(String::as_str), Some("3"));
+    }
+
+    #[test]
     fn activity_sources_round_trip_keep_the_top_and_never_fail() {
         let counts = (1..=8).map(|n| (format!("user{n} (kubectl)"), n)).collect::<Vec<_>>();
         let top = top_sources(counts);

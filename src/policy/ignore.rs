@@ -198,6 +198,34 @@ pub fn own_service_account(user: &str, namespace: &str, in_vcluster: bool) -> bo
 }
 
 impl IgnoreRules {
+    /// What a policy adds to the built-in rules, in one line for people
+    /// (`explain`, the API and the page).
+    pub fn summary(&self) -> String {
+        let mut parts = Vec::new();
+        for (k, v) in [
+            ("users", &self.users),
+            ("groups", &self.groups),
+            ("userAgents", &self.user_agents),
+            ("verbs", &self.verbs),
+            ("nonResourceURLs", &self.non_resource_urls),
+        ] {
+            if !v.is_empty() {
+                parts.push(format!("{k}: {}", v.join(",")));
+            }
+        }
+        if !self.resources.is_empty() {
+            let patterns: Vec<String> = self.resources.iter().map(|r| r.pattern()).collect();
+            parts.push(format!("resources: {}", patterns.join(",")));
+        }
+        if self.active_connections {
+            parts.push("activeConnections".to_string());
+        }
+        if self.count_own_service_accounts {
+            parts.push("ownServiceAccounts: false (they count)".to_string());
+        }
+        if parts.is_empty() { "built-in rules only".to_string() } else { parts.join("; ") }
+    }
+
     /// The rules every target gets, so that the cluster's own machinery
     /// never keeps a target awake: dormant itself, the control plane's
     /// controllers and nodes, kube-system service accounts, bookkeeping

@@ -345,6 +345,11 @@ mod tests {
         assert_eq!(wake_patch_from(&w, Some(&copy(&[("StatefulSet/w", "3")]))), Ok(None));
         assert_eq!(wake_patch_from(&w, None), Ok(None));
         assert!(wake_patch_from(&w, Some(&copy(&[("Deployment/w", "many")]))).is_err());
+        // A hand-written copy is read as strictly as a workload's own record.
+        for hostile in ["-3", "3.5", " ", "99999999999", "true"] {
+            assert!(wake_patch_from(&w, Some(&copy(&[("Deployment/w", hostile)]))).is_err(), "{hostile:?}");
+        }
+        assert!(wake_patch_from(&cj, Some(&copy(&[("CronJob/w", "yes")]))).is_err());
     }
 
     #[test]
