@@ -452,9 +452,9 @@ pub async fn accept(listener: &TcpListener) -> tokio::net::TcpStream {
 }
 
 /// [`accept`], for a listener whose connections are `connections`: out of
-/// file descriptors, the connection idle the longest is closed to free
-/// one (so idle connections cannot lock users out that way either), and
-/// accepting is retried soon after.
+/// file descriptors, the connection idle the longest (for at least the
+/// handshake timeout) is closed to free one, so idle connections cannot
+/// lock users out that way either, and accepting is retried soon after.
 async fn accept_into(listener: &TcpListener, connections: Option<&Connections>) -> tokio::net::TcpStream {
     use std::io::ErrorKind;
     loop {
@@ -470,9 +470,9 @@ async fn accept_into(listener: &TcpListener, connections: Option<&Connections>) 
                 ) => {}
             Err(e)
                 if matches!(e.raw_os_error(), Some(EMFILE | ENFILE))
-                    && connections.is_some_and(Connections::evict_one) =>
+                    && connections.is_some_and(Connections::evict_for_descriptor) =>
             {
-                tracing::debug!(error = %e, "out of file descriptors; closed an idle connection");
+                tracing::warn!(error = %e, addr = ?listener.local_addr().ok(), "out of file descriptors; closed the connection idle the longest");
                 tokio::time::sleep(EVICTED_RETRY).await;
             }
             Err(e) => {

@@ -913,15 +913,32 @@ fn a_client_that_never_finishes_its_request_head_is_disconnected() {
 }
 
 /// Out of file descriptors, accepting fails while connections wait in the
-/// listener's backlog; the agent must pause and retry, not spin a core
-/// (which would starve everything else it does), and serve again once
-/// descriptors are free: a connection that waited through it is served.
+/// listener's backlog. The agent frees a descriptor by closing a
+/// connection that has sat idle (for at least the handshake timeout, 10 s
+/// by default), and otherwise pauses and retries rather than spin a core
+/// (which would starve everything else it does); it does not close a
+/// connection that has only just arrived. Once descriptors are free again,
+/// a connection that waited through it all is served.
 #[test]
 fn out_of_file_descriptors_the_agent_waits_instead_of_spinning() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let c = Cluster::shared();
     let s = setup("proxy-fds", &[], None);
     let pid = s.agent.proc.pid();
     let port: u16 = s.proxy.rsplit(':').next().unwrap().parse().unwrap();
+    let admin = c.ca.client("kube:admin", &["system:masters"]).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // A client that connected and then said nothing for longer than the
+    // handshake timeout: the one to make room.
+    let mut idle = rt
+        .block_on(tls_over(
+            std::net::TcpStream::connect(("127.0.0.1", port)).unwrap(),
+            &c.ca.cert_pem,
+            Some(&admin),
+        ))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(10_500));
+
     let fds = || std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count() as u64;
     let limit = fds();
     let log_from = std::fs::metadata(&s.agent.proc.log).unwrap().len() as usize;
@@ -937,18 +954,29 @@ fn out_of_file_descriptors_the_agent_waits_instead_of_spinning() {
     // The agent's own account of its accepts on the proxy's port: each
     // failure is logged, then waited out.
     let log = std::fs::read(&s.agent.proc.log).unwrap();
-    let failed: Vec<String> = String::from_utf8_lossy(&log[log_from..])
-        .lines()
-        .filter(|l| l.contains("cannot accept connections") && l.contains(&format!("127.0.0.1:{port}")))
-        .map(String::from)
-        .collect();
+    let log = String::from_utf8_lossy(&log[log_from..]).into_owned();
+    let on_this_port = |l: &&str| l.contains(&format!("127.0.0.1:{port}"));
+    let failed: Vec<&str> =
+        log.lines().filter(on_this_port).filter(|l| l.contains("cannot accept connections")).collect();
+    let evicted: Vec<&str> =
+        log.lines().filter(on_this_port).filter(|l| l.contains("out of file descriptors")).collect();
     let elapsed = started.elapsed();
     testbed::process::set_open_files_limit(pid, soft).unwrap();
 
+    // The idle connection was closed to make room, and only it: the
+    // connections accepted after it had only just arrived.
+    let closed = rt.block_on(async {
+        let mut buf = [0u8; 64];
+        tokio::time::timeout(Duration::from_secs(5), idle.read(&mut buf)).await
+    });
+    assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "the idle connection is still open: {closed:?}");
+    assert!(
+        evicted.len() == 1 && evicted[0].contains("Too many open files"),
+        "expected one idle connection closed for want of a descriptor; log:\n{log}"
+    );
     assert!(
         failed.first().is_some_and(|l| l.contains("Too many open files")),
-        "no accept failed for want of a descriptor ({open_at_the_limit} open, limit {limit}); log:\n{}",
-        String::from_utf8_lossy(&log[log_from..])
+        "no accept failed for want of a descriptor ({open_at_the_limit} open, limit {limit}); log:\n{log}"
     );
     // A failure, then a pause of 250 ms: a loop that retried at once
     // would have logged thousands.
@@ -960,12 +988,10 @@ fn out_of_file_descriptors_the_agent_waits_instead_of_spinning() {
     );
     assert!(spent < Duration::from_secs(1), "{spent:?} of CPU in 3 s with its listener unable to accept");
 
-    // Descriptors free again: a connection that waited in the backlog all
-    // along is accepted and served, and so is a new one.
-    let admin = c.ca.client("kube:admin", &["system:masters"]).unwrap();
-    let rt = tokio::runtime::Runtime::new().unwrap();
+    // Descriptors free again: a connection that waited all along (the
+    // first, taken in the room the idle one left) is served, and so is a
+    // new one.
     let (code, answer) = rt.block_on(async {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut tls = tls_over(waiting.remove(0), &c.ca.cert_pem, Some(&admin)).await.unwrap();
         let request = format!(
             "GET /vcluster/{}/dev/version HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",

@@ -125,7 +125,7 @@ impl Connections {
     /// caller closes the new one.
     pub fn admit(self: &Arc<Self>) -> Option<Admitted> {
         let mut slots = lock(&self.slots);
-        if slots.open >= self.limits.max_connections && !self.evict(&slots) {
+        if slots.open >= self.limits.max_connections && !self.evict(&slots, Duration::ZERO) {
             self.counts.refused.inc();
             return None;
         }
@@ -148,21 +148,29 @@ impl Connections {
         Some(Admitted { slot, connections: self.clone() })
     }
 
-    /// Tells the connection idle the longest to close, to free what it
-    /// holds (a file descriptor, when accepting fails for want of one).
-    /// False when every connection has a request in flight.
-    pub fn evict_one(&self) -> bool {
+    /// Tells the connection idle the longest to close, to free the file
+    /// descriptor it holds when accepting fails for want of one. Only a
+    /// connection idle for at least the handshake timeout is taken: one
+    /// that has just arrived has had no chance to speak (and one still in
+    /// its handshake frees itself by then), so closing it would only trade
+    /// one waiting client for the next, over and over, when what uses up
+    /// the descriptors is not the connections. False when there is none.
+    pub fn evict_for_descriptor(&self) -> bool {
         let slots = lock(&self.slots);
-        self.evict(&slots)
+        self.evict(&slots, self.limits.handshake_timeout)
     }
 
-    fn evict(&self, slots: &Slots) -> bool {
+    /// Closes the connection idle the longest, if it has been idle at
+    /// least `min_idle`.
+    fn evict(&self, slots: &Slots, min_idle: Duration) -> bool {
+        let now = self.epoch.elapsed().as_millis() as u64;
         let victim = slots
             .live
             .iter()
             .flatten()
             .filter(|s| s.idle() && !s.evicted.load(Ordering::Relaxed))
-            .min_by_key(|s| s.active.load(Ordering::Relaxed));
+            .min_by_key(|s| s.active.load(Ordering::Relaxed))
+            .filter(|s| now.saturating_sub(s.active.load(Ordering::Relaxed)) >= min_idle.as_millis() as u64);
         let Some(victim) = victim else { return false };
         victim.evicted.store(true, Ordering::Relaxed);
         victim.close.notify_one();
@@ -322,6 +330,33 @@ mod tests {
         assert_eq!(conns.open(), 3);
         drop(watch);
         assert!(first.idle());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn out_of_descriptors_only_a_connection_idle_for_the_handshake_timeout_goes() {
+        let counts = Counts::default();
+        let conns = Connections::new(limits(100), counts.clone());
+        let hoarder = conns.admit().unwrap();
+        tokio::time::advance(Duration::from_secs(11)).await;
+        // Just accepted: it has had no chance to speak, so it stays even
+        // though it is idle, and so does the older one while busy.
+        let fresh = conns.admit().unwrap();
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let busy = hoarder.tracker().start();
+        assert!(!conns.evict_for_descriptor());
+        drop(busy);
+        // Idle again, its last request just ended: too recent.
+        assert!(!conns.evict_for_descriptor());
+        // Idle for 10.5 s and for 9.5 s: only the first is taken.
+        tokio::time::advance(Duration::from_millis(9_500)).await;
+        assert!(conns.evict_for_descriptor());
+        assert_eq!(fresh.closing().await, Closing::Evicted);
+        assert!(!conns.evict_for_descriptor());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(conns.evict_for_descriptor());
+        assert_eq!(hoarder.closing().await, Closing::Evicted);
+        assert_eq!(counts.evicted.get(), 2);
+        assert!(!conns.evict_for_descriptor(), "nothing left to close");
     }
 
     #[test]
