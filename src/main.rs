@@ -89,8 +89,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Simulate(args) => {
-            let client = dormant::client::client().await?;
-            print!("{}", dormant::cli::simulate::run(&client, &args).await?);
+            let (text, skipped) = dormant::cli::simulate::run(&args).await?;
+            print!("{text}");
+            for s in skipped {
+                eprintln!("skipped {}: {}", s.target, s.reason);
+            }
         }
         Command::Policy(PolicyCommand::Lint { files }) => {
             let ok = dormant::cli::lint::run(&files, &mut out, &mut std::io::stderr())?;

@@ -244,3 +244,95 @@ fn hand_made_requests_are_bounded_and_need_json_and_leak_nothing() {
     let api: Vec<&str> = metrics.lines().filter(|l| l.starts_with("dormant_api_requests_total{")).collect();
     assert!(!api.is_empty() && api.iter().all(|l| !l.contains("script") && !l.contains(&a)), "{api:?}");
 }
+
+#[test]
+fn simulate_asks_the_agent_and_shows_only_what_the_caller_may_see() {
+    let c = Cluster::shared();
+    let w = World::start("api-simulate", &["--default-sleep-after=45m"]);
+    let a = w.team_namespace("team-a");
+    let b = w.team_namespace("team-b");
+    // A target that only names its time zone: the agent's setting says
+    // when it sleeps.
+    let quiet = c.namespace("quiet", &[("dormant-test", &w.id)]).unwrap();
+    kubectl(c, &["annotate", "namespace", &quiet, "dormant.dev/timezone=UTC"]);
+    wait_until("the agent to see it", Duration::from_secs(20), || {
+        text(&w.cli(&c.admin.kubeconfig, &["status"])).0.contains(&quiet)
+    });
+    let first_transition = |out: &std::process::Output| -> serde_json::Value {
+        assert!(out.status.success(), "{}", text(out).1);
+        let sim: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        sim[0]["runs"][0]["transitions"][0].clone()
+    };
+    let target = format!("namespace/{quiet}");
+    let out = w.cli(&c.admin.kubeconfig, &["simulate", &target, "--days=1", "-o", "json"]);
+    let t = first_transition(&out);
+    assert_eq!((t["to"].as_str(), t["trigger"].as_str()), (Some("asleep"), Some("idle")), "{t:#}");
+    let at: chrono::DateTime<chrono::Utc> = t["at"].as_str().unwrap().parse().unwrap();
+    // 45 minutes after it was last used, or first seen if never.
+    let since = ["dormant.dev/last-activity", "dormant.dev/first-seen"]
+        .iter()
+        .find_map(|k| {
+            annotation(c, "namespace", &quiet, None, k).parse::<chrono::DateTime<chrono::Utc>>().ok()
+        })
+        .unwrap();
+    assert_eq!(at, since + chrono::Duration::minutes(45), "{t:#}");
+    // Reading the cluster alone, with the built-in defaults, it would
+    // never sleep: what the agent says is what the agent does.
+    let out = dormant(c, &["simulate", &target, "--days=1", "-o", "json"]);
+    assert!(first_transition(&out).is_null(), "{}", text(&out).0);
+
+    // A policy file beside the current policy, in the table people read.
+    let file = c.dir.join(format!("{}-office.yaml", w.id));
+    std::fs::write(
+        &file,
+        "apiVersion: dormant.dev/v1alpha1\nkind: SleepPolicy\nmetadata: {name: office}\nspec:\n  timezone: UTC\n  schedules: [{sleep: '0 19 * * *', wake: '0 8 * * *'}]\n",
+    )
+    .unwrap();
+    let out =
+        w.cli(&c.admin.kubeconfig, &["simulate", &target, "-f", &file.display().to_string(), "--days=2"]);
+    let (table, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(table.contains("agent defaults (baseline)") && table.contains("office"), "{table}");
+
+    // Alice may see team-a only: that is all she is shown, and naming
+    // team-b is refused without running anything.
+    let (alice, kubeconfig, _) = token_user(c, &a, "alice");
+    bind(c, &a, "edit", &alice);
+    let out = w.cli(&kubeconfig, &["simulate", "-o", "json"]);
+    assert!(out.status.success(), "{}", text(&out).1);
+    let sim: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = sim.as_array().unwrap().iter().map(|c| c["target"].as_str().unwrap()).collect();
+    assert_eq!(names, [format!("namespace/{a}")]);
+    let out = w.cli(&kubeconfig, &["simulate", &format!("namespace/{b}")]);
+    let stderr = text(&out).1;
+    assert!(!out.status.success() && stderr.contains("403 Forbidden"), "{stderr}");
+
+    // By hand: every bound is a clear refusal.
+    let admin = &c.admin.cert;
+    let post = |client: Option<&testbed::pki::CertPair>, body: &str| {
+        w.raw(client, &request("POST", "/dormant/v1/simulate", &[("Content-Type", "application/json")], body))
+    };
+    let many: Vec<String> = (0..101).map(|i| format!("\"namespace/n{i}\"")).collect();
+    for (body, says) in [
+        (r#"{"days": 100000}"#.to_string(), "days must be between 1 and 366"),
+        (r#"{"days": 1, "pastWeeks": 1}"#.to_string(), "not both"),
+        (format!(r#"{{"targets": [{}]}}"#, many.join(",")), "at most 100 targets"),
+        (r#"{"policies": "kind: SleepPolicy\nspec: ["}"#.to_string(), "policies:"),
+        (r#"{"noCurrent": true}"#.to_string(), "nothing to simulate"),
+        (r#"{"replicas": 5}"#.to_string(), "unknown field"),
+        (format!(r#"{{"targets": ["{target}"], "pastWeeks": 52, "policies": "{}"}}"#, "apiVersion: dormant.dev/v1alpha1\\nkind: SleepPolicy\\nmetadata: {name: p}\\nspec: {}\\n---\\n".repeat(10)), ""),
+    ] {
+        let (code, answer) = post(Some(admin), &body);
+        if says.is_empty() {
+            // 1 target × 11 policies × 364 days: within the bound.
+            assert_eq!(code, 200, "{answer}");
+        } else {
+            assert_eq!(code, 400, "{body}: {answer}");
+            assert!(answer.contains(says), "{says}: {answer}");
+        }
+    }
+    let (code, answer) = post(None, "{}");
+    assert_eq!(code, 401, "{answer}");
+    let (code, answer) = post(Some(admin), &format!(r#"{{"policies": "{}"}}"#, "#".repeat(70 * 1024)));
+    assert_eq!(code, 413, "{answer}");
+}

@@ -233,6 +233,52 @@ pub struct Link {
     pub expires_at: DateTime<Utc>,
 }
 
+/// The body of `POST /dormant/v1/simulate`.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SimulateRequest {
+    /// `vcluster/<ns>/<name>` or `namespace/<name>`; none: every target
+    /// the caller may see.
+    #[serde(default)]
+    pub targets: Vec<String>,
+    /// SleepPolicy documents (YAML) to set beside each target's current
+    /// policy, each resolved as if the target's `policy` annotation named it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policies: Option<String>,
+    /// Leave the current policy out.
+    #[serde(default)]
+    pub no_current: bool,
+    /// The coming days (default 7).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub days: Option<u32>,
+    /// The past weeks instead, replayed from the activity profile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub past_weeks: Option<u32>,
+}
+
+/// The answer to `simulate`.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct Simulation {
+    pub items: Vec<crate::foresight::simulate::Comparison>,
+    /// Targets that could not be simulated, and why.
+    #[serde(default)]
+    pub skipped: Vec<Skipped>,
+}
+
+/// A target left out of a simulation.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Skipped {
+    pub target: String,
+    pub reason: String,
+}
+
+/// The most targets a simulation may name, and the most days of runs it
+/// may ask for (targets × policies × days).
+pub const MAX_SIMULATED_TARGETS: usize = 100;
+pub const MAX_SIMULATED_DAYS: u64 = 20_000;
+/// The largest simulation request (it carries SleepPolicy files).
+pub const MAX_SIMULATE_BODY: usize = 64 * 1024;
+
 /// The answer to `targets`.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct TargetList {
@@ -431,20 +477,29 @@ impl Api {
         B: hyper::body::Body<Data = Bytes> + Send,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
+        Self::read_body_up_to(body, MAX_BODY).await
+    }
+
+    /// Reads a body of at most `limit` bytes.
+    async fn read_body_up_to<B>(body: B, limit: usize) -> Result<Bytes, Refusal>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         // A body that says up front it is too large is refused unread.
-        if hyper::body::Body::size_hint(&body).lower() > MAX_BODY as u64 {
+        if hyper::body::Body::size_hint(&body).lower() > limit as u64 {
             return Err(refuse(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "RequestEntityTooLarge",
-                format!("the body is larger than {MAX_BODY} bytes"),
+                format!("the body is larger than {limit} bytes"),
             ));
         }
-        match Limited::new(body, MAX_BODY).collect().await {
+        match Limited::new(body, limit).collect().await {
             Ok(c) => Ok(c.to_bytes()),
             Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(refuse(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "RequestEntityTooLarge",
-                format!("the body is larger than {MAX_BODY} bytes"),
+                format!("the body is larger than {limit} bytes"),
             )),
             Err(_) => Err(refuse(StatusCode::BAD_REQUEST, "BadRequest", "the body could not be read")),
         }
@@ -488,6 +543,93 @@ impl Api {
         let visible = self.authz.visible(who, &all).await.map_err(review_failed)?;
         let now = Utc::now();
         Ok(visible.iter().filter_map(|r| model::summary(r, &self.evaluate(r, now), now)).collect())
+    }
+
+    /// What-if runs for `who`: the targets named (each one they may see)
+    /// or every target they may see, through the controller's evaluation
+    /// with the agent's settings. Bounded before any work: the number of
+    /// targets named, and targets × policies × days.
+    async fn simulate(&self, who: &Identity, req: SimulateRequest) -> Result<Simulation, Refusal> {
+        use crate::foresight::what_if::{MAX_DAYS, MAX_PAST_WEEKS, Period, read_policies};
+        let bad = |m: String| refuse(StatusCode::BAD_REQUEST, "BadRequest", m);
+        match (req.days, req.past_weeks) {
+            (Some(_), Some(_)) => return Err(bad("ask for days ahead or past weeks, not both".into())),
+            (Some(d), None) if d == 0 || d > MAX_DAYS => {
+                return Err(bad(format!("days must be between 1 and {MAX_DAYS}")));
+            }
+            (None, Some(w)) if w == 0 || w > MAX_PAST_WEEKS => {
+                return Err(bad(format!("pastWeeks must be between 1 and {MAX_PAST_WEEKS}")));
+            }
+            _ => {}
+        }
+        let period = Period::of(req.past_weeks, req.days);
+        let files = match req.policies.as_deref() {
+            Some(text) => read_policies(text).map_err(|e| bad(format!("policies: {e}")))?,
+            None => Vec::new(),
+        };
+        if req.no_current && files.is_empty() {
+            return Err(bad("noCurrent leaves nothing to simulate without policies".into()));
+        }
+        if req.targets.len() > MAX_SIMULATED_TARGETS {
+            return Err(bad(format!("at most {MAX_SIMULATED_TARGETS} targets at once")));
+        }
+        let mut targets: Vec<TargetRef> = Vec::new();
+        for t in &req.targets {
+            let r: TargetRef = t.parse().map_err(|e| bad(format!("{t:?}: {e}")))?;
+            if !targets.contains(&r) {
+                targets.push(r);
+            }
+        }
+        if targets.is_empty() {
+            let mut all = self.stores.targets(&self.stores.candidates(), &self.scope);
+            all.sort_by_key(|t| t.to_string());
+            targets = self.authz.visible(who, &all).await.map_err(review_failed)?;
+        } else {
+            for r in &targets {
+                self.authorize(who, Verb::Get, r).await?;
+                self.lookup(r)?;
+            }
+        }
+        let runs = (files.len() + usize::from(!req.no_current)) as u64;
+        let work = targets.len() as u64 * runs * u64::from(period.days());
+        if work > MAX_SIMULATED_DAYS {
+            return Err(bad(format!(
+                "{} targets × {runs} policies × {} days is more than {MAX_SIMULATED_DAYS} target-days at once; name fewer targets, or ask for fewer days",
+                targets.len(),
+                period.days()
+            )));
+        }
+        let now = Utc::now();
+        let mut sim = Simulation::default();
+        let mut evaluations = Vec::new();
+        for r in &targets {
+            let skip = |reason: String| Skipped { target: r.to_string(), reason };
+            match self.evaluate(r, now) {
+                Ok(Some(ev)) => evaluations.push(ev),
+                Ok(None) => sim.skipped.push(skip("not a target".into())),
+                Err(e) => sim.skipped.push(skip(format!("invalid, dormant leaves it as it is: {e}"))),
+            }
+        }
+        let defaults = self.defaults.clone();
+        let include_current = !req.no_current;
+        // Runs are pure computation: off the threads that serve requests.
+        let (items, skipped) = tokio::task::spawn_blocking(move || {
+            let (mut items, mut skipped) = (Vec::new(), Vec::new());
+            for ev in &evaluations {
+                match ev.what_if(&files, &defaults, include_current, period, now) {
+                    Ok(c) => items.push(c),
+                    Err(reason) => skipped.push(Skipped { target: ev.target.r.to_string(), reason }),
+                }
+            }
+            (items, skipped)
+        })
+        .await
+        .map_err(|e| {
+            refuse(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", format!("the simulation failed: {e}"))
+        })?;
+        sim.items = items;
+        sim.skipped.extend(skipped);
+        Ok(sim)
     }
 
     fn explain(&self, r: &TargetRef) -> Result<model::Explanation, Refusal> {
@@ -598,6 +740,7 @@ impl Api {
             (&Method::GET, ["whoami"]) => "whoami",
             (&Method::GET, ["targets"]) => "targets",
             (&Method::POST, ["links"]) => "links",
+            (&Method::POST, ["simulate"]) => "simulate",
             (m, ["targets", t @ ..]) => match (m, parse_target(t)) {
                 (&Method::GET, Some((_, None, false))) => "target",
                 (&Method::POST, Some((_, Some(a), true))) => a,
@@ -666,6 +809,11 @@ impl Api {
                     })?;
                     let path = format!("{}link?ticket={ticket}", page::BASE);
                     Ok(json(StatusCode::CREATED, &Link { path, expires_at: now + session::TICKET_LIFE }))
+                }
+                "simulate" => {
+                    let bytes = Self::read_body_up_to(body, MAX_SIMULATE_BODY).await?;
+                    let req: SimulateRequest = serde_json::from_slice(&bytes).map_err(|e| refuse(StatusCode::BAD_REQUEST, "BadRequest", format!("the body is not a simulation request: {e}")))?;
+                    Ok(json(StatusCode::OK, &self.simulate(who, req).await?))
                 }
                 _ => {
                     let segs: Vec<&str> = segs.iter().skip(1).copied().collect();

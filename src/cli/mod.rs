@@ -1,9 +1,9 @@
 //! The command line: `agent`, `status`, `explain`, `sleep`, `wake`, `ui`,
 //! `simulate`, `restore`, `policy lint` and `crd`. `status`, `explain`,
-//! `sleep`, `wake` and `ui` ask the agent's API as the kubeconfig's user
-//! ([`remote`]); with `--direct` the first four read and annotate the
-//! cluster themselves ([`targets`], the break-glass path). `simulate` and
-//! `restore` read the cluster with the kubeconfig's credentials. Every flag
+//! `sleep`, `wake`, `simulate` and `ui` ask the agent's API as the
+//! kubeconfig's user ([`remote`]); with `--direct` all but `ui` read (and
+//! annotate) the cluster themselves ([`targets`], the break-glass path).
+//! `restore` reads the cluster with the kubeconfig's credentials. Every flag
 //! has a `DORMANT_*` environment fallback.
 
 pub mod kubeconfig;

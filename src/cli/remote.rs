@@ -161,6 +161,14 @@ impl Agent {
         self.post(&format!("/dormant/v1/targets/{r}/{action}"), body).await
     }
 
+    /// What-if runs, computed by the agent.
+    pub async fn simulate(
+        &self,
+        req: &crate::api::SimulateRequest,
+    ) -> anyhow::Result<crate::api::Simulation> {
+        self.post("/dormant/v1/simulate", serde_json::to_value(req)?).await
+    }
+
     /// A one-time sign-in link for the page.
     pub async fn link(&self) -> anyhow::Result<String> {
         let l: Link = self.post("/dormant/v1/links", serde_json::json!({})).await?;

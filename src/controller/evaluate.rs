@@ -12,9 +12,11 @@ use kube::core::SelectorExt;
 use crate::activity::{Activity, Source};
 use crate::foresight::predict::{self, Edges};
 use crate::foresight::profile::Profile;
+use crate::foresight::simulate::{Comparison, Start, with_policy};
+use crate::foresight::what_if::{Period, Subject, simulate_subject};
 use crate::policy::annotations::{ForceSleep, TargetAnnotations, TargetState, WorkloadAnnotations};
 use crate::policy::decide::{self, Current, Decision, Forced, Inputs, LastUse};
-use crate::policy::{Defaults, EffectivePolicy, TargetKind};
+use crate::policy::{Candidate, Defaults, EffectivePolicy, TargetKind};
 use crate::scaler::hand_scaled;
 pub use crate::target::effective::Invalid;
 use crate::target::effective::{Governed, effective};
@@ -65,6 +67,53 @@ impl Evaluation {
     ) -> bool {
         annotations.get(EXCLUDE).map(String::as_str) == Some("true")
             || self.policy.exclude.as_ref().is_some_and(|s| !s.selects_all() && s.matches(labels))
+    }
+
+    /// The target as a what-if run starts from it: its policy, profile,
+    /// state, last use and requests now.
+    pub fn subject(&self) -> Subject {
+        let asleep = matches!(self.state, TargetState::Asleep | TargetState::Sleeping);
+        let since = self.annotations.asleep_since.unwrap_or(self.first_seen);
+        Subject {
+            name: self.target.r.to_string(),
+            policy_name: self.policy.policy.clone().unwrap_or_else(|| "agent defaults".into()),
+            policy: self.policy.clone(),
+            profile: self.profile.clone(),
+            start: Start {
+                current: if asleep { Current::Asleep { since } } else { Current::Awake },
+                last_use: self.last_use.clone(),
+                first_seen: self.first_seen,
+                forced: self.forced,
+            },
+            requests: self.running_requests(),
+        }
+    }
+
+    /// What its current policy (unless `include_current` is false) and each
+    /// of `files` would do to it over `period`, through the same decision
+    /// core as the controller's. Each file is resolved as if the target's
+    /// `policy` annotation named it; one that cannot be is the error.
+    pub fn what_if(
+        &self,
+        files: &[Arc<Candidate>],
+        defaults: &Defaults,
+        include_current: bool,
+        period: Period,
+        now: DateTime<Utc>,
+    ) -> Result<Comparison, String> {
+        let mut others = Vec::new();
+        for c in files {
+            let p = with_policy(
+                self.target.r.kind,
+                &self.target.namespace_labels,
+                &self.annotations,
+                c.clone(),
+                defaults,
+            )
+            .map_err(|e| format!("policy {} for {}: {e}", c.name, self.target.r))?;
+            others.push((c.name.clone(), p));
+        }
+        Ok(simulate_subject(&self.subject(), &others, include_current, period, now))
     }
 
     /// What this target requests when awake (what a sleep saves): each

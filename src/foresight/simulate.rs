@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use chrono::{DateTime, NaiveDate, NaiveTime, Utc};
 use chrono_tz::Tz;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::predict::{self, Edges};
 use super::profile::{HOURS, Profile, QUIET_SECS, hour_of_week, local_instant};
@@ -64,7 +64,7 @@ pub struct Scenario<'a> {
 }
 
 /// A state a transition leads to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum State {
     Awake,
@@ -72,7 +72,7 @@ pub enum State {
 }
 
 /// One transition.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Transition {
     pub at: DateTime<Utc>,
@@ -80,12 +80,12 @@ pub struct Transition {
     pub local: String,
     pub to: State,
     /// `idle`, `schedule`, `predicted`, `request`, `manual`, `new`.
-    pub trigger: &'static str,
+    pub trigger: String,
     pub reason: String,
 }
 
 /// A use that found the target asleep.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ColdStart {
     pub at: DateTime<Utc>,
@@ -96,7 +96,7 @@ pub struct ColdStart {
 }
 
 /// Wakes ahead of a predicted first use.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PreWakes {
     /// Wakes whose trigger was `predicted`.
@@ -110,7 +110,7 @@ pub struct PreWakes {
 }
 
 /// Money, from the policy's pricing and the target's requests.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Cost {
     pub currency: String,
@@ -124,7 +124,7 @@ pub struct Cost {
 }
 
 /// One policy over the period.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Run {
     pub target: String,
@@ -145,7 +145,7 @@ pub struct Run {
 }
 
 /// A run set against the first policy of a comparison.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Compared {
     #[serde(flatten)]
@@ -160,7 +160,7 @@ pub struct Compared {
 
 /// Several policies over the same scenario; the first is the baseline
 /// (the target's current policy).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Comparison {
     pub target: String,
@@ -338,7 +338,7 @@ pub fn simulate(name: &str, policy: &EffectivePolicy, sc: &Scenario<'_>) -> Run 
 }
 
 fn transition(at: DateTime<Utc>, tz: Tz, to: State, reason: &Reason) -> Transition {
-    Transition { at, local: local(at, tz), to, trigger: reason.trigger(), reason: reason.to_string() }
+    Transition { at, local: local(at, tz), to, trigger: reason.trigger().into(), reason: reason.to_string() }
 }
 
 fn pre_wakes(transitions: &[Transition], uses: &[DateTime<Utc>], to: DateTime<Utc>) -> PreWakes {

@@ -59,7 +59,7 @@ pub struct Forced {
 /// A wake ahead of a predicted first use: a wake edge at `at`, like a
 /// schedule's wake instant, whose instants come from the target's activity
 /// profile instead of a cron expression.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PredictedWake {
     /// When to wake: the lead time before `predicted_use`.
     pub at: DateTime<Utc>,

@@ -66,7 +66,7 @@ fn cold_starts_are_uses_that_find_the_target_asleep() {
     let uses = [at(utc, 2026, 3, 2, 9, 0), at(utc, 2026, 3, 2, 9, 20), at(utc, 2026, 3, 2, 10, 30)];
     let run = simulate("idle 30m", &p, &scenario(from, at(utc, 2026, 3, 2, 12, 0), &uses));
     let seen: Vec<(String, State, &str)> =
-        run.transitions.iter().map(|t| (t.local.clone(), t.to, t.trigger)).collect();
+        run.transitions.iter().map(|t| (t.local.clone(), t.to, t.trigger.as_str())).collect();
     assert_eq!(
         seen,
         [
@@ -526,7 +526,7 @@ fn agrees(c: &Case, samples: &[f64]) -> Result<(), TestCaseError> {
         at: to,
         local: String::new(),
         to: State::Awake,
-        trigger: "",
+        trigger: String::new(),
         reason: String::new(),
     })) {
         if matches!(st, Current::Awake) {
