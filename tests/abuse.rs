@@ -217,7 +217,8 @@ async fn post(port: u16, body: &[u8], gzip: bool) -> Result<Answer, String> {
         wr.flush().await
     });
     let mut raw = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(120), rd.read_to_end(&mut raw)).await;
+    // Whatever arrived in time is the answer; no status line fails below.
+    tokio::time::timeout(Duration::from_secs(120), rd.read_to_end(&mut raw)).await.ok();
     writer.abort();
     let text = String::from_utf8_lossy(&raw).into_owned();
     let status = text
@@ -251,7 +252,9 @@ async fn legitimate_use(s: &Setup) -> (String, Vec<String>) {
     let audited = s.audited.clone();
     let alice = tokio::task::spawn_blocking(move || {
         let c = &env().cluster;
-        let _ = c.kubectl_out(&c.alice, &["get", "pods", "-n", &audited]);
+        // Refused or not, the API server reports it: what counts is
+        // checked from the agent's side below.
+        c.kubectl_out(&c.alice, &["get", "pods", "-n", &audited]).ok();
     });
 
     // kubectl wakes the vcluster through the proxy.
@@ -433,7 +436,7 @@ async fn ten_thousand_idle_connections_leave_the_agent_under_its_memory_limit_an
             open_now.fetch_add(1, Ordering::Relaxed);
             // Held until the agent closes it (the request sender, kept,
             // keeps the connection open from this side).
-            let _ = conn.await;
+            conn.await.ok();
             open_now.fetch_sub(1, Ordering::Relaxed);
         }));
     }
@@ -559,7 +562,8 @@ async fn idle_h2(port: u16, ping_every: Option<Duration>) -> Result<impl Future<
         .map_err(|e| e.to_string())?;
     Ok(async move {
         let _keep = send;
-        let _ = conn.await;
+        // Resolves when the agent closes the connection, however it does.
+        conn.await.ok();
     })
 }
 

@@ -239,7 +239,9 @@ fn hand_made_requests_are_bounded_and_need_json_and_leak_nothing() {
         assert!(answer.to_ascii_lowercase().contains(&header.to_ascii_lowercase()), "{header}: {answer}");
     }
     // A route label is never what the caller wrote.
-    let _ = w.raw(Some(admin), &request("GET", &format!("/dormant/v1/%3Cscript%3E/{a}"), &[], ""));
+    let (code, answer) =
+        w.raw(Some(admin), &request("GET", &format!("/dormant/v1/%3Cscript%3E/{a}"), &[], ""));
+    assert_eq!(code, 404, "{answer}");
     let metrics = w.agent.get("/metrics");
     let api: Vec<&str> = metrics.lines().filter(|l| l.starts_with("dormant_api_requests_total{")).collect();
     assert!(!api.is_empty() && api.iter().all(|l| !l.contains("script") && !l.contains(&a)), "{api:?}");

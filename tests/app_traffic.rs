@@ -176,9 +176,11 @@ async fn app_server() {
         let local = stream.local_addr().unwrap();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| app(req, local));
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+            // The app's side: the clients check what they are answered.
+            hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                .await;
+                .await
+                .ok();
         });
     }
 }
@@ -672,7 +674,9 @@ fn a_sigkill_while_held_and_while_waking_leaves_the_service_as_it_was_after_the_
         full_log(&agent).contains("wake requested by app traffic")
     });
     agent.kill();
-    let _ = waiting.join();
+    // The request in flight dies with the agent, or is answered just
+    // before: either way, what follows is what the test is about.
+    waiting.join().ok();
     let agent = net.agent(c, &id, "appkill-agent-3", &[]);
     wait_until_state(c, &ns, "awake", &agent);
     wait_until("dormant's slice to go", Duration::from_secs(30), || {

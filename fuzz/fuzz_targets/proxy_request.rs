@@ -74,8 +74,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     if !upgrade {
         assert!(!out.contains_key(header::CONNECTION) && !out.contains_key(header::UPGRADE));
     }
-    if let Some(v) = h.get(vocab::IGNORE_HEADER).and_then(|v| v.to_str().ok()).filter(|v| v.eq_ignore_ascii_case("true")) {
-        let _ = v;
+    if h.get(vocab::IGNORE_HEADER).and_then(|v| v.to_str().ok()).is_some_and(|v| v.eq_ignore_ascii_case("true")) {
         let ua = out.get(header::USER_AGENT).map(|v| v.as_bytes().to_vec()).unwrap_or_default();
         assert!(ua.ends_with(vocab::IGNORED_USER_AGENT_MARK.as_bytes()), "the opt-out lost its mark");
     }
