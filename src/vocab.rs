@@ -14,6 +14,8 @@ pub const SLEEP_SCHEDULE: &str = "dormant.dev/sleep-schedule";
 pub const WAKE_SCHEDULE: &str = "dormant.dev/wake-schedule";
 pub const TIMEZONE: &str = "dormant.dev/timezone";
 pub const DISABLED: &str = "dormant.dev/disabled";
+/// `finish` or `suspend`: what a sleep does to a Job still running.
+pub const RUNNING_JOBS: &str = "dormant.dev/running-jobs";
 pub const FORCE_SLEEP: &str = "dormant.dev/force-sleep";
 pub const PREVENT_WAKEUP_UNTIL: &str = "dormant.dev/prevent-wakeup-until";
 pub const UPSTREAM: &str = "dormant.dev/upstream";
@@ -65,6 +67,7 @@ pub const TARGET_KEYS: &[&str] = &[
     WAKE_SCHEDULE,
     TIMEZONE,
     DISABLED,
+    RUNNING_JOBS,
     FORCE_SLEEP,
     PREVENT_WAKEUP_UNTIL,
     UPSTREAM,

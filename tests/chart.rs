@@ -723,6 +723,8 @@ metadata: {{name: {id}}}
 spec:
   selector: {{namespaceSelector: {{matchLabels: {{dormant-test: {id}}}}}}}
   sleepAfter: 1h
+  # Jobs are suspended, not left to finish: what the Job grants are for.
+  runningJobs: Suspend
 ---
 apiVersion: keda.sh/v1alpha1
 kind: ScaledObject

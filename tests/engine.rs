@@ -250,6 +250,68 @@ fn a_hand_scaled_workload_wakes_its_target_and_keeps_its_value() {
     assert!(by.contains("Deployment") && by.ends_with("(scale)"), "{by}");
 }
 
+/// Putting a namespace to sleep lets a Job that is still running finish
+/// (its work in progress is not thrown away): the namespace's CronJobs are
+/// suspended so that no new Job starts, but the Job keeps its pod and is
+/// not touched. With `running-jobs: suspend` on the target, the Job is
+/// suspended (its pod goes) and the wake resumes it.
+#[test]
+fn a_running_job_finishes_while_its_namespace_sleeps_unless_the_target_says_suspend() {
+    let c = Cluster::shared();
+    let id = test_id("jobs");
+    let ns = c.namespace("jobs", &[("dormant-test", &id)]).unwrap();
+    // kwok completes a Job's pod as soon as it runs; one that no node
+    // takes keeps its Job active, as a long computation would.
+    let job = format!(
+        "apiVersion: batch/v1\nkind: Job\nmetadata: {{name: backfill, namespace: {ns}}}\nspec:\n  backoffLimit: 0\n  template:\n    spec: {{restartPolicy: Never, nodeSelector: {{dormant-test/nowhere: \"true\"}}, containers: [{{name: j, image: busybox:1.37}}]}}\n"
+    );
+    c.kubectl_apply(&c.admin, &format!("{}---\n{job}", workloads_yaml(&ns))).unwrap();
+    let job_pods = || pods(c, &ns, "batch.kubernetes.io/job-name=backfill");
+    let active = || jsonpath(c, "job", "backfill", Some(&ns), "{.status.active}");
+    wait_until("the Job active with its pod", Duration::from_secs(60), || job_pods() == 1 && active() == "1");
+    let agent = Agent::start(c, &id, &format!("{id}-system"), "jobs1", &[]);
+    kubectl(c, &["annotate", "namespace", &ns, "dormant.dev/sleep-after=1h"]);
+    let sleep_wake = |verb: &str| {
+        let out = dormant(c, &[verb, &format!("namespace/{ns}"), "--wait=60s"]);
+        assert!(out.status.success(), "{verb}: {}\n{}", String::from_utf8_lossy(&out.stderr), agent.log());
+    };
+
+    sleep_wake("sleep");
+    assert_namespace_asleep(c, &ns);
+    // Asleep, and the Job runs on, untouched.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!((job_pods(), active().as_str()), (1, "1"), "the running Job lost its pod");
+    assert_eq!(jsonpath(c, "job", "backfill", Some(&ns), "{.spec.suspend}"), "false");
+    assert_eq!(annotation(c, "job", "backfill", Some(&ns), "dormant.dev/suspend-before-sleep"), "");
+    let explain =
+        String::from_utf8_lossy(&dormant(c, &["explain", &format!("namespace/{ns}")]).stdout).into_owned();
+    let line = explain
+        .lines()
+        .find(|l| l.trim_start().starts_with("runningJobs"))
+        .unwrap_or_else(|| panic!("{explain}"));
+    assert!(line.contains("Finish"), "{line}");
+    sleep_wake("wake");
+    assert_namespace_awake_as_before(c, &ns);
+
+    // Suspend: the Job is suspended with its record, its pod goes, and the
+    // wake resumes it.
+    kubectl(c, &["annotate", "namespace", &ns, "dormant.dev/running-jobs=suspend"]);
+    sleep_wake("sleep");
+    assert_namespace_asleep(c, &ns);
+    assert_eq!(jsonpath(c, "job", "backfill", Some(&ns), "{.spec.suspend}"), "true", "{}", agent.log());
+    assert_eq!(annotation(c, "job", "backfill", Some(&ns), "dormant.dev/suspend-before-sleep"), "false");
+    wait_until("the suspended Job's pod to go", Duration::from_secs(30), || {
+        pods(c, &ns, "batch.kubernetes.io/job-name=backfill") == 0
+    });
+    sleep_wake("wake");
+    assert_namespace_awake_as_before(c, &ns);
+    assert_eq!(jsonpath(c, "job", "backfill", Some(&ns), "{.spec.suspend}"), "false");
+    assert_eq!(annotation(c, "job", "backfill", Some(&ns), "dormant.dev/suspend-before-sleep"), "");
+    wait_until("the resumed Job active again", Duration::from_secs(60), || {
+        job_pods() == 1 && active() == "1"
+    });
+}
+
 /// A workload's record removed while its target sleeps (a user tidying
 /// annotations, a GitOps tool pruning them) is not the only copy: the
 /// target's `sleep-record` names everything the sleep scaled, and the wake

@@ -10,7 +10,7 @@ use crate::controller::{Evaluation, Invalid};
 use crate::metrics::cost::hourly_cost;
 use crate::policy::annotations::{TargetState, Until};
 use crate::policy::decide::Desired;
-use crate::policy::{Defaults, Origin, duration};
+use crate::policy::{Defaults, EffectivePolicy, Origin, duration};
 use crate::target::{Scope, Target, TargetKind, TargetObject, TargetRef};
 use crate::vocab;
 
@@ -304,6 +304,51 @@ pub fn summary(
     }
 }
 
+/// The effective policy's settings as explain shows them: (name, value,
+/// where the value came from), in the order people read them.
+pub fn policy_settings(p: &EffectivePolicy) -> Vec<(&'static str, String, &Origin)> {
+    let schedules = if p.schedules.value.is_empty() {
+        "none".to_string()
+    } else {
+        p.schedules
+            .value
+            .iter()
+            .map(|s| {
+                format!(
+                    "sleep {} / wake {}",
+                    s.sleep.as_ref().map_or("-".into(), |c| format!("\"{c}\"")),
+                    s.wake.as_ref().map_or("-".into(), |c| format!("\"{c}\""))
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    let pricing = &p.pricing.value;
+    let mut settings = vec![
+        ("sleepAfter", p.sleep_after.value.to_string(), &p.sleep_after.origin),
+        ("schedules", schedules, &p.schedules.origin),
+        ("timezone", p.timezone.value.name().to_string(), &p.timezone.origin),
+        ("wake.onRequest", p.wake_on_request.value.to_string(), &p.wake_on_request.origin),
+        ("wake.onSchedule", p.wake_on_schedule.value.to_string(), &p.wake_on_schedule.origin),
+        ("wake.timeout", duration::format(p.wake_timeout.value), &p.wake_timeout.origin),
+        ("runningJobs", p.running_jobs.value.to_string(), &p.running_jobs.origin),
+        ("dryRun", p.dry_run.value.to_string(), &p.dry_run.origin),
+        ("disabled", p.disabled.value.to_string(), &p.disabled.origin),
+        (
+            "pricing",
+            format!(
+                "{} {c}/core-hour, {} {c}/GiB-hour",
+                pricing.cpu_core_hour,
+                pricing.memory_gib_hour,
+                c = pricing.currency
+            ),
+            &p.pricing.origin,
+        ),
+    ];
+    settings.push(("ignore", p.ignore.value.summary(), &p.ignore.origin));
+    settings
+}
+
 /// explain's content for `r`, whose object is `target`.
 pub fn explanation(
     r: &TargetRef,
@@ -369,45 +414,7 @@ pub fn explanation(
             vocab::DISABLED
         ));
     }
-    let p = &ev.policy;
-    let schedules = if p.schedules.value.is_empty() {
-        "none".to_string()
-    } else {
-        p.schedules
-            .value
-            .iter()
-            .map(|s| {
-                format!(
-                    "sleep {} / wake {}",
-                    s.sleep.as_ref().map_or("-".into(), |c| format!("\"{c}\"")),
-                    s.wake.as_ref().map_or("-".into(), |c| format!("\"{c}\""))
-                )
-            })
-            .collect::<Vec<_>>()
-            .join("; ")
-    };
-    let pricing = &p.pricing.value;
-    let mut settings = vec![
-        ("sleepAfter", p.sleep_after.value.to_string(), &p.sleep_after.origin),
-        ("schedules", schedules, &p.schedules.origin),
-        ("timezone", p.timezone.value.name().to_string(), &p.timezone.origin),
-        ("wake.onRequest", p.wake_on_request.value.to_string(), &p.wake_on_request.origin),
-        ("wake.onSchedule", p.wake_on_schedule.value.to_string(), &p.wake_on_schedule.origin),
-        ("wake.timeout", duration::format(p.wake_timeout.value), &p.wake_timeout.origin),
-        ("dryRun", p.dry_run.value.to_string(), &p.dry_run.origin),
-        ("disabled", p.disabled.value.to_string(), &p.disabled.origin),
-        (
-            "pricing",
-            format!(
-                "{} {c}/core-hour, {} {c}/GiB-hour",
-                pricing.cpu_core_hour,
-                pricing.memory_gib_hour,
-                c = pricing.currency
-            ),
-            &p.pricing.origin,
-        ),
-    ];
-    settings.push(("ignore", p.ignore.value.summary(), &p.ignore.origin));
+    let settings = policy_settings(&ev.policy);
     x.settings = settings
         .into_iter()
         .map(|(name, value, o)| {

@@ -275,43 +275,6 @@ pub async fn explain(client: &Client, r: &TargetRef) -> anyhow::Result<String> {
             format!(" (won a tie by name over {})", p.tied_with.join(", "))
         }
     );
-    let schedules = if p.schedules.value.is_empty() {
-        "none".to_string()
-    } else {
-        p.schedules
-            .value
-            .iter()
-            .map(|s| {
-                format!(
-                    "sleep {} / wake {}",
-                    s.sleep.as_ref().map_or("-".into(), |c| format!("\"{c}\"")),
-                    s.wake.as_ref().map_or("-".into(), |c| format!("\"{c}\""))
-                )
-            })
-            .collect::<Vec<_>>()
-            .join("; ")
-    };
-    let rows = [
-        ("sleepAfter", p.sleep_after.value.to_string(), origin(&p.sleep_after.origin)),
-        ("schedules", schedules, origin(&p.schedules.origin)),
-        ("timezone", p.timezone.value.name().to_string(), origin(&p.timezone.origin)),
-        ("wake.onRequest", p.wake_on_request.value.to_string(), origin(&p.wake_on_request.origin)),
-        ("wake.onSchedule", p.wake_on_schedule.value.to_string(), origin(&p.wake_on_schedule.origin)),
-        ("wake.timeout", duration::format(p.wake_timeout.value), origin(&p.wake_timeout.origin)),
-        ("dryRun", p.dry_run.value.to_string(), origin(&p.dry_run.origin)),
-        ("disabled", p.disabled.value.to_string(), origin(&p.disabled.origin)),
-        (
-            "pricing",
-            format!(
-                "{} {}/core-hour, {} {}/GiB-hour",
-                p.pricing.value.cpu_core_hour,
-                p.pricing.value.currency,
-                p.pricing.value.memory_gib_hour,
-                p.pricing.value.currency
-            ),
-            origin(&p.pricing.origin),
-        ),
-    ];
     let delete_after = p.delete_after.map(|d| {
         (
             "deleteAfter",
@@ -319,10 +282,10 @@ pub async fn explain(client: &Client, r: &TargetRef) -> anyhow::Result<String> {
             String::new(),
         )
     });
-    for (k, v, o) in rows.into_iter().chain(delete_after) {
+    let rows = crate::api::model::policy_settings(p).into_iter().map(|(k, v, o)| (k, v, origin(o)));
+    for (k, v, o) in rows.chain(delete_after) {
         let _ = writeln!(out, "  {k:<16} {v:<40} {o}");
     }
-    let _ = writeln!(out, "  {:<16} {:<40} {}", "ignore", p.ignore.value.summary(), origin(&p.ignore.origin));
     let _ = writeln!(out, "Workloads:");
     for w in &ev.workloads {
         let now_value = match (w.replicas, w.suspend) {

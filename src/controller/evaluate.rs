@@ -16,11 +16,11 @@ use crate::foresight::simulate::{Comparison, Start, with_policy};
 use crate::foresight::what_if::{Period, Subject, simulate_subject};
 use crate::policy::annotations::{ForceSleep, TargetAnnotations, TargetState, WorkloadAnnotations};
 use crate::policy::decide::{self, Current, Decision, Forced, Inputs, LastUse};
-use crate::policy::{Candidate, Defaults, EffectivePolicy, TargetKind};
+use crate::policy::{Candidate, Defaults, EffectivePolicy, RunningJobs, TargetKind};
 use crate::scaler::hand_scaled;
 pub use crate::target::effective::Invalid;
 use crate::target::effective::{Governed, effective};
-use crate::target::workload::{Requests, pod_spec_requests};
+use crate::target::workload::{Requests, WorkloadKind, pod_spec_requests};
 use crate::target::{Scope, Stores, Target, TargetRef, WorkloadView};
 use crate::vocab::{EXCLUDE, REPLICAS_BEFORE_SLEEP};
 
@@ -53,10 +53,12 @@ pub struct Evaluation {
 }
 
 impl Evaluation {
-    /// True when a workload is never scaled: annotated `exclude`, or
-    /// matched by the policy's exclude selector.
+    /// True when a sleep leaves a workload as it is: annotated `exclude`,
+    /// matched by the policy's exclude selector, or a Job the policy lets
+    /// finish (`runningJobs: Finish`, the default).
     pub fn excluded(&self, w: &WorkloadView) -> bool {
         self.excluded_by(&w.annotations, &w.labels)
+            || (w.kind == WorkloadKind::Job && self.policy.running_jobs.value == RunningJobs::Finish)
     }
 
     /// Excluded by its own annotation or the policy's label selector.

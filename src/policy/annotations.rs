@@ -115,6 +115,7 @@ pub struct TargetAnnotations {
     pub wake_schedule: Option<Schedule>,
     pub timezone: Option<Tz>,
     pub disabled: bool,
+    pub running_jobs: Option<super::RunningJobs>,
     /// When a forced sleep was requested (`true` reads as "at first sight":
     /// the caller supplies that instant).
     pub force_sleep: Option<ForceSleep>,
@@ -209,6 +210,13 @@ impl TargetAnnotations {
                 self.timezone = Some(schedule::parse_timezone(v).map_err(|e| err(key, v, e.to_string()))?);
             }
             DISABLED => self.disabled = parse_bool(key, v)?,
+            RUNNING_JOBS => {
+                self.running_jobs = Some(match v.trim().to_ascii_lowercase().as_str() {
+                    "finish" => super::RunningJobs::Finish,
+                    "suspend" => super::RunningJobs::Suspend,
+                    _ => return Err(err(key, v, "expected finish or suspend")),
+                })
+            }
             FORCE_SLEEP => {
                 self.force_sleep = match v.trim() {
                     "true" => Some(ForceSleep::Requested),
@@ -413,6 +421,7 @@ mod tests {
             (WAKE_SCHEDULE, "0 7 * * 1-5"),
             (TIMEZONE, "Europe/Berlin"),
             (DISABLED, "false"),
+            (RUNNING_JOBS, "Suspend"),
             (FORCE_SLEEP, "2026-11-26T18:00:00Z"),
             (PREVENT_WAKEUP_UNTIL, "never"),
             (UPSTREAM, "https://127.0.0.1:6443/"),
@@ -429,6 +438,7 @@ mod tests {
         assert_eq!(a.policy.as_deref(), Some("office-hours"));
         assert_eq!(a.sleep_after, Some(SleepAfter::After(std::time::Duration::from_secs(2700))));
         assert_eq!(a.timezone, Some(chrono_tz::Europe::Berlin));
+        assert_eq!(a.running_jobs, Some(super::super::RunningJobs::Suspend));
         assert!(matches!(a.force_sleep, Some(ForceSleep::Since(_))));
         assert_eq!(a.prevent_wakeup_until, Some(Until::Never));
         assert_eq!(a.upstream.as_deref(), Some("https://127.0.0.1:6443"));
@@ -448,6 +458,7 @@ mod tests {
             (WAKE_SCHEDULE, "0 99 * * *", "invalid schedule"),
             (TIMEZONE, "Mars/Olympus", "unknown time zone"),
             (DISABLED, "yes", "expected true or false"),
+            (RUNNING_JOBS, "kill", "expected finish or suspend"),
             (FORCE_SLEEP, "now", "expected true, false or the RFC 3339 time"),
             (PREVENT_WAKEUP_UNTIL, "tomorrow", "RFC 3339"),
             (UPSTREAM, "http://vc.example", "https://"),

@@ -69,6 +69,13 @@ pub struct SleepPolicySpec {
     /// What running costs, for the savings figures.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pricing: Option<PricingSpec>,
+    /// What a sleep does to a Job still running in a namespace target:
+    /// `Finish` (default) lets it run to completion, while the namespace's
+    /// CronJobs are suspended so that no new one starts; `Suspend` suspends
+    /// it (its pods are deleted and the work they had done is lost) and
+    /// resumes it at wake.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running_jobs: Option<RunningJobs>,
     /// Decide and report, but never scale anything.
     #[serde(default)]
     pub dry_run: bool,
@@ -78,6 +85,25 @@ pub struct SleepPolicySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = DURATION_PATTERN))]
     pub delete_after: Option<String>,
+}
+
+/// What a sleep does to a Job still running (`spec.runningJobs`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum RunningJobs {
+    /// Let it run to completion; no new Job starts (CronJobs are suspended).
+    #[default]
+    Finish,
+    /// Suspend it (its pods go, with the work they had done) and resume it at wake.
+    Suspend,
+}
+
+impl std::fmt::Display for RunningJobs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RunningJobs::Finish => "Finish",
+            RunningJobs::Suspend => "Suspend",
+        })
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]

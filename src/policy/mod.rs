@@ -21,7 +21,7 @@ use chrono_tz::Tz;
 use kube::ResourceExt;
 use kube::core::Selector;
 
-pub use crd::{SleepPolicy, SleepPolicySpec, SleepPolicyStatus};
+pub use crd::{RunningJobs, SleepPolicy, SleepPolicySpec, SleepPolicyStatus};
 use duration::SleepAfter;
 use ignore::{IgnoreRules, ResourceRule};
 pub use resolve::{Candidate, Defaults, EffectivePolicy, Origin, ResolveError, Sourced, TargetKind, resolve};
@@ -88,6 +88,7 @@ pub struct Policy {
     pub ignore: IgnoreRules,
     pub exclude: Option<Selector>,
     pub pricing: Option<Pricing>,
+    pub running_jobs: Option<RunningJobs>,
     pub dry_run: bool,
     pub delete_after: Option<Duration>,
 }
@@ -253,6 +254,7 @@ impl Policy {
             },
             exclude,
             pricing,
+            running_jobs: spec.running_jobs,
             dry_run: spec.dry_run,
             delete_after,
         })

@@ -108,6 +108,8 @@ pub struct EffectivePolicy {
     pub ignore: Sourced<IgnoreRules>,
     pub exclude: Option<Selector>,
     pub pricing: Sourced<Pricing>,
+    /// What a sleep does to a Job still running.
+    pub running_jobs: Sourced<super::RunningJobs>,
     pub dry_run: Sourced<bool>,
     pub disabled: Sourced<bool>,
     pub delete_after: Option<Duration>,
@@ -255,6 +257,11 @@ pub fn resolve(
     let wake_timeout = layer(defaults.wake_timeout, policy.map(|p| (p.wake_timeout, &po)), None);
     let wake_predictive = layer(None, policy.map(|p| (p.wake_predictive.map(Some), &po)), None);
     let pricing = layer(defaults.pricing.clone(), policy.map(|p| (p.pricing.clone(), &po)), None);
+    let running_jobs = layer(
+        super::RunningJobs::Finish,
+        policy.map(|p| (p.running_jobs, &po)),
+        annotations.running_jobs.map(|v| (v, vocab::RUNNING_JOBS)),
+    );
     let dry_run = layer(false, policy.map(|p| (Some(p.dry_run), &po)), None);
     let disabled = layer(false, None, annotations.disabled.then_some((true, vocab::DISABLED)));
 
@@ -290,6 +297,7 @@ pub fn resolve(
         ignore,
         exclude: policy.and_then(|p| p.exclude.clone()),
         pricing,
+        running_jobs,
         dry_run,
         disabled,
         delete_after: policy.and_then(|p| p.delete_after),

@@ -298,3 +298,30 @@ fn every_bad_predictive_value_is_named() {
         assert!(errors.iter().any(|e| e.field == field && e.message.contains(needle)), "{spec}: {errors:?}");
     }
 }
+
+#[test]
+fn running_jobs_finish_unless_a_policy_or_the_target_says_suspend() {
+    let ns = labels(&[]);
+    let d = Defaults::default();
+    let none = resolve(TargetKind::Namespace, &ns, &TargetAnnotations::default(), &[], &d).unwrap();
+    assert_eq!(none.running_jobs, Sourced { value: RunningJobs::Finish, origin: Origin::Default });
+    let strict = policy("strict", "  runningJobs: Suspend\n");
+    let p =
+        resolve(TargetKind::Namespace, &ns, &TargetAnnotations::default(), std::slice::from_ref(&strict), &d)
+            .unwrap();
+    assert_eq!(
+        p.running_jobs,
+        Sourced { value: RunningJobs::Suspend, origin: Origin::Policy("strict".into()) }
+    );
+    let a = annotations(&[(vocab::RUNNING_JOBS, "finish")]);
+    let p = resolve(TargetKind::Namespace, &ns, &a, &[strict], &d).unwrap();
+    assert_eq!(
+        p.running_jobs,
+        Sourced { value: RunningJobs::Finish, origin: Origin::Annotation(vocab::RUNNING_JOBS) }
+    );
+    // A value the CRD does not know is refused with the policy.
+    let bad: Result<SleepPolicy, _> = serde_yaml::from_str(
+        "apiVersion: dormant.dev/v1alpha1\nkind: SleepPolicy\nmetadata: {name: x}\nspec: {runningJobs: Kill}\n",
+    );
+    assert!(bad.is_err());
+}
