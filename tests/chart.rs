@@ -227,6 +227,48 @@ fn the_chart_lints_and_renders_with_defaults_and_with_every_option_on() {
     assert!(documents(&everything, "ValidatingAdmissionPolicy").is_empty());
     assert!(!defaults.contains("--namespaces="), "cluster mode serves every namespace not excluded");
     // Secret reads only with the proxy on.
+    // App traffic: off by default, with nothing of it rendered; on, the
+    // agent listens on every interface on its port range, advertises the
+    // pods its headless Service finds ready, may hold EndpointSlices where
+    // it acts, and the NetworkPolicy lets ingress controllers in.
+    assert!(!defaults.contains("app-traffic") && !defaults.contains("endpointslices"), "{defaults}");
+    for arg in [
+        "- --app-traffic-addr=0.0.0.0",
+        "- --app-traffic-ports=30000-30099",
+        "- --app-traffic-advertise=service:d-dormant-app-traffic",
+        "- --app-traffic-max-waiting=500",
+        "- --app-traffic-max-connections=5000",
+    ] {
+        assert!(everything.contains(arg), "{arg}");
+    }
+    let service = documents(&everything, "Service").concat();
+    assert!(
+        service.contains("name: d-dormant-app-traffic")
+            && service.contains("clusterIP: None")
+            && service.contains("{name: app-traffic, port: 30000, protocol: TCP}"),
+        "{service}"
+    );
+    let roles = documents(&everything, "ClusterRole").concat();
+    let read = roles.split("name: d-dormant-act").next().unwrap();
+    assert!(read.contains("resources: [endpointslices]\n  verbs: [list, watch]"), "{read}");
+    let act = documents(&everything, "ClusterRole")
+        .into_iter()
+        .find(|d| d.contains("name: d-dormant-act"))
+        .unwrap();
+    for rule in [
+        "resources: [services]\n  verbs: [list]",
+        "resources: [ingresses]\n  verbs: [list]",
+        "resources: [httproutes, grpcroutes]\n  verbs: [list]",
+        "resources: [endpointslices]\n  verbs: [get, create, patch, delete]",
+    ] {
+        assert!(act.contains(rule), "{rule}: {act}");
+    }
+    let netpol = documents(&everything, "NetworkPolicy").concat();
+    assert!(
+        netpol.contains("{port: 30000, endPort: 30099, protocol: TCP}") && netpol.contains("ingress-nginx"),
+        "{netpol}"
+    );
+
     let no_proxy = render(c, &["--set", "proxy.enabled=false"]);
     assert!(!documents(&no_proxy, "ClusterRole").concat().contains("secrets"), "{no_proxy}");
 

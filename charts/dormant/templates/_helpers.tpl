@@ -83,3 +83,14 @@ and agent.excludeNamespaces, but not its own (its Lease lives there). */}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
+
+{{/* The first port of appTraffic.ports ("20000-21999" or one port). */}}
+{{- define "dormant.appTrafficFirstPort" -}}
+{{- (split "-" (toString .Values.appTraffic.ports))._0 | int -}}
+{{- end -}}
+
+{{/* The last port of appTraffic.ports. */}}
+{{- define "dormant.appTrafficLastPort" -}}
+{{- $p := split "-" (toString .Values.appTraffic.ports) -}}
+{{- default $p._0 $p._1 | int -}}
+{{- end -}}
