@@ -14,6 +14,7 @@
 //! one is dormant's.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod browser_support;
 mod support;
 
 use std::convert::Infallible;
@@ -581,7 +582,8 @@ fn a_browser_gets_the_waiting_page_until_the_app_answers_and_health_checkers_nev
     assert_eq!(state(c, "namespace", &ns, None), "asleep");
     assert_eq!(jsonpath(c, "deployment", "web", Some(&ns), "{.spec.replicas}"), "0");
 
-    // A browser: the page, which refreshes, until the app answers.
+    // A browser: the page, asked for again (as its script does), until the
+    // app answers.
     let browser = |url: &str| {
         out(&net.curl(&[
             "-A".into(),
@@ -595,7 +597,15 @@ fn a_browser_gets_the_waiting_page_until_the_app_answers_and_health_checkers_nev
     };
     let first = browser(&url);
     assert!(first.starts_with("HTTP/1.1 503"), "{first}");
-    assert!(first.to_ascii_lowercase().contains("refresh:"), "{first}");
+    // It follows the wake by script (allowed by hash), with a plain
+    // refresh only for browsers without script.
+    assert!(
+        first.to_ascii_lowercase().contains(
+            "content-security-policy: default-src 'none'; style-src 'unsafe-inline'; script-src 'sha256-"
+        ),
+        "{first}"
+    );
+    assert!(first.contains(r#"<noscript><meta http-equiv="refresh" content="2"></noscript>"#), "{first}");
     assert!(first.contains("waking up") && first.contains("so far"), "{first}");
     assert!(!first.contains(&ns), "the page names the namespace: {first}");
     let start = Instant::now();
@@ -624,6 +634,127 @@ fn a_browser_gets_the_waiting_page_until_the_app_answers_and_health_checkers_nev
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     eprintln!("{pages} waiting pages, then the app after {:?}", start.elapsed());
     wait_until_state(c, &ns, "awake", &agent);
+}
+
+/// The waiting page as people meet it: headless Chromium, inside the
+/// test's network namespace, opens the sleeping app's URL once and is
+/// never told where to go after. It is shown the waiting page, which
+/// follows the wake in place (its script), then the app, on the same URL
+/// (dormant's port forwards to the pods once they answer). The page has
+/// no serious or critical accessibility violation (it used to reload
+/// itself, which axe-core's `meta-refresh` rule rightly flags).
+#[test]
+fn in_chromium_the_waiting_page_shows_the_wake_and_then_the_app() {
+    let c = Cluster::shared();
+    let net = Net::new(c, "chrome");
+    let (_, ns, agent) = sleeping_app(c, &net, "appchrome", true, false, &[]);
+    let ep = held_endpoint(c, &ns, &agent);
+    let url = format!("http://{ep}/");
+    let axe = browser_support::axe_script();
+    let (seen, violations, last) = in_ns(net.path(), move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async move {
+            let b = browser_support::Browser::start().await;
+            b.client.goto(&url).await.unwrap();
+            let mut violations = None;
+            let mut seen: Vec<(String, String)> = Vec::new();
+            let start = Instant::now();
+            let last = loop {
+                let body = b
+                    .client
+                    .find(fantoccini::Locator::Css("body"))
+                    .await
+                    .map(|e| async move { e.text().await.unwrap_or_default() });
+                let text = match body {
+                    Ok(t) => t.await,
+                    Err(_) => String::new(),
+                };
+                if text.contains("app says hi") {
+                    break text;
+                }
+                if text.contains("waking up") {
+                    let bar = match b.client.find(fantoccini::Locator::Css("progress")).await {
+                        Ok(p) => p.attr("value").await.unwrap().unwrap_or_default(),
+                        Err(_) => String::new(),
+                    };
+                    if seen.last().map(|(t, _)| t) != Some(&text) {
+                        seen.push((text.clone(), bar));
+                    }
+                    if violations.is_none() {
+                        violations = Some(b.accessibility_violations(&axe).await);
+                        b.screenshot("app-waiting-page.png").await;
+                    }
+                }
+                assert!(
+                    start.elapsed() < Duration::from_secs(90),
+                    "still not the app: {text:?} after {seen:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            };
+            b.stop().await;
+            (seen, violations, last)
+        })
+    });
+    eprintln!("Chromium saw {} waiting pages: {seen:?}", seen.len());
+    let (first, bar) = seen.first().unwrap_or_else(|| panic!("no waiting page before the app: {last}"));
+    assert!(first.contains("This app is waking up") && first.contains("so far"), "{first}");
+    assert!(bar.parse::<u32>().is_ok_and(|p| (5..=100).contains(&p)), "progress {bar:?}");
+    assert!(!seen.iter().any(|(t, _)| t.contains(&ns)), "a page names the namespace");
+    assert!(last.starts_with("app says hi from 10.244."), "{last}");
+    assert_eq!(violations.unwrap_or_default(), Vec::<String>::new());
+    wait_until_state(c, &ns, "awake", &agent);
+}
+
+/// A wake that takes its time, in Chromium: the waiting page stays the
+/// same document while its progress moves on (a mark set in it survives,
+/// which a reload would wipe), and when the wake times out the page that
+/// says so replaces it, with no one reloading anything.
+#[test]
+fn in_chromium_the_waiting_page_updates_in_place_and_ends_on_the_timeout_page() {
+    let c = Cluster::shared();
+    let net = Net::new(c, "chromeslow");
+    let (_, ns, agent) = sleeping_app(c, &net, "appslow", true, true, &["--default-wake-timeout=8s"]);
+    let ep = held_endpoint(c, &ns, &agent);
+    let url = format!("http://{ep}/");
+    let (elapsed_seen, marked_while_waiting, last) = in_ns(net.path(), move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async move {
+            let b = browser_support::Browser::start().await;
+            b.client.goto(&url).await.unwrap();
+            b.client.execute("window.dormantMark = 1;", vec![]).await.unwrap();
+            let mut elapsed_seen: Vec<String> = Vec::new();
+            let mut marked_while_waiting = true;
+            let start = Instant::now();
+            let last = loop {
+                let text = match b.client.find(fantoccini::Locator::Css("body")).await {
+                    Ok(e) => e.text().await.unwrap_or_default(),
+                    // Between two pages.
+                    Err(_) => String::new(),
+                };
+                if text.contains("did not wake up") {
+                    break text;
+                }
+                if text.contains("waking up") {
+                    let mark = b.client.execute("return window.dormantMark === 1;", vec![]).await.unwrap();
+                    marked_while_waiting &= mark == serde_json::Value::Bool(true);
+                    if let Ok(e) = b.client.find(fantoccini::Locator::Id("dormant-elapsed")).await {
+                        let t = e.text().await.unwrap_or_default();
+                        if elapsed_seen.last() != Some(&t) {
+                            elapsed_seen.push(t);
+                        }
+                    }
+                }
+                assert!(start.elapsed() < Duration::from_secs(60), "{text:?} after {elapsed_seen:?}");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            };
+            b.stop().await;
+            (elapsed_seen, marked_while_waiting, last)
+        })
+    });
+    eprintln!("the waiting page counted {elapsed_seen:?}, then: {last:?}");
+    assert!(elapsed_seen.len() >= 3, "the page did not follow the wake: {elapsed_seen:?}");
+    assert!(marked_while_waiting, "the waiting page was reloaded while it waited");
+    assert!(last.contains("This app did not wake up in time") && last.contains("within 8s"), "{last}");
 }
 
 #[test]

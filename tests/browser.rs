@@ -12,147 +12,18 @@
 //! README's screenshots into `docs/`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod browser_support;
 mod self_service;
 mod support;
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use fantoccini::{Client, ClientBuilder, Locator};
+use browser_support::{Browser, axe_script};
+use fantoccini::Locator;
 use self_service::*;
 use support::*;
 use testbed::Cluster;
 use testbed::vcluster::{VCluster, VClusterOptions};
-
-const AXE_VERSION: &str = "4.14.1";
-
-/// axe-core's script, installed with npm into a cache folder outside the
-/// repository (as the testbed is) when it is not there yet.
-fn axe_script() -> String {
-    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
-    let dir = PathBuf::from(home).join(format!(".cache/dormant/axe-core-{AXE_VERSION}"));
-    let file = dir.join("node_modules/axe-core/axe.min.js");
-    if !file.exists() {
-        std::fs::create_dir_all(&dir).unwrap();
-        let out = std::process::Command::new("npm")
-            .args(["install", "--no-audit", "--no-fund", "--prefix"])
-            .arg(&dir)
-            .arg(format!("axe-core@{AXE_VERSION}"))
-            .output()
-            .unwrap_or_else(|e| panic!("npm is needed to install axe-core: {e}"));
-        assert!(out.status.success(), "npm install axe-core: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    std::fs::read_to_string(&file).unwrap()
-}
-
-/// chromedriver on a free port, and a headless Chromium session with a
-/// profile of its own.
-struct Browser {
-    driver: std::process::Child,
-    client: Client,
-    _profile: tempfile::TempDir,
-}
-
-impl Browser {
-    async fn start() -> Browser {
-        for bin in ["/usr/bin/chromium", "/usr/bin/chromedriver"] {
-            assert!(
-                std::path::Path::new(bin).exists(),
-                "{bin} is missing; install Debian's browser and driver with:\n\n    apt-get update && apt-get install -y chromium chromium-driver\n\n(hack/test.sh does)"
-            );
-        }
-        let port = testbed::process::free_port().unwrap();
-        let driver = std::process::Command::new("/usr/bin/chromedriver")
-            .arg(format!("--port={port}"))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let profile = tempfile::tempdir().unwrap();
-        let caps = serde_json::json!({
-            "browserName": "chrome",
-            // The agent's certificate is signed by the testbed's own CA.
-            "acceptInsecureCerts": true,
-            "goog:chromeOptions": {
-                "binary": "/usr/bin/chromium",
-                "args": [
-                    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                    "--disable-dev-shm-usage", "--window-size=1280,1000",
-                    format!("--user-data-dir={}", profile.path().display()),
-                ],
-            },
-        });
-        let caps = caps.as_object().unwrap().clone();
-        let connector = hyper_util::client::legacy::connect::HttpConnector::new();
-        let started = Instant::now();
-        let client = loop {
-            match ClientBuilder::new(connector.clone())
-                .capabilities(caps.clone())
-                .connect(&format!("http://127.0.0.1:{port}"))
-                .await
-            {
-                Ok(c) => break c,
-                Err(_) if started.elapsed() < Duration::from_secs(30) => {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                Err(e) => panic!("cannot start a Chromium session through chromedriver: {e}"),
-            }
-        };
-        Browser { driver, client, _profile: profile }
-    }
-
-    async fn text(&self, css: &str) -> String {
-        self.client.find(Locator::Css(css)).await.unwrap().text().await.unwrap()
-    }
-
-    async fn click(&self, css: &str) {
-        self.client
-            .find(Locator::Css(css))
-            .await
-            .unwrap_or_else(|e| panic!("{css}: {e}"))
-            .click()
-            .await
-            .unwrap();
-    }
-
-    /// axe-core's serious and critical violations on the current page.
-    async fn accessibility_violations(&self, axe: &str) -> Vec<String> {
-        self.client.execute(axe, vec![]).await.unwrap();
-        let result = self
-            .client
-            .execute_async(
-                "const done = arguments[arguments.length - 1];\
-                 axe.run(document).then(r => done(r.violations.map(v => ({id: v.id, impact: v.impact, help: v.help, nodes: v.nodes.length}))));",
-                vec![],
-            )
-            .await
-            .unwrap();
-        result
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|v| matches!(v["impact"].as_str(), Some("serious" | "critical")))
-            .map(|v| v.to_string())
-            .collect()
-    }
-
-    async fn screenshot(&self, name: &str) {
-        let png = self.client.screenshot().await.unwrap();
-        let c = Cluster::shared();
-        std::fs::write(c.dir.join(name), &png).unwrap();
-        if std::env::var_os("DORMANT_UPDATE_SCREENSHOTS").is_some() {
-            std::fs::write(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs").join(name), &png).unwrap();
-        }
-    }
-
-    /// Cleanup: nothing is asserted on how the session ends.
-    async fn stop(mut self) {
-        self.client.close().await.ok();
-        self.driver.kill().ok();
-        self.driver.wait().ok();
-    }
-}
 
 fn replicas(c: &Cluster, ns: &str) -> (String, String) {
     (

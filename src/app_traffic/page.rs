@@ -4,11 +4,16 @@
 //! namespace or its workloads: the app's URL may be public, its cluster is
 //! not (the agent's log and Events say which and why).
 //!
-//! The waiting page (opt-in per target or Service) refreshes itself every
-//! two seconds (a `Refresh` header and a `<meta>` tag: no script) and
-//! shows how far the wake is; once the app answers, the next refresh is
-//! the app. It is a 503 with `Cache-Control: no-store`, so no cache keeps
-//! it and no crawler indexes it.
+//! The waiting page (opt-in per target or Service) shows how far the wake
+//! is and follows it: its one script (`assets/wait.js`, allowed by its
+//! hash in the page's Content-Security-Policy) asks again every two
+//! seconds and updates the page in place, then loads the URL once the
+//! answer is no longer the waiting page, which is the app. The page is not
+//! reloaded while it waits: a page that refreshes itself makes screen
+//! readers start over (WCAG 2.2.1; axe-core's `meta-refresh` rule), so the
+//! `<meta>` refresh is only the fallback for browsers without script. It
+//! is a 503 with `Cache-Control: no-store`, so no cache keeps it and no
+//! crawler indexes it.
 
 use std::time::Duration;
 
@@ -57,8 +62,25 @@ pub enum Answer {
     Waiting(Progress),
 }
 
-/// Seconds between the waiting page's refreshes.
+/// Seconds between the waiting page's looks at the wake.
 pub const REFRESH_SECS: u64 = 2;
+
+/// The waiting page's script.
+const WAIT_SCRIPT: &str = include_str!("assets/wait.js");
+
+/// The waiting page's Content-Security-Policy: its inline style, its one
+/// script by hash, and requests to its own origin (the script's).
+fn waiting_csp() -> &'static str {
+    static CSP: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        use base64::Engine as _;
+        let hash = ring::digest::digest(&ring::digest::SHA256, WAIT_SCRIPT.as_bytes());
+        format!(
+            "default-src 'none'; style-src 'unsafe-inline'; script-src 'sha256-{}'; connect-src 'self'",
+            base64::engine::general_purpose::STANDARD.encode(hash.as_ref())
+        )
+    });
+    &CSP
+}
 
 impl Answer {
     /// The metric label.
@@ -143,16 +165,16 @@ impl Answer {
             }
             Answer::Waiting(_) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(REFRESH_SECS));
-                headers.insert("refresh", HeaderValue::from(REFRESH_SECS));
             }
             _ => {}
         }
         let body = if html {
             headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
-            headers.insert(
-                header::CONTENT_SECURITY_POLICY,
-                HeaderValue::from_static("default-src 'none'; style-src 'unsafe-inline'"),
-            );
+            let csp = match self {
+                Answer::Waiting(_) => waiting_csp(),
+                _ => "default-src 'none'; style-src 'unsafe-inline'",
+            };
+            headers.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(csp));
             html_page(
                 title,
                 &line,
@@ -175,16 +197,18 @@ impl Answer {
 impl Progress {
     /// One sentence: where the wake is.
     pub fn line(&self) -> String {
-        let secs = self.elapsed.as_secs();
+        format!("{} ({} s so far).", self.step(), self.elapsed.as_secs())
+    }
+
+    /// Where the wake is, without the time (what changes only when the
+    /// wake moves on: the page's live region).
+    pub fn step(&self) -> String {
         if self.serving {
-            format!("It is up after {secs} s; loading it now.")
+            "It is up; loading it now".into()
         } else if self.wanted == 0 || self.ready == 0 && self.elapsed < Duration::from_secs(1) {
-            format!("It was asleep and is starting ({secs} s so far).")
+            "It was asleep and is starting".into()
         } else {
-            format!(
-                "It was asleep and is starting: {} of {} ready ({secs} s so far).",
-                self.ready, self.wanted
-            )
+            format!("It was asleep and is starting: {} of {} ready", self.ready, self.wanted)
         }
     }
 
@@ -208,15 +232,17 @@ pub fn wants_html(headers: &HeaderMap) -> bool {
 }
 
 fn html_page(title: &str, line: &str, progress: Option<&Progress>) -> String {
-    let (refresh, bar) = match progress {
+    let (head, main) = match progress {
         Some(p) => (
-            format!(r#"<meta http-equiv="refresh" content="{REFRESH_SECS}">"#),
+            format!("<noscript><meta http-equiv=\"refresh\" content=\"{REFRESH_SECS}\"></noscript>"),
             format!(
-                r#"<progress max="100" value="{pct}" aria-label="Wake progress">{pct}%</progress>"#,
+                "<p id=\"dormant-status\" role=\"status\">{step}.</p>\n<p id=\"dormant-elapsed\">{secs} s so far</p>\n<progress id=\"dormant-progress\" max=\"100\" value=\"{pct}\" aria-label=\"Wake progress\">{pct}%</progress>\n<script>{WAIT_SCRIPT}</script>",
+                step = escape(&p.step()),
+                secs = p.elapsed.as_secs(),
                 pct = p.percent()
             ),
         ),
-        None => (String::new(), String::new()),
+        None => (String::new(), format!("<p role=\"status\">{}</p>", escape(line))),
     };
     format!(
         r#"<!doctype html>
@@ -225,7 +251,6 @@ fn html_page(title: &str, line: &str, progress: Option<&Progress>) -> String {
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="robots" content="noindex">
-{refresh}
 <title>{title}</title>
 <style>
 body {{ font: 16px/1.5 system-ui, sans-serif; margin: 0; display: grid; place-items: center; min-height: 100vh; background: #f6f7f9; color: #1d2330; }}
@@ -233,18 +258,17 @@ main {{ max-width: 32rem; padding: 2rem; }}
 h1 {{ font-size: 1.4rem; margin: 0 0 .5rem; }}
 progress {{ width: 100%; height: .75rem; }}
 </style>
+{head}
 </head>
 <body>
 <main>
 <h1>{title}</h1>
-<p role="status" aria-live="polite">{line}</p>
-{bar}
+{main}
 </main>
 </body>
 </html>
 "#,
         title = escape(title),
-        line = escape(line),
     )
 }
 
@@ -312,14 +336,37 @@ mod tests {
     }
 
     #[test]
-    fn the_waiting_page_refreshes_and_shows_how_far_the_wake_is() {
+    fn the_waiting_page_follows_the_wake_in_place_and_shows_how_far_it_is() {
         let starting = Progress { ready: 1, wanted: 3, serving: false, elapsed: Duration::from_secs(4) };
         let r = Answer::Waiting(starting.clone()).response(true);
-        assert_eq!(r.headers()["refresh"], "2");
+        // It is never reloaded as a whole while it waits: no Refresh
+        // header, and the <meta> refresh only for browsers without script.
+        assert!(r.headers().get("refresh").is_none());
+        // Its script runs only because the CSP names its hash.
+        let csp = r.headers()[header::CONTENT_SECURITY_POLICY].to_str().unwrap().to_string();
         let page = body(r);
-        assert!(page.contains(r#"<meta http-equiv="refresh" content="2">"#), "{page}");
-        assert!(page.contains("1 of 3 ready (4 s so far)"), "{page}");
+        assert!(page.contains(r#"<noscript><meta http-equiv="refresh" content="2"></noscript>"#), "{page}");
+        let script = page.split("<script>").nth(1).and_then(|s| s.split("</script>").next()).unwrap();
+        use base64::Engine as _;
+        let hash = base64::engine::general_purpose::STANDARD
+            .encode(ring::digest::digest(&ring::digest::SHA256, script.as_bytes()).as_ref());
+        assert!(
+            csp.contains(&format!("script-src 'sha256-{hash}'")) && csp.contains("connect-src 'self'"),
+            "{csp}"
+        );
+        assert!(
+            page.contains(
+                r#"<p id="dormant-status" role="status">It was asleep and is starting: 1 of 3 ready.</p>"#
+            ),
+            "{page}"
+        );
+        assert!(page.contains(r#"<p id="dormant-elapsed">4 s so far</p>"#), "{page}");
         assert!(page.contains(r#"value="35""#), "{page}");
+        assert_eq!(starting.line(), "It was asleep and is starting: 1 of 3 ready (4 s so far).");
+        // Other pages carry no script at all.
+        let timeout = Answer::Timeout(Duration::from_secs(3)).response(true);
+        assert!(!timeout.headers()[header::CONTENT_SECURITY_POLICY].to_str().unwrap().contains("script-src"));
+        assert!(!body(timeout).contains("<script"));
         let up = Progress { serving: true, ..starting };
         assert_eq!(up.percent(), 100);
         assert!(up.line().contains("loading it now"));

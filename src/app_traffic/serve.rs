@@ -222,10 +222,15 @@ impl App {
         let wake = || self.wake(route.clone(), activity.clone(), limit);
 
         // 5. The waiting page: the wake starts (a wait that gives up at
-        // once), the page answers.
+        // once), the page answers; past the wake timeout, the page that
+        // says it did not wake in time (as a held request is answered).
         if parts.method == http::Method::GET && self.waiting_page(route) && wants_html(&parts.headers) {
             let _ = self.gate.wait(&key(route), VISITORS, Duration::ZERO, wake).await;
-            return Err(Answer::Waiting(self.progress(route, &eps.borrow())));
+            let progress = self.progress(route, &eps.borrow());
+            if !progress.serving && progress.elapsed >= timeout {
+                return Err(Answer::Timeout(timeout));
+            }
+            return Err(Answer::Waiting(progress));
         }
 
         // 6. Hold while it wakes.
