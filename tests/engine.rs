@@ -1487,6 +1487,13 @@ fn a_policy_that_turns_invalid_counts_its_targets_once() {
         seen.starts_with(&format!("namespace/{ns} "))
     });
     assert_eq!(seen, format!("namespace/{ns} 1"), "counted twice, or not at all");
+
+    // Fixed: valid again, and the failure is gone from the status.
+    apply("0 19 * * *");
+    wait_until("the policy valid again with no failed target", Duration::from_secs(30), || {
+        status("{.status.conditions[?(@.type==\"Valid\")].status}|{.status.failedTargets}|{.status.targets}")
+            == "True||1"
+    });
 }
 
 /// A replica whose caches cannot sync (here its RBAC does not let it list

@@ -106,7 +106,13 @@ async fn update_policy_status(ctx: &Context, summaries: &HashMap<crate::target::
         if same {
             continue;
         }
-        let patch = json!({ "status": new });
+        // A merge patch leaves out what is not in it: an empty list (not
+        // serialized) must be sent as null, or the failures of a policy
+        // since fixed would stay in its status for ever.
+        let mut patch = json!({ "status": new });
+        if new.failed_targets.is_empty() {
+            patch["status"]["failedTargets"] = serde_json::Value::Null;
+        }
         if let Err(e) = api.patch_status(&name, &crate::client::patch_params(), &Patch::Merge(&patch)).await {
             tracing::warn!(policy = %name, error = %e, "failed to update SleepPolicy status");
         }
