@@ -5,6 +5,7 @@
 //! it (chromedriver and Chromium inherit the thread's namespace).
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::os::unix::process::CommandExt as _;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -49,8 +50,11 @@ impl Browser {
             );
         }
         let port = testbed::process::free_port().unwrap();
+        // A process group of its own: the browser it starts goes with it
+        // (see Drop), even when a test fails half-way.
         let driver = std::process::Command::new("/usr/bin/chromedriver")
             .arg(format!("--port={port}"))
+            .process_group(0)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -134,9 +138,21 @@ impl Browser {
     }
 
     /// Cleanup: nothing is asserted on how the session ends.
-    pub async fn stop(mut self) {
-        self.client.close().await.ok();
-        self.driver.kill().ok();
+    pub async fn stop(self) {
+        self.client.clone().close().await.ok();
+    }
+}
+
+impl Drop for Browser {
+    /// chromedriver and every browser process it started.
+    fn drop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.driver.id()) {
+            // SAFETY: kill(2) with a process group id and a signal number.
+            #[allow(unsafe_code)]
+            unsafe {
+                libc::kill(-pid, libc::SIGKILL);
+            }
+        }
         self.driver.wait().ok();
     }
 }
