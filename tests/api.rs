@@ -322,6 +322,13 @@ fn simulate_asks_the_agent_and_shows_only_what_the_caller_may_see() {
         (r#"{"policies": "kind: SleepPolicy\nspec: ["}"#.to_string(), "policies:"),
         (r#"{"noCurrent": true}"#.to_string(), "nothing to simulate"),
         (r#"{"replicas": 5}"#.to_string(), "unknown field"),
+        (r#"{"targets": ["namespace/<script>"]}"#.to_string(), "namespace/<script>"),
+        (
+            format!(r#"{{"policies": "{}"}}"#, "apiVersion: dormant.dev/v1alpha1\\nkind: SleepPolicy\\nmetadata: {name: p}\\nspec: {}\\n---\\n".repeat(11)),
+            "more than 10 SleepPolicy documents",
+        ),
+        // A billion laughs: nine levels of ten aliases each.
+        (serde_json::json!({ "policies": alias_bomb() }).to_string(), "policies:"),
         (format!(r#"{{"targets": ["{target}"], "pastWeeks": 52, "policies": "{}"}}"#, "apiVersion: dormant.dev/v1alpha1\\nkind: SleepPolicy\\nmetadata: {name: p}\\nspec: {}\\n---\\n".repeat(10)), ""),
     ] {
         let (code, answer) = post(Some(admin), &body);
@@ -333,10 +340,23 @@ fn simulate_asks_the_agent_and_shows_only_what_the_caller_may_see() {
             assert!(answer.contains(says), "{says}: {answer}");
         }
     }
+    // A name that passes for one but names nothing here.
+    let (code, answer) = post(Some(admin), r#"{"targets": ["namespace/.."]}"#);
+    assert_eq!(code, 404, "{answer}");
     let (code, answer) = post(None, "{}");
     assert_eq!(code, 401, "{answer}");
     // A body over 64 KiB, as it says up front: refused unread.
     let big = "POST /dormant/v1/simulate HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: 71680\r\n\r\n";
     let (code, answer) = w.raw(Some(admin), big);
     assert_eq!(code, 413, "{answer}");
+}
+
+/// YAML whose aliases expand to a billion strings if followed.
+fn alias_bomb() -> String {
+    let mut y = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+    for i in 1..=9 {
+        let refs = vec![format!("*a{}", i - 1); 10].join(", ");
+        y.push_str(&format!("a{i}: &a{i} [{refs}]\n"));
+    }
+    y
 }

@@ -660,15 +660,7 @@ fn in_chromium_the_waiting_page_shows_the_wake_and_then_the_app() {
             let mut seen: Vec<(String, String)> = Vec::new();
             let start = Instant::now();
             let last = loop {
-                let body = b
-                    .client
-                    .find(fantoccini::Locator::Css("body"))
-                    .await
-                    .map(|e| async move { e.text().await.unwrap_or_default() });
-                let text = match body {
-                    Ok(t) => t.await,
-                    Err(_) => String::new(),
-                };
+                let text = b.page_text().await;
                 if text.contains("app says hi") {
                     break text;
                 }
@@ -726,11 +718,7 @@ fn in_chromium_the_waiting_page_updates_in_place_and_ends_on_the_timeout_page() 
             let mut marked_while_waiting = true;
             let start = Instant::now();
             let last = loop {
-                let text = match b.client.find(fantoccini::Locator::Css("body")).await {
-                    Ok(e) => e.text().await.unwrap_or_default(),
-                    // Between two pages.
-                    Err(_) => String::new(),
-                };
+                let text = b.page_text().await;
                 if text.contains("did not wake up") {
                     break text;
                 }

@@ -265,6 +265,38 @@ pub struct Simulation {
     pub skipped: Vec<Skipped>,
 }
 
+impl Simulation {
+    /// What-if runs for each target as `evaluated`, through
+    /// [`Evaluation::what_if`]; a target that is none, is invalid, or that
+    /// a policy cannot govern is listed in `skipped` with why. Pure
+    /// computation: the API runs it off the threads that serve requests.
+    pub fn run(
+        evaluated: Vec<(TargetRef, Result<Option<Evaluation>, Invalid>)>,
+        files: &[Arc<crate::policy::Candidate>],
+        defaults: &Defaults,
+        include_current: bool,
+        period: crate::foresight::what_if::Period,
+        now: DateTime<Utc>,
+    ) -> Simulation {
+        let mut sim = Simulation::default();
+        for (r, ev) in evaluated {
+            let reason = match ev {
+                Ok(Some(ev)) => match ev.what_if(files, defaults, include_current, period, now) {
+                    Ok(c) => {
+                        sim.items.push(c);
+                        continue;
+                    }
+                    Err(e) => e,
+                },
+                Ok(None) => format!("not a target (see `dormant explain {r}`)"),
+                Err(e) => format!("invalid, dormant leaves it as it is: {e}"),
+            };
+            sim.skipped.push(Skipped { target: r.to_string(), reason });
+        }
+        sim
+    }
+}
+
 /// A target left out of a simulation.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Skipped {
@@ -600,36 +632,16 @@ impl Api {
             )));
         }
         let now = Utc::now();
-        let mut sim = Simulation::default();
-        let mut evaluations = Vec::new();
-        for r in &targets {
-            let skip = |reason: String| Skipped { target: r.to_string(), reason };
-            match self.evaluate(r, now) {
-                Ok(Some(ev)) => evaluations.push(ev),
-                Ok(None) => sim.skipped.push(skip("not a target".into())),
-                Err(e) => sim.skipped.push(skip(format!("invalid, dormant leaves it as it is: {e}"))),
-            }
-        }
+        let evaluated: Vec<_> = targets.into_iter().map(|r| (r.clone(), self.evaluate(&r, now))).collect();
         let defaults = self.defaults.clone();
         let include_current = !req.no_current;
-        // Runs are pure computation: off the threads that serve requests.
-        let (items, skipped) = tokio::task::spawn_blocking(move || {
-            let (mut items, mut skipped) = (Vec::new(), Vec::new());
-            for ev in &evaluations {
-                match ev.what_if(&files, &defaults, include_current, period, now) {
-                    Ok(c) => items.push(c),
-                    Err(reason) => skipped.push(Skipped { target: ev.target.r.to_string(), reason }),
-                }
-            }
-            (items, skipped)
+        tokio::task::spawn_blocking(move || {
+            Simulation::run(evaluated, &files, &defaults, include_current, period, now)
         })
         .await
         .map_err(|e| {
             refuse(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", format!("the simulation failed: {e}"))
-        })?;
-        sim.items = items;
-        sim.skipped.extend(skipped);
-        Ok(sim)
+        })
     }
 
     fn explain(&self, r: &TargetRef) -> Result<model::Explanation, Refusal> {

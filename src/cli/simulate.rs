@@ -9,7 +9,6 @@
 //! settings and the caller sees only the targets RBAC lets them see; with
 //! `--direct` it reads the cluster itself, with the built-in defaults.
 
-use std::collections::HashSet;
 use std::path::PathBuf;
 
 use anyhow::{Context as _, bail};
@@ -18,13 +17,11 @@ use kube::Client;
 
 use super::Output;
 use super::remote::{Agent, Connection};
+use super::targets::View;
 use crate::api::{SimulateRequest, Simulation, Skipped};
-use crate::controller::evaluate::evaluate;
 use crate::foresight::simulate::render;
 use crate::foresight::what_if::{Period, read_policies};
-use crate::policy::Defaults;
-use crate::target::stores;
-use crate::target::{Scope, TargetRef};
+use crate::target::TargetRef;
 
 /// `dormant simulate` flags.
 #[derive(Debug, clap::Args)]
@@ -104,30 +101,14 @@ async fn direct(client: &Client, req: &SimulateRequest) -> anyhow::Result<Simula
         Some(text) => read_policies(text).map_err(|e| anyhow::anyhow!("{e}"))?,
         None => Vec::new(),
     };
-    let (stores, writers) = stores::stores();
-    writers.fill(client.clone()).await.context("failed to read the cluster")?;
-    let excluded: HashSet<String> =
-        ["kube-system", "kube-public", "kube-node-lease", "dormant"].iter().map(|s| s.to_string()).collect();
-    let scope = Scope { excluded, selector: None, only: None };
-    let defaults = Defaults::default();
+    let view = View::load(client).await?;
     let targets: Vec<TargetRef> = if req.targets.is_empty() {
-        stores.targets(&stores.candidates(), &scope)
+        view.stores.targets(&view.stores.candidates(), &view.scope)
     } else {
         req.targets.iter().map(|t| t.parse()).collect::<Result<_, _>>().map_err(|e| anyhow::anyhow!("{e}"))?
     };
     let now = Utc::now();
+    let evaluated = targets.into_iter().map(|r| (r.clone(), view.evaluate(&r, now))).collect();
     let period = Period::of(req.past_weeks, req.days);
-    let mut sim = Simulation::default();
-    for r in &targets {
-        let skip = |reason: String| Skipped { target: r.to_string(), reason };
-        match evaluate(&stores, &defaults, &scope, None, r, now) {
-            Ok(Some(ev)) => match ev.what_if(&files, &defaults, !req.no_current, period, now) {
-                Ok(c) => sim.items.push(c),
-                Err(e) => sim.skipped.push(skip(e)),
-            },
-            Ok(None) => sim.skipped.push(skip(format!("not a target (see `dormant explain {r}`)"))),
-            Err(e) => sim.skipped.push(skip(format!("invalid, dormant leaves it as it is: {e}"))),
-        }
-    }
-    Ok(sim)
+    Ok(Simulation::run(evaluated, &files, &view.defaults, !req.no_current, period, now))
 }
