@@ -93,8 +93,26 @@ impl Browser {
         Browser { driver, client, _profile: profile }
     }
 
+    /// The text of the element `css` picks. Found again when the page
+    /// changed between finding and reading it (a page that refreshes
+    /// itself while a wake goes on).
     pub async fn text(&self, css: &str) -> String {
-        self.client.find(Locator::Css(css)).await.unwrap().text().await.unwrap()
+        let mut tries = 0;
+        loop {
+            let read = match self.client.find(Locator::Css(css)).await {
+                Ok(e) => e.text().await,
+                Err(e) => Err(e),
+            };
+            match read {
+                Ok(t) => return t,
+                Err(e) if tries < 20 => {
+                    tries += 1;
+                    eprintln!("{css}: {e}; reading it again");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("{css}: {e}"),
+            }
+        }
     }
 
     /// The text of the page shown now; empty between two pages (while one
