@@ -136,23 +136,35 @@ impl Browser {
 
     /// axe-core's serious and critical violations on the current page.
     pub async fn accessibility_violations(&self, axe: &str) -> Vec<String> {
-        self.client.execute(axe, vec![]).await.unwrap();
+        self.try_accessibility_violations(axe).await.unwrap_or_else(|e| panic!("axe-core: {e}"))
+    }
+
+    /// The same, for a page that may replace itself while axe-core runs:
+    /// an error when the document changed under it (its result would mix two
+    /// pages), so the caller asks again.
+    pub async fn try_accessibility_violations(&self, axe: &str) -> Result<Vec<String>, String> {
+        self.client.execute(axe, vec![]).await.map_err(|e| e.to_string())?;
         let result = self
             .client
             .execute_async(
                 "const done = arguments[arguments.length - 1];\
-                 axe.run(document).then(r => done(r.violations.map(v => ({id: v.id, impact: v.impact, help: v.help, nodes: v.nodes.length}))));",
+                 window.dormantAxeRun = 1;\
+                 axe.run(document).then(r => done({same: window.dormantAxeRun === 1, \
+                   violations: r.violations.map(v => ({id: v.id, impact: v.impact, help: v.help, nodes: v.nodes.length}))}));",
                 vec![],
             )
             .await
-            .unwrap();
-        result
+            .map_err(|e| e.to_string())?;
+        if result["same"] != serde_json::Value::Bool(true) {
+            return Err("the page was replaced while axe-core ran".into());
+        }
+        Ok(result["violations"]
             .as_array()
-            .unwrap()
+            .ok_or("axe-core returned no violations list")?
             .iter()
             .filter(|v| matches!(v["impact"].as_str(), Some("serious" | "critical")))
             .map(|v| v.to_string())
-            .collect()
+            .collect())
     }
 
     pub async fn screenshot(&self, name: &str) {
