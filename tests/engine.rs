@@ -444,27 +444,87 @@ fn restore_all_brings_every_sleeping_target_back_from_its_records_with_no_agent_
     assert_eq!(versions(c), before, "a second restore changed something");
 }
 
-/// The workloads of the crash test, with their original values.
+/// Flux's labels for an object a Kustomization applies, and for one a
+/// HelmRelease renders.
+const FLUX_KUSTOMIZATION: &str =
+    "kustomize.toolkit.fluxcd.io/name: apps, kustomize.toolkit.fluxcd.io/namespace: flux-system";
+const FLUX_HELMRELEASE: &str =
+    "helm.toolkit.fluxcd.io/name: db, helm.toolkit.fluxcd.io/namespace: flux-system";
+
+/// The workloads of the crash test, with their original values. Some are
+/// managed by Flux (d1, d2 and c-active by a Kustomization, d2 already
+/// carrying `reconcile: enabled`; s1 by a HelmRelease), so the marks that
+/// keep Flux away while asleep go through the same kills.
 fn crash_workloads(ns: &str) -> (String, Vec<(&'static str, String, String)>) {
     let mut yaml = String::new();
     let mut originals = Vec::new();
+    let flux = |name: &str| match name {
+        "d1" | "c-active" => format!("labels: {{{FLUX_KUSTOMIZATION}}}"),
+        "d2" => format!(
+            "labels: {{{FLUX_KUSTOMIZATION}}}, annotations: {{kustomize.toolkit.fluxcd.io/reconcile: enabled}}"
+        ),
+        "s1" => format!("labels: {{{FLUX_HELMRELEASE}}}"),
+        _ => "labels: {}".into(),
+    };
     for i in 1..=6 {
+        let meta = flux(&format!("d{i}"));
         yaml.push_str(&format!(
-            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: d{i}, namespace: {ns}}}\nspec:\n  replicas: {i}\n  selector: {{matchLabels: {{app: d{i}}}}}\n  template:\n    metadata: {{labels: {{app: d{i}}}}}\n    spec: {{containers: [{{name: c, image: nginx:1.27}}]}}\n---\n"
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: d{i}, namespace: {ns}, {meta}}}\nspec:\n  replicas: {i}\n  selector: {{matchLabels: {{app: d{i}}}}}\n  template:\n    metadata: {{labels: {{app: d{i}}}}}\n    spec: {{containers: [{{name: c, image: nginx:1.27}}]}}\n---\n"
         ));
         originals.push(("deployment", format!("d{i}"), i.to_string()));
     }
+    let meta = flux("s1");
     yaml.push_str(&format!(
-        "apiVersion: apps/v1\nkind: StatefulSet\nmetadata: {{name: s1, namespace: {ns}}}\nspec:\n  replicas: 2\n  serviceName: s1\n  selector: {{matchLabels: {{app: s1}}}}\n  template:\n    metadata: {{labels: {{app: s1}}}}\n    spec: {{containers: [{{name: c, image: postgres:17}}]}}\n---\n"
+        "apiVersion: apps/v1\nkind: StatefulSet\nmetadata: {{name: s1, namespace: {ns}, {meta}}}\nspec:\n  replicas: 2\n  serviceName: s1\n  selector: {{matchLabels: {{app: s1}}}}\n  template:\n    metadata: {{labels: {{app: s1}}}}\n    spec: {{containers: [{{name: c, image: postgres:17}}]}}\n---\n"
     ));
     originals.push(("statefulset", "s1".into(), "2".into()));
     for (name, suspend) in [("c-active", false), ("c-paused", true)] {
+        let meta = flux(name);
         yaml.push_str(&format!(
-            "apiVersion: batch/v1\nkind: CronJob\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  schedule: \"0 3 * * *\"\n  suspend: {suspend}\n  jobTemplate:\n    spec:\n      template:\n        spec:\n          restartPolicy: Never\n          containers: [{{name: c, image: busybox:1.37}}]\n---\n"
+            "apiVersion: batch/v1\nkind: CronJob\nmetadata: {{name: {name}, namespace: {ns}, {meta}}}\nspec:\n  schedule: \"0 3 * * *\"\n  suspend: {suspend}\n  jobTemplate:\n    spec:\n      template:\n        spec:\n          restartPolicy: Never\n          containers: [{{name: c, image: busybox:1.37}}]\n---\n"
         ));
         originals.push(("cronjob", name.into(), suspend.to_string()));
     }
     (yaml, originals)
+}
+
+/// The Flux mark a crash-test workload has while awake (d2's own
+/// `enabled`, nobody else's) and while asleep.
+fn flux_mark(kind_name: &str) -> (&'static str, &'static str) {
+    match kind_name {
+        "deployment/d1" | "cronjob/c-active" => ("", "reconcile=disabled"),
+        "deployment/d2" => ("reconcile=enabled", "reconcile=disabled"),
+        "statefulset/s1" => ("", "driftDetection=disabled"),
+        _ => ("", ""),
+    }
+}
+
+/// Every workload's Flux marks and dormant's record of them, in one read:
+/// `kind/name` → (`reconcile=…` or `driftDetection=…` or "", the record).
+fn flux_snapshot(c: &Cluster, ns: &str) -> std::collections::BTreeMap<String, (String, String)> {
+    let out = kubectl(
+        c,
+        &[
+            "get",
+            "deployments,statefulsets,cronjobs",
+            "-n",
+            ns,
+            "-o",
+            "jsonpath={range .items[*]}{.kind}/{.metadata.name}|{.metadata.annotations.kustomize\\.toolkit\\.fluxcd\\.io/reconcile}|{.metadata.annotations.helm\\.toolkit\\.fluxcd\\.io/driftDetection}|{.metadata.annotations.dormant\\.dev/gitops-before-sleep}{\"\\n\"}{end}",
+        ],
+    );
+    out.lines()
+        .filter_map(|l| {
+            let mut parts = l.splitn(4, '|');
+            let (k, reconcile, drift, record) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+            let mark = match (reconcile, drift) {
+                ("", "") => String::new(),
+                (r, "") => format!("reconcile={r}"),
+                (_, d) => format!("driftDetection={d}"),
+            };
+            Some((k.to_lowercase(), (mark, record.to_string())))
+        })
+        .collect()
 }
 
 /// What each workload says now: (current value, recorded value or "").
@@ -509,7 +569,7 @@ fn snapshot(c: &Cluster, ns: &str) -> std::collections::BTreeMap<String, (String
 }
 
 #[test]
-fn sigkill_at_random_moments_of_sleep_and_wake_never_loses_a_replica_count() {
+fn sigkill_at_random_moments_of_sleep_and_wake_never_loses_a_replica_count_or_a_gitops_mark() {
     let rounds: usize =
         std::env::var("DORMANT_SIGKILL_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(50);
     let c = Cluster::shared();
@@ -563,6 +623,27 @@ fn sigkill_at_random_moments_of_sleep_and_wake_never_loses_a_replica_count() {
         agent.kill();
         let after = snapshot(c, &ns);
         assert_eq!(after.len(), originals.len(), "round {round}: {after:?}");
+        // A workload Flux manages is marked exactly while it has a record:
+        // the mark and the scaling are one patch.
+        let marks = flux_snapshot(c, &ns);
+        for (kind_name, (_, record)) in &after {
+            let (awake_mark, asleep_mark) = flux_mark(kind_name);
+            let (mark, mark_record) = &marks[kind_name];
+            if record.is_empty() {
+                assert_eq!(
+                    (mark.as_str(), mark_record.as_str()),
+                    (awake_mark, ""),
+                    "round {round} (seed {seed}): {kind_name} is awake but marked"
+                );
+            } else {
+                assert_eq!(mark, asleep_mark, "round {round} (seed {seed}): {kind_name} asleep, mark wrong");
+                assert_eq!(
+                    mark_record.is_empty(),
+                    asleep_mark.is_empty(),
+                    "round {round} (seed {seed}): {kind_name} asleep, record of marks {mark_record:?}"
+                );
+            }
+        }
         for (kind, name, original) in &originals {
             let (value, record) = &after[&format!("{kind}/{name}")];
             if record.is_empty() {
@@ -610,6 +691,16 @@ fn sigkill_at_random_moments_of_sleep_and_wake_never_loses_a_replica_count() {
     for (kind, name, original) in &originals {
         assert_eq!(observed(c, &ns, kind, name), (original.clone(), String::new()), "{kind}/{name}");
     }
+    // Flux's marks are gone and d2's own `enabled` is back.
+    let expected: std::collections::BTreeMap<String, (String, String)> = originals
+        .iter()
+        .map(|(kind, name, _)| {
+            let k = format!("{kind}/{name}");
+            let awake = flux_mark(&k).0.to_string();
+            (k, (awake, String::new()))
+        })
+        .collect();
+    assert_eq!(flux_snapshot(c, &ns), expected);
 }
 
 /// The Lease as the API server has it: (holder, acquireTime, renewTime,

@@ -14,7 +14,7 @@ use crate::metrics::{CategoryLabels, SavingsLabels, TransitionLabels, TriggerLab
 use crate::policy::TargetKind;
 use crate::policy::annotations::{TargetState, format_requests, rfc3339};
 use crate::policy::decide::Desired;
-use crate::scaler::{self, sleep_patch_from, wake_patch_from};
+use crate::scaler::{self, sleep_patch_marked, wake_patch_unmarked};
 use crate::target::TargetRef;
 use crate::vocab;
 
@@ -239,7 +239,7 @@ async fn sleep(
         let excluded = ev.excluded(w);
         // Judged against the copy as it was: a workload this pass adds to
         // the copy still gets its own record.
-        if !matches!(sleep_patch_from(w, excluded, Some(&copy)), Ok(None)) {
+        if !matches!(sleep_patch_marked(w, excluded, Some(&copy)), Ok(None)) {
             pending = true;
         }
         step(ctx, ev, "SleepFailed", ctx.scaler.sleep_workload(w, excluded, Some(&copy))).await?;
@@ -323,7 +323,7 @@ async fn wake(
     }
     let copy_changed = ev.annotations.sleep_record.as_ref() != Some(&copy) && !copy.is_empty();
     let copy = (ev.annotations.sleep_record.is_some() || !copy.is_empty()).then_some(copy);
-    let records = ev.workloads.iter().any(|w| !matches!(wake_patch_from(w, copy.as_ref()), Ok(None)));
+    let records = ev.workloads.iter().any(|w| !matches!(wake_patch_unmarked(w, copy.as_ref()), Ok(None)));
     let forced_leftover =
         ev.annotations.force_sleep.is_some() || ev.annotations.prevent_wakeup_until.is_some();
     if ev.state == TargetState::Awake && !records {

@@ -23,6 +23,23 @@ pub use plan::{
     sleep_patch_from, wake_patch, wake_patch_from,
 };
 
+/// The one patch that puts `w` to sleep: [`sleep_patch_from`] plus the
+/// marks that keep a GitOps controller from scaling it back up
+/// ([`gitops::with_sleep_marks`]), so no instant has one without the other.
+pub fn sleep_patch_marked(
+    w: &WorkloadView,
+    excluded: bool,
+    copy: Option<&SleepRecord>,
+) -> Result<Option<Value>, String> {
+    Ok(gitops::with_sleep_marks(w, excluded, sleep_patch_from(w, excluded, copy)?))
+}
+
+/// The one patch that wakes `w`: [`wake_patch_from`] with its GitOps marks
+/// removed and their previous values given back.
+pub fn wake_patch_unmarked(w: &WorkloadView, copy: Option<&SleepRecord>) -> Result<Option<Value>, String> {
+    gitops::with_wake_unmarks(w, wake_patch_from(w, copy)?)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
@@ -120,7 +137,7 @@ impl Scaler {
         excluded: bool,
         copy: Option<&SleepRecord>,
     ) -> Result<Outcome> {
-        Ok(self.patcher.patch_until_settled(w, |w| sleep_patch_from(w, excluded, copy)).await?)
+        Ok(self.patcher.patch_until_settled(w, |w| sleep_patch_marked(w, excluded, copy)).await?)
     }
 
     /// Restores `w` to what was recorded, unless someone changed it by hand
@@ -128,7 +145,7 @@ impl Scaler {
     /// `copy` is the target's copy of the records, for a workload whose own
     /// record is gone.
     pub async fn wake_workload(&self, w: &WorkloadView, copy: Option<&SleepRecord>) -> Result<Outcome> {
-        Ok(self.patcher.patch_until_settled(w, |w| wake_patch_from(w, copy)).await?)
+        Ok(self.patcher.patch_until_settled(w, |w| wake_patch_unmarked(w, copy)).await?)
     }
 
     /// The KEDA ScaledObjects in `namespace` (none when KEDA is not installed).
