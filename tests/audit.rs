@@ -263,6 +263,63 @@ fn a_namespaces_own_service_accounts_do_not_keep_it_awake_unless_its_policy_coun
     assert!(metric(&e.agent, rule) > ignored_before, "not counted as ignored");
 }
 
+/// Flux's kustomize-controller re-applies a target's objects all day; its
+/// requests never keep the target awake (the agent counts them only with
+/// `--count-gitops-requests`). A deployer's account, doing the same thing
+/// from the same namespace a moment later, does count: that is what shows
+/// the controller's request was seen and left out, not lost.
+#[test]
+fn a_gitops_controllers_requests_keep_nothing_awake_but_a_deployers_do() {
+    let e = env();
+    let c = &e.cluster;
+    let flux = c.namespace("flux-system", &[("dormant-test", SCOPE)]).unwrap();
+    let apps = c.namespace("gitops-apps", &[("dormant-test", SCOPE)]).unwrap();
+    kubectl(c, &["annotate", "namespace", &apps, "dormant.dev/sleep-after=1h"]);
+    let mut tokens = Vec::new();
+    for sa in ["kustomize-controller", "deployer"] {
+        kubectl(c, &["create", "serviceaccount", sa, "-n", &flux]);
+        kubectl(
+            c,
+            &[
+                "create",
+                "rolebinding",
+                sa,
+                "--clusterrole=edit",
+                &format!("--serviceaccount={flux}:{sa}"),
+                "-n",
+                &apps,
+            ],
+        );
+        tokens.push(kubectl(c, &["create", "token", sa, "-n", &flux]).trim().to_string());
+    }
+    std::thread::sleep(Duration::from_secs(4));
+    let before = last_activity(c, &apps);
+    let apply = |token: &str, value: &str| {
+        let out = kubectl_with_token(
+            c,
+            token,
+            &[
+                "create",
+                "configmap",
+                &format!("settings-{value}"),
+                "-n",
+                &apps,
+                &format!("--from-literal=v={value}"),
+            ],
+        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    apply(&tokens[0], "flux");
+    apply(&tokens[1], "deployer");
+    let deployer = format!("system:serviceaccount:{flux}:deployer create configmaps (audit)");
+    wait_until("the deployer's request to be recorded", Duration::from_secs(20), || {
+        last_activity_by(c, &apps).starts_with(&deployer)
+    });
+    assert!(last_activity(c, &apps) > before);
+    let sources = quiet_annotation(c, "namespace", &apps, None, "dormant.dev/activity-sources");
+    assert!(!sources.contains("kustomize-controller"), "Flux counted as use: {sources}");
+}
+
 /// kube-apiserver audits a request it could not authenticate with no user
 /// at all (`"user":{}`): it counts for nothing, and the batch it comes in,
 /// with other people's requests, is still taken.

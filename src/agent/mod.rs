@@ -157,11 +157,15 @@ impl Parts {
         // dormant's own requests never count as activity.
         let own_user = crate::client::whoami(client).await;
         tracing::info!(user = %own_user, "dormant's own identity (ignored as activity)");
+        let mut builtin = IgnoreRules::builtin(&[own_user]);
+        if !settings.count_gitops_requests {
+            crate::policy::ignore::add_gitops_rules(&mut builtin);
+        }
         let stores = &caches.stores;
         let observer = Arc::new(
             Observer::new(
                 ledger.clone(),
-                IgnoreRules::builtin(&[own_user]),
+                builtin,
                 RulesCache::new(
                     stores.clone(),
                     settings.defaults.clone(),

@@ -218,6 +218,11 @@ pub struct AgentArgs {
     /// no credential; off, the metric names only their tool).
     #[arg(long, env = "DORMANT_METRICS_USER_NAMES")]
     pub metrics_user_names: bool,
+    /// Count the requests of GitOps controllers (Argo CD's application
+    /// controller, Flux's controllers) as use. Off by default: they poll
+    /// and re-apply all day, and would keep every target they manage awake.
+    #[arg(long, env = "DORMANT_COUNT_GITOPS_REQUESTS")]
+    pub count_gitops_requests: bool,
 }
 
 /// Defaults that fit the chart's 256 MiB memory limit with margin; the
@@ -246,6 +251,7 @@ pub struct Settings {
     pub scope: Scope,
     pub dry_run: bool,
     pub metrics_user_names: bool,
+    pub count_gitops_requests: bool,
     pub audit: Option<AuditSettings>,
     pub proxy: Option<ProxySettings>,
     pub app_traffic: Option<crate::app_traffic::AppTrafficSettings>,
@@ -397,6 +403,7 @@ impl AgentArgs {
             scope: Scope { excluded: excluded_namespaces, selector, only },
             dry_run: self.dry_run,
             metrics_user_names: self.metrics_user_names,
+            count_gitops_requests: self.count_gitops_requests,
             audit,
             proxy,
             app_traffic,
