@@ -174,6 +174,93 @@ fn explain_shows_the_agents_default_sleep_after_and_says_it_comes_from_the_agent
     assert!(stdout.contains("Agent:    --default-sleep-after 1h"), "{stdout}");
 }
 
+/// An agent started with `--vcluster-platform-annotations` reads a team's
+/// existing vCluster Platform settings: a namespace with only
+/// `sleepmode.loft.sh/*` annotations is a target, `explain` names those
+/// keys as the sources, dormant's own annotation wins where both are set,
+/// a Platform-excluded workload keeps running through a sleep, and a bad
+/// value leaves the target alone and says which key. Without the flag
+/// (the CLI's direct mode reads with the built-in settings) the same
+/// namespace is no target at all.
+#[test]
+fn with_the_platform_flag_the_agent_reads_sleepmode_loft_sh_settings_under_its_own() {
+    let c = Cluster::shared();
+    let w = World::start("api-loft", &["--vcluster-platform-annotations"]);
+    let ns = |prefix: &str, annotations: &[&str]| {
+        let ns = c.namespace(prefix, &[("dormant-test", &w.id)]).unwrap();
+        let mut args = vec!["annotate", "namespace", ns.as_str()];
+        args.extend_from_slice(annotations);
+        kubectl(c, &args);
+        ns
+    };
+    let platform = ns("loft", &["sleepmode.loft.sh/sleep-after=3600", "sleepmode.loft.sh/timezone=CET#3600"]);
+    let both = ns("loft-both", &["sleepmode.loft.sh/sleep-after=60", "dormant.dev/sleep-after=2h"]);
+    let bad = ns("loft-bad", &["sleepmode.loft.sh/sleep-after=an hour"]);
+    c.kubectl_apply(&c.admin, &deployment_yaml(&platform, "web", 1)).unwrap();
+    c.kubectl_apply(&c.admin, &deployment_yaml(&platform, "keep", 1)).unwrap();
+    kubectl(c, &["annotate", "deployment", "keep", "-n", &platform, "sleepmode.loft.sh/exclude=true"]);
+    wait_until("web and keep ready", Duration::from_secs(60), || {
+        ready_pods(c, &platform, "app=web") == 1 && ready_pods(c, &platform, "app=keep") == 1
+    });
+    wait_until("the agent to see all three", Duration::from_secs(20), || {
+        let status = text(&w.cli(&c.admin.kubeconfig, &["status"])).0;
+        [&platform, &both, &bad].iter().all(|n| status.contains(n.as_str()))
+    });
+    // Read with the built-in settings, the Platform's annotations make no
+    // target (a namespace outside this agent's scope, which would write its
+    // own `first-seen` on it: the direct mode reads no agent's settings).
+    let unread = c.namespace("loft-unread", &[]).unwrap();
+    kubectl(c, &["annotate", "namespace", &unread, "sleepmode.loft.sh/sleep-after=3600"]);
+    let direct = dormant(c, &["status"]);
+    let listed = String::from_utf8_lossy(&direct.stdout).into_owned();
+    assert!(direct.status.success() && listed.contains(&both), "{listed}");
+    assert!(!listed.contains(&format!("namespace/{unread} ")), "{listed}");
+    let explain = |ns: &str| {
+        let out = w.cli(&c.admin.kubeconfig, &["explain", &format!("namespace/{ns}")]);
+        let (stdout, stderr) = text(&out);
+        assert!(out.status.success(), "{stderr}");
+        stdout
+    };
+    let line = |text: &str, field: &str| {
+        text.lines()
+            .find(|l| l.trim_start().starts_with(field))
+            .unwrap_or_else(|| panic!("no {field} in:\n{text}"))
+            .to_string()
+    };
+    let got = explain(&platform);
+    let after = line(&got, "sleepAfter");
+    assert!(
+        after.contains(" 1h ") && after.ends_with("(from annotation sleepmode.loft.sh/sleep-after)"),
+        "{after}"
+    );
+    let tz = line(&got, "timezone");
+    assert!(tz.contains("GMT-1") && tz.ends_with("(from annotation sleepmode.loft.sh/timezone)"), "{tz}");
+    let got = explain(&both);
+    let after = line(&got, "sleepAfter");
+    assert!(
+        after.contains(" 2h ") && after.ends_with("(from annotation dormant.dev/sleep-after)"),
+        "{after}"
+    );
+    let got = explain(&bad);
+    assert!(
+        got.contains("State:    invalid")
+            && got.contains("Problem:  annotation sleepmode.loft.sh/sleep-after=\"an hour\"")
+            && got.contains("whole number of seconds"),
+        "{got}"
+    );
+
+    // The Platform's exclude keeps `keep` up while its namespace sleeps.
+    let out = w.cli(&c.admin.kubeconfig, &["sleep", &format!("namespace/{platform}"), "--wait=60s"]);
+    assert!(out.status.success(), "{}", text(&out).1);
+    let replicas = |name: &str| {
+        kubectl(c, &["get", "deployment", name, "-n", &platform, "-o", "jsonpath={.spec.replicas}"])
+    };
+    assert_eq!((replicas("web"), replicas("keep")), ("0".to_string(), "1".to_string()));
+    let out = w.cli(&c.admin.kubeconfig, &["wake", &format!("namespace/{platform}"), "--wait=60s"]);
+    assert!(out.status.success(), "{}", text(&out).1);
+    assert_eq!((replicas("web"), replicas("keep")), ("1".to_string(), "1".to_string()));
+}
+
 #[test]
 fn an_auth_proxys_user_headers_count_only_on_its_own_certificate() {
     let c = Cluster::shared();

@@ -223,6 +223,13 @@ pub struct AgentArgs {
     /// and re-apply all day, and would keep every target they manage awake.
     #[arg(long, env = "DORMANT_COUNT_GITOPS_REQUESTS")]
     pub count_gitops_requests: bool,
+    /// Read vCluster Platform's `sleepmode.loft.sh/*` sleep settings on
+    /// namespaces, vclusters and workloads, under dormant's own
+    /// annotations (which win, field by field): sleep-after, the
+    /// schedules and their timezone, the ignore family,
+    /// ignore-active-connections, and exclude on workloads.
+    #[arg(long, env = "DORMANT_VCLUSTER_PLATFORM_ANNOTATIONS")]
+    pub vcluster_platform_annotations: bool,
 }
 
 /// Defaults that fit the chart's 256 MiB memory limit with margin; the
@@ -400,7 +407,12 @@ impl AgentArgs {
                     currency: self.currency.clone(),
                 },
             },
-            scope: Scope { excluded: excluded_namespaces, selector, only },
+            scope: Scope {
+                excluded: excluded_namespaces,
+                selector,
+                only,
+                platform_annotations: self.vcluster_platform_annotations,
+            },
             dry_run: self.dry_run,
             metrics_user_names: self.metrics_user_names,
             count_gitops_requests: self.count_gitops_requests,

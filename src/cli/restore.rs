@@ -43,7 +43,7 @@ pub async fn restore(
     let qps = NonZeroU32::new(20).unwrap_or(NonZeroU32::MIN);
     let patcher = Patcher::new(client.clone(), Throttle::new(qps, qps));
     let (scaler, annotator) = (Scaler::new(patcher.clone()), Annotator::new(patcher));
-    let all = Scope { excluded: Default::default(), selector: None, only: None };
+    let all = Scope::default();
     let mut done = Restored::default();
     for r in stores.targets(&[], &all) {
         if only.is_some_and(|o| *o != r) {

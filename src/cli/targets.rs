@@ -40,11 +40,7 @@ impl View {
             .iter()
             .map(|s| s.to_string())
             .collect();
-        Ok(View {
-            stores,
-            scope: Scope { excluded, selector: None, only: None },
-            defaults: Defaults::default(),
-        })
+        Ok(View { stores, scope: Scope { excluded, ..Scope::default() }, defaults: Defaults::default() })
     }
 
     pub fn evaluate(&self, r: &TargetRef, now: DateTime<Utc>) -> Result<Option<Evaluation>, Invalid> {

@@ -16,7 +16,7 @@ use crate::foresight::simulate::{Comparison, Start, with_policy};
 use crate::foresight::what_if::{Period, Subject, simulate_subject};
 use crate::policy::annotations::{ForceSleep, TargetAnnotations, TargetState, WorkloadAnnotations};
 use crate::policy::decide::{self, Current, Decision, Forced, Inputs, LastUse};
-use crate::policy::{Candidate, Defaults, EffectivePolicy, RunningJobs, TargetKind};
+use crate::policy::{Candidate, Defaults, EffectivePolicy, RunningJobs, TargetKind, loft};
 use crate::scaler::hand_scaled;
 pub use crate::target::effective::Invalid;
 use crate::target::effective::{Governed, effective};
@@ -50,6 +50,9 @@ pub struct Evaluation {
     /// `wake.predictive`), and when tomorrow's becomes known.
     pub predicted: Edges,
     pub decision: Decision,
+    /// vCluster Platform's `sleepmode.loft.sh/exclude` on a workload counts
+    /// (the agent reads the Platform's annotations).
+    pub platform_exclude: bool,
 }
 
 impl Evaluation {
@@ -67,8 +70,12 @@ impl Evaluation {
         annotations: &BTreeMap<String, String>,
         labels: &BTreeMap<String, String>,
     ) -> bool {
-        annotations.get(EXCLUDE).map(String::as_str) == Some("true")
-            || self.policy.exclude.as_ref().is_some_and(|s| !s.selects_all() && s.matches(labels))
+        let by_annotation = match annotations.get(EXCLUDE) {
+            Some(own) => own == "true",
+            // dormant's own annotation, when present, wins over the Platform's.
+            None => self.platform_exclude && loft::workload_excluded(annotations) == Ok(Some(true)),
+        };
+        by_annotation || self.policy.exclude.as_ref().is_some_and(|s| !s.selects_all() && s.matches(labels))
     }
 
     /// The target as a what-if run starts from it: its policy, profile,
@@ -204,6 +211,11 @@ pub fn evaluate(
         if let Err(errors) = WorkloadAnnotations::parse(&w.annotations) {
             return Err(Invalid::Workload { id: w.id(), errors });
         }
+        if scope.platform_annotations
+            && let Err(e) = loft::workload_excluded(&w.annotations)
+        {
+            return Err(Invalid::Workload { id: w.id(), errors: vec![e] });
+        }
     }
     let synced_pods =
         if r.kind == TargetKind::VCluster { stores.synced_pods(&r.namespace, &r.name) } else { Vec::new() };
@@ -282,6 +294,7 @@ pub fn evaluate(
         profile,
         predicted,
         decision,
+        platform_exclude: scope.platform_annotations,
     };
     // Checked while a sleep could still scale such a workload down (not
     // while asleep or waking: waking must be able to finish).

@@ -15,7 +15,7 @@ use std::fmt;
 
 use super::{Scope, Stores, Target, TargetObject, TargetRef};
 use crate::policy::annotations::{AnnotationError, TargetAnnotations};
-use crate::policy::{Defaults, EffectivePolicy, ResolveError, resolve};
+use crate::policy::{Defaults, EffectivePolicy, ResolveError, loft, resolve};
 
 /// Why a target is left exactly as it is.
 #[derive(Debug, Clone, PartialEq)]
@@ -92,12 +92,28 @@ pub fn effective(
     }
     let candidates = stores.candidates();
     if let TargetObject::Namespace(ns) = &target.object
-        && !stores.is_namespace_target(ns, &candidates)
+        && !stores.is_namespace_target(ns, &candidates, scope)
     {
         return Ok(None);
     }
     let annotations = TargetAnnotations::parse(target.object.annotations()).map_err(Invalid::Annotations)?;
-    let policy = resolve(r.kind, &target.namespace_labels, &annotations, &candidates, defaults)
+    if !scope.platform_annotations {
+        let policy = resolve(r.kind, &target.namespace_labels, &annotations, &candidates, defaults)
+            .map_err(Invalid::Policy)?;
+        return Ok(Some(Governed { target, annotations, policy }));
+    }
+    // vCluster Platform's settings, under dormant's own: its policy fields
+    // only. Its forced sleep and the status it recorded (`sleeping-since`,
+    // `last-activity`) are read and checked but not acted on: the agent
+    // would have to consume the Platform's `force` on a manual wake, which
+    // it does not yet; `dormant migrate` turns them into dormant's own.
+    let overlay = loft::parse_annotations(target.object.annotations()).map_err(Invalid::Annotations)?;
+    let (mut layered, provenance) = loft::layer_under(&annotations, &overlay);
+    layered.force_sleep = annotations.force_sleep;
+    layered.prevent_wakeup_until = annotations.prevent_wakeup_until;
+    layered.last_activity = annotations.last_activity;
+    let mut policy = resolve(r.kind, &target.namespace_labels, &layered, &candidates, defaults)
         .map_err(Invalid::Policy)?;
+    provenance.attribute(&mut policy);
     Ok(Some(Governed { target, annotations, policy }))
 }

@@ -16,6 +16,10 @@ pub struct Scope {
     pub selector: Option<Selector>,
     /// The only namespaces that may hold targets (`None`: every one).
     pub only: Option<BTreeSet<String>>,
+    /// Read vCluster Platform's `sleepmode.loft.sh/*` settings under
+    /// dormant's own (`--vcluster-platform-annotations`): a namespace that
+    /// carries them is a target, and they fill what dormant's leave unset.
+    pub platform_annotations: bool,
 }
 
 impl Scope {
@@ -109,6 +113,7 @@ mod tests {
             excluded: HashSet::from(["kube-system".to_string()]),
             selector: Some(parse_selector("team").unwrap()),
             only: Some(BTreeSet::from(["team-a".to_string(), "kube-system".to_string()])),
+            platform_annotations: false,
         };
         let team = labels(&[("team", "a")]);
         assert!(scope.allows("team-a", &team));

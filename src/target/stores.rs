@@ -395,7 +395,7 @@ impl Stores {
         }
         for ns in self.namespaces.state() {
             let name = ns.name_any();
-            if scope.allows(&name, ns.labels()) && self.is_namespace_target(&ns, candidates) {
+            if scope.allows(&name, ns.labels()) && self.is_namespace_target(&ns, candidates, scope) {
                 out.push(TargetRef::namespace(&name));
             }
         }
@@ -405,10 +405,12 @@ impl Stores {
     }
 
     /// Whether a namespace is a target (see [`Stores::targets`]).
-    pub fn is_namespace_target(&self, ns: &Namespace, candidates: &[Arc<Candidate>]) -> bool {
+    pub fn is_namespace_target(&self, ns: &Namespace, candidates: &[Arc<Candidate>], scope: &Scope) -> bool {
         let name = ns.name_any();
-        ns.annotations().keys().any(|k| k.starts_with(PREFIX))
-            || candidates.iter().any(|c| c.matches(TargetKind::Namespace, ns.labels()))
+        ns.annotations().keys().any(|k| {
+            k.starts_with(PREFIX)
+                || (scope.platform_annotations && k.starts_with(crate::policy::loft::PREFIX))
+        }) || candidates.iter().any(|c| c.matches(TargetKind::Namespace, ns.labels()))
             || self.namespace_workloads(&name).iter().any(|w| {
                 w.annotations.contains_key(crate::vocab::REPLICAS_BEFORE_SLEEP)
                     || w.annotations.contains_key(crate::vocab::SUSPEND_BEFORE_SLEEP)
