@@ -389,11 +389,12 @@ async fn only_ignored_activity_lets_a_target_sleep_on_time_while_counted_activit
                 "namespace",
                 ns,
                 "dormant.dev/sleep-after=8s",
-                "dormant.dev/ignore-user-agents=argocd-application-controller/*",
+                "dormant.dev/ignore-user-agents=kubewatch/*",
             ],
         );
     }
-    // The robot (an Argo CD look-alike) polls both; alice works in one.
+    // The robot (a poller no built-in rule ignores) polls both; alice
+    // works in one.
     let mut config = kube::Config::from_custom_kubeconfig(
         kube::config::Kubeconfig::read_from(&c.robot.kubeconfig).unwrap(),
         &Default::default(),

@@ -31,10 +31,10 @@ use base64::Engine as _;
 use crate::pki::{Ca, CertPair};
 use crate::process::{Proc, free_port, http_ok};
 
-/// The user agent of the test robot, shaped like Argo CD's application
-/// controller (the classic "keeps my cluster awake forever" client).
-pub const ROBOT_USER_AGENT: &str =
-    "argocd-application-controller/v2.14.9+0d19aa0 (linux/amd64) kubernetes/v0.31.0";
+/// The user agent of the test robot, a poller that keeps a cluster awake
+/// for ever unless a policy ignores it (not a GitOps controller: the agent
+/// ignores those by itself).
+pub const ROBOT_USER_AGENT: &str = "kubewatch/v0.1.0 (linux/amd64) kubernetes/v0.31.0";
 
 /// Where the pinned binaries live; fails with the install command when any
 /// is missing.
