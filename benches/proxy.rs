@@ -598,7 +598,7 @@ async fn held_floor(run: &MemoryRun<'_>, load: Load) -> anyhow::Result<Held> {
     let pid = floor.0.id();
     let sockets = || std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0) as f64;
     let before = sockets();
-    measure(|| rss_kib(pid), &|| sockets() - before, port, "/api", load).await
+    measure(|| rss_kib(pid), &|| sockets() - before, port, "/api", load, None).await
 }
 
 /// Requests held, and RSS (KiB) before and after.
@@ -628,9 +628,23 @@ impl Held {
 /// measurement on a freshly started process, so memory freed by an earlier
 /// one is not reused.
 async fn held_memory(run: &MemoryRun<'_>) -> anyhow::Result<Vec<(Load, [Held; 3], Option<Held>)>> {
+    // The stuck vcluster's CA, in its Secret as vcluster writes it: its
+    // users wait with certificates it signed (proven while it sleeps).
+    let ca = testbed::pki::Ca::new("stuck-vcluster-ca")?;
+    let (admin, user) = (ca.client("admin", &["system:masters"])?, ca.client("bench-user", &["bench"])?);
+    let indent = |pem: &str| pem.lines().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n");
     run.c.kubectl_apply(
         &run.c.admin,
-        "apiVersion: v1\nkind: Secret\nmetadata: {name: vc-stuck, namespace: bench}\nstringData: {certificate-authority: x}\n---\napiVersion: apps/v1\nkind: StatefulSet\nmetadata:\n  name: stuck\n  namespace: bench\n  labels: {app: vcluster, release: stuck}\n  annotations: {dormant.dev/sleep-after: 1h}\nspec:\n  replicas: 0\n  serviceName: stuck\n  selector: {matchLabels: {app: vcluster, release: stuck}}\n  template:\n    metadata: {labels: {app: vcluster, release: stuck}}\n    spec: {nodeSelector: {no: node}, containers: [{name: c, image: x}]}\n",
+        &format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: vc-stuck, namespace: bench}}\nstringData:\n  certificate-authority: |\n{}\n  client-certificate: |\n{}\n  client-key: |\n{}\n",
+            indent(&ca.cert_pem),
+            indent(&admin.cert_pem),
+            indent(&admin.key_pem)
+        ),
+    )?;
+    run.c.kubectl_apply(
+        &run.c.admin,
+        "apiVersion: apps/v1\nkind: StatefulSet\nmetadata:\n  name: stuck\n  namespace: bench\n  labels: {app: vcluster, release: stuck}\n  annotations: {dormant.dev/sleep-after: 1h}\nspec:\n  replicas: 0\n  serviceName: stuck\n  selector: {matchLabels: {app: vcluster, release: stuck}}\n  template:\n    metadata: {labels: {app: vcluster, release: stuck}}\n    spec: {nodeSelector: {no: node}, containers: [{name: c, image: x}]}\n",
     )?;
     let waiting = || {
         testbed::process::http_body(run.admin_port, "/metrics")
@@ -651,8 +665,15 @@ async fn held_memory(run: &MemoryRun<'_>) -> anyhow::Result<Vec<(Load, [Held; 3]
         agent.wait_ready(Duration::from_secs(60), || http_ok(run.admin_port, "/readyz"))?;
         tokio::time::sleep(Duration::from_secs(3)).await;
         let pid = agent.pid();
-        let dormant =
-            measure(|| rss_kib(pid), &waiting, run.proxy_port, "/vcluster/bench/stuck/api", load).await?;
+        let dormant = measure(
+            || rss_kib(pid),
+            &waiting,
+            run.proxy_port,
+            "/vcluster/bench/stuck/api",
+            load,
+            Some(&user),
+        )
+        .await?;
         agent.kill();
 
         let mut others = [Held::default(); 2];
@@ -668,7 +689,7 @@ async fn held_memory(run: &MemoryRun<'_>) -> anyhow::Result<Vec<(Load, [Held; 3]
             tokio::time::sleep(Duration::from_secs(1)).await;
             let pid = proxy.0.id();
             let taken = || upstream.taken.load(std::sync::atomic::Ordering::Relaxed) as f64;
-            *other = measure(|| tree_rss_kib(pid), &taken, port, "/api", load).await?;
+            *other = measure(|| tree_rss_kib(pid), &taken, port, "/api", load, None).await?;
         }
         // One connection per request: what TLS alone costs per connection.
         let floor = if load.streams == 1 { Some(held_floor(run, load).await?) } else { None };
@@ -695,9 +716,10 @@ async fn measure(
     port: u16,
     path: &str,
     load: Load,
+    client: Option<&testbed::pki::CertPair>,
 ) -> anyhow::Result<Held> {
     let before = rss();
-    let holders = hold(port, path, load).await?;
+    let holders = hold(port, path, load, client).await?;
     let want = (load.connections * load.streams) as f64;
     let start = Instant::now();
     while held() < want * 0.99 && start.elapsed() < Duration::from_secs(60) {
@@ -713,22 +735,32 @@ async fn measure(
     Ok(Held { held, before, after })
 }
 
-/// Sends `load`: requests for `path` that wait for an answer.
-async fn hold(port: u16, path: &str, load: Load) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+/// Sends `load`: requests for `path` that wait for an answer, on
+/// connections that present `client` when asked for a certificate (a
+/// user dormant can prove while the vcluster sleeps: an unproven caller
+/// is refused 401 at once, not held).
+async fn hold(
+    port: u16,
+    path: &str,
+    load: Load,
+    client: Option<&testbed::pki::CertPair>,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let config = unverified_config(load.alpn, client)?;
     let mut holders = Vec::new();
     for _ in 0..load.connections {
         if load.alpn == b"http/1.1" {
-            let head = format!("GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\r\n\r\n");
+            let head = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+            let config = config.clone();
             holders.push(tokio::spawn(async move {
-                let Ok(mut tls) = connect_unverified(port, b"http/1.1").await else { return };
+                let Ok(mut tls) = connect_unverified(port, config).await else { return };
                 let _ = tls.write_all(head.as_bytes()).await;
                 let mut buf = [0u8; 64];
                 let _ = tls.read(&mut buf).await;
             }));
             continue;
         }
-        let tls = connect_unverified(port, load.alpn).await?;
+        let tls = connect_unverified(port, config.clone()).await?;
         let (send, conn) = hyper::client::conn::http2::handshake(
             hyper_util::rt::TokioExecutor::new(),
             hyper_util::rt::TokioIo::new(tls),
@@ -741,10 +773,7 @@ async fn hold(port: u16, path: &str, load: Load) -> anyhow::Result<Vec<tokio::ta
             let mut send = send.clone();
             let uri = format!("https://127.0.0.1{path}");
             holders.push(tokio::spawn(async move {
-                let req = http::Request::get(uri)
-                    .header(http::header::AUTHORIZATION, "Bearer t")
-                    .body(http_body_util::Empty::<bytes::Bytes>::new())
-                    .unwrap();
+                let req = http::Request::get(uri).body(http_body_util::Empty::<bytes::Bytes>::new()).unwrap();
                 let _ = send.send_request(req).await;
             }));
         }
@@ -885,18 +914,34 @@ fn print_throughput(load: &str, runs: &[&Throughput; 5]) {
 
 /// A TLS connection to the proxy on 127.0.0.1:`port` offering `alpn`, not
 /// verifying its certificate (memory is measured here, not trust).
-async fn connect_unverified(
-    port: u16,
+/// A client that checks no server certificate, offers `alpn`, and
+/// presents `client`'s certificate to a server that asks for one (dormant
+/// does; nginx and haproxy here do not).
+fn unverified_config(
     alpn: &[u8],
-) -> anyhow::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
-    let mut config = rustls::ClientConfig::builder_with_provider(dormant::tls::provider())
+    client: Option<&testbed::pki::CertPair>,
+) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    let builder = rustls::ClientConfig::builder_with_provider(dormant::tls::provider())
         .with_safe_default_protocol_versions()?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(NoVerify))
-        .with_no_client_auth();
+        .with_custom_certificate_verifier(Arc::new(NoVerify));
+    let mut config = match client {
+        Some(c) => builder.with_client_auth_cert(
+            dormant::tls::certs_from_pem(c.cert_pem.as_bytes(), "client certificate")?,
+            dormant::tls::key_from_pem(c.key_pem.as_bytes())?,
+        )?,
+        None => builder.with_no_client_auth(),
+    };
     config.alpn_protocols = vec![alpn.to_vec()];
+    Ok(Arc::new(config))
+}
+
+async fn connect_unverified(
+    port: u16,
+    config: Arc<rustls::ClientConfig>,
+) -> anyhow::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    Ok(tokio_rustls::TlsConnector::from(Arc::new(config))
+    Ok(tokio_rustls::TlsConnector::from(config)
         .connect(rustls_pki_types::ServerName::try_from("127.0.0.1")?, tcp)
         .await?)
 }
