@@ -920,11 +920,9 @@ fn print_throughput(load: &str, runs: &[&Throughput; 5]) {
     }
 }
 
-/// A TLS connection to the proxy on 127.0.0.1:`port` offering `alpn`, not
-/// verifying its certificate (memory is measured here, not trust).
-/// A client that checks no server certificate, offers `alpn`, and
-/// presents `client`'s certificate to a server that asks for one (dormant
-/// does; nginx and haproxy here do not).
+/// A client that checks no server certificate (memory is measured here,
+/// not trust), offers `alpn`, and presents `client`'s certificate to a
+/// server that asks for one (dormant does; nginx and haproxy here do not).
 fn unverified_config(
     alpn: &[u8],
     client: Option<&testbed::pki::CertPair>,
@@ -944,6 +942,7 @@ fn unverified_config(
     Ok(Arc::new(config))
 }
 
+/// A TLS connection to the proxy on 127.0.0.1:`port` with `config`.
 async fn connect_unverified(
     port: u16,
     config: Arc<rustls::ClientConfig>,

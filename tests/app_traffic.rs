@@ -660,7 +660,7 @@ fn in_chromium_the_waiting_page_shows_the_wake_and_then_the_app() {
             let mut seen: Vec<(String, String)> = Vec::new();
             let start = Instant::now();
             let last = loop {
-                let (text, bar) = waiting_page_now(&b).await;
+                let WaitingPage { text, progress: bar, .. } = waiting_page_now(&b).await;
                 if text.contains("app says hi") {
                     break text;
                 }
@@ -705,10 +705,24 @@ const READ_WAITING_PAGE: &str = "var e = document.getElementById('dormant-elapse
     return {text: document.body ? document.body.innerText : '', marked: window.dormantMark === 1, \
             elapsed: e ? e.textContent : null, progress: p ? String(p.value) : ''};";
 
-async fn waiting_page_now(b: &browser_support::Browser) -> (String, String) {
+/// What [`READ_WAITING_PAGE`] read; all empty between two pages.
+#[derive(Default)]
+struct WaitingPage {
+    text: String,
+    marked: bool,
+    elapsed: Option<String>,
+    progress: String,
+}
+
+async fn waiting_page_now(b: &browser_support::Browser) -> WaitingPage {
     let got = b.client.execute(READ_WAITING_PAGE, vec![]).await.unwrap_or_default();
-    let field = |k: &str| got[k].as_str().unwrap_or_default().to_string();
-    (field("text"), field("progress"))
+    let field = |k: &str| got[k].as_str().map(str::to_string);
+    WaitingPage {
+        text: field("text").unwrap_or_default(),
+        marked: got["marked"] == serde_json::Value::Bool(true),
+        elapsed: field("elapsed"),
+        progress: field("progress").unwrap_or_default(),
+    }
 }
 
 /// A wake that takes its time, in Chromium: the waiting page stays the
@@ -732,14 +746,13 @@ fn in_chromium_the_waiting_page_updates_in_place_and_ends_on_the_timeout_page() 
             let mut marked_while_waiting = true;
             let start = Instant::now();
             let last = loop {
-                let got = b.client.execute(READ_WAITING_PAGE, vec![]).await.unwrap_or_default();
-                let text = got["text"].as_str().unwrap_or_default().to_string();
+                let WaitingPage { text, marked, elapsed, .. } = waiting_page_now(&b).await;
                 if text.contains("did not wake up") {
                     break text;
                 }
                 if text.contains("waking up") {
-                    marked_while_waiting &= got["marked"] == serde_json::Value::Bool(true);
-                    if let Some(t) = got["elapsed"].as_str().map(str::to_string)
+                    marked_while_waiting &= marked;
+                    if let Some(t) = elapsed
                         && elapsed_seen.last() != Some(&t)
                     {
                         elapsed_seen.push(t);

@@ -502,6 +502,30 @@ fn flux_mark(kind_name: &str) -> (&'static str, &'static str) {
 /// Every workload's Flux marks and dormant's record of them, in one read:
 /// `kind/name` → (`reconcile=…` or `driftDetection=…` or "", the record).
 fn flux_snapshot(c: &Cluster, ns: &str) -> std::collections::BTreeMap<String, (String, String)> {
+    workload_columns(
+        c,
+        ns,
+        "{.metadata.annotations.kustomize\\.toolkit\\.fluxcd\\.io/reconcile}|{.metadata.annotations.helm\\.toolkit\\.fluxcd\\.io/driftDetection}|{.metadata.annotations.dormant\\.dev/gitops-before-sleep}",
+    )
+    .into_iter()
+    .map(|(k, [reconcile, drift, record])| {
+        let mark = match (reconcile.as_str(), drift.as_str()) {
+            ("", "") => String::new(),
+            (r, "") => format!("reconcile={r}"),
+            (_, d) => format!("driftDetection={d}"),
+        };
+        (k, (mark, record))
+    })
+    .collect()
+}
+
+/// Every crash-test workload in one read: `kind/name` (lower case) → the
+/// `N` `|`-separated jsonpath `columns`, as text.
+fn workload_columns<const N: usize>(
+    c: &Cluster,
+    ns: &str,
+    columns: &str,
+) -> std::collections::BTreeMap<String, [String; N]> {
     let out = kubectl(
         c,
         &[
@@ -510,19 +534,14 @@ fn flux_snapshot(c: &Cluster, ns: &str) -> std::collections::BTreeMap<String, (S
             "-n",
             ns,
             "-o",
-            "jsonpath={range .items[*]}{.kind}/{.metadata.name}|{.metadata.annotations.kustomize\\.toolkit\\.fluxcd\\.io/reconcile}|{.metadata.annotations.helm\\.toolkit\\.fluxcd\\.io/driftDetection}|{.metadata.annotations.dormant\\.dev/gitops-before-sleep}{\"\\n\"}{end}",
+            &format!("jsonpath={{range .items[*]}}{{.kind}}/{{.metadata.name}}|{columns}{{\"\\n\"}}{{end}}"),
         ],
     );
     out.lines()
         .filter_map(|l| {
-            let mut parts = l.splitn(4, '|');
-            let (k, reconcile, drift, record) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-            let mark = match (reconcile, drift) {
-                ("", "") => String::new(),
-                (r, "") => format!("reconcile={r}"),
-                (_, d) => format!("driftDetection={d}"),
-            };
-            Some((k.to_lowercase(), (mark, record.to_string())))
+            let (k, rest) = l.split_once('|')?;
+            let values: Vec<String> = rest.splitn(N, '|').map(str::to_string).collect();
+            Some((k.to_lowercase(), values.try_into().ok()?))
         })
         .collect()
 }
@@ -548,24 +567,14 @@ fn observed(c: &Cluster, ns: &str, kind: &str, name: &str) -> (String, String) {
 /// Every workload of the crash test as it is now, in one read: `kind/name`
 /// → (current value, recorded value or "").
 fn snapshot(c: &Cluster, ns: &str) -> std::collections::BTreeMap<String, (String, String)> {
-    let out = kubectl(
+    workload_columns(
         c,
-        &[
-            "get",
-            "deployments,statefulsets,cronjobs",
-            "-n",
-            ns,
-            "-o",
-            "jsonpath={range .items[*]}{.kind}/{.metadata.name}|{.spec.replicas}{.spec.suspend}|{.metadata.annotations.dormant\\.dev/replicas-before-sleep}{.metadata.annotations.dormant\\.dev/suspend-before-sleep}{\"\\n\"}{end}",
-        ],
-    );
-    out.lines()
-        .filter_map(|l| {
-            let mut parts = l.splitn(3, '|');
-            let (k, v, r) = (parts.next()?, parts.next()?, parts.next()?);
-            Some((k.to_lowercase(), (v.to_string(), r.to_string())))
-        })
-        .collect()
+        ns,
+        "{.spec.replicas}{.spec.suspend}|{.metadata.annotations.dormant\\.dev/replicas-before-sleep}{.metadata.annotations.dormant\\.dev/suspend-before-sleep}",
+    )
+    .into_iter()
+    .map(|(k, [value, record])| (k, (value, record)))
+    .collect()
 }
 
 #[test]

@@ -906,6 +906,36 @@ pub struct Provenance {
 /// dormant's own `asleep-since` (so until dormant has put the target to
 /// sleep, only the forced sleep applies).
 pub fn layer_under(dormant: &TargetAnnotations, overlay: &Overlay) -> (TargetAnnotations, Provenance) {
+    let (mut merged, mut prov) = layer_policy_under(dormant, overlay);
+    if let Some(f) = &overlay.force
+        && dormant.force_sleep.is_none()
+        && dormant.prevent_wakeup_until.is_none()
+    {
+        let since = overlay.status.sleeping_since;
+        merged.force_sleep = Some(since.map_or(ForceSleep::Requested, ForceSleep::Since));
+        merged.prevent_wakeup_until = match f.value.prevent {
+            None => None,
+            Some(Prevent::Never) => Some(Until::Never),
+            Some(Prevent::For(d)) => since
+                .or(dormant.asleep_since)
+                .and_then(|t| chrono::Duration::from_std(d).ok().and_then(|d| t.checked_add_signed(d)))
+                .map(Until::Time),
+        };
+        prov.force = Some(f.origin.clone());
+    }
+    if merged.last_activity.is_none()
+        && let Some(t) = overlay.status.last_activity
+    {
+        merged.last_activity = Some(t);
+        prov.last_activity = Some(Origin::Annotation(LAST_ACTIVITY));
+    }
+    (merged, prov)
+}
+
+/// [`layer_under`] for the policy's fields only (sleep-after, schedules,
+/// timezone, the ignore rules): what the agent acts on today. The
+/// Platform's forced sleep and its status are left out, as if absent.
+pub fn layer_policy_under(dormant: &TargetAnnotations, overlay: &Overlay) -> (TargetAnnotations, Provenance) {
     let mut merged = dormant.clone();
     let mut prov = Provenance::default();
     fn fill<T: Clone>(slot: &mut Option<T>, from: &Option<Sourced<T>>) -> Option<Origin> {
@@ -937,29 +967,6 @@ pub fn layer_under(dormant: &TargetAnnotations, overlay: &Overlay) -> (TargetAnn
     prov.ignore =
         set.into_iter().rev().find(|(was_set, filled)| *was_set || filled.is_some()).and_then(|(_, f)| f);
     prov.active_connections = i.active_connections.clone();
-
-    if let Some(f) = &overlay.force
-        && dormant.force_sleep.is_none()
-        && dormant.prevent_wakeup_until.is_none()
-    {
-        let since = overlay.status.sleeping_since;
-        merged.force_sleep = Some(since.map_or(ForceSleep::Requested, ForceSleep::Since));
-        merged.prevent_wakeup_until = match f.value.prevent {
-            None => None,
-            Some(Prevent::Never) => Some(Until::Never),
-            Some(Prevent::For(d)) => since
-                .or(dormant.asleep_since)
-                .and_then(|t| chrono::Duration::from_std(d).ok().and_then(|d| t.checked_add_signed(d)))
-                .map(Until::Time),
-        };
-        prov.force = Some(f.origin.clone());
-    }
-    if merged.last_activity.is_none()
-        && let Some(t) = overlay.status.last_activity
-    {
-        merged.last_activity = Some(t);
-        prov.last_activity = Some(Origin::Annotation(LAST_ACTIVITY));
-    }
     (merged, prov)
 }
 

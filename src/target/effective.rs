@@ -106,12 +106,9 @@ pub fn effective(
     // only. Its forced sleep and the status it recorded (`sleeping-since`,
     // `last-activity`) are read and checked but not acted on: the agent
     // would have to consume the Platform's `force` on a manual wake, which
-    // it does not yet; `dormant migrate` turns them into dormant's own.
+    // it does not yet.
     let overlay = loft::parse_annotations(target.object.annotations()).map_err(Invalid::Annotations)?;
-    let (mut layered, provenance) = loft::layer_under(&annotations, &overlay);
-    layered.force_sleep = annotations.force_sleep;
-    layered.prevent_wakeup_until = annotations.prevent_wakeup_until;
-    layered.last_activity = annotations.last_activity;
+    let (layered, provenance) = loft::layer_policy_under(&annotations, &overlay);
     let mut policy = resolve(r.kind, &target.namespace_labels, &layered, &candidates, defaults)
         .map_err(Invalid::Policy)?;
     provenance.attribute(&mut policy);

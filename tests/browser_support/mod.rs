@@ -115,15 +115,6 @@ impl Browser {
         }
     }
 
-    /// The text of the page shown now; empty between two pages (while one
-    /// loads, its body may not be there yet).
-    pub async fn page_text(&self) -> String {
-        match self.client.find(Locator::Css("body")).await {
-            Ok(e) => e.text().await.unwrap_or_default(),
-            Err(_) => String::new(),
-        }
-    }
-
     pub async fn click(&self, css: &str) {
         self.client
             .find(Locator::Css(css))
