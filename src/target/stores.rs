@@ -275,6 +275,15 @@ impl Writers {
                 reflect(Api::all(client), wc(), self.policies, tx, move |_: &SleepPolicy| {
                     let now = policy_generations(&policies);
                     (now != last).then(|| {
+                        // Named in the log: a pass over every target has
+                        // a cause an operator can find.
+                        let changed: std::collections::BTreeSet<&str> = now
+                            .iter()
+                            .filter(|p| !last.contains(p))
+                            .chain(last.iter().filter(|p| !now.contains(p)))
+                            .map(|(name, _)| name.as_str())
+                            .collect();
+                        tracing::info!(policies = ?changed, "SleepPolicies changed; looking at every target again");
                         last = now;
                         Change::All
                     })
