@@ -95,6 +95,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 eprintln!("skipped {}: {}", s.target, s.reason);
             }
         }
+        Command::Migrate(args) => {
+            let client = dormant::client::client().await?;
+            let mut text = String::new();
+            let done = dormant::cli::migrate::migrate(&client, &args, &mut text).await?;
+            print!("{text}");
+            if done.invalid > 0 || done.failed > 0 {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
         Command::Policy(PolicyCommand::Lint { files }) => {
             let ok = dormant::cli::lint::run(&files, &mut out, &mut std::io::stderr())?;
             return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE });

@@ -1,13 +1,15 @@
 //! The command line: `agent`, `status`, `explain`, `sleep`, `wake`, `ui`,
-//! `simulate`, `restore`, `policy lint` and `crd`. `status`, `explain`,
+//! `simulate`, `restore`, `migrate`, `policy lint` and `crd`. `status`, `explain`,
 //! `sleep`, `wake`, `simulate` and `ui` ask the agent's API as the
 //! kubeconfig's user ([`remote`]); with `--direct` all but `ui` read (and
 //! annotate) the cluster themselves ([`targets`], the break-glass path).
-//! `restore` reads the cluster with the kubeconfig's credentials. Every flag
+//! `restore` and `migrate` read the cluster with the kubeconfig's
+//! credentials. Every flag
 //! has a `DORMANT_*` environment fallback.
 
 pub mod kubeconfig;
 pub mod lint;
+pub mod migrate;
 pub mod remote;
 pub mod restore;
 pub mod simulate;
@@ -115,6 +117,10 @@ pub enum Command {
     /// hours, cold starts, pre-wakes and money, for the current policy and
     /// SleepPolicy files side by side.
     Simulate(simulate::SimulateArgs),
+    /// What vCluster Platform sleep settings (`sleepmode.loft.sh/*`
+    /// annotations, a vcluster's `vcluster.yaml` sleepMode) become under
+    /// dormant; `--write` adds the `dormant.dev/*` annotations.
+    Migrate(migrate::MigrateArgs),
     /// Work with SleepPolicy files.
     #[command(subcommand)]
     Policy(PolicyCommand),

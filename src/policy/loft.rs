@@ -1161,6 +1161,10 @@ pub fn plan_migration(
         annotate(&mut plan, &origin, ann::rfc3339(t), vocab::LAST_ACTIVITY, ann::rfc3339(t));
     }
     for n in &overlay.notes {
+        // A setting a SleepPolicy field expresses needs no second line.
+        if plan.steps.iter().any(|s| s.source == n.source && matches!(s.outcome, Outcome::Policy(_))) {
+            continue;
+        }
         plan.steps.push(Step {
             source: n.source.clone(),
             value: n.value.clone(),
@@ -1823,7 +1827,7 @@ mod tests {
             matches!(&outcome("annotation sleepmode.loft.sh/ignore-active-connections")[..], [Outcome::Policy(p)] if p == "spec.ignore.activeConnections: true")
         );
         assert!(
-            matches!(&outcome("annotation sleepmode.loft.sh/delete-after")[..], [Outcome::Policy(p), Outcome::Nothing(_)] if p.starts_with("spec.deleteAfter: 7d"))
+            matches!(&outcome("annotation sleepmode.loft.sh/delete-after")[..], [Outcome::Policy(p)] if p.starts_with("spec.deleteAfter: 7d"))
         );
         assert!(
             matches!(&outcome("annotation sleepmode.loft.sh/ignore-ingresses")[..], [Outcome::Nothing(why)] if why.contains("ingress"))

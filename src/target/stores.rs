@@ -451,7 +451,7 @@ impl Stores {
         out
     }
 
-    fn namespace_workloads(&self, ns: &str) -> Vec<WorkloadView> {
+    pub(crate) fn namespace_workloads(&self, ns: &str) -> Vec<WorkloadView> {
         fn collect<K: AsWorkload + Clone + Resource<DynamicType = ()>>(
             store: &Store<K>,
             ns: &str,
