@@ -261,6 +261,58 @@ fn with_the_platform_flag_the_agent_reads_sleepmode_loft_sh_settings_under_its_o
     assert_eq!((replicas("web"), replicas("keep")), ("1".to_string(), "1".to_string()));
 }
 
+/// The Platform's forced sleep (`force`, `force-duration: 0`, as its CLI's
+/// `sleep --prevent-wakeup 0` writes them) puts the namespace to sleep at
+/// once, idle or not, and is taken over as dormant's own: the Platform's
+/// keys are gone, so a manual wake ends it for good, as the Platform's own
+/// wakeup does by deleting `force`.
+#[test]
+fn with_the_platform_flag_its_forced_sleep_is_taken_over_and_a_manual_wake_ends_it() {
+    let c = Cluster::shared();
+    let w = World::start("api-loft-force", &["--vcluster-platform-annotations"]);
+    let ns = c.namespace("loft-force", &[("dormant-test", &w.id)]).unwrap();
+    c.kubectl_apply(&c.admin, &deployment_yaml(&ns, "web", 2)).unwrap();
+    wait_until("web ready", Duration::from_secs(60), || ready_pods(c, &ns, "app=web") == 2);
+    let replicas = || kubectl(c, &["get", "deployment", "web", "-n", &ns, "-o", "jsonpath={.spec.replicas}"]);
+    let ann = |key: &str| annotation(c, "namespace", &ns, None, key);
+    // In use a moment ago: only the forced sleep puts it to sleep.
+    kubectl(
+        c,
+        &[
+            "annotate",
+            "namespace",
+            &ns,
+            "dormant.dev/sleep-after=1h",
+            &format!("dormant.dev/last-activity={}", chrono::Utc::now().to_rfc3339()),
+            "sleepmode.loft.sh/force=true",
+            "sleepmode.loft.sh/force-duration=0",
+        ],
+    );
+    wait_until("the forced sleep", Duration::from_secs(60), || {
+        state(c, "namespace", &ns, None) == "asleep" && replicas() == "0"
+    });
+    assert_eq!(
+        (ann("sleepmode.loft.sh/force"), ann("sleepmode.loft.sh/force-duration")),
+        (String::new(), String::new()),
+        "the Platform's keys are taken over"
+    );
+    assert!(!ann("dormant.dev/force-sleep").is_empty(), "dormant's own force-sleep is written");
+    assert_eq!(ann("dormant.dev/prevent-wakeup-until"), "never", "force-duration 0: until woken by hand");
+
+    // Woken by hand: it stays awake.
+    let out = w.cli(&c.admin.kubeconfig, &["wake", &format!("namespace/{ns}"), "--wait=60s"]);
+    assert!(out.status.success(), "{}", text(&out).1);
+    assert_eq!(replicas(), "2");
+    // Long enough for several reconciles and activity flushes.
+    std::thread::sleep(Duration::from_secs(8));
+    assert_eq!((state(c, "namespace", &ns, None), replicas()), ("awake".to_string(), "2".to_string()));
+    assert_eq!(
+        (ann("dormant.dev/force-sleep"), ann("dormant.dev/prevent-wakeup-until")),
+        (String::new(), String::new()),
+        "a manual wake ends the forced sleep"
+    );
+}
+
 #[test]
 fn an_auth_proxys_user_headers_count_only_on_its_own_certificate() {
     let c = Cluster::shared();

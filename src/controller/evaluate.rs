@@ -53,6 +53,9 @@ pub struct Evaluation {
     /// vCluster Platform's `sleepmode.loft.sh/exclude` on a workload counts
     /// (the agent reads the Platform's annotations).
     pub platform_exclude: bool,
+    /// vCluster Platform's forced sleep, to be written as dormant's own
+    /// (empty when there is none).
+    pub takeover: BTreeMap<&'static str, Option<String>>,
 }
 
 impl Evaluation {
@@ -203,7 +206,8 @@ pub fn evaluate(
     r: &TargetRef,
     now: DateTime<Utc>,
 ) -> Result<Option<Evaluation>, Invalid> {
-    let Some(Governed { target, annotations, policy }) = effective(stores, defaults, scope, r)? else {
+    let Some(Governed { target, annotations, policy, takeover }) = effective(stores, defaults, scope, r)?
+    else {
         return Ok(None);
     };
     let workloads = stores.workloads(&target);
@@ -295,6 +299,7 @@ pub fn evaluate(
         predicted,
         decision,
         platform_exclude: scope.platform_annotations,
+        takeover,
     };
     // Checked while a sleep could still scale such a workload down (not
     // while asleep or waking: waking must be able to finish).

@@ -71,6 +71,10 @@ pub(super) async fn reconcile(ctx: &Context, r: &TargetRef) -> Result<Option<Dat
         annotations.insert(vocab::LAST_ACTIVITY_BY, Some(u.by.clone()));
     }
     let dry_run = ctx.config.dry_run || ev.policy.dry_run.value;
+    if !ev.takeover.is_empty() && !dry_run {
+        tracing::info!(target = %r, "taking vCluster Platform's forced sleep over as dormant's own");
+        annotations.extend(ev.takeover.iter().map(|(k, v)| (*k, v.clone())));
+    }
     // When to look again for app traffic still held after a wake.
     let mut again = None;
     let result = match ev.decision.desired {

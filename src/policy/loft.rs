@@ -18,7 +18,7 @@ use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use serde_yaml::Value;
 
-use super::annotations::{self as ann, AnnotationError, ForceSleep, TargetAnnotations, Until};
+use super::annotations::{self as ann, AnnotationError, ForceSleep, TargetAnnotations, TargetState, Until};
 use super::duration::{self, SleepAfter};
 use super::ignore::ResourceRule;
 use super::resolve::{EffectivePolicy, Origin, Sourced};
@@ -895,33 +895,61 @@ pub struct Provenance {
     pub last_activity: Option<Origin>,
 }
 
+/// The Platform's settings of a target as the agent acts on them (see
+/// [`layer_under`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Layered {
+    /// Pass these to `resolve` and the decision in place of the target's
+    /// own annotations, then [`Provenance::attribute`] the policy.
+    pub annotations: TargetAnnotations,
+    pub provenance: Provenance,
+    /// The patch that takes the Platform's forced sleep over as dormant's
+    /// own (empty when there is none to take): `force-sleep` and
+    /// `prevent-wakeup-until` written, the Platform's `force` and
+    /// `force-duration` removed.
+    pub takeover: BTreeMap<&'static str, Option<String>>,
+}
+
 /// dormant's annotations over the overlay, field by field: what a field of
 /// `dormant` sets is kept; a field it leaves unset takes the overlay's value,
-/// and [`Provenance`] records where that came from. Pass the result to
-/// `resolve` in place of the target's own annotations, then call
-/// [`Provenance::attribute`] on the effective policy.
+/// and [`Provenance`] records where that came from.
 ///
-/// A forced sleep with a `force-duration` prevents wakes until its start
-/// plus the duration: its start is the Platform's `sleeping-since`, else
-/// dormant's own `asleep-since` (so until dormant has put the target to
-/// sleep, only the forced sleep applies).
-pub fn layer_under(dormant: &TargetAnnotations, overlay: &Overlay) -> (TargetAnnotations, Provenance) {
+/// The Platform's `last-activity` continues the idle clock until dormant
+/// records its own. Its forced sleep (`force`, `force-duration`) is taken
+/// over: it reads as dormant's `force-sleep` dated at the Platform's
+/// `sleeping-since`, else when dormant put the target to sleep, else `now`,
+/// and a `force-duration` as `prevent-wakeup-until` that long after (`0`:
+/// `never`), each unless dormant's own is set; [`Layered::takeover`]
+/// writes that in dormant's words and removes the Platform's two keys, so
+/// a manual wake ends it as it ends any of dormant's forced sleeps (as the
+/// Platform's own wakeup deletes `force`).
+pub fn layer_under(dormant: &TargetAnnotations, overlay: &Overlay, now: DateTime<Utc>) -> Layered {
     let (mut merged, mut prov) = layer_policy_under(dormant, overlay);
-    if let Some(f) = &overlay.force
-        && dormant.force_sleep.is_none()
-        && dormant.prevent_wakeup_until.is_none()
-    {
-        let since = overlay.status.sleeping_since;
-        merged.force_sleep = Some(since.map_or(ForceSleep::Requested, ForceSleep::Since));
-        merged.prevent_wakeup_until = match f.value.prevent {
+    let mut takeover = BTreeMap::new();
+    if let Some(f) = &overlay.force {
+        let asleep = matches!(dormant.state, Some(TargetState::Asleep | TargetState::Sleeping));
+        let since = overlay.status.sleeping_since.or(dormant.asleep_since.filter(|_| asleep)).unwrap_or(now);
+        if dormant.force_sleep.is_none() {
+            merged.force_sleep = Some(ForceSleep::Since(since));
+            takeover.insert(vocab::FORCE_SLEEP, Some(ann::rfc3339(since)));
+            prov.force = Some(f.origin.clone());
+        }
+        let until = match f.value.prevent {
             None => None,
             Some(Prevent::Never) => Some(Until::Never),
-            Some(Prevent::For(d)) => since
-                .or(dormant.asleep_since)
-                .and_then(|t| chrono::Duration::from_std(d).ok().and_then(|d| t.checked_add_signed(d)))
-                .map(Until::Time),
+            Some(Prevent::For(d)) => {
+                chrono::Duration::from_std(d).ok().and_then(|d| since.checked_add_signed(d)).map(Until::Time)
+            }
         };
-        prov.force = Some(f.origin.clone());
+        if let Some(until) = until
+            && dormant.prevent_wakeup_until.is_none()
+        {
+            takeover.insert(vocab::PREVENT_WAKEUP_UNTIL, Some(until.to_string()));
+            merged.prevent_wakeup_until = Some(until);
+            prov.force = Some(f.origin.clone());
+        }
+        takeover.insert(FORCE, None);
+        takeover.insert(FORCE_DURATION, None);
     }
     if merged.last_activity.is_none()
         && let Some(t) = overlay.status.last_activity
@@ -929,13 +957,12 @@ pub fn layer_under(dormant: &TargetAnnotations, overlay: &Overlay) -> (TargetAnn
         merged.last_activity = Some(t);
         prov.last_activity = Some(Origin::Annotation(LAST_ACTIVITY));
     }
-    (merged, prov)
+    Layered { annotations: merged, provenance: prov, takeover }
 }
 
 /// [`layer_under`] for the policy's fields only (sleep-after, schedules,
-/// timezone, the ignore rules): what the agent acts on today. The
-/// Platform's forced sleep and its status are left out, as if absent.
-pub fn layer_policy_under(dormant: &TargetAnnotations, overlay: &Overlay) -> (TargetAnnotations, Provenance) {
+/// timezone, the ignore rules).
+fn layer_policy_under(dormant: &TargetAnnotations, overlay: &Overlay) -> (TargetAnnotations, Provenance) {
     let mut merged = dormant.clone();
     let mut prov = Provenance::default();
     fn fill<T: Clone>(slot: &mut Option<T>, from: &Option<Sourced<T>>) -> Option<Origin> {
@@ -1663,7 +1690,7 @@ mod tests {
         overlay: &Overlay,
     ) -> (EffectivePolicy, TargetAnnotations, Provenance) {
         let own = TargetAnnotations::parse(&map(dormant)).unwrap();
-        let (merged, prov) = layer_under(&own, overlay);
+        let Layered { annotations: merged, provenance: prov, .. } = layer_under(&own, overlay, test_now());
         let mut eff =
             resolve(TargetKind::VCluster, &BTreeMap::new(), &merged, &[], &Defaults::default()).unwrap();
         prov.attribute(&mut eff);
@@ -1730,14 +1757,42 @@ mod tests {
         assert_eq!(eff.ignore.origin.to_string(), "annotation sleepmode.loft.sh/ignore-active-connections");
     }
 
+    /// When the tests' layering happens.
+    fn test_now() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 3, 30, 15, 0, 0).unwrap()
+    }
+
+    fn takeover(dormant: &[(&str, &str)], overlay: &[(&str, &str)]) -> Vec<(&'static str, Option<String>)> {
+        let own = TargetAnnotations::parse(&map(dormant)).unwrap();
+        layer_under(&own, &read(overlay), test_now()).takeover.into_iter().collect()
+    }
+
     #[test]
-    fn a_forced_sleep_becomes_dormants_force_and_prevent_wakeup() {
+    fn a_forced_sleep_is_taken_over_as_dormants_force_and_prevent_wakeup() {
+        let removed = |mut v: Vec<(&'static str, Option<String>)>| {
+            v.extend([(FORCE, None), (FORCE_DURATION, None)]);
+            v.sort();
+            v
+        };
+        let now = "2026-03-30T15:00:00.000Z".to_string();
         let (_, merged, prov) = effective(&[], &read(&[(FORCE, "true")]));
-        assert_eq!((merged.force_sleep, merged.prevent_wakeup_until), (Some(ForceSleep::Requested), None));
+        assert_eq!(
+            (merged.force_sleep, merged.prevent_wakeup_until),
+            (Some(ForceSleep::Since(test_now())), None)
+        );
         assert_eq!(prov.force, Some(Origin::Annotation(FORCE)));
+        assert_eq!(takeover(&[], &[(FORCE, "true")]), removed(vec![(vocab::FORCE_SLEEP, Some(now.clone()))]));
 
         let (_, merged, _) = effective(&[], &read(&[(FORCE, "true"), (FORCE_DURATION, "0")]));
         assert_eq!(merged.prevent_wakeup_until, Some(Until::Never));
+        assert_eq!(
+            takeover(&[], &[(FORCE_DURATION, "0")]),
+            removed(vec![
+                (vocab::FORCE_SLEEP, Some(now.clone())),
+                (vocab::PREVENT_WAKEUP_UNTIL, Some("never".into()))
+            ]),
+            "force-duration implies force"
+        );
 
         let asleep = &[(FORCE, "true"), (FORCE_DURATION, "600"), (SLEEPING_SINCE, "1774883460")];
         let (_, merged, _) = effective(&[], &read(asleep));
@@ -1748,19 +1803,38 @@ mod tests {
             "from when the Platform put it to sleep"
         );
 
-        let (_, merged, _) =
-            effective(&[(vocab::ASLEEP_SINCE, "2026-03-30T12:00:00Z")], &read(&[(FORCE_DURATION, "60")]));
+        let dormant_asleep = [(vocab::STATE, "asleep"), (vocab::ASLEEP_SINCE, "2026-03-30T12:00:00Z")];
+        let (_, merged, _) = effective(&dormant_asleep, &read(&[(FORCE_DURATION, "60")]));
         assert_eq!(
             merged.prevent_wakeup_until,
             Some(Until::Time(Utc.with_ymd_and_hms(2026, 3, 30, 12, 1, 0).unwrap())),
-            "else from when dormant did"
+            "else from when dormant put it to sleep"
         );
-        let (_, merged, _) = effective(&[], &read(&[(FORCE_DURATION, "60")]));
-        assert_eq!(merged.prevent_wakeup_until, None, "not asleep yet: only the forced sleep");
+        let (_, merged, _) = effective(
+            &[(vocab::STATE, "awake"), (vocab::ASLEEP_SINCE, "2026-03-30T12:00:00Z")],
+            &read(&[(FORCE_DURATION, "60")]),
+        );
+        assert_eq!(
+            merged.prevent_wakeup_until,
+            Some(Until::Time(Utc.with_ymd_and_hms(2026, 3, 30, 15, 1, 0).unwrap())),
+            "else from now: an earlier sleep of dormant's is over"
+        );
 
-        let (_, merged, prov) =
-            effective(&[(vocab::PREVENT_WAKEUP_UNTIL, "never")], &read(&[(FORCE, "true")]));
-        assert_eq!((merged.force_sleep, prov.force), (None, None), "dormant's own force annotations win");
+        let (_, merged, prov) = effective(
+            &[(vocab::PREVENT_WAKEUP_UNTIL, "never")],
+            &read(&[(FORCE, "true"), (FORCE_DURATION, "60")]),
+        );
+        assert_eq!(merged.prevent_wakeup_until, Some(Until::Never), "dormant's own prevent-wakeup wins");
+        assert_eq!(prov.force, Some(Origin::Annotation(FORCE)), "the forced sleep is still the Platform's");
+        let forced = [(vocab::FORCE_SLEEP, "2026-03-30T14:00:00Z")];
+        let (_, merged, prov) = effective(&forced, &read(&[(FORCE, "true")]));
+        assert_eq!((merged.force_sleep, prov.force), (Some(ForceSleep::Since(at(1_774_879_200))), None));
+        assert_eq!(
+            takeover(&forced, &[(FORCE, "true")]),
+            removed(vec![]),
+            "already forced by dormant: the Platform's key is only removed"
+        );
+        assert_eq!(takeover(&[], &[(SLEEP_AFTER, "60")]), vec![], "no force: nothing written");
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! - the proxy forwards to it while it is awake, and while it sleeps
 //!   refuses at once with the problem (no wake would come).
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use super::{Scope, Stores, Target, TargetObject, TargetRef};
@@ -75,6 +76,9 @@ pub struct Governed {
     pub target: Target,
     pub annotations: TargetAnnotations,
     pub policy: EffectivePolicy,
+    /// Annotations the leader writes to take vCluster Platform's forced
+    /// sleep over as dormant's own (`loft::Layered::takeover`).
+    pub takeover: BTreeMap<&'static str, Option<String>>,
 }
 
 /// The effective policy of `r`. `Ok(None)` when it is not a target: gone,
@@ -100,17 +104,15 @@ pub fn effective(
     if !scope.platform_annotations {
         let policy = resolve(r.kind, &target.namespace_labels, &annotations, &candidates, defaults)
             .map_err(Invalid::Policy)?;
-        return Ok(Some(Governed { target, annotations, policy }));
+        return Ok(Some(Governed { target, annotations, policy, takeover: BTreeMap::new() }));
     }
-    // vCluster Platform's settings, under dormant's own: its policy fields
-    // only. Its forced sleep and the status it recorded (`sleeping-since`,
-    // `last-activity`) are read and checked but not acted on: the agent
-    // would have to consume the Platform's `force` on a manual wake, which
-    // it does not yet.
+    // vCluster Platform's settings, under dormant's own; its forced sleep
+    // taken over as dormant's.
     let overlay = loft::parse_annotations(target.object.annotations()).map_err(Invalid::Annotations)?;
-    let (layered, provenance) = loft::layer_policy_under(&annotations, &overlay);
-    let mut policy = resolve(r.kind, &target.namespace_labels, &layered, &candidates, defaults)
+    let loft::Layered { annotations, provenance, takeover } =
+        loft::layer_under(&annotations, &overlay, chrono::Utc::now());
+    let mut policy = resolve(r.kind, &target.namespace_labels, &annotations, &candidates, defaults)
         .map_err(Invalid::Policy)?;
     provenance.attribute(&mut policy);
-    Ok(Some(Governed { target, annotations, policy }))
+    Ok(Some(Governed { target, annotations, policy, takeover }))
 }
