@@ -57,6 +57,15 @@ pub const REPLICAS_BEFORE_SLEEP: &str = "dormant.dev/replicas-before-sleep";
 pub const SUSPEND_BEFORE_SLEEP: &str = "dormant.dev/suspend-before-sleep";
 pub const KEDA_PAUSED_BEFORE_SLEEP: &str = "dormant.dev/keda-paused-replicas-before-sleep";
 pub const KEDA_JOB_PAUSED_BEFORE_SLEEP: &str = "dormant.dev/keda-paused-before-sleep";
+/// dormant's record of the GitOps marks it set: a JSON object from each
+/// mark's key to the value the object had before (`null`: none).
+pub const GITOPS_BEFORE_SLEEP: &str = "dormant.dev/gitops-before-sleep";
+
+// delete-after (a SleepPolicy's `deleteAfter`).
+/// Set by users on a target: never deleted, whatever its policy says.
+pub const PROTECT: &str = "dormant.dev/protect";
+/// Written by dormant with its warning: when the target will be deleted.
+pub const DELETE_AT: &str = "dormant.dev/delete-at";
 
 /// Every key a target may carry (workload keys too: a vcluster's
 /// StatefulSet is both), for typo hints.
@@ -93,6 +102,9 @@ pub const TARGET_KEYS: &[&str] = &[
     SUSPEND_BEFORE_SLEEP,
     KEDA_PAUSED_BEFORE_SLEEP,
     KEDA_JOB_PAUSED_BEFORE_SLEEP,
+    GITOPS_BEFORE_SLEEP,
+    PROTECT,
+    DELETE_AT,
 ];
 
 /// The label the vcluster chart puts on its control plane (`app=vcluster`).

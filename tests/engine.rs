@@ -936,7 +936,10 @@ fn an_invalid_policy_or_annotation_leaves_the_target_untouched_and_says_why() {
     install_crd(c);
     let bad_annotation = c.namespace("bad-ann", &[("dormant-test", &id)]).unwrap();
     let bad_policy = c.namespace("bad-pol", &[("dormant-test", &id), ("invalid-policy", &id)]).unwrap();
-    for ns in [&bad_annotation, &bad_policy] {
+    // A workload's record of GitOps marks that is not dormant's (a hand
+    // edit): refused before anything changes, not half-way through a wake.
+    let bad_mark = c.namespace("bad-mark", &[("dormant-test", &id)]).unwrap();
+    for ns in [&bad_annotation, &bad_policy, &bad_mark] {
         c.kubectl_apply(
             &c.admin,
             &format!("apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: app, namespace: {ns}}}\nspec:\n  replicas: 2\n  selector: {{matchLabels: {{app: a}}}}\n  template:\n    metadata: {{labels: {{app: a}}}}\n    spec: {{containers: [{{name: c, image: nginx:1.27}}]}}\n"),
@@ -954,6 +957,11 @@ fn an_invalid_policy_or_annotation_leaves_the_target_untouched_and_says_why() {
             "dormant.dev/force-sleep=true",
         ],
     );
+    kubectl(
+        c,
+        &["annotate", "deployment", "app", "-n", &bad_mark, "dormant.dev/gitops-before-sleep=disabled"],
+    );
+    kubectl(c, &["annotate", "namespace", &bad_mark, "dormant.dev/force-sleep=true"]);
     let policy = format!("{id}-broken");
     c.kubectl_apply(
         &c.admin,
@@ -978,8 +986,18 @@ fn an_invalid_policy_or_annotation_leaves_the_target_untouched_and_says_why() {
         "{note}"
     );
 
+    wait_until("a PolicyInvalid event for the bad GitOps record", Duration::from_secs(30), || {
+        !warnings(&bad_mark).is_empty()
+    });
+    let note = warnings(&bad_mark);
+    assert!(
+        note.contains(&format!("Deployment/{bad_mark}/app"))
+            && note.contains("dormant.dev/gitops-before-sleep"),
+        "{note}"
+    );
+
     std::thread::sleep(Duration::from_secs(3));
-    for ns in [&bad_annotation, &bad_policy] {
+    for ns in [&bad_annotation, &bad_policy, &bad_mark] {
         assert_eq!(jsonpath(c, "deployment", "app", Some(ns), "{.spec.replicas}"), "2", "{ns} was touched");
         assert_eq!(annotation(c, "deployment", "app", Some(ns), "dormant.dev/replicas-before-sleep"), "");
         assert_eq!(state(c, "namespace", ns, None), "", "{ns} got a state");

@@ -14,9 +14,12 @@ use crate::foresight::predict::{self, Edges};
 use crate::foresight::profile::Profile;
 use crate::foresight::simulate::{Comparison, Start, with_policy};
 use crate::foresight::what_if::{Period, Subject, simulate_subject};
-use crate::policy::annotations::{ForceSleep, TargetAnnotations, TargetState, WorkloadAnnotations};
+use crate::policy::annotations::{
+    AnnotationError, ForceSleep, TargetAnnotations, TargetState, WorkloadAnnotations,
+};
 use crate::policy::decide::{self, Current, Decision, Forced, Inputs, LastUse};
 use crate::policy::{Candidate, Defaults, EffectivePolicy, RunningJobs, TargetKind, loft};
+use crate::scaler::gitops;
 use crate::scaler::hand_scaled;
 pub use crate::target::effective::Invalid;
 use crate::target::effective::{Governed, effective};
@@ -214,6 +217,11 @@ pub fn evaluate(
     for w in &workloads {
         if let Err(errors) = WorkloadAnnotations::parse(&w.annotations) {
             return Err(Invalid::Workload { id: w.id(), errors });
+        }
+        if let Err(value) = gitops::check_record(&w.annotations) {
+            let reason = gitops::BAD_RECORD.into();
+            let e = AnnotationError { key: gitops::GITOPS_BEFORE_SLEEP.into(), value, reason };
+            return Err(Invalid::Workload { id: w.id(), errors: vec![e] });
         }
         if scope.platform_annotations
             && let Err(e) = loft::workload_excluded(&w.annotations)

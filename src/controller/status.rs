@@ -9,7 +9,7 @@ use kube::ResourceExt;
 use kube::api::{Api, Patch};
 use serde_json::json;
 
-use super::{Context, lock};
+use super::Context;
 use crate::metrics::StateLabels;
 use crate::policy::crd::{FailedTarget, SleepPolicyStatus};
 use crate::policy::{SleepPolicy, TargetKind};
@@ -117,5 +117,4 @@ async fn update_policy_status(ctx: &Context, summaries: &HashMap<crate::target::
             tracing::warn!(policy = %name, error = %e, "failed to update SleepPolicy status");
         }
     }
-    let _ = lock(&ctx.summaries).len();
 }

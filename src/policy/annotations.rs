@@ -139,6 +139,10 @@ pub struct TargetAnnotations {
     pub sleep_record: Option<BTreeMap<String, String>>,
     /// The activity profile as written (read by `crate::foresight`).
     pub activity_profile: Option<String>,
+    /// Never deleted, whatever the policy's `deleteAfter` says.
+    pub protect: bool,
+    /// When dormant warned it would delete the target (`delete-at`).
+    pub delete_at: Option<DateTime<Utc>>,
 }
 
 /// The `force-sleep` annotation: `true`, or the instant it was requested
@@ -275,12 +279,19 @@ impl TargetAnnotations {
                     parse_requests(v).ok_or_else(|| err(key, v, "expected cpu=<cores>,memory=<bytes>"))?,
                 )
             }
+            PROTECT => self.protect = parse_bool(key, v)?,
+            // Written by dormant with its warning; an unreadable one is no
+            // warning (a new one is given before any deletion).
+            DELETE_AT => self.delete_at = parse_time(key, v).ok(),
             EXCLUDE
             | REPLICAS_BEFORE_SLEEP
             | SUSPEND_BEFORE_SLEEP
             | KEDA_PAUSED_BEFORE_SLEEP
-            | KEDA_JOB_PAUSED_BEFORE_SLEEP => {
-                // Workload annotations; checked by `WorkloadAnnotations`.
+            | KEDA_JOB_PAUSED_BEFORE_SLEEP
+            | GITOPS_BEFORE_SLEEP => {
+                // Workload annotations (a vcluster's control plane is both
+                // its target and a workload); checked by `WorkloadAnnotations`
+                // and the scaler.
             }
             _ => {
                 let hint = closest_key(key).map(|k| format!("; did you mean {k}?")).unwrap_or_default();
@@ -389,6 +400,23 @@ mod tests {
 
     fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn a_vcluster_control_planes_gitops_record_and_the_delete_after_keys_are_known() {
+        // A vcluster's StatefulSet is its target and a workload Flux may
+        // manage: the record dormant writes on it must not make it invalid.
+        let a = TargetAnnotations::parse(&map(&[
+            (GITOPS_BEFORE_SLEEP, r#"{"kustomize.toolkit.fluxcd.io/reconcile":null}"#),
+            (PROTECT, "true"),
+            (DELETE_AT, "2026-12-09T10:00:00Z"),
+        ]))
+        .unwrap();
+        assert!(a.protect);
+        assert_eq!(a.delete_at.map(rfc3339), Some("2026-12-09T10:00:00.000Z".into()));
+        let a = TargetAnnotations::parse(&map(&[(DELETE_AT, "soon")])).unwrap();
+        assert_eq!(a.delete_at, None, "an unreadable warning is no warning: a new one comes first");
+        assert!(TargetAnnotations::parse(&map(&[(PROTECT, "yes")])).is_err());
     }
 
     #[test]

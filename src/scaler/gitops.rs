@@ -53,9 +53,7 @@ pub const FLUX_RECONCILE: &str = "kustomize.toolkit.fluxcd.io/reconcile";
 /// On an in-cluster object: `disabled` excludes it from helm-controller's
 /// drift detection and correction.
 pub const FLUX_DRIFT_DETECTION: &str = "helm.toolkit.fluxcd.io/driftDetection";
-/// dormant's record of the GitOps marks it set: a JSON object from each
-/// mark's key to the value the object had before (`null`: none).
-pub const GITOPS_BEFORE_SLEEP: &str = "dormant.dev/gitops-before-sleep";
+pub use crate::vocab::GITOPS_BEFORE_SLEEP;
 
 /// Each mark and the value dormant sets.
 const MARKS: &[(&str, &str)] =
@@ -200,6 +198,20 @@ fn read_record(raw: &str) -> Result<Vec<(String, Option<String>)>, String> {
         })
         .collect()
 }
+
+/// A workload's record of GitOps marks, if it has one, is readable: checked
+/// before anything changes, so a bad one (a hand edit, a tool's rewrite)
+/// leaves its whole target alone rather than failing a wake half-way.
+/// `Err`: the record as found.
+pub fn check_record(annotations: &BTreeMap<String, String>) -> Result<(), String> {
+    match annotations.get(GITOPS_BEFORE_SLEEP) {
+        Some(raw) if read_record(raw).is_err() => Err(raw.clone()),
+        _ => Ok(()),
+    }
+}
+
+/// Why [`check_record`] refuses a record.
+pub const BAD_RECORD: &str = "expected the JSON object dormant writes: each GitOps mark's key and its value before the sleep (or null)";
 
 /// Removes the marks and the record, giving each mark key back the value it
 /// had before — unless someone changed it while asleep (then their value
@@ -746,6 +758,18 @@ mod tests {
                 prop_assert_eq!(annotations_of(obj), annotations_of(original));
             }
             prop_assert_eq!(annotations_of(&app), annotations_of(&app_original));
+        }
+    }
+
+    #[test]
+    fn a_record_dormant_did_not_write_is_refused_before_anything_changes() {
+        assert!(check_record(&map(&[])).is_ok());
+        assert!(
+            check_record(&map(&[(GITOPS_BEFORE_SLEEP, r#"{"kustomize.toolkit.fluxcd.io/reconcile":null}"#)]))
+                .is_ok()
+        );
+        for raw in ["disabled", "{}x", r#"{"app":"x"}"#, r#"{"kustomize.toolkit.fluxcd.io/reconcile":1}"#] {
+            assert_eq!(check_record(&map(&[(GITOPS_BEFORE_SLEEP, raw)])), Err(raw.to_string()));
         }
     }
 }
