@@ -1854,3 +1854,86 @@ fn a_target_disabled_while_asleep_stays_asleep_and_explain_says_how_to_wake_it()
     assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), agent.log());
     assert_eq!(replicas(c, "deployment", "app", &ns), "2");
 }
+
+/// A SleepPolicy's `deleteAfter`, with the agent's `--enable-delete-after`:
+/// a namespace asleep that long is warned (Event, `delete-at`), then
+/// deleted with everything in it. One woken after the warning, one whose
+/// policy turns dry-run, and one annotated `protect` are never deleted,
+/// and the warnings given to the first two are withdrawn.
+#[test]
+fn delete_after_warns_then_deletes_and_never_a_woken_dry_run_or_protected_target() {
+    let c = Cluster::shared();
+    let id = test_id("delafter");
+    install_crd(c);
+    let ns = |prefix: &str| c.namespace(prefix, &[("dormant-test", &id), ("delete-after", &id)]).unwrap();
+    let (doomed, woken, dry, protected) =
+        (ns("del-doomed"), ns("del-woken"), ns("del-dry"), ns("del-protected"));
+    for ns in [&doomed, &woken, &dry, &protected] {
+        c.kubectl_apply(&c.admin, &deployment_yaml(ns, "app", 1)).unwrap();
+    }
+    let (policy, dry_policy) = (format!("{id}-delete"), format!("{id}-dry"));
+    c.kubectl_apply(
+        &c.admin,
+        &format!(
+            "apiVersion: dormant.dev/v1alpha1\nkind: SleepPolicy\nmetadata: {{name: {policy}}}\nspec:\n  selector: {{namespaceSelector: {{matchLabels: {{delete-after: {id}}}}}}}\n  sleepAfter: 1h\n  deleteAfter: 20s\n  deleteWarning: 15s\n---\napiVersion: dormant.dev/v1alpha1\nkind: SleepPolicy\nmetadata: {{name: {dry_policy}}}\nspec:\n  selector: {{namespaceSelector: {{matchLabels: {{never: {id}}}}}}}\n  sleepAfter: 1h\n  dryRun: true\n  deleteAfter: 20s\n  deleteWarning: 15s\n"
+        ),
+    )
+    .unwrap();
+    kubectl(c, &["annotate", "namespace", &protected, "dormant.dev/protect=true"]);
+    for ns in [&doomed, &woken, &dry, &protected] {
+        kubectl(c, &["annotate", "namespace", ns, "dormant.dev/force-sleep=true"]);
+    }
+    let agent = Agent::start(c, &id, &format!("{id}-system"), "del-1", &["--enable-delete-after"]);
+    for ns in [&doomed, &woken, &dry, &protected] {
+        wait_state(c, "namespace", ns, None, "asleep", Duration::from_secs(60), &agent);
+    }
+    let delete_at = |ns: &str| annotation(c, "namespace", ns, None, "dormant.dev/delete-at");
+    wait_until("the warnings", Duration::from_secs(30), || {
+        [&doomed, &woken, &dry].iter().all(|ns| !delete_at(ns).is_empty())
+    });
+    let note = event_notes(c, &doomed, "DeletionScheduled");
+    assert!(note.contains("will be DELETED") && note.contains(&policy), "{note}");
+
+    // Woken by hand, and moved to a dry-run policy: warnings withdrawn.
+    let out = dormant(c, &["wake", &format!("namespace/{woken}"), "--wait=60s"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    kubectl(c, &["annotate", "namespace", &dry, &format!("dormant.dev/policy={dry_policy}")]);
+    wait_until("the withdrawals", Duration::from_secs(30), || {
+        delete_at(&woken).is_empty() && delete_at(&dry).is_empty()
+    });
+    let note = event_notes(c, &woken, "DeletionCancelled");
+    assert!(
+        note.contains("will not be deleted: it is waking") || note.contains("it is not asleep"),
+        "{note}"
+    );
+    assert!(event_notes(c, &dry, "DeletionCancelled").contains("dry-run"));
+
+    // The doomed one goes, when it was warned it would.
+    let warned: chrono::DateTime<chrono::Utc> = delete_at(&doomed).parse().unwrap();
+    let phase = |ns: &str| {
+        c.kubectl_out(&c.admin, &["get", "namespace", ns, "-o", "jsonpath={.status.phase}"]).unwrap_or_else(
+            |e| {
+                assert!(e.contains("NotFound"), "{e}");
+                "gone".into()
+            },
+        )
+    };
+    wait_until("the deletion", Duration::from_secs(60), || {
+        matches!(phase(&doomed).as_str(), "Terminating" | "gone")
+    });
+    assert!(chrono::Utc::now() >= warned, "deleted before the time it was warned of ({warned})");
+    let deleted: Vec<_> =
+        events(c, "default", "Deleted").into_iter().filter(|e| e.note.contains(&doomed)).collect();
+    assert_eq!(deleted.len(), 1, "{deleted:?}");
+    assert_eq!(deleted[0].regarding, format!("Namespace/{doomed}"));
+    assert_eq!(agent.metric("dormant_deleted_targets_total"), 1.0);
+
+    // The others stay as they are, a while after.
+    std::thread::sleep(Duration::from_secs(5));
+    for ns in [&woken, &dry, &protected] {
+        assert_eq!(phase(ns), "Active", "{ns}");
+        assert_eq!(delete_at(ns), "", "{ns}");
+    }
+    assert_eq!(jsonpath(c, "deployment", "app", Some(&protected), "{.spec.replicas}"), "0", "still asleep");
+    assert_eq!(jsonpath(c, "deployment", "app", Some(&woken), "{.spec.replicas}"), "1", "awake");
+}

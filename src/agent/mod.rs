@@ -414,6 +414,7 @@ impl Leading {
             defaults: settings.defaults.clone(),
             scope: settings.scope.clone(),
             dry_run: settings.dry_run,
+            delete_after: settings.enable_delete_after,
             concurrency: settings.concurrency,
             reconcile_timeout: settings.reconcile_timeout,
             identity: settings.identity.clone(),

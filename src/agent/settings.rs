@@ -115,6 +115,10 @@ pub struct AgentArgs {
     /// Decide and report, never scale.
     #[arg(long, env = "DORMANT_DRY_RUN")]
     pub dry_run: bool,
+    /// Let SleepPolicies' `deleteAfter` delete namespace targets that slept
+    /// that long (warned `deleteWarning` before). Off: never deletes.
+    #[arg(long, env = "DORMANT_ENABLE_DELETE_AFTER")]
+    pub enable_delete_after: bool,
     /// Address of the audit webhook (HTTPS); off when unset.
     #[arg(long, env = "DORMANT_AUDIT_ADDR")]
     pub audit_addr: Option<SocketAddr>,
@@ -257,6 +261,7 @@ pub struct Settings {
     pub defaults: Defaults,
     pub scope: Scope,
     pub dry_run: bool,
+    pub enable_delete_after: bool,
     pub metrics_user_names: bool,
     pub count_gitops_requests: bool,
     pub audit: Option<AuditSettings>,
@@ -414,6 +419,7 @@ impl AgentArgs {
                 platform_annotations: self.vcluster_platform_annotations,
             },
             dry_run: self.dry_run,
+            enable_delete_after: self.enable_delete_after,
             metrics_user_names: self.metrics_user_names,
             count_gitops_requests: self.count_gitops_requests,
             audit,

@@ -274,7 +274,12 @@ pub async fn explain(client: &Client, r: &TargetRef) -> anyhow::Result<String> {
     let delete_after = p.delete_after.map(|d| {
         (
             "deleteAfter",
-            format!("{} ({})", duration::format(d), crate::policy::lint::DELETE_AFTER_NOT_ACTED_ON),
+            format!(
+                "{}, warned {} before ({})",
+                duration::format(d.after),
+                duration::format(d.warning),
+                crate::policy::lint::DELETE_AFTER_NOTE
+            ),
             String::new(),
         )
     });

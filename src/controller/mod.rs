@@ -5,6 +5,7 @@
 //! deadline comes (a timer queue, never a polling loop). Only the elected
 //! leader acts.
 
+mod delete;
 pub mod evaluate;
 mod prewake;
 mod reconcile;
@@ -40,6 +41,8 @@ pub struct Config {
     pub scope: Scope,
     /// Decide and report only; never scale.
     pub dry_run: bool,
+    /// Policies' `deleteAfter` may delete targets (`--enable-delete-after`).
+    pub delete_after: bool,
     /// Targets reconciled at once.
     pub concurrency: usize,
     /// A reconcile still running after this is abandoned and retried. Every

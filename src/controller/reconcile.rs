@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::events::{Event, EventType};
 
-use super::{Context, Error, Evaluation, Invalid, Summary, evaluate, lock, prewake};
+use super::{Context, Error, Evaluation, Invalid, Summary, delete, evaluate, lock, prewake};
 use crate::metrics::{CategoryLabels, SavingsLabels, TransitionLabels, TriggerLabels};
 use crate::policy::TargetKind;
 use crate::policy::annotations::{TargetState, format_requests, rfc3339};
@@ -86,6 +86,14 @@ pub(super) async fn reconcile(ctx: &Context, r: &TargetRef) -> Result<Option<Dat
         Desired::Asleep => sleep(ctx, &ev, &mut annotations, now).await,
         Desired::Awake => wake(ctx, &ev, &mut annotations, now, &mut again).await,
     };
+    // delete-after, once the target is where the decision wanted it.
+    let deletion = match &result {
+        Ok(()) => {
+            let plan = delete::plan(&delete::Facts::of(&ev, ctx.config.delete_after, dry_run), now);
+            delete::act(ctx, &ev, plan, &mut annotations).await
+        }
+        Err(_) => Ok(None),
+    };
     let written = ctx.annotator.set(&ev.target.object, &annotations).await;
     if written.is_ok() && annotations.contains_key(vocab::STATE) {
         wrote_state(ctx, &ev);
@@ -93,10 +101,8 @@ pub(super) async fn reconcile(ctx: &Context, r: &TargetRef) -> Result<Option<Dat
     summarize(ctx, &ev, &annotations);
     result?;
     written?;
-    Ok(match (ev.look_again(), again) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    })
+    let deletion = deletion?;
+    Ok([ev.look_again(), again, deletion].into_iter().flatten().min())
 }
 
 /// How long a reconcile waits for the cache to show this replica's own
@@ -122,7 +128,7 @@ fn forget(ctx: &Context, r: &TargetRef) {
 /// Publishes an Event about the target. Events with the same reason and
 /// action are aggregated into a series (keeping the first note), so the
 /// action carries the trigger: each kind of wake keeps its own note.
-async fn publish(ctx: &Context, ev: &Evaluation, type_: EventType, reason: &str, note: String) {
+pub(super) async fn publish(ctx: &Context, ev: &Evaluation, type_: EventType, reason: &str, note: String) {
     let trigger = ev.decision.reason.trigger();
     let action = format!("{reason}{}{}", trigger[..1].to_ascii_uppercase(), &trigger[1..]);
     let event =

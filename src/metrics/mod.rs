@@ -134,6 +134,8 @@ pub struct Metrics {
     pub transitions: Family<TransitionLabels, Counter>,
     pub wake_duration: Family<TriggerLabels, Histogram>,
     pub reconcile_errors: Family<CategoryLabels, Counter>,
+    /// Targets deleted by a policy's `deleteAfter`.
+    pub deleted_targets: Counter,
     pub reconcile_duration: Histogram,
     /// From the instant a target should have fallen asleep (its idle
     /// deadline or sleep instant) to dormant starting to scale it down.
@@ -235,6 +237,12 @@ impl Metrics {
             "reconcile_errors",
             "Failed reconciles by error category",
             reconcile_errors.clone(),
+        );
+        let deleted_targets = Counter::default();
+        registry.register(
+            "deleted_targets",
+            "Targets deleted because they slept longer than their policy's deleteAfter",
+            deleted_targets.clone(),
         );
         let reconcile_duration = Histogram::new(exponential_buckets(0.001, 2.0, 14));
         registry.register_with_unit(
@@ -391,6 +399,7 @@ impl Metrics {
             transitions,
             wake_duration,
             reconcile_errors,
+            deleted_targets,
             reconcile_duration,
             sleep_lag,
             activity,

@@ -79,12 +79,20 @@ pub struct SleepPolicySpec {
     /// Decide and report, but never scale anything.
     #[serde(default)]
     pub dry_run: bool,
-    /// Reserved: a target asleep this long would be deleted. Accepted and
-    /// validated, but not acted on yet: dormant never deletes a target
-    /// (`policy lint` warns, `explain` says so).
+    /// Delete a namespace target asleep this long, with everything in it.
+    /// Only when the agent runs with `--enable-delete-after`; never in
+    /// dry-run, never a disabled target or one annotated
+    /// `dormant.dev/protect: "true"`; always warned `deleteWarning` before
+    /// (a Warning Event and the annotation `dormant.dev/delete-at`). Waking
+    /// the target cancels it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = DURATION_PATTERN))]
     pub delete_after: Option<String>,
+    /// How long before a deletion dormant warns (default 24h); the deletion
+    /// is never sooner than this after the warning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub delete_warning: Option<String>,
 }
 
 /// What a sleep does to a Job still running (`spec.runningJobs`).

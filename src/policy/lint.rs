@@ -43,9 +43,8 @@ pub struct LintReport {
     pub warnings: Vec<LintError>,
 }
 
-/// What `deleteAfter` does today, said wherever it is shown.
-pub const DELETE_AFTER_NOT_ACTED_ON: &str =
-    "accepted but not acted on yet: dormant never deletes a target (it only scales to zero)";
+/// When `deleteAfter` acts, said wherever it is shown.
+pub const DELETE_AFTER_NOTE: &str = "deletes namespace targets (with everything in them) only when the agent runs with --enable-delete-after; never a vcluster, a disabled or a dormant.dev/protect target, nor in dry-run";
 
 /// Lints every YAML document in `text` (named `file` in messages).
 pub fn lint(file: &str, text: &str) -> LintReport {
@@ -123,7 +122,7 @@ pub fn lint(file: &str, text: &str) -> LintReport {
                             document,
                             object: object.clone(),
                             field: "spec.deleteAfter".into(),
-                            message: DELETE_AFTER_NOT_ACTED_ON.into(),
+                            message: DELETE_AFTER_NOTE.into(),
                         });
                     }
                 }
@@ -277,15 +276,21 @@ metadata:
     }
 
     #[test]
-    fn delete_after_is_valid_but_warned_about_as_not_acted_on() {
+    fn delete_after_is_valid_and_warned_about_with_when_it_acts() {
         let policy = "apiVersion: dormant.dev/v1alpha1\nkind: SleepPolicy\nmetadata: {name: x}\nspec: {sleepAfter: 30m, deleteAfter: 7d}\n";
         let r = lint("d.yaml", policy);
         assert!(r.errors.is_empty(), "{:?}", r.errors);
         assert_eq!(r.warnings.len(), 1);
         assert_eq!(r.warnings[0].field, "spec.deleteAfter");
-        assert!(r.warnings[0].message.contains("never deletes"), "{}", r.warnings[0]);
+        assert!(r.warnings[0].message.contains("--enable-delete-after"), "{}", r.warnings[0]);
         let r = lint("e.yaml", &policy.replace("7d", "soon"));
         assert_eq!(r.errors.len(), 1, "a bad duration is still an error");
+        let r = lint("f.yaml", &policy.replace("7d}", "7d, deleteWarning: 0s}"));
+        assert_eq!(
+            r.errors.iter().map(|e| e.field.as_str()).collect::<Vec<_>>(),
+            ["spec.deleteWarning"],
+            "a deletion is always warned"
+        );
     }
 
     #[test]

@@ -90,8 +90,20 @@ pub struct Policy {
     pub pricing: Option<Pricing>,
     pub running_jobs: Option<RunningJobs>,
     pub dry_run: bool,
-    pub delete_after: Option<Duration>,
+    pub delete_after: Option<DeleteAfter>,
 }
+
+/// A policy's `deleteAfter` and its warning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeleteAfter {
+    /// Asleep this long, a target is deleted.
+    pub after: Duration,
+    /// Warned this long before; never deleted sooner after the warning.
+    pub warning: Duration,
+}
+
+/// `deleteWarning` when a policy does not say.
+pub const DEFAULT_DELETE_WARNING: Duration = Duration::from_secs(24 * 3600);
 
 impl fmt::Display for Policy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -182,6 +194,19 @@ impl Policy {
                 None
             }
         });
+        let delete_warning = match spec.delete_warning.as_deref().map(duration::parse) {
+            None => DEFAULT_DELETE_WARNING,
+            Some(Ok(d)) if d.is_zero() => {
+                fail("spec.deleteWarning".into(), "must be more than 0: a deletion is always warned".into());
+                DEFAULT_DELETE_WARNING
+            }
+            Some(Ok(d)) => d,
+            Some(Err(e)) => {
+                fail("spec.deleteWarning".into(), e.to_string());
+                DEFAULT_DELETE_WARNING
+            }
+        };
+        let delete_after = delete_after.map(|after| DeleteAfter { after, warning: delete_warning });
         let ig = spec.ignore.clone().unwrap_or_default();
         let mut resources = Vec::new();
         for (i, r) in ig.resources.iter().enumerate() {

@@ -112,7 +112,7 @@ pub struct EffectivePolicy {
     pub running_jobs: Sourced<super::RunningJobs>,
     pub dry_run: Sourced<bool>,
     pub disabled: Sourced<bool>,
-    pub delete_after: Option<Duration>,
+    pub delete_after: Option<super::DeleteAfter>,
 }
 
 impl EffectivePolicy {

@@ -6,7 +6,7 @@ pub mod gitops;
 pub mod keda;
 pub mod plan;
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::Client;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Preconditions};
@@ -52,6 +52,12 @@ pub enum Error {
     },
     #[error("{id} has an unreadable annotation: {message}")]
     BadAnnotation { id: String, message: String },
+    #[error("failed to delete namespace {name}")]
+    DeleteNamespace {
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
     #[error("failed to delete the synced pods of vcluster {namespace}/{name}")]
     DeleteSyncedPods {
         namespace: String,
@@ -70,6 +76,7 @@ impl Error {
             Error::Patch(PatchError::Conflicts { .. }) => "conflict",
             Error::Patch(PatchError::BadAnnotation { .. }) | Error::BadAnnotation { .. } => "bad-annotation",
             Error::DeleteSyncedPods { .. } => "delete-synced-pods",
+            Error::DeleteNamespace { .. } => "delete-namespace",
         }
     }
 }
@@ -206,6 +213,23 @@ impl Scaler {
     /// Gives a ScaledObject back the pause it had before sleeping.
     pub async fn resume_scaled_object(&self, so: &ScaledObjectView) -> Result<Outcome> {
         Ok(self.patcher.patch_until_settled(so, keda::resume_patch).await?)
+    }
+
+    /// Deletes a namespace (delete-after), only if it is still exactly the
+    /// object given (its UID and resourceVersion). `Ok(false)`: it changed
+    /// or went since; look again.
+    pub async fn delete_namespace(&self, ns: &Namespace) -> Result<bool> {
+        let name = ns.name_any();
+        let dp = DeleteParams {
+            preconditions: Some(Preconditions { uid: ns.uid(), resource_version: ns.resource_version() }),
+            ..DeleteParams::default()
+        };
+        self.patcher.throttle().wait().await;
+        match Api::<Namespace>::all(self.client().clone()).delete(&name, &dp).await {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(false),
+            Err(source) => Err(Error::DeleteNamespace { name, source }),
+        }
     }
 
     /// Deletes these host pods of vcluster `name`, each only if it is still
