@@ -261,6 +261,64 @@ fn with_the_platform_flag_the_agent_reads_sleepmode_loft_sh_settings_under_its_o
     assert_eq!((replicas("web"), replicas("keep")), ("1".to_string(), "1".to_string()));
 }
 
+/// Without the agent's flag, a SleepPolicy's `vclusterPlatformAnnotations`
+/// reads the Platform's settings on the targets it governs, and only there.
+#[test]
+fn a_policy_can_read_sleepmode_loft_sh_settings_for_its_own_targets() {
+    let c = Cluster::shared();
+    let w = World::start("api-loft-policy", &[]);
+    let (reads, plain) = (format!("{}-reads", w.id), format!("{}-plain", w.id));
+    c.kubectl_apply(
+        &c.admin,
+        &format!(
+            "apiVersion: dormant.dev/v1alpha1\nkind: SleepPolicy\nmetadata: {{name: {reads}}}\nspec:\n  selector: {{namespaceSelector: {{matchLabels: {{loft-policy: {reads}}}}}}}\n  sleepAfter: 4h\n  vclusterPlatformAnnotations: true\n---\napiVersion: dormant.dev/v1alpha1\nkind: SleepPolicy\nmetadata: {{name: {plain}}}\nspec:\n  selector: {{namespaceSelector: {{matchLabels: {{loft-policy: {plain}}}}}}}\n  sleepAfter: 4h\n"
+        ),
+    )
+    .unwrap();
+    let ns = |policy: &str| {
+        let ns = c.namespace("loft-pol", &[("dormant-test", &w.id), ("loft-policy", policy)]).unwrap();
+        kubectl(c, &["annotate", "namespace", &ns, "sleepmode.loft.sh/sleep-after=3600"]);
+        c.kubectl_apply(&c.admin, &deployment_yaml(&ns, "web", 1)).unwrap();
+        c.kubectl_apply(&c.admin, &deployment_yaml(&ns, "keep", 1)).unwrap();
+        kubectl(c, &["annotate", "deployment", "keep", "-n", &ns, "sleepmode.loft.sh/exclude=true"]);
+        ns
+    };
+    let (read, unread) = (ns(&reads), ns(&plain));
+    let sleep_after = |ns: &str| {
+        let out = w.cli(&c.admin.kubeconfig, &["explain", &format!("namespace/{ns}")]);
+        let (stdout, stderr) = text(&out);
+        assert!(out.status.success(), "{stderr}");
+        stdout.lines().find(|l| l.trim_start().starts_with("sleepAfter")).unwrap_or_default().to_string()
+    };
+    wait_until("the agent to see both", Duration::from_secs(30), || {
+        sleep_after(&read).contains(" 1h ") && sleep_after(&unread).contains(" 4h ")
+    });
+    assert!(
+        sleep_after(&read).ends_with("(from annotation sleepmode.loft.sh/sleep-after)"),
+        "{}",
+        sleep_after(&read)
+    );
+    assert!(
+        sleep_after(&unread).ends_with(&format!("(from SleepPolicy {plain})")),
+        "{}",
+        sleep_after(&unread)
+    );
+
+    // The Platform's exclude counts where the policy reads it, only there.
+    let replicas = |ns: &str, name: &str| {
+        kubectl(c, &["get", "deployment", name, "-n", ns, "-o", "jsonpath={.spec.replicas}"])
+    };
+    for ns in [&read, &unread] {
+        wait_until("web and keep ready", Duration::from_secs(60), || {
+            ready_pods(c, ns, "app=web") == 1 && ready_pods(c, ns, "app=keep") == 1
+        });
+        let out = w.cli(&c.admin.kubeconfig, &["sleep", &format!("namespace/{ns}"), "--wait=60s"]);
+        assert!(out.status.success(), "{}", text(&out).1);
+    }
+    assert_eq!((replicas(&read, "web"), replicas(&read, "keep")), ("0".to_string(), "1".to_string()));
+    assert_eq!((replicas(&unread, "web"), replicas(&unread, "keep")), ("0".to_string(), "0".to_string()));
+}
+
 /// The Platform's forced sleep (`force`, `force-duration: 0`, as its CLI's
 /// `sleep --prevent-wakeup 0` writes them) puts the namespace to sleep at
 /// once, idle or not, and is taken over as dormant's own: the Platform's

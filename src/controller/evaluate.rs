@@ -223,7 +223,7 @@ pub fn evaluate(
             let e = AnnotationError { key: gitops::GITOPS_BEFORE_SLEEP.into(), value, reason };
             return Err(Invalid::Workload { id: w.id(), errors: vec![e] });
         }
-        if scope.platform_annotations
+        if (scope.platform_annotations || policy.platform_annotations)
             && let Err(e) = loft::workload_excluded(&w.annotations)
         {
             return Err(Invalid::Workload { id: w.id(), errors: vec![e] });
@@ -290,6 +290,7 @@ pub fn evaluate(
         predicted: &predicted.wakes,
     };
     let decision = decide::decide(&inputs, now);
+    let platform_exclude = scope.platform_annotations || policy.platform_annotations;
     let ev = Evaluation {
         target,
         annotations,
@@ -306,7 +307,7 @@ pub fn evaluate(
         profile,
         predicted,
         decision,
-        platform_exclude: scope.platform_annotations,
+        platform_exclude,
         takeover,
     };
     // Checked while a sleep could still scale such a workload down (not

@@ -79,6 +79,14 @@ pub struct SleepPolicySpec {
     /// Decide and report, but never scale anything.
     #[serde(default)]
     pub dry_run: bool,
+    /// Read vCluster Platform's `sleepmode.loft.sh/*` settings on the
+    /// targets this policy governs (and `sleepmode.loft.sh/exclude` on their
+    /// workloads), under dormant's own, as the agent flag
+    /// `--vcluster-platform-annotations` does for every target. A namespace
+    /// becomes a target by this policy's selector, not by carrying the
+    /// Platform's annotations.
+    #[serde(default)]
+    pub vcluster_platform_annotations: bool,
     /// Delete a namespace target asleep this long, with everything in it.
     /// Only when the agent runs with `--enable-delete-after`; never in
     /// dry-run, never a disabled target or one annotated

@@ -91,6 +91,8 @@ pub struct Policy {
     pub running_jobs: Option<RunningJobs>,
     pub dry_run: bool,
     pub delete_after: Option<DeleteAfter>,
+    /// `vclusterPlatformAnnotations`.
+    pub platform_annotations: bool,
 }
 
 /// A policy's `deleteAfter` and its warning.
@@ -282,6 +284,7 @@ impl Policy {
             running_jobs: spec.running_jobs,
             dry_run: spec.dry_run,
             delete_after,
+            platform_annotations: spec.vcluster_platform_annotations,
         })
     }
 }

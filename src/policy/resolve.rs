@@ -113,6 +113,9 @@ pub struct EffectivePolicy {
     pub dry_run: Sourced<bool>,
     pub disabled: Sourced<bool>,
     pub delete_after: Option<super::DeleteAfter>,
+    /// The winning policy reads vCluster Platform's settings
+    /// (`vclusterPlatformAnnotations`).
+    pub platform_annotations: bool,
 }
 
 impl EffectivePolicy {
@@ -301,5 +304,6 @@ pub fn resolve(
         dry_run,
         disabled,
         delete_after: policy.and_then(|p| p.delete_after),
+        platform_annotations: policy.is_some_and(|p| p.platform_annotations),
     })
 }

@@ -101,13 +101,14 @@ pub fn effective(
         return Ok(None);
     }
     let annotations = TargetAnnotations::parse(target.object.annotations()).map_err(Invalid::Annotations)?;
-    if !scope.platform_annotations {
-        let policy = resolve(r.kind, &target.namespace_labels, &annotations, &candidates, defaults)
-            .map_err(Invalid::Policy)?;
+    let policy = resolve(r.kind, &target.namespace_labels, &annotations, &candidates, defaults)
+        .map_err(Invalid::Policy)?;
+    if !scope.platform_annotations && !policy.platform_annotations {
         return Ok(Some(Governed { target, annotations, policy, takeover: BTreeMap::new() }));
     }
-    // vCluster Platform's settings, under dormant's own; its forced sleep
-    // taken over as dormant's.
+    // vCluster Platform's settings, under dormant's own (by the agent's
+    // flag, or the policy's field: the Platform's settings name no policy,
+    // so the same one wins again); its forced sleep taken over as dormant's.
     let overlay = loft::parse_annotations(target.object.annotations()).map_err(Invalid::Annotations)?;
     let loft::Layered { annotations, provenance, takeover } =
         loft::layer_under(&annotations, &overlay, chrono::Utc::now());
