@@ -1937,3 +1937,90 @@ fn delete_after_warns_then_deletes_and_never_a_woken_dry_run_or_protected_target
     assert_eq!(jsonpath(c, "deployment", "app", Some(&protected), "{.spec.replicas}"), "0", "still asleep");
     assert_eq!(jsonpath(c, "deployment", "app", Some(&woken), "{.spec.replicas}"), "1", "awake");
 }
+
+/// Argo CD's Application, as far as dormant reads and writes it.
+const ARGOCD_APPLICATION_CRD: &str = r#"apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: applications.argoproj.io}
+spec:
+  group: argoproj.io
+  names: {kind: Application, listKind: ApplicationList, plural: applications, singular: application}
+  scope: Namespaced
+  versions:
+  - name: v1alpha1
+    served: true
+    storage: true
+    schema: {openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}}
+"#;
+
+/// With `--pause-argocd-applications`, the Argo CD Application that
+/// deploys only a sleeping namespace is paused (`skip-reconcile`, what it
+/// had recorded) before its workloads sleep, and given back exactly what it
+/// had at wake; one that also deploys to a namespace still awake is left
+/// alone. Argo CD itself does not run here: this checks the objects
+/// dormant writes, which are what Argo CD reads.
+#[test]
+fn argocd_applications_pause_while_all_they_deploy_sleeps_and_get_back_what_they_had() {
+    let c = Cluster::shared();
+    let id = test_id("argocd");
+    install_crd(c);
+    c.kubectl_apply(&c.admin, ARGOCD_APPLICATION_CRD).unwrap();
+    c.wait_established("applications.argoproj.io").unwrap();
+    let argocd = format!("{id}-argocd");
+    ensure_namespace(c, &argocd);
+    let ns = c.namespace("argo", &[("dormant-test", &id)]).unwrap();
+    let awake = c.namespace("argo-awake", &[]).unwrap();
+    let tracked = |ns: &str, name: &str, app: &str| {
+        format!(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: {name}\n  namespace: {ns}\n  annotations: {{argocd.argoproj.io/tracking-id: \"{app}:apps/Deployment:{ns}/{name}\"}}\nspec:\n  replicas: 1\n  selector: {{matchLabels: {{app: {name}}}}}\n  template:\n    metadata: {{labels: {{app: {name}}}}}\n    spec: {{containers: [{{name: c, image: nginx:1.27}}]}}\n"
+        )
+    };
+    c.kubectl_apply(&c.admin, &tracked(&ns, "web", "shop")).unwrap();
+    c.kubectl_apply(&c.admin, &tracked(&ns, "db", "shared")).unwrap();
+    c.kubectl_apply(&c.admin, &tracked(&awake, "api", "shared")).unwrap();
+    let application = |name: &str, annotations: &str| {
+        format!(
+            "apiVersion: argoproj.io/v1alpha1\nkind: Application\nmetadata: {{name: {name}, namespace: {argocd}, annotations: {{{annotations}}}}}\nspec:\n  destination: {{server: \"https://kubernetes.default.svc\", namespace: {ns}}}\n  source: {{repoURL: \"https://git.example/apps.git\", path: {name}}}\n"
+        )
+    };
+    c.kubectl_apply(&c.admin, &application("shop", "argocd.argoproj.io/skip-reconcile: \"false\"")).unwrap();
+    c.kubectl_apply(&c.admin, &application("shared", "")).unwrap();
+    let app_annotation =
+        |name: &str, key: &str| annotation(c, "applications.argoproj.io", name, Some(&argocd), key);
+    wait_until("workloads ready", Duration::from_secs(60), || {
+        ready_pods(c, &ns, "app=web") == 1 && ready_pods(c, &ns, "app=db") == 1
+    });
+    kubectl(c, &["annotate", "namespace", &ns, "dormant.dev/force-sleep=true"]);
+    let agent = Agent::start(
+        c,
+        &id,
+        &format!("{id}-system"),
+        "argo-1",
+        &["--pause-argocd-applications", &format!("--argocd-namespace={argocd}")],
+    );
+    wait_state(c, "namespace", &ns, None, "asleep", Duration::from_secs(60), &agent);
+    assert_eq!(app_annotation("shop", "argocd.argoproj.io/skip-reconcile"), "true");
+    assert_eq!(
+        app_annotation("shop", "dormant.dev/gitops-before-sleep"),
+        r#"{"argocd.argoproj.io/skip-reconcile":"false"}"#
+    );
+    assert_eq!(
+        (
+            app_annotation("shared", "argocd.argoproj.io/skip-reconcile"),
+            app_annotation("shared", "dormant.dev/gitops-before-sleep")
+        ),
+        (String::new(), String::new()),
+        "it also deploys a namespace that is awake"
+    );
+
+    let out = dormant(c, &["wake", &format!("namespace/{ns}"), "--wait=60s"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        (
+            app_annotation("shop", "argocd.argoproj.io/skip-reconcile"),
+            app_annotation("shop", "dormant.dev/gitops-before-sleep")
+        ),
+        ("false".to_string(), String::new()),
+        "exactly what it had"
+    );
+}

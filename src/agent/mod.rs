@@ -415,6 +415,7 @@ impl Leading {
             scope: settings.scope.clone(),
             dry_run: settings.dry_run,
             delete_after: settings.enable_delete_after,
+            argocd: settings.argocd.clone(),
             concurrency: settings.concurrency,
             reconcile_timeout: settings.reconcile_timeout,
             identity: settings.identity.clone(),

@@ -227,6 +227,17 @@ pub struct AgentArgs {
     /// and re-apply all day, and would keep every target they manage awake.
     #[arg(long, env = "DORMANT_COUNT_GITOPS_REQUESTS")]
     pub count_gitops_requests: bool,
+    /// Pause the Argo CD Applications that deploy a sleeping namespace
+    /// (`argocd.argoproj.io/skip-reconcile`, an alpha feature of Argo CD ≥
+    /// 2.7), so that Argo CD does not scale its workloads back up; only an
+    /// Application all of whose workloads and destination sleep. Given back
+    /// exactly at wake.
+    #[arg(long, env = "DORMANT_PAUSE_ARGOCD_APPLICATIONS")]
+    pub pause_argocd_applications: bool,
+    /// Argo CD's own namespace (where its Applications live unless their
+    /// tracking names another).
+    #[arg(long, env = "DORMANT_ARGOCD_NAMESPACE", default_value = "argocd")]
+    pub argocd_namespace: String,
     /// Read vCluster Platform's `sleepmode.loft.sh/*` sleep settings on
     /// namespaces, vclusters and workloads, under dormant's own
     /// annotations (which win, field by field): sleep-after, the
@@ -264,6 +275,8 @@ pub struct Settings {
     pub enable_delete_after: bool,
     pub metrics_user_names: bool,
     pub count_gitops_requests: bool,
+    /// Argo CD's namespace, when its Applications are paused.
+    pub argocd: Option<String>,
     pub audit: Option<AuditSettings>,
     pub proxy: Option<ProxySettings>,
     pub app_traffic: Option<crate::app_traffic::AppTrafficSettings>,
@@ -422,6 +435,7 @@ impl AgentArgs {
             enable_delete_after: self.enable_delete_after,
             metrics_user_names: self.metrics_user_names,
             count_gitops_requests: self.count_gitops_requests,
+            argocd: self.pause_argocd_applications.then(|| self.argocd_namespace.clone()),
             audit,
             proxy,
             app_traffic,

@@ -43,6 +43,9 @@ pub struct Config {
     pub dry_run: bool,
     /// Policies' `deleteAfter` may delete targets (`--enable-delete-after`).
     pub delete_after: bool,
+    /// Argo CD's namespace, when its Applications are paused while what
+    /// they deploy sleeps (`--pause-argocd-applications`).
+    pub argocd: Option<String>,
     /// Targets reconciled at once.
     pub concurrency: usize,
     /// A reconcile still running after this is abandoned and retried. Every

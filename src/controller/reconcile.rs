@@ -3,10 +3,11 @@
 //! interrupt; the next reconcile (triggered by the watch of our own
 //! patches) continues where this one stopped.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, Utc};
 use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
 use kube::runtime::events::{Event, EventType};
 
 use super::{Context, Error, Evaluation, Invalid, Summary, delete, evaluate, lock, prewake};
@@ -14,7 +15,7 @@ use crate::metrics::{CategoryLabels, SavingsLabels, TransitionLabels, TriggerLab
 use crate::policy::TargetKind;
 use crate::policy::annotations::{TargetState, format_requests, rfc3339};
 use crate::policy::decide::Desired;
-use crate::scaler::{self, sleep_patch_marked, wake_patch_unmarked};
+use crate::scaler::{self, gitops, sleep_patch_marked, wake_patch_unmarked};
 use crate::target::TargetRef;
 use crate::vocab;
 
@@ -240,6 +241,8 @@ async fn sleep(
         written = ctx.annotator.set(&ev.target.object, annotations).await?;
         annotations.clear();
     }
+    // Argo CD told to leave the workloads alone before they change.
+    step(ctx, ev, "SleepFailed", pause_argocd(ctx, ev)).await?;
     // App traffic is held before any workload scales down: no request
     // meets a Service without an endpoint.
     hold_app_traffic(ctx, ev).await;
@@ -374,10 +377,12 @@ async fn wake(
         let w = after_target_write(w, &written);
         step(ctx, ev, "WakeFailed", ctx.scaler.wake_workload(&w, copy.as_ref())).await?;
     }
-    // KEDA last: its pause is lifted once the workloads are back.
+    // KEDA and Argo CD last: their pauses are lifted once the workloads
+    // are back.
     if r.kind == TargetKind::Namespace {
         step(ctx, ev, "WakeFailed", resume_keda(ctx, ev, &scaled_objects)).await?;
     }
+    step(ctx, ev, "WakeFailed", resume_argocd(ctx, ev)).await?;
     // A workload the sleep left at zero whose record is gone everywhere is
     // never ready: nothing can tell what it ran. (Every record dormant ever
     // made is in the copy by now, so a workload at zero outside it was not
@@ -555,6 +560,67 @@ async fn pause_keda(ctx: &Context, ev: &Evaluation) -> Result<(), scaler::Error>
             if !ev.excluded_by(&sj.annotations, &sj.labels) {
                 ctx.scaler.pause_scaled_job(&sj).await?;
             }
+        }
+    }
+    Ok(())
+}
+
+/// Pauses the Argo CD Applications that deploy this namespace target's
+/// workloads, before they sleep (so Argo CD does not scale them back up):
+/// only an Application whose destination and every workload it tracks,
+/// anywhere, are in namespaces asleep or going to sleep
+/// ([`gitops::may_pause_application`]). vcluster targets: never.
+async fn pause_argocd(ctx: &Context, ev: &Evaluation) -> Result<(), scaler::Error> {
+    let Some(argocd) = &ctx.config.argocd else { return Ok(()) };
+    if ev.target.r.kind != TargetKind::Namespace {
+        return Ok(());
+    }
+    let mine = gitops::applications_of(ev.workloads.iter().filter(|w| !ev.excluded(w)), argocd, false);
+    if mine.is_empty() {
+        return Ok(());
+    }
+    let stores = &ctx.stores;
+    let namespaces = stores.namespaces.state();
+    let everything: Vec<_> =
+        namespaces.iter().flat_map(|n| stores.namespace_workloads(&n.name_any())).collect();
+    let tracked = gitops::applications_of(&everything, argocd, false);
+    let mut sleeping: BTreeSet<String> = namespaces
+        .iter()
+        .filter(|n| {
+            n.annotations()
+                .get(vocab::STATE)
+                .is_some_and(|s| s == TargetState::Asleep.as_str() || s == TargetState::Sleeping.as_str())
+        })
+        .map(|n| n.name_any())
+        .collect();
+    sleeping.insert(ev.target.r.namespace.clone());
+    for (namespace, name) in mine.keys() {
+        let Some(app) = ctx.scaler.application(namespace, name).await? else { continue };
+        let workload_namespaces = tracked.get(&(namespace.clone(), name.clone()));
+        if !app.paused()
+            && gitops::may_pause_application(
+                &app,
+                workload_namespaces.into_iter().flatten().map(String::as_str),
+                &sleeping,
+            )
+        {
+            tracing::info!(target = %ev.target.r, application = %app.id(), "pausing Argo CD Application");
+            ctx.scaler.pause_application(&app).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Gives the Argo CD Applications of this target's workloads back what
+/// they had, once the workloads are back.
+async fn resume_argocd(ctx: &Context, ev: &Evaluation) -> Result<(), scaler::Error> {
+    let Some(argocd) = &ctx.config.argocd else { return Ok(()) };
+    for (namespace, name) in gitops::applications_of(&ev.workloads, argocd, false).keys() {
+        if let Some(app) = ctx.scaler.application(namespace, name).await?
+            && app.paused()
+        {
+            tracing::info!(target = %ev.target.r, application = %app.id(), "resuming Argo CD Application");
+            ctx.scaler.resume_application(&app).await?;
         }
     }
     Ok(())

@@ -314,6 +314,24 @@ impl ApplicationView {
     }
 }
 
+impl crate::client::Patchable for ApplicationView {
+    fn id(&self) -> String {
+        ApplicationView::id(self)
+    }
+    fn namespace(&self) -> &str {
+        &self.namespace
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn api_resource(&self) -> ApiResource {
+        application_resource()
+    }
+    fn reread(&self, v: &Value) -> Option<Self> {
+        ApplicationView::from_json(v)
+    }
+}
+
 /// The Argo CD Applications (namespace, name) that manage any of
 /// `workloads`, each with the namespaces of the workloads it tracks — what
 /// [`may_pause_application`] needs. Only the tracking annotation counts,

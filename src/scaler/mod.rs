@@ -215,6 +215,29 @@ impl Scaler {
         Ok(self.patcher.patch_until_settled(so, keda::resume_patch).await?)
     }
 
+    /// The Argo CD Application `namespace/name`; `None` when there is none
+    /// (or Argo CD is not installed).
+    pub async fn application(&self, namespace: &str, name: &str) -> Result<Option<gitops::ApplicationView>> {
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(self.client().clone(), namespace, &gitops::application_resource());
+        self.patcher.throttle().wait().await;
+        match api.get_opt(name).await {
+            Ok(o) => Ok(o.and_then(|o| gitops::ApplicationView::from_json(&serde_json::to_value(o).ok()?))),
+            Err(kube::Error::Api(e)) if e.code == 404 => Ok(None),
+            Err(source) => Err(Error::List { id: format!("Application/{namespace}/{name}"), source }),
+        }
+    }
+
+    /// Pauses an Argo CD Application (`skip-reconcile`), recording what it had.
+    pub async fn pause_application(&self, app: &gitops::ApplicationView) -> Result<Outcome> {
+        Ok(self.patcher.patch_until_settled(app, |a| Ok(gitops::pause_application_patch(a))).await?)
+    }
+
+    /// Gives an Argo CD Application back the `skip-reconcile` it had.
+    pub async fn resume_application(&self, app: &gitops::ApplicationView) -> Result<Outcome> {
+        Ok(self.patcher.patch_until_settled(app, gitops::resume_application_patch).await?)
+    }
+
     /// Deletes a namespace (delete-after), only if it is still exactly the
     /// object given (its UID and resourceVersion). `Ok(false)`: it changed
     /// or went since; look again.
