@@ -587,6 +587,48 @@ fn sigkill_at_random_moments_of_sleep_and_wake_never_loses_a_replica_count_or_a_
     let (yaml, originals) = crash_workloads(&ns);
     c.kubectl_apply(&c.admin, &yaml).unwrap();
     kubectl(c, &["annotate", "namespace", &ns, "dormant.dev/sleep-after=1h"]);
+    // d6 is deployed by an Argo CD Application, paused while it sleeps.
+    c.kubectl_apply(&c.admin, ARGOCD_APPLICATION_CRD).unwrap();
+    c.wait_established("applications.argoproj.io").unwrap();
+    let argocd = format!("{id}-argocd");
+    ensure_namespace(c, &argocd);
+    c.kubectl_apply(
+        &c.admin,
+        &format!(
+            "apiVersion: argoproj.io/v1alpha1\nkind: Application\nmetadata: {{name: crash-app, namespace: {argocd}}}\nspec:\n  destination: {{server: \"https://kubernetes.default.svc\", namespace: {ns}}}\n"
+        ),
+    )
+    .unwrap();
+    kubectl(
+        c,
+        &[
+            "annotate",
+            "deployment",
+            "d6",
+            "-n",
+            &ns,
+            &format!("argocd.argoproj.io/tracking-id=crash-app:apps/Deployment:{ns}/d6"),
+        ],
+    );
+    let argocd_flag = format!("--argocd-namespace={argocd}");
+    let application = || {
+        (
+            annotation(
+                c,
+                "applications.argoproj.io",
+                "crash-app",
+                Some(&argocd),
+                "argocd.argoproj.io/skip-reconcile",
+            ),
+            annotation(
+                c,
+                "applications.argoproj.io",
+                "crash-app",
+                Some(&argocd),
+                "dormant.dev/gitops-before-sleep",
+            ),
+        )
+    };
     let lease_ns = format!("{id}-system");
     let seed: u64 =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
@@ -618,7 +660,13 @@ fn sigkill_at_random_moments_of_sleep_and_wake_never_loses_a_replica_count_or_a_
         let before = snapshot(c, &ns);
         // A slow client spreads the patches out (one request each half
         // second) so there is a window between the first and the last.
-        let mut agent = Agent::start(c, &id, &lease_ns, "crash-1", &["--qps=2", "--burst=1"]);
+        let mut agent = Agent::start(
+            c,
+            &id,
+            &lease_ns,
+            "crash-1",
+            &["--qps=2", "--burst=1", "--pause-argocd-applications", &argocd_flag],
+        );
         let out = dormant(c, &[verb, &target]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         // The kill is aimed into that window: once the first change is
@@ -653,6 +701,15 @@ fn sigkill_at_random_moments_of_sleep_and_wake_never_loses_a_replica_count_or_a_
                 );
             }
         }
+        // Argo CD's Application is paused before its workload changes, and
+        // given back only once it is back.
+        if after.values().any(|(_, record)| !record.is_empty()) {
+            assert_eq!(
+                application(),
+                ("true".to_string(), "{\"argocd.argoproj.io/skip-reconcile\":null}".to_string()),
+                "round {round} (seed {seed}): a workload sleeps while Argo CD may scale it back"
+            );
+        }
         for (kind, name, original) in &originals {
             let (value, record) = &after[&format!("{kind}/{name}")];
             if record.is_empty() {
@@ -683,7 +740,7 @@ fn sigkill_at_random_moments_of_sleep_and_wake_never_loses_a_replica_count_or_a_
         "none of {rounds} kills landed mid-change (seed {seed}); raise DORMANT_SIGKILL_ROUNDS or slow the agent"
     );
     // After the last restart, a wake brings everything back exactly.
-    let agent = Agent::start(c, &id, &lease_ns, "crash-1", &[]);
+    let agent = Agent::start(c, &id, &lease_ns, "crash-1", &["--pause-argocd-applications", &argocd_flag]);
     let out = dormant(c, &["wake", &target, "--wait=120s"]);
     assert!(
         out.status.success(),
@@ -710,6 +767,7 @@ fn sigkill_at_random_moments_of_sleep_and_wake_never_loses_a_replica_count_or_a_
         })
         .collect();
     assert_eq!(flux_snapshot(c, &ns), expected);
+    assert_eq!(application(), (String::new(), String::new()), "Argo CD's Application is given back");
 }
 
 /// The Lease as the API server has it: (holder, acquireTime, renewTime,
