@@ -261,6 +261,58 @@ fn with_the_platform_flag_the_agent_reads_sleepmode_loft_sh_settings_under_its_o
     assert_eq!((replicas("web"), replicas("keep")), ("1".to_string(), "1".to_string()));
 }
 
+/// With `--vcluster-yaml`, a vcluster's own `vcluster.yaml` sleep settings
+/// (in its `vc-config-<name>` Secret) apply under the annotations, field by
+/// field, and a bad one leaves the vcluster alone and says why.
+#[test]
+fn with_vcluster_yaml_a_vclusters_own_sleep_settings_apply_under_the_annotations() {
+    let c = Cluster::shared();
+    let w = World::start("api-vc-yaml", &["--vcluster-platform-annotations", "--vcluster-yaml"]);
+    let ns = c.namespace("vc-yaml", &[("dormant-test", &w.id)]).unwrap();
+    let vcluster = |name: &str, annotations: &str, config: &str| {
+        format!(
+            "apiVersion: apps/v1\nkind: StatefulSet\nmetadata:\n  name: {name}\n  namespace: {ns}\n  labels: {{app: vcluster, release: {name}}}\n  annotations: {{{annotations}}}\nspec:\n  replicas: 1\n  serviceName: {name}\n  selector: {{matchLabels: {{app: vcluster, release: {name}}}}}\n  template:\n    metadata: {{labels: {{app: vcluster, release: {name}}}}}\n    spec: {{containers: [{{name: syncer, image: loftsh/vcluster:0.30.0}}]}}\n---\napiVersion: v1\nkind: Secret\nmetadata: {{name: vc-config-{name}, namespace: {ns}}}\nstringData:\n  config.yaml: |\n{config}"
+        )
+    };
+    let good = "    sleepMode:\n      enabled: true\n      timeZone: Asia/Tokyo\n      autoSleep:\n        afterInactivity: 2h\n";
+    let bad = "    sleepMode:\n      enabled: true\n      autoSleep:\n        afterInactivity: soon\n";
+    c.kubectl_apply(&c.admin, &vcluster("dev", "sleepmode.loft.sh/sleep-after: \"1800\"", good)).unwrap();
+    c.kubectl_apply(&c.admin, &vcluster("plain", "", good)).unwrap();
+    c.kubectl_apply(&c.admin, &vcluster("broken", "", bad)).unwrap();
+    let explain = |name: &str| {
+        let out = w.cli(&c.admin.kubeconfig, &["explain", &format!("vcluster/{ns}/{name}")]);
+        text(&out).0
+    };
+    let line = |text: &str, field: &str| {
+        text.lines().find(|l| l.trim_start().starts_with(field)).unwrap_or_default().to_string()
+    };
+    // Read every 30 s: the first read is at the agent's start.
+    wait_until("the vcluster.yaml settings", Duration::from_secs(90), || {
+        line(&explain("plain"), "sleepAfter").contains(" 2h ")
+    });
+    let plain = explain("plain");
+    assert!(
+        line(&plain, "sleepAfter").ends_with("(from vcluster.yaml sleepMode.autoSleep.afterInactivity)"),
+        "{plain}"
+    );
+    let dev = explain("dev");
+    assert!(
+        line(&dev, "sleepAfter").contains(" 30m ")
+            && line(&dev, "sleepAfter").ends_with("(from annotation sleepmode.loft.sh/sleep-after)"),
+        "the annotation wins: {dev}"
+    );
+    assert!(
+        line(&dev, "timezone").contains("Asia/Tokyo")
+            && line(&dev, "timezone").ends_with("(from vcluster.yaml sleepMode.timeZone)"),
+        "the rest still comes from vcluster.yaml: {dev}"
+    );
+    let broken = explain("broken");
+    assert!(
+        broken.contains("State:    invalid") && broken.contains("sleepMode.autoSleep.afterInactivity"),
+        "{broken}"
+    );
+}
+
 /// Without the agent's flag, a SleepPolicy's `vclusterPlatformAnnotations`
 /// reads the Platform's settings on the targets it governs, and only there.
 #[test]

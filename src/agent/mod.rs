@@ -59,7 +59,7 @@ pub async fn run_with(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     check_crd(&client).await?;
-    let caches = Caches::start(&client);
+    let caches = Caches::start(&client, settings.vcluster_yaml);
     let parts = Parts::new(&settings, &client, &caches).await;
     let servers = Servers::start(&settings, &client, &caches, &parts).await?;
     let mut running = Running { caches, parts, servers, leading: None };
@@ -107,13 +107,24 @@ struct Caches {
     broadcast: broadcast::Sender<Change>,
 }
 
+/// How often each vcluster's `vcluster.yaml` is read again (`--vcluster-yaml`).
+const VCLUSTER_YAML_INTERVAL: Duration = Duration::from_secs(30);
+
 impl Caches {
-    fn start(client: &Client) -> Caches {
+    fn start(client: &Client, vcluster_yaml: bool) -> Caches {
         let (stores, writers) = stores::stores();
         let (to_controller, controller_changes) = mpsc::unbounded_channel::<Change>();
         let (watch_tx, mut watch_rx) = mpsc::unbounded_channel::<Change>();
         let (broadcast, _) = broadcast::channel::<Change>(1024);
-        let reflectors = writers.spawn(client.clone(), watch_tx);
+        let mut reflectors = writers.spawn(client.clone(), watch_tx.clone());
+        if vcluster_yaml {
+            reflectors.push(tokio::spawn(stores::refresh_vcluster_configs(
+                stores.clone(),
+                client.clone(),
+                watch_tx,
+                VCLUSTER_YAML_INTERVAL,
+            )));
+        }
         let fan_out = {
             let (to_controller, to_proxy) = (to_controller.clone(), broadcast.clone());
             tokio::spawn(async move {

@@ -245,6 +245,13 @@ pub struct AgentArgs {
     /// ignore-active-connections, and exclude on workloads.
     #[arg(long, env = "DORMANT_VCLUSTER_PLATFORM_ANNOTATIONS")]
     pub vcluster_platform_annotations: bool,
+    /// Also read each vcluster's own `vcluster.yaml` sleep settings (the
+    /// `sleepMode` section, or its older and newer forms, in its
+    /// `vc-config-<name>` Secret), under the annotations, wherever the
+    /// Platform's settings are read (this flag above, or a policy's
+    /// `vclusterPlatformAnnotations`). Needs `get` on those Secrets.
+    #[arg(long, env = "DORMANT_VCLUSTER_YAML")]
+    pub vcluster_yaml: bool,
 }
 
 /// Defaults that fit the chart's 256 MiB memory limit with margin; the
@@ -275,6 +282,8 @@ pub struct Settings {
     pub enable_delete_after: bool,
     pub metrics_user_names: bool,
     pub count_gitops_requests: bool,
+    /// Read vclusters' `vcluster.yaml` sleep settings.
+    pub vcluster_yaml: bool,
     /// Argo CD's namespace, when its Applications are paused.
     pub argocd: Option<String>,
     pub audit: Option<AuditSettings>,
@@ -436,6 +445,7 @@ impl AgentArgs {
             metrics_user_names: self.metrics_user_names,
             count_gitops_requests: self.count_gitops_requests,
             argocd: self.pause_argocd_applications.then(|| self.argocd_namespace.clone()),
+            vcluster_yaml: self.vcluster_yaml,
             audit,
             proxy,
             app_traffic,

@@ -31,6 +31,8 @@ pub enum Invalid {
     /// down (`persistentVolumeClaimRetentionPolicy.whenScaled: Delete`):
     /// sleeping it would destroy its data.
     DeletesClaims { id: String },
+    /// Its `vcluster.yaml` sleep settings cannot be read.
+    VClusterConfig(Vec<loft::ConfigError>),
 }
 
 impl Invalid {
@@ -40,6 +42,7 @@ impl Invalid {
             Invalid::Annotations(_) => "invalid-annotation",
             Invalid::Workload { .. } => "invalid-workload-annotation",
             Invalid::DeletesClaims { .. } => "deletes-volume-claims",
+            Invalid::VClusterConfig(_) => "vcluster-config-invalid",
             Invalid::Policy(e) => e.category(),
         }
     }
@@ -60,6 +63,9 @@ impl fmt::Display for Invalid {
             Invalid::Annotations(e) => write!(f, "{}", join(e)),
             Invalid::Workload { id, errors } => write!(f, "{id}: {}", join(errors)),
             Invalid::Policy(e) => write!(f, "{e}"),
+            Invalid::VClusterConfig(e) => {
+                write!(f, "{}", e.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))
+            }
             Invalid::DeletesClaims { id } => write!(
                 f,
                 "{id} deletes its PersistentVolumeClaims when scaled down \
@@ -109,7 +115,14 @@ pub fn effective(
     // vCluster Platform's settings, under dormant's own (by the agent's
     // flag, or the policy's field: the Platform's settings name no policy,
     // so the same one wins again); its forced sleep taken over as dormant's.
-    let overlay = loft::parse_annotations(target.object.annotations()).map_err(Invalid::Annotations)?;
+    let mut overlay = loft::parse_annotations(target.object.annotations()).map_err(Invalid::Annotations)?;
+    // A vcluster's vcluster.yaml (read only with `--vcluster-yaml`), under
+    // the annotations.
+    if r.kind == super::TargetKind::VCluster
+        && let Some(config) = stores.vcluster_config(&r.namespace, &r.name)
+    {
+        overlay = overlay.over(config.map_err(Invalid::VClusterConfig)?);
+    }
     let loft::Layered { annotations, provenance, takeover } =
         loft::layer_under(&annotations, &overlay, chrono::Utc::now());
     let mut policy = resolve(r.kind, &target.namespace_labels, &annotations, &candidates, defaults)

@@ -2,7 +2,7 @@
 //! that make a target worth looking at again. The agent reads these on
 //! every hot path; the CLI fills the same stores from one list call each.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Debug;
 use std::sync::{Arc, Mutex};
 
@@ -22,7 +22,7 @@ use super::{
     Scope, Target, TargetKind, TargetObject, TargetRef, WorkloadView, is_vcluster_control_plane,
     vcluster_etcd_of,
 };
-use crate::policy::{Candidate, SleepPolicy};
+use crate::policy::{Candidate, SleepPolicy, loft};
 use crate::vocab::MANAGED_BY_LABEL;
 use crate::vocab::PREFIX;
 
@@ -50,7 +50,13 @@ pub struct Stores {
     pub policies: Store<SleepPolicy>,
     /// The policies as read, shared by every copy of these stores.
     parsed: Arc<Mutex<Parsed>>,
+    /// Each vcluster's `vcluster.yaml` sleep settings, as read by
+    /// [`refresh_vcluster_configs`] (only with `--vcluster-yaml`).
+    vcluster_configs: Arc<Mutex<VClusterConfigs>>,
 }
+
+/// (namespace, name) of a vcluster → its `vcluster.yaml` sleep settings.
+type VClusterConfigs = HashMap<(String, String), Result<loft::Overlay, Vec<loft::ConfigError>>>;
 
 /// Every SleepPolicy read into a resolver [`Candidate`], kept until a
 /// policy's spec changes (keyed by each one's name and generation: the
@@ -94,6 +100,7 @@ pub fn stores() -> (Stores, Writers) {
             synced_pods,
             policies,
             parsed: Arc::default(),
+            vcluster_configs: Arc::default(),
         },
         Writers {
             namespaces: w_ns,
@@ -413,6 +420,16 @@ impl Stores {
         out
     }
 
+    /// The `vcluster.yaml` sleep settings of vcluster `namespace/name`, if
+    /// they are read and it has any.
+    pub fn vcluster_config(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Option<Result<loft::Overlay, Vec<loft::ConfigError>>> {
+        lock(&self.vcluster_configs).get(&(namespace.to_string(), name.to_string())).cloned()
+    }
+
     /// Whether a namespace is a target (see [`Stores::targets`]).
     pub fn is_namespace_target(&self, ns: &Namespace, candidates: &[Arc<Candidate>], scope: &Scope) -> bool {
         let name = ns.name_any();
@@ -497,6 +514,78 @@ impl Stores {
         }
         parsed.candidates.clone()
     }
+}
+
+/// Keeps every vcluster's `vcluster.yaml` sleep settings (`config.yaml` of
+/// its `vc-config-<name>` Secret) in the stores, read every `interval`;
+/// a vcluster whose settings change is sent to the controller. A Secret
+/// that is gone, unreadable or without sleep settings counts as none.
+pub async fn refresh_vcluster_configs(
+    stores: Stores,
+    client: Client,
+    tx: mpsc::UnboundedSender<Change>,
+    interval: std::time::Duration,
+) {
+    use k8s_openapi::api::core::v1::Secret;
+    let mut warned = false;
+    loop {
+        let vclusters: Vec<(String, String)> = stores
+            .statefulsets
+            .state()
+            .iter()
+            .filter(|s| is_vcluster_control_plane(s.labels()))
+            .map(|s| (ns_of(s.as_ref()), s.name_any()))
+            .chain(
+                stores
+                    .deployments
+                    .state()
+                    .iter()
+                    .filter(|d| is_vcluster_control_plane(d.labels()))
+                    .map(|d| (ns_of(d.as_ref()), d.name_any())),
+            )
+            .collect();
+        let mut fresh = HashMap::new();
+        for (namespace, name) in vclusters {
+            let api: Api<Secret> = Api::namespaced(client.clone(), &namespace);
+            let text = match api.get_opt(&format!("vc-config-{name}")).await {
+                Ok(secret) => secret
+                    .and_then(|s| s.data?.remove("config.yaml"))
+                    .and_then(|b| String::from_utf8(b.0).ok()),
+                Err(e) => {
+                    if !warned {
+                        tracing::warn!(error = %e, "cannot read vclusters' vc-config Secrets; their vcluster.yaml sleep settings are not applied");
+                        warned = true;
+                    }
+                    None
+                }
+            };
+            let Some(text) = text else { continue };
+            match loft::parse_vcluster_config(&text) {
+                Ok(o) if o.is_empty() => {}
+                read => {
+                    fresh.insert((namespace, name), read);
+                }
+            }
+        }
+        let changed: Vec<(String, String)> = {
+            let mut cache = lock(&stores.vcluster_configs);
+            let keys: std::collections::BTreeSet<&(String, String)> =
+                cache.keys().chain(fresh.keys()).collect();
+            let changed = keys.into_iter().filter(|k| cache.get(*k) != fresh.get(*k)).cloned().collect();
+            *cache = fresh;
+            changed
+        };
+        for (namespace, name) in changed {
+            if tx.send(Change::Target(TargetRef::vcluster(&namespace, &name))).is_err() {
+                return;
+            }
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]
