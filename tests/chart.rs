@@ -172,6 +172,26 @@ fn the_chart_lints_and_renders_with_defaults_and_with_every_option_on() {
         assert!(!r.contains("tokenreviews") && !r.contains("extension-apiserver-authentication"), "{r}");
     }
     assert!(everything.contains("--dry-run") && everything.contains("--proxy-base-domain=vc.example.com"));
+    // Opt-ins off by default, each with its flag and its grant when on.
+    for flag in [
+        "--enable-delete-after",
+        "--vcluster-yaml",
+        "--pause-argocd-applications",
+        "--argocd-namespace=argo-cd",
+    ] {
+        assert!(everything.contains(flag) && !defaults.contains(flag), "{flag}");
+    }
+    fn act(r: &str) -> &str {
+        documents(r, "ClusterRole").into_iter().find(|d| d.contains("-act\n")).unwrap_or_default()
+    }
+    assert!(act(&everything).contains("resources: [namespaces]\n  verbs: [delete]"), "{}", act(&everything));
+    assert!(!act(&defaults).contains("resources: [namespaces]\n  verbs: [delete]"), "{}", act(&defaults));
+    let argo =
+        documents(&everything, "Role").into_iter().find(|d| d.contains("argoproj.io")).unwrap_or_default();
+    assert!(argo.contains("namespace: argo-cd") && argo.contains("verbs: [get, patch]"), "{argo}");
+    assert!(!defaults.contains("argoproj.io"));
+    let no_proxy_yaml = render(c, &["--set", "proxy.enabled=false,agent.vclusterYaml=true"]);
+    assert!(act(&no_proxy_yaml).contains("resources: [secrets]"), "--vcluster-yaml reads vc-config Secrets");
     // Prometheus keeps the targets' own namespace label (not the agent's).
     assert!(everything.contains("honorLabels: true"), "{everything}");
     // Host-name routing (<name>.<namespace>.<base>): one wildcard per
@@ -278,6 +298,7 @@ fn the_chart_lints_and_renders_with_defaults_and_with_every_option_on() {
     std::fs::write(&file, &defaults).unwrap();
     ensure_namespace(c, "dormant");
     ensure_namespace(c, "monitoring");
+    ensure_namespace(c, "argo-cd");
     let out = c.kubectl_out(&c.admin, &["apply", "--dry-run=server", "-f", file.to_str().unwrap()]);
     assert!(out.is_ok(), "{}", out.unwrap_err());
     let [a, b] = ["team-a", "team-b"].map(|p| c.namespace(p, &[]).unwrap());
