@@ -18,8 +18,7 @@ use std::num::NonZeroU32;
 
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
-use k8s_openapi::api::core::v1::Secret;
-use kube::{Api, Client, ResourceExt};
+use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 
 use super::Output;
@@ -71,24 +70,6 @@ pub struct Summary {
     pub failed: usize,
 }
 
-/// The `config.yaml` of a vcluster's `vc-config-<name>` Secret: `Ok(None)`
-/// when there is none, `Err` (a note, not an error) when it cannot be read.
-async fn vcluster_yaml(client: &Client, namespace: &str, name: &str) -> Result<Option<String>, String> {
-    let secret = format!("vc-config-{name}");
-    let got = Api::<Secret>::namespaced(client.clone(), namespace).get_opt(&secret).await;
-    match got {
-        Ok(None) => Ok(None),
-        Ok(Some(s)) => {
-            let Some(bytes) = s.data.as_ref().and_then(|d| d.get("config.yaml")) else { return Ok(None) };
-            String::from_utf8(bytes.0.clone())
-                .map(Some)
-                .map_err(|_| format!("Secret {namespace}/{secret}: config.yaml is not UTF-8"))
-        }
-        Err(kube::Error::Api(e)) => Err(format!("Secret {namespace}/{secret} not read: {}", e.message)),
-        Err(e) => Err(format!("Secret {namespace}/{secret} not read: {e}")),
-    }
-}
-
 /// The annotations a plan adds, as a target's [`Changes`].
 fn changes(plan: &Migration) -> Changes {
     plan.steps
@@ -126,7 +107,7 @@ pub async fn migrate(client: &Client, args: &MigrateArgs, out: &mut String) -> a
         let Some(target) = stores.target(&r) else { continue };
         let annotations = target.object.annotations();
         let (yaml, config_note) = match r.kind {
-            TargetKind::VCluster => match vcluster_yaml(client, &r.namespace, &r.name).await {
+            TargetKind::VCluster => match stores::vcluster_yaml(client, &r.namespace, &r.name).await {
                 Ok(y) => (y, None),
                 Err(note) => (None, Some(note)),
             },

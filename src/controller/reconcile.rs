@@ -579,6 +579,19 @@ async fn pause_argocd(ctx: &Context, ev: &Evaluation) -> Result<(), scaler::Erro
     if mine.is_empty() {
         return Ok(());
     }
+    // Read first: the cluster-wide scan below only when one is not paused
+    // (a sleeping target passes here on every look).
+    let mut unpaused = Vec::new();
+    for (namespace, name) in mine.keys() {
+        if let Some(app) = ctx.scaler.application(namespace, name).await?
+            && !app.paused()
+        {
+            unpaused.push(app);
+        }
+    }
+    if unpaused.is_empty() {
+        return Ok(());
+    }
     let stores = &ctx.stores;
     let namespaces = stores.namespaces.state();
     let everything: Vec<_> =
@@ -594,16 +607,13 @@ async fn pause_argocd(ctx: &Context, ev: &Evaluation) -> Result<(), scaler::Erro
         .map(|n| n.name_any())
         .collect();
     sleeping.insert(ev.target.r.namespace.clone());
-    for (namespace, name) in mine.keys() {
-        let Some(app) = ctx.scaler.application(namespace, name).await? else { continue };
-        let workload_namespaces = tracked.get(&(namespace.clone(), name.clone()));
-        if !app.paused()
-            && gitops::may_pause_application(
-                &app,
-                workload_namespaces.into_iter().flatten().map(String::as_str),
-                &sleeping,
-            )
-        {
+    for app in unpaused {
+        let workload_namespaces = tracked.get(&(app.namespace.clone(), app.name.clone()));
+        if gitops::may_pause_application(
+            &app,
+            workload_namespaces.into_iter().flatten().map(String::as_str),
+            &sleeping,
+        ) {
             tracing::info!(target = %ev.target.r, application = %app.id(), "pausing Argo CD Application");
             ctx.scaler.pause_application(&app).await?;
         }

@@ -506,13 +506,26 @@ impl Stores {
     /// policy is added, removed or its spec changes.
     pub fn candidates(&self) -> Vec<Arc<Candidate>> {
         let key = policy_generations(&self.policies);
-        let mut parsed = self.parsed.lock().unwrap_or_else(|e| e.into_inner());
+        let mut parsed = lock(&self.parsed);
         if parsed.key != key || (parsed.candidates.is_empty() && !key.is_empty()) {
             let mut c: Vec<_> = self.policies.state().iter().map(|p| crate::policy::candidate(p)).collect();
             c.sort_by(|a, b| a.name.cmp(&b.name));
             *parsed = Parsed { key, candidates: c };
         }
         parsed.candidates.clone()
+    }
+}
+
+/// The `config.yaml` of vcluster `namespace/name`'s `vc-config-<name>`
+/// Secret: `Ok(None)` when there is none (or it is not text), `Err` when
+/// the Secret cannot be read.
+pub async fn vcluster_yaml(client: &Client, namespace: &str, name: &str) -> Result<Option<String>, String> {
+    use k8s_openapi::api::core::v1::Secret;
+    let secret = format!("vc-config-{name}");
+    match Api::<Secret>::namespaced(client.clone(), namespace).get_opt(&secret).await {
+        Ok(s) => Ok(s.and_then(|s| s.data?.remove("config.yaml")).and_then(|b| String::from_utf8(b.0).ok())),
+        Err(kube::Error::Api(e)) => Err(format!("Secret {namespace}/{secret} not read: {}", e.message)),
+        Err(e) => Err(format!("Secret {namespace}/{secret} not read: {e}")),
     }
 }
 
@@ -526,7 +539,6 @@ pub async fn refresh_vcluster_configs(
     tx: mpsc::UnboundedSender<Change>,
     interval: std::time::Duration,
 ) {
-    use k8s_openapi::api::core::v1::Secret;
     let mut warned = false;
     loop {
         let vclusters: Vec<(String, String)> = stores
@@ -546,11 +558,8 @@ pub async fn refresh_vcluster_configs(
             .collect();
         let mut fresh = HashMap::new();
         for (namespace, name) in vclusters {
-            let api: Api<Secret> = Api::namespaced(client.clone(), &namespace);
-            let text = match api.get_opt(&format!("vc-config-{name}")).await {
-                Ok(secret) => secret
-                    .and_then(|s| s.data?.remove("config.yaml"))
-                    .and_then(|b| String::from_utf8(b.0).ok()),
+            let text = match vcluster_yaml(&client, &namespace, &name).await {
+                Ok(text) => text,
                 Err(e) => {
                     if !warned {
                         tracing::warn!(error = %e, "cannot read vclusters' vc-config Secrets; their vcluster.yaml sleep settings are not applied");
