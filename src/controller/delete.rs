@@ -121,8 +121,10 @@ pub fn plan(f: &Facts, now: DateTime<Utc>) -> Plan {
     match f.delete_at {
         None if now < warn_from => Plan::Wait(Some(warn_from)),
         None => Plan::Warn(warned_due(now)),
-        // The policy moved the deletion later than warned: warn again.
-        Some(at) if due > at => Plan::Warn(due),
+        // Sooner than the policy allows: the policy moved the deletion
+        // later, or the annotation was not dormant's (anyone who may
+        // annotate the target can write one). Warned again, in full.
+        Some(at) if due > at => Plan::Warn(warned_due(now)),
         Some(at) if now >= at => Plan::Delete,
         Some(at) => Plan::Wait(Some(at)),
     }
@@ -273,6 +275,16 @@ mod tests {
             ..facts()
         };
         assert_eq!(plan(&shorter, t(11, 0)), Plan::Wait(Some(t(12, 0))));
+    }
+
+    #[test]
+    fn a_delete_at_dormant_never_wrote_cannot_hasten_the_deletion() {
+        // Asleep since 08:00, due at 12:00; at 15:00 someone writes a
+        // delete-at in the past: a full warning first, not a deletion.
+        let forged = Facts { delete_at: Some(t(9, 0)), ..facts() };
+        assert_eq!(plan(&forged, t(15, 0)), Plan::Warn(t(16, 0)));
+        let forged = Facts { delete_at: Some(t(1, 0)), ..facts() };
+        assert_eq!(plan(&forged, t(11, 30)), Plan::Warn(t(12, 30)));
     }
 
     #[test]
