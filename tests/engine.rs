@@ -2028,6 +2028,9 @@ fn argocd_applications_pause_while_all_they_deploy_sleeps_and_get_back_what_they
     ensure_namespace(c, &argocd);
     let ns = c.namespace("argo", &[("dormant-test", &id)]).unwrap();
     let awake = c.namespace("argo-awake", &[]).unwrap();
+    // Another team's namespace whose workload claims to be `shop`'s (a
+    // tracking annotation is anyone's to write).
+    let forger = c.namespace("argo-forger", &[("dormant-test", &id)]).unwrap();
     let tracked = |ns: &str, name: &str, app: &str| {
         format!(
             "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: {name}\n  namespace: {ns}\n  annotations: {{argocd.argoproj.io/tracking-id: \"{app}:apps/Deployment:{ns}/{name}\"}}\nspec:\n  replicas: 1\n  selector: {{matchLabels: {{app: {name}}}}}\n  template:\n    metadata: {{labels: {{app: {name}}}}}\n    spec: {{containers: [{{name: c, image: nginx:1.27}}]}}\n"
@@ -2036,6 +2039,7 @@ fn argocd_applications_pause_while_all_they_deploy_sleeps_and_get_back_what_they
     c.kubectl_apply(&c.admin, &tracked(&ns, "web", "shop")).unwrap();
     c.kubectl_apply(&c.admin, &tracked(&ns, "db", "shared")).unwrap();
     c.kubectl_apply(&c.admin, &tracked(&awake, "api", "shared")).unwrap();
+    c.kubectl_apply(&c.admin, &tracked(&forger, "claims", "shop")).unwrap();
     let application = |name: &str, annotations: &str| {
         format!(
             "apiVersion: argoproj.io/v1alpha1\nkind: Application\nmetadata: {{name: {name}, namespace: {argocd}, annotations: {{{annotations}}}}}\nspec:\n  destination: {{server: \"https://kubernetes.default.svc\", namespace: {ns}}}\n  source: {{repoURL: \"https://git.example/apps.git\", path: {name}}}\n"
@@ -2048,7 +2052,9 @@ fn argocd_applications_pause_while_all_they_deploy_sleeps_and_get_back_what_they
     wait_until("workloads ready", Duration::from_secs(60), || {
         ready_pods(c, &ns, "app=web") == 1 && ready_pods(c, &ns, "app=db") == 1
     });
-    kubectl(c, &["annotate", "namespace", &ns, "dormant.dev/force-sleep=true"]);
+    for n in [&ns, &forger] {
+        kubectl(c, &["annotate", "namespace", n, "dormant.dev/force-sleep=true"]);
+    }
     let agent = Agent::start(
         c,
         &id,
@@ -2056,7 +2062,12 @@ fn argocd_applications_pause_while_all_they_deploy_sleeps_and_get_back_what_they
         "argo-1",
         &["--pause-argocd-applications", &format!("--argocd-namespace={argocd}")],
     );
-    wait_state(c, "namespace", &ns, None, "asleep", Duration::from_secs(60), &agent);
+    for n in [&ns, &forger] {
+        wait_state(c, "namespace", n, None, "asleep", Duration::from_secs(60), &agent);
+    }
+    wait_until("shop paused", Duration::from_secs(30), || {
+        app_annotation("shop", "argocd.argoproj.io/skip-reconcile") == "true"
+    });
     assert_eq!(app_annotation("shop", "argocd.argoproj.io/skip-reconcile"), "true");
     assert_eq!(
         app_annotation("shop", "dormant.dev/gitops-before-sleep"),
@@ -2069,6 +2080,16 @@ fn argocd_applications_pause_while_all_they_deploy_sleeps_and_get_back_what_they
         ),
         (String::new(), String::new()),
         "it also deploys a namespace that is awake"
+    );
+
+    // The forger waking does not resume `shop`: its namespace still sleeps.
+    let out = dormant(c, &["wake", &format!("namespace/{forger}"), "--wait=60s"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        app_annotation("shop", "argocd.argoproj.io/skip-reconcile"),
+        "true",
+        "resumed by another's wake"
     );
 
     let out = dormant(c, &["wake", &format!("namespace/{ns}"), "--wait=60s"]);

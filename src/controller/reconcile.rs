@@ -621,13 +621,20 @@ async fn pause_argocd(ctx: &Context, ev: &Evaluation) -> Result<(), scaler::Erro
     Ok(())
 }
 
-/// Gives the Argo CD Applications of this target's workloads back what
-/// they had, once the workloads are back.
+/// Gives the Argo CD Applications that deploy this namespace target back
+/// what they had, once its workloads are back. Only an Application whose
+/// destination is this namespace: a workload's tracking annotation is
+/// anyone's to write, and one naming another team's Application must not
+/// let this namespace's wake resume it while that team's sleeps.
 async fn resume_argocd(ctx: &Context, ev: &Evaluation) -> Result<(), scaler::Error> {
     let Some(argocd) = &ctx.config.argocd else { return Ok(()) };
+    if ev.target.r.kind != TargetKind::Namespace {
+        return Ok(());
+    }
     for (namespace, name) in gitops::applications_of(&ev.workloads, argocd, false).keys() {
         if let Some(app) = ctx.scaler.application(namespace, name).await?
             && app.paused()
+            && app.destination_namespace.as_deref() == Some(ev.target.r.namespace.as_str())
         {
             tracing::info!(target = %ev.target.r, application = %app.id(), "resuming Argo CD Application");
             ctx.scaler.resume_application(&app).await?;
