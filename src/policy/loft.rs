@@ -1673,6 +1673,26 @@ mod tests {
     }
 
     #[test]
+    fn a_hostile_vcluster_yaml_is_refused_quickly() {
+        // A team writes its vcluster.yaml, and the agent reads it every
+        // 30 s: an alias bomb (a billion laughs) or deep nesting must be
+        // refused, not expanded.
+        let mut bomb =
+            String::from("a: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n");
+        for (prev, name) in
+            ["a", "b", "c", "d", "e", "f", "g", "h"].iter().zip(["b", "c", "d", "e", "f", "g", "h", "i"])
+        {
+            bomb.push_str(&format!(
+                "{name}: &{name} [*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev}]\n"
+            ));
+        }
+        bomb.push_str("sleepMode: {enabled: true, autoSleep: {afterInactivity: *i}}\n");
+        assert!(parse_vcluster_config(&bomb).is_err(), "expanded");
+        let deep = format!("{}1{}", "[".repeat(100_000), "]".repeat(100_000));
+        assert!(parse_vcluster_config(&deep).is_err(), "nested without limit");
+    }
+
+    #[test]
     fn annotations_win_over_vcluster_yaml_field_by_field() {
         let a = read(&[(SLEEP_AFTER, "60"), (IGNORE_VERBS, "watch")]);
         let y = yaml("sleepMode: {enabled: true, timeZone: UTC, autoSleep: {afterInactivity: 1h}}");
