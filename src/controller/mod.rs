@@ -90,11 +90,11 @@ pub struct Context {
     reported_invalid: Mutex<HashMap<TargetRef, String>>,
     /// When each waking target started waking, and why (for the histogram).
     waking: Mutex<HashMap<TargetRef, (tokio::time::Instant, &'static str)>>,
-    /// Targets whose state this replica changed, with the version of the
-    /// object it read before: until the cache shows a newer one, another
-    /// reconcile would act on the old state again (count a transition twice,
-    /// publish its Event twice). See [`reconcile::reconcile`].
-    unseen_writes: Mutex<HashMap<TargetRef, (Option<String>, tokio::time::Instant)>>,
+    /// Targets whose state this replica changed, with the state it wrote:
+    /// until the cache shows it, another reconcile would act on the old
+    /// state again (count a transition twice, publish its Event twice). See
+    /// [`reconcile::reconcile`].
+    unseen_writes: Mutex<HashMap<TargetRef, (TargetState, tokio::time::Instant)>>,
     /// Pre-wakes not yet used nor slept through, and when each began.
     prewoken: Mutex<HashMap<TargetRef, DateTime<Utc>>>,
 }

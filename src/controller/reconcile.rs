@@ -44,11 +44,15 @@ pub(super) async fn reconcile(ctx: &Context, r: &TargetRef) -> Result<Option<Dat
         tracing::info!(target = %r, "target is valid again");
     }
     // This replica changed the target's state from what the cache still
-    // shows: wait for the cache rather than act twice on the old state.
+    // shows: wait for the cache rather than act twice on the old state. The
+    // cache is behind while it shows another state, not only while it shows
+    // the version the write was based on: a version written in between (a
+    // scale patch on a control plane that is its own target, a status
+    // update) still carries the old state.
     {
         let mut unseen = lock(&ctx.unseen_writes);
-        if let Some((version, at)) = unseen.get(r) {
-            if *version == ev.target.object.resource_version() && at.elapsed() < CACHE_CATCH_UP {
+        if let Some((state, at)) = unseen.get(r) {
+            if ev.annotations.state.unwrap_or(TargetState::Awake) != *state && at.elapsed() < CACHE_CATCH_UP {
                 return Ok(Some(now + chrono::Duration::milliseconds(250)));
             }
             unseen.remove(r);
@@ -96,8 +100,11 @@ pub(super) async fn reconcile(ctx: &Context, r: &TargetRef) -> Result<Option<Dat
         Err(_) => Ok(None),
     };
     let written = ctx.annotator.set(&ev.target.object, &annotations).await;
-    if written.is_ok() && annotations.contains_key(vocab::STATE) {
-        wrote_state(ctx, &ev);
+    if written.is_ok()
+        && let Some(Some(state)) = annotations.get(vocab::STATE)
+        && let Ok(state) = state.parse()
+    {
+        wrote_state(ctx, &ev, state);
     }
     summarize(ctx, &ev, &annotations);
     result?;
@@ -111,11 +118,11 @@ pub(super) async fn reconcile(ctx: &Context, r: &TargetRef) -> Result<Option<Dat
 /// watch that lags).
 const CACHE_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Remembers that this reconcile changed `ev`'s target state, from the
-/// version the cache showed.
-fn wrote_state(ctx: &Context, ev: &Evaluation) {
-    lock(&ctx.unseen_writes)
-        .insert(ev.target.r.clone(), (ev.target.object.resource_version(), tokio::time::Instant::now()));
+/// Remembers that this reconcile wrote `state` on `ev`'s target.
+fn wrote_state(ctx: &Context, ev: &Evaluation, state: TargetState) {
+    if ev.annotations.state.unwrap_or(TargetState::Awake) != state {
+        lock(&ctx.unseen_writes).insert(ev.target.r.clone(), (state, tokio::time::Instant::now()));
+    }
 }
 
 fn forget(ctx: &Context, r: &TargetRef) {
@@ -226,7 +233,7 @@ async fn sleep(
         // Written before any workload changes: a crash from here on leaves a
         // target that says it is going to sleep.
         written = ctx.annotator.set(&ev.target.object, annotations).await?;
-        wrote_state(ctx, ev);
+        wrote_state(ctx, ev, TargetState::Sleeping);
         if let Some(edge) = ev.decision.reason.at() {
             let lag = (Utc::now() - edge).num_milliseconds() as f64 / 1000.0;
             // Only for edges that just passed (not a sleep resumed after a restart).
@@ -365,7 +372,7 @@ async fn wake(
         annotations.insert(vocab::FORCE_SLEEP, None);
         annotations.insert(vocab::PREVENT_WAKEUP_UNTIL, None);
         written = ctx.annotator.set(&ev.target.object, annotations).await?;
-        wrote_state(ctx, ev);
+        wrote_state(ctx, ev, TargetState::Waking);
         annotations.clear();
         lock(&ctx.waking).insert(r.clone(), (tokio::time::Instant::now(), ev.decision.reason.trigger()));
         tracing::info!(target = %r, reason = %ev.decision.reason, "waking");
