@@ -38,6 +38,17 @@ impl Error {
     pub fn category(&self) -> &'static str {
         "patch-target"
     }
+
+    /// The API server did not take the write (see [`crate::error::transient`]).
+    pub fn transient(&self) -> bool {
+        match self {
+            Error::PatchTarget { source, .. }
+            | Error::Update(PatchError::Patch { source, .. } | PatchError::Read { source, .. }) => {
+                crate::error::transient(source)
+            }
+            Error::Update(_) => false,
+        }
+    }
 }
 
 /// Writes target annotations; cheap to clone.
@@ -101,6 +112,26 @@ impl Annotator {
             }
         };
         r.map_err(|source| Error::PatchTarget { target, source })
+    }
+
+    /// Sets annotations only if the target is still exactly `object` (its
+    /// resourceVersion). `Ok(false)`: it changed or went since.
+    pub async fn set_if_unchanged(&self, object: &TargetObject, changes: &Changes) -> Result<bool, Error> {
+        use crate::client::Patchable;
+        let rv = object.resource_version();
+        let patch = json!({ "metadata": metadata(&rv, json!(changes)) });
+        let client = self.patcher.client().clone();
+        let ar = object.api_resource();
+        let api: Api<kube::api::DynamicObject> = match Patchable::namespace(object) {
+            "" => Api::all_with(client, &ar),
+            ns => Api::namespaced_with(client, ns, &ar),
+        };
+        self.patcher.throttle().wait().await;
+        match api.patch(Patchable::name(object), &patch_params(), &Patch::Merge(&patch)).await {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(false),
+            Err(source) => Err(Error::PatchTarget { target: object.id(), source }),
+        }
     }
 
     /// Sets annotations computed from the target object's current ones, at

@@ -16,6 +16,7 @@
 //! activity), then the ledger writes what it holds, then the caches, and
 //! last the Lease is released for a standby.
 
+mod leadership;
 pub mod settings;
 
 use std::sync::Arc;
@@ -421,6 +422,13 @@ impl Leading {
                 format!("failed to set up leader election in namespace {}", settings.namespace)
             })?;
         let (leader, lease) = manager.watch().await;
+        let spec = leadership::LeaseSpec {
+            namespace: settings.namespace.clone(),
+            name: settings.lease_name.clone(),
+            identity: settings.identity.clone(),
+            duration: Duration::from_secs(lease_secs),
+        };
+        let leader = leadership::guard(client.clone(), spec, leader);
         let config = Config {
             defaults: settings.defaults.clone(),
             scope: settings.scope.clone(),

@@ -89,7 +89,7 @@ pub struct OutcomeLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProxyLabels {
     /// `forwarded`, `held`, `timeout`, `overloaded`, `prevented`, `invalid`,
-    /// `unauthenticated`, `upstream-error`, `not-found`.
+    /// `unauthenticated`, `upstream-error`, `api-unavailable`, `not-found`.
     pub outcome: &'static str,
     pub code: u16,
 }

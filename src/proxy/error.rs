@@ -39,6 +39,10 @@ pub enum ProxyError {
     /// The target's policy or annotations cannot be read: dormant leaves
     /// it as it is, so a sleeping one will not wake.
     Invalid(TargetRef, String),
+    /// The host's API server did not answer what the request needed (down,
+    /// restarting, overloaded): the wake's request, the vcluster's Secret.
+    /// Nothing was changed; a retry may do.
+    ApiUnavailable(TargetRef),
     WakeFailed(TargetRef, String),
     Upstream(TargetRef, String),
 }
@@ -53,6 +57,7 @@ impl ProxyError {
                 "prevented"
             }
             ProxyError::Overloaded(..) | ProxyError::UpstreamBusy(..) => "overloaded",
+            ProxyError::ApiUnavailable(_) => "api-unavailable",
             ProxyError::WakeTimeout(..) => "timeout",
             ProxyError::Invalid(..) => "invalid",
             ProxyError::WakeFailed(..) | ProxyError::Upstream(..) => "upstream-error",
@@ -152,6 +157,15 @@ impl ProxyError {
                 ),
                 None,
             ),
+            ProxyError::ApiUnavailable(t) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailable",
+                format!(
+                    "vcluster {}/{}: the host cluster's API server did not answer dormant (down or restarting); retry shortly",
+                    t.namespace, t.name
+                ),
+                Some(5),
+            ),
             // What failed (a Secret, a TLS handshake) is the operator's to
             // read in the logs and Events, not the caller's.
             ProxyError::WakeFailed(t, _) => (
@@ -214,6 +228,7 @@ mod tests {
                 "this connection already has 100 requests in flight, its limit".into(),
             ),
             ProxyError::WakeTimeout(t.clone(), Duration::from_secs(120)),
+            ProxyError::ApiUnavailable(t.clone()),
             ProxyError::WakeFailed(
                 t.clone(),
                 "its upstream cannot be used: the Secret vc-dev is unusable".into(),
@@ -228,7 +243,10 @@ mod tests {
             let retry = r.headers().contains_key(header::RETRY_AFTER);
             assert_eq!(
                 retry,
-                matches!(e, ProxyError::Overloaded(..) | ProxyError::UpstreamBusy(..)),
+                matches!(
+                    e,
+                    ProxyError::Overloaded(..) | ProxyError::UpstreamBusy(..) | ProxyError::ApiUnavailable(_)
+                ),
                 "Retry-After on {e:?}"
             );
             let body = futures::executor::block_on(r.into_body().collect()).unwrap().to_bytes();

@@ -243,7 +243,10 @@ impl Proxy {
                     GateError::Timeout(d) => ProxyError::WakeTimeout(t.clone(), d),
                     GateError::WakeFailed(e) => {
                         tracing::warn!(target = %t, error = %crate::error::Chain(&e), "waking the vcluster failed");
-                        ProxyError::WakeFailed(t.clone(), crate::error::chain(&e))
+                        match e {
+                            WakeError::Request(e) if e.transient() => ProxyError::ApiUnavailable(t.clone()),
+                            e => ProxyError::WakeFailed(t.clone(), crate::error::chain(&e)),
+                        }
                     }
                     GateError::Abandoned => {
                         ProxyError::WakeFailed(t.clone(), "the wake was abandoned".into())

@@ -280,6 +280,14 @@ pub enum Error {
     Tls(TargetRef, #[source] crate::tls::Error),
 }
 
+impl Error {
+    /// The Secret could not be read because the API server did not answer
+    /// (see [`crate::error::transient`]): a retry may do.
+    pub fn transient(&self) -> bool {
+        matches!(self, Error::ReadSecret { source, .. } if crate::error::transient(source))
+    }
+}
+
 /// How to reach one vcluster.
 pub struct Upstream {
     /// `https://host:port` plus an optional path prefix, parsed once: each
@@ -808,7 +816,17 @@ impl Upstreams {
         };
         // Boxed: the slow path (a Secret read) would otherwise size every
         // request's future, held ones included, for itself.
-        let u = Box::pin(self.build(t, cached)).await?;
+        let u = match Box::pin(self.build(t, cached.clone())).await {
+            Ok(u) => u,
+            // The API server is down or restarting: what was read last
+            // still serves (until the next try, a TTL later), rather than
+            // refusing everyone for an outage that is not the vcluster's.
+            Err(e) if e.transient() && cached.is_some() => {
+                tracing::warn!(target = %t, error = %crate::error::Chain(&e), "keeping the upstream read before: its Secret cannot be read now");
+                cached.unwrap_or_else(|| unreachable!())
+            }
+            Err(e) => return Err(e),
+        };
         let old = self
             .cache
             .write()

@@ -245,19 +245,37 @@ impl Proxy {
             let mut changes = proxy.changes.subscribe();
             proxy.set_confirmed(&t, false);
             let Some(object) = proxy.stores.object(&t) else { return Err(WakeError::Gone) };
-            let requested = match &by {
+            match &by {
                 WakeBy::Use(activity) => {
                     tracing::info!(target = %t, by = %activity.summary(), "wake requested by a held request");
-                    proxy.annotator.record_use(&object, activity.at, activity.summary()).await
                 }
                 WakeBy::Unverified => {
                     tracing::info!(target = %t, "wake requested by a request whose credential cannot be checked while it sleeps");
                     let requested = crate::metrics::OutcomeLabels { outcome: "requested" };
                     proxy.metrics.proxy_unverified_wakes.get_or_create(&requested).inc();
-                    proxy.annotator.request_unverified_wake(&object, Utc::now()).await
                 }
-            };
-            requested.map_err(|e| WakeError::Request(Arc::new(e)))?;
+            }
+            // An API server down or restarting is waited for (within the
+            // limit): the requests held for this wake are answered once it
+            // is back, not turned away by a short outage.
+            let mut pause = Duration::from_millis(250);
+            loop {
+                let requested = match &by {
+                    WakeBy::Use(activity) => {
+                        proxy.annotator.record_use(&object, activity.at, activity.summary()).await
+                    }
+                    WakeBy::Unverified => proxy.annotator.request_unverified_wake(&object, Utc::now()).await,
+                };
+                match requested {
+                    Ok(()) => break,
+                    Err(e) if e.transient() && started.elapsed() + pause < limit => {
+                        tracing::warn!(target = %t, error = %crate::error::Chain(&e), "the wake request did not reach the API server; trying again");
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_secs(2));
+                    }
+                    Err(e) => return Err(WakeError::Request(Arc::new(e))),
+                }
+            }
             while !proxy.control_plane_ready(&t) {
                 let left = limit.saturating_sub(started.elapsed());
                 if left.is_zero() {

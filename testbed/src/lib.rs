@@ -189,6 +189,8 @@ pub struct Cluster {
     /// it may do); sends [`ROBOT_USER_AGENT`].
     pub robot: User,
     procs: Mutex<Vec<Proc>>,
+    /// kube-apiserver's arguments, to start it again ([`Cluster::start_apiserver`]).
+    api_args: Vec<String>,
     pub started_in: Duration,
     /// kwok's kubelet server (exec, logs, port-forward), when controllers run.
     kubelet_port: OnceLock<u16>,
@@ -294,6 +296,7 @@ impl Cluster {
             alice,
             robot,
             procs: Mutex::new(Vec::new()),
+            api_args: Vec::new(),
             started_in: Duration::ZERO,
             kubelet_port: OnceLock::new(),
         };
@@ -313,6 +316,7 @@ impl Cluster {
         let kubectl = cluster.bins.path("kubectl");
         api.wait_ready(Duration::from_secs(60), || readyz(&kubectl, &admin_kc))?;
         procs.push(api);
+        cluster.api_args = api_args;
         *lock(&cluster.procs) = procs;
 
         if opts.controllers {
@@ -621,6 +625,35 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+        Ok(())
+    }
+
+    /// Kills kube-apiserver (SIGKILL: no graceful shutdown, every
+    /// connection cut). Every other process (etcd, the controllers, kwok)
+    /// keeps running; [`Cluster::start_apiserver`] brings it back.
+    pub fn kill_apiserver(&self) -> Result<()> {
+        let mut procs = lock(&self.procs);
+        let api = procs
+            .iter_mut()
+            .find(|p| p.name == "kube-apiserver")
+            .ok_or_else(|| anyhow!("no kube-apiserver to kill"))?;
+        api.kill();
+        Ok(())
+    }
+
+    /// Starts kube-apiserver again after [`Cluster::kill_apiserver`], with
+    /// the same arguments on the same port; returns once it is ready.
+    pub fn start_apiserver(&self) -> Result<()> {
+        let mut procs = lock(&self.procs);
+        let i = procs
+            .iter()
+            .position(|p| p.name == "kube-apiserver")
+            .ok_or_else(|| anyhow!("no kube-apiserver to start again"))?;
+        let mut api =
+            spawner::spawn("kube-apiserver", &self.bins.path("kube-apiserver"), &self.api_args, &self.dir)?;
+        let kubectl = self.bins.path("kubectl");
+        api.wait_ready(Duration::from_secs(60), || readyz(&kubectl, &self.admin.kubeconfig))?;
+        procs[i] = api;
         Ok(())
     }
 
