@@ -66,6 +66,9 @@ pub const GITOPS_BEFORE_SLEEP: &str = "dormant.dev/gitops-before-sleep";
 pub const PROTECT: &str = "dormant.dev/protect";
 /// Written by dormant with its warning: when the target will be deleted.
 pub const DELETE_AT: &str = "dormant.dev/delete-at";
+/// Written by dormant on a vcluster's control plane, conditional on its
+/// version, when the deletion of its release begins: when it began.
+pub const DELETING: &str = "dormant.dev/deleting";
 
 /// Every key a target may carry (workload keys too: a vcluster's
 /// StatefulSet is both), for typo hints.
@@ -105,6 +108,7 @@ pub const TARGET_KEYS: &[&str] = &[
     GITOPS_BEFORE_SLEEP,
     PROTECT,
     DELETE_AT,
+    DELETING,
 ];
 
 /// The label the vcluster chart puts on its control plane (`app=vcluster`).

@@ -102,28 +102,6 @@ fn assert_namespace_awake_as_before(c: &Cluster, ns: &str) {
     });
 }
 
-fn wait_state(
-    c: &Cluster,
-    kind: &str,
-    name: &str,
-    ns: Option<&str>,
-    want: &str,
-    timeout: Duration,
-    agent: &Agent,
-) {
-    let start = std::time::Instant::now();
-    loop {
-        let s = state(c, kind, name, ns);
-        if s == want {
-            return;
-        }
-        if start.elapsed() > timeout {
-            panic!("{kind}/{name} is {s:?}, not {want:?}, after {timeout:?}; agent log:\n{}", agent.log());
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 #[test]
 fn idle_targets_sleep_and_come_back_exactly_by_cli_schedule_and_activity() {
     let c = Cluster::shared();
@@ -1994,6 +1972,164 @@ fn delete_after_warns_then_deletes_and_never_a_woken_dry_run_or_protected_target
     }
     assert_eq!(jsonpath(c, "deployment", "app", Some(&protected), "{.spec.replicas}"), "0", "still asleep");
     assert_eq!(jsonpath(c, "deployment", "app", Some(&woken), "{.spec.replicas}"), "1", "awake");
+}
+
+/// `helm` against the testbed, with its own folders.
+fn helm(c: &Cluster, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(c.bins.path("helm"))
+        .args(args)
+        .env("KUBECONFIG", &c.admin.kubeconfig)
+        .env("HELM_CACHE_HOME", c.dir.join("helm/cache"))
+        .env("HELM_CONFIG_HOME", c.dir.join("helm/config"))
+        .env("HELM_DATA_HOME", c.dir.join("helm/data"))
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+/// Every object of the kinds a vcluster release holds in `ns`, as
+/// `Kind/name` to its UID, with its labels and annotations.
+fn namespace_inventory(
+    c: &Cluster,
+    ns: &str,
+) -> std::collections::BTreeMap<String, (String, serde_json::Value, serde_json::Value)> {
+    let kinds = "pods,deployments,statefulsets,services,endpoints,ingresses,networkpolicies,poddisruptionbudgets,rolebindings,roles,serviceaccounts,configmaps,persistentvolumeclaims,secrets";
+    let list: serde_json::Value =
+        serde_json::from_str(&kubectl(c, &["get", kinds, "-n", ns, "-o", "json"])).unwrap();
+    list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| {
+            let m = &o["metadata"];
+            (
+                format!("{}/{}", o["kind"].as_str().unwrap(), m["name"].as_str().unwrap()),
+                (m["uid"].as_str().unwrap().to_string(), m["labels"].clone(), m["annotations"].clone()),
+            )
+        })
+        .collect()
+}
+
+/// A vcluster installed with Helm (the real vcluster chart, v0.30.0) and
+/// asleep past its policy's `deleteAfter` is deleted by its release's
+/// objects: everything Helm installed for it, Helm's records (so `helm
+/// list` no longer shows it), the control plane's volume claim the
+/// StatefulSet controller made, what it synced to the host; nothing of
+/// another release in the same namespace (protected, so warned never), nor
+/// a look-alike carrying the chart's labels.
+#[test]
+fn delete_after_deletes_a_vcluster_by_its_helm_releases_objects_and_nothing_else() {
+    let c = Cluster::shared();
+    let id = test_id("delvc");
+    install_crd(c);
+    let ns = c.namespace("del-vc", &[("dormant-test", &id), ("delete-vc", &id)]).unwrap();
+    let chart = testbed::Bins::vcluster_dir().unwrap().join("chart");
+    for release in ["vc", "vc2"] {
+        let (ok, out) = helm(
+            c,
+            &[
+                "install",
+                release,
+                chart.to_str().unwrap(),
+                "-n",
+                &ns,
+                "--set",
+                "controlPlane.distro.k8s.enabled=true",
+            ],
+        );
+        assert!(ok, "helm install {release}: {out}");
+    }
+    // What the vclusters' syncers would have made on the host, and a
+    // look-alike with the chart's labels that nobody installed.
+    c.kubectl_apply(
+        &c.admin,
+        &format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: kube-root-ca.crt-x-default-x-vc, namespace: {ns}, labels: {{vcluster.loft.sh/managed-by: vc}}}}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: kube-root-ca.crt-x-default-x-vc2, namespace: {ns}, labels: {{vcluster.loft.sh/managed-by: vc2}}}}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: lookalike, namespace: {ns}, labels: {{app: vcluster, release: vc}}}}\n"
+        ),
+    )
+    .unwrap();
+    // The StatefulSet controller makes the control plane's claim.
+    wait_until("the control planes' claims", Duration::from_secs(60), || {
+        let all = namespace_inventory(c, &ns);
+        all.contains_key("PersistentVolumeClaim/data-vc-0")
+            && all.contains_key("PersistentVolumeClaim/data-vc2-0")
+    });
+    let before = namespace_inventory(c, &ns);
+    let of = |release: &str| -> std::collections::BTreeMap<String, String> {
+        before
+            .iter()
+            .filter(|(key, (_, labels, annotations))| {
+                annotations["meta.helm.sh/release-name"] == release
+                    || labels["vcluster.loft.sh/managed-by"] == release
+                    || labels["owner"] == "helm" && labels["name"] == release
+                    || key.as_str() == format!("PersistentVolumeClaim/data-{release}-0")
+            })
+            .map(|(key, (uid, _, _))| (key.clone(), uid.clone()))
+            .collect()
+    };
+    let (doomed, kept) = (of("vc"), of("vc2"));
+    for key in [
+        "StatefulSet/vc",
+        "Service/vc",
+        "Secret/vc-config-vc",
+        "Secret/sh.helm.release.v1.vc.v1",
+        "PersistentVolumeClaim/data-vc-0",
+        "ConfigMap/kube-root-ca.crt-x-default-x-vc",
+    ] {
+        assert!(doomed.contains_key(key), "{key} not in {doomed:?}");
+    }
+    assert!(kept.contains_key("StatefulSet/vc2") && kept.len() == doomed.len(), "{kept:?}");
+
+    let policy = format!("{id}-delete");
+    c.kubectl_apply(
+        &c.admin,
+        &format!(
+            "apiVersion: dormant.dev/v1alpha1\nkind: SleepPolicy\nmetadata: {{name: {policy}}}\nspec:\n  selector: {{namespaceSelector: {{matchLabels: {{delete-vc: {id}}}}}, kinds: [VCluster]}}\n  sleepAfter: 1h\n  deleteAfter: 20s\n  deleteWarning: 15s\n"
+        ),
+    )
+    .unwrap();
+    kubectl(c, &["annotate", "statefulset", "vc2", "-n", &ns, "dormant.dev/protect=true"]);
+    for vc in ["vc", "vc2"] {
+        kubectl(c, &["annotate", "statefulset", vc, "-n", &ns, "dormant.dev/force-sleep=true"]);
+    }
+    let agent = Agent::start(c, &id, &format!("{id}-system"), "delvc-1", &["--enable-delete-after"]);
+    for vc in ["vc", "vc2"] {
+        wait_state(c, "statefulset", vc, Some(&ns), "asleep", Duration::from_secs(60), &agent);
+    }
+    wait_until("the warning", Duration::from_secs(30), || {
+        !annotation(c, "statefulset", "vc", Some(&ns), "dormant.dev/delete-at").is_empty()
+    });
+    let warned: DateTime<Utc> =
+        annotation(c, "statefulset", "vc", Some(&ns), "dormant.dev/delete-at").parse().unwrap();
+    let note = event_notes(c, &ns, "DeletionScheduled");
+    assert!(note.contains("with its Helm release's objects and volumes") && note.contains(&policy), "{note}");
+
+    wait_until("the deletion", Duration::from_secs(60), || {
+        let now = namespace_inventory(c, &ns);
+        doomed.keys().all(|key| !now.contains_key(key))
+    });
+    assert!(Utc::now() >= warned, "deleted before the time it was warned of ({warned})");
+    let (ok, out) = helm(c, &["list", "-n", &ns, "-q"]);
+    assert!(ok, "{out}");
+    assert_eq!(out.split_whitespace().collect::<Vec<_>>(), ["vc2"], "helm list");
+    let deleted = events(c, &ns, "Deleted");
+    assert_eq!(deleted.len(), 1, "{deleted:?}");
+    assert_eq!(deleted[0].regarding, "StatefulSet/vc");
+    assert!(deleted[0].note.contains("deleted by its Helm release's objects"), "{}", deleted[0].note);
+    assert_eq!(agent.metric("dormant_deleted_targets_total"), 1.0);
+
+    // The other release, the look-alike and the rest stay as they were, a while after.
+    std::thread::sleep(Duration::from_secs(5));
+    let after = namespace_inventory(c, &ns);
+    for (key, uid) in &kept {
+        assert_eq!(after.get(key).map(|(u, _, _)| u), Some(uid), "{key} of the protected release");
+    }
+    assert!(after.contains_key("ConfigMap/lookalike"), "{:?}", after.keys());
+    assert_eq!(annotation(c, "statefulset", "vc2", Some(&ns), "dormant.dev/delete-at"), "");
+    assert_eq!(annotation(c, "statefulset", "vc2", Some(&ns), "dormant.dev/state"), "asleep");
+    let (ok, out) = helm(c, &["status", "vc2", "-n", &ns]);
+    assert!(ok && out.contains("STATUS: deployed"), "{out}");
 }
 
 /// Argo CD's Application, as far as dormant reads and writes it.

@@ -641,35 +641,6 @@ async fn raw_get(proxy: &str, path: &str, cert: &testbed::pki::CertPair) -> (u16
     raw_request(proxy, path, Some(cert), &[]).await
 }
 
-/// A GET with `cert` (if any) and extra header lines (`Host: 127.0.0.1`
-/// unless they name one); (status, the whole answer).
-async fn raw_request(
-    proxy: &str,
-    path: &str,
-    cert: Option<&testbed::pki::CertPair>,
-    headers: &[&str],
-) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let port: u16 = proxy.rsplit(':').next().unwrap().parse().unwrap();
-    let mut tls = tls_connect(port, &Cluster::shared().ca.cert_pem, cert).await.unwrap();
-    let mut extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
-    if !headers.iter().any(|h| h.to_ascii_lowercase().starts_with("host:")) {
-        extra.insert_str(0, "Host: 127.0.0.1\r\n");
-    }
-    tls.write_all(format!("GET {path} HTTP/1.1\r\n{extra}Connection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(60), tls.read_to_end(&mut out)).await;
-    let text = String::from_utf8_lossy(&out).into_owned();
-    // An answer is read to its end: the server closes the connection
-    // (`Connection: close`). A close without TLS close_notify after it is
-    // fine; no answer, or none within a minute, is not.
-    assert!(read.is_ok() && !text.is_empty(), "GET {path}: {read:?} after {text:?}");
-    let code = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    (code, text)
-}
-
 /// Opens a WebSocket watch of namespaces through the proxy and returns the
 /// raw bytes seen in the first seconds (handshake and frames).
 async fn websocket_watch(s: &Setup, cert: &testbed::pki::CertPair) -> String {

@@ -1,19 +1,25 @@
-//! delete-after: a namespace target asleep longer than its SleepPolicy's
-//! `deleteAfter` is deleted, with everything in it. Opt-in twice (the
-//! policy says so, and the agent runs with `--enable-delete-after`, which
-//! the chart pairs with the RBAC to delete namespaces), and careful:
+//! delete-after: a target asleep longer than its SleepPolicy's
+//! `deleteAfter` is deleted: a namespace with everything in it, a vcluster
+//! by its Helm release's objects (see [`crate::scaler::release`]: what Helm
+//! installed, its records, the control plane's volumes, what it synced).
+//! Opt-in twice (the policy says so, and the agent runs with
+//! `--enable-delete-after`, which the chart pairs with the RBAC to delete
+//! them), and careful:
 //!
 //! - never in dry-run (the agent's or the policy's), never a disabled
 //!   target or one annotated `dormant.dev/protect: "true"`, never one that
-//!   is not asleep or is about to wake, never a vcluster (its data lives in
-//!   objects a Helm release owns; dormant does not uninstall releases);
+//!   is not asleep or is about to wake;
 //! - always warned first: a Warning Event and `dormant.dev/delete-at`,
 //!   `deleteWarning` before — and never sooner than that after the warning,
 //!   whenever the warning was given (an agent that was down does not
 //!   delete on its first look);
-//! - the deletion is conditional on the Namespace being exactly the object
-//!   evaluated (its UID and resourceVersion): a `protect` added since, or
-//!   anything else written, makes it wait for the next look;
+//! - the deletion is conditional on the target being exactly the object
+//!   evaluated (its resourceVersion): a `protect` added since, or anything
+//!   else written, makes it wait for the next look. A namespace goes in one
+//!   conditional request; a vcluster's control plane is first annotated
+//!   `dormant.dev/deleting` in one, then its release's objects go one by
+//!   one, the control plane last, so a deletion cut short (a crash, a
+//!   failed request) is finished by the next look, which plans it again;
 //! - a target that wakes, or stops qualifying, has its warning withdrawn
 //!   (a Normal Event says so).
 //!
@@ -50,7 +56,6 @@ pub struct Facts {
     /// `--enable-delete-after`.
     pub enabled: bool,
     pub dry_run: bool,
-    pub kind: TargetKind,
     pub protect: bool,
     pub disabled: bool,
     pub state: TargetState,
@@ -67,7 +72,6 @@ impl Facts {
             delete_after: ev.policy.delete_after,
             enabled,
             dry_run,
-            kind: ev.target.r.kind,
             protect: ev.annotations.protect,
             disabled: ev.policy.disabled.value,
             state: ev.state,
@@ -85,8 +89,6 @@ impl Facts {
             "the agent runs without --enable-delete-after"
         } else if self.dry_run {
             "dry-run"
-        } else if self.kind != TargetKind::Namespace {
-            "a vcluster is never deleted"
         } else if self.protect {
             "it is annotated dormant.dev/protect"
         } else if self.disabled {
@@ -138,7 +140,7 @@ pub async fn act(
     ev: &Evaluation,
     plan: Plan,
     annotations: &mut crate::annotate::Changes,
-) -> Result<Option<DateTime<Utc>>, crate::scaler::Error> {
+) -> Result<Option<DateTime<Utc>>, super::Error> {
     let r = &ev.target.r;
     let policy = ev.policy.policy.as_deref().unwrap_or("agent defaults");
     match plan {
@@ -153,8 +155,12 @@ pub async fn act(
                 EventType::Warning,
                 "DeletionScheduled",
                 format!(
-                    "asleep since {}: will be DELETED with everything in it at {} (deleteAfter {after} of SleepPolicy {policy}); wake it, or annotate it dormant.dev/protect=true, to keep it",
+                    "asleep since {}: will be DELETED {} at {} (deleteAfter {after} of SleepPolicy {policy}); wake it, or annotate it dormant.dev/protect=true, to keep it",
                     ev.annotations.asleep_since.map(rfc3339).unwrap_or_default(),
+                    match r.kind {
+                        TargetKind::Namespace => "with everything in it",
+                        TargetKind::VCluster => "with its Helm release's objects and volumes",
+                    },
                     rfc3339(at)
                 ),
             )
@@ -163,6 +169,9 @@ pub async fn act(
         }
         Plan::Withdraw(why) => {
             annotations.insert(vocab::DELETE_AT, None);
+            if ev.target.object.annotations().contains_key(vocab::DELETING) {
+                annotations.insert(vocab::DELETING, None);
+            }
             tracing::info!(target = %r, why, "deletion withdrawn");
             super::reconcile::publish(
                 ctx,
@@ -175,20 +184,46 @@ pub async fn act(
             Ok(None)
         }
         Plan::Delete => {
-            let crate::target::TargetObject::Namespace(ns) = &ev.target.object else { return Ok(None) };
-            if !ctx.scaler.delete_namespace(ns).await? {
-                // Changed since it was evaluated: the next look decides.
-                return Ok(Some(Utc::now() + chrono::Duration::seconds(1)));
-            }
+            let what = match &ev.target.object {
+                crate::target::TargetObject::Namespace(ns) => {
+                    if !ctx.scaler.delete_namespace(ns).await? {
+                        // Changed since it was evaluated: the next look decides.
+                        return Ok(Some(Utc::now() + chrono::Duration::seconds(1)));
+                    }
+                    format!("namespace {} deleted with everything in it", r.namespace)
+                }
+                cp => {
+                    if !cp.annotations().contains_key(vocab::DELETING) {
+                        let mark =
+                            crate::annotate::Changes::from([(vocab::DELETING, Some(rfc3339(Utc::now())))]);
+                        if !ctx.annotator.set_if_unchanged(cp, &mark).await? {
+                            return Ok(Some(Utc::now() + chrono::Duration::seconds(1)));
+                        }
+                    }
+                    let Some(deleted) = ctx.scaler.delete_vcluster_release(cp).await? else {
+                        // Gone already: the pass that deleted it counted it.
+                        return Ok(None);
+                    };
+                    let counts: Vec<String> = deleted.iter().map(|(kind, n)| format!("{n} {kind}")).collect();
+                    format!(
+                        "vcluster {}/{} deleted by its Helm release's objects ({})",
+                        r.namespace,
+                        r.name,
+                        counts.join(", ")
+                    )
+                }
+            };
             ctx.metrics.deleted_targets.inc();
-            tracing::warn!(target = %r, policy, "deleted (deleteAfter)");
-            // Not in the namespace, which is going: in `default`, where
-            // Events about cluster-scoped objects live.
+            tracing::warn!(target = %r, policy, "{what} (deleteAfter)");
+            // Not on the object, which is going: in `default` for a
+            // namespace (where Events about cluster-scoped objects live),
+            // beside the control plane for a vcluster.
             let mut regarding = ev.target.object.object_ref();
-            regarding.namespace = None;
+            if r.kind == TargetKind::Namespace {
+                regarding.namespace = None;
+            }
             let note = format!(
-                "namespace {} deleted with everything in it: asleep since {}, past deleteAfter of SleepPolicy {policy} (warned for {})",
-                r.namespace,
+                "{what}: asleep since {}, past deleteAfter of SleepPolicy {policy} (warned for {})",
                 ev.annotations.asleep_since.map(rfc3339).unwrap_or_default(),
                 ev.annotations.delete_at.map(rfc3339).unwrap_or_default()
             );
@@ -227,7 +262,6 @@ mod tests {
             }),
             enabled: true,
             dry_run: false,
-            kind: TargetKind::Namespace,
             protect: false,
             disabled: false,
             state: TargetState::Asleep,
@@ -289,11 +323,10 @@ mod tests {
 
     #[test]
     fn nothing_unqualified_is_deleted_and_a_warning_given_is_withdrawn() {
-        let cases: [(&str, Facts); 8] = [
+        let cases: [(&str, Facts); 7] = [
             ("policy", Facts { delete_after: None, ..facts() }),
             ("--enable-delete-after", Facts { enabled: false, ..facts() }),
             ("dry-run", Facts { dry_run: true, ..facts() }),
-            ("vcluster", Facts { kind: TargetKind::VCluster, ..facts() }),
             ("protect", Facts { protect: true, ..facts() }),
             ("disabled", Facts { disabled: true, ..facts() }),
             ("not asleep", Facts { state: TargetState::Waking, ..facts() }),

@@ -283,6 +283,8 @@ impl TargetAnnotations {
             // Written by dormant with its warning; an unreadable one is no
             // warning (a new one is given before any deletion).
             DELETE_AT => self.delete_at = parse_time(key, v).ok(),
+            // dormant's note that a deletion began (read by the deletion).
+            DELETING => {}
             EXCLUDE
             | REPLICAS_BEFORE_SLEEP
             | SUSPEND_BEFORE_SLEEP

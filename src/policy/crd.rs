@@ -87,8 +87,8 @@ pub struct SleepPolicySpec {
     /// Platform's annotations.
     #[serde(default)]
     pub vcluster_platform_annotations: bool,
-    /// Delete a namespace target asleep this long, with everything in it.
-    /// Only when the agent runs with `--enable-delete-after`; never in
+    /// Delete a target asleep this long: a namespace with everything in
+    /// it, a vcluster by its Helm release's objects. Only when the agent runs with `--enable-delete-after`; never in
     /// dry-run, never a disabled target or one annotated
     /// `dormant.dev/protect: "true"`; always warned `deleteWarning` before
     /// (a Warning Event and the annotation `dormant.dev/delete-at`). Waking

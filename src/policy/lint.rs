@@ -44,7 +44,7 @@ pub struct LintReport {
 }
 
 /// When `deleteAfter` acts, said wherever it is shown.
-pub const DELETE_AFTER_NOTE: &str = "deletes namespace targets (with everything in them) only when the agent runs with --enable-delete-after; never a vcluster, a disabled or a dormant.dev/protect target, nor in dry-run";
+pub const DELETE_AFTER_NOTE: &str = "deletes targets (a namespace with everything in it, a vcluster by its Helm release's objects) only when the agent runs with --enable-delete-after; never a disabled or a dormant.dev/protect target, nor in dry-run";
 
 /// Lints every YAML document in `text` (named `file` in messages).
 pub fn lint(file: &str, text: &str) -> LintReport {

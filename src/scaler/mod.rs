@@ -5,6 +5,7 @@
 pub mod gitops;
 pub mod keda;
 pub mod plan;
+pub mod release;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::Client;
@@ -58,6 +59,12 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    #[error("failed to delete {id} (delete-after)")]
+    DeleteRelease {
+        id: String,
+        #[source]
+        source: kube::Error,
+    },
     #[error("failed to delete the synced pods of vcluster {namespace}/{name}")]
     DeleteSyncedPods {
         namespace: String,
@@ -77,6 +84,7 @@ impl Error {
             Error::Patch(PatchError::BadAnnotation { .. }) | Error::BadAnnotation { .. } => "bad-annotation",
             Error::DeleteSyncedPods { .. } => "delete-synced-pods",
             Error::DeleteNamespace { .. } => "delete-namespace",
+            Error::DeleteRelease { .. } => "delete-release",
         }
     }
 }

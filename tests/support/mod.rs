@@ -431,3 +431,56 @@ async fn tls_handshake(
         .await
         .map_err(|e| format!("tls: {e}"))
 }
+
+/// A GET with `cert` (if any) and extra header lines (`Host: 127.0.0.1`
+/// unless they name one); (status, the whole answer).
+pub async fn raw_request(
+    proxy: &str,
+    path: &str,
+    cert: Option<&testbed::pki::CertPair>,
+    headers: &[&str],
+) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let port: u16 = proxy.rsplit(':').next().unwrap().parse().unwrap();
+    let mut tls = tls_connect(port, &Cluster::shared().ca.cert_pem, cert).await.unwrap();
+    let mut extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
+    if !headers.iter().any(|h| h.to_ascii_lowercase().starts_with("host:")) {
+        extra.insert_str(0, "Host: 127.0.0.1\r\n");
+    }
+    tls.write_all(format!("GET {path} HTTP/1.1\r\n{extra}Connection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(60), tls.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    // An answer is read to its end: the server closes the connection
+    // (`Connection: close`). A close without TLS close_notify after it is
+    // fine; no answer, or none within a minute, is not.
+    assert!(read.is_ok() && !text.is_empty(), "GET {path}: {read:?} after {text:?}");
+    let code = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (code, text)
+}
+
+/// Waits until the target's `dormant.dev/state` is `want`; on a timeout,
+/// fails with the agent's log.
+pub fn wait_state(
+    c: &Cluster,
+    kind: &str,
+    name: &str,
+    ns: Option<&str>,
+    want: &str,
+    timeout: Duration,
+    agent: &Agent,
+) {
+    let start = std::time::Instant::now();
+    loop {
+        let s = state(c, kind, name, ns);
+        if s == want {
+            return;
+        }
+        if start.elapsed() > timeout {
+            panic!("{kind}/{name} is {s:?}, not {want:?}, after {timeout:?}; agent log:\n{}", agent.log());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
