@@ -551,7 +551,11 @@ fn a_sleeping_namespace_is_woken_by_200_requests_to_its_app_once_and_its_service
     wait_until("dormant's slice to go", Duration::from_secs(30), || {
         endpoints(c, &ns, "web").iter().all(|(_, by)| by != "dormant.dev")
     });
-    assert_eq!(endpoints(c, &ns, "web").len(), 2);
+    // The EndpointSlice controller lists both pods once it has caught up
+    // with their readiness (it may trail the Deployment's count).
+    wait_until("the app's own slice to list both pods", Duration::from_secs(30), || {
+        endpoints(c, &ns, "web").len() == 2
+    });
     assert_eq!(service(c, &ns), before);
 }
 
