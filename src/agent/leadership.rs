@@ -7,9 +7,12 @@
 //! renewals fail and it retries, still saying "leader", while the Lease
 //! runs out; when the API server comes back a standby may take the Lease
 //! at once, and both would act until the manager's next read. Here the
-//! Lease is read every fifth of its duration, and leadership ends by this
-//! replica's own clock when the last renewal it saw runs out (a second
-//! early): the leader stops acting before anyone else can start.
+//! Lease is read every fifth of its duration. While the reads answer, the
+//! Lease as read decides (held by this replica or not: the manager renews
+//! it, and its renewal time may trail a read by up to the manager's grace
+//! period). Once they fail, leadership ends by this replica's own clock
+//! when the last renewal it saw runs out (a second early): the leader
+//! stops acting before anyone else can start.
 
 use std::time::Duration;
 
@@ -43,6 +46,18 @@ pub fn held_until(lease: &Lease, identity: &str, duration: Duration, now: Instan
     Some(now + left)
 }
 
+/// Whether the controller acts: the manager says it leads, and the Lease
+/// was just read held by this replica (`read`: `Some(held by us)`), or,
+/// when it could not be read (`None`), the last renewal seen has not run
+/// out (`held`).
+pub fn acting(leading: bool, read: Option<bool>, held: Option<Instant>, now: Instant) -> bool {
+    leading
+        && match read {
+            Some(ours) => ours,
+            None => held.is_some_and(|until| now < until),
+        }
+}
+
 /// Forwards `manager`'s leadership to the returned receiver, but says
 /// `false` whenever the Lease was not seen held by this replica within its
 /// duration. Ends when every receiver is gone (dropping `manager`, so the
@@ -65,9 +80,16 @@ pub fn guard(client: Client, lease: LeaseSpec, mut manager: watch::Receiver<bool
                 _ = tick.tick() => {}
             }
             let leading = *manager.borrow_and_update();
+            let mut read = None;
             if leading {
                 match tokio::time::timeout(every, api.get(&lease.name)).await {
-                    Ok(Ok(l)) => held = held_until(&l, &lease.identity, lease.duration, Instant::now()),
+                    Ok(Ok(l)) => {
+                        read = Some(
+                            l.spec.as_ref().and_then(|s| s.holder_identity.as_deref())
+                                == Some(&*lease.identity),
+                        );
+                        held = held_until(&l, &lease.identity, lease.duration, Instant::now());
+                    }
                     // Unreachable: what was seen last still holds, until it runs out.
                     Ok(Err(e)) => {
                         tracing::debug!(error = %crate::error::Chain(&e), "reading the Lease failed")
@@ -77,7 +99,7 @@ pub fn guard(client: Client, lease: LeaseSpec, mut manager: watch::Receiver<bool
             } else {
                 held = None;
             }
-            let acting = leading && held.is_some_and(|until| Instant::now() < until);
+            let acting = acting(leading, read, held, Instant::now());
             if leading && !acting && *tx.borrow() {
                 tracing::warn!(
                     lease = %lease.name,
@@ -121,5 +143,21 @@ mod tests {
         assert_eq!(held_until(&lease("b", Duration::ZERO), "a", d, now), None, "someone else's");
         assert_eq!(held_until(&lease("a", Duration::from_secs(20)), "a", d, now), None, "ran out");
         assert_eq!(held_until(&Lease::default(), "a", d, now), None, "says nothing");
+    }
+
+    #[test]
+    fn a_readable_lease_decides_and_an_unreadable_one_runs_out_by_the_clock() {
+        let now = Instant::now();
+        let later = Some(now + Duration::from_secs(1));
+        let passed = Some(now - Duration::from_millis(1));
+        // Read: whose it is, whatever its renewal time says.
+        assert!(acting(true, Some(true), passed, now));
+        assert!(!acting(true, Some(false), later, now));
+        // Not read: until the last renewal seen runs out.
+        assert!(acting(true, None, later, now));
+        assert!(!acting(true, None, passed, now));
+        assert!(!acting(true, None, None, now));
+        // The manager's word first.
+        assert!(!acting(false, Some(true), later, now));
     }
 }
