@@ -13,6 +13,7 @@
 
 pub mod audit;
 pub mod bench;
+pub mod kubelet;
 pub mod netns;
 pub mod pki;
 pub mod process;

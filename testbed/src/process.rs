@@ -135,10 +135,15 @@ pub fn free_port() -> Result<u16> {
 /// A plain-HTTP GET of `path` on 127.0.0.1:`port`: the whole answer
 /// (status line, headers, body), or None when nothing answered.
 pub fn http_get(port: u16, path: &str) -> Option<String> {
+    http_get_at("127.0.0.1", port, path)
+}
+
+/// [`http_get`] on `host` (an address) instead of 127.0.0.1.
+pub fn http_get_at(host: &str, port: u16, path: &str) -> Option<String> {
     use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    let mut stream = std::net::TcpStream::connect((host, port)).ok()?;
     let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes()).ok()?;
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes()).ok()?;
     let mut buf = String::new();
     let _ = stream.read_to_string(&mut buf);
     Some(buf)
@@ -146,14 +151,25 @@ pub fn http_get(port: u16, path: &str) -> Option<String> {
 
 /// The body of [`http_get`]'s answer (empty when nothing answered).
 pub fn http_body(port: u16, path: &str) -> String {
-    http_get(port, path)
+    http_body_at("127.0.0.1", port, path)
+}
+
+/// [`http_body`] on `host` instead of 127.0.0.1.
+pub fn http_body_at(host: &str, port: u16, path: &str) -> String {
+    http_get_at(host, port, path)
         .and_then(|a| a.split_once("\r\n\r\n").map(|(_, b)| b.to_string()))
         .unwrap_or_default()
 }
 
 /// True when a plain-HTTP GET of `path` on 127.0.0.1:`port` answers 200.
 pub fn http_ok(port: u16, path: &str) -> bool {
-    http_get(port, path).is_some_and(|a| a.starts_with("HTTP/1.0 200") || a.starts_with("HTTP/1.1 200"))
+    http_ok_at("127.0.0.1", port, path)
+}
+
+/// [`http_ok`] on `host` instead of 127.0.0.1.
+pub fn http_ok_at(host: &str, port: u16, path: &str) -> bool {
+    http_get_at(host, port, path)
+        .is_some_and(|a| a.starts_with("HTTP/1.0 200") || a.starts_with("HTTP/1.1 200"))
 }
 
 /// One TCP socket a process holds, as `/proc/net/tcp{,6}` shows it (what

@@ -798,7 +798,7 @@ fn mount_script(mounts: &[Mount], kine: &Path, vcluster: &Path) -> String {
 }
 
 /// A pod field as the downward API gives it.
-fn field(pod: &Pod, path: &str) -> Result<String> {
+pub(crate) fn field(pod: &Pod, path: &str) -> Result<String> {
     let status = pod.status.as_ref();
     let spec = pod.spec.as_ref();
     let v = match path {
