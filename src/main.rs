@@ -66,8 +66,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Ui { no_open, conn } => remote::ui(&conn, !no_open, &mut out).await?,
-        Command::Restore { all: _, target } => {
+        Command::Restore { all: _, target, stop_agent, lease_name } => {
             let client = dormant::client::client().await?;
+            if let Some(deployment) = &stop_agent {
+                let timeout = std::time::Duration::from_secs(120);
+                dormant::cli::restore::stop_agent(&client, deployment, &lease_name, timeout).await?;
+                println!("agent {deployment} stopped");
+            }
             let mut text = String::new();
             let done = dormant::cli::restore::restore(&client, target.as_ref(), &mut text).await?;
             print!("{text}");

@@ -18,9 +18,10 @@ use std::time::Duration;
 use base64::Engine as _;
 use serde_json::Value;
 use support::*;
-use testbed::process::{Proc, free_port, http_ok};
+use testbed::kubelet::{Kubelet, PodView};
+use testbed::process::{free_port, http_ok};
 use testbed::vcluster::{VCluster, VClusterOptions};
-use testbed::{AuditWebhook, Cluster, ClusterOptions};
+use testbed::{AuditWebhook, Bins, Cluster, ClusterOptions};
 
 /// The chart tests' cluster: its API server keeps an audit log, so what
 /// dormant's ServiceAccount did can be read back.
@@ -117,10 +118,13 @@ fn the_chart_lints_and_renders_with_defaults_and_with_every_option_on() {
         "Deployment",
         "Job",
         "PodDisruptionBudget",
-        // Leader election, reading the client CA, reading where the API is.
+        // Leader election, reading the client CA, reading where the API
+        // is, and the uninstall hook's scaling of the agent to zero.
         "Role",
         "Role",
         "Role",
+        "Role",
+        "RoleBinding",
         "RoleBinding",
         "RoleBinding",
         "RoleBinding",
@@ -149,9 +153,20 @@ fn the_chart_lints_and_renders_with_defaults_and_with_every_option_on() {
         sa(hook),
         sa(agent)
     );
-    for want in ["helm.sh/hook: pre-delete", "args: [restore, --all]"] {
+    for want in ["helm.sh/hook: pre-delete", "- restore\n        - --all\n        - --stop-agent="] {
         assert!(hook.contains(want), "the restore hook lacks {want:?}:\n{hook}");
     }
+    // Only the hook may scale the agent to zero, and only its Deployment.
+    let role = defaults
+        .split("\n---")
+        .find(|d| d.contains("kind: Role\n") && d.contains("helm.sh/hook: pre-delete"))
+        .expect("the hook's Role");
+    assert!(
+        role.contains("resources: [deployments/scale]")
+            && role.contains("resourceNames: [d-dormant]")
+            && role.contains("verbs: [patch]"),
+        "{role}"
+    );
     assert!(!kinds(&render(c, &["--set", "uninstall.restore=false"])).iter().any(|k| k == "Job"));
     let everything = render(c, &["-f", all]);
     for k in ["Certificate", "ServiceMonitor", "PrometheusRule", "NetworkPolicy"] {
@@ -523,22 +538,28 @@ fn used_by(c: &Cluster, user: &str) -> Vec<Used> {
     out
 }
 
-/// The chart installed as release `<id>` in `<id>-system`, and what the
-/// agent needs to run as its pods would: the ServiceAccount's token, the
-/// TLS and token files the pods mount, the Deployment's arguments.
+/// The chart installed as release `<id>` in `<id>-system`, its pods run
+/// by a kubelet of its own (the testbed's: each container a local process
+/// from the pod's spec, with its mounted Secrets and its ServiceAccount's
+/// token), and what the tests check it with.
 struct Release {
     id: String,
     ns: String,
     fullname: String,
     /// `system:serviceaccount:<ns>:<fullname>`
     sa: String,
-    /// Files the pods would mount, and the ServiceAccount's kubeconfig.
+    /// The chart's CA and certificate, and a kubeconfig of the
+    /// ServiceAccount for kubectl.
     dir: PathBuf,
     kubeconfig: PathBuf,
     ca_pem: String,
     /// Path → token, from the chart's token Secret.
     tokens: BTreeMap<String, String>,
     args: Vec<String>,
+    /// The release's ports (admin, proxy, audit): the kubelet's pods share
+    /// the host's network, so each release listens on its own.
+    ports: (u16, u16, u16),
+    kubelet: Kubelet,
 }
 
 fn install(c: &Cluster, id: &str, values: &str) -> Release {
@@ -550,8 +571,13 @@ fn install(c: &Cluster, id: &str, values: &str) -> Release {
     let ns = format!("{id}-system");
     let dir = c.dir.join(id);
     std::fs::create_dir_all(&dir).unwrap();
+    let kubelet =
+        Kubelet::start(c, &format!("{id}-node"), &[("ghcr.io/dormant-dev/dormant", &dormant_bin())]).unwrap();
     let values_file = dir.join("values.yaml");
     std::fs::write(&values_file, values).unwrap();
+    let node_file = dir.join("node.yaml");
+    std::fs::write(&node_file, kubelet.helm_values()).unwrap();
+    let ports = (free_port().unwrap(), free_port().unwrap(), free_port().unwrap());
     let chart = chart();
     let (ok, out) = helm(
         c,
@@ -564,16 +590,28 @@ fn install(c: &Cluster, id: &str, values: &str) -> Release {
             "--create-namespace",
             "--wait",
             "--timeout",
-            "120s",
+            "180s",
             "-f",
             values_file.to_str().unwrap(),
+            "-f",
+            node_file.to_str().unwrap(),
             // Where the API is published is one ConfigMap per cluster: a
             // name of its own beside the other tests' releases.
             "--set",
             &format!("api.discovery.name={id}-api"),
+            "--set",
+            &format!("admin.port={},proxy.port={},audit.port={}", ports.0, ports.1, ports.2),
+            // One pod: a standby would listen on the leader's ports.
+            "--set",
+            "replicaCount=1",
         ],
     );
-    assert!(ok, "{out}");
+    let pods = kubelet.pods();
+    assert!(
+        ok,
+        "{out}\npods: {pods:#?}\n{}",
+        pods.values().map(|p| p.tail(30)).collect::<Vec<_>>().join("\n")
+    );
     let fullname = format!("{id}-dormant");
     let sa = format!("system:serviceaccount:{ns}:{fullname}");
     let secret = |name: &str, key: &str| {
@@ -593,14 +631,7 @@ fn install(c: &Cluster, id: &str, values: &str) -> Release {
     for key in ["tls.crt", "tls.key", "ca.crt"] {
         std::fs::write(dir.join(key), secret(&format!("{fullname}-tls"), key)).unwrap();
     }
-    std::fs::write(dir.join("api-session-key"), secret(&format!("{fullname}-api-session"), "key")).unwrap();
     let token_file = secret(&format!("{fullname}-audit-token"), "tokens");
-    // Laid out as the kubelet mounts a Secret: the file is a link into a
-    // directory that a change replaces (see `remount_tokens`).
-    std::fs::create_dir_all(dir.join("..data-0")).unwrap();
-    std::fs::write(dir.join("..data-0/tokens"), &token_file).unwrap();
-    std::os::unix::fs::symlink("..data-0", dir.join("..data")).unwrap();
-    std::os::unix::fs::symlink("..data/tokens", dir.join("tokens")).unwrap();
     let tokens = token_file
         .lines()
         .map(|l| {
@@ -634,71 +665,82 @@ fn install(c: &Cluster, id: &str, values: &str) -> Release {
     );
     let args: Vec<String> = serde_json::from_str(&args).unwrap();
     let ca_pem = std::fs::read_to_string(dir.join("ca.crt")).unwrap();
-    Release { id: id.into(), ns, fullname, sa, dir, kubeconfig, ca_pem, tokens, args }
+    Release { id: id.into(), ns, fullname, sa, dir, kubeconfig, ca_pem, tokens, args, ports, kubelet }
 }
 
-/// Changes the mounted token file as the kubelet does when the Secret
-/// changes: the new content in a new directory, then one link swapped.
-fn remount_tokens(r: &Release, content: &str) {
-    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
-    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let data = format!("..data-{n}");
-    std::fs::create_dir_all(r.dir.join(&data)).unwrap();
-    std::fs::write(r.dir.join(&data).join("tokens"), content).unwrap();
-    std::os::unix::fs::symlink(&data, r.dir.join("..data_tmp")).unwrap();
-    std::fs::rename(r.dir.join("..data_tmp"), r.dir.join("..data")).unwrap();
-}
-
-/// The agent as the chart's pods run it (the Deployment's arguments, its
-/// ServiceAccount's token, its mounted files), out of cluster: listening
-/// on loopback ports instead of the pod's IP.
+/// The chart's agent pod, running (from its rendered spec, on the
+/// release's kubelet) and Ready by its own readiness probe.
 struct RunningAgent {
-    proc: Proc,
+    /// `namespace/name` of its pod.
+    pod: String,
+    ip: String,
     admin: u16,
     proxy: u16,
     audit: u16,
 }
 
-fn start_agent(c: &Cluster, r: &Release, ports: (u16, u16, u16)) -> RunningAgent {
-    let (admin, proxy, audit) = ports;
-    let dir = r.dir.display().to_string();
-    let mut args: Vec<String> = r
-        .args
-        .iter()
-        .map(|a| {
-            let a = a
-                .replace("/etc/dormant/tls", &dir)
-                .replace("/etc/dormant/audit/tokens", &format!("{dir}/tokens"))
-                .replace("/etc/dormant/api-session/key", &format!("{dir}/api-session-key"));
-            if a.starts_with("--admin-addr=") {
-                assert_eq!(
-                    a, "--admin-addr=$(POD_IP):9090",
-                    "the chart binds the admin port to the pod's IP"
-                );
-                format!("--admin-addr=127.0.0.1:{admin}")
-            } else if a.starts_with("--proxy-addr=") {
-                format!("--proxy-addr=127.0.0.1:{proxy}")
-            } else if a.starts_with("--audit-addr=") {
-                format!("--audit-addr=127.0.0.1:{audit}")
-            } else {
-                a
-            }
-        })
-        .collect();
-    args.push(format!("--identity={}-agent", r.id));
-    let env = vec![
-        ("KUBECONFIG".to_string(), r.kubeconfig.display().to_string()),
-        ("RUST_LOG".to_string(), "info,kube_lease_manager=warn".to_string()),
-    ];
-    let mut proc =
-        testbed::spawner::spawn_with_env(&format!("dormant-{}", r.id), &dormant_bin(), &args, &env, &c.dir)
-            .unwrap();
-    proc.wait_ready(Duration::from_secs(60), || http_ok(admin, "/readyz")).unwrap();
-    RunningAgent { proc, admin, proxy, audit }
+impl RunningAgent {
+    fn tail(&self, r: &Release) -> String {
+        r.kubelet.pods().get(&self.pod).map(|p| p.tail(40)).unwrap_or_default()
+    }
+}
+
+/// The pods of the chart's Deployment that the kubelet runs.
+fn agent_pods(r: &Release) -> Vec<(String, PodView)> {
+    let prefix = format!("{}/{}-", r.ns, r.fullname);
+    r.kubelet
+        .pods()
+        .into_iter()
+        .filter(|(k, p)| k.starts_with(&prefix) && !k.contains("-restore-") && p.phase == "Running")
+        .collect()
+}
+
+/// Scales the chart's Deployment to `replicas` and waits for its pods to
+/// follow: the one pod Ready, or every process ended and its pod gone.
+fn scale_agent(c: &Cluster, r: &Release, replicas: u32) -> Option<RunningAgent> {
+    kubectl(c, &["scale", "deployment", &r.fullname, "-n", &r.ns, &format!("--replicas={replicas}")]);
+    wait_until("the agent's pods to follow its scale", Duration::from_secs(120), || {
+        let pods = agent_pods(r);
+        let listed = kubectl(c, &["get", "pods", "-n", &r.ns, "-o", "name"]);
+        let listed = listed
+            .lines()
+            .filter(|l| l.starts_with(&format!("pod/{}-", r.fullname)))
+            .filter(|l| !l.contains("-restore-"))
+            .count();
+        pods.len() == replicas as usize && listed == replicas as usize && pods.iter().all(|(_, p)| p.ready)
+    });
+    (replicas > 0).then(|| running_agent(r))
+}
+
+/// The running agent: its pod's IP, where its admin port listens (that IP
+/// only: the chart binds it to `$(POD_IP)`, and the port has no
+/// authentication).
+fn running_agent(r: &Release) -> RunningAgent {
+    let pods = agent_pods(r);
+    assert_eq!(pods.len(), 1, "one agent pod: {pods:#?}");
+    let (pod, view) = pods.into_iter().next().unwrap();
+    assert!(view.ready && view.probes_passed > 0, "Ready by its own probe: {view:#?}");
+    let (admin, proxy, audit) = r.ports;
+    assert!(testbed::process::http_ok_at(&view.ip, admin, "/readyz"), "{}", view.tail(30));
+    assert!(!http_ok(admin, "/readyz"), "the admin port listens beyond the pod's IP");
+    RunningAgent { pod, ip: view.ip, admin, proxy, audit }
+}
+
+/// The chart's audit token Secret's `tokens`, after setting it to `set`.
+fn tokens_secret(c: &Cluster, r: &Release, set: Option<&str>) -> String {
+    let name = format!("{}-audit-token", r.fullname);
+    if let Some(content) = set {
+        let patch = serde_json::json!({"stringData": {"tokens": content}}).to_string();
+        kubectl(c, &["patch", "secret", &name, "-n", &r.ns, "--type=merge", "-p", &patch]);
+    }
+    kubectl(
+        c,
+        &["get", "secret", &name, "-n", &r.ns, "-o", "go-template={{index .data \"tokens\" | base64decode}}"],
+    )
 }
 
 fn metric(agent: &RunningAgent, line_start: &str) -> f64 {
-    testbed::process::http_body(agent.admin, "/metrics")
+    testbed::process::http_body_at(&agent.ip, agent.admin, "/metrics")
         .lines()
         .find(|l| l.starts_with(line_start))
         .and_then(|l| l.rsplit(' ').next())
@@ -842,7 +884,6 @@ spec:
         ),
     )
     .unwrap();
-    let ports = (free_port().unwrap(), free_port().unwrap(), free_port().unwrap());
     let vc = VCluster::create(
         c,
         ns,
@@ -850,7 +891,7 @@ spec:
         VClusterOptions {
             pods: 1,
             audit: Some(AuditWebhook {
-                url: format!("https://localhost:{}/audit/vcluster/{ns}/vc", ports.2),
+                url: format!("https://localhost:{}/audit/vcluster/{ns}/vc", r.ports.2),
                 ca_pem: r.ca_pem.clone(),
                 token: r.tokens[&format!("/audit/vcluster/{ns}/vc")].clone(),
                 batch_max_wait: Duration::from_secs(1),
@@ -865,8 +906,8 @@ spec:
             && ready_pods(c, ns, "app=db") == 1
             && ready_pods(c, ns, "app=rs") == 1
     });
-    let mut agent = start_agent(c, r, ports);
-    let tail = |agent: &RunningAgent| agent.proc.tail(40);
+    let agent = running_agent(r);
+    let tail = |agent: &RunningAgent| agent.tail(r);
     meanwhile(&agent);
 
     // The agent's API, with the chart's RBAC: someone with `view` here and
@@ -1036,7 +1077,7 @@ spec:
     wait_until("the policy status", Duration::from_secs(30), || {
         jsonpath(c, "sleeppolicy", id, None, "{.status.conditions[?(@.type==\"Valid\")].status}") == "True"
     });
-    agent.proc.kill();
+    scale_agent(c, r, 0);
     drop(vc);
 
     conflicting_writes_are_made_again_from_a_fresh_read(c, r, ns);
@@ -1322,8 +1363,50 @@ fn in_namespaces_mode_dormant_does_everything_where_it_serves_and_nothing_anywhe
         &served,
         &other,
     );
+
+    // helm uninstall leaves nothing asleep: its pre-delete hook runs
+    // `dormant restore --all` once, as a Job under the chart's
+    // ServiceAccount, while the agent still runs.
+    scale_agent(c, &r, 1);
+    // The conflict test left a use dated 2030 (read as now, for ever).
+    kubectl(c, &["annotate", "namespace", &served, "dormant.dev/last-activity-"]);
+    let out = dormant(c, &["sleep", &format!("namespace/{served}"), "--wait=60s"]);
+    assert!(
+        out.status.success(),
+        "{}\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&dormant(c, &["explain", &format!("namespace/{served}")]).stdout),
+        kubectl(c, &["get", "namespace", &served, "-o", "jsonpath={.metadata.annotations}"]),
+    );
+    for (kind, name, slept) in
+        [("deployment", "web", "0"), ("statefulset", "db", "0"), ("replicaset", "rs", "0")]
+    {
+        assert_eq!(jsonpath(c, kind, name, Some(&served), "{.spec.replicas}"), slept, "{kind}/{name}");
+    }
     let (ok, out) = helm(c, &["uninstall", &id, "-n", &r.ns, "--wait"]);
     assert!(ok, "{out}");
+    let restores: Vec<PodView> = r
+        .kubelet
+        .pods()
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(&format!("{}/{}-restore-", r.ns, r.fullname)))
+        .map(|(_, p)| p)
+        .collect();
+    assert_eq!(restores.len(), 1, "the restore runs once: {restores:#?}");
+    let log = restores[0].tail(50);
+    assert_eq!(restores[0].phase, "Succeeded", "{log}");
+    assert!(log.contains("Deployment/web 0 → 2"), "{log}");
+    assert_eq!(jsonpath(c, "deployment", "web", Some(&served), "{.spec.replicas}"), "2");
+    assert_eq!(jsonpath(c, "statefulset", "db", Some(&served), "{.spec.replicas}"), "1");
+    assert_eq!(jsonpath(c, "replicaset", "rs", Some(&served), "{.spec.replicas}"), "1");
+    assert_eq!(jsonpath(c, "cronjob", "nightly", Some(&served), "{.spec.suspend}"), "false");
+    assert_eq!(jsonpath(c, "job", "backfill", Some(&served), "{.spec.suspend}"), "true", "its own suspend");
+    assert_eq!(
+        annotation(c, "scaledobject", "web", Some(&served), "autoscaling.keda.sh/paused-replicas"),
+        ""
+    );
+    assert_eq!(state(c, "namespace", &served, None), "awake");
+    assert_eq!(jsonpath(c, "deployment", "web", Some(&other), "{.spec.replicas}"), "1");
 }
 
 #[test]
@@ -1353,7 +1436,6 @@ fn in_cluster_mode_the_api_server_refuses_dormants_writes_where_it_never_acts() 
         ("secret", format!("{}-audit-token", r.fullname)),
         ("configmap", format!("{}-dashboard-savings", r.fullname)),
         ("role", format!("{}-leader", r.fullname)),
-        ("poddisruptionbudget", r.fullname.clone()),
     ] {
         assert!(c.kubectl_out(&c.admin, &["get", kind, &name, "-n", &r.ns]).is_ok(), "{kind}/{name} missing");
     }
@@ -1394,17 +1476,17 @@ fn in_cluster_mode_the_api_server_refuses_dormants_writes_where_it_never_acts() 
 
     everything_dormant_does(c, &r, &served, |agent| {
         // A token rotated in the Secret reaches the agent as a change of
-        // the mounted file: accepted without a restart (nothing on the pod
-        // template needs to change for it).
-        let file = std::fs::read_to_string(r.dir.join("tokens")).unwrap();
+        // the mounted file (the kubelet swaps it): accepted without a
+        // restart (nothing on the pod template needs to change for it).
+        let file = tokens_secret(c, &r, None);
         let old = &r.tokens["/audit/host"];
         let new = format!("rotated-{id}");
-        remount_tokens(&r, &file.replace(old.as_str(), &new));
+        tokens_secret(c, &r, Some(&file.replace(old.as_str(), &new)));
         let post =
             |token: &str| post_audit(&r, agent.audit, "/audit/host", token, &audit_batch(&plain, "ci-bot"));
         wait_until("the rotated token to be read", Duration::from_secs(30), || post(&new) == 200);
         assert_eq!(post(old), 401, "the token rotated out still works");
-        remount_tokens(&r, &file);
+        tokens_secret(c, &r, Some(&file));
         wait_until("the first token to be read again", Duration::from_secs(30), || post(old) == 200);
     });
 
@@ -1422,6 +1504,70 @@ fn in_cluster_mode_the_api_server_refuses_dormants_writes_where_it_never_acts() 
         &served,
         &plain,
     );
+
+    // helm upgrade with changed values while a namespace sleeps (the CRD
+    // applied first: Helm never upgrades crds/): the new pod runs with the
+    // new values, the namespace stays asleep with its records, and its
+    // wake brings back exactly what was there. (Scaled to zero first: the
+    // testbed's pods share one network, so the rolling update's new pod
+    // could not listen beside the old one.)
+    let agent = scale_agent(c, &r, 1).unwrap();
+    // The conflict test left a use dated 2030 (read as now, for ever).
+    kubectl(c, &["annotate", "namespace", &served, "dormant.dev/last-activity-"]);
+    let out = dormant(c, &["sleep", &format!("namespace/{served}"), "--wait=60s"]);
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), agent.tail(&r));
+    let asleep = |what: &str| {
+        assert_eq!(state(c, "namespace", &served, None), "asleep", "{what}");
+        assert_eq!(jsonpath(c, "deployment", "web", Some(&served), "{.spec.replicas}"), "0", "{what}");
+        assert_eq!(
+            annotation(c, "deployment", "web", Some(&served), "dormant.dev/replicas-before-sleep"),
+            "2",
+            "{what}"
+        );
+    };
+    asleep("before the upgrade");
+    scale_agent(c, &r, 0);
+    let crd = Bins::repo_root().join("charts/dormant/crds");
+    kubectl(c, &["apply", "--server-side", "-f", crd.to_str().unwrap()]);
+    let (ok, out) = helm(
+        c,
+        &[
+            "upgrade",
+            &id,
+            chart().to_str().unwrap(),
+            "-n",
+            &r.ns,
+            "--reuse-values",
+            "--wait",
+            "--timeout",
+            "180s",
+        ]
+        .into_iter()
+        .chain(["--set", "agent.defaultSleepAfter=2h"])
+        .collect::<Vec<_>>(),
+    );
+    assert!(ok, "{out}");
+    let args = kubectl(
+        c,
+        &[
+            "get",
+            "deployment",
+            &r.fullname,
+            "-n",
+            &r.ns,
+            "-o",
+            "jsonpath={.spec.template.spec.containers[0].args}",
+        ],
+    );
+    assert!(args.contains("--default-sleep-after=2h"), "{args}");
+    let agent = running_agent(&r);
+    asleep("after the upgrade");
+    let out = dormant(c, &["wake", &format!("namespace/{served}"), "--wait=90s"]);
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), agent.tail(&r));
+    assert_eq!(jsonpath(c, "deployment", "web", Some(&served), "{.spec.replicas}"), "2");
+    assert_eq!(jsonpath(c, "statefulset", "db", Some(&served), "{.spec.replicas}"), "1");
+    assert_eq!(jsonpath(c, "replicaset", "rs", Some(&served), "{.spec.replicas}"), "1");
+
     kubectl(c, &["delete", "deployment", &id, "-n", "kube-system"]);
     let (ok, out) = helm(c, &["uninstall", &id, "-n", &r.ns, "--wait"]);
     assert!(ok, "{out}");

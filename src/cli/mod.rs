@@ -96,6 +96,14 @@ pub enum Command {
         all: bool,
         /// One target instead.
         target: Option<TargetRef>,
+        /// First stop the agent: scale its Deployment (<namespace>/<name>)
+        /// to zero and wait for its Lease to be released, so that it does
+        /// not act beside the restore (the chart's pre-delete hook does).
+        #[arg(long, value_name = "NAMESPACE/DEPLOYMENT")]
+        stop_agent: Option<String>,
+        /// The agent's Lease, in the Deployment's namespace.
+        #[arg(long, default_value = "dormant-controller", requires = "stop_agent")]
+        lease_name: String,
     },
     /// Write a kubeconfig that reaches a vcluster through dormant's proxy
     /// (waking it on the first request) with the vcluster's own credentials.

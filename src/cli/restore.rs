@@ -21,6 +21,70 @@ use crate::scaler::{self, Scaler, SleepRecord};
 use crate::target::{Scope, TargetRef, stores};
 use crate::vocab;
 
+/// Stops the agent before a restore: scales its Deployment
+/// (`namespace/name`) to zero and waits until its Lease (`lease`, in the
+/// same namespace) is released or has run out, so no agent acts while the
+/// records are given back. An agent still running could be half way
+/// through putting a target to sleep, and would finish it after the
+/// restore (then be removed with the chart, leaving it asleep). Fails
+/// after `timeout`: restoring beside a running agent is what it avoids.
+pub async fn stop_agent(
+    client: &Client,
+    deployment: &str,
+    lease: &str,
+    timeout: std::time::Duration,
+) -> anyhow::Result<()> {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::coordination::v1::Lease;
+    use kube::api::{Api, Patch, PatchParams};
+    let (ns, name) = deployment
+        .split_once('/')
+        .filter(|(ns, name)| !ns.is_empty() && !name.is_empty())
+        .with_context(|| format!("--stop-agent {deployment:?}: expected <namespace>/<deployment>"))?;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    let scale = serde_json::json!({"spec": {"replicas": 0}});
+    match deployments.patch_scale(name, &PatchParams::default(), &Patch::Merge(&scale)).await {
+        Ok(_) => {}
+        // Gone already: nothing of it runs for long.
+        Err(kube::Error::Api(e)) if e.code == 404 => {}
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("failed to scale the agent's Deployment {ns}/{name} to zero"));
+        }
+    }
+    let leases: Api<Lease> = Api::namespaced(client.clone(), ns);
+    let started = tokio::time::Instant::now();
+    loop {
+        let held = match leases
+            .get_opt(lease)
+            .await
+            .with_context(|| format!("failed to read Lease {ns}/{lease}"))?
+        {
+            None => false,
+            Some(l) => l.spec.is_some_and(|s| {
+                let renewed = s
+                    .renew_time
+                    .as_ref()
+                    .or(s.acquire_time.as_ref())
+                    .and_then(|t| crate::target::to_chrono(&t.0));
+                let secs = i64::from(s.lease_duration_seconds.unwrap_or(15));
+                s.holder_identity.is_some_and(|h| !h.is_empty())
+                    && renewed.is_some_and(|at| at + chrono::Duration::seconds(secs) > chrono::Utc::now())
+            }),
+        };
+        if !held {
+            return Ok(());
+        }
+        if started.elapsed() > timeout {
+            anyhow::bail!(
+                "the agent still holds Lease {ns}/{lease} {}s after its Deployment was scaled to zero; not restoring beside a running agent",
+                timeout.as_secs()
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
 /// What a restore did, for its exit code.
 #[derive(Debug, Default)]
 pub struct Restored {
@@ -94,6 +158,10 @@ pub async fn restore(
                     said.push(format!("{n} KEDA object(s) given back their pause"));
                 }
                 Ok(_) => {}
+                // dormant pauses only what it may read: where it may not
+                // list KEDA's objects (a namespace the chart does not grant
+                // it, in namespaces mode) no pause is its own.
+                Err(e) if e.read_forbidden() => {}
                 Err(e) => {
                     done.failed += 1;
                     said.push(format!("KEDA: {}", crate::error::chain(&e)));

@@ -75,6 +75,11 @@ pub enum Error {
 }
 
 impl Error {
+    /// A read the API server refused to dormant's own identity (403).
+    pub fn read_forbidden(&self) -> bool {
+        matches!(self, Error::List { source: kube::Error::Api(s), .. } if s.code == 403)
+    }
+
     /// Short, stable category for metrics and Event reasons.
     pub fn category(&self) -> &'static str {
         match self {
