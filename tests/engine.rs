@@ -588,6 +588,41 @@ fn sigkill_at_random_moments_of_sleep_and_wake_never_loses_a_replica_count_or_a_
             &format!("argocd.argoproj.io/tracking-id=crash-app:apps/Deployment:{ns}/d6"),
         ],
     );
+    // d3 is scaled by KEDA, paused while it sleeps.
+    let crd = testbed::Bins::keda_crd().unwrap();
+    kubectl(c, &["apply", "--server-side", "-f", &crd.display().to_string()]);
+    c.wait_established("scaledobjects.keda.sh").unwrap();
+    c.kubectl_apply(
+        &c.admin,
+        &format!(
+            "apiVersion: keda.sh/v1alpha1\nkind: ScaledObject\nmetadata: {{name: d3, namespace: {ns}}}\nspec:\n  scaleTargetRef: {{name: d3}}\n  triggers: [{{type: cron, metadata: {{timezone: UTC, start: \"0 8 * * *\", end: \"0 18 * * *\", desiredReplicas: \"3\"}}}}]\n"
+        ),
+    )
+    .unwrap();
+    // KEDA's pause and dormant's record of what it was are one patch.
+    let keda = || {
+        (
+            annotation(c, "scaledobject", "d3", Some(&ns), "autoscaling.keda.sh/paused-replicas"),
+            annotation(c, "scaledobject", "d3", Some(&ns), "dormant.dev/keda-paused-replicas-before-sleep"),
+        )
+    };
+    // A vcluster, put to sleep and woken in the same rounds: its control
+    // plane is at 1 without a record, or at 0 with the record "1".
+    let vc_ns = c.namespace("crash-vc", &[("dormant-test", &id)]).unwrap();
+    let vc = VCluster::create(
+        c,
+        &vc_ns,
+        "vc",
+        VClusterOptions {
+            pods: 1,
+            annotations: vec![("dormant.dev/sleep-after".into(), "1h".into())],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    vc.wait_serving(c, Duration::from_secs(60)).unwrap();
+    let vc_target = format!("vcluster/{vc_ns}/vc");
+    let control_plane = || snapshot(c, &vc_ns).remove("statefulset/vc").unwrap_or_default();
     let argocd_flag = format!("--argocd-namespace={argocd}");
     let application = || {
         (
@@ -632,6 +667,8 @@ fn sigkill_at_random_moments_of_sleep_and_wake_never_loses_a_replica_count_or_a_
         .map(|(kind, name, original)| (format!("{kind}/{name}"), (original.clone(), String::new())))
         .collect();
     let mut kills_mid_change = 0;
+    let mut kills_mid_vcluster = 0;
+    let mut kills_keda_paused = 0;
     for round in 0..rounds {
         let verb = if round % 2 == 0 { "sleep" } else { "wake" };
         let done = if verb == "sleep" { &asleep } else { &awake };
@@ -645,19 +682,39 @@ fn sigkill_at_random_moments_of_sleep_and_wake_never_loses_a_replica_count_or_a_
             "crash-1",
             &["--qps=2", "--burst=1", "--pause-argocd-applications", &argocd_flag],
         );
-        let out = dormant(c, &[verb, &target]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        for t in [&target, &vc_target] {
+            let out = dormant(c, &[verb, t]);
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        }
         // The kill is aimed into that window: once the first change is
-        // seen, at a random moment up to a second later (and anywhere, if
-        // there was nothing to change).
+        // seen, at a random moment up to four seconds later (the last
+        // steps, KEDA's pause or its end, come after every workload at
+        // two requests a second), and anywhere if there was nothing to
+        // change.
         let started = std::time::Instant::now();
         while &before != done && snapshot(c, &ns) == before && started.elapsed() < Duration::from_secs(30) {
             std::thread::sleep(Duration::from_millis(50));
         }
-        std::thread::sleep(Duration::from_millis(next() % 1000));
+        std::thread::sleep(Duration::from_millis(next() % 4000));
         agent.kill();
         let after = snapshot(c, &ns);
         assert_eq!(after.len(), originals.len(), "round {round}: {after:?}");
+        let so = keda();
+        if !so.0.is_empty() {
+            kills_keda_paused += 1;
+        }
+        assert!(
+            so == (String::new(), String::new()) || so == ("0".into(), "none".into()),
+            "round {round} (seed {seed}): KEDA's (pause, record of it) is {so:?}"
+        );
+        let cp = control_plane();
+        assert!(
+            cp == ("1".into(), String::new()) || cp == ("0".into(), "1".into()),
+            "round {round} (seed {seed}): the vcluster's control plane at {cp:?}"
+        );
+        if matches!(state(c, "statefulset", "vc", Some(&vc_ns)).as_str(), "sleeping" | "waking") {
+            kills_mid_vcluster += 1;
+        }
         // A workload Flux manages is marked exactly while it has a record:
         // the mark and the scaling are one patch.
         let marks = flux_snapshot(c, &ns);
@@ -710,15 +767,19 @@ fn sigkill_at_random_moments_of_sleep_and_wake_never_loses_a_replica_count_or_a_
         }
     }
     eprintln!(
-        "{rounds} kills (seed {seed}); {kills_mid_change} landed after a round's first change and before its last"
+        "{rounds} kills (seed {seed}); {kills_mid_change} landed after a round's first change and before its last; {kills_mid_vcluster} while the vcluster was between asleep and awake; {kills_keda_paused} with KEDA paused"
     );
     // A test of kills mid-change in which none landed there proves nothing.
     assert!(
-        kills_mid_change >= 1,
-        "none of {rounds} kills landed mid-change (seed {seed}); raise DORMANT_SIGKILL_ROUNDS or slow the agent"
+        kills_mid_change >= 1 && kills_keda_paused >= 1,
+        "of {rounds} kills, {kills_mid_change} landed mid-change and {kills_keda_paused} with KEDA paused (seed {seed}); raise DORMANT_SIGKILL_ROUNDS or slow the agent"
     );
     // After the last restart, a wake brings everything back exactly.
     let agent = Agent::start(c, &id, &lease_ns, "crash-1", &["--pause-argocd-applications", &argocd_flag]);
+    let out = dormant(c, &["wake", &vc_target, "--wait=120s"]);
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), agent.log());
+    assert_eq!(control_plane(), ("1".into(), String::new()));
+    vc.wait_serving(c, Duration::from_secs(60)).unwrap();
     let out = dormant(c, &["wake", &target, "--wait=120s"]);
     assert!(
         out.status.success(),
@@ -746,6 +807,7 @@ fn sigkill_at_random_moments_of_sleep_and_wake_never_loses_a_replica_count_or_a_
         .collect();
     assert_eq!(flux_snapshot(c, &ns), expected);
     assert_eq!(application(), (String::new(), String::new()), "Argo CD's Application is given back");
+    assert_eq!(keda(), (String::new(), String::new()), "KEDA's ScaledObject is given back");
 }
 
 /// The Lease as the API server has it: (holder, acquireTime, renewTime,
