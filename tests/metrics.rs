@@ -129,29 +129,6 @@ fn referenced(q: &str) -> (Vec<String>, BTreeSet<String>) {
     (metrics, labels)
 }
 
-async fn post(port: u16, token: &str, body: String) -> u16 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut tls = tls_connect(port, &Cluster::shared().ca.cert_pem, None).await.unwrap();
-    let req = format!(
-        "POST /audit/host HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nAuthorization: Bearer {token}\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    tls.write_all(req.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    let read = tls.read_to_end(&mut out).await;
-    // An answer read to its end; a close without TLS close_notify after it
-    // is fine.
-    assert!(read.is_ok() || !out.is_empty(), "{read:?}");
-    String::from_utf8_lossy(&out).split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
-}
-
-fn event(ns: &str, user: &str) -> String {
-    format!(
-        r#"{{"auditID":"{user}-1","stage":"ResponseComplete","requestURI":"/api/v1/namespaces/{ns}/pods","verb":"list","user":{{"username":"{user}"}},"userAgent":"kubectl/v1.37.2","objectRef":{{"resource":"pods","namespace":"{ns}"}},"stageTimestamp":"{}"}}"#,
-        chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
-    )
-}
-
 #[test]
 fn after_a_sleep_and_wake_every_dashboard_metric_exists_with_its_labels_and_savings_add_up() {
     let c = Cluster::shared();
@@ -229,10 +206,10 @@ spec:
     let rt = tokio::runtime::Runtime::new().unwrap();
     let batch = format!(
         r#"{{"kind":"EventList","apiVersion":"audit.k8s.io/v1","items":[{},{}]}}"#,
-        event(&ns, "mallory"),
-        event(&ns, "system:kube-scheduler")
+        audit_event(&ns, "mallory"),
+        audit_event(&ns, "system:kube-scheduler")
     );
-    assert_eq!(rt.block_on(post(audit_port, "metrics-token", batch)), 200);
+    assert_eq!(rt.block_on(post_audit_host(audit_port, "metrics-token", batch)), 200);
     let nowhere = std::process::Command::new(c.bins.path("kubectl"))
         .args([
             "--server",

@@ -34,18 +34,24 @@ fn replica_counts(c: &Cluster, ns: &str) -> BTreeMap<String, String> {
 /// kube-apiserver is SIGKILLed while 20 requests wait in the proxy's wake
 /// gate for a vcluster and a namespace's sleep is half done, and comes back
 /// once the leader's Lease (4 s) has run out: the leader stops acting
-/// before that, by its own clock, and a replica leads again after. Every held request gets the vcluster's answer (the
-/// wake is asked for again once the API server is back), never a dropped
-/// connection nor an error; a request for another sleeping vcluster while
-/// it is down, whose Secret was never read, is told to retry (503,
-/// `Retry-After`) and wakes nothing; the agent finishes the sleep by
-/// itself, and the wake restores every replica count exactly.
+/// before that, by its own clock, and a replica leads again after. Every
+/// held request gets the vcluster's answer (the wake is asked for again
+/// once the API server is back), never a dropped connection nor an error;
+/// a request for another sleeping vcluster while it is down, whose Secret
+/// was never read, is told to retry (503, `Retry-After`) and wakes
+/// nothing; the audit webhook takes a report while it is down and the use
+/// is written once it is back; the agent finishes the sleep by itself, and
+/// the wake restores every replica count exactly.
 #[test]
 fn a_restarting_api_server_loses_no_held_request_and_no_replica_count() {
     let c = Cluster::shared();
     let id = test_id("restart");
     let ns = c.namespace("restart-app", &[("dormant-test", &id)]).unwrap();
     let vc_ns = c.namespace("restart-vc", &[("dormant-test", &id)]).unwrap();
+    // Awake, and used while the API server is down (reported to the
+    // webhook, written once it is back).
+    let used = c.namespace("restart-used", &[("dormant-test", &id)]).unwrap();
+    kubectl(c, &["annotate", "namespace", &used, "dormant.dev/sleep-after=1h"]);
     let mut yaml = String::new();
     for i in 1..=8 {
         yaml.push_str(&deployment_yaml(&ns, &format!("app{i}"), i));
@@ -77,7 +83,14 @@ fn a_restarting_api_server_loses_no_held_request_and_no_replica_count() {
     .unwrap();
     ops.wait_serving(c, Duration::from_secs(60)).unwrap();
     let port = testbed::process::free_port().unwrap();
+    let audit_port = testbed::process::free_port().unwrap();
+    let token_file = c.dir.join(format!("{id}-tokens"));
+    std::fs::write(&token_file, "restart-token /audit/host\n").unwrap();
     let flags = [
+        format!("--audit-addr=127.0.0.1:{audit_port}"),
+        format!("--audit-cert={}", c.dir.join("apiserver.crt").display()),
+        format!("--audit-key={}", c.dir.join("apiserver.key").display()),
+        format!("--audit-token-file={}", token_file.display()),
         format!("--proxy-addr=127.0.0.1:{port}"),
         format!("--proxy-cert={}", c.dir.join("apiserver.crt").display()),
         format!("--proxy-key={}", c.dir.join("apiserver.key").display()),
@@ -134,6 +147,12 @@ fn a_restarting_api_server_loses_no_held_request_and_no_replica_count() {
     let (code, raw) = rt.block_on(raw_request(&proxy, &ops_path, Some(&admin), &[]));
     assert!(code == 503 && raw.to_ascii_lowercase().contains("\r\nretry-after: 5"), "{raw}");
     assert!(raw.contains("did not answer dormant"), "{raw}");
+    // The webhook needs no API server to take a report.
+    let batch = format!(
+        r#"{{"kind":"EventList","apiVersion":"audit.k8s.io/v1","items":[{}]}}"#,
+        audit_event(&used, "during-the-outage")
+    );
+    assert_eq!(rt.block_on(post_audit_host(audit_port, "restart-token", batch)), 200);
     c.start_apiserver().unwrap();
     wait_until("a replica to lead again", Duration::from_secs(30), || {
         agent.get("/metrics").contains("dormant_leader 1")
@@ -164,6 +183,11 @@ fn a_restarting_api_server_loses_no_held_request_and_no_replica_count() {
     let (code, raw) = rt.block_on(raw_request(&proxy, &path, Some(&admin), &[]));
     assert_eq!(code, 200, "{raw}");
     wait_state(c, "statefulset", "dev", Some(&vc_ns), "awake", Duration::from_secs(60), &agent);
+    // The use reported during the outage is written, now that it can be.
+    wait_until("the use reported during the outage to be written", Duration::from_secs(60), || {
+        annotation(c, "namespace", &used, None, "dormant.dev/last-activity-by")
+            .starts_with("during-the-outage ")
+    });
     // The one refused during the outage was not woken.
     assert_eq!(jsonpath(c, "statefulset", "ops", Some(&vc_ns), "{.spec.replicas}"), "0");
     assert_eq!(state(c, "statefulset", "ops", Some(&vc_ns)), "asleep");

@@ -461,6 +461,33 @@ pub async fn raw_request(
     (code, text)
 }
 
+/// POSTs an audit batch to an agent's webhook at `/audit/host` on
+/// 127.0.0.1:`port` (served with the shared cluster's certificate) with
+/// bearer `token`; the HTTP status.
+pub async fn post_audit_host(port: u16, token: &str, body: String) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tls = tls_connect(port, &Cluster::shared().ca.cert_pem, None).await.unwrap();
+    let req = format!(
+        "POST /audit/host HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nAuthorization: Bearer {token}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    tls.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let read = tls.read_to_end(&mut out).await;
+    // An answer read to its end; a close without TLS close_notify after it
+    // is fine.
+    assert!(read.is_ok() || !out.is_empty(), "{read:?}");
+    String::from_utf8_lossy(&out).split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+/// One audit event: `user` listed the pods of `ns` with kubectl, now.
+pub fn audit_event(ns: &str, user: &str) -> String {
+    format!(
+        r#"{{"auditID":"{user}-1","stage":"ResponseComplete","requestURI":"/api/v1/namespaces/{ns}/pods","verb":"list","user":{{"username":"{user}"}},"userAgent":"kubectl/v1.37.2","objectRef":{{"resource":"pods","namespace":"{ns}"}},"stageTimestamp":"{}"}}"#,
+        chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+    )
+}
+
 /// Waits until the target's `dormant.dev/state` is `want`; on a timeout,
 /// fails with the agent's log.
 pub fn wait_state(
