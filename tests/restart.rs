@@ -60,28 +60,16 @@ fn a_restarting_api_server_loses_no_held_request_and_no_replica_count() {
     kubectl(c, &["annotate", "namespace", &ns, "dormant.dev/sleep-after=1h"]);
     let before = replica_counts(c, &ns);
     assert_eq!(before.len(), 8, "{before:?}");
-    let vc = VCluster::create(
-        c,
-        &vc_ns,
-        "dev",
-        VClusterOptions {
-            annotations: vec![("dormant.dev/sleep-after".into(), "1h".into())],
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    vc.wait_serving(c, Duration::from_secs(60)).unwrap();
-    let ops = VCluster::create(
-        c,
-        &vc_ns,
-        "ops",
-        VClusterOptions {
-            annotations: vec![("dormant.dev/sleep-after".into(), "1h".into())],
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    ops.wait_serving(c, Duration::from_secs(60)).unwrap();
+    // Two vclusters idle for an hour: one woken through the held requests,
+    // one asked for while the API server is down.
+    let vcluster = |name: &str| {
+        let annotations = vec![("dormant.dev/sleep-after".into(), "1h".into())];
+        let vc =
+            VCluster::create(c, &vc_ns, name, VClusterOptions { annotations, ..Default::default() }).unwrap();
+        vc.wait_serving(c, Duration::from_secs(60)).unwrap();
+        vc
+    };
+    let (vc, ops) = (vcluster("dev"), vcluster("ops"));
     let port = testbed::process::free_port().unwrap();
     let audit_port = testbed::process::free_port().unwrap();
     let token_file = c.dir.join(format!("{id}-tokens"));

@@ -57,10 +57,7 @@ pub async fn authenticate<S>(
 ) -> Result<Caller, ProxyError> {
     match conn.peer.as_deref().and_then(<[_]>::split_first) {
         Some((cert, intermediates)) => {
-            let up = upstreams.get(t).await.map_err(|e| match e.transient() {
-                true => ProxyError::ApiUnavailable(t.clone()),
-                false => ProxyError::Upstream(t.clone(), crate::error::chain(&e)),
-            })?;
+            let up = upstreams.get(t).await.map_err(|e| ProxyError::from_upstream(t, &e))?;
             if let Err(e) =
                 up.client_verifier.verify_client_cert(cert, intermediates, rustls_pki_types::UnixTime::now())
             {

@@ -48,6 +48,16 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
+    /// Why `t`'s upstream cannot be used: the API server did not answer
+    /// for its Secret (a retry may do), or the upstream itself is unusable.
+    pub fn from_upstream(t: &TargetRef, e: &super::upstream::Error) -> ProxyError {
+        if e.transient() {
+            ProxyError::ApiUnavailable(t.clone())
+        } else {
+            ProxyError::Upstream(t.clone(), crate::error::chain(e))
+        }
+    }
+
     /// Metric label.
     pub fn outcome(&self) -> &'static str {
         match self {

@@ -44,10 +44,7 @@ impl Proxy {
         caller: &Caller,
         keep_awake: Option<Arc<Activity>>,
     ) -> Result<Response<ProxyBody>, Forward> {
-        let up = self.upstreams.get(t).await.map_err(|e| match e.transient() {
-            true => ProxyError::ApiUnavailable(t.clone()),
-            false => ProxyError::Upstream(t.clone(), e.to_string()),
-        })?;
+        let up = self.upstreams.get(t).await.map_err(|e| ProxyError::from_upstream(t, &e))?;
         let upgrade = is_upgrade(&req.headers);
         let client_upgrade =
             if upgrade { req.extensions.remove::<hyper::upgrade::OnUpgrade>() } else { None };

@@ -133,16 +133,8 @@ impl Kubelet {
         };
         let (tx, rx) = std::sync::mpsc::channel();
         let errors = shared.clone();
-        let thread = std::thread::Builder::new().name(format!("kubelet-{node}")).spawn(move || {
-            let result = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .map_err(anyhow::Error::from)
-                .and_then(|rt| rt.block_on(runner.run(tx)));
-            if let Err(e) = result {
-                *lock(&errors.error) = Some(format!("{e:#}"));
-            }
+        let thread = crate::runtime_thread(format!("kubelet-{node}"), runner.run(tx), move |e| {
+            *lock(&errors.error) = Some(e);
         })?;
         let kubelet = Kubelet {
             node: node.into(),
@@ -614,7 +606,7 @@ impl Runner {
                 mode = p.default_mode.unwrap_or(0o644) as u32;
                 for s in p.sources.iter().flatten() {
                     if let Some(t) = &s.service_account_token {
-                        let token = self.token(client, pod, t.audience.clone(), t.expiration_seconds).await?;
+                        let token = pod_token(client, pod, t.audience.clone(), t.expiration_seconds).await?;
                         sources.push(Source::Fixed { path: t.path.clone(), content: token.into_bytes() });
                     } else if let Some(c) = &s.config_map {
                         sources.push(Source::ConfigMap {
@@ -778,37 +770,6 @@ impl Runner {
         spawner::spawn(&log, Path::new("unshare"), &args, &r.dir)
     }
 
-    /// A token of the pod's ServiceAccount, bound to the pod.
-    async fn token(
-        &self,
-        client: &kube::Client,
-        pod: &Pod,
-        audience: Option<String>,
-        seconds: Option<i64>,
-    ) -> Result<String> {
-        let ns = pod.metadata.namespace.clone().unwrap_or_default();
-        let sa = pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.service_account_name.clone())
-            .unwrap_or_else(|| "default".into());
-        let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &ns);
-        let request: TokenRequest = serde_json::from_value(json!({
-            "spec": {
-                "audiences": audience.into_iter().collect::<Vec<_>>(),
-                "expirationSeconds": seconds.unwrap_or(3607),
-                "boundObjectRef": {"apiVersion": "v1", "kind": "Pod",
-                    "name": pod.metadata.name, "uid": pod.metadata.uid},
-            }
-        }))?;
-        sas.create_token_request(&sa, &PostParams::default(), &request)
-            .await
-            .with_context(|| format!("TokenRequest for ServiceAccount {ns}/{sa}"))?
-            .status
-            .and_then(|s| s.token)
-            .ok_or_else(|| anyhow!("TokenRequest answered no token"))
-    }
-
     async fn sync_volumes(&self, client: &kube::Client, r: &mut Running) -> Result<()> {
         let ns = r.pod.metadata.namespace.clone().unwrap_or_default();
         for v in &mut r.synced {
@@ -816,6 +777,34 @@ impl Runner {
         }
         Ok(())
     }
+}
+
+/// A token of `pod`'s ServiceAccount from the TokenRequest API, bound to
+/// the pod (as a kubelet writes the service-account volume).
+pub(crate) async fn pod_token(
+    client: &kube::Client,
+    pod: &Pod,
+    audience: Option<String>,
+    seconds: Option<i64>,
+) -> Result<String> {
+    let ns = pod.metadata.namespace.clone().unwrap_or_default();
+    let sa =
+        pod.spec.as_ref().and_then(|s| s.service_account_name.clone()).unwrap_or_else(|| "default".into());
+    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &ns);
+    let request: TokenRequest = serde_json::from_value(json!({
+        "spec": {
+            "audiences": audience.into_iter().collect::<Vec<_>>(),
+            "expirationSeconds": seconds.unwrap_or(3607),
+            "boundObjectRef": {"apiVersion": "v1", "kind": "Pod",
+                "name": pod.metadata.name, "uid": pod.metadata.uid},
+        }
+    }))?;
+    sas.create_token_request(&sa, &PostParams::default(), &request)
+        .await
+        .with_context(|| format!("TokenRequest for ServiceAccount {ns}/{sa}"))?
+        .status
+        .and_then(|s| s.token)
+        .ok_or_else(|| anyhow!("TokenRequest answered no token"))
 }
 
 fn log_name(key: &str) -> String {

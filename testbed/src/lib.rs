@@ -32,6 +32,30 @@ use base64::Engine as _;
 use crate::pki::{Ca, CertPair};
 use crate::process::{Proc, free_port, http_ok};
 
+/// Runs `work` on a thread of its own with a tokio runtime of its own (a
+/// supervisor that outlives the test's own runtime); its failure, written
+/// out, goes to `failed`.
+pub(crate) fn runtime_thread<F>(
+    name: String,
+    work: F,
+    failed: impl FnOnce(String) + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<()>>
+where
+    F: std::future::Future<Output = Result<()>> + Send + 'static,
+{
+    std::thread::Builder::new().name(name).spawn(move || {
+        let result = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(work));
+        if let Err(e) = result {
+            failed(format!("{e:#}"));
+        }
+    })
+}
+
 /// The user agent of the test robot, a poller that keeps a cluster awake
 /// for ever unless a policy ignores it (not a GitOps controller: the agent
 /// ignores those by itself).

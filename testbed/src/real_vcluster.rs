@@ -49,9 +49,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use futures::StreamExt;
-use k8s_openapi::api::authentication::v1::TokenRequest;
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod, Secret, ServiceAccount};
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod, Secret};
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::watcher;
 use serde_json::json;
 
@@ -220,17 +219,10 @@ impl RealVCluster {
             shared: shared.clone(),
         };
         let errors = shared.clone();
-        let thread = std::thread::Builder::new().name(format!("real-vcluster-{name}")).spawn(move || {
-            let result = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .map_err(anyhow::Error::from)
-                .and_then(|rt| rt.block_on(supervisor.run(outward)));
-            if let Err(e) = result {
-                *lock(&errors.error) = Some(format!("{e:#}"));
-            }
-        })?;
+        let thread =
+            crate::runtime_thread(format!("real-vcluster-{name}"), supervisor.run(outward), move |e| {
+                *lock(&errors.error) = Some(e);
+            })?;
         Ok(RealVCluster {
             namespace: namespace.into(),
             name: name.into(),
@@ -637,28 +629,11 @@ impl Supervisor {
             .iter()
             .find(|c| c.name == "syncer")
             .ok_or_else(|| anyhow!("pod has no syncer container"))?;
-        let pod_name = pod.metadata.name.clone().unwrap_or_default();
 
         // The service-account volume: a token bound to this pod.
         let sa_dir = run.join("serviceaccount");
         std::fs::create_dir_all(&sa_dir)?;
-        let sa_name = spec.service_account_name.clone().unwrap_or_else(|| "default".into());
-        let sas: Api<ServiceAccount> = Api::namespaced(host.clone(), &self.namespace);
-        let request: TokenRequest = serde_json::from_value(json!({
-            "spec": {
-                "audiences": [],
-                "expirationSeconds": 86400,
-                "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": pod_name,
-                    "uid": pod.metadata.uid.clone().unwrap_or_default()},
-            }
-        }))?;
-        let token = sas
-            .create_token_request(&sa_name, &PostParams::default(), &request)
-            .await
-            .with_context(|| format!("TokenRequest for ServiceAccount {sa_name}"))?
-            .status
-            .and_then(|s| s.token)
-            .ok_or_else(|| anyhow!("TokenRequest answered no token"))?;
+        let token = crate::kubelet::pod_token(host, pod, None, Some(86400)).await?;
         std::fs::write(sa_dir.join("token"), token)?;
         std::fs::copy(&self.ca_file, sa_dir.join("ca.crt"))?;
         std::fs::write(sa_dir.join("namespace"), &self.namespace)?;
