@@ -8,9 +8,9 @@
 //! runs out; when the API server comes back a standby may take the Lease
 //! at once, and both would act until the manager's next read. Here the
 //! Lease is read every fifth of its duration. While the reads answer, the
-//! Lease as read decides (held by this replica or not: the manager renews
-//! it, and its renewal time may trail a read by up to the manager's grace
-//! period). Once they fail, leadership ends by this replica's own clock
+//! Lease as read decides: this replica's and not run out by its whole
+//! duration (the manager renews it a grace period before that; a margin
+//! here made a 3 s lease's leader stand down between renewals). Once they fail, leadership ends by this replica's own clock
 //! when the last renewal it saw runs out (a second early): the leader
 //! stops acting before anyone else can start.
 
@@ -44,6 +44,15 @@ pub fn held_until(lease: &Lease, identity: &str, duration: Duration, now: Instan
     let expires = renewed + chrono::Duration::from_std(duration).ok()? - chrono::Duration::seconds(1);
     let left = (expires - Utc::now()).to_std().ok()?;
     Some(now + left)
+}
+
+/// Whether the Lease, as just read, is `identity`'s and has not run out
+/// (its last renewal plus its whole duration: the manager renews it a
+/// grace period before that). An expired Lease that still names this
+/// replica (the API server back after an outage) is not held: a standby
+/// may be taking it.
+pub fn live(lease: &Lease, identity: &str, duration: Duration) -> bool {
+    held_until(lease, identity, duration + Duration::from_secs(1), Instant::now()).is_some()
 }
 
 /// Whether the controller acts: the manager says it leads, and the Lease
@@ -84,10 +93,7 @@ pub fn guard(client: Client, lease: LeaseSpec, mut manager: watch::Receiver<bool
             if leading {
                 match tokio::time::timeout(every, api.get(&lease.name)).await {
                     Ok(Ok(l)) => {
-                        read = Some(
-                            l.spec.as_ref().and_then(|s| s.holder_identity.as_deref())
-                                == Some(&*lease.identity),
-                        );
+                        read = Some(live(&l, &lease.identity, lease.duration));
                         held = held_until(&l, &lease.identity, lease.duration, Instant::now());
                     }
                     // Unreachable: what was seen last still holds, until it runs out.
@@ -143,6 +149,14 @@ mod tests {
         assert_eq!(held_until(&lease("b", Duration::ZERO), "a", d, now), None, "someone else's");
         assert_eq!(held_until(&lease("a", Duration::from_secs(20)), "a", d, now), None, "ran out");
         assert_eq!(held_until(&Lease::default(), "a", d, now), None, "says nothing");
+    }
+
+    #[test]
+    fn a_lease_read_is_held_while_its_own_and_unexpired_by_its_whole_duration() {
+        let d = Duration::from_secs(3);
+        assert!(live(&lease("a", Duration::from_millis(2_500)), "a", d), "renewal due, not yet run out");
+        assert!(!live(&lease("a", Duration::from_millis(3_200)), "a", d), "ran out, still naming a");
+        assert!(!live(&lease("b", Duration::ZERO), "a", d), "someone else's");
     }
 
     #[test]
