@@ -7,6 +7,7 @@
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 use anyhow::Context as _;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
@@ -14,6 +15,7 @@ use k8s_openapi::api::authentication::v1::SelfSubjectReview;
 use kube::Client;
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
 use kube::discovery::ApiResource;
+use prometheus_client::metrics::counter::Counter;
 use serde_json::{Value, json};
 
 use crate::vocab::FIELD_MANAGER;
@@ -60,17 +62,40 @@ pub fn patch_params() -> PatchParams {
     PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() }
 }
 
-/// A client-side rate limit on dormant's own API requests (watches aside).
+/// A client-side rate limit on dormant's own API requests (watches aside),
+/// counting what passed it and how long they waited: whether the QPS is
+/// what holds dormant back is then a question `/metrics` answers.
 #[derive(Clone)]
-pub struct Throttle(Arc<DefaultDirectRateLimiter>);
+pub struct Throttle {
+    limiter: Arc<DefaultDirectRateLimiter>,
+    requests: Counter,
+    waited: Counter<f64, AtomicU64>,
+}
 
 impl Throttle {
     pub fn new(qps: NonZeroU32, burst: NonZeroU32) -> Self {
-        Throttle(Arc::new(RateLimiter::direct(Quota::per_second(qps).allow_burst(burst))))
+        Throttle::counted(qps, burst, Counter::default(), Counter::default())
+    }
+
+    /// A throttle that adds each request to `requests` and the seconds it
+    /// waited for its turn to `waited`.
+    pub fn counted(
+        qps: NonZeroU32,
+        burst: NonZeroU32,
+        requests: Counter,
+        waited: Counter<f64, AtomicU64>,
+    ) -> Self {
+        let limiter = Arc::new(RateLimiter::direct(Quota::per_second(qps).allow_burst(burst)));
+        Throttle { limiter, requests, waited }
     }
 
     pub async fn wait(&self) {
-        self.0.until_ready().await;
+        if self.limiter.check().is_err() {
+            let start = std::time::Instant::now();
+            self.limiter.until_ready().await;
+            self.waited.inc_by(start.elapsed().as_secs_f64());
+        }
+        self.requests.inc();
     }
 }
 
@@ -192,4 +217,24 @@ pub fn metadata(resource_version: &Option<String>, annotations: Value) -> Value 
         meta["resourceVersion"] = json!(rv);
     }
     meta
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every request is counted; only those that found the burst spent
+    /// add to the time waited.
+    #[tokio::test]
+    async fn the_throttle_counts_requests_and_the_time_they_waited() {
+        let (requests, waited) = (Counter::default(), Counter::<f64, AtomicU64>::default());
+        let ten = NonZeroU32::new(10).unwrap();
+        let t = Throttle::counted(ten, NonZeroU32::new(2).unwrap(), requests.clone(), waited.clone());
+        t.wait().await;
+        t.wait().await;
+        assert_eq!((requests.get(), waited.get()), (2, 0.0), "within the burst nobody waits");
+        t.wait().await;
+        assert_eq!(requests.get(), 3);
+        assert!(waited.get() > 0.0, "the third request waited for its turn");
+    }
 }

@@ -160,10 +160,20 @@ struct Parts {
     stop_ledger: oneshot::Sender<()>,
 }
 
+/// The client rate limit of the agent's writers, counted in its metrics.
+fn throttle(settings: &Settings, metrics: &Metrics) -> Throttle {
+    Throttle::counted(
+        settings.qps,
+        settings.burst,
+        metrics.kube_requests.clone(),
+        metrics.kube_throttled.clone(),
+    )
+}
+
 impl Parts {
     async fn new(settings: &Settings, client: &Client, caches: &Caches) -> Parts {
         let metrics = Arc::new(Metrics::new());
-        let patcher = Patcher::new(client.clone(), Throttle::new(settings.qps, settings.burst));
+        let patcher = Patcher::new(client.clone(), throttle(settings, &metrics));
         let (scaler, annotator) = (Scaler::new(patcher.clone()), Annotator::new(patcher));
         let (ledger, ledger_worker) = Ledger::new(settings.activity_queue);
         // dormant's own requests never count as activity.
@@ -332,7 +342,7 @@ impl Servers {
                 settings: a,
                 namespace: settings.namespace.clone(),
                 client: client.clone(),
-                patcher: Patcher::new(client.clone(), Throttle::new(settings.qps, settings.burst)),
+                patcher: Patcher::new(client.clone(), throttle(settings, &parts.metrics)),
                 stores: caches.stores.clone(),
                 observer: parts.observer.clone(),
                 annotator: parts.annotator.clone(),

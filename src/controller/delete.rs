@@ -234,7 +234,7 @@ pub async fn act(
                 action: "DeleteAfter".into(),
                 secondary: None,
             };
-            if let Err(e) = ctx.recorder.publish(&event, &regarding).await {
+            if let Err(e) = ctx.publish(&event, &regarding).await {
                 tracing::warn!(target = %r, error = %e, "failed to publish event Deleted");
             }
             Ok(None)

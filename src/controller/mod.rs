@@ -17,7 +17,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use kube::runtime::events::{Recorder, Reporter};
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::runtime::events::{Event, Recorder, Reporter};
 use tokio::sync::{mpsc, watch};
 
 pub use evaluate::{Evaluation, Invalid, evaluate};
@@ -75,7 +76,7 @@ pub struct Context {
     pub scaler: Scaler,
     pub annotator: Annotator,
     pub ledger: Ledger,
-    pub recorder: Recorder,
+    recorder: Recorder,
     pub metrics: Arc<Metrics>,
     pub config: Config,
     /// Holds sleeping targets' app traffic (when the agent does).
@@ -104,6 +105,17 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Context {
+    /// Publishes an Event, behind the client rate limit as every other
+    /// request of the controller (a sleep-all publishes thousands).
+    pub(crate) async fn publish(
+        &self,
+        event: &Event,
+        regarding: &ObjectReference,
+    ) -> Result<(), kube::Error> {
+        self.scaler.throttle().wait().await;
+        self.recorder.publish(event, regarding).await
+    }
+
     #[allow(clippy::too_many_arguments)] // the parts the agent wires, each once
     pub fn new(
         stores: Stores,

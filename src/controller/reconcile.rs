@@ -141,7 +141,7 @@ pub(super) async fn publish(ctx: &Context, ev: &Evaluation, type_: EventType, re
     let action = format!("{reason}{}{}", trigger[..1].to_ascii_uppercase(), &trigger[1..]);
     let event =
         Event { type_, reason: reason.into(), note: Some(truncate(note, 1000)), action, secondary: None };
-    if let Err(e) = ctx.recorder.publish(&event, &ev.target.object.object_ref()).await {
+    if let Err(e) = ctx.publish(&event, &ev.target.object.object_ref()).await {
         tracing::warn!(target = %ev.target.r, error = %e, "failed to publish event {reason}");
     }
 }
@@ -186,7 +186,7 @@ async fn report_invalid(ctx: &Context, r: &TargetRef, invalid: &Invalid) {
             action: "Evaluate".into(),
             secondary: None,
         };
-        if let Err(e) = ctx.recorder.publish(&event, &target.object.object_ref()).await {
+        if let Err(e) = ctx.publish(&event, &target.object.object_ref()).await {
             tracing::warn!(target = %r, error = %e, "failed to publish event PolicyInvalid");
         }
     }

@@ -165,6 +165,10 @@ pub struct Metrics {
     /// while their vcluster slept: `requested`, or `refused` (over budget).
     pub proxy_unverified_wakes: Family<OutcomeLabels, Counter>,
     pub leader: Gauge,
+    /// dormant's own API requests (watches aside), counted as they pass
+    /// its rate limit, and the seconds they waited there.
+    pub kube_requests: Counter,
+    pub kube_throttled: Counter<f64, AtomicU64>,
     /// Wakes ahead of a predicted first use (`wake.predictive`), completed.
     pub prewakes: Family<KindLabels, Counter>,
     /// What became of them: used or unused.
@@ -370,6 +374,19 @@ impl Metrics {
         );
         let leader = Gauge::default();
         registry.register("leader", "1 while this replica runs the controller", leader.clone());
+        let kube_requests = Counter::default();
+        registry.register(
+            "kube_requests",
+            "dormant's own Kubernetes API requests (watches aside), as they pass its client rate limit (--qps)",
+            kube_requests.clone(),
+        );
+        let kube_throttled = Counter::<f64, AtomicU64>::default();
+        registry.register_with_unit(
+            "kube_throttled",
+            "Time dormant's own API requests waited for the client rate limit (--qps, --burst)",
+            Unit::Seconds,
+            kube_throttled.clone(),
+        );
         let prewakes = Family::<KindLabels, Counter>::default();
         registry.register(
             "prewakes",
@@ -422,6 +439,8 @@ impl Metrics {
             listener_refused,
             proxy_unverified_wakes,
             leader,
+            kube_requests,
+            kube_throttled,
             prewakes,
             prewake_outcomes,
             prewake_awake_hours,

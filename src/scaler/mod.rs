@@ -149,6 +149,11 @@ impl Scaler {
         self.patcher.client()
     }
 
+    /// The client rate limit every request of the controller passes.
+    pub fn throttle(&self) -> &crate::client::Throttle {
+        self.patcher.throttle()
+    }
+
     /// Scales `w` to zero (or suspends it), recording what it was, unless it
     /// already sleeps or is `excluded`.
     pub async fn sleep_workload(
