@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet, StatefulSet};
 use k8s_openapi::api::batch::v1::{CronJob, Job};
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{
+    Container, Namespace, PersistentVolumeClaim, Pod, PodSpec, PodTemplateSpec,
+};
 use kube::api::{Api, ListParams};
 use kube::runtime::reflector::{self, Store, store::Writer};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -123,43 +125,123 @@ fn synced_pods_params() -> watcher::Config {
 /// is dropped as it arrives (a large cluster has about ten old ReplicaSets
 /// per Deployment, each with its whole pod template, and a status on
 /// every pod).
+/// What a cache drops of an object beside its `managedFields`: all that
+/// dormant never reads. At 10,000 targets the caches are most of the
+/// agent's memory, and a workload's pod template (env, volumes, probes,
+/// args) is most of a workload.
 pub trait Trim {
     fn trim(&mut self) {}
 }
 
-impl Trim for Namespace {}
-impl Trim for StatefulSet {}
-impl Trim for Deployment {}
-impl Trim for CronJob {}
-impl Trim for Job {}
-impl Trim for SleepPolicy {}
+/// `kubectl apply`'s copy of the whole object, which dormant never reads.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+fn trim_meta(meta: &mut kube::api::ObjectMeta) {
+    meta.managed_fields = None;
+    if let Some(a) = meta.annotations.as_mut() {
+        a.remove(LAST_APPLIED);
+    }
+}
+
+/// A pod spec down to its containers' names and resources (what the
+/// savings are computed from).
+fn trim_pod_spec(spec: &mut PodSpec) {
+    let containers = std::mem::take(&mut spec.containers)
+        .into_iter()
+        .map(|c| Container { name: c.name, resources: c.resources, ..Default::default() })
+        .collect();
+    *spec = PodSpec { containers, ..Default::default() };
+}
+
+/// A workload's pod template: its labels (app traffic selects by them)
+/// and its containers' resources.
+fn trim_template(t: &mut PodTemplateSpec) {
+    let labels = t.metadata.as_mut().and_then(|m| m.labels.take());
+    t.metadata = labels.map(|labels| kube::api::ObjectMeta { labels: Some(labels), ..Default::default() });
+    if let Some(spec) = t.spec.as_mut() {
+        trim_pod_spec(spec);
+    }
+}
+
+impl Trim for Namespace {
+    fn trim(&mut self) {
+        trim_meta(&mut self.metadata);
+    }
+}
+
+impl Trim for SleepPolicy {
+    fn trim(&mut self) {
+        trim_meta(&mut self.metadata);
+    }
+}
+
+impl Trim for StatefulSet {
+    /// Claim templates keep their names (a vcluster's deletion finds its
+    /// claims by them).
+    fn trim(&mut self) {
+        trim_meta(&mut self.metadata);
+        trim_template(&mut self.spec.template);
+        for t in self.spec.volume_claim_templates.iter_mut().flatten() {
+            *t = PersistentVolumeClaim {
+                metadata: kube::api::ObjectMeta { name: t.metadata.name.take(), ..Default::default() },
+                ..Default::default()
+            };
+        }
+    }
+}
+
+impl Trim for Deployment {
+    fn trim(&mut self) {
+        trim_meta(&mut self.metadata);
+        trim_template(&mut self.spec.template);
+    }
+}
+
+impl Trim for CronJob {
+    /// Its Jobs are cached on their own; the schedule's template is not read.
+    fn trim(&mut self) {
+        trim_meta(&mut self.metadata);
+        if let Some(spec) = self.spec.job_template.spec.as_mut() {
+            trim_template(&mut spec.template);
+        }
+    }
+}
+
+impl Trim for Job {
+    fn trim(&mut self) {
+        trim_meta(&mut self.metadata);
+        if let Some(spec) = self.spec.as_mut() {
+            trim_template(&mut spec.template);
+        }
+    }
+}
 
 impl Trim for ReplicaSet {
     /// A ReplicaSet a controller owns (a Deployment's) is never scaled:
     /// only ownerless ones need their template (for their requests).
     fn trim(&mut self) {
+        trim_meta(&mut self.metadata);
         let owned = self
             .metadata
             .owner_references
             .as_ref()
             .is_some_and(|o| o.iter().any(|r| r.controller == Some(true)));
-        if owned {
-            self.spec.template = None;
+        match self.spec.template.as_mut() {
+            Some(_) if owned => self.spec.template = None,
+            Some(t) => trim_template(t),
+            None => {}
         }
     }
 }
 
 impl Trim for Pod {
-    /// A synced pod: its labels and its containers' resource requests.
+    /// A synced pod: its labels, annotations (which virtual pod it stands
+    /// for, and its owners) and its containers' resource requests.
     fn trim(&mut self) {
+        trim_meta(&mut self.metadata);
         self.status = None;
         if let Some(spec) = self.spec.as_mut() {
-            spec.volumes = None;
-            spec.init_containers = None;
-            for c in &mut spec.containers {
-                let (name, resources) = (std::mem::take(&mut c.name), c.resources.take());
-                *c = k8s_openapi::api::core::v1::Container { name, resources, ..Default::default() };
-            }
+            trim_pod_spec(spec);
         }
     }
 }
@@ -183,14 +265,7 @@ async fn reflect<K>(
 ) where
     K: Resource<DynamicType = ()> + Trim + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
-    let stream = watcher(api, config)
-        .default_backoff()
-        .modify(|o: &mut K| {
-            o.managed_fields_mut().clear();
-            o.trim();
-        })
-        .reflect(writer)
-        .touched_objects();
+    let stream = watcher(api, config).default_backoff().modify(K::trim).reflect(writer).touched_objects();
     futures::pin_mut!(stream);
     while let Some(item) = stream.next().await {
         match item {
@@ -647,5 +722,61 @@ mod tests {
         assert!(spec.volumes.is_none() && spec.containers[0].env.is_none());
         assert_eq!(pod_spec_requests(spec), requests);
         assert_eq!(pod.labels().get(MANAGED_BY_LABEL).map(String::as_str), Some("dev"));
+    }
+
+    /// A vcluster's StatefulSet as its chart renders it (abridged), applied
+    /// with `kubectl apply`: everything dormant reads of it survives the
+    /// trim, and the trim takes most of its size.
+    #[test]
+    fn a_trimmed_workload_reads_the_same_and_weighs_less() {
+        let raw = serde_json::json!({
+            "metadata": {"name": "vc", "namespace": "team", "resourceVersion": "42", "uid": "u1",
+                "labels": {"app": "vcluster", "release": "vc"},
+                "annotations": {"dormant.dev/sleep-after": "1h", LAST_APPLIED: "{\"apiVersion\":\"apps/v1\",\"kind\":\"StatefulSet\",\"spec\":{}}".repeat(20)},
+                "managedFields": [{"manager": "kubectl", "operation": "Apply", "fieldsV1": {"f:spec": {}}}]},
+            "spec": {
+                "replicas": 1, "serviceName": "vc",
+                "selector": {"matchLabels": {"app": "vcluster", "release": "vc"}},
+                "persistentVolumeClaimRetentionPolicy": {"whenScaled": "Delete", "whenDeleted": "Retain"},
+                "volumeClaimTemplates": [{"metadata": {"name": "data"}, "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "5Gi"}}}}],
+                "template": {
+                    "metadata": {"labels": {"app": "vcluster", "release": "vc"}, "annotations": {"checksum/config": "abc"}},
+                    "spec": {
+                        "serviceAccountName": "vc-vc",
+                        "containers": [{"name": "syncer", "image": "ghcr.io/loft-sh/vcluster-pro:0.30.0",
+                            "args": ["--name=vc", "--service-account=vc-workload"],
+                            "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
+                            "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+                            "readinessProbe": {"httpGet": {"path": "/readyz", "port": 8443}},
+                            "resources": {"requests": {"cpu": "200m", "memory": "256Mi"}}}],
+                        "volumes": [{"name": "certs", "secret": {"secretName": "vc-certs"}}]
+                    }
+                }
+            },
+            "status": {"replicas": 1, "readyReplicas": 1, "availableReplicas": 1}
+        });
+        let before: StatefulSet = serde_json::from_value(raw).unwrap();
+        let mut after = before.clone();
+        after.trim();
+        let (b, a) = (WorkloadView::from_statefulset(&before), WorkloadView::from_statefulset(&after));
+        assert_eq!((a.replicas, a.ready_pods, a.current_pods), (b.replicas, b.ready_pods, b.current_pods));
+        assert_eq!((a.per_replica.cpu_cores, a.per_replica.memory_bytes), (0.2, 256.0 * 1024.0 * 1024.0));
+        assert!(a.deletes_claims_when_scaled && b.deletes_claims_when_scaled);
+        assert_eq!(a.resource_version.as_deref(), Some("42"));
+        assert_eq!(a.annotations.get("dormant.dev/sleep-after").map(String::as_str), Some("1h"));
+        assert!(!a.annotations.contains_key(LAST_APPLIED) && after.metadata.managed_fields.is_none());
+        // Deleting a vcluster finds its claims by template name and selector.
+        let claims = |s: &StatefulSet| {
+            let names = s.spec.volume_claim_templates.iter().flatten().map(|t| t.metadata.name.clone());
+            (names.collect::<Vec<_>>(), s.spec.selector.match_labels.clone())
+        };
+        assert_eq!(claims(&after), claims(&before));
+        // App traffic selects its pods by the template's labels.
+        assert_eq!(
+            after.spec.template.metadata.as_ref().and_then(|m| m.labels.clone()),
+            before.spec.template.metadata.clone().and_then(|m| m.labels)
+        );
+        let size = |s: &StatefulSet| serde_json::to_vec(s).unwrap().len();
+        assert!(size(&after) * 3 < size(&before), "{} → {} bytes", size(&before), size(&after));
     }
 }
