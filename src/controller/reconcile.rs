@@ -53,7 +53,14 @@ pub(super) async fn reconcile(ctx: &Context, r: &TargetRef) -> Result<Option<Dat
         let mut unseen = lock(&ctx.unseen_writes);
         if let Some((state, at)) = unseen.get(r) {
             if ev.annotations.state.unwrap_or(TargetState::Awake) != *state && at.elapsed() < CACHE_CATCH_UP {
-                return Ok(Some(now + chrono::Duration::milliseconds(250)));
+                // The watch event that brings the cache up to date runs
+                // this target again; looking again on a timer as well
+                // would evaluate thousands of targets several times a
+                // second while a busy API server's watch lags (the agent's
+                // own CPU then slowed every sleep and wake at 10,000
+                // targets). The timer only ends the wait.
+                let left = CACHE_CATCH_UP.saturating_sub(at.elapsed());
+                return Ok(Some(now + chrono::Duration::from_std(left).unwrap_or_default()));
             }
             unseen.remove(r);
         }

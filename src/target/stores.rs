@@ -281,6 +281,14 @@ async fn reflect<K>(
     }
 }
 
+/// Whether `o` is in namespace `ns`, without copying its namespace (a
+/// scan of a cache of 10,000 objects does this once per object:
+/// `ResourceExt::namespace` copied each one, and that copying was three
+/// quarters of the agent's CPU at 10,000 targets).
+pub(crate) fn in_namespace<K: Resource>(o: &K, ns: &str) -> bool {
+    o.meta().namespace.as_deref() == Some(ns)
+}
+
 fn ns_of<K: ResourceExt>(o: &K) -> String {
     o.namespace().unwrap_or_default()
 }
@@ -532,8 +540,7 @@ impl Stores {
         let mut etcd: Vec<WorkloadView> = self
             .statefulsets
             .state_filter(|s| {
-                s.namespace().as_deref() == Some(t.r.namespace.as_str())
-                    && vcluster_etcd_of(s.labels()) == Some(t.r.name.as_str())
+                in_namespace(s, &t.r.namespace) && vcluster_etcd_of(s.labels()) == Some(t.r.name.as_str())
             })
             .iter()
             .map(|s| s.view())
@@ -549,7 +556,7 @@ impl Stores {
             ns: &str,
             out: &mut Vec<WorkloadView>,
         ) {
-            for o in store.state_filter(|o| o.namespace().as_deref() == Some(ns)) {
+            for o in store.state_filter(|o| in_namespace(o, ns)) {
                 if is_vcluster_control_plane(o.labels()) || vcluster_etcd_of(o.labels()).is_some() {
                     continue;
                 }
@@ -572,8 +579,7 @@ impl Stores {
     /// Host pods synced by vcluster `name` in `ns`.
     pub fn synced_pods(&self, ns: &str, name: &str) -> Vec<Arc<Pod>> {
         self.synced_pods.state_filter(|p| {
-            p.namespace().as_deref() == Some(ns)
-                && p.labels().get(MANAGED_BY_LABEL).map(String::as_str) == Some(name)
+            in_namespace(p, ns) && p.labels().get(MANAGED_BY_LABEL).map(String::as_str) == Some(name)
         })
     }
 
