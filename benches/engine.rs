@@ -1,42 +1,175 @@
-//! Benchmark: the sleep/wake engine with many vcluster targets on the
-//! testbed (kwok makes a thousand control planes cheap: each is a real
+//! Benchmark: the sleep/wake engine with many targets on the testbed
+//! (kwok makes thousands of control planes cheap: each is a real
 //! StatefulSet with a real pod, without a real container).
 //!
-//! `cargo bench --bench engine` (env `DORMANT_BENCH_TARGETS`, default 1000;
-//! `DORMANT_BENCH_QPS`, default 50). Prints:
-//! - idle precision: for targets whose idle deadlines are spread at ten per
-//!   second, the time from each deadline to the moment its StatefulSet is
-//!   seen at zero replicas (p50/p99/max);
-//! - wake all / sleep all at once: time until every StatefulSet is at its
-//!   target replicas, and the rate against the configured client QPS;
-//! - the agent's peak resident memory.
+//! `cargo bench --bench engine`. Environment:
+//! - `DORMANT_BENCH_TARGETS` (default 1000): vcluster targets, or with
+//!   `DORMANT_BENCH_MODE=namespaces` namespace workloads (Deployments, 50
+//!   per namespace, each namespace a target);
+//! - `DORMANT_BENCH_QPS` (default 50) and `DORMANT_BENCH_CONCURRENCY`
+//!   (default 32): the agent's client QPS (and burst) and reconciles at once;
+//! - `DORMANT_BENCH_DEADLINES_PER_S` (default 10): how many idle deadlines
+//!   arrive per second in the precision phase;
+//! - `DORMANT_BENCH_AGENT`: that build of the agent instead of this one's
+//!   (a script that `exec`s one under a heap profiler, say);
+//! - `DORMANT_BENCH_MEMORY_ONLY=1`: stop the agent (SIGTERM, it shuts down
+//!   in order) once its first pass is over, and print its memory then.
+//!
+//! Prints:
+//! - idle precision: for targets whose idle deadlines are spread evenly,
+//!   the time from each deadline to the moment its workloads are seen at
+//!   zero replicas (p50/p99/max);
+//! - wake all / sleep all at once: time until every workload is at its
+//!   target replicas, the agent's API requests per second against its QPS
+//!   and the time they waited for it, and the CPU the agent, the API
+//!   server and etcd spent meanwhile (where the time goes);
+//! - the agent's resident memory after its first pass and at its peak.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::apps::v1::StatefulSet;
-use kube::api::{Api, Patch, PatchParams};
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::json;
 use testbed::bench::{env_or, instant_at, percentile};
-use testbed::process::{free_port, http_ok, rss_kib};
+use testbed::process::{cpu_time, free_port, http_body, http_ok, rss_kib};
 use testbed::{Cluster, ClusterOptions};
 
 fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
-/// (namespace, name) → when the StatefulSet was last seen at each replica count.
-type Seen = Arc<Mutex<HashMap<(String, String), (i32, Instant)>>>;
+/// What the benchmark last saw of one workload: its wanted and ready
+/// replicas, and when the wanted count last changed.
+#[derive(Clone, Copy)]
+struct Seen {
+    replicas: i32,
+    ready: i32,
+    at: Instant,
+}
+
+/// Workloads by (namespace, name); targets that carry `first-seen`.
+#[derive(Default)]
+struct Watched {
+    workloads: HashMap<(String, String), Seen>,
+    first_seen: HashSet<(String, String)>,
+}
+
+/// One target: a vcluster (its StatefulSet) or a namespace (its Deployments).
+struct Target {
+    namespace: String,
+    /// The object dormant annotates: the StatefulSet's name, or none for
+    /// the namespace itself.
+    name: Option<String>,
+    workloads: Vec<(String, String)>,
+}
+
+impl Target {
+    fn key(&self) -> (String, String) {
+        (self.namespace.clone(), self.name.clone().unwrap_or_default())
+    }
+}
+
+/// CPU seconds of the agent, the API server and etcd over one phase.
+struct Cpu([(u32, Duration); 3]);
+
+impl Cpu {
+    fn start(pids: [u32; 3]) -> Cpu {
+        Cpu(pids.map(|p| (p, cpu_time(p).unwrap_or_default())))
+    }
+    fn spent(&self) -> [f64; 3] {
+        self.0.map(|(p, t0)| cpu_time(p).unwrap_or_default().saturating_sub(t0).as_secs_f64())
+    }
+}
+
+/// A counter of the agent's `/metrics` (0 when the build has none).
+fn counter(admin: u16, name: &str) -> f64 {
+    http_body(admin, "/metrics")
+        .lines()
+        .find(|l| l.split(' ').next() == Some(name))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// One phase's cost: wall time, the agent's API requests and the time
+/// they waited for its rate limit, and CPU.
+struct Phase {
+    took: Duration,
+    requests: f64,
+    throttled: f64,
+    cpu: [f64; 3],
+}
+
+impl Phase {
+    fn row(&self, what: &str, n: usize, unit: &str, qps: usize) -> String {
+        let secs = self.took.as_secs_f64();
+        format!(
+            "| {what} | {secs:.1} s ({:.1} {unit}/s); agent requests {:.0}/s of QPS {qps}, waited for the QPS {:.0} s in all; CPU s agent / kube-apiserver / etcd {:.1} / {:.1} / {:.1} (of {:.0} on 2 cores) |",
+            n as f64 / secs,
+            self.requests / secs,
+            self.throttled,
+            self.cpu[0],
+            self.cpu[1],
+            self.cpu[2],
+            secs * 2.0
+        )
+    }
+}
+
+/// How many of `workloads` are as `pred` wants.
+fn count_where(
+    watched: &Mutex<Watched>,
+    workloads: &[(String, String)],
+    pred: impl Fn(&Seen) -> bool,
+) -> usize {
+    let w = watched.lock().unwrap();
+    workloads.iter().filter(|k| w.workloads.get(*k).is_some_and(&pred)).count()
+}
+
+/// Waits until every workload wants `want` replicas.
+async fn wait_all(
+    watched: &Mutex<Watched>,
+    workloads: &[(String, String)],
+    want: i32,
+    timeout: Duration,
+) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    loop {
+        let done = count_where(watched, workloads, |s| s.replicas == want);
+        if done == workloads.len() {
+            return Ok(start.elapsed());
+        }
+        anyhow::ensure!(start.elapsed() < timeout, "{done}/{} at {want} after {timeout:?}", workloads.len());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Runs `f` (which answers its own wall time), measuring what it cost.
+async fn phase(
+    admin: u16,
+    pids: [u32; 3],
+    f: impl std::future::Future<Output = anyhow::Result<Duration>>,
+) -> anyhow::Result<Phase> {
+    let requests = || counter(admin, "dormant_kube_requests_total");
+    let throttled = || counter(admin, "dormant_kube_throttled_seconds_total");
+    let (r0, w0, cpu) = (requests(), throttled(), Cpu::start(pids));
+    let took = f.await?;
+    Ok(Phase { took, requests: requests() - r0, throttled: throttled() - w0, cpu: cpu.spent() })
+}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    let namespaces_mode = std::env::var("DORMANT_BENCH_MODE").as_deref() == Ok("namespaces");
     let n = env_or("DORMANT_BENCH_TARGETS", 1000);
     let qps = env_or("DORMANT_BENCH_QPS", 50);
+    let concurrency = env_or("DORMANT_BENCH_CONCURRENCY", 32);
+    let per_s = env_or("DORMANT_BENCH_DEADLINES_PER_S", 10).max(1);
     let per_ns = 50;
     let namespaces = n.div_ceil(per_ns);
     eprintln!("starting the testbed (fast controllers)…");
@@ -49,69 +182,119 @@ async fn main() -> anyhow::Result<()> {
     c.kubectl_apply(&c.admin, &dormant::cli::crd_yaml()?)?;
     c.wait_established("sleeppolicies.dormant.dev")?;
     c.kubectl_out(&c.admin, &["create", "namespace", "dormant"]).ok();
-
-    let mut targets = Vec::new();
-    for ns_i in 0..namespaces {
-        let ns = format!("bench-{ns_i}");
-        let mut yaml = format!(
-            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}, labels: {{dormant-bench: \"1\"}}}}\n"
-        );
-        for i in 0..per_ns {
-            let idx = ns_i * per_ns + i;
-            if idx >= n {
-                break;
-            }
-            let name = format!("vc-{idx}");
-            yaml.push_str(&format!(
-                "---\napiVersion: apps/v1\nkind: StatefulSet\nmetadata:\n  name: {name}\n  namespace: {ns}\n  labels: {{app: vcluster, release: {name}}}\n  annotations: {{dormant.dev/sleep-after: 1h}}\nspec:\n  replicas: 1\n  serviceName: {name}\n  selector: {{matchLabels: {{app: vcluster, release: {name}}}}}\n  template:\n    metadata: {{labels: {{app: vcluster, release: {name}}}}}\n    spec: {{containers: [{{name: syncer, image: ghcr.io/loft-sh/vcluster-pro:0.30.0, resources: {{requests: {{cpu: 200m, memory: 256Mi}}}}}}]}}\n"
-            ));
-            targets.push((ns.clone(), name));
-        }
-        c.kubectl_apply(&c.admin, &yaml)?;
-    }
     let client = c.client().await?;
-    let sts_all: Api<StatefulSet> = Api::all(client.clone());
-    eprintln!("waiting for {n} control-plane pods…");
-    let t = Instant::now();
-    loop {
-        let list = sts_all.list(&Default::default()).await?;
-        let ready =
-            list.items.iter().filter(|s| s.status.as_ref().and_then(|s| s.ready_replicas) == Some(1)).count();
-        if ready >= n {
-            break;
-        }
-        anyhow::ensure!(t.elapsed() < Duration::from_secs(300), "only {ready}/{n} ready after 300 s");
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-    eprintln!("{n} targets ready in {:.1}s", t.elapsed().as_secs_f64());
 
-    // Watch what the agent does.
-    let seen: Seen = Arc::default();
-    {
-        let seen = seen.clone();
-        let api = sts_all.clone();
+    // Watch what the agent does, from before anything exists.
+    let (workload_kind, target_kind) = if namespaces_mode {
+        (ApiResource::erase::<Deployment>(&()), ApiResource::erase::<Namespace>(&()))
+    } else {
+        (ApiResource::erase::<StatefulSet>(&()), ApiResource::erase::<StatefulSet>(&()))
+    };
+    let watched: Arc<Mutex<Watched>> = Arc::default();
+    let mut kinds = vec![(workload_kind.clone(), true, !namespaces_mode)];
+    if namespaces_mode {
+        kinds.push((target_kind.clone(), false, true));
+    }
+    for (ar, is_workload, is_target) in kinds {
+        let watched = watched.clone();
+        let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
         tokio::spawn(async move {
             let mut s = watcher(api, watcher::Config::default()).default_backoff().boxed();
             while let Some(ev) = s.next().await {
-                let Ok(ev) = ev else { continue };
-                if let watcher::Event::Apply(o) | watcher::Event::InitApply(o) = ev {
-                    let key = (
-                        o.metadata.namespace.clone().unwrap_or_default(),
-                        o.metadata.name.clone().unwrap_or_default(),
-                    );
-                    let r = o.spec.replicas.unwrap_or(1);
-                    let mut seen = seen.lock().unwrap();
-                    if seen.get(&key).is_none_or(|(old, _)| *old != r) {
-                        seen.insert(key, (r, Instant::now()));
-                    }
+                let Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) = ev else { continue };
+                let key = (
+                    o.metadata.namespace.clone().unwrap_or_default(),
+                    o.metadata.name.clone().unwrap_or_default(),
+                );
+                let mut w = watched.lock().unwrap();
+                if is_target
+                    && o.metadata
+                        .annotations
+                        .as_ref()
+                        .is_some_and(|a| a.contains_key("dormant.dev/first-seen"))
+                {
+                    // A namespace is its own key's namespace.
+                    let key = if is_workload { key.clone() } else { (key.1.clone(), String::new()) };
+                    w.first_seen.insert(key);
+                }
+                if is_workload {
+                    let int = |v: &serde_json::Value| v.as_i64().unwrap_or(0) as i32;
+                    let replicas = o.data["spec"]["replicas"].as_i64().map_or(1, |r| r as i32);
+                    let ready = int(&o.data["status"]["readyReplicas"]);
+                    let at = match w.workloads.get(&key) {
+                        Some(old) if old.replicas == replicas => old.at,
+                        _ => Instant::now(),
+                    };
+                    w.workloads.insert(key, Seen { replicas, ready, at });
                 }
             }
         });
     }
 
+    let requests = "resources: {requests: {cpu: 200m, memory: 256Mi}}";
+    let mut targets = Vec::new();
+    for ns_i in 0..namespaces {
+        let ns = format!("bench-{ns_i}");
+        let mut yaml = if namespaces_mode {
+            format!(
+                "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}, labels: {{dormant-bench: \"1\"}}, annotations: {{dormant.dev/sleep-after: 1h}}}}\n"
+            )
+        } else {
+            format!(
+                "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}, labels: {{dormant-bench: \"1\"}}}}\n"
+            )
+        };
+        let mut workloads = Vec::new();
+        for i in 0..per_ns {
+            let idx = ns_i * per_ns + i;
+            if idx >= n {
+                break;
+            }
+            if namespaces_mode {
+                let name = format!("app-{i}");
+                yaml.push_str(&format!(
+                    "---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  replicas: 1\n  selector: {{matchLabels: {{app: {name}}}}}\n  template:\n    metadata: {{labels: {{app: {name}}}}}\n    spec: {{containers: [{{name: app, image: registry.example/app:1, {requests}}}]}}\n"
+                ));
+                workloads.push((ns.clone(), name));
+            } else {
+                let name = format!("vc-{idx}");
+                yaml.push_str(&format!(
+                    "---\napiVersion: apps/v1\nkind: StatefulSet\nmetadata:\n  name: {name}\n  namespace: {ns}\n  labels: {{app: vcluster, release: {name}}}\n  annotations: {{dormant.dev/sleep-after: 1h}}\nspec:\n  replicas: 1\n  serviceName: {name}\n  selector: {{matchLabels: {{app: vcluster, release: {name}}}}}\n  template:\n    metadata: {{labels: {{app: vcluster, release: {name}}}}}\n    spec: {{containers: [{{name: syncer, image: ghcr.io/loft-sh/vcluster-pro:0.30.0, {requests}}}]}}\n"
+                ));
+                targets.push(Target {
+                    namespace: ns.clone(),
+                    name: Some(name.clone()),
+                    workloads: vec![(ns.clone(), name)],
+                });
+            }
+        }
+        if namespaces_mode {
+            targets.push(Target { namespace: ns.clone(), name: None, workloads });
+        }
+        c.kubectl_apply(&c.admin, &yaml)?;
+    }
+    let all_workloads: Vec<(String, String)> = targets.iter().flat_map(|t| t.workloads.clone()).collect();
+    eprintln!("waiting for {} workloads' pods…", all_workloads.len());
+    let t = Instant::now();
+    let setup_timeout = Duration::from_secs(300 + all_workloads.len() as u64 / 20);
+    loop {
+        let ready = count_where(&watched, &all_workloads, |s| s.ready >= 1);
+        if ready >= all_workloads.len() {
+            break;
+        }
+        anyhow::ensure!(
+            t.elapsed() < setup_timeout,
+            "only {ready}/{} ready after {setup_timeout:?}",
+            all_workloads.len()
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    eprintln!("{} workloads ready in {:.1}s", all_workloads.len(), t.elapsed().as_secs_f64());
+
     let admin = free_port()?;
     let user = c.user("dormant-bench", &["system:masters"])?;
-    let bin = std::path::PathBuf::from(env!("CARGO_BIN_EXE_dormant"));
+    let bin = std::env::var_os("DORMANT_BENCH_AGENT")
+        .map_or_else(|| std::path::PathBuf::from(env!("CARGO_BIN_EXE_dormant")), std::path::PathBuf::from);
     let args: Vec<String> = vec![
         "agent".into(),
         "--namespace=dormant".into(),
@@ -120,7 +303,7 @@ async fn main() -> anyhow::Result<()> {
         "--namespace-selector=dormant-bench=1".into(),
         format!("--qps={qps}"),
         format!("--burst={qps}"),
-        "--concurrency=32".into(),
+        format!("--concurrency={concurrency}"),
     ];
     let env = vec![
         ("KUBECONFIG".to_string(), user.kubeconfig.display().to_string()),
@@ -132,34 +315,52 @@ async fn main() -> anyhow::Result<()> {
     let sync = t.elapsed();
     let pid = agent.pid();
     let peak = testbed::process::PeakRss::start(pid);
+    let pids = [pid, c.pid_of("kube-apiserver").unwrap_or(pid), c.pid_of("etcd").unwrap_or(pid)];
     // Let the agent's first pass over every target settle: each gets its
     // first-seen instant (the idle clock starts no earlier).
     let t = Instant::now();
     loop {
-        let list = sts_all.list(&Default::default()).await?;
-        let seen_all = list
-            .items
-            .iter()
-            .filter(|s| {
-                s.metadata.annotations.as_ref().is_some_and(|a| a.contains_key("dormant.dev/first-seen"))
-            })
-            .count();
-        if seen_all >= n {
+        let seen_all = {
+            let w = watched.lock().unwrap();
+            targets.iter().filter(|t| w.first_seen.contains(&t.key())).count()
+        };
+        if seen_all >= targets.len() {
             break;
         }
-        anyhow::ensure!(t.elapsed() < Duration::from_secs(300), "only {seen_all}/{n} seen after 300 s");
+        anyhow::ensure!(
+            t.elapsed() < Duration::from_secs(600),
+            "only {seen_all}/{} seen after 600 s",
+            targets.len()
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let first_pass = t.elapsed() + sync;
     let rss_idle = rss_kib(pid);
+    if std::env::var_os("DORMANT_BENCH_MEMORY_ONLY").is_some() {
+        testbed::process::signal(pid, libc::SIGTERM)?;
+        println!(
+            "first pass over {} targets in {:.1} s; agent RSS then {:.1} MiB, peak {:.1} MiB",
+            targets.len(),
+            first_pass.as_secs_f64(),
+            rss_idle as f64 / 1024.0,
+            peak.kib() as f64 / 1024.0
+        );
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        return Ok(());
+    }
 
     let patch_all = |values: Arc<dyn Fn(usize) -> serde_json::Value + Send + Sync>| {
         let client = client.clone();
-        let targets = targets.clone();
+        let keys: Vec<(String, Option<String>)> =
+            targets.iter().map(|t| (t.namespace.clone(), t.name.clone())).collect();
+        let ar = target_kind.clone();
         async move {
-            futures::stream::iter(targets.into_iter().enumerate())
+            futures::stream::iter(keys.into_iter().enumerate())
                 .map(|(i, (ns, name))| {
-                    let api: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
+                    let (api, name): (Api<DynamicObject>, String) = match name {
+                        Some(name) => (Api::namespaced_with(client.clone(), &ns, &ar), name),
+                        None => (Api::all_with(client.clone(), &ar), ns),
+                    };
                     let patch = values(i);
                     async move {
                         api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await.map(|_| ())
@@ -170,38 +371,15 @@ async fn main() -> anyhow::Result<()> {
                 .await
         }
     };
-    let wait_all = |want: i32, timeout: Duration| {
-        let seen = seen.clone();
-        let targets = targets.clone();
-        async move {
-            let start = Instant::now();
-            loop {
-                let done = {
-                    let s = seen.lock().unwrap();
-                    targets.iter().filter(|k| s.get(*k).is_some_and(|(r, _)| *r == want)).count()
-                };
-                if done == targets.len() {
-                    return Ok::<_, anyhow::Error>(start.elapsed());
-                }
-                anyhow::ensure!(
-                    start.elapsed() < timeout,
-                    "{done}/{} at {want} after {timeout:?}",
-                    targets.len()
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    };
-
     // 1. Idle precision: one last use for all, idle timeouts from 20 s up
-    // in one-second steps, ten targets per step (deadlines spread evenly
-    // at 10 targets/s, within the client QPS).
+    // in one-second steps, `per_s` targets per step (deadlines spread
+    // evenly at `per_s` targets/s).
     let used = Utc::now();
     let deadlines: Vec<DateTime<Utc>> =
-        (0..n).map(|i| used + chrono::Duration::seconds(20 + (i / 10) as i64)).collect();
+        (0..targets.len()).map(|i| used + chrono::Duration::seconds(20 + (i / per_s) as i64)).collect();
     patch_all(Arc::new(move |i| {
         json!({"metadata": {"annotations": {
-            "dormant.dev/sleep-after": format!("{}s", 20 + i / 10),
+            "dormant.dev/sleep-after": format!("{}s", 20 + i / per_s),
             "dormant.dev/last-activity": rfc3339(used),
             "dormant.dev/last-activity-by": "bench get pods (audit)",
         }}})
@@ -210,7 +388,9 @@ async fn main() -> anyhow::Result<()> {
     let deadline_instants: Vec<Instant> = deadlines.iter().map(|d| instant_at((*d).into())).collect();
     let idle_phase =
         deadlines.last().map(|l| (*l - Utc::now()).to_std().unwrap_or_default()).unwrap_or_default();
-    wait_all(0, idle_phase + Duration::from_secs(120)).await?;
+    let idle =
+        phase(admin, pids, wait_all(&watched, &all_workloads, 0, idle_phase + Duration::from_secs(300)))
+            .await?;
     // The agent's own share, read now: the forced sleeps below would add
     // their (long, queued) lags to the same histogram.
     let lag = testbed::process::http_body(admin, "/metrics");
@@ -229,12 +409,13 @@ async fn main() -> anyhow::Result<()> {
         buckets.iter().find(|(_, c)| *c >= total * q).map_or(f64::NAN, |b| b.0)
     };
     let mut precision: Vec<f64> = {
-        let s = seen.lock().unwrap();
+        let w = watched.lock().unwrap();
         targets
             .iter()
             .zip(&deadline_instants)
-            .map(|(k, d)| {
-                let (_, at) = s[k];
+            .map(|(t, d)| {
+                // Asleep when its last workload is at zero.
+                let at = t.workloads.iter().map(|k| w.workloads[k].at).max().unwrap();
                 at.saturating_duration_since(*d).as_secs_f64() - d.saturating_duration_since(at).as_secs_f64()
             })
             .collect()
@@ -245,26 +426,39 @@ async fn main() -> anyhow::Result<()> {
     // 2. Wake all at once (new activity on every target).
     tokio::time::sleep(Duration::from_secs(5)).await;
     let now = rfc3339(Utc::now());
-    let start = Instant::now();
-    patch_all(Arc::new(move |_| {
-        json!({"metadata": {"annotations": {"dormant.dev/sleep-after": "1h", "dormant.dev/last-activity": now, "dormant.dev/last-activity-by": "bench wake (cli)"}}})
-    }))
+    let wake_all = phase(admin, pids, async {
+        let start = Instant::now();
+        patch_all(Arc::new(move |_| {
+            json!({"metadata": {"annotations": {"dormant.dev/sleep-after": "1h", "dormant.dev/last-activity": now, "dormant.dev/last-activity-by": "bench wake (cli)"}}})
+        }))
+        .await?;
+        wait_all(&watched, &all_workloads, 1, Duration::from_secs(900)).await?;
+        Ok(start.elapsed())
+    })
     .await?;
-    wait_all(1, Duration::from_secs(600)).await?;
-    let wake_all = start.elapsed();
 
     // 3. Sleep all at once (forced).
     tokio::time::sleep(Duration::from_secs(10)).await;
     let now = rfc3339(Utc::now());
-    let start = Instant::now();
-    patch_all(Arc::new(move |_| json!({"metadata": {"annotations": {"dormant.dev/force-sleep": now}}})))
-        .await?;
-    wait_all(0, Duration::from_secs(600)).await?;
-    let sleep_all = start.elapsed();
+    let sleep_all = phase(admin, pids, async {
+        let start = Instant::now();
+        patch_all(Arc::new(move |_| json!({"metadata": {"annotations": {"dormant.dev/force-sleep": now}}})))
+            .await?;
+        wait_all(&watched, &all_workloads, 0, Duration::from_secs(900)).await?;
+        Ok(start.elapsed())
+    })
+    .await?;
     let peak = peak.kib();
     agent.kill();
 
-    println!("\n## engine: {n} vcluster targets, client QPS {qps} (burst {qps}), concurrency 32\n");
+    let (what, unit) = if namespaces_mode {
+        (format!("{n} namespace workloads in {} namespaces", targets.len()), "namespaces")
+    } else {
+        (format!("{n} vcluster targets"), "targets")
+    };
+    println!(
+        "\n## engine: {what}, client QPS {qps} (burst {qps}), concurrency {concurrency}, {per_s} deadlines/s\n"
+    );
     println!("| measure | value |");
     println!("| --- | --- |");
     println!("| caches synced after start | {:.2} s |", sync.as_secs_f64());
@@ -275,7 +469,7 @@ async fn main() -> anyhow::Result<()> {
     println!("| agent RSS after first pass | {:.1} MiB |", rss_idle as f64 / 1024.0);
     println!("| agent peak RSS | {:.1} MiB |", peak as f64 / 1024.0);
     println!(
-        "| idle precision (deadline → StatefulSet seen at 0), p50 / p99 / max | {:.0} / {:.0} / {:.0} ms |",
+        "| idle precision (deadline → its workloads seen at 0), p50 / p99 / max | {:.0} / {:.0} / {:.0} ms |",
         percentile(&precision, 0.5) * 1000.0,
         percentile(&precision, 0.99) * 1000.0,
         precision.last().copied().unwrap_or(f64::NAN) * 1000.0
@@ -286,15 +480,9 @@ async fn main() -> anyhow::Result<()> {
         lag_quantile(0.99) * 1000.0
     );
     println!("| targets scaled before their deadline | {early} |");
-    println!(
-        "| wake all {n} at once | {:.1} s ({:.1} targets/s) |",
-        wake_all.as_secs_f64(),
-        n as f64 / wake_all.as_secs_f64()
-    );
-    println!(
-        "| sleep all {n} at once | {:.1} s ({:.1} targets/s) |",
-        sleep_all.as_secs_f64(),
-        n as f64 / sleep_all.as_secs_f64()
-    );
+    let t = targets.len();
+    println!("{}", idle.row(&format!("idle phase ({t} deadlines, {per_s}/s)"), t, unit, qps));
+    println!("{}", wake_all.row(&format!("wake all {t} at once"), t, unit, qps));
+    println!("{}", sleep_all.row(&format!("sleep all {t} at once"), t, unit, qps));
     Ok(())
 }
