@@ -26,6 +26,7 @@
 //! - the agent's resident memory after its first pass and at its peak.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use anyhow::Context as _;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -315,7 +316,8 @@ async fn main() -> anyhow::Result<()> {
     let sync = t.elapsed();
     let pid = agent.pid();
     let peak = testbed::process::PeakRss::start(pid);
-    let pids = [pid, c.pid_of("kube-apiserver").unwrap_or(pid), c.pid_of("etcd").unwrap_or(pid)];
+    let of = |name: &str| c.pid_of(name).with_context(|| format!("no {name} process in the testbed"));
+    let pids = [pid, of("kube-apiserver")?, of("etcd")?];
     // Let the agent's first pass over every target settle: each gets its
     // first-seen instant (the idle clock starts no earlier).
     let t = Instant::now();

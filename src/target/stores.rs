@@ -122,15 +122,12 @@ fn synced_pods_params() -> watcher::Config {
 }
 
 /// What the caches keep of an object: what dormant reads of it. The rest
-/// is dropped as it arrives (a large cluster has about ten old ReplicaSets
-/// per Deployment, each with its whole pod template, and a status on
-/// every pod).
-/// What a cache drops of an object beside its `managedFields`: all that
-/// dormant never reads. At 10,000 targets the caches are most of the
-/// agent's memory, and a workload's pod template (env, volumes, probes,
-/// args) is most of a workload.
+/// is dropped as it arrives: `managedFields`, kubectl's last-applied copy,
+/// and most of every pod template (a large cluster has about ten old
+/// ReplicaSets per Deployment, each with its whole template; at 10,000
+/// targets the caches are most of the agent's memory).
 pub trait Trim {
-    fn trim(&mut self) {}
+    fn trim(&mut self);
 }
 
 /// `kubectl apply`'s copy of the whole object, which dormant never reads.
