@@ -666,6 +666,37 @@ fn sigkill_at_random_moments_of_sleep_and_wake_never_loses_a_replica_count_or_a_
         .iter()
         .map(|(kind, name, original)| (format!("{kind}/{name}"), (original.clone(), String::new())))
         .collect();
+    // How long a sleep and a wake take from their first change to their
+    // last (KEDA's pause or its end) at this client rate on this machine,
+    // measured once without a kill: the kills are spread over that span
+    // and a quarter beyond it, so some land mid-change and some after.
+    let mut span = Duration::ZERO;
+    for (verb, done, paused) in [("sleep", &asleep, "0"), ("wake", &awake, "")] {
+        let before = snapshot(c, &ns);
+        let mut agent = Agent::start(
+            c,
+            &id,
+            &lease_ns,
+            "crash-1",
+            &["--qps=2", "--burst=1", "--pause-argocd-applications", &argocd_flag],
+        );
+        for t in [&target, &vc_target] {
+            let out = dormant(c, &[verb, t]);
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        while snapshot(c, &ns) == before && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let first = std::time::Instant::now();
+        while (&snapshot(c, &ns) != done || keda().0 != paused) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(std::time::Instant::now() < deadline, "calibration {verb} never finished:\n{}", agent.log());
+        span = span.max(first.elapsed());
+        agent.kill();
+    }
+    let window = (span * 5 / 4).max(Duration::from_secs(1));
     let mut kills_mid_change = 0;
     let mut kills_mid_vcluster = 0;
     let mut kills_keda_paused = 0;
@@ -687,15 +718,15 @@ fn sigkill_at_random_moments_of_sleep_and_wake_never_loses_a_replica_count_or_a_
             assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         }
         // The kill is aimed into that window: once the first change is
-        // seen, at a random moment up to four seconds later (the last
-        // steps, KEDA's pause or its end, come after every workload at
-        // two requests a second), and anywhere if there was nothing to
-        // change.
+        // seen, at a random moment within the measured span and a
+        // quarter beyond it (the last steps, KEDA's pause or its end,
+        // come after every workload at two requests a second), and
+        // anywhere if there was nothing to change.
         let started = std::time::Instant::now();
         while &before != done && snapshot(c, &ns) == before && started.elapsed() < Duration::from_secs(30) {
             std::thread::sleep(Duration::from_millis(50));
         }
-        std::thread::sleep(Duration::from_millis(next() % 4000));
+        std::thread::sleep(Duration::from_millis(next() % window.as_millis() as u64));
         agent.kill();
         let after = snapshot(c, &ns);
         assert_eq!(after.len(), originals.len(), "round {round}: {after:?}");
@@ -767,7 +798,7 @@ fn sigkill_at_random_moments_of_sleep_and_wake_never_loses_a_replica_count_or_a_
         }
     }
     eprintln!(
-        "{rounds} kills (seed {seed}); {kills_mid_change} landed after a round's first change and before its last; {kills_mid_vcluster} while the vcluster was between asleep and awake; {kills_keda_paused} with KEDA paused"
+        "{rounds} kills (seed {seed}) within {window:?} of a round's first change; {kills_mid_change} landed after a round's first change and before its last; {kills_mid_vcluster} while the vcluster was between asleep and awake; {kills_keda_paused} with KEDA paused"
     );
     // A test of kills mid-change in which none landed there proves nothing.
     assert!(

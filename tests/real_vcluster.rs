@@ -175,8 +175,8 @@ fn tail(text: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-fn woke_events(c: &Cluster, ns: &str) -> usize {
-    event_notes(c, ns, "Woke").lines().filter(|l| !l.trim().is_empty()).count()
+fn woke_events(c: &Cluster, ns: &str) -> u64 {
+    event_count(c, ns, "Woke")
 }
 
 /// Who counted for the vcluster, by `user (agent)`, from its

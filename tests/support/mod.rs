@@ -265,6 +265,27 @@ pub fn event_notes(c: &Cluster, ns: &str, reason: &str) -> String {
     )
 }
 
+/// How many times Events with `reason` happened in `ns`: a repeat of an
+/// Event joins its series (`series.count`) rather than adding an object.
+pub fn event_count(c: &Cluster, ns: &str, reason: &str) -> u64 {
+    kubectl(
+        c,
+        &[
+            "get",
+            "events.events.k8s.io",
+            "-n",
+            ns,
+            &format!("--field-selector=reason={reason}"),
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.name}={.series.count}{\"\\n\"}{end}",
+        ],
+    )
+    .lines()
+    .filter_map(|l| l.split_once('='))
+    .map(|(_, count)| count.parse().unwrap_or(1))
+    .sum()
+}
+
 /// An Event (`events.k8s.io/v1`) as a user reads it with kubectl.
 #[derive(Debug, Clone)]
 pub struct EventSeen {
