@@ -558,7 +558,7 @@ fn snapshot(c: &Cluster, ns: &str) -> std::collections::BTreeMap<String, (String
 #[test]
 fn sigkill_at_random_moments_of_sleep_and_wake_never_loses_a_replica_count_or_a_gitops_mark() {
     let rounds: usize =
-        std::env::var("DORMANT_SIGKILL_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(50);
+        std::env::var("DORMANT_SIGKILL_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(30);
     let c = Cluster::shared();
     let id = test_id("crash");
     let ns = c.namespace("crash", &[("dormant-test", &id)]).unwrap();
