@@ -373,20 +373,34 @@ async fn main() -> anyhow::Result<()> {
                 .await
         }
     };
-    // 1. Idle precision: one last use for all, idle timeouts from 20 s up
-    // in one-second steps, `per_s` targets per step (deadlines spread
-    // evenly at `per_s` targets/s).
+    // 1. Idle precision: one last use for all, idle timeouts in one-second
+    // steps, `per_s` targets per step (deadlines spread evenly at `per_s`
+    // targets/s). The first deadline comes after the benchmark's own
+    // patches (one per target, all at once) have landed and the agent has
+    // seen them: 20 s plus a second per 200 targets. A run whose patches
+    // took longer measures that storm, not the agent, and stops.
     let used = Utc::now();
+    let first = 20 + targets.len() / 200;
     let deadlines: Vec<DateTime<Utc>> =
-        (0..targets.len()).map(|i| used + chrono::Duration::seconds(20 + (i / per_s) as i64)).collect();
+        (0..targets.len()).map(|i| used + chrono::Duration::seconds((first + i / per_s) as i64)).collect();
     patch_all(Arc::new(move |i| {
         json!({"metadata": {"annotations": {
-            "dormant.dev/sleep-after": format!("{}s", 20 + i / per_s),
+            "dormant.dev/sleep-after": format!("{}s", first + i / per_s),
             "dormant.dev/last-activity": rfc3339(used),
             "dormant.dev/last-activity-by": "bench get pods (audit)",
         }}})
     }))
     .await?;
+    let patched = (Utc::now() - used).to_std().unwrap_or_default();
+    eprintln!(
+        "{} idle deadlines patched in {:.1} s; the first is due {first} s after the last use",
+        targets.len(),
+        patched.as_secs_f64()
+    );
+    anyhow::ensure!(
+        patched < Duration::from_secs(first as u64),
+        "the deadlines took {patched:?} to patch, past the first one ({first} s): the precision would measure the patches"
+    );
     let deadline_instants: Vec<Instant> = deadlines.iter().map(|d| instant_at((*d).into())).collect();
     let idle_phase =
         deadlines.last().map(|l| (*l - Utc::now()).to_std().unwrap_or_default()).unwrap_or_default();
