@@ -666,14 +666,10 @@ fn sigkill_at_random_moments_of_sleep_and_wake_never_loses_a_replica_count_or_a_
         .iter()
         .map(|(kind, name, original)| (format!("{kind}/{name}"), (original.clone(), String::new())))
         .collect();
-    // How long a sleep and a wake take from their first change to their
-    // last (KEDA's pause or its end) at this client rate on this machine,
-    // measured once without a kill: the kills are spread over that span
-    // and a quarter beyond it, so some land mid-change and some after.
-    let mut span = Duration::ZERO;
-    for (verb, done, paused) in [("sleep", &asleep, "0"), ("wake", &awake, "")] {
-        let before = snapshot(c, &ns);
-        let mut agent = Agent::start(
+    // A slow client spreads the patches out (one request each half
+    // second) so there is a window between the first and the last.
+    let start_round = |verb: &str| {
+        let agent = Agent::start(
             c,
             &id,
             &lease_ns,
@@ -684,6 +680,16 @@ fn sigkill_at_random_moments_of_sleep_and_wake_never_loses_a_replica_count_or_a_
             let out = dormant(c, &[verb, t]);
             assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         }
+        agent
+    };
+    // How long a sleep and a wake take from their first change to their
+    // last (KEDA's pause or its end) at this client rate on this machine,
+    // measured once without a kill: the kills are spread over that span
+    // and a quarter beyond it, so some land mid-change and some after.
+    let mut span = Duration::ZERO;
+    for (verb, done, paused) in [("sleep", &asleep, "0"), ("wake", &awake, "")] {
+        let before = snapshot(c, &ns);
+        let mut agent = start_round(verb);
         let deadline = std::time::Instant::now() + Duration::from_secs(120);
         while snapshot(c, &ns) == before && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
@@ -704,19 +710,7 @@ fn sigkill_at_random_moments_of_sleep_and_wake_never_loses_a_replica_count_or_a_
         let verb = if round % 2 == 0 { "sleep" } else { "wake" };
         let done = if verb == "sleep" { &asleep } else { &awake };
         let before = snapshot(c, &ns);
-        // A slow client spreads the patches out (one request each half
-        // second) so there is a window between the first and the last.
-        let mut agent = Agent::start(
-            c,
-            &id,
-            &lease_ns,
-            "crash-1",
-            &["--qps=2", "--burst=1", "--pause-argocd-applications", &argocd_flag],
-        );
-        for t in [&target, &vc_target] {
-            let out = dormant(c, &[verb, t]);
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        }
+        let mut agent = start_round(verb);
         // The kill is aimed into that window: once the first change is
         // seen, at a random moment within the measured span and a
         // quarter beyond it (the last steps, KEDA's pause or its end,

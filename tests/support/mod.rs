@@ -251,6 +251,11 @@ pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool)
 
 /// The notes of the Events with `reason` in `ns`, one per line.
 pub fn event_notes(c: &Cluster, ns: &str, reason: &str) -> String {
+    events_jsonpath(c, ns, reason, "{.note}")
+}
+
+/// One line per Event with `reason` in `ns`: `fields` (a jsonpath) of each.
+fn events_jsonpath(c: &Cluster, ns: &str, reason: &str, fields: &str) -> String {
     kubectl(
         c,
         &[
@@ -260,7 +265,7 @@ pub fn event_notes(c: &Cluster, ns: &str, reason: &str) -> String {
             ns,
             &format!("--field-selector=reason={reason}"),
             "-o",
-            "jsonpath={range .items[*]}{.note}{\"\\n\"}{end}",
+            &format!("jsonpath={{range .items[*]}}{fields}{{\"\\n\"}}{{end}}"),
         ],
     )
 }
@@ -268,22 +273,11 @@ pub fn event_notes(c: &Cluster, ns: &str, reason: &str) -> String {
 /// How many times Events with `reason` happened in `ns`: a repeat of an
 /// Event joins its series (`series.count`) rather than adding an object.
 pub fn event_count(c: &Cluster, ns: &str, reason: &str) -> u64 {
-    kubectl(
-        c,
-        &[
-            "get",
-            "events.events.k8s.io",
-            "-n",
-            ns,
-            &format!("--field-selector=reason={reason}"),
-            "-o",
-            "jsonpath={range .items[*]}{.metadata.name}={.series.count}{\"\\n\"}{end}",
-        ],
-    )
-    .lines()
-    .filter_map(|l| l.split_once('='))
-    .map(|(_, count)| count.parse().unwrap_or(1))
-    .sum()
+    events_jsonpath(c, ns, reason, "{.metadata.name}={.series.count}")
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(_, count)| count.parse().unwrap_or(1))
+        .sum()
 }
 
 /// An Event (`events.k8s.io/v1`) as a user reads it with kubectl.
