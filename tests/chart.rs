@@ -1392,7 +1392,16 @@ fn in_namespaces_mode_dormant_does_everything_where_it_serves_and_nothing_anywhe
         .filter(|(k, _)| k.starts_with(&format!("{}/{}-restore-", r.ns, r.fullname)))
         .map(|(_, p)| p)
         .collect();
-    assert_eq!(restores.len(), 1, "the restore runs once: {restores:#?}");
+    assert_eq!(
+        restores.len(),
+        1,
+        "the restore runs once: {restores:#?}\n{}",
+        restores
+            .iter()
+            .map(|p| format!("--- {} ---\n{}", p.phase, p.tail(50)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     let log = restores[0].tail(50);
     assert_eq!(restores[0].phase, "Succeeded", "{log}");
     assert!(log.contains("Deployment/web 0 → 2"), "{log}");

@@ -422,6 +422,81 @@ fn restore_all_brings_every_sleeping_target_back_from_its_records_with_no_agent_
     assert_eq!(versions(c), before, "a second restore changed something");
 }
 
+/// The chart's pre-delete hook grants the right to stop the agent in a
+/// Role created just before its Job, and the API server's authorizer
+/// learns of a new binding from a watch: a restore that starts first is
+/// refused for a moment. `--stop-agent` waits for the grant (and says so)
+/// instead of failing the hook.
+#[test]
+fn restore_stops_the_agent_once_a_grant_made_after_it_started_is_in_force() {
+    let c = Cluster::shared();
+    let id = test_id("stop");
+    let ns = c.namespace("stop", &[("dormant-test", &id)]).unwrap();
+    c.kubectl_apply(&c.admin, &deployment_yaml(&ns, "agent", 1)).unwrap();
+    let user = c.user(&format!("{id}-restorer"), &[]).unwrap();
+    c.kubectl_apply(
+        &c.admin,
+        &format!(
+            r#"apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {{name: {id}-read-all}}
+rules: [{{apiGroups: ["*"], resources: ["*"], verbs: [get, list, watch]}}]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {{name: {id}-read-all}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: {id}-read-all}}
+subjects: [{{kind: User, name: {id}-restorer}}]
+"#
+        ),
+    )
+    .unwrap();
+    let mut restore = std::process::Command::new(dormant_bin())
+        .args(["restore", &format!("namespace/{ns}"), &format!("--stop-agent={ns}/agent")])
+        .env("KUBECONFIG", &user.kubeconfig)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let err = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = {
+        let (err, stderr) = (err.clone(), restore.stderr.take().unwrap());
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                err.lock().unwrap().push_str(&(line + "\n"));
+            }
+        })
+    };
+    wait_until("the restore to be refused", Duration::from_secs(20), || {
+        err.lock().unwrap().contains("retrying")
+    });
+    assert_eq!(replicas(c, "deployment", "agent", &ns), "1", "scaled without the right to");
+    c.kubectl_apply(
+        &c.admin,
+        &format!(
+            r#"apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {{name: stop-agent, namespace: {ns}}}
+rules: [{{apiGroups: [apps], resources: [deployments/scale], resourceNames: [agent], verbs: [patch]}}]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {{name: stop-agent, namespace: {ns}}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: stop-agent}}
+subjects: [{{kind: User, name: {id}-restorer}}]
+"#
+        ),
+    )
+    .unwrap();
+    let out = restore.wait_with_output().unwrap();
+    reader.join().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{said}{}", err.lock().unwrap());
+    assert!(said.contains(&format!("agent {ns}/agent stopped")), "{said}");
+    assert_eq!(replicas(c, "deployment", "agent", &ns), "0");
+}
+
 /// Flux's labels for an object a Kustomization applies, and for one a
 /// HelmRelease renders.
 const FLUX_KUSTOMIZATION: &str =

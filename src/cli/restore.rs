@@ -21,6 +21,10 @@ use crate::scaler::{self, Scaler, SleepRecord};
 use crate::target::{Scope, TargetRef, stores};
 use crate::vocab;
 
+/// How long a refusal to scale the agent is taken for a grant not yet in
+/// force (see [`stop_agent`]) before it is an answer.
+const GRANT_SETTLES: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Stops the agent before a restore: scales its Deployment
 /// (`namespace/name`) to zero and waits until its Lease (`lease`, in the
 /// same namespace) is released or has run out, so no agent acts while the
@@ -43,17 +47,28 @@ pub async fn stop_agent(
         .with_context(|| format!("--stop-agent {deployment:?}: expected <namespace>/<deployment>"))?;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
     let scale = serde_json::json!({"spec": {"replicas": 0}});
-    match deployments.patch_scale(name, &PatchParams::default(), &Patch::Merge(&scale)).await {
-        Ok(_) => {}
-        // Gone already: nothing of it runs for long.
-        Err(kube::Error::Api(e)) if e.code == 404 => {}
-        Err(e) => {
-            return Err(e)
-                .with_context(|| format!("failed to scale the agent's Deployment {ns}/{name} to zero"));
+    let started = tokio::time::Instant::now();
+    loop {
+        match deployments.patch_scale(name, &PatchParams::default(), &Patch::Merge(&scale)).await {
+            Ok(_) => break,
+            // Gone already: nothing of it runs for long.
+            Err(kube::Error::Api(e)) if e.code == 404 => break,
+            // The chart's hook grants this right in a Role created just
+            // before the Job: the API server's authorizer learns of it from
+            // a watch, which can lag behind the pod's first request.
+            Err(kube::Error::Api(e)) if e.code == 403 && started.elapsed() < GRANT_SETTLES => {
+                eprintln!(
+                    "not yet allowed to scale {deployment} (the grant may not be in force yet); retrying"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("failed to scale the agent's Deployment {ns}/{name} to zero"));
+            }
         }
     }
     let leases: Api<Lease> = Api::namespaced(client.clone(), ns);
-    let started = tokio::time::Instant::now();
     loop {
         let held = match leases
             .get_opt(lease)
