@@ -8,7 +8,6 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, Patch};
 use serde_json::json;
@@ -91,7 +90,7 @@ impl Annotator {
                 );
                 (
                     format!("{ns}/{name}"),
-                    Api::<StatefulSet>::namespaced(client, &ns)
+                    Api::<crate::target::cached::StatefulSet>::namespaced(client, &ns)
                         .patch(&name, &pp, &p)
                         .await
                         .map(|o| Some(WorkloadView::from_statefulset(&o))),
@@ -104,7 +103,7 @@ impl Annotator {
                 );
                 (
                     format!("{ns}/{name}"),
-                    Api::<Deployment>::namespaced(client, &ns)
+                    Api::<crate::target::cached::Deployment>::namespaced(client, &ns)
                         .patch(&name, &pp, &p)
                         .await
                         .map(|o| Some(WorkloadView::from_deployment(&o))),

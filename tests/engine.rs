@@ -1505,8 +1505,8 @@ fn a_reconcile_stuck_on_a_silent_api_server_times_out_and_completes_later() {
 /// version together), not the cache's older count under the newer version.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_control_plane_scaled_just_before_its_sleep_records_the_new_count() {
+    use dormant::target::cached::StatefulSet;
     use dormant::vocab::STATE;
-    use k8s_openapi::api::apps::v1::StatefulSet;
     let c = Cluster::shared();
     let ns = c.namespace("stale", &[("dormant-test", &test_id("stale"))]).unwrap();
     c.kubectl_apply(

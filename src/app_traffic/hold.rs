@@ -22,7 +22,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::Utc;
-use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet, StatefulSet};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::Ingress;
@@ -205,25 +204,22 @@ impl Holder {
     /// `stays_up` says which the sleep leaves running.
     pub fn pods(&self, workloads: &[WorkloadView], stays_up: impl Fn(&WorkloadView) -> bool) -> Vec<Pods> {
         let labels = |w: &WorkloadView| {
-            let template = match w.kind {
-                WorkloadKind::Deployment => self
-                    .stores
-                    .deployments
-                    .get(&ObjectRef::<Deployment>::new(&w.name).within(&w.namespace))
-                    .map(|d| d.spec.template.metadata.clone()),
-                WorkloadKind::StatefulSet => self
-                    .stores
-                    .statefulsets
-                    .get(&ObjectRef::<StatefulSet>::new(&w.name).within(&w.namespace))
-                    .map(|s| s.spec.template.metadata.clone()),
-                WorkloadKind::ReplicaSet => self
-                    .stores
-                    .replicasets
-                    .get(&ObjectRef::<ReplicaSet>::new(&w.name).within(&w.namespace))
-                    .and_then(|rs| rs.spec.template.as_ref().map(|t| t.metadata.clone())),
+            fn at<K: kube::Resource<DynamicType = ()>>(w: &WorkloadView) -> ObjectRef<K> {
+                ObjectRef::new(&w.name).within(&w.namespace)
+            }
+            let labels = match w.kind {
+                WorkloadKind::Deployment => {
+                    self.stores.deployments.get(&at(w)).map(|d| d.template_labels.clone())
+                }
+                WorkloadKind::StatefulSet => {
+                    self.stores.statefulsets.get(&at(w)).map(|s| s.template_labels.clone())
+                }
+                WorkloadKind::ReplicaSet => {
+                    self.stores.replicasets.get(&at(w)).map(|r| r.template_labels.clone())
+                }
                 WorkloadKind::CronJob | WorkloadKind::Job => None,
             };
-            template.flatten().and_then(|m| m.labels).unwrap_or_default()
+            labels.unwrap_or_default()
         };
         workloads
             .iter()

@@ -66,14 +66,8 @@ impl Proxy {
             return false;
         }
         match object {
-            TargetObject::StatefulSet(s) => {
-                s.spec.replicas.unwrap_or(1) > 0
-                    && s.status.as_ref().and_then(|s| s.ready_replicas).unwrap_or(0) > 0
-            }
-            TargetObject::Deployment(d) => {
-                d.spec.replicas.unwrap_or(1) > 0
-                    && d.status.as_ref().and_then(|s| s.ready_replicas).unwrap_or(0) > 0
-            }
+            TargetObject::StatefulSet(s) => s.replicas.unwrap_or(1) > 0 && s.ready_pods > 0,
+            TargetObject::Deployment(d) => d.replicas.unwrap_or(1) > 0 && d.ready_pods > 0,
             TargetObject::Namespace(_) => false,
         }
     }

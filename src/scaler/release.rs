@@ -71,16 +71,27 @@ impl Release {
     }
 
     /// Adds a StatefulSet of the release: its claims belong too.
-    pub fn with_statefulset(mut self, s: &StatefulSet) -> Release {
+    pub fn with_statefulset(self, s: &StatefulSet) -> Release {
         let spec = &s.spec;
-        let prefixes = spec
-            .volume_claim_templates
-            .iter()
-            .flatten()
-            .filter_map(|t| t.metadata.name.as_ref())
-            .map(|t| format!("{t}-{}-", s.name_any()))
-            .collect::<Vec<_>>();
-        let selector = spec.selector.match_labels.clone().unwrap_or_default();
+        let templates =
+            spec.volume_claim_templates.iter().flatten().filter_map(|t| t.metadata.name.as_deref());
+        self.with_claims(&s.name_any(), templates, spec.selector.match_labels.clone().unwrap_or_default())
+    }
+
+    /// Adds the control plane as the agent's cache keeps it.
+    pub fn with_cached(self, s: &crate::target::cached::StatefulSet) -> Release {
+        self.with_claims(&s.name_any(), s.claim_templates.iter().map(String::as_str), s.selector.clone())
+    }
+
+    /// The claims of StatefulSet `name`: named after its claim `templates`,
+    /// labelled with its `selector`.
+    fn with_claims<'a>(
+        mut self,
+        name: &str,
+        templates: impl Iterator<Item = &'a str>,
+        selector: BTreeMap<String, String>,
+    ) -> Release {
+        let prefixes = templates.map(|t| format!("{t}-{name}-")).collect::<Vec<_>>();
         // A StatefulSet without selector labels would claim every PVC with
         // a matching name: none of it is taken then.
         if !prefixes.is_empty() && !selector.is_empty() {
@@ -142,7 +153,7 @@ impl Scaler {
         let client = self.client().clone();
         let mut release = Release::new(&ns, &name);
         if let crate::target::TargetObject::StatefulSet(s) = control_plane {
-            release = release.with_statefulset(s);
+            release = release.with_cached(s);
         }
         self.patcher.throttle().wait().await;
         let statefulsets = Api::<StatefulSet>::namespaced(client.clone(), &ns)

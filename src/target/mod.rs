@@ -3,6 +3,7 @@
 //! pods it synced) or a namespace (its other workloads) — discovered from
 //! reflector stores, with the workloads each one owns.
 
+pub mod cached;
 pub mod effective;
 pub mod index;
 pub mod scope;
@@ -14,8 +15,8 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 
+use self::cached::{Deployment, StatefulSet};
 use chrono::{DateTime, Utc};
-use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{Namespace, ObjectReference};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Resource;

@@ -7,11 +7,8 @@ use std::fmt::Debug;
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet, StatefulSet};
 use k8s_openapi::api::batch::v1::{CronJob, Job};
-use k8s_openapi::api::core::v1::{
-    Container, Namespace, PersistentVolumeClaim, Pod, PodSpec, PodTemplateSpec,
-};
+use k8s_openapi::api::core::v1::{Container, Namespace, Pod, PodSpec, PodTemplateSpec};
 use kube::api::{Api, ListParams};
 use kube::runtime::reflector::{self, Store, store::Writer};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -19,6 +16,7 @@ use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 
+use super::cached::{Deployment, ReplicaSet, StatefulSet};
 use super::workload::AsWorkload;
 use super::{
     Scope, Target, TargetKind, TargetObject, TargetRef, WorkloadView, is_vcluster_control_plane,
@@ -123,17 +121,18 @@ fn synced_pods_params() -> watcher::Config {
 
 /// What the caches keep of an object: what dormant reads of it. The rest
 /// is dropped as it arrives: `managedFields`, kubectl's last-applied copy,
-/// and most of every pod template (a large cluster has about ten old
-/// ReplicaSets per Deployment, each with its whole template; at 10,000
-/// targets the caches are most of the agent's memory).
+/// and most of every pod template. Workloads that scale are read into
+/// records of their own instead ([`super::cached`]: at 10,000 targets the
+/// caches are most of the agent's memory, and a large cluster has about
+/// ten old ReplicaSets per Deployment).
 pub trait Trim {
     fn trim(&mut self);
 }
 
 /// `kubectl apply`'s copy of the whole object, which dormant never reads.
-const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+pub(super) const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
-fn trim_meta(meta: &mut kube::api::ObjectMeta) {
+pub(super) fn trim_meta(meta: &mut kube::api::ObjectMeta) {
     meta.managed_fields = None;
     if let Some(a) = meta.annotations.as_mut() {
         a.remove(LAST_APPLIED);
@@ -172,26 +171,9 @@ impl Trim for SleepPolicy {
     }
 }
 
-impl Trim for StatefulSet {
-    /// Claim templates keep their names (a vcluster's deletion finds its
-    /// claims by them).
-    fn trim(&mut self) {
-        trim_meta(&mut self.metadata);
-        trim_template(&mut self.spec.template);
-        for t in self.spec.volume_claim_templates.iter_mut().flatten() {
-            *t = PersistentVolumeClaim {
-                metadata: kube::api::ObjectMeta { name: t.metadata.name.take(), ..Default::default() },
-                ..Default::default()
-            };
-        }
-    }
-}
-
-impl Trim for Deployment {
-    fn trim(&mut self) {
-        trim_meta(&mut self.metadata);
-        trim_template(&mut self.spec.template);
-    }
+/// Kept only what is read as it was read (see [`super::cached`]).
+impl<K> Trim for super::cached::Scalable<K> {
+    fn trim(&mut self) {}
 }
 
 impl Trim for CronJob {
@@ -209,24 +191,6 @@ impl Trim for Job {
         trim_meta(&mut self.metadata);
         if let Some(spec) = self.spec.as_mut() {
             trim_template(&mut spec.template);
-        }
-    }
-}
-
-impl Trim for ReplicaSet {
-    /// A ReplicaSet a controller owns (a Deployment's) is never scaled:
-    /// only ownerless ones need their template (for their requests).
-    fn trim(&mut self) {
-        trim_meta(&mut self.metadata);
-        let owned = self
-            .metadata
-            .owner_references
-            .as_ref()
-            .is_some_and(|o| o.iter().any(|r| r.controller == Some(true)));
-        match self.spec.template.as_mut() {
-            Some(_) if owned => self.spec.template = None,
-            Some(t) => trim_template(t),
-            None => {}
         }
     }
 }
@@ -692,21 +656,17 @@ mod tests {
             }))
             .unwrap()
         };
-        // A Deployment's ReplicaSet: never scaled, its template goes.
-        let mut owned = rs(
+        // A Deployment's ReplicaSet: never scaled, read as controlled.
+        let owned = rs(
             r#"[{"apiVersion": "apps/v1", "kind": "Deployment", "name": "web", "uid": "u", "controller": true}]"#,
         );
-        owned.trim();
-        assert!(owned.spec.template.is_none());
         let v = owned.view();
         assert!(v.controlled);
         assert_eq!((v.replicas, v.current_pods, v.ready_pods), (Some(3), 3, 2));
-        // An ownerless one is a workload: everything it is read for stays.
-        let mut alone = rs("[]");
-        let before = alone.view();
-        alone.trim();
-        let after = alone.view();
-        assert_eq!((after.replicas, after.per_replica.cpu_cores), (before.replicas, 0.25));
+        // An ownerless one is a workload: everything it is read for is kept.
+        let alone = rs("[]").view();
+        assert!(!alone.controlled);
+        assert_eq!((alone.replicas, alone.per_replica.cpu_cores), (Some(3), 0.25));
 
         let mut pod: Pod = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "app-x-default-x-dev", "namespace": "shop", "labels": {MANAGED_BY_LABEL: "dev"}},
@@ -725,61 +685,5 @@ mod tests {
         assert!(spec.volumes.is_none() && spec.containers[0].env.is_none());
         assert_eq!(pod_spec_requests(spec), requests);
         assert_eq!(pod.labels().get(MANAGED_BY_LABEL).map(String::as_str), Some("dev"));
-    }
-
-    /// A vcluster's StatefulSet as its chart renders it (abridged), applied
-    /// with `kubectl apply`: everything dormant reads of it survives the
-    /// trim, and the trim takes most of its size.
-    #[test]
-    fn a_trimmed_workload_reads_the_same_and_weighs_less() {
-        let raw = serde_json::json!({
-            "metadata": {"name": "vc", "namespace": "team", "resourceVersion": "42", "uid": "u1",
-                "labels": {"app": "vcluster", "release": "vc"},
-                "annotations": {"dormant.dev/sleep-after": "1h", LAST_APPLIED: "{\"apiVersion\":\"apps/v1\",\"kind\":\"StatefulSet\",\"spec\":{}}".repeat(20)},
-                "managedFields": [{"manager": "kubectl", "operation": "Apply", "fieldsV1": {"f:spec": {}}}]},
-            "spec": {
-                "replicas": 1, "serviceName": "vc",
-                "selector": {"matchLabels": {"app": "vcluster", "release": "vc"}},
-                "persistentVolumeClaimRetentionPolicy": {"whenScaled": "Delete", "whenDeleted": "Retain"},
-                "volumeClaimTemplates": [{"metadata": {"name": "data"}, "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "5Gi"}}}}],
-                "template": {
-                    "metadata": {"labels": {"app": "vcluster", "release": "vc"}, "annotations": {"checksum/config": "abc"}},
-                    "spec": {
-                        "serviceAccountName": "vc-vc",
-                        "containers": [{"name": "syncer", "image": "ghcr.io/loft-sh/vcluster-pro:0.30.0",
-                            "args": ["--name=vc", "--service-account=vc-workload"],
-                            "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
-                            "volumeMounts": [{"name": "data", "mountPath": "/data"}],
-                            "readinessProbe": {"httpGet": {"path": "/readyz", "port": 8443}},
-                            "resources": {"requests": {"cpu": "200m", "memory": "256Mi"}}}],
-                        "volumes": [{"name": "certs", "secret": {"secretName": "vc-certs"}}]
-                    }
-                }
-            },
-            "status": {"replicas": 1, "readyReplicas": 1, "availableReplicas": 1}
-        });
-        let before: StatefulSet = serde_json::from_value(raw).unwrap();
-        let mut after = before.clone();
-        after.trim();
-        let (b, a) = (WorkloadView::from_statefulset(&before), WorkloadView::from_statefulset(&after));
-        assert_eq!((a.replicas, a.ready_pods, a.current_pods), (b.replicas, b.ready_pods, b.current_pods));
-        assert_eq!((a.per_replica.cpu_cores, a.per_replica.memory_bytes), (0.2, 256.0 * 1024.0 * 1024.0));
-        assert!(a.deletes_claims_when_scaled && b.deletes_claims_when_scaled);
-        assert_eq!(a.resource_version.as_deref(), Some("42"));
-        assert_eq!(a.annotations.get("dormant.dev/sleep-after").map(String::as_str), Some("1h"));
-        assert!(!a.annotations.contains_key(LAST_APPLIED) && after.metadata.managed_fields.is_none());
-        // Deleting a vcluster finds its claims by template name and selector.
-        let claims = |s: &StatefulSet| {
-            let names = s.spec.volume_claim_templates.iter().flatten().map(|t| t.metadata.name.clone());
-            (names.collect::<Vec<_>>(), s.spec.selector.match_labels.clone())
-        };
-        assert_eq!(claims(&after), claims(&before));
-        // App traffic selects its pods by the template's labels.
-        assert_eq!(
-            after.spec.template.metadata.as_ref().and_then(|m| m.labels.clone()),
-            before.spec.template.metadata.clone().and_then(|m| m.labels)
-        );
-        let size = |s: &StatefulSet| serde_json::to_vec(s).unwrap().len();
-        assert!(size(&after) * 3 < size(&before), "{} → {} bytes", size(&before), size(&after));
     }
 }

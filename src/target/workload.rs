@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet, StatefulSet};
+use super::cached::{self, Deployment, ReplicaSet, StatefulSet};
 use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::core::v1::PodTemplateSpec;
 use kube::ResourceExt;
@@ -129,37 +129,27 @@ impl WorkloadView {
         }
     }
 
-    pub fn from_deployment(d: &Deployment) -> Self {
-        let mut w = Self::base(WorkloadKind::Deployment, &d.metadata);
-        w.replicas = Some(d.spec.replicas.unwrap_or(1));
-        w.current_pods = d.status.as_ref().and_then(|s| s.replicas).unwrap_or(0);
-        w.ready_pods = d.status.as_ref().and_then(|s| s.ready_replicas).unwrap_or(0);
-        w.per_replica = template_requests(Some(&d.spec.template));
+    /// A Deployment, StatefulSet or ReplicaSet as the caches keep it.
+    fn from_scalable<K>(kind: WorkloadKind, s: &cached::Scalable<K>) -> Self {
+        let mut w = Self::base(kind, &s.metadata);
+        w.replicas = Some(s.replicas.unwrap_or(1));
+        w.current_pods = s.current_pods;
+        w.ready_pods = s.ready_pods;
+        w.per_replica = s.per_replica;
+        w.deletes_claims_when_scaled = s.claims_deleted_when_scaled && !s.claim_templates.is_empty();
         w
+    }
+
+    pub fn from_deployment(d: &Deployment) -> Self {
+        Self::from_scalable(WorkloadKind::Deployment, d)
     }
 
     pub fn from_statefulset(s: &StatefulSet) -> Self {
-        let mut w = Self::base(WorkloadKind::StatefulSet, &s.metadata);
-        w.replicas = Some(s.spec.replicas.unwrap_or(1));
-        w.current_pods = s.status.as_ref().map(|s| s.replicas).unwrap_or(0);
-        w.ready_pods = s.status.as_ref().and_then(|s| s.ready_replicas).unwrap_or(0);
-        w.per_replica = template_requests(Some(&s.spec.template));
-        w.deletes_claims_when_scaled = s
-            .spec
-            .persistent_volume_claim_retention_policy
-            .as_ref()
-            .is_some_and(|p| p.when_scaled.as_deref() == Some("Delete"))
-            && s.spec.volume_claim_templates.as_ref().is_some_and(|t| !t.is_empty());
-        w
+        Self::from_scalable(WorkloadKind::StatefulSet, s)
     }
 
     pub fn from_replicaset(r: &ReplicaSet) -> Self {
-        let mut w = Self::base(WorkloadKind::ReplicaSet, &r.metadata);
-        w.replicas = Some(r.spec.replicas.unwrap_or(1));
-        w.current_pods = r.status.as_ref().map(|s| s.replicas).unwrap_or(0);
-        w.ready_pods = r.status.as_ref().and_then(|s| s.ready_replicas).unwrap_or(0);
-        w.per_replica = template_requests(r.spec.template.as_ref());
-        w
+        Self::from_scalable(WorkloadKind::ReplicaSet, r)
     }
 
     pub fn from_cronjob(c: &CronJob) -> Self {
@@ -256,14 +246,7 @@ pub fn template_requests(t: Option<&PodTemplateSpec>) -> Requests {
 }
 
 pub fn pod_spec_requests(spec: &k8s_openapi::api::core::v1::PodSpec) -> Requests {
-    let mut r = Requests::default();
-    for c in &spec.containers {
-        if let Some(req) = c.resources.as_ref().and_then(|r| r.requests.as_ref()) {
-            r.cpu_cores += req.get("cpu").and_then(|q| parse_quantity(&q.0)).unwrap_or(0.0);
-            r.memory_bytes += req.get("memory").and_then(|q| parse_quantity(&q.0)).unwrap_or(0.0);
-        }
-    }
-    r
+    cached::requests(spec.containers.iter().map(|c| c.resources.as_ref().and_then(|r| r.requests.as_ref())))
 }
 
 /// A Kubernetes quantity (`100m`, `1.5`, `64Mi`, `1G`, `2e3`) as a number
