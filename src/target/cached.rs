@@ -43,11 +43,13 @@ pub struct Scalable<K> {
     pub current_pods: i32,
     /// `status.readyReplicas`.
     pub ready_pods: i32,
-    /// The pod template's labels (app traffic selects its pods by them).
+    /// The pod template's labels (app traffic selects its pods by them);
+    /// none for a Deployment's ReplicaSet.
     pub template_labels: BTreeMap<String, String>,
     /// The sum of the pod template's containers' requests.
     pub per_replica: Requests,
-    /// `spec.selector.matchLabels`.
+    /// `spec.selector.matchLabels`, kept only with claim templates (which
+    /// it finds the claims of).
     pub selector: BTreeMap<String, String>,
     /// The names of its volume claim templates (a StatefulSet's; a
     /// vcluster's deletion finds its claims by them and the selector).
@@ -173,13 +175,34 @@ mod wire {
 }
 
 impl<K> From<wire::Workload> for Scalable<K> {
+    /// Each non-empty map costs a B-tree node of about half a kilobyte,
+    /// so what is never read is not kept: the template of a Deployment's
+    /// ReplicaSet (never scaled, nor looked at: its Deployment is) and a
+    /// selector where no claim needs it.
     fn from(w: wire::Workload) -> Self {
         let mut metadata = w.metadata.unwrap_or_default();
         super::stores::trim_meta(&mut metadata);
         let status = w.status.unwrap_or_default();
         let spec = w.spec.unwrap_or_default();
-        let template = spec.template.unwrap_or_default();
+        let a_deployments = metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .any(|o| o.controller == Some(true) && o.kind == "Deployment" && o.api_version == "apps/v1");
+        let template =
+            if a_deployments { wire::Template::default() } else { spec.template.unwrap_or_default() };
         let containers = template.spec.and_then(|s| s.containers).unwrap_or_default();
+        let claim_templates: Vec<String> = spec
+            .volume_claim_templates
+            .into_iter()
+            .flatten()
+            .filter_map(|t| t.metadata.and_then(|m| m.name))
+            .collect();
+        let selector = if claim_templates.is_empty() {
+            BTreeMap::new()
+        } else {
+            spec.selector.and_then(|s| s.match_labels).unwrap_or_default()
+        };
         Scalable {
             metadata,
             replicas: spec.replicas,
@@ -189,13 +212,8 @@ impl<K> From<wire::Workload> for Scalable<K> {
             per_replica: requests(
                 containers.iter().map(|c| c.resources.as_ref().and_then(|r| r.requests.as_ref())),
             ),
-            selector: spec.selector.and_then(|s| s.match_labels).unwrap_or_default(),
-            claim_templates: spec
-                .volume_claim_templates
-                .into_iter()
-                .flatten()
-                .filter_map(|t| t.metadata.and_then(|m| m.name))
-                .collect(),
+            selector,
+            claim_templates,
             claims_deleted_when_scaled: spec
                 .persistent_volume_claim_retention_policy
                 .and_then(|p| p.when_scaled)

@@ -132,10 +132,18 @@ pub trait Trim {
 /// `kubectl apply`'s copy of the whole object, which dormant never reads.
 pub(super) const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
+/// Annotations the Deployment controller keeps on its objects (revision,
+/// desired and max replicas), which dormant never reads.
+const DEPLOYMENT_CONTROLLER: &str = "deployment.kubernetes.io/";
+
 pub(super) fn trim_meta(meta: &mut kube::api::ObjectMeta) {
     meta.managed_fields = None;
     if let Some(a) = meta.annotations.as_mut() {
-        a.remove(LAST_APPLIED);
+        a.retain(|k, _| k != LAST_APPLIED && !k.starts_with(DEPLOYMENT_CONTROLLER));
+        // An emptied map still holds its node.
+        if a.is_empty() {
+            meta.annotations = None;
+        }
     }
 }
 
@@ -648,8 +656,11 @@ mod tests {
     fn the_caches_keep_what_dormant_reads() {
         let rs = |owner: &str| -> ReplicaSet {
             serde_json::from_value(serde_json::json!({
-                "metadata": {"name": "web-7d9f", "namespace": "shop", "ownerReferences": serde_json::from_str::<serde_json::Value>(owner).unwrap()},
-                "spec": {"replicas": 3, "selector": {}, "template": {"spec": {"containers": [
+                "metadata": {"name": "web-7d9f", "namespace": "shop", "ownerReferences": serde_json::from_str::<serde_json::Value>(owner).unwrap(),
+                    "annotations": {"deployment.kubernetes.io/revision": "4", "deployment.kubernetes.io/desired-replicas": "3"}},
+                "spec": {"replicas": 3, "selector": {"matchLabels": {"app": "web"}}, "template": {
+                    "metadata": {"labels": {"app": "web"}},
+                    "spec": {"containers": [
                     {"name": "c", "image": "nginx", "resources": {"requests": {"cpu": "250m", "memory": "64Mi"}}}
                 ]}}},
                 "status": {"replicas": 3, "readyReplicas": 2}
@@ -663,10 +674,16 @@ mod tests {
         let v = owned.view();
         assert!(v.controlled);
         assert_eq!((v.replicas, v.current_pods, v.ready_pods), (Some(3), 3, 2));
+        // What is never read of it is not kept: its template, its selector
+        // (no claims), the Deployment controller's annotations.
+        assert!(owned.template_labels.is_empty() && owned.selector.is_empty());
+        assert_eq!(owned.metadata.annotations, None);
         // An ownerless one is a workload: everything it is read for is kept.
-        let alone = rs("[]").view();
-        assert!(!alone.controlled);
-        assert_eq!((alone.replicas, alone.per_replica.cpu_cores), (Some(3), 0.25));
+        let alone = rs("[]");
+        let v = alone.view();
+        assert!(!v.controlled);
+        assert_eq!((v.replicas, v.per_replica.cpu_cores), (Some(3), 0.25));
+        assert_eq!(alone.template_labels.get("app").map(String::as_str), Some("web"));
 
         let mut pod: Pod = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "app-x-default-x-dev", "namespace": "shop", "labels": {MANAGED_BY_LABEL: "dev"}},
