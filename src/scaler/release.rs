@@ -279,6 +279,20 @@ mod tests {
         }
     }
 
+    /// The agent's cache keeps a compact record of the control plane:
+    /// read from it, the release claims the same PVCs.
+    #[test]
+    fn the_cached_control_plane_names_the_same_claims() {
+        let cached: crate::target::cached::StatefulSet =
+            serde_json::from_value(serde_json::to_value(control_plane()).unwrap()).unwrap();
+        let (from_cache, whole) = (
+            Release::new("team", "vc").with_cached(&cached).claims,
+            Release::new("team", "vc").with_statefulset(&control_plane()).claims,
+        );
+        assert_eq!(from_cache, whole);
+        assert_eq!(from_cache.len(), 1);
+    }
+
     #[test]
     fn another_release_look_alikes_and_other_namespaces_do_not() {
         let r = Release::new("team", "vc").with_statefulset(&control_plane());
