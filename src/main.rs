@@ -66,7 +66,28 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Ui { no_open, conn } => remote::ui(&conn, !no_open, &mut out).await?,
-        Command::Restore { all: _, target, stop_agent, lease_name } => {
+        Command::Restore {
+            all: _,
+            target,
+            stop_agent,
+            lease_name,
+            only_namespaces,
+            namespace_selector,
+            exclude_namespaces,
+        } => {
+            let clean =
+                |v: Vec<String>| v.into_iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty());
+            let scope = dormant::target::Scope {
+                excluded: clean(exclude_namespaces).collect(),
+                selector: namespace_selector
+                    .as_deref()
+                    .map(dormant::target::scope::parse_selector)
+                    .transpose()
+                    .map_err(|e| anyhow::anyhow!("--namespace-selector: {e}"))?,
+                only: Some(clean(only_namespaces).collect::<std::collections::BTreeSet<_>>())
+                    .filter(|o| !o.is_empty()),
+                platform_annotations: false,
+            };
             let client = dormant::client::client().await?;
             if let Some(deployment) = &stop_agent {
                 let timeout = std::time::Duration::from_secs(120);
@@ -74,7 +95,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("agent {deployment} stopped");
             }
             let mut text = String::new();
-            let done = dormant::cli::restore::restore(&client, target.as_ref(), &mut text).await?;
+            let done = dormant::cli::restore::restore(&client, target.as_ref(), &scope, &mut text).await?;
             print!("{text}");
             if done.failed > 0 || done.lost > 0 {
                 return Ok(ExitCode::FAILURE);

@@ -1383,6 +1383,12 @@ fn in_namespaces_mode_dormant_does_everything_where_it_serves_and_nothing_anywhe
     {
         assert_eq!(jsonpath(c, kind, name, Some(&served), "{.spec.replicas}"), slept, "{kind}/{name}");
     }
+    // What another dormant put to sleep where this one does not serve
+    // (a namespace of its own, written here as it would write it) is not
+    // this release's to restore.
+    kubectl(c, &["scale", "deployment", "web", "-n", &other, "--replicas=0"]);
+    kubectl(c, &["annotate", "deployment", "web", "-n", &other, "dormant.dev/replicas-before-sleep=1"]);
+    kubectl(c, &["annotate", "namespace", &other, "dormant.dev/state=asleep"]);
     let (ok, out) = helm(c, &["uninstall", &id, "-n", &r.ns, "--wait"]);
     assert!(ok, "{out}");
     let restores: Vec<PodView> = r
@@ -1415,7 +1421,8 @@ fn in_namespaces_mode_dormant_does_everything_where_it_serves_and_nothing_anywhe
         ""
     );
     assert_eq!(state(c, "namespace", &served, None), "awake");
-    assert_eq!(jsonpath(c, "deployment", "web", Some(&other), "{.spec.replicas}"), "1");
+    assert_eq!(jsonpath(c, "deployment", "web", Some(&other), "{.spec.replicas}"), "0", "not its to wake");
+    assert_eq!(state(c, "namespace", &other, None), "asleep");
 }
 
 #[test]

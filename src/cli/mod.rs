@@ -104,6 +104,17 @@ pub enum Command {
         /// The agent's Lease, in the Deployment's namespace.
         #[arg(long, default_value = "dormant-controller", requires = "stop_agent")]
         lease_name: String,
+        /// Only targets in these namespaces (comma-separated): the chart's
+        /// hook passes its agent's scope, so that uninstalling one release
+        /// never wakes what another dormant serves.
+        #[arg(long = "namespaces", value_delimiter = ',')]
+        only_namespaces: Vec<String>,
+        /// Only targets in namespaces whose labels match this selector.
+        #[arg(long)]
+        namespace_selector: Option<String>,
+        /// Never targets in these namespaces (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        exclude_namespaces: Vec<String>,
     },
     /// Write a kubeconfig that reaches a vcluster through dormant's proxy
     /// (waking it on the first request) with the vcluster's own credentials.

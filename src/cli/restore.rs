@@ -111,10 +111,12 @@ pub struct Restored {
     pub failed: usize,
 }
 
-/// Restores `only` (or every target), writing one line per target to `out`.
+/// Restores `only` (or every target within `scope`), writing one line per
+/// target to `out`.
 pub async fn restore(
     client: &Client,
     only: Option<&TargetRef>,
+    scope: &Scope,
     out: &mut String,
 ) -> anyhow::Result<Restored> {
     let (stores, writers) = stores::stores();
@@ -122,9 +124,8 @@ pub async fn restore(
     let qps = NonZeroU32::new(20).unwrap_or(NonZeroU32::MIN);
     let patcher = Patcher::new(client.clone(), Throttle::new(qps, qps));
     let (scaler, annotator) = (Scaler::new(patcher.clone()), Annotator::new(patcher));
-    let all = Scope::default();
     let mut done = Restored::default();
-    for r in stores.targets(&[], &all) {
+    for r in stores.targets(&[], scope) {
         if only.is_some_and(|o| *o != r) {
             continue;
         }
