@@ -75,16 +75,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             namespace_selector,
             exclude_namespaces,
         } => {
-            let clean =
-                |v: Vec<String>| v.into_iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty());
+            use dormant::target::scope::namespace_names;
             let scope = dormant::target::Scope {
-                excluded: clean(exclude_namespaces).collect(),
+                excluded: namespace_names(&exclude_namespaces),
                 selector: namespace_selector
                     .as_deref()
                     .map(dormant::target::scope::parse_selector)
                     .transpose()
                     .map_err(|e| anyhow::anyhow!("--namespace-selector: {e}"))?,
-                only: Some(clean(only_namespaces).collect::<std::collections::BTreeSet<_>>())
+                only: Some(namespace_names::<std::collections::BTreeSet<_>>(&only_namespaces))
                     .filter(|o| !o.is_empty()),
                 platform_annotations: false,
             };

@@ -409,7 +409,7 @@ impl AgentArgs {
             .filter(|s| !s.is_empty())
             .unwrap_or_else(|| format!("dormant-{}", std::process::id()));
         let mut excluded_namespaces: HashSet<String> =
-            self.exclude_namespaces.iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+            crate::target::scope::namespace_names(&self.exclude_namespaces);
         excluded_namespaces.insert(self.namespace.clone());
         Ok(Settings {
             namespace: self.namespace.clone(),
@@ -582,8 +582,7 @@ impl AgentArgs {
     /// `--namespaces`: `None` when unset; a name that is no namespace, or
     /// that is also excluded (it could never hold a target), is an error.
     fn validate_only_namespaces(&self, errors: &mut Vec<String>) -> Option<BTreeSet<String>> {
-        let names: BTreeSet<String> =
-            self.only_namespaces.iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+        let names: BTreeSet<String> = crate::target::scope::namespace_names(&self.only_namespaces);
         if names.is_empty() {
             return None;
         }

@@ -47,7 +47,7 @@ pub async fn stop_agent(
         .with_context(|| format!("--stop-agent {deployment:?}: expected <namespace>/<deployment>"))?;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
     let scale = serde_json::json!({"spec": {"replicas": 0}});
-    let started = tokio::time::Instant::now();
+    let asked = tokio::time::Instant::now();
     loop {
         match deployments.patch_scale(name, &PatchParams::default(), &Patch::Merge(&scale)).await {
             Ok(_) => break,
@@ -56,7 +56,7 @@ pub async fn stop_agent(
             // The chart's hook grants this right in a Role created just
             // before the Job: the API server's authorizer learns of it from
             // a watch, which can lag behind the pod's first request.
-            Err(kube::Error::Api(e)) if e.code == 403 && started.elapsed() < GRANT_SETTLES => {
+            Err(kube::Error::Api(e)) if e.code == 403 && asked.elapsed() < GRANT_SETTLES => {
                 eprintln!(
                     "not yet allowed to scale {deployment} (the grant may not be in force yet); retrying"
                 );
@@ -69,6 +69,7 @@ pub async fn stop_agent(
         }
     }
     let leases: Api<Lease> = Api::namespaced(client.clone(), ns);
+    let started = tokio::time::Instant::now();
     loop {
         let held = match leases
             .get_opt(lease)

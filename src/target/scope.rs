@@ -32,6 +32,12 @@ impl Scope {
 
 /// Parses a label selector as kubectl reads `-l`: `a=b`, `a==b`, `a!=b`,
 /// `a`, `!a`, `a in (x,y)`, `a notin (x,y)`, joined by commas.
+/// Namespace names as a comma-separated flag gives them: trimmed, blanks
+/// dropped.
+pub fn namespace_names<C: FromIterator<String>>(flag: &[String]) -> C {
+    flag.iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()
+}
+
 pub fn parse_selector(s: &str) -> Result<Selector, String> {
     let mut parts = Vec::new();
     let mut depth = 0;
