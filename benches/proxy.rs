@@ -32,6 +32,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use testbed::bench::Throughput;
 use testbed::process::{free_port, http_ok, rss_kib};
 use testbed::vcluster::{VCluster, VClusterOptions};
 use testbed::{Cluster, ClusterOptions};
@@ -48,61 +49,8 @@ fn which(bin: &str) -> String {
     );
 }
 
-/// One load run through one path: requests per second and latency.
-struct Throughput {
-    rps: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-}
-
-fn parse_ms(v: &str) -> f64 {
-    let v = v.trim();
-    if let Some(x) = v.strip_suffix("us") {
-        x.parse::<f64>().unwrap_or(f64::NAN) / 1000.0
-    } else if let Some(x) = v.strip_suffix("ms") {
-        x.parse().unwrap_or(f64::NAN)
-    } else if let Some(x) = v.strip_suffix('s') {
-        x.parse::<f64>().unwrap_or(f64::NAN) * 1000.0
-    } else {
-        f64::NAN
-    }
-}
-
 fn wrk(url: &str, headers: &[&str], seconds: u32) -> Throughput {
-    let mut cmd = Command::new(which("wrk"));
-    cmd.args(["-t2", "-c32", &format!("-d{seconds}s"), "--latency"]);
-    for h in headers {
-        cmd.args(["-H", h]);
-    }
-    let out = cmd.arg(url).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let find = |prefix: &str| {
-        text.lines()
-            .find(|l| l.trim_start().starts_with(prefix))
-            .map(|l| l.split_whitespace().nth(1).unwrap_or("").to_string())
-            .unwrap_or_default()
-    };
-    let rps = text
-        .lines()
-        .find(|l| l.starts_with("Requests/sec:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(f64::NAN);
-    let non2xx = text.lines().any(|l| l.contains("Non-2xx"));
-    if non2xx || !rps.is_finite() {
-        // One request by hand, to show what the failing answer was.
-        let mut curl = Command::new("curl");
-        curl.args(["-sSk", "-i", "--max-time", "10"]);
-        for h in headers {
-            curl.args(["-H", h]);
-        }
-        let one = curl.arg(url).output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
-        panic!(
-            "wrk against {url} failed:\n{text}{}\none request: {one:?}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Throughput { rps, p50_ms: parse_ms(&find("50%")), p99_ms: parse_ms(&find("99%")) }
+    testbed::bench::wrk(&[which("wrk")], url, headers, seconds)
 }
 
 /// h2load against `url` over HTTP/2 for `seconds`; latency percentiles

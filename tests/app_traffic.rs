@@ -20,7 +20,6 @@ mod support;
 use std::convert::Infallible;
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd as _;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -54,12 +53,7 @@ fn in_ns<T: Send + 'static>(path: &Path, f: impl FnOnce() -> T + Send + 'static)
 }
 
 fn enter(path: &Path) {
-    let file = std::fs::File::open(path).unwrap();
-    // SAFETY: setns takes a valid descriptor (open above) and changes this
-    // thread's network namespace only.
-    #[allow(unsafe_code)]
-    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+    testbed::netns::enter(path).unwrap_or_else(|e| panic!("setns {}: {e}", path.display()));
 }
 
 /// The test's network namespace, its forwarders, and its app.

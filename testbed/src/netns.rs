@@ -90,6 +90,23 @@ impl NetNs {
     }
 }
 
+/// Moves the calling thread into the network namespace at `path` (a
+/// [`NetNs::path`]): every socket it makes from then on lives there. For
+/// threads of the test's own (an app server, a client), never for a
+/// pooled runtime thread that other work shares.
+pub fn enter(path: &std::path::Path) -> io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let file = std::fs::File::open(path)?;
+    // SAFETY: setns takes a valid descriptor (open above) and changes this
+    // thread's network namespace only.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Unshares this thread's network namespace and brings its loopback up;
 /// returns the thread's id.
 fn enter_new_namespace() -> io::Result<libc::pid_t> {
