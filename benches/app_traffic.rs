@@ -80,13 +80,7 @@ fn env_num(name: &str, default: usize) -> usize {
 }
 
 fn which(bin: &str) -> String {
-    for dir in ["/usr/sbin", "/usr/bin", "/usr/local/bin", "/sbin"] {
-        let p = format!("{dir}/{bin}");
-        if Path::new(&p).exists() {
-            return p;
-        }
-    }
-    panic!("{bin} is not installed; run hack/bench-app-traffic.sh (it installs wrk)")
+    testbed::bench::which(bin, "hack/bench-app-traffic.sh")
 }
 
 fn enter(path: &Path) {

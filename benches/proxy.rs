@@ -38,15 +38,7 @@ use testbed::vcluster::{VCluster, VClusterOptions};
 use testbed::{Cluster, ClusterOptions};
 
 fn which(bin: &str) -> String {
-    for dir in ["/usr/sbin", "/usr/bin", "/usr/local/bin", "/sbin"] {
-        let p = format!("{dir}/{bin}");
-        if std::path::Path::new(&p).exists() {
-            return p;
-        }
-    }
-    panic!(
-        "{bin} is not installed; run hack/bench-proxy.sh (it installs nginx-light, haproxy, wrk and h2load)"
-    );
+    testbed::bench::which(bin, "hack/bench-proxy.sh")
 }
 
 fn wrk(url: &str, headers: &[&str], seconds: u32) -> Throughput {

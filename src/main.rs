@@ -75,18 +75,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             namespace_selector,
             exclude_namespaces,
         } => {
-            use dormant::target::scope::namespace_names;
-            let scope = dormant::target::Scope {
-                excluded: namespace_names(&exclude_namespaces),
-                selector: namespace_selector
-                    .as_deref()
-                    .map(dormant::target::scope::parse_selector)
-                    .transpose()
-                    .map_err(|e| anyhow::anyhow!("--namespace-selector: {e}"))?,
-                only: Some(namespace_names::<std::collections::BTreeSet<_>>(&only_namespaces))
-                    .filter(|o| !o.is_empty()),
-                platform_annotations: false,
-            };
+            let scope = dormant::target::Scope::from_flags(
+                &only_namespaces,
+                namespace_selector.as_deref(),
+                &exclude_namespaces,
+            )
+            .map_err(|e| anyhow::anyhow!(e))?;
             let client = dormant::client::client().await?;
             if let Some(deployment) = &stop_agent {
                 let timeout = std::time::Duration::from_secs(120);

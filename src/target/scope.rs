@@ -30,14 +30,32 @@ impl Scope {
     }
 }
 
-/// Parses a label selector as kubectl reads `-l`: `a=b`, `a==b`, `a!=b`,
-/// `a`, `!a`, `a in (x,y)`, `a notin (x,y)`, joined by commas.
+impl Scope {
+    /// The scope the namespace flags give (`--namespaces`,
+    /// `--namespace-selector`, `--exclude-namespaces`), as `restore`
+    /// takes them from the chart's hook; the agent's settings build
+    /// theirs with more checks (see `agent::settings`).
+    pub fn from_flags(only: &[String], selector: Option<&str>, excluded: &[String]) -> Result<Scope, String> {
+        Ok(Scope {
+            excluded: namespace_names(excluded),
+            selector: selector
+                .map(parse_selector)
+                .transpose()
+                .map_err(|e| format!("--namespace-selector: {e}"))?,
+            only: Some(namespace_names::<BTreeSet<_>>(only)).filter(|o| !o.is_empty()),
+            platform_annotations: false,
+        })
+    }
+}
+
 /// Namespace names as a comma-separated flag gives them: trimmed, blanks
 /// dropped.
 pub fn namespace_names<C: FromIterator<String>>(flag: &[String]) -> C {
     flag.iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()
 }
 
+/// Parses a label selector as kubectl reads `-l`: `a=b`, `a==b`, `a!=b`,
+/// `a`, `!a`, `a in (x,y)`, `a notin (x,y)`, joined by commas.
 pub fn parse_selector(s: &str) -> Result<Selector, String> {
     let mut parts = Vec::new();
     let mut depth = 0;
@@ -98,6 +116,20 @@ mod tests {
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn the_namespace_flags_make_the_scope_restore_acts_in() {
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let scope = Scope::from_flags(&s(&[" a ", "", "b"]), Some("team=x"), &s(&["dormant", " "])).unwrap();
+        assert!(scope.allows("a", &labels(&[("team", "x")])));
+        assert!(!scope.allows("a", &labels(&[("team", "y")])));
+        assert!(!scope.allows("c", &labels(&[("team", "x")])));
+        assert!(!scope.allows("dormant", &labels(&[("team", "x")])));
+        // No flags: every namespace.
+        assert!(Scope::from_flags(&[], None, &[]).unwrap().allows("any", &labels(&[])));
+        let bad = Scope::from_flags(&[], Some("a in (x"), &[]).unwrap_err();
+        assert!(bad.starts_with("--namespace-selector:"), "{bad}");
     }
 
     #[test]

@@ -24,6 +24,18 @@ pub fn instant_at(t: SystemTime) -> Instant {
     }
 }
 
+/// The path of `bin` in the system's folders; panics naming `script`, the
+/// benchmark's script that installs it.
+pub fn which(bin: &str, script: &str) -> String {
+    for dir in ["/usr/sbin", "/usr/bin", "/usr/local/bin", "/sbin"] {
+        let p = format!("{dir}/{bin}");
+        if std::path::Path::new(&p).exists() {
+            return p;
+        }
+    }
+    panic!("{bin} is not installed; run {script}, which installs it")
+}
+
 /// One load run through one path: requests per second and latency.
 pub struct Throughput {
     pub rps: f64,
