@@ -318,12 +318,17 @@ fn endpoints(c: &Cluster, ns: &str, svc: &str) -> Vec<(String, String)> {
     eps
 }
 
-/// The one endpoint of a sleeping Service: dormant's.
+/// The one endpoint of sleeping Service `web`: dormant's.
 fn held_endpoint(c: &Cluster, ns: &str, agent: &Agent) -> String {
+    held_endpoint_of(c, ns, "web", agent)
+}
+
+/// The one endpoint of sleeping Service `svc`: dormant's.
+fn held_endpoint_of(c: &Cluster, ns: &str, svc: &str, agent: &Agent) -> String {
     let mut last = Vec::new();
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(30) {
-        last = endpoints(c, ns, "web");
+        last = endpoints(c, ns, svc);
         if let [(ep, by)] = last.as_slice()
             && by == "dormant.dev"
         {
@@ -332,7 +337,7 @@ fn held_endpoint(c: &Cluster, ns: &str, agent: &Agent) -> String {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    panic!("Service web's endpoints are {last:?}, not dormant's alone; agent log:\n{}", agent.log());
+    panic!("Service {svc}'s endpoints are {last:?}, not dormant's alone; agent log:\n{}", agent.log());
 }
 
 /// The Service as a GitOps tool compares it: everything but status.
@@ -832,4 +837,164 @@ fn a_sigkill_while_held_and_while_waking_leaves_the_service_as_it_was_after_the_
         format!("http://{}/", endpoints(c, &ns, "web")[0].0),
     ]));
     assert!(got.starts_with("app says hi from 10.244."), "{got}");
+}
+
+/// The app inside the vcluster: a Deployment `web`, its Service and an
+/// Ingress to it, as a tenant writes them in the vcluster.
+fn vcluster_app_yaml() -> String {
+    format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: web, namespace: default}}
+spec:
+  replicas: 1
+  selector: {{matchLabels: {{app: web}}}}
+  template:
+    metadata: {{labels: {{app: web}}}}
+    spec: {{containers: [{{name: web, image: nginx:1.27, ports: [{{containerPort: {APP_PORT}}}]}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: default}}
+spec:
+  selector: {{app: web}}
+  ports: [{{name: http, port: 80, targetPort: {APP_PORT}}}]
+---
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata: {{name: web, namespace: default}}
+spec:
+  rules:
+  - host: {HOST}
+    http:
+      paths:
+      - {{path: /, pathType: Prefix, backend: {{service: {{name: web, port: {{number: 80}}}}}}}}
+"#
+    )
+}
+
+/// The host objects of `kind` the vcluster `dev` synced from its
+/// `default/web`.
+fn synced_web(c: &Cluster, ns: &str, kind: &str) -> Vec<String> {
+    kubectl_quiet(c, &["get", kind, "-n", ns, "-l", "vcluster.loft.sh/managed-by=dev", "-o", "name"])
+        .lines()
+        .filter_map(|l| l.rsplit('/').next())
+        .filter(|n| n.starts_with("web-x-default"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// A real vcluster's workload, exposed on the host by the Service and
+/// Ingress its syncer made there: asleep, the synced Service is held; the
+/// first requests to the app's URL wake the vcluster once, its syncer
+/// brings the pod back, and every request gets the app's answer.
+#[test]
+fn a_sleeping_vcluster_is_woken_by_requests_to_its_synced_service_and_they_get_the_apps_answer() {
+    use testbed::real_vcluster::{RealVCluster, RealVClusterOptions};
+    let c = Cluster::shared();
+    let net = Net::new(c, "vcapp");
+    let id = test_id("appvc");
+    let ns = c.namespace("appvc", &[("dormant-test", &id)]).unwrap();
+    let vc = RealVCluster::create(
+        c,
+        &ns,
+        "dev",
+        RealVClusterOptions {
+            annotations: vec![("dormant.dev/sleep-after".into(), "1h".into())],
+            // Ingresses are synced to the host only when asked.
+            values: Some("sync:\n  toHost:\n    ingresses:\n      enabled: true\n".into()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let agent = net.agent(c, &id, "appvc-agent", &["--default-wake-timeout=5m"]);
+    vc.wait_serving(c, Duration::from_secs(240)).unwrap();
+    let applied = std::process::Command::new(c.bins.path("kubectl"))
+        .arg(format!("--kubeconfig={}", vc.kubeconfig.display()))
+        .args(["apply", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            child.stdin.take().unwrap().write_all(vcluster_app_yaml().as_bytes())?;
+            child.wait_with_output()
+        })
+        .unwrap();
+    assert!(applied.status.success(), "{}", out(&applied));
+
+    // On the host: the synced Service with the synced pod behind it, and
+    // the synced Ingress naming it.
+    wait_until("the synced Service and Ingress", Duration::from_secs(120), || {
+        synced_web(c, &ns, "services").len() == 1 && synced_web(c, &ns, "ingresses").len() == 1
+    });
+    let svc = synced_web(c, &ns, "services").remove(0);
+    let ingress = synced_web(c, &ns, "ingresses").remove(0);
+    assert_eq!(
+        jsonpath(c, "ingress", &ingress, Some(&ns), "{.spec.rules[0].http.paths[0].backend.service.name}"),
+        svc
+    );
+    wait_until("the synced pod ready behind the synced Service", Duration::from_secs(120), || {
+        endpoints(c, &ns, &svc).len() == 1
+    });
+    let spec_before = jsonpath(c, "service", &svc, Some(&ns), "{.spec}");
+
+    // Put to sleep by hand; a request ends such a sleep.
+    kubectl(c, &["annotate", "statefulset", "dev", "-n", &ns, "dormant.dev/force-sleep=true"]);
+    wait_until("the vcluster to sleep", Duration::from_secs(90), || {
+        state(c, "statefulset", "dev", Some(&ns)) == "asleep"
+    });
+    wait_until("the vcluster process to stop", Duration::from_secs(30), || !vc.is_running());
+    let ep = held_endpoint_of(c, &ns, &svc, &agent);
+    assert!(event_notes(c, &ns, "AppTrafficHeld").contains(&format!("Service {svc} ")), "{}", agent.log());
+    assert_eq!(jsonpath(c, "statefulset", "dev", Some(&ns), "{.spec.replicas}"), "0");
+    let (starts, woke_before) = (vc.starts(), event_count(c, &ns, "Woke"));
+
+    // Twenty first requests at once, as an ingress controller sends them.
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("http://{ep}/");
+    let mut args: Vec<String> =
+        vec!["-Z".into(), "--parallel-immediate".into(), "--max-time".into(), "300".into()];
+    args.extend(["-H".into(), format!("Host: {HOST}"), "-w".into(), "%{http_code}\\n".into()]);
+    for i in 0..20 {
+        args.extend([url.clone(), "-o".into(), dir.path().join(format!("{i}")).display().to_string()]);
+    }
+    let started = Instant::now();
+    let answered = net.curl(&args);
+    let took = started.elapsed();
+    let codes = String::from_utf8_lossy(&answered.stdout).to_string();
+    assert_eq!(
+        codes.lines().filter(|l| *l == "200").count(),
+        20,
+        "{}\nagent log:\n{}\nvcluster log:\n{}",
+        out(&answered),
+        agent.log(),
+        vc.log_text()
+    );
+    for i in 0..20 {
+        let body = std::fs::read_to_string(dir.path().join(format!("{i}"))).unwrap();
+        assert!(body.starts_with("app says hi from 10.244."), "request {i}: {body}");
+        assert!(body.contains(&format!("host={HOST};")), "{body}");
+    }
+    eprintln!(
+        "[{ns}] 20 first requests to the sleeping vcluster's app answered by it {took:?} after they were sent"
+    );
+
+    // One wake of the vcluster, however many asked.
+    assert_eq!(full_log(&agent).matches("wake requested by app traffic").count(), 1, "{}", agent.log());
+    assert_eq!(vc.starts(), starts + 1, "the vcluster started once");
+    wait_until("the Woke event", Duration::from_secs(60), || event_count(c, &ns, "Woke") > woke_before);
+    assert_eq!(event_count(c, &ns, "Woke"), woke_before + 1, "{}", event_notes(c, &ns, "Woke"));
+    assert!(
+        annotation(c, "statefulset", "dev", Some(&ns), "dormant.dev/last-activity-by").contains("(visitor)"),
+        "{}",
+        agent.log()
+    );
+    // Awake, the app's traffic goes to its pod again, not through dormant,
+    // and the synced Service is as its syncer made it.
+    wait_until("dormant's slice to go", Duration::from_secs(60), || {
+        let eps = endpoints(c, &ns, &svc);
+        eps.len() == 1 && eps.iter().all(|(_, by)| by != "dormant.dev")
+    });
+    assert_eq!(jsonpath(c, "service", &svc, Some(&ns), "{.spec}"), spec_before);
 }
