@@ -39,9 +39,18 @@
 //! tests give each release its own ports. The EndpointSlice controller
 //! refuses loopback addresses, so Services do not list these pods: tests
 //! reach a pod at its IP.
+//!
+//! [`Kubelet::start_in`] runs the pods in a network namespace of the
+//! test's instead, each with an address of [`POD_RANGE`], which a route
+//! makes local there: an address an EndpointSlice accepts, so Services
+//! list these pods as a cluster's would. The probes and the test's clients
+//! reach them from inside; the test carries the API server's port in (a
+//! forwarder on the namespace's loopback), as the pods dial
+//! `KUBERNETES_SERVICE_HOST` 127.0.0.1.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -59,16 +68,30 @@ use kube::runtime::watcher;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::netns::NetNs;
 use crate::process::{Proc, signal};
 use crate::{Cluster, lock, spawner};
 
 /// The taint on the kubelet's Node (value: the node's name), and its label.
 pub const TAINT: &str = "testbed.dormant.dev/kubelet";
 
+/// The pods' addresses in a network namespace ([`Kubelet::start_in`]).
+pub const POD_RANGE: &str = "10.251.0.0/16";
+
+/// Connects from inside the pods' network namespace.
+type Dial = Arc<dyn Fn(SocketAddrV4) -> io::Result<std::net::TcpStream> + Send + Sync>;
+
+/// The network namespace the pods run in.
+#[derive(Clone)]
+struct PodNetwork {
+    path: PathBuf,
+    dial: Dial,
+}
+
 /// What the test sees of a pod the kubelet runs.
 #[derive(Clone, Debug, Default)]
 pub struct PodView {
-    /// Its IP: a loopback address of its own.
+    /// Its IP: a loopback address of its own (or one of [`POD_RANGE`]).
     pub ip: String,
     /// `Running`, `Succeeded`, `Failed`.
     pub phase: String,
@@ -111,6 +134,23 @@ impl Kubelet {
     /// `images` maps image repositories (the image without its tag) to the
     /// local binaries that stand for them.
     pub fn start(cluster: &Cluster, node: &str, images: &[(&str, &Path)]) -> Result<Kubelet> {
+        Kubelet::start_with(cluster, node, images, None)
+    }
+
+    /// [`Kubelet::start`], the pods in network namespace `ns` with
+    /// addresses of [`POD_RANGE`].
+    pub fn start_in(cluster: &Cluster, node: &str, images: &[(&str, &Path)], ns: &NetNs) -> Result<Kubelet> {
+        ns.ip(&["route", "replace", "local", POD_RANGE, "dev", "lo"])?;
+        let network = PodNetwork { path: ns.path.clone(), dial: Arc::new(ns.dialer()) };
+        Kubelet::start_with(cluster, node, images, Some(network))
+    }
+
+    fn start_with(
+        cluster: &Cluster,
+        node: &str,
+        images: &[(&str, &Path)],
+        network: Option<PodNetwork>,
+    ) -> Result<Kubelet> {
         let dir = cluster.dir.join(format!("kubelet-{node}"));
         std::fs::create_dir_all(&dir)?;
         let shared = Arc::new(Shared {
@@ -129,6 +169,7 @@ impl Kubelet {
                 .and_then(|p| p.parse().ok())
                 .ok_or_else(|| anyhow!("no port in {}", cluster.server))?,
             images: images.iter().map(|(i, b)| (i.to_string(), b.to_path_buf())).collect(),
+            network,
             shared: shared.clone(),
         };
         let (tx, rx) = std::sync::mpsc::channel();
@@ -189,12 +230,14 @@ impl Drop for Kubelet {
 }
 
 /// Each pod's IP: 127.<from the process id>.<n>, so that two test
-/// processes do not hand out the same address.
-fn next_ip() -> String {
+/// processes do not hand out the same address; in a network namespace,
+/// 10.251.<n>.
+fn next_ip(in_namespace: bool) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
     let n = N.fetch_add(1, Ordering::Relaxed);
-    let second = 16 + std::process::id() % 200;
-    format!("127.{second}.{}.{}", (n / 250) % 250, n % 250 + 2)
+    let second = if in_namespace { 251 } else { 16 + std::process::id() % 200 };
+    let first = if in_namespace { 10 } else { 127 };
+    format!("{first}.{second}.{}.{}", (n / 250) % 250, n % 250 + 2)
 }
 
 struct Runner {
@@ -203,6 +246,7 @@ struct Runner {
     kubeconfig: PathBuf,
     api_port: u16,
     images: Vec<(String, PathBuf)>,
+    network: Option<PodNetwork>,
     shared: Arc<Shared>,
 }
 
@@ -416,7 +460,7 @@ impl Runner {
         Running {
             pod,
             key,
-            ip: next_ip(),
+            ip: next_ip(self.network.is_some()),
             dir,
             proc: None,
             starts: 0,
@@ -513,7 +557,9 @@ impl Runner {
             match &container.readiness_probe {
                 None => r.ready = true,
                 Some(p) => {
-                    if let Some(ok) = probe_due(&mut r.readiness, p, r.started_at, &r.ip, &container).await {
+                    if let Some(ok) =
+                        probe_due(&mut r.readiness, p, r.started_at, &r.ip, &container, self.dial()).await
+                    {
                         let (success, failure) = (
                             p.success_threshold.unwrap_or(1) as u32,
                             p.failure_threshold.unwrap_or(3) as u32,
@@ -528,7 +574,8 @@ impl Runner {
                 }
             }
             if let Some(p) = &container.liveness_probe
-                && let Some(false) = probe_due(&mut r.liveness, p, r.started_at, &r.ip, &container).await
+                && let Some(false) =
+                    probe_due(&mut r.liveness, p, r.started_at, &r.ip, &container, self.dial()).await
                 && r.liveness.failures >= p.failure_threshold.unwrap_or(3) as u32
                 && let Some(mut proc) = r.proc.take()
             {
@@ -762,12 +809,23 @@ impl Runner {
         }
         script.push('\n');
         std::fs::write(run.join("start.sh"), &script)?;
-        let args: Vec<String> = ["--mount", "--propagation=private", "--", "/bin/sh", "-c", &script]
+        let mut args: Vec<String> = ["--mount", "--propagation=private", "--", "/bin/sh", "-c", &script]
             .iter()
             .map(|s| s.to_string())
             .collect();
         let log = format!("{}-{n}", log_name(&r.key));
-        spawner::spawn(&log, Path::new("unshare"), &args, &r.dir)
+        match &self.network {
+            None => spawner::spawn(&log, Path::new("unshare"), &args, &r.dir),
+            Some(net) => {
+                let mut inside = vec![format!("--net={}", net.path.display()), "--".into(), "unshare".into()];
+                inside.append(&mut args);
+                spawner::spawn(&log, Path::new("nsenter"), &inside, &r.dir)
+            }
+        }
+    }
+
+    fn dial(&self) -> Option<&Dial> {
+        self.network.as_ref().map(|n| &n.dial)
     }
 
     async fn sync_volumes(&self, client: &kube::Client, r: &mut Running) -> Result<()> {
@@ -939,6 +997,7 @@ async fn probe_due(
     started: Instant,
     ip: &str,
     container: &Container,
+    dial: Option<&Dial>,
 ) -> Option<bool> {
     let now = Instant::now();
     let first = started + Duration::from_secs(probe.initial_delay_seconds.unwrap_or(0).max(0) as u64);
@@ -965,7 +1024,11 @@ async fn probe_due(
             Some(p) if scheme_ok => {
                 let host = h.host.clone().unwrap_or_else(|| ip.to_string());
                 let path = h.path.clone().unwrap_or_else(|| "/".into());
-                tokio::time::timeout(timeout, http_status(&host, p, &path))
+                let get = async {
+                    let s = connect(&host, p, dial).await?;
+                    http_status(s, &host, p, &path).await
+                };
+                tokio::time::timeout(timeout, get)
                     .await
                     .ok()
                     .flatten()
@@ -975,9 +1038,9 @@ async fn probe_due(
         }
     } else if let Some(t) = &probe.tcp_socket {
         match port(&t.port) {
-            Some(p) => tokio::time::timeout(timeout, tokio::net::TcpStream::connect((ip, p)))
+            Some(p) => tokio::time::timeout(timeout, connect(&ip.to_string(), p, dial))
                 .await
-                .is_ok_and(|c| c.is_ok()),
+                .is_ok_and(|c| c.is_some()),
             None => false,
         }
     } else {
@@ -993,9 +1056,21 @@ async fn probe_due(
     Some(passed)
 }
 
-/// The status code of `GET path` on host:port, as kube-probe asks it.
-async fn http_status(host: &str, port: u16, path: &str) -> Option<u16> {
-    let mut s = tokio::net::TcpStream::connect((host, port)).await.ok()?;
+/// A connection to host:port, from inside the pods' network namespace
+/// when they have one (`host` must then be an IPv4 address).
+async fn connect(host: &str, port: u16, dial: Option<&Dial>) -> Option<tokio::net::TcpStream> {
+    let Some(dial) = dial else {
+        return tokio::net::TcpStream::connect((host, port)).await.ok();
+    };
+    let addr = SocketAddrV4::new(host.parse().ok()?, port);
+    let dial = dial.clone();
+    let s = tokio::task::spawn_blocking(move || dial(addr)).await.ok()?.ok()?;
+    s.set_nonblocking(true).ok()?;
+    tokio::net::TcpStream::from_std(s).ok()
+}
+
+/// The status code of `GET path` over `s` to host:port, as kube-probe asks it.
+async fn http_status(mut s: tokio::net::TcpStream, host: &str, port: u16, path: &str) -> Option<u16> {
     let req = format!(
         "GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: kube-probe/testbed\r\nAccept: */*\r\nConnection: close\r\n\r\n"
     );

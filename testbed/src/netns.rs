@@ -17,7 +17,7 @@
 //! namespace goes away when the thread has ended and nothing else holds it.
 
 use std::io;
-use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::mpsc::{Sender, channel};
 use std::time::Duration;
@@ -26,7 +26,7 @@ use anyhow::{Context, Result, anyhow};
 
 enum Request {
     Listen(u16, Sender<io::Result<TcpListener>>),
-    Connect(u16, Sender<io::Result<TcpStream>>),
+    Connect(SocketAddrV4, Sender<io::Result<TcpStream>>),
 }
 
 /// A network namespace that lives until dropped.
@@ -52,8 +52,8 @@ impl NetNs {
                     Request::Listen(port, reply) => {
                         let _ = reply.send(TcpListener::bind((Ipv4Addr::LOCALHOST, port)));
                     }
-                    Request::Connect(port, reply) => {
-                        let _ = reply.send(TcpStream::connect((Ipv4Addr::LOCALHOST, port)));
+                    Request::Connect(addr, reply) => {
+                        let _ = reply.send(TcpStream::connect(addr));
                     }
                 }
             }
@@ -74,19 +74,38 @@ impl NetNs {
 
     /// A connection to 127.0.0.1:`port` inside.
     pub fn connect(&self, port: u16) -> io::Result<TcpStream> {
-        let (reply, answer) = channel();
-        self.requests.send(Request::Connect(port, reply)).map_err(|_| io::Error::other("netns gone"))?;
-        answer.recv().map_err(|_| io::Error::other("netns gone"))?
+        self.dialer()(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port))
     }
 
     /// A function that connects to `port` inside, for [`forward`].
     pub fn connector(&self, port: u16) -> impl Fn() -> io::Result<TcpStream> + Send + Sync + Clone + 'static {
+        let dial = self.dialer();
+        move || dial(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port))
+    }
+
+    /// A function that connects to any address from inside (a pod's IP
+    /// that a route makes local there). It keeps the namespace alive.
+    pub fn dialer(&self) -> impl Fn(SocketAddrV4) -> io::Result<TcpStream> + Send + Sync + Clone + 'static {
         let requests = self.requests.clone();
-        move || {
+        move |addr| {
             let (reply, answer) = channel();
-            requests.send(Request::Connect(port, reply)).map_err(|_| io::Error::other("netns gone"))?;
+            requests.send(Request::Connect(addr, reply)).map_err(|_| io::Error::other("netns gone"))?;
             answer.recv().map_err(|_| io::Error::other("netns gone"))?
         }
+    }
+
+    /// Runs `ip <args>` inside (`route add local 10.244.0.0/16 dev lo`).
+    pub fn ip(&self, args: &[&str]) -> Result<()> {
+        let out = std::process::Command::new("nsenter")
+            .arg(format!("--net={}", self.path.display()))
+            .arg("ip")
+            .args(args)
+            .output()
+            .context("run nsenter ip")?;
+        if !out.status.success() {
+            anyhow::bail!("ip {args:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(())
     }
 }
 
