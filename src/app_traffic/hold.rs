@@ -155,6 +155,9 @@ pub struct Holder {
     /// By slice (namespace, name), so a slice's own ports are never taken
     /// for another's.
     reserved: Mutex<BTreeMap<(String, String), BTreeSet<u16>>>,
+    /// Targets whose last hold failed (no address of the agent's yet, an
+    /// API error): looked at again when the agent's addresses change.
+    failed: Mutex<BTreeSet<TargetRef>>,
 }
 
 fn http_routes() -> [ApiResource; 2] {
@@ -176,7 +179,31 @@ impl Holder {
         advertise: Advertise,
         scope: Scope,
     ) -> Self {
-        Holder { patcher, stores, slices, ports, advertise, scope, reserved: Mutex::new(BTreeMap::new()) }
+        Holder {
+            patcher,
+            stores,
+            slices,
+            ports,
+            advertise,
+            scope,
+            reserved: Mutex::new(BTreeMap::new()),
+            failed: Mutex::new(BTreeSet::new()),
+        }
+    }
+
+    /// The targets to look at again when the agent's own addresses change:
+    /// those holding a Service (their slices list the old addresses) and
+    /// those whose hold failed (perhaps for want of an address).
+    pub fn address_dependent(&self) -> BTreeSet<TargetRef> {
+        let mut out: BTreeSet<TargetRef> =
+            self.slices.state().iter().filter_map(|s| slice::target(s)).collect();
+        out.extend(self.failed.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned());
+        out
+    }
+
+    /// `t` no longer needs holding (it is awake): a failed hold is moot.
+    pub fn clear_failure(&self, t: &TargetRef) {
+        self.failed.lock().unwrap_or_else(|e| e.into_inner()).remove(t);
     }
 
     fn client(&self) -> kube::Client {
@@ -255,6 +282,17 @@ impl Holder {
     /// be, and that no other slice of `t`'s remains (see the module
     /// documentation). `pods`: a namespace target's (see [`Holder::pods`]).
     pub async fn hold(&self, t: &TargetRef, pods: &[Pods]) -> Result<Held, Error> {
+        let held = self.try_hold(t, pods).await;
+        let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        if held.is_ok() {
+            failed.remove(t);
+        } else {
+            failed.insert(t.clone());
+        }
+        held
+    }
+
+    async fn try_hold(&self, t: &TargetRef, pods: &[Pods]) -> Result<Held, Error> {
         let ns = &t.namespace;
         let c = self.client();
         let all = ListParams::default();

@@ -31,7 +31,7 @@ use std::time::Duration;
 use futures::StreamExt as _;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector;
 use kube::runtime::{WatchStreamExt as _, watcher};
 use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinHandle;
@@ -94,19 +94,14 @@ pub struct AppTraffic {
 pub fn start(w: Wiring) -> (AppTraffic, Vec<JoinHandle<()>>) {
     let mut tasks = Vec::new();
     let (slices, writer) = reflector::store::<EndpointSlice>();
+    let mut follow = None;
     let advertise = match &w.settings.advertise {
         AdvertiseSetting::Addresses(a) => Advertise::Static(a.clone()),
         AdvertiseSetting::Service(name) => {
             let (store, writer) = reflector::store::<EndpointSlice>();
             let api: Api<EndpointSlice> = Api::namespaced(w.client.clone(), &w.namespace);
             let config = watcher::Config::default().labels(&format!("{}={name}", slice::SERVICE_NAME_LABEL));
-            tasks.push(tokio::spawn(follow_addresses(
-                api,
-                config,
-                writer,
-                slices.clone(),
-                w.to_controller.clone(),
-            )));
+            follow = Some((api, config, writer));
             Advertise::Service { namespace: w.namespace.clone(), name: name.clone(), slices: store }
         }
     };
@@ -118,6 +113,15 @@ pub fn start(w: Wiring) -> (AppTraffic, Vec<JoinHandle<()>>) {
         advertise,
         w.scope.clone(),
     ));
+    if let Some((api, config, writer)) = follow {
+        tasks.push(tokio::spawn(follow_addresses(
+            api,
+            config,
+            writer,
+            holder.clone(),
+            w.to_controller.clone(),
+        )));
+    }
     let (stores, scope) = (w.stores.clone(), w.scope.clone());
     let app = Arc::new(serve::App::new(serve::Parts {
         stores: w.stores,
@@ -203,12 +207,14 @@ async fn follow_slices(
 
 /// Keeps the store of the agent's own Service's slices, and has every
 /// target that holds a Service looked at again when the agent's addresses
-/// change (a rollout): their slices must follow.
+/// change (a rollout): their slices must follow. So is every target whose
+/// hold failed: a sleep begun before the agent's own pod was listed ready
+/// had no address to hold with.
 async fn follow_addresses(
     api: Api<EndpointSlice>,
     config: watcher::Config,
     writer: reflector::store::Writer<EndpointSlice>,
-    held: Store<EndpointSlice>,
+    holder: Arc<Holder>,
     to_controller: mpsc::UnboundedSender<Change>,
 ) {
     let stream = watcher(api, config).default_backoff().reflect(writer).touched_objects();
@@ -217,9 +223,7 @@ async fn follow_addresses(
         if item.is_err() {
             continue;
         }
-        let targets: std::collections::BTreeSet<_> =
-            held.state().iter().filter_map(|s| slice::target(s)).collect();
-        for t in targets {
+        for t in holder.address_dependent() {
             let _ = to_controller.send(Change::Target(t));
         }
     }

@@ -87,7 +87,8 @@ pub(super) async fn reconcile(ctx: &Context, r: &TargetRef) -> Result<Option<Dat
         tracing::info!(target = %r, "taking vCluster Platform's forced sleep over as dormant's own");
         annotations.extend(ev.takeover.iter().map(|(k, v)| (*k, v.clone())));
     }
-    // When to look again for app traffic still held after a wake.
+    // When to look again for app traffic still held after a wake, or not
+    // held at a sleep.
     let mut again = None;
     let result = match ev.decision.desired {
         Desired::Leave => Ok(()),
@@ -95,7 +96,7 @@ pub(super) async fn reconcile(ctx: &Context, r: &TargetRef) -> Result<Option<Dat
             tracing::info!(target = %r, desired = ?ev.decision.desired, reason = %ev.decision.reason, "dry run: not acting");
             Ok(())
         }
-        Desired::Asleep => sleep(ctx, &ev, &mut annotations, now).await,
+        Desired::Asleep => sleep(ctx, &ev, &mut annotations, now, &mut again).await,
         Desired::Awake => wake(ctx, &ev, &mut annotations, now, &mut again).await,
     };
     // delete-after, once the target is where the decision wanted it.
@@ -207,6 +208,7 @@ async fn sleep(
     ev: &Evaluation,
     annotations: &mut Annotations,
     now: DateTime<Utc>,
+    again: &mut Option<DateTime<Utc>>,
 ) -> Result<(), Error> {
     let r = &ev.target.r;
     let mut written = None;
@@ -259,7 +261,9 @@ async fn sleep(
     step(ctx, ev, "SleepFailed", pause_argocd(ctx, ev)).await?;
     // App traffic is held before any workload scales down: no request
     // meets a Service without an endpoint.
-    hold_app_traffic(ctx, ev).await;
+    if !hold_app_traffic(ctx, ev).await {
+        *again = Some(now + chrono::Duration::seconds(HOLD_RETRY_SECONDS));
+    }
     let mut pending = false;
     for w in ev.workloads.iter().filter(|w| !lost(w)) {
         let w = &after_target_write(w, &written);
@@ -457,11 +461,15 @@ fn record_json(copy: &scaler::SleepRecord) -> String {
     serde_json::to_string(copy).unwrap_or_default()
 }
 
+/// How long after a failed hold it is tried again (sooner when the agent's
+/// own addresses change).
+const HOLD_RETRY_SECONDS: i64 = 30;
+
 /// Holds the target's app traffic (see [`crate::app_traffic::hold`]). A
-/// failure is reported and the sleep goes on: it saves as much, and the
-/// next reconcile tries again.
-async fn hold_app_traffic(ctx: &Context, ev: &Evaluation) {
-    let Some(holder) = &ctx.app_traffic else { return };
+/// failure is reported and the sleep goes on: it saves as much, and a
+/// reconcile tries again (false).
+async fn hold_app_traffic(ctx: &Context, ev: &Evaluation) -> bool {
+    let Some(holder) = &ctx.app_traffic else { return true };
     let pods = holder.pods(&ev.workloads, |w| ev.excluded(w));
     match holder.hold(&ev.target.r, &pods).await {
         Ok(held) => {
@@ -484,10 +492,12 @@ async fn hold_app_traffic(ctx: &Context, ev: &Evaluation) {
                 );
                 publish(ctx, ev, EventType::Warning, "AppTrafficMended", note).await;
             }
+            true
         }
         Err(e) => {
             tracing::warn!(target = %ev.target.r, error = %crate::error::Chain(&e), "cannot hold app traffic");
             publish(ctx, ev, EventType::Warning, "AppTrafficFailed", crate::error::chain(&e)).await;
+            false
         }
     }
 }
@@ -502,6 +512,7 @@ async fn release_app_traffic(
     again: &mut Option<DateTime<Utc>>,
 ) {
     let Some(holder) = &ctx.app_traffic else { return };
+    holder.clear_failure(&ev.target.r);
     if !holder.holds(&ev.target.r) {
         return;
     }
