@@ -88,13 +88,7 @@ impl Net {
     }
 
     fn ip(&self, args: &[&str]) {
-        let out = Command::new("nsenter")
-            .arg(format!("--net={}", self.path().display()))
-            .arg("ip")
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        self.ns.ip(args).unwrap();
     }
 
     /// `curl` inside, with `args`.
@@ -320,11 +314,12 @@ fn endpoints(c: &Cluster, ns: &str, svc: &str) -> Vec<(String, String)> {
 
 /// The one endpoint of sleeping Service `web`: dormant's.
 fn held_endpoint(c: &Cluster, ns: &str, agent: &Agent) -> String {
-    held_endpoint_of(c, ns, "web", agent)
+    held_endpoint_of(c, ns, "web", AGENT_ADDRESS, &|| agent.log())
 }
 
-/// The one endpoint of sleeping Service `svc`: dormant's.
-fn held_endpoint_of(c: &Cluster, ns: &str, svc: &str, agent: &Agent) -> String {
+/// The one endpoint of sleeping Service `svc`: dormant's, at `address`;
+/// `log` says why not.
+fn held_endpoint_of(c: &Cluster, ns: &str, svc: &str, address: &str, log: &dyn Fn() -> String) -> String {
     let mut last = Vec::new();
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(30) {
@@ -332,12 +327,12 @@ fn held_endpoint_of(c: &Cluster, ns: &str, svc: &str, agent: &Agent) -> String {
         if let [(ep, by)] = last.as_slice()
             && by == "dormant.dev"
         {
-            assert!(ep.starts_with(&format!("{AGENT_ADDRESS}:")), "{ep}");
+            assert!(ep.starts_with(&format!("{address}:")), "{ep}");
             return ep.clone();
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    panic!("Service {svc}'s endpoints are {last:?}, not dormant's alone; agent log:\n{}", agent.log());
+    panic!("Service {svc}'s endpoints are {last:?}, not dormant's alone; agent log:\n{}", log());
 }
 
 /// The Service as a GitOps tool compares it: everything but status.
@@ -945,7 +940,7 @@ fn a_sleeping_vcluster_is_woken_by_requests_to_its_synced_service_and_they_get_t
         state(c, "statefulset", "dev", Some(&ns)) == "asleep"
     });
     wait_until("the vcluster process to stop", Duration::from_secs(30), || !vc.is_running());
-    let ep = held_endpoint_of(c, &ns, &svc, &agent);
+    let ep = held_endpoint_of(c, &ns, &svc, AGENT_ADDRESS, &|| agent.log());
     assert!(event_notes(c, &ns, "AppTrafficHeld").contains(&format!("Service {svc} ")), "{}", agent.log());
     assert_eq!(jsonpath(c, "statefulset", "dev", Some(&ns), "{.spec.replicas}"), "0");
     let (starts, woke_before) = (vc.starts(), event_count(c, &ns, "Woke"));
@@ -997,4 +992,122 @@ fn a_sleeping_vcluster_is_woken_by_requests_to_its_synced_service_and_they_get_t
         eps.len() == 1 && eps.iter().all(|(_, by)| by != "dormant.dev")
     });
     assert_eq!(jsonpath(c, "service", &svc, Some(&ns), "{.spec}"), spec_before);
+}
+
+/// The Helm chart with `appTraffic.enabled`, its pod run by the testbed's
+/// kubelet from the rendered spec inside the test's network namespace
+/// (an address EndpointSlices accept): under the chart's ServiceAccount
+/// and RBAC, the agent finds its own address through the
+/// `<release>-app-traffic` Service, holds a sleeping namespace's Service
+/// there, and the first request wakes it and gets the app's answer.
+#[test]
+fn the_charts_pod_holds_app_traffic_under_its_own_service_account_and_a_request_wakes_the_app() {
+    use testbed::kubelet::Kubelet;
+    let c = Cluster::shared();
+    let net = Net::new(c, "chart");
+    let id = test_id("appchart");
+    let ns = c.namespace("appchart", &[("dormant-test", &id)]).unwrap();
+    apply(c, &app_yaml(&ns, 2, false, false));
+    wait_until("2 web pods ready in the Service", Duration::from_secs(60), || {
+        endpoints(c, &ns, "web").len() == 2
+    });
+    kubectl(c, &["annotate", "namespace", &ns, "dormant.dev/sleep-after=1h", "dormant.dev/force-sleep=true"]);
+
+    install_crd(c);
+    let kubelet = Kubelet::start_in(
+        c,
+        &format!("{id}-node"),
+        &[("ghcr.io/dormant-dev/dormant", &dormant_bin())],
+        &net.ns,
+    )
+    .unwrap();
+    let release_ns = format!("{id}-system");
+    let fullname = format!("{id}-dormant");
+    let dir = tempfile::tempdir().unwrap();
+    let values = dir.path().join("values.yaml");
+    std::fs::write(
+        &values,
+        format!(
+            "{}appTraffic: {{enabled: true}}\nreplicaCount: 1\nagent: {{namespaceSelector: \"dormant-test={id}\", flushInterval: 1s}}\napi: {{discovery: {{name: {id}-api}}}}\n",
+            kubelet.helm_values()
+        ),
+    )
+    .unwrap();
+    let chart = chart();
+    let pod_logs = || kubelet.pods().values().map(|p| p.tail(40)).collect::<Vec<_>>().join("\n");
+    let (installed, said) = helm(
+        c,
+        &[
+            "install",
+            &id,
+            chart.to_str().unwrap(),
+            "-n",
+            &release_ns,
+            "--create-namespace",
+            "--wait",
+            "--timeout",
+            "180s",
+            "-f",
+            values.to_str().unwrap(),
+        ],
+    );
+    assert!(installed, "{said}\n{:#?}\n{}", kubelet.pods(), pod_logs());
+    let pods: Vec<_> = kubelet
+        .pods()
+        .into_iter()
+        .filter(|(k, p)| k.starts_with(&format!("{release_ns}/{fullname}-")) && p.phase == "Running")
+        .collect();
+    let [(_, agent_pod)] = pods.as_slice() else { panic!("one agent pod: {pods:#?}") };
+    assert!(agent_pod.ready && agent_pod.probes_passed > 0, "Ready by its own probe: {agent_pod:#?}");
+    let pod_ip = agent_pod.ip.clone();
+    assert!(pod_ip.starts_with("10.251."), "{pod_ip}");
+    // Its own Service lists it (the address dormant advertises).
+    let listed = kubectl(
+        c,
+        &[
+            "get",
+            "endpointslices",
+            "-n",
+            &release_ns,
+            "-l",
+            &format!("kubernetes.io/service-name={fullname}-app-traffic"),
+            "-o",
+            "jsonpath={.items[*].endpoints[*].addresses[*]}",
+        ],
+    );
+    assert_eq!(listed.trim(), pod_ip);
+
+    // The chart's agent puts the namespace to sleep and holds its Service.
+    wait_until("the namespace to sleep", Duration::from_secs(90), || {
+        state(c, "namespace", &ns, None) == "asleep"
+    });
+    let ep = held_endpoint_of(c, &ns, "web", &pod_ip, &pod_logs);
+    assert!(event_notes(c, &ns, "AppTrafficHeld").contains("Service web "), "{}", pod_logs());
+    assert_eq!(jsonpath(c, "deployment", "web", Some(&ns), "{.spec.replicas}"), "0");
+
+    // The first request wakes it and gets the app's answer.
+    let got = net.curl(&[
+        "-H".into(),
+        format!("Host: {HOST}"),
+        "-w".into(),
+        "\ncode=%{http_code}".into(),
+        format!("http://{ep}/"),
+    ]);
+    let got = out(&got);
+    assert!(
+        got.starts_with("app says hi from 10.244.") && got.ends_with("code=200"),
+        "{got}\n{}",
+        pod_logs()
+    );
+    assert!(got.contains(&format!("host={HOST};")), "{got}");
+    assert_eq!(jsonpath(c, "deployment", "web", Some(&ns), "{.spec.replicas}"), "2");
+    wait_until("the namespace to be awake", Duration::from_secs(60), || {
+        state(c, "namespace", &ns, None) == "awake"
+    });
+    assert!(annotation(c, "namespace", &ns, None, "dormant.dev/last-activity-by").contains("(visitor)"));
+    wait_until("dormant's slice to go", Duration::from_secs(30), || {
+        endpoints(c, &ns, "web").iter().all(|(_, by)| by != "dormant.dev")
+    });
+    let (uninstalled, said) = helm(c, &["uninstall", &id, "-n", &release_ns, "--wait", "--timeout", "120s"]);
+    assert!(uninstalled, "{said}\n{}", pod_logs());
 }

@@ -35,25 +35,6 @@ fn cluster() -> &'static Cluster {
     }
 }
 
-fn chart() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("charts/dormant")
-}
-
-fn helm(c: &Cluster, args: &[&str]) -> (bool, String) {
-    let out = Command::new(c.bins.path("helm"))
-        .args(args)
-        .env("KUBECONFIG", &c.admin.kubeconfig)
-        .env("HELM_CACHE_HOME", c.dir.join("helm/cache"))
-        .env("HELM_CONFIG_HOME", c.dir.join("helm/config"))
-        .env("HELM_DATA_HOME", c.dir.join("helm/data"))
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
-    )
-}
-
 /// `helm template` of the chart with `args` after it (release `d` in
 /// namespace `dormant`, Kubernetes 1.37.2).
 fn render(c: &Cluster, args: &[&str]) -> String {

@@ -526,3 +526,25 @@ pub fn wait_state(
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// The repository's Helm chart.
+pub fn chart() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("charts/dormant")
+}
+
+/// `helm <args>` against the testbed, its caches in the testbed's folder:
+/// whether it succeeded, and what it printed.
+pub fn helm(c: &Cluster, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(c.bins.path("helm"))
+        .args(args)
+        .env("KUBECONFIG", &c.admin.kubeconfig)
+        .env("HELM_CACHE_HOME", c.dir.join("helm/cache"))
+        .env("HELM_CONFIG_HOME", c.dir.join("helm/config"))
+        .env("HELM_DATA_HOME", c.dir.join("helm/data"))
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+    )
+}
