@@ -40,12 +40,17 @@
 //! refuses loopback addresses, so Services do not list these pods: tests
 //! reach a pod at its IP.
 //!
-//! [`Kubelet::start_in`] runs the pods in a network namespace of the
-//! test's instead, each with an address of [`POD_RANGE`], which a route
-//! makes local there: an address an EndpointSlice accepts, so Services
-//! list these pods as a cluster's would. The probes and the test's clients
-//! reach them from inside; the test carries the API server's port in (a
-//! forwarder on the namespace's loopback), as the pods dial
+//! [`Kubelet::start_in`] gives each pod a network namespace of its own
+//! instead, as a real kubelet's network plugin does, with an address of
+//! [`POD_RANGE`] on its `eth0`, one end of a veth pair whose other end is
+//! in the test's network namespace (the "hub"): an address an
+//! EndpointSlice accepts, so Services list these pods as a cluster's
+//! would; every pod may listen on any port of `0.0.0.0` (two pods of a
+//! rolling update side by side). The hub routes each pod's address to its
+//! veth; a pod's default route leads to the hub, so what is local there
+//! (the test's app, its other addresses) answers the pod. The probes and
+//! the test's clients dial from the hub. Inside each pod a forwarder on
+//! loopback carries the API server's port to the host's, as the pods dial
 //! `KUBERNETES_SERVICE_HOST` 127.0.0.1.
 
 use std::collections::BTreeMap;
@@ -75,17 +80,33 @@ use crate::{Cluster, lock, spawner};
 /// The taint on the kubelet's Node (value: the node's name), and its label.
 pub const TAINT: &str = "testbed.dormant.dev/kubelet";
 
-/// The pods' addresses in a network namespace ([`Kubelet::start_in`]).
+/// The pods' addresses with network namespaces ([`Kubelet::start_in`]).
 pub const POD_RANGE: &str = "10.251.0.0/16";
+
+/// The hub's own address, the source of what it sends to the pods.
+const HUB_ADDRESS: &str = "10.251.255.254";
 
 /// Connects from inside the pods' network namespace.
 type Dial = Arc<dyn Fn(SocketAddrV4) -> io::Result<std::net::TcpStream> + Send + Sync>;
 
-/// The network namespace the pods run in.
+/// The test's network namespace the pods' veths lead to.
 #[derive(Clone)]
 struct PodNetwork {
-    path: PathBuf,
+    hub: PathBuf,
     dial: Dial,
+}
+
+/// A pod's own network namespace and its forwarder to the API server;
+/// dropped with the pod, which takes the veth pair with it.
+struct PodNamespace {
+    ns: NetNs,
+    forward: tokio::task::JoinHandle<io::Result<()>>,
+}
+
+impl Drop for PodNamespace {
+    fn drop(&mut self) {
+        self.forward.abort();
+    }
 }
 
 /// What the test sees of a pod the kubelet runs.
@@ -137,11 +158,12 @@ impl Kubelet {
         Kubelet::start_with(cluster, node, images, None)
     }
 
-    /// [`Kubelet::start`], the pods in network namespace `ns` with
-    /// addresses of [`POD_RANGE`].
-    pub fn start_in(cluster: &Cluster, node: &str, images: &[(&str, &Path)], ns: &NetNs) -> Result<Kubelet> {
-        ns.ip(&["route", "replace", "local", POD_RANGE, "dev", "lo"])?;
-        let network = PodNetwork { path: ns.path.clone(), dial: Arc::new(ns.dialer()) };
+    /// [`Kubelet::start`], each pod in a network namespace of its own with
+    /// an address of [`POD_RANGE`], reached from `hub` (see the module
+    /// documentation).
+    pub fn start_in(cluster: &Cluster, node: &str, images: &[(&str, &Path)], hub: &NetNs) -> Result<Kubelet> {
+        hub.ip(&["addr", "replace", &format!("{HUB_ADDRESS}/32"), "dev", "lo"])?;
+        let network = PodNetwork { hub: hub.path.clone(), dial: Arc::new(hub.dialer()) };
         Kubelet::start_with(cluster, node, images, Some(network))
     }
 
@@ -272,6 +294,8 @@ struct Running {
     synced: Vec<SyncedVolume>,
     last_sync: Instant,
     error: Option<String>,
+    /// Its network namespace, with [`Kubelet::start_in`].
+    netns: Option<PodNamespace>,
 }
 
 #[derive(Default)]
@@ -475,7 +499,33 @@ impl Runner {
             synced: Vec::new(),
             last_sync: Instant::now(),
             error: None,
+            netns: None,
         }
+    }
+
+    /// A network namespace for the pod at `ip`: a veth pair from the hub,
+    /// the routes both ways, and the API server's port on its loopback.
+    fn pod_namespace(&self, net: &PodNetwork, ip: &str) -> Result<PodNamespace> {
+        let ns = NetNs::new(&format!("pod-{ip}"))?;
+        let veth = format!("dh{}", ip.split('.').skip(2).collect::<Vec<_>>().join("-"));
+        crate::netns::ip_in(
+            &net.hub,
+            &["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns.holder_id()?],
+        )?;
+        ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
+        ns.ip(&["link", "set", "eth0", "up"])?;
+        ns.ip(&["route", "add", "default", "dev", "eth0"])?;
+        crate::netns::ip_in(&net.hub, &["link", "set", &veth, "up"])?;
+        crate::netns::ip_in(
+            &net.hub,
+            &["route", "replace", &format!("{ip}/32"), "dev", &veth, "src", HUB_ADDRESS],
+        )?;
+        let api_port = self.api_port;
+        let inside = ns.listen(api_port)?;
+        let forward = tokio::spawn(crate::netns::forward(inside, move || {
+            std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, api_port))
+        }));
+        Ok(PodNamespace { ns, forward })
     }
 
     /// One look at a pod: start, probe, restart, stop. True once it is gone.
@@ -817,7 +867,11 @@ impl Runner {
         match &self.network {
             None => spawner::spawn(&log, Path::new("unshare"), &args, &r.dir),
             Some(net) => {
-                let mut inside = vec![format!("--net={}", net.path.display()), "--".into(), "unshare".into()];
+                if r.netns.is_none() {
+                    r.netns = Some(self.pod_namespace(net, &r.ip).context("the pod's network")?);
+                }
+                let path = r.netns.as_ref().map(|p| p.ns.path.display().to_string()).unwrap_or_default();
+                let mut inside = vec![format!("--net={path}"), "--".into(), "unshare".into()];
                 inside.append(&mut args);
                 spawner::spawn(&log, Path::new("nsenter"), &inside, &r.dir)
             }

@@ -96,17 +96,32 @@ impl NetNs {
 
     /// Runs `ip <args>` inside (`route add local 10.244.0.0/16 dev lo`).
     pub fn ip(&self, args: &[&str]) -> Result<()> {
-        let out = std::process::Command::new("nsenter")
-            .arg(format!("--net={}", self.path.display()))
-            .arg("ip")
-            .args(args)
-            .output()
-            .context("run nsenter ip")?;
-        if !out.status.success() {
-            anyhow::bail!("ip {args:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
-        }
-        Ok(())
+        ip_in(&self.path, args)
     }
+
+    /// The id of the thread that holds it, which `ip … netns <id>` takes.
+    pub fn holder_id(&self) -> Result<String> {
+        self.path
+            .iter()
+            .nth_back(2)
+            .and_then(|t| t.to_str())
+            .map(str::to_string)
+            .ok_or_else(|| anyhow!("no thread id in {}", self.path.display()))
+    }
+}
+
+/// Runs `ip <args>` inside the network namespace at `path`.
+pub fn ip_in(path: &std::path::Path, args: &[&str]) -> Result<()> {
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", path.display()))
+        .arg("ip")
+        .args(args)
+        .output()
+        .context("run nsenter ip")?;
+    if !out.status.success() {
+        anyhow::bail!("ip {args:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
 }
 
 /// Moves the calling thread into the network namespace at `path` (a
