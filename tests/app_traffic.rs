@@ -994,14 +994,18 @@ fn a_sleeping_vcluster_is_woken_by_requests_to_its_synced_service_and_they_get_t
     assert_eq!(jsonpath(c, "service", &svc, Some(&ns), "{.spec}"), spec_before);
 }
 
-/// The Helm chart with `appTraffic.enabled`, its pod run by the testbed's
-/// kubelet from the rendered spec inside the test's network namespace
-/// (an address EndpointSlices accept): under the chart's ServiceAccount
-/// and RBAC, the agent finds its own address through the
-/// `<release>-app-traffic` Service, holds a sleeping namespace's Service
-/// there, and the first request wakes it and gets the app's answer.
+/// The Helm chart with `appTraffic.enabled` and its default two replicas,
+/// its pods run by the testbed's kubelet from the rendered spec, each in
+/// a network namespace of its own with an address EndpointSlices accept:
+/// under the chart's ServiceAccount and RBAC the agents find their
+/// addresses through the `<release>-app-traffic` Service and a sleeping
+/// namespace's Service is held there; a `helm upgrade` with changed values
+/// rolls both pods (each new one beside the old, as Kubernetes does it)
+/// and the namespace stays asleep with its record while dormant's slice
+/// follows the new pods; the first request then wakes it, gets the app's
+/// answer, and every replica count comes back exactly.
 #[test]
-fn the_charts_pod_holds_app_traffic_under_its_own_service_account_and_a_request_wakes_the_app() {
+fn the_charts_pods_hold_app_traffic_under_their_own_service_account_through_a_rolling_update() {
     use testbed::kubelet::Kubelet;
     let c = Cluster::shared();
     let net = Net::new(c, "chart");
@@ -1028,7 +1032,7 @@ fn the_charts_pod_holds_app_traffic_under_its_own_service_account_and_a_request_
     std::fs::write(
         &values,
         format!(
-            "{}appTraffic: {{enabled: true}}\nreplicaCount: 1\nagent: {{namespaceSelector: \"dormant-test={id}\", flushInterval: 1s}}\napi: {{discovery: {{name: {id}-api}}}}\n",
+            "{}appTraffic: {{enabled: true}}\nagent: {{namespaceSelector: \"dormant-test={id}\", flushInterval: 1s}}\napi: {{discovery: {{name: {id}-api}}}}\n",
             kubelet.helm_values()
         ),
     )
@@ -1052,40 +1056,114 @@ fn the_charts_pod_holds_app_traffic_under_its_own_service_account_and_a_request_
         ],
     );
     assert!(installed, "{said}\n{:#?}\n{}", kubelet.pods(), pod_logs());
-    let pods: Vec<_> = kubelet
-        .pods()
-        .into_iter()
-        .filter(|(k, p)| k.starts_with(&format!("{release_ns}/{fullname}-")) && p.phase == "Running")
-        .collect();
-    let [(_, agent_pod)] = pods.as_slice() else { panic!("one agent pod: {pods:#?}") };
-    assert!(agent_pod.ready && agent_pod.probes_passed > 0, "Ready by its own probe: {agent_pod:#?}");
-    let pod_ip = agent_pod.ip.clone();
-    assert!(pod_ip.starts_with("10.251."), "{pod_ip}");
-    // Its own Service lists it (the address dormant advertises).
-    let listed = kubectl(
-        c,
-        &[
-            "get",
-            "endpointslices",
-            "-n",
-            &release_ns,
-            "-l",
-            &format!("kubernetes.io/service-name={fullname}-app-traffic"),
-            "-o",
-            "jsonpath={.items[*].endpoints[*].addresses[*]}",
-        ],
-    );
-    assert_eq!(listed.trim(), pod_ip);
+    // The agents' pods, running and Ready by their own probes: their IPs.
+    let agents = || {
+        let mut ips: Vec<String> = kubelet
+            .pods()
+            .into_iter()
+            .filter(|(k, p)| {
+                k.starts_with(&format!("{release_ns}/{fullname}-"))
+                    && !k.contains("-restore-")
+                    && p.phase == "Running"
+                    && p.ready
+                    && p.probes_passed > 0
+            })
+            .map(|(_, p)| p.ip)
+            .collect();
+        ips.sort();
+        ips
+    };
+    // The addresses the app-traffic Service lists, and those dormant's
+    // slice for Service web lists (with the port, which must be one).
+    let listed = || {
+        let out = kubectl(
+            c,
+            &[
+                "get",
+                "endpointslices",
+                "-n",
+                &release_ns,
+                "-l",
+                &format!("kubernetes.io/service-name={fullname}-app-traffic"),
+                "-o",
+                "jsonpath={.items[*].endpoints[*].addresses[*]}",
+            ],
+        );
+        let mut ips: Vec<String> = out.split_whitespace().map(str::to_string).collect();
+        ips.sort();
+        ips
+    };
+    let held = || {
+        let eps = endpoints(c, &ns, "web");
+        let ok = !eps.is_empty() && eps.iter().all(|(_, by)| by == "dormant.dev");
+        let mut ips: Vec<String> =
+            eps.iter().filter_map(|(ep, _)| ep.rsplit_once(':')).map(|(a, _)| a.into()).collect();
+        ips.sort();
+        (ok, ips, eps.first().map(|(ep, _)| ep.clone()).unwrap_or_default())
+    };
+    let before = agents();
+    assert_eq!(before.len(), 2, "two agent pods: {:#?}", kubelet.pods());
+    assert!(before.iter().all(|ip| ip.starts_with("10.251.")), "{before:?}");
+    wait_until("the app-traffic Service to list both agents", Duration::from_secs(30), || listed() == before);
 
-    // The chart's agent puts the namespace to sleep and holds its Service.
+    // The chart's leader puts the namespace to sleep and holds its Service
+    // on both agents' addresses.
     wait_until("the namespace to sleep", Duration::from_secs(90), || {
         state(c, "namespace", &ns, None) == "asleep"
     });
-    let ep = held_endpoint_of(c, &ns, "web", &pod_ip, &pod_logs);
+    wait_until("dormant's slice to list both agents", Duration::from_secs(60), || {
+        let (ok, ips, _) = held();
+        ok && ips == before
+    });
     assert!(event_notes(c, &ns, "AppTrafficHeld").contains("Service web "), "{}", pod_logs());
-    assert_eq!(jsonpath(c, "deployment", "web", Some(&ns), "{.spec.replicas}"), "0");
+    let asleep = |when: &str| {
+        assert_eq!(state(c, "namespace", &ns, None), "asleep", "{when}");
+        assert_eq!(jsonpath(c, "deployment", "web", Some(&ns), "{.spec.replicas}"), "0", "{when}");
+        assert_eq!(
+            annotation(c, "deployment", "web", Some(&ns), "dormant.dev/replicas-before-sleep"),
+            "2",
+            "{when}"
+        );
+    };
+    asleep("before the upgrade");
+
+    // A rolling update: changed values, both pods replaced one by one.
+    let (upgraded, said) = helm(
+        c,
+        &[
+            "upgrade",
+            &id,
+            chart.to_str().unwrap(),
+            "-n",
+            &release_ns,
+            "--reuse-values",
+            "--set",
+            "agent.defaultSleepAfter=2h",
+            "--wait",
+            "--timeout",
+            "180s",
+        ],
+    );
+    assert!(upgraded, "{said}\n{}", pod_logs());
+    let args =
+        jsonpath(c, "deployment", &fullname, Some(&release_ns), "{.spec.template.spec.containers[0].args}");
+    assert!(args.contains("--default-sleep-after=2h"), "{args}");
+    wait_until("two new agent pods, the old ones gone", Duration::from_secs(120), || {
+        let now = agents();
+        now.len() == 2
+            && now.iter().all(|ip| !before.contains(ip))
+            && kubelet.pods().values().filter(|p| p.phase == "Running").count() == 2
+    });
+    let after = agents();
+    asleep("after the upgrade");
+    wait_until("dormant's slice to follow the new agents", Duration::from_secs(90), || {
+        let (ok, ips, _) = held();
+        ok && ips == after
+    });
+    asleep("once the slice followed");
 
     // The first request wakes it and gets the app's answer.
+    let (_, _, ep) = held();
     let got = net.curl(&[
         "-H".into(),
         format!("Host: {HOST}"),

@@ -1507,7 +1507,9 @@ fn in_cluster_mode_the_api_server_refuses_dormants_writes_where_it_never_acts() 
     // new values, the namespace stays asleep with its records, and its
     // wake brings back exactly what was there. (Scaled to zero first: the
     // testbed's pods share one network, so the rolling update's new pod
-    // could not listen beside the old one.)
+    // could not listen beside the old one. A rolling update of the
+    // chart's two pods, each in a network namespace of its own, is
+    // app_traffic::the_charts_pods_hold_app_traffic_…_through_a_rolling_update.)
     let agent = scale_agent(c, &r, 1).unwrap();
     // The conflict test left a use dated 2030 (read as now, for ever).
     kubectl(c, &["annotate", "namespace", &served, "dormant.dev/last-activity-"]);
