@@ -265,16 +265,19 @@ async fn sleep(
         *again = Some(now + chrono::Duration::seconds(HOLD_RETRY_SECONDS));
     }
     let mut pending = false;
+    let mut patches = Vec::new();
     for w in ev.workloads.iter().filter(|w| !lost(w)) {
-        let w = &after_target_write(w, &written);
-        let excluded = ev.excluded(w);
+        let w = after_target_write(w, &written);
+        let excluded = ev.excluded(&w);
         // Judged against the copy as it was: a workload this pass adds to
         // the copy still gets its own record.
-        if !matches!(sleep_patch_marked(w, excluded, Some(&copy)), Ok(None)) {
+        if !matches!(sleep_patch_marked(&w, excluded, Some(&copy)), Ok(None)) {
             pending = true;
         }
-        step(ctx, ev, "SleepFailed", ctx.scaler.sleep_workload(w, excluded, Some(&copy))).await?;
+        let copy = &copy;
+        patches.push(async move { ctx.scaler.sleep_workload(&w, excluded, Some(copy)).await });
     }
+    step(ctx, ev, "SleepFailed", a_few_at_once(patches)).await?;
     // KEDA after the workloads, which are recorded and at zero by now: a
     // pause first would let KEDA scale a workload to zero before its count
     // was recorded (a failed or slow step in between, a shared schedule
@@ -391,10 +394,13 @@ async fn wake(
         written = ctx.annotator.set(&ev.target.object, annotations).await?;
         annotations.clear();
     }
+    let mut patches = Vec::new();
     for w in &ev.workloads {
         let w = after_target_write(w, &written);
-        step(ctx, ev, "WakeFailed", ctx.scaler.wake_workload(&w, copy.as_ref())).await?;
+        let copy = copy.as_ref();
+        patches.push(async move { ctx.scaler.wake_workload(&w, copy).await });
     }
+    step(ctx, ev, "WakeFailed", a_few_at_once(patches)).await?;
     // KEDA and Argo CD last: their pauses are lifted once the workloads
     // are back.
     if r.kind == TargetKind::Namespace {
@@ -552,6 +558,27 @@ fn after_target_write(
         }
         _ => w.clone(),
     }
+}
+
+/// How many of one target's workloads are patched at once. One after the
+/// other, a namespace of fifty Deployments took fifty round trips to fall
+/// asleep (5.5 s on the loaded two-core testbed); the client's QPS still
+/// bounds them all. Their order does not matter: the target's copy of
+/// every record is written before any of them, and each patch carries the
+/// workload's own.
+const WORKLOAD_PATCHES_AT_ONCE: usize = 8;
+
+/// Runs one target's workload patches, [`WORKLOAD_PATCHES_AT_ONCE`] in
+/// flight; the first failure ends it (the patches still in flight are
+/// dropped: each is idempotent, and the next reconcile sends what is left).
+async fn a_few_at_once<T>(
+    patches: impl IntoIterator<Item = impl std::future::Future<Output = Result<T, scaler::Error>>>,
+) -> Result<(), scaler::Error> {
+    use futures::{StreamExt as _, TryStreamExt as _};
+    futures::stream::iter(patches)
+        .buffer_unordered(WORKLOAD_PATCHES_AT_ONCE)
+        .try_for_each(|_| std::future::ready(Ok(())))
+        .await
 }
 
 /// One scaler step; when it fails, a Warning Event (`SleepFailed`,
