@@ -803,8 +803,8 @@ metadata:
     kubernetes.io/arch: amd64
     type: kwok
 status:
-  allocatable: {cpu: "4000", memory: 16Ti, pods: "20000", ephemeral-storage: 100Ti}
-  capacity: {cpu: "4000", memory: 16Ti, pods: "20000", ephemeral-storage: 100Ti}
+  allocatable: {cpu: "100000", memory: 1Pi, pods: "100000", ephemeral-storage: 100Ti}
+  capacity: {cpu: "100000", memory: 1Pi, pods: "100000", ephemeral-storage: 100Ti}
 "#;
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
