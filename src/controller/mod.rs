@@ -30,7 +30,7 @@ use crate::policy::Defaults;
 use crate::policy::annotations::TargetState;
 use crate::policy::decide::Desired;
 use crate::scaler::Scaler;
-use crate::target::stores::{Change, in_namespace};
+use crate::target::stores::Change;
 use crate::target::{Scope, Stores, TargetKind, TargetRef};
 use runner::{RunError, Runner};
 
@@ -190,17 +190,7 @@ impl Context {
             Change::All => self.all_targets(),
             Change::Namespace(ns) => {
                 let mut out = vec![TargetRef::namespace(&ns)];
-                use kube::ResourceExt;
-                for s in self.stores.statefulsets.state_filter(|s| in_namespace(s, &ns)) {
-                    if crate::target::is_vcluster_control_plane(s.labels()) {
-                        out.push(TargetRef::vcluster(&ns, &s.name_any()));
-                    }
-                }
-                for d in self.stores.deployments.state_filter(|d| in_namespace(d, &ns)) {
-                    if crate::target::is_vcluster_control_plane(d.labels()) {
-                        out.push(TargetRef::vcluster(&ns, &d.name_any()));
-                    }
-                }
+                out.extend(self.stores.vclusters_in(&ns));
                 out
             }
         }
