@@ -284,6 +284,10 @@ async fn main() -> anyhow::Result<()> {
                     "metadata": {"name": name, "namespace": ns},
                     "spec": {
                         "replicas": 1,
+                        // Pods of 50,000 take longer than the default
+                        // 600 s to come up; past it, some Deployments
+                        // kept readyReplicas unset with their pod ready.
+                        "progressDeadlineSeconds": 7200,
                         "selector": {"matchLabels": {"app": name}},
                         "template": {
                             "metadata": {"labels": {"app": name}},
