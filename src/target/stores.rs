@@ -75,7 +75,7 @@ struct Parsed {
 /// evaluation grow with the cluster (a namespace of 50 workloads among
 /// 50,000 read about 150,000 cached objects every time it changed).
 #[derive(Clone, Default)]
-pub struct NamespaceIndex(Arc<RwLock<Names>>);
+struct NamespaceIndex(Arc<RwLock<Names>>);
 
 type NamesByNamespace = HashMap<String, BTreeSet<String>>;
 
@@ -88,7 +88,8 @@ struct Names {
 }
 
 impl NamespaceIndex {
-    pub fn apply<K: Resource>(&self, event: &watcher::Event<K>) {
+    fn apply<K: Resource>(&self, event: &watcher::Event<K>) {
+        // Most events update an object already named: nothing is copied.
         fn add<K: Resource>(names: &mut NamesByNamespace, o: &K) {
             let meta = o.meta();
             if let (Some(ns), Some(name)) = (&meta.namespace, &meta.name)
@@ -122,18 +123,24 @@ impl NamespaceIndex {
     }
 
     /// The names of the objects in namespace `ns`.
-    pub fn names(&self, ns: &str) -> Vec<String> {
+    #[cfg(test)]
+    fn names(&self, ns: &str) -> Vec<String> {
         let names = self.0.read().unwrap_or_else(|e| e.into_inner());
         names.live.get(ns).map(|n| n.iter().cloned().collect()).unwrap_or_default()
     }
 
-    /// The objects of `store` in namespace `ns` (one lookup each).
+    /// The objects of `store` in namespace `ns` (one lookup each; the
+    /// cache's own lock is never held while this one is written).
     fn objects<K>(&self, store: &Store<K>, ns: &str) -> Vec<Arc<K>>
     where
         K: Resource<DynamicType = ()> + Clone + 'static,
     {
-        self.names(ns)
-            .iter()
+        let names = self.0.read().unwrap_or_else(|e| e.into_inner());
+        names
+            .live
+            .get(ns)
+            .into_iter()
+            .flatten()
             .filter_map(|name| store.get(&reflector::ObjectRef::new(name).within(ns)))
             .collect()
     }
@@ -362,6 +369,27 @@ fn workload_change<K: ResourceExt>(o: &K) -> Option<Change> {
     })
 }
 
+/// Starts the reflector of one kind of workload, indexed by namespace.
+fn workloads<K>(
+    client: &Client,
+    writer: Writer<K>,
+    index: &NamespaceIndex,
+    tx: &mpsc::UnboundedSender<Change>,
+) -> tokio::task::JoinHandle<()>
+where
+    K: Resource<DynamicType = ()> + Trim + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    let config = watcher::Config::default();
+    tokio::spawn(reflect(
+        Api::all(client.clone()),
+        config,
+        writer,
+        Some(index.clone()),
+        tx.clone(),
+        workload_change,
+    ))
+}
+
 impl Writers {
     /// Starts a reflector per kind; each sends its changes to `tx`. The
     /// tasks end when `tx`'s receiver is dropped.
@@ -381,46 +409,11 @@ impl Writers {
                 tx.clone(),
                 |o: &Namespace| Some(Change::Namespace(o.name_any())),
             )),
-            tokio::spawn(reflect(
-                Api::all(client.clone()),
-                wc(),
-                self.statefulsets,
-                Some(ix.statefulsets.clone()),
-                tx.clone(),
-                workload_change,
-            )),
-            tokio::spawn(reflect(
-                Api::all(client.clone()),
-                wc(),
-                self.deployments,
-                Some(ix.deployments.clone()),
-                tx.clone(),
-                workload_change,
-            )),
-            tokio::spawn(reflect(
-                Api::all(client.clone()),
-                wc(),
-                self.replicasets,
-                Some(ix.replicasets.clone()),
-                tx.clone(),
-                workload_change,
-            )),
-            tokio::spawn(reflect(
-                Api::all(client.clone()),
-                wc(),
-                self.cronjobs,
-                Some(ix.cronjobs.clone()),
-                tx.clone(),
-                workload_change,
-            )),
-            tokio::spawn(reflect(
-                Api::all(client.clone()),
-                wc(),
-                self.jobs,
-                Some(ix.jobs.clone()),
-                tx.clone(),
-                workload_change,
-            )),
+            workloads(&client, self.statefulsets, &ix.statefulsets, &tx),
+            workloads(&client, self.deployments, &ix.deployments, &tx),
+            workloads(&client, self.replicasets, &ix.replicasets, &tx),
+            workloads(&client, self.cronjobs, &ix.cronjobs, &tx),
+            workloads(&client, self.jobs, &ix.jobs, &tx),
             tokio::spawn(reflect(
                 Api::all(client.clone()),
                 synced_pods_params(),
