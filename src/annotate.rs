@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, Patch};
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::client::{Outcome, PatchError, Patcher, metadata, patch_params};
 use crate::policy::annotations::{ForceSleep, TargetAnnotations, Until, rfc3339};
@@ -111,6 +111,21 @@ impl Annotator {
             }
         };
         r.map_err(|source| Error::PatchTarget { target, source })
+    }
+
+    /// Sets `changes` on a target that is also one of its workloads (a
+    /// vcluster's control plane) in the patch `make` computes for that
+    /// workload: the target's mark and the workload's change land together
+    /// or not at all, in one request instead of two. A conflict computes
+    /// both again from a fresh read, so what gets recorded is the workload
+    /// as it is at the version written, as with [`Annotator::set`].
+    pub async fn set_with(
+        &self,
+        w: &WorkloadView,
+        changes: &Changes,
+        make: impl Fn(&WorkloadView) -> Result<Option<Value>, String>,
+    ) -> Result<Outcome, PatchError> {
+        self.patcher.patch_until_settled(w, |w| Ok(Some(with_changes(make(w)?, w, changes)))).await
     }
 
     /// Sets annotations only if the target is still exactly `object` (its
@@ -222,11 +237,67 @@ fn wake_time(annotations: &BTreeMap<String, String>, now: DateTime<Utc>) -> Date
         .fold(now, DateTime::max)
 }
 
+/// `patch` (a workload's own, if any) with the target's `changes` among
+/// its annotations; with no patch of its own, the changes alone at the
+/// workload's version.
+fn with_changes(patch: Option<Value>, w: &WorkloadView, changes: &Changes) -> Value {
+    let mut patch = patch.unwrap_or_else(|| json!({ "metadata": metadata(&w.resource_version, json!({})) }));
+    let annotations = &mut patch["metadata"]["annotations"];
+    if !annotations.is_object() {
+        *annotations = json!({});
+    }
+    for (key, value) in changes {
+        annotations[*key] = json!(value);
+    }
+    patch
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::vocab::{ASLEEP_SINCE, STATE};
     use chrono::TimeZone;
+
+    #[test]
+    fn the_targets_changes_ride_in_its_workloads_patch() {
+        let w = WorkloadView {
+            kind: crate::target::WorkloadKind::StatefulSet,
+            namespace: "vc".into(),
+            name: "vc1".into(),
+            resource_version: Some("42".into()),
+            labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
+            replicas: Some(1),
+            suspend: None,
+            current_pods: 1,
+            ready_pods: 1,
+            finished: false,
+            controlled: false,
+            per_replica: Default::default(),
+            deletes_claims_when_scaled: false,
+        };
+        let changes = Changes::from([(STATE, Some("sleeping".into())), (FORCE_SLEEP, None)]);
+        let scale = crate::scaler::sleep_patch(&w, false).unwrap();
+        let patch = with_changes(scale, &w, &changes);
+        assert_eq!(patch["spec"]["replicas"], json!(0));
+        assert_eq!(patch["metadata"]["resourceVersion"], json!("42"));
+        let annotations = &patch["metadata"]["annotations"];
+        assert_eq!(annotations[crate::vocab::REPLICAS_BEFORE_SLEEP], json!("1"));
+        assert_eq!(annotations[STATE], json!("sleeping"));
+        // A removal stays a removal (null in a merge patch).
+        assert!(annotations.as_object().unwrap().contains_key(FORCE_SLEEP));
+        assert_eq!(annotations[FORCE_SLEEP], Value::Null);
+        // Nothing of the workload's own to change: the target's changes
+        // alone, still at the version they were computed from.
+        let alone = with_changes(None, &w, &changes);
+        assert_eq!(
+            alone,
+            json!({ "metadata": {
+                "resourceVersion": "42",
+                "annotations": { STATE: "sleeping", FORCE_SLEEP: null },
+            }})
+        );
+    }
 
     #[test]
     fn a_wake_from_a_clock_behind_the_agents_still_comes_after_the_sleep() {

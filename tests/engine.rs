@@ -1498,11 +1498,12 @@ fn a_reconcile_stuck_on_a_silent_api_server_times_out_and_completes_later() {
     assert_namespace_awake_as_before(&c, &ns);
 }
 
-/// A vcluster's control plane is its target object: its sleep first writes
-/// the target's annotations, then scales it. A `kubectl scale` the agent's
-/// cache has not seen yet must be what gets recorded (the scale patch is
-/// made from the object the annotation write returned, replicas and
-/// version together), not the cache's older count under the newer version.
+/// A vcluster's control plane is its target object: its sleep writes the
+/// target's annotations in the patch that scales it, made from the agent's
+/// cache. A `kubectl scale` the cache has not seen yet must be what gets
+/// recorded (the patch carries the version it was made from; the conflict
+/// makes it again from a fresh read), not the cache's older count, and the
+/// mark lands with it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_control_plane_scaled_just_before_its_sleep_records_the_new_count() {
     use dormant::target::cached::StatefulSet;
@@ -1516,23 +1517,21 @@ async fn a_control_plane_scaled_just_before_its_sleep_records_the_new_count() {
     .unwrap();
     let client = c.client().await.unwrap();
     let api: kube::Api<StatefulSet> = kube::Api::namespaced(client.clone(), &ns);
-    let cached = api.get("vc").await.unwrap();
+    let cached = dormant::target::WorkloadView::from_statefulset(&api.get("vc").await.unwrap());
+    assert_eq!(cached.replicas, Some(1));
     kubectl(c, &["scale", "statefulset", "vc", "-n", &ns, "--replicas=3"]);
 
     let throttle = dormant::client::Throttle::new(50.try_into().unwrap(), 50.try_into().unwrap());
-    let patcher = dormant::client::Patcher::new(client, throttle);
-    let (scaler, annotator) =
-        (dormant::scaler::Scaler::new(patcher.clone()), dormant::annotate::Annotator::new(patcher));
+    let annotator = dormant::annotate::Annotator::new(dormant::client::Patcher::new(client, throttle));
     let changes = [(STATE, Some("sleeping".to_string()))].into_iter().collect();
-    let written = annotator
-        .set(&dormant::target::TargetObject::StatefulSet(std::sync::Arc::new(cached)), &changes)
+    let outcome = annotator
+        .set_with(&cached, &changes, |w| dormant::scaler::sleep_patch_marked(w, false, None))
         .await
-        .unwrap()
-        .expect("a control plane's write returns the object");
-    assert_eq!(written.replicas, Some(3));
-    scaler.sleep_workload(&written, false, None).await.unwrap();
+        .unwrap();
+    assert_eq!(outcome, dormant::client::Outcome::Changed);
     assert_eq!(replicas(c, "statefulset", "vc", &ns), "0");
     assert_eq!(annotation(c, "statefulset", "vc", Some(&ns), "dormant.dev/replicas-before-sleep"), "3");
+    assert_eq!(annotation(c, "statefulset", "vc", Some(&ns), STATE), "sleeping");
 }
 
 /// Kubernetes deletes the PersistentVolumeClaims of a StatefulSet with

@@ -185,6 +185,21 @@ impl Evaluation {
         lines
     }
 
+    /// A vcluster's control plane, which is both its target object and its
+    /// first workload: its patches can carry the target's own annotations.
+    pub fn control_plane(&self) -> Option<&WorkloadView> {
+        use crate::client::Patchable as _;
+        use crate::target::TargetObject;
+        let cp = self.workloads.first().filter(|_| self.target.r.kind == TargetKind::VCluster)?;
+        let object = &self.target.object;
+        let kind = match object {
+            TargetObject::StatefulSet(_) => WorkloadKind::StatefulSet,
+            TargetObject::Deployment(_) => WorkloadKind::Deployment,
+            TargetObject::Namespace(_) => return None,
+        };
+        (cp.kind == kind && cp.namespace == object.namespace() && cp.name == object.name()).then_some(cp)
+    }
+
     /// The vcluster's control plane is at zero with no pod left.
     pub fn control_plane_down(&self) -> bool {
         self.target.r.kind == TargetKind::VCluster

@@ -201,8 +201,9 @@ async fn report_invalid(ctx: &Context, r: &TargetRef, invalid: &Invalid) {
 }
 
 /// One step towards asleep: mark `sleeping` (with what runs, for the
-/// savings), scale every workload down, then (vcluster) delete the synced
-/// pods once the control plane is down, then mark `asleep`.
+/// savings; a vcluster's in its control plane's scale patch), scale every
+/// workload down, then (vcluster) delete the synced pods once the control
+/// plane is down, then mark `asleep`.
 async fn sleep(
     ctx: &Context,
     ev: &Evaluation,
@@ -233,15 +234,46 @@ async fn sleep(
     if copy_changed {
         annotations.insert(vocab::SLEEP_RECORD, Some(record_json(&full_copy)));
     }
-    if matches!(ev.state, TargetState::Awake | TargetState::Waking) {
+    if first_pass {
         let requests = ev.running_requests();
         annotations.insert(vocab::STATE, Some(TargetState::Sleeping.as_str().into()));
         annotations.insert(vocab::ASLEEP_SINCE, Some(rfc3339(now)));
         annotations
             .insert(vocab::ASLEEP_REQUESTS, Some(format_requests(requests.cpu_cores, requests.memory_bytes)));
-        // Written before any workload changes: a crash from here on leaves a
-        // target that says it is going to sleep.
-        written = ctx.annotator.set(&ev.target.object, annotations).await?;
+    }
+    // A vcluster's control plane is its target object: the mark (and the
+    // copy) go in the patch that scales it down, one request instead of two
+    // and no instant with one but not the other. Nothing else of a vcluster
+    // must happen before it: Argo CD is never paused for one, and its app
+    // traffic is held after (below), which is still before any synced pod
+    // goes (the pods keep running with the control plane down).
+    let mark = first_pass || copy_changed;
+    let folded = ev
+        .control_plane()
+        .filter(|cp| mark && !lost(cp))
+        .filter(|cp| sleep_patch_marked(cp, ev.excluded(cp), Some(&copy)).is_ok());
+    if mark {
+        // Written before any other workload changes: a crash from here on
+        // leaves a target that says it is going to sleep.
+        match folded {
+            Some(cp) => {
+                let excluded = ev.excluded(cp);
+                let make = |w: &crate::target::WorkloadView| sleep_patch_marked(w, excluded, Some(&copy));
+                let outcome = step(ctx, ev, "SleepFailed", async {
+                    Ok::<_, scaler::Error>(ctx.annotator.set_with(cp, annotations, make).await?)
+                })
+                .await?;
+                if outcome == scaler::Outcome::Unchanged {
+                    // Gone since it was read: nothing to put to sleep.
+                    annotations.clear();
+                    return Ok(());
+                }
+            }
+            None => written = ctx.annotator.set(&ev.target.object, annotations).await?,
+        }
+        annotations.clear();
+    }
+    if first_pass {
         wrote_state(ctx, ev, TargetState::Sleeping);
         if let Some(edge) = ev.decision.reason.at() {
             let lag = (Utc::now() - edge).num_milliseconds() as f64 / 1000.0;
@@ -250,18 +282,14 @@ async fn sleep(
                 ctx.metrics.sleep_lag.observe(lag);
             }
         }
-        annotations.clear();
         lock(&ctx.waking).remove(r);
         tracing::info!(target = %r, reason = %ev.decision.reason, "putting to sleep");
-    } else if copy_changed {
-        written = ctx.annotator.set(&ev.target.object, annotations).await?;
-        annotations.clear();
     }
     // Argo CD told to leave the workloads alone before they change.
     step(ctx, ev, "SleepFailed", pause_argocd(ctx, ev)).await?;
-    // App traffic is held before any workload scales down: no request
-    // meets a Service without an endpoint.
-    if !hold_app_traffic(ctx, ev).await {
+    // A namespace's app traffic is held before any workload scales down:
+    // no request meets a Service without an endpoint.
+    if r.kind == TargetKind::Namespace && !hold_app_traffic(ctx, ev).await {
         *again = Some(now + chrono::Duration::seconds(HOLD_RETRY_SECONDS));
     }
     let mut pending = false;
@@ -273,6 +301,9 @@ async fn sleep(
         // the copy still gets its own record.
         if !matches!(sleep_patch_marked(&w, excluded, Some(&copy)), Ok(None)) {
             pending = true;
+        }
+        if folded.is_some_and(|cp| same_workload(cp, &w)) {
+            continue;
         }
         let copy = &copy;
         patches.push(async move { ctx.scaler.sleep_workload(&w, excluded, Some(copy)).await });
@@ -289,6 +320,9 @@ async fn sleep(
         step(ctx, ev, "SleepFailed", pause_keda(ctx, ev)).await?;
     }
     if r.kind == TargetKind::VCluster {
+        if !hold_app_traffic(ctx, ev).await {
+            *again = Some(now + chrono::Duration::seconds(HOLD_RETRY_SECONDS));
+        }
         if !ev.control_plane_down() {
             pending = true;
         } else {
@@ -381,21 +415,40 @@ async fn wake(
     if let Some(copy) = copy.as_ref().filter(|_| copy_changed) {
         annotations.insert(vocab::SLEEP_RECORD, Some(record_json(copy)));
     }
-    if ev.state != TargetState::Waking {
+    let first_pass = ev.state != TargetState::Waking;
+    if first_pass {
         annotations.insert(vocab::STATE, Some(TargetState::Waking.as_str().into()));
         annotations.insert(vocab::FORCE_SLEEP, None);
         annotations.insert(vocab::PREVENT_WAKEUP_UNTIL, None);
-        written = ctx.annotator.set(&ev.target.object, annotations).await?;
-        wrote_state(ctx, ev, TargetState::Waking);
-        annotations.clear();
-        lock(&ctx.waking).insert(r.clone(), (tokio::time::Instant::now(), ev.decision.reason.trigger()));
-        tracing::info!(target = %r, reason = %ev.decision.reason, "waking");
-    } else if copy_changed {
-        written = ctx.annotator.set(&ev.target.object, annotations).await?;
+    }
+    // As for a sleep: a vcluster's control plane carries the mark in the
+    // patch that wakes it.
+    let mark = first_pass || copy_changed;
+    let folded = ev.control_plane().filter(|cp| mark && wake_patch_unmarked(cp, copy.as_ref()).is_ok());
+    if mark {
+        match folded {
+            Some(cp) => {
+                let make = |w: &crate::target::WorkloadView| wake_patch_unmarked(w, copy.as_ref());
+                let outcome = step(ctx, ev, "WakeFailed", async {
+                    Ok::<_, scaler::Error>(ctx.annotator.set_with(cp, annotations, make).await?)
+                })
+                .await?;
+                if outcome == scaler::Outcome::Unchanged {
+                    annotations.clear();
+                    return Ok(());
+                }
+            }
+            None => written = ctx.annotator.set(&ev.target.object, annotations).await?,
+        }
         annotations.clear();
     }
+    if first_pass {
+        wrote_state(ctx, ev, TargetState::Waking);
+        lock(&ctx.waking).insert(r.clone(), (tokio::time::Instant::now(), ev.decision.reason.trigger()));
+        tracing::info!(target = %r, reason = %ev.decision.reason, "waking");
+    }
     let mut patches = Vec::new();
-    for w in &ev.workloads {
+    for w in ev.workloads.iter().filter(|w| !folded.is_some_and(|cp| same_workload(cp, w))) {
         let w = after_target_write(w, &written);
         let copy = copy.as_ref();
         patches.push(async move { ctx.scaler.wake_workload(&w, copy).await });
@@ -553,11 +606,13 @@ fn after_target_write(
     written: &Option<crate::target::WorkloadView>,
 ) -> crate::target::WorkloadView {
     match written {
-        Some(fresh) if fresh.kind == w.kind && fresh.name == w.name && fresh.namespace == w.namespace => {
-            fresh.clone()
-        }
+        Some(fresh) if same_workload(fresh, w) => fresh.clone(),
         _ => w.clone(),
     }
+}
+
+fn same_workload(a: &crate::target::WorkloadView, b: &crate::target::WorkloadView) -> bool {
+    a.kind == b.kind && a.name == b.name && a.namespace == b.namespace
 }
 
 /// How many of one target's workloads are patched at once. One after the
