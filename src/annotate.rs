@@ -277,8 +277,12 @@ mod tests {
             deletes_claims_when_scaled: false,
         };
         let changes = Changes::from([(STATE, Some("sleeping".into())), (FORCE_SLEEP, None)]);
-        let scale = crate::scaler::sleep_patch(&w, false).unwrap();
-        let patch = with_changes(scale, &w, &changes);
+        // The workload's own patch, as the scaler makes it.
+        let scale = json!({
+            "metadata": { "resourceVersion": "42", "annotations": { crate::vocab::REPLICAS_BEFORE_SLEEP: "1" } },
+            "spec": { "replicas": 0 },
+        });
+        let patch = with_changes(Some(scale), &w, &changes);
         assert_eq!(patch["spec"]["replicas"], json!(0));
         assert_eq!(patch["metadata"]["resourceVersion"], json!("42"));
         let annotations = &patch["metadata"]["annotations"];
