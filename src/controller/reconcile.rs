@@ -255,23 +255,12 @@ async fn sleep(
     if mark {
         // Written before any other workload changes: a crash from here on
         // leaves a target that says it is going to sleep.
-        match folded {
-            Some(cp) => {
-                let excluded = ev.excluded(cp);
-                let make = |w: &crate::target::WorkloadView| sleep_patch_marked(w, excluded, Some(&copy));
-                let outcome = step(ctx, ev, "SleepFailed", async {
-                    Ok::<_, scaler::Error>(ctx.annotator.set_with(cp, annotations, make).await?)
-                })
-                .await?;
-                if outcome == scaler::Outcome::Unchanged {
-                    // Gone since it was read: nothing to put to sleep.
-                    annotations.clear();
-                    return Ok(());
-                }
-            }
-            None => written = ctx.annotator.set(&ev.target.object, annotations).await?,
+        let excluded = folded.is_some_and(|cp| ev.excluded(cp));
+        let make = |w: &crate::target::WorkloadView| sleep_patch_marked(w, excluded, Some(&copy));
+        match write_mark(ctx, ev, "SleepFailed", annotations, folded, make).await? {
+            Marked::Written(w) => written = w,
+            Marked::Gone => return Ok(()),
         }
-        annotations.clear();
     }
     if first_pass {
         wrote_state(ctx, ev, TargetState::Sleeping);
@@ -426,21 +415,11 @@ async fn wake(
     let mark = first_pass || copy_changed;
     let folded = ev.control_plane().filter(|cp| mark && wake_patch_unmarked(cp, copy.as_ref()).is_ok());
     if mark {
-        match folded {
-            Some(cp) => {
-                let make = |w: &crate::target::WorkloadView| wake_patch_unmarked(w, copy.as_ref());
-                let outcome = step(ctx, ev, "WakeFailed", async {
-                    Ok::<_, scaler::Error>(ctx.annotator.set_with(cp, annotations, make).await?)
-                })
-                .await?;
-                if outcome == scaler::Outcome::Unchanged {
-                    annotations.clear();
-                    return Ok(());
-                }
-            }
-            None => written = ctx.annotator.set(&ev.target.object, annotations).await?,
+        let make = |w: &crate::target::WorkloadView| wake_patch_unmarked(w, copy.as_ref());
+        match write_mark(ctx, ev, "WakeFailed", annotations, folded, make).await? {
+            Marked::Written(w) => written = w,
+            Marked::Gone => return Ok(()),
         }
-        annotations.clear();
     }
     if first_pass {
         wrote_state(ctx, ev, TargetState::Waking);
@@ -609,6 +588,42 @@ fn after_target_write(
         Some(fresh) if same_workload(fresh, w) => fresh.clone(),
         _ => w.clone(),
     }
+}
+
+/// What writing a target's mark left.
+enum Marked {
+    /// Written; the control plane as the write returned it, when the mark
+    /// went on it alone (see [`crate::annotate::Annotator::set`]).
+    Written(Option<crate::target::WorkloadView>),
+    /// The control plane went since it was read: nothing to act on.
+    Gone,
+}
+
+/// Writes the target's `annotations` (its mark) and clears them: in the
+/// patch `make` computes for its control plane when `folded` (a vcluster,
+/// whose control plane is its target object: one request, and never the
+/// mark without the change), else on the target object alone. A failed
+/// control-plane patch is a scaler step's: its Event says `reason`.
+async fn write_mark(
+    ctx: &Context,
+    ev: &Evaluation,
+    reason: &str,
+    annotations: &mut Annotations,
+    folded: Option<&crate::target::WorkloadView>,
+    make: impl Fn(&crate::target::WorkloadView) -> Result<Option<serde_json::Value>, String>,
+) -> Result<Marked, Error> {
+    let marked = match folded {
+        Some(cp) => {
+            let outcome = step(ctx, ev, reason, async {
+                Ok::<_, scaler::Error>(ctx.annotator.set_with(cp, annotations, make).await?)
+            })
+            .await?;
+            if outcome == scaler::Outcome::Unchanged { Marked::Gone } else { Marked::Written(None) }
+        }
+        None => Marked::Written(ctx.annotator.set(&ev.target.object, annotations).await?),
+    };
+    annotations.clear();
+    Ok(marked)
 }
 
 fn same_workload(a: &crate::target::WorkloadView, b: &crate::target::WorkloadView) -> bool {
