@@ -342,8 +342,12 @@ pub fn parse_requests(v: &str) -> Option<(f64, f64)> {
     Some((cpu?, mem?))
 }
 
+/// At the precision Kubernetes keeps (millicores, bytes): a sum of
+/// requests such as 0.1 + 0.2 cores is written `0.3`, not
+/// `0.30000000000000004`.
 pub fn format_requests(cpu_cores: f64, memory_bytes: f64) -> String {
-    format!("cpu={cpu_cores},memory={memory_bytes}")
+    let millicores = (cpu_cores * 1000.0).round() / 1000.0;
+    format!("cpu={millicores},memory={}", memory_bytes.round())
 }
 
 /// The known key nearest to a misspelt one (edit distance ≤ 3).
@@ -528,5 +532,14 @@ mod tests {
             let e = WorkloadAnnotations::parse(&map(&[(k, v)])).unwrap_err();
             assert!(e[0].to_string().contains(k), "{}", e[0]);
         }
+    }
+
+    #[test]
+    fn requests_are_written_at_kubernetes_precision_and_read_back() {
+        let text = format_requests(0.1 + 0.2, 335_544_320.4);
+        assert_eq!(text, "cpu=0.3,memory=335544320");
+        assert_eq!(parse_requests(&text), Some((0.3, 335_544_320.0)));
+        assert_eq!(format_requests(0.0004, 0.0), "cpu=0,memory=0");
+        assert_eq!(parse_requests(&format_requests(12.3456, 1e12)), Some((12.346, 1e12)));
     }
 }
