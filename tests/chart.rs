@@ -995,10 +995,21 @@ spec:
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    wait_until("the vcluster's API server's report to count", Duration::from_secs(30), || {
+    let counted = || {
         annotation(c, "statefulset", "vc", Some(ns), "dormant.dev/last-activity-by")
             .contains("list configmaps (audit)")
-    });
+    };
+    let start = std::time::Instant::now();
+    while !counted() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "timed out after 30s waiting for the vcluster's API server's report to count\nlast-activity-by: {}\nthe vcluster's API server:\n{}\nthe agent:\n{}",
+            annotation(c, "statefulset", "vc", Some(ns), "dormant.dev/last-activity-by"),
+            c.log_tail(&format!("vcluster-{ns}-vc-apiserver"), 30),
+            tail(&agent)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     assert!(metric(&agent, "dormant_audit_batches_total{outcome=\"accepted\"}") >= 1.0);
     // The host's token reports use of the sleeping namespace, which wakes
     // it; but its wake cannot proceed (a KEDA record nobody can read): it
@@ -1546,18 +1557,7 @@ fn in_cluster_mode_the_api_server_refuses_dormants_writes_where_it_never_acts() 
         .collect::<Vec<_>>(),
     );
     assert!(ok, "{out}");
-    let args = kubectl(
-        c,
-        &[
-            "get",
-            "deployment",
-            &r.fullname,
-            "-n",
-            &r.ns,
-            "-o",
-            "jsonpath={.spec.template.spec.containers[0].args}",
-        ],
-    );
+    let args = agent_args(c, &r);
     assert!(args.contains("--default-sleep-after=2h"), "{args}");
     let agent = running_agent(&r);
     asleep("after the upgrade");
@@ -1570,4 +1570,238 @@ fn in_cluster_mode_the_api_server_refuses_dormants_writes_where_it_never_acts() 
     kubectl(c, &["delete", "deployment", &id, "-n", "kube-system"]);
     let (ok, out) = helm(c, &["uninstall", &id, "-n", &r.ns, "--wait"]);
     assert!(ok, "{out}");
+}
+
+/// A new version of the SleepPolicy CRD, and `helm upgrade` across it, while
+/// a namespace and a vcluster sleep: the agent reads every policy through
+/// the change, and every target keeps its state exactly (its mark, its
+/// records, the copy on the target) until its wake brings back what ran.
+///
+/// Only `v1alpha1` has shipped, so the next version is made here as a
+/// release would make it: the same schema served as `v1beta1`, which
+/// becomes the storage version, with `v1alpha1` still served (one schema:
+/// no conversion webhook). Its own cluster: a CRD's storage version is the
+/// whole cluster's, and the other tests here apply the one-version CRD.
+#[test]
+fn a_new_crd_version_and_helm_upgrade_keep_every_targets_state() {
+    let c = &Cluster::start(ClusterOptions::default()).unwrap();
+    let id = test_id("crdv");
+    let ns = c.namespace("team", &[("dormant-test", &id)]).unwrap();
+    let r = install(
+        c,
+        &id,
+        &format!(
+            "agent: {{namespaceSelector: dormant-test={id}, logFormat: plain, leaseDuration: 3s, flushInterval: 1s}}\ntls: {{extraDnsNames: [localhost]}}\nproxy: {{service: {{type: ClusterIP}}}}\n"
+        ),
+    );
+    c.kubectl_apply(
+        &c.admin,
+        &format!(
+            "apiVersion: dormant.dev/v1alpha1\nkind: SleepPolicy\nmetadata: {{name: {id}}}\nspec:\n  selector: {{namespaceSelector: {{matchLabels: {{dormant-test: {id}}}}}}}\n  sleepAfter: 1h\n---\n{}apiVersion: apps/v1\nkind: StatefulSet\nmetadata: {{name: db, namespace: {ns}}}\nspec:\n  replicas: 1\n  serviceName: db\n  selector: {{matchLabels: {{app: db}}}}\n  template:\n    metadata: {{labels: {{app: db}}}}\n    spec: {{containers: [{{name: db, image: postgres:17}}]}}\n",
+            deployment_yaml(&ns, "web", 2)
+        ),
+    )
+    .unwrap();
+    let vc = VCluster::create(c, &ns, "vc", VClusterOptions { pods: 1, ..Default::default() }).unwrap();
+    vc.wait_serving(c, Duration::from_secs(60)).unwrap();
+    wait_until("workloads ready", Duration::from_secs(60), || {
+        ready_pods(c, &ns, "app=web") == 2
+            && ready_pods(c, &ns, "app=db") == 1
+            && pods(c, &ns, "vcluster.loft.sh/managed-by=vc") == 1
+    });
+    let agent = running_agent(&r);
+    // The policy as the agent sees it: every spec field, read back at
+    // the version the agent reads.
+    let policy = |version: &str| {
+        let kind = format!("sleeppolicies.{version}.dormant.dev");
+        let v: Value = serde_json::from_str(&kubectl(c, &["get", &kind, &id, "-o", "json"])).unwrap();
+        v
+    };
+    let governs = |version: &str| {
+        let p = policy(version);
+        p["status"]["observedGeneration"] == p["metadata"]["generation"] && p["status"]["targets"] == 2
+    };
+    wait_until("the policy to govern both targets", Duration::from_secs(60), || governs("v1alpha1"));
+
+    for target in [format!("namespace/{ns}"), format!("vcluster/{ns}/vc")] {
+        let out = dormant(c, &["sleep", &target, "--wait=60s"]);
+        assert!(
+            out.status.success(),
+            "{target}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            agent.tail(&r)
+        );
+    }
+    wait_until("the synced pod gone and the vcluster down", Duration::from_secs(30), || {
+        pods(c, &ns, "vcluster.loft.sh/managed-by=vc") == 0 && !vc.is_serving()
+    });
+    // What a wake restores from: every object's replicas and `dormant.dev/`
+    // annotations (marks, records, the copy on the target).
+    let kept = || {
+        [
+            ("namespace", ns.as_str(), None),
+            ("deployment", "web", Some(&ns)),
+            ("statefulset", "db", Some(&ns)),
+            ("statefulset", "vc", Some(&ns)),
+        ]
+        .into_iter()
+        .map(|(kind, name, namespace)| {
+            (format!("{kind}/{name}"), dormant_state(c, kind, name, namespace.map(String::as_str)))
+        })
+        .collect::<BTreeMap<_, _>>()
+    };
+    let before = kept();
+    for (what, replicas, record) in
+        [("deployment/web", 0, Some("2")), ("statefulset/db", 0, Some("1")), ("statefulset/vc", 0, Some("1"))]
+    {
+        let (r, marks) = &before[what];
+        assert_eq!(r, &serde_json::json!(replicas), "{what}: {before:#?}");
+        assert_eq!(
+            marks.get("dormant.dev/replicas-before-sleep").and_then(Value::as_str),
+            record,
+            "{what}: {before:#?}"
+        );
+    }
+    for what in [format!("namespace/{ns}"), "statefulset/vc".into()] {
+        assert_eq!(before[&what].1.get("dormant.dev/state"), Some(&Value::from("asleep")), "{before:#?}");
+    }
+
+    // The next release's CRD, applied while the agent runs (as `kubectl
+    // apply` before `helm upgrade` does): the agent's policy watch goes
+    // through the API server's switch to the new storage version.
+    let file = r.dir.join("next-crd.json");
+    std::fs::write(&file, next_crd_version().to_string()).unwrap();
+    kubectl(c, &["apply", "--server-side", "--force-conflicts", "-f", file.to_str().unwrap()]);
+    c.wait_established("sleeppolicies.dormant.dev").unwrap();
+    wait_until("v1beta1 served", Duration::from_secs(30), || {
+        c.kubectl_out(&c.admin, &["get", "sleeppolicies.v1beta1.dormant.dev", &id]).is_ok()
+    });
+    // The policy changed at the new version (so stored at it) reaches the
+    // running agent, which writes its status through the old one.
+    let spec = policy("v1alpha1")["spec"].clone();
+    kubectl(
+        c,
+        &[
+            "patch",
+            "sleeppolicies.v1beta1.dormant.dev",
+            &id,
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"sleepAfter":"2h"}}"#,
+        ],
+    );
+    wait_until("the running agent to read the policy stored at v1beta1", Duration::from_secs(60), || {
+        governs("v1alpha1")
+    });
+    assert_eq!(
+        jsonpath(c, "crd", "sleeppolicies.dormant.dev", None, "{.status.storedVersions}"),
+        r#"["v1alpha1","v1beta1"]"#
+    );
+    let mut changed = spec.clone();
+    changed["sleepAfter"] = "2h".into();
+    assert_eq!(policy("v1alpha1")["spec"], changed, "read back at the old version");
+    assert_eq!(policy("v1beta1")["spec"], changed, "read back at the new version");
+    assert_eq!(kept(), before, "the CRD change moved a target\n{}", agent.tail(&r));
+
+    // helm upgrade with changed values; the new pod reads the policy and
+    // leaves every target as it was.
+    scale_agent(c, &r, 0);
+    let (ok, out) = helm(
+        c,
+        &[
+            "upgrade",
+            &id,
+            chart().to_str().unwrap(),
+            "-n",
+            &r.ns,
+            "--reuse-values",
+            "--wait",
+            "--timeout",
+            "180s",
+            "--set",
+            "agent.defaultSleepAfter=3h",
+        ],
+    );
+    assert!(ok, "{out}");
+    let agent = running_agent(&r);
+    assert!(agent_args(c, &r).contains("--default-sleep-after=3h"));
+    kubectl(
+        c,
+        &[
+            "patch",
+            "sleeppolicies.v1beta1.dormant.dev",
+            &id,
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"sleepAfter":"4h"}}"#,
+        ],
+    );
+    wait_until("the new agent to read the policy", Duration::from_secs(60), || governs("v1beta1"));
+    assert_eq!(kept(), before, "the upgrade moved a target\n{}", agent.tail(&r));
+
+    for target in [format!("namespace/{ns}"), format!("vcluster/{ns}/vc")] {
+        let out = dormant(c, &["wake", &target, "--wait=90s"]);
+        assert!(
+            out.status.success(),
+            "{target}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            agent.tail(&r)
+        );
+    }
+    assert_eq!(jsonpath(c, "deployment", "web", Some(&ns), "{.spec.replicas}"), "2");
+    assert_eq!(jsonpath(c, "statefulset", "db", Some(&ns), "{.spec.replicas}"), "1");
+    assert_eq!(jsonpath(c, "statefulset", "vc", Some(&ns), "{.spec.replicas}"), "1");
+    vc.wait_serving(c, Duration::from_secs(60)).unwrap();
+    wait_until("the synced pod back", Duration::from_secs(60), || {
+        pods(c, &ns, "vcluster.loft.sh/managed-by=vc") == 1
+    });
+}
+
+/// `spec.replicas` and the `dormant.dev/` annotations of one object.
+fn dormant_state(c: &Cluster, kind: &str, name: &str, ns: Option<&str>) -> (Value, BTreeMap<String, Value>) {
+    let mut args = vec!["get", kind, name, "-o", "json"];
+    args.extend(ns.map(|n| ["-n", n]).into_iter().flatten());
+    let v: Value = serde_json::from_str(&kubectl(c, &args)).unwrap();
+    let marks = v["metadata"]["annotations"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(k, _)| k.starts_with("dormant.dev/"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    (v["spec"]["replicas"].clone(), marks)
+}
+
+/// The chart's CRD as the release after `v1alpha1` would ship it: the same
+/// schema also served as `v1beta1`, the new storage version.
+fn next_crd_version() -> Value {
+    let text =
+        std::fs::read_to_string(Bins::repo_root().join("charts/dormant/crds/sleeppolicies.dormant.dev.yaml"))
+            .unwrap();
+    let mut crd: Value = serde_yaml::from_str(&text).unwrap();
+    let versions = crd["spec"]["versions"].as_array_mut().unwrap();
+    assert_eq!(versions.len(), 1, "a second version has shipped: test the upgrade to it instead");
+    let mut next = versions[0].clone();
+    assert_eq!(next["name"], "v1alpha1");
+    versions[0]["storage"] = false.into();
+    next["name"] = "v1beta1".into();
+    next["storage"] = true.into();
+    versions.push(next);
+    crd
+}
+
+/// The agent container's arguments, as the Deployment renders them.
+fn agent_args(c: &Cluster, r: &Release) -> String {
+    kubectl(
+        c,
+        &[
+            "get",
+            "deployment",
+            &r.fullname,
+            "-n",
+            &r.ns,
+            "-o",
+            "jsonpath={.spec.template.spec.containers[0].args}",
+        ],
+    )
 }
