@@ -1011,6 +1011,11 @@ spec:
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(metric(&agent, "dormant_audit_batches_total{outcome=\"accepted\"}") >= 1.0);
+    // The vcluster's own requests (its syncer's list and watch at every
+    // start) are reported too, and judged its own: never a use.
+    let syncer =
+        "dormant_activity_total{source=\"audit\",outcome=\"ignored\",rule=\"builtin-vcluster-syncer\"}";
+    assert!(metric(&agent, syncer) >= 1.0, "{}", tail(&agent));
     // The host's token reports use of the sleeping namespace, which wakes
     // it; but its wake cannot proceed (a KEDA record nobody can read): it
     // is retried, and its repeated WakeFailed Event is one Event, counted.

@@ -356,8 +356,20 @@ fn pod_ready(p: &Pod) -> bool {
             .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
+/// The stand-in's own client (its readiness check, the seeding, the pod
+/// syncer), sending the user agent the real syncer sends (`vcluster/…`):
+/// dormant tells a vcluster's own requests from people's by it, and the
+/// syncer's list and watch at every start must not count as use (or race
+/// a test's request for the newest use) here either.
 async fn wait_client(kubeconfig: &std::path::Path, proc: &mut Proc) -> Result<kube::Client> {
-    let client = crate::client_from_kubeconfig(kubeconfig).await?;
+    let kc = kube::config::Kubeconfig::read_from(kubeconfig)?;
+    let mut config =
+        kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default()).await?;
+    config.headers.push((
+        http::header::USER_AGENT,
+        http::HeaderValue::from_static("vcluster/0.30.0 (dormant testbed stand-in)"),
+    ));
+    let client = kube::Client::try_from(config)?;
     for _ in 0..600 {
         if let Some(status) = proc.exited() {
             return Err(anyhow!("vcluster API server exited with {status}:\n{}", proc.tail(20)));
