@@ -995,21 +995,20 @@ spec:
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let counted = || {
-        annotation(c, "statefulset", "vc", Some(ns), "dormant.dev/last-activity-by")
-            .contains("list configmaps (audit)")
-    };
-    let start = std::time::Instant::now();
-    while !counted() {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "timed out after 30s waiting for the vcluster's API server's report to count\nlast-activity-by: {}\nthe vcluster's API server:\n{}\nthe agent:\n{}",
-            annotation(c, "statefulset", "vc", Some(ns), "dormant.dev/last-activity-by"),
-            c.log_tail(&format!("vcluster-{ns}-vc-apiserver"), 30),
-            tail(&agent)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let by = || annotation(c, "statefulset", "vc", Some(ns), "dormant.dev/last-activity-by");
+    wait_until_showing(
+        "the vcluster's API server's report to count",
+        Duration::from_secs(30),
+        || by().contains("list configmaps (audit)"),
+        || {
+            format!(
+                "last-activity-by: {}\nthe vcluster's API server:\n{}\nthe agent:\n{}",
+                by(),
+                c.log_tail(&format!("vcluster-{ns}-vc-apiserver"), 30),
+                tail(&agent)
+            )
+        },
+    );
     assert!(metric(&agent, "dormant_audit_batches_total{outcome=\"accepted\"}") >= 1.0);
     // The vcluster's own requests (its syncer's list and watch at every
     // start) are reported too, and judged its own: never a use.
@@ -1544,25 +1543,7 @@ fn in_cluster_mode_the_api_server_refuses_dormants_writes_where_it_never_acts() 
     scale_agent(c, &r, 0);
     let crd = Bins::repo_root().join("charts/dormant/crds");
     kubectl(c, &["apply", "--server-side", "-f", crd.to_str().unwrap()]);
-    let (ok, out) = helm(
-        c,
-        &[
-            "upgrade",
-            &id,
-            chart().to_str().unwrap(),
-            "-n",
-            &r.ns,
-            "--reuse-values",
-            "--wait",
-            "--timeout",
-            "180s",
-        ]
-        .into_iter()
-        .chain(["--set", "agent.defaultSleepAfter=2h"])
-        .collect::<Vec<_>>(),
-    );
-    assert!(ok, "{out}");
-    let args = agent_args(c, &r);
+    let args = upgrade(c, &r, "agent.defaultSleepAfter=2h");
     assert!(args.contains("--default-sleep-after=2h"), "{args}");
     let agent = running_agent(&r);
     asleep("after the upgrade");
@@ -1619,8 +1600,7 @@ fn a_new_crd_version_and_helm_upgrade_keep_every_targets_state() {
     // the version the agent reads.
     let policy = |version: &str| {
         let kind = format!("sleeppolicies.{version}.dormant.dev");
-        let v: Value = serde_json::from_str(&kubectl(c, &["get", &kind, &id, "-o", "json"])).unwrap();
-        v
+        serde_json::from_str::<Value>(&kubectl(c, &["get", &kind, &id, "-o", "json"])).unwrap()
     };
     let governs = |version: &str| {
         let p = policy(version);
@@ -1711,25 +1691,8 @@ fn a_new_crd_version_and_helm_upgrade_keep_every_targets_state() {
     // helm upgrade with changed values; the new pod reads the policy and
     // leaves every target as it was.
     scale_agent(c, &r, 0);
-    let (ok, out) = helm(
-        c,
-        &[
-            "upgrade",
-            &id,
-            chart().to_str().unwrap(),
-            "-n",
-            &r.ns,
-            "--reuse-values",
-            "--wait",
-            "--timeout",
-            "180s",
-            "--set",
-            "agent.defaultSleepAfter=3h",
-        ],
-    );
-    assert!(ok, "{out}");
+    assert!(upgrade(c, &r, "agent.defaultSleepAfter=3h").contains("--default-sleep-after=3h"));
     let agent = running_agent(&r);
-    assert!(agent_args(c, &r).contains("--default-sleep-after=3h"));
     kubectl(
         c,
         &[
@@ -1795,8 +1758,27 @@ fn next_crd_version() -> Value {
     crd
 }
 
-/// The agent container's arguments, as the Deployment renders them.
-fn agent_args(c: &Cluster, r: &Release) -> String {
+/// `helm upgrade` of the release with its values and `set`, waiting for
+/// it; the agent container's arguments it renders.
+fn upgrade(c: &Cluster, r: &Release, set: &str) -> String {
+    let chart = chart();
+    let (ok, out) = helm(
+        c,
+        &[
+            "upgrade",
+            &r.id,
+            chart.to_str().unwrap(),
+            "-n",
+            &r.ns,
+            "--reuse-values",
+            "--wait",
+            "--timeout",
+            "180s",
+            "--set",
+            set,
+        ],
+    );
+    assert!(ok, "{out}");
     kubectl(
         c,
         &[

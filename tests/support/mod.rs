@@ -241,10 +241,21 @@ pub fn state(c: &Cluster, kind: &str, name: &str, ns: Option<&str>) -> String {
     annotation(c, kind, name, ns, "dormant.dev/state")
 }
 
-pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+pub fn wait_until(what: &str, timeout: Duration, cond: impl FnMut() -> bool) {
+    wait_until_showing(what, timeout, cond, String::new);
+}
+
+/// [`wait_until`], and on timeout also what `show` says (logs, the state
+/// the wait looked at).
+pub fn wait_until_showing(
+    what: &str,
+    timeout: Duration,
+    mut cond: impl FnMut() -> bool,
+    show: impl Fn() -> String,
+) {
     let start = Instant::now();
     while !cond() {
-        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}\n{}", show());
         std::thread::sleep(Duration::from_millis(200));
     }
 }
