@@ -344,10 +344,12 @@ pub fn parse_requests(v: &str) -> Option<(f64, f64)> {
 
 /// At the precision Kubernetes keeps (millicores, bytes): a sum of
 /// requests such as 0.1 + 0.2 cores is written `0.3`, not
-/// `0.30000000000000004`.
+/// `0.30000000000000004`. A sum too large to scale to millicores (requests are the tenant's to
+/// write) is written as it is, not as `inf`.
 pub fn format_requests(cpu_cores: f64, memory_bytes: f64) -> String {
-    let millicores = (cpu_cores * 1000.0).round() / 1000.0;
-    format!("cpu={millicores},memory={}", memory_bytes.round())
+    let rounded = (cpu_cores * 1000.0).round() / 1000.0;
+    let cpu = if rounded.is_finite() { rounded } else { cpu_cores };
+    format!("cpu={cpu},memory={}", memory_bytes.round())
 }
 
 /// The known key nearest to a misspelt one (edit distance ≤ 3).
@@ -541,5 +543,7 @@ mod tests {
         assert_eq!(parse_requests(&text), Some((0.3, 335_544_320.0)));
         assert_eq!(format_requests(0.0004, 0.0), "cpu=0,memory=0");
         assert_eq!(parse_requests(&format_requests(12.3456, 1e12)), Some((12.346, 1e12)));
+        // A hostile request as large as a quantity can spell still reads back.
+        assert_eq!(parse_requests(&format_requests(1e307, 1e307)), Some((1e307, 1e307)));
     }
 }
